@@ -1,0 +1,63 @@
+"""Shared test helpers: a model with mixed parameter shapes and a deterministic training loop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+class MixedShapes(nn.Module):
+    """A model whose parameters are 0-d, 1-d, 2-d, 3-d and 4-d, one of them larger than a block."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1, dtype=dtype)
+        self.mix = nn.Parameter(torch.randn(3, 4, 5, dtype=dtype) * 0.3)
+        self.fc = nn.Linear(4 * 5 * 5, 24, dtype=dtype)
+        self.out = nn.Linear(24, 3, dtype=dtype)
+        self.gain = nn.Parameter(torch.tensor(1.0, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv(x))  # (B, 4, 5, 5)
+        h = h + 0.1 * torch.einsum("abc,nbhc->nbhc", self.mix, h)
+        h = torch.tanh(self.fc(h.flatten(1)))
+        return self.gain * self.out(h)
+
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def make_batches(n: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> list[Batch]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.randn(8, 2, 5, 5, generator=gen, dtype=dtype),
+            torch.randn(8, 3, generator=gen, dtype=dtype),
+        )
+        for _ in range(n)
+    ]
+
+
+def train(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    batches: list[Batch],
+    after_step: Callable[[int], None] | None = None,
+) -> list[float]:
+    losses = []
+    for i, (x, y) in enumerate(batches):
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if after_step is not None:
+            after_step(i)
+    return losses
+
+
+def mixed_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> MixedShapes:
+    torch.manual_seed(seed)
+    return MixedShapes(dtype)

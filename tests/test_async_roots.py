@@ -1,0 +1,252 @@
+"""The CPU root pool: async roots equal sync roots delayed by the same staleness, bitwise."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import io
+import pickle
+import subprocess
+import sys
+import textwrap
+import threading
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from models import make_batches, mixed_model, train
+
+import torch_shampoo.root_pool as root_pool
+from torch_shampoo import Shampoo
+from torch_shampoo.matrix_roots import RootResult
+
+BASE: dict[str, Any] = dict(lr=0.01, block_size=16, betas=(0.9, 0.99), momentum=0.5)
+
+
+def run(steps: int, seed: int = 0, **kwargs: Any) -> list[torch.Tensor]:
+    model = mixed_model(seed)
+    with Shampoo(model.parameters(), **{**BASE, **kwargs}) as opt:
+        train(model, opt, make_batches(steps))
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def assert_bitwise_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y), (x - y).abs().max()
+
+
+@pytest.mark.parametrize("frequency", [1, 5])
+def test_async_roots_equal_sync_roots_delayed_by_the_same_staleness(frequency: int) -> None:
+    common = dict(precondition_frequency=frequency, root_staleness=frequency)
+    asynchronous = run(40, async_roots=True, **common)
+    synchronous = run(40, async_roots=False, **common)
+    assert_bitwise_equal(asynchronous, synchronous)
+
+
+def test_staleness_changes_the_trajectory() -> None:
+    """The equality above is not vacuous: a different delay gives different parameters."""
+    fresh = run(20, async_roots=False, precondition_frequency=2, root_staleness=0)
+    stale = run(20, async_roots=False, precondition_frequency=2, root_staleness=2)
+    assert any(not torch.equal(x, y) for x, y in zip(fresh, stale))
+
+
+def test_root_stats_count_roots_and_staleness() -> None:
+    model = mixed_model()
+    opt = Shampoo(model.parameters(), **BASE, precondition_frequency=5, root_staleness=3)
+    train(model, opt, make_batches(12))
+    stats = opt.root_stats()
+    opt.close()
+    factors = sum(len(s["factors"]) for s in opt.state.values())
+    # Root steps 5 and 10 were submitted; those from step 5 were installed at step 8.
+    assert stats["roots_computed"] == factors
+    assert stats["mean_staleness"] == 3 and stats["max_staleness"] == 3
+    assert stats["pending_parameters"] == len(opt.state)
+    assert stats["root_failures"] == 0
+    assert all(isinstance(v, (int, float)) for k, v in stats.items() if k != "last_error")
+
+
+def _save_and_resume(state: dict[str, Any], steps: int, split: int, **kwargs: Any) -> None:
+    batches = make_batches(steps)
+    model = mixed_model()
+    opt = Shampoo(model.parameters(), **{**BASE, **kwargs})
+    train(model, opt, batches[:split])
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    opt.close()
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    resumed_model = mixed_model(seed=1)
+    resumed_model.load_state_dict(checkpoint["model"])
+    resumed = Shampoo(resumed_model.parameters(), **{**BASE, **kwargs})
+    resumed.load_state_dict(checkpoint["opt"])
+    train(resumed_model, resumed, batches[split:])
+    resumed.close()
+    state["resumed"] = [p.detach().clone() for p in resumed_model.parameters()]
+
+
+@pytest.mark.parametrize("async_roots", [True, False])
+def test_save_mid_flight_then_resume_is_bitwise_identical(async_roots: bool) -> None:
+    kwargs = dict(precondition_frequency=5, root_staleness=4, async_roots=async_roots)
+    uninterrupted = run(30, **kwargs)
+    out: dict[str, Any] = {}
+    _save_and_resume(out, 30, split=17, **kwargs)  # roots of step 15 are due at 19
+    assert_bitwise_equal(out["resumed"], uninterrupted)
+
+
+def test_state_dict_holds_pending_roots_only_while_in_flight() -> None:
+    model = mixed_model()
+    opt = Shampoo(model.parameters(), **BASE, precondition_frequency=5, root_staleness=4)
+    train(model, opt, make_batches(6))
+    in_flight = opt.state_dict()["state"][0]
+    assert "pending_roots" in in_flight and int(in_flight["pending_due"]) == 9
+    assert "pending_roots" not in opt.state[next(iter(model.parameters()))]
+    train(model, opt, make_batches(3))  # step 9 installs them; the next root step is 10
+    assert "pending_roots" not in opt.state_dict()["state"][0]
+    opt.close()
+
+
+@pytest.mark.parametrize("clone", [copy.deepcopy, lambda o: pickle.loads(pickle.dumps(o))])
+def test_copies_made_mid_flight_continue_identically(clone: Any) -> None:
+    batches = make_batches(20)
+    model = mixed_model()
+    opt = Shampoo(model.parameters(), **BASE, precondition_frequency=5, root_staleness=4)
+    train(model, opt, batches[:7])
+    model_copy, opt_copy = clone((model, opt))
+    train(model, opt, batches[7:])
+    train(model_copy, opt_copy, batches[7:])
+    assert_bitwise_equal(list(model.parameters()), list(model_copy.parameters()))
+    opt.close()
+    opt_copy.close()
+
+
+def test_deepcopy_keeps_hyperparameters_and_pending_roots() -> None:
+    model = mixed_model()
+    opt = Shampoo(model.parameters(), **BASE, precondition_frequency=5, root_staleness=4)
+    train(model, opt, make_batches(6))
+    twin = copy.deepcopy(opt)
+    assert twin.param_groups[0]["block_size"] == 16
+    assert twin.root_stats()["pending_parameters"] == opt.root_stats()["pending_parameters"] > 0
+    opt.close()
+    twin.close()
+
+
+def _failing_root(*args: Any, **kwargs: Any) -> RootResult:
+    raise FloatingPointError("injected failure")
+
+
+def test_a_raising_root_keeps_the_previous_root_warns_and_finally_raises(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = mixed_model()
+    opt = Shampoo(
+        model.parameters(), **BASE, precondition_frequency=2, root_staleness=1, max_root_failures=2
+    )
+    batches = make_batches(8)
+    train(model, opt, batches[:3])  # roots from step 2 installed at step 3
+    good_roots = {p: [r.clone() for r in s["roots"]] for p, s in opt.state.items()}
+    monkeypatch.setattr(root_pool, "inverse_root", _failing_root)
+    with pytest.warns(RuntimeWarning, match=r"parameter 0 \(shape .*\) block 0 dim 0.*injected"):
+        train(model, opt, batches[3:5])  # step 4 submits, step 5 installs: first failure
+    for p, roots in good_roots.items():
+        assert all(torch.equal(a, b) for a, b in zip(opt.state[p]["roots"], roots))
+    with (
+        pytest.raises(RuntimeError, match="consecutive failures") as raised,
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("ignore")
+        train(model, opt, batches[5:7])
+    assert isinstance(raised.value.__cause__, FloatingPointError)
+    opt.close()
+
+
+def test_a_non_finite_factor_is_never_installed() -> None:
+    param = torch.nn.Parameter(torch.randn(40, 30))
+    opt = Shampoo([param], lr=0.1, precondition_frequency=1, async_roots=True, root_staleness=1)
+    for _ in range(2):
+        param.grad = torch.randn(40, 30)
+        opt.step()
+    param.grad = torch.full((40, 30), float("inf"))
+    opt.step()  # installs the root of step 2; the statistics become inf; snapshot of step 3
+    installed = [r.clone() for r in opt.state[param]["roots"]]
+    param.grad = torch.randn(40, 30)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        opt.step()  # the root of step 3 fails
+    assert all(torch.equal(a, b) for a, b in zip(opt.state[param]["roots"], installed))
+    assert all(torch.isfinite(r).all() for r in installed)
+    assert opt.root_stats()["root_failures"] == 2  # both factors of the (40, 30) block
+    opt.close()
+
+
+def _root_threads() -> int:
+    return sum(t.name.startswith("torch_shampoo-root") for t in threading.enumerate())
+
+
+def test_dropping_optimizers_stops_their_threads_and_close_is_idempotent() -> None:
+    baseline = _root_threads()
+    for _ in range(100):
+        param = torch.nn.Parameter(torch.randn(3, 3))
+        opt = Shampoo([param], precondition_frequency=1, root_workers=2)
+        param.grad = torch.randn(3, 3)
+        opt.step()
+        del opt
+    gc.collect()
+    assert _root_threads() == baseline
+    param = torch.nn.Parameter(torch.randn(3, 3))
+    opt = Shampoo([param], precondition_frequency=1)
+    param.grad = torch.randn(3, 3)
+    opt.step()
+    assert _root_threads() > baseline
+    opt.close()
+    opt.close()
+    assert _root_threads() == baseline
+
+
+def test_interpreter_exit_with_roots_in_flight_does_not_hang() -> None:
+    script = textwrap.dedent(
+        """
+        import torch
+        from torch_shampoo import Shampoo
+        param = torch.nn.Parameter(torch.randn(400, 400))
+        opt = Shampoo([param], precondition_frequency=1, root_staleness=1)
+        param.grad = torch.randn(400, 400)
+        opt.step()
+        print("stepped", flush=True)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "stepped" in done.stdout
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="fork is POSIX-only")
+def test_a_forked_child_starts_its_own_threads() -> None:
+    script = textwrap.dedent(
+        """
+        import os, torch
+        from torch_shampoo import Shampoo
+        param = torch.nn.Parameter(torch.randn(8, 8))
+        opt = Shampoo([param], precondition_frequency=1, root_staleness=1)
+        for _ in range(3):
+            param.grad = torch.randn(8, 8)
+            opt.step()
+        pid = os.fork()
+        if pid == 0:
+            for _ in range(3):
+                param.grad = torch.randn(8, 8)
+                opt.step()
+            os._exit(0 if opt.root_stats()["roots_computed"] > 2 else 3)
+        _, status = os.waitpid(pid, 0)
+        param.grad = torch.randn(8, 8)
+        opt.step()
+        print("child", os.waitstatus_to_exitcode(status), flush=True)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "child 0" in done.stdout

@@ -1,0 +1,108 @@
+"""How a parameter becomes blocks, and how blocks become a parameter again.
+
+Shapes only, no math. A parameter of shape ``s`` is viewed as a tensor of a *merged* shape:
+
+1. size-1 dims are dropped (a 0-d or all-ones tensor becomes ``(1,)``);
+2. neighbouring dims are merged from the right while their product stays ≤ ``block_size``
+   (a conv weight ``(64, 3, 3, 3)`` becomes ``(64, 27)``; a tensor with ≤ ``block_size``
+   elements becomes 1-D);
+3. every dim of at most ``max_factor_dim`` is cut into chunks of ``block_size`` (the last one
+   smaller). A dim larger than ``max_factor_dim`` is *not factored*: it is left whole and gets no
+   preconditioner (one-sided Shampoo; an embedding table's vocabulary side stays affordable).
+
+Blocks are the cells of the resulting grid, in row-major order. For a contiguous tensor they are
+views, so writing into a block writes into the tensor.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["BlockLayout", "block_layout", "merge_blocks", "split_blocks"]
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """The block grid of one parameter shape."""
+
+    param_shape: tuple[int, ...]
+    shape: tuple[int, ...]
+    """The merged shape the blocks cut."""
+    factored: tuple[bool, ...]
+    """Per merged dim: does it get a preconditioner factor?"""
+    offsets: tuple[tuple[int, ...], ...]
+    """Per block: its start along each merged dim."""
+    block_shapes: tuple[tuple[int, ...], ...]
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_shapes)
+
+    def factor_dims(self, block: int) -> list[int]:
+        """Sizes of the factors of ``block``: one per factored dim, in dim order."""
+        return [d for d, f in zip(self.block_shapes[block], self.factored) if f]
+
+
+def merged_shape(shape: Sequence[int], block_size: int) -> tuple[int, ...]:
+    """Drop size-1 dims, then merge neighbours from the right while the product is ≤ block_size."""
+    if 0 in shape:
+        return (0,)
+    dims = [d for d in shape if d != 1]
+    if not dims:
+        return (1,)
+    merged: list[int] = [dims[-1]]
+    for d in reversed(dims[:-1]):
+        if merged[0] * d <= block_size:
+            merged[0] *= d
+        else:
+            merged.insert(0, d)
+    return tuple(merged)
+
+
+def _chunks(size: int, block_size: int) -> list[tuple[int, int]]:
+    return [(start, min(block_size, size - start)) for start in range(0, size, block_size)]
+
+
+def block_layout(shape: Sequence[int], block_size: int, max_factor_dim: int) -> BlockLayout:
+    """The block grid of a parameter of ``shape`` (see the module docstring)."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    if max_factor_dim < 1:
+        raise ValueError(f"max_factor_dim must be a positive integer, got {max_factor_dim!r}")
+    merged = merged_shape(shape, block_size)
+    factored = tuple(0 < d <= max_factor_dim for d in merged)
+    per_dim = [_chunks(d, block_size) if f else [(0, d)] for d, f in zip(merged, factored)]
+    cells = list(itertools.product(*per_dim))
+    return BlockLayout(
+        param_shape=tuple(shape),
+        shape=merged,
+        factored=factored,
+        offsets=tuple(tuple(start for start, _ in cell) for cell in cells),
+        block_shapes=tuple(tuple(size for _, size in cell) for cell in cells),
+    )
+
+
+def split_blocks(tensor: torch.Tensor, layout: BlockLayout) -> list[torch.Tensor]:
+    """The blocks of ``tensor`` (of ``layout.param_shape``); views if ``tensor`` is contiguous."""
+    merged = tensor.reshape(layout.shape)
+    blocks = []
+    for offset, size in zip(layout.offsets, layout.block_shapes):
+        block = merged
+        for dim, (start, length) in enumerate(zip(offset, size)):
+            block = block.narrow(dim, start, length)
+        blocks.append(block)
+    return blocks
+
+
+def merge_blocks(blocks: Sequence[torch.Tensor], layout: BlockLayout) -> torch.Tensor:
+    """The inverse of :func:`split_blocks`: a new tensor of ``layout.param_shape``."""
+    if len(blocks) != layout.num_blocks:
+        raise ValueError(f"expected {layout.num_blocks} blocks, got {len(blocks)}")
+    out = blocks[0].new_empty(layout.shape) if blocks else torch.empty(layout.shape)
+    for target, block in zip(split_blocks(out, layout), blocks):
+        target.copy_(block)
+    return out.reshape(layout.param_shape)

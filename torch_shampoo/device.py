@@ -1,0 +1,58 @@
+"""Every device-specific line of the package: host staging buffers and copy ordering.
+
+The root pipeline moves a factor F from the parameter's device to a CPU worker thread and the
+root X back. On CUDA the rules are (``torch.cuda`` stream semantics; nothing here synchronizes
+the device on the main thread):
+
+* ``to_host``: ``host.copy_(F, non_blocking=True)`` is enqueued on the *current* stream, after the
+  statistics update that produced F and before the next one that changes it, so stream order alone
+  keeps F intact while it is read. An event recorded right after the copy tells the worker thread
+  when ``host`` holds the data: the worker calls :func:`wait` (``Event.synchronize``), which blocks
+  only that worker.
+* ``to_device``: ``X.copy_(host, non_blocking=True)`` on the current stream, before the kernels
+  that read X. The event recorded after it guards ``host``: a worker must :func:`wait` on it
+  before writing the next result into the same buffer.
+* Host buffers are pinned (page-locked), which is what makes the copies asynchronous.
+
+On a CPU-only machine the very same calls run with ordinary buffers: copies are plain copies that
+are complete when they return, so no event is needed and :func:`wait` does nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["CopyDone", "host_buffer", "to_device", "to_host", "wait"]
+
+CopyDone = torch.cuda.Event | None
+"""Marks the completion of an asynchronous copy; ``None`` when the copy was synchronous."""
+
+
+def host_buffer(like: torch.Tensor) -> torch.Tensor:
+    """A CPU buffer shaped like ``like``: pinned when ``like`` lives on a CUDA device."""
+    return torch.empty(like.shape, dtype=like.dtype, pin_memory=like.is_cuda)
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor, cuda_device: torch.device | None) -> CopyDone:
+    dst.copy_(src, non_blocking=cuda_device is not None)
+    if cuda_device is None:
+        return None
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(cuda_device))
+    return done
+
+
+def to_host(host: torch.Tensor, src: torch.Tensor) -> CopyDone:
+    """Enqueue ``host ← src`` (device → host) after all work already on the current stream."""
+    return _copy(host, src, src.device if src.is_cuda else None)
+
+
+def to_device(dst: torch.Tensor, host: torch.Tensor) -> CopyDone:
+    """Enqueue ``dst ← host`` (host → device) before all work later put on the current stream."""
+    return _copy(dst, host, dst.device if dst.is_cuda else None)
+
+
+def wait(done: CopyDone) -> None:
+    """Block the calling (worker) thread until the copy behind ``done`` has finished."""
+    if done is not None:
+        done.synchronize()
