@@ -1,0 +1,324 @@
+"""Per-sample generalized Fisher statistics for NG+ (Yang et al., 2021), captured with hooks.
+
+A handled layer has weight W ∈ ℝ^{m×n} (m output features; a Conv2d weight is read as
+C_out × C_in·k_h·k_w) and, when its bias is tracked, the bias folded in as an extra input
+column: W̃ = [W  b], ã = [a; 1]. Sample i's gradient is G_i = Σ_t δ_{i,t} ã_{i,t}ᵀ, summed over
+its positions t (the middle dimensions of a Linear input, the output pixels of a Conv2d), where
+δ is the gradient of the sample's loss w.r.t. the layer output. The hooks estimate
+
+    F = (1/B) Σ_i G_i G_iᵀ ∈ ℝ^{m×m}
+
+without forming G_i when a cheaper route exists (see ``_Layer.sum_outer``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["PerSampleFisher"]
+
+_REDUCTIONS = ("mean", "sum")
+# Budget of temporary elements per batch chunk (128 MiB in float32); bounds the unfold/G tensors.
+_CHUNK_ELEMENTS = 1 << 25
+
+
+def _is_handled(module: nn.Module) -> bool:
+    """True for plain nn.Linear and zero-padded, ungrouped nn.Conv2d (forward not overridden)."""
+    if {name for name, _ in module.named_parameters(recurse=False)} - {"weight", "bias"}:
+        return False
+    if isinstance(module, nn.Linear):
+        return type(module).forward is nn.Linear.forward
+    if isinstance(module, nn.Conv2d):
+        return (
+            type(module).forward is nn.Conv2d.forward
+            and module.groups == 1
+            and module.padding_mode == "zeros"
+        )
+    return False
+
+
+def _conv_padding(conv: nn.Conv2d) -> tuple[int, int, int, int]:
+    """Zero padding (left, right, top, bottom) for F.pad that reproduces ``conv``'s padding."""
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return (0, 0, 0, 0)
+        # "same", split as PyTorch does: total d·(k−1), the odd element goes right/bottom.
+        th, tw = (d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True))
+        return (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+    ph, pw = conv.padding
+    return (pw, pw, ph, ph)
+
+
+def _tracked(module: nn.Module, name: str, tracked: set[int]) -> Tensor | None:
+    """``module.<name>`` if it is a tracked parameter, else None."""
+    param = getattr(module, name)
+    return param if isinstance(param, Tensor) and id(param) in tracked else None
+
+
+def _cat_positions(parts: list[Tensor]) -> Tensor:
+    """Concatenate (b, T_c, ·) tensors along the position dimension (no copy for one part)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+class _Layer:
+    """Hook state of one handled module: pending captures of the running backward and the sum
+    S = Σ_passes Σ_i G_i G_iᵀ over N = Σ_passes B samples since the last full pop."""
+
+    def __init__(self, module: nn.Module, weight: Tensor | None, bias: Tensor | None) -> None:
+        self.module = module
+        self.weight = weight
+        self.bias = bias
+        self.tracked = tuple(p for p in (weight, bias) if p is not None)
+        self.pad = _conv_padding(module) if isinstance(module, nn.Conv2d) else None
+        shape = module.get_parameter("weight").shape
+        self.m: int = shape[0]
+        self.n: int = shape[1:].numel()  # Linear: in_features; Conv2d: C_in·k_h·k_w
+        self.pending: list[tuple[Tensor | None, Tensor]] = []
+        self.total: Tensor | None = None
+        self.count = 0
+        self.popped: set[int] = set()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Accumulation dtype: float64 for float64 params, float32 otherwise."""
+        f64 = any(p.dtype == torch.float64 for p in self.tracked)
+        return torch.float64 if f64 else torch.float32
+
+    def clear(self) -> None:
+        """Drop the accumulated statistics."""
+        self.total, self.count, self.popped = None, 0, set()
+
+    def positions(
+        self, x: Tensor | None, delta: Tensor, lo: int, hi: int
+    ) -> tuple[Tensor | None, Tensor]:
+        """Samples lo:hi of one capture as a (b, T, n) inputs (None if the weight is untracked)
+        and δ (b, T, m); for Conv2d, T = output pixels and a = unfold(input)ᵀ."""
+        dtype = self.dtype
+        if self.pad is None:
+            d = delta[lo:hi].reshape(hi - lo, -1, delta.shape[-1]).to(dtype)
+            if x is None:
+                return None, d
+            return x[lo:hi].reshape(hi - lo, -1, x.shape[-1]).to(dtype), d
+        d = delta[lo:hi].flatten(2).transpose(1, 2).to(dtype)
+        if x is None:
+            return None, d
+        conv = self.module
+        assert isinstance(conv, nn.Conv2d)
+        cols = F.unfold(
+            F.pad(x[lo:hi].to(dtype), self.pad),
+            conv.kernel_size,
+            dilation=conv.dilation,
+            stride=conv.stride,
+        )
+        return cols.transpose(1, 2), d
+
+    def num_positions(self, delta: Tensor) -> int:
+        """Positions T per sample of one capture (δ has B·T·m elements)."""
+        return int(delta[0].numel()) // self.m
+
+    def sum_outer(self, captures: list[tuple[Tensor | None, Tensor]], batch: int) -> Tensor:
+        """Σ_i G_i G_iᵀ over ``batch`` samples whose positions are those of all ``captures``.
+
+        With G_i = [δ_iᵀ a_i, δ_iᵀ 1] (δ_i: T×m, a_i: T×n), G_i G_iᵀ = δ_iᵀ a_i a_iᵀ δ_i + g_i g_iᵀ,
+        g_i = Σ_t δ_{i,t}. The weight term uses the cheaper of, per sample,
+          outer: G_i = δ_iᵀ a_i then G_i G_iᵀ — m·n·T + m²·n flops, m·n memory;
+          Gram:  K_i = a_i a_iᵀ then δ_iᵀ (K_i δ_i) — T²·n + T²·m + T·m² flops, T² memory.
+        T = 1 (2-D Linear input) always picks Gram: (1/B) Σ_i ‖a_i‖² δ_i δ_iᵀ, no m×n tensor;
+        convs (large T) usually pick outer. Samples are processed in chunks of bounded memory.
+        """
+        t = sum(self.num_positions(d) for _, d in captures)
+        n, m = self.n, self.m
+        gram = t * t * (n + m) + t * m * m < m * n * (t + m)
+        per_sample = t * (n + m) + (t * t if gram else m * n)
+        chunk = max(1, _CHUNK_ELEMENTS // max(per_sample, 1))
+        device = captures[0][1].device
+        total = torch.zeros(m, m, dtype=self.dtype, device=device)
+        for lo in range(0, batch, chunk):
+            hi = min(batch, lo + chunk)
+            parts = [self.positions(x, d, lo, hi) for x, d in captures]
+            delta = _cat_positions([d for _, d in parts])
+            if self.bias is not None:
+                g = delta.sum(dim=1)
+                total.addmm_(g.T, g)
+            if self.weight is None:
+                continue
+            a = _cat_positions([p for p, _ in parts if p is not None])
+            if gram:
+                k_delta = torch.bmm(torch.bmm(a, a.transpose(1, 2)), delta)
+                total.addmm_(delta.reshape(-1, m).T, k_delta.reshape(-1, m))
+            else:
+                grads = torch.bmm(delta.transpose(1, 2), a)  # (b, m, n) per-sample ∂ℓ/∂W
+                h = grads.transpose(0, 1).reshape(m, -1)
+                total.addmm_(h, h.T)
+        return total
+
+
+class PerSampleFisher:
+    """Forward/backward hooks on nn.Linear and nn.Conv2d that compute F = (1/B) Σ_i G_i G_iᵀ per
+    layer.
+
+    Capture. A forward of a handled layer with grad enabled (train or eval mode) whose output
+    requires grad keeps its input (detached; only if the weight is tracked) and registers a hook
+    on the output tensor. A tensor hook, unlike ``register_full_backward_hook``, tolerates in-place
+    ops on the output (e.g. ``ReLU(inplace=True)``): it receives ∂L/∂(output before the in-place
+    op). The batch is dim 0 (batch-first); Linear inputs (B, …, n) sum their middle positions per
+    sample; unbatched inputs (Linear (n,), Conv2d (C, H, W)) count as one sample.
+
+    Passes. When ``.grad`` of a tracked weight or bias is accumulated (post-accumulate-grad hook),
+    the output gradients captured since then form one pass: captures with equal batch size are
+    the same samples, their positions concatenated (a layer applied k times per forward gets
+    the exact G_i = Σ over applications). A pass adds S += Σ_i G_i G_iᵀ and N += B. Output
+    gradients of a backward that does not accumulate the layer's ``.grad`` (e.g.
+    ``torch.autograd.grad`` w.r.t. inputs) are never committed; they are dropped at the layer's
+    next capturing forward.
+
+    Reduction. ``"mean"``: the loss is (1/B) Σ_i ℓ_i over the layer's batch B, so δ carries 1/B
+    and each pass is multiplied by B² (F does not shrink with B). ``"sum"``: no rescale. Any other
+    loss scale c (token-mean over T, 1/k gradient accumulation, AMP loss scaling) scales F by c².
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Iterable[Tensor] | None = None,
+        reduction: str = "mean",
+    ) -> None:
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        self._mean = reduction == "mean"
+        self._removed = False
+        self._handles: list[RemovableHandle] = []
+        self._layers: dict[int, _Layer] = {}
+        self._unsupported: list[str] = []
+
+        wanted = list(model.parameters()) if params is None else list(params)
+        holders: dict[int, int] = {}
+        for mod in model.modules():
+            for p in mod.parameters(recurse=False):
+                holders[id(p)] = holders.get(id(p), 0) + 1
+        if any(id(p) not in holders for p in wanted):
+            raise ValueError("params contains a tensor that is not a parameter of model")
+        if any(isinstance(p, nn.parameter.UninitializedParameter) for p in wanted):
+            raise ValueError("params are uninitialized: run a forward of the lazy modules first")
+        # Frozen params have no gradient to precondition; they are ignored.
+        tracked = {id(p) for p in wanted if p.requires_grad}
+        # MultiheadAttention uses out_proj's weight functionally; its forward never runs.
+        skipped = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+
+        for name, mod in model.named_modules():
+            own = [p for p in mod.parameters(recurse=False) if id(p) in tracked]
+            if not own:
+                continue
+            # A param shared with another module also gets gradient the hooks cannot see.
+            if not _is_handled(mod) or id(mod) in skipped or any(holders[id(p)] > 1 for p in own):
+                self._unsupported.append(name or type(mod).__name__)
+                continue
+            layer = _Layer(mod, _tracked(mod, "weight", tracked), _tracked(mod, "bias", tracked))
+            self._handles.append(
+                mod.register_forward_hook(partial(self._on_forward, layer), with_kwargs=True)
+            )
+            for param in layer.tracked:
+                self._layers[id(param)] = layer
+                self._handles.append(
+                    param.register_post_accumulate_grad_hook(partial(self._on_accumulated, layer))
+                )
+
+    def remove(self) -> None:
+        """Remove every hook and drop captured statistics; idempotent. Output hooks of forwards
+        that ran before ``remove`` become no-ops."""
+        self._removed = True
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for layer in self._layers.values():
+            layer.pending.clear()
+            layer.clear()
+
+    def owner(self, param: Tensor) -> nn.Module | None:
+        """The handled module whose tracked weight or bias ``param`` is, else None."""
+        layer = self._layers.get(id(param))
+        return None if layer is None else layer.module
+
+    def unsupported(self) -> list[str]:
+        """Names (``named_modules``; the root as its class name) of modules directly holding
+        tracked params that the hooks cannot handle: other module types, grouped or non-zero
+        padded convs, MultiheadAttention.out_proj, and params shared between modules."""
+        return list(self._unsupported)
+
+    def pop(self, param: Tensor) -> Tensor | None:
+        """F = S/N (m×m, symmetrized, float32, or float64 for float64 params, on ``param``'s
+        device) of the owning layer, or None if ``param`` is not handled or nothing was
+        committed since the layer's statistics were last cleared.
+
+        Several passes before a pop give the sample-weighted average Σ_p B_p F_p / Σ_p B_p.
+        Weight and bias of one layer return the same F (bias folded in) as separate tensors;
+        repeated pops return it again. It is cleared once every tracked param of the layer has
+        popped it, or, after a partial pop, at the layer's next capturing forward or pass.
+        """
+        layer = self._layers.get(id(param))
+        if layer is None or layer.total is None:
+            return None
+        total = layer.total
+        fisher = (total + total.T).mul_(0.5 / layer.count).to(param.device)
+        layer.popped.add(id(param))
+        if len(layer.popped) == len(layer.tracked):
+            layer.clear()
+        return fisher
+
+    def _on_forward(
+        self,
+        layer: _Layer,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        output: Any,
+    ) -> None:
+        """Forward hook: start a capture whose output gradient arrives in ``_on_grad``."""
+        if not (
+            torch.is_grad_enabled()
+            and isinstance(output, Tensor)
+            and output.requires_grad
+            and any(p.requires_grad for p in layer.tracked)
+        ):
+            return
+        layer.pending.clear()
+        if layer.popped:
+            layer.clear()
+        x = (args[0] if args else kwargs["input"]).detach() if layer.weight is not None else None
+        output.register_hook(partial(self._on_grad, layer, x))
+
+    def _on_grad(self, layer: _Layer, x: Tensor | None, delta: Tensor) -> None:
+        """Output-gradient hook: queue (input, δ) until the layer's ``.grad`` is accumulated."""
+        if self._removed:
+            return
+        if delta.dim() == (1 if layer.pad is None else 3):  # unbatched: one sample
+            delta = delta.unsqueeze(0)
+            x = None if x is None else x.unsqueeze(0)
+        layer.pending.append((x, delta.detach()))
+
+    def _on_accumulated(self, layer: _Layer, param: Tensor) -> None:
+        """Post-accumulate-grad hook: commit the pending captures as one pass."""
+        if not layer.pending:
+            return
+        pending, layer.pending = layer.pending, []
+        if layer.popped:
+            layer.clear()
+        groups: dict[int, list[tuple[Tensor | None, Tensor]]] = {}
+        for x, delta in pending:
+            groups.setdefault(delta.shape[0], []).append((x, delta))
+        for batch, captures in groups.items():
+            if batch == 0:
+                continue
+            with torch.autocast(captures[0][1].device.type, enabled=False):
+                stat = layer.sum_outer(captures, batch)
+            if self._mean:
+                stat.mul_(float(batch * batch))
+            layer.total = stat if layer.total is None else layer.total.add_(stat)
+            layer.count += batch
