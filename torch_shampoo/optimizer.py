@@ -59,6 +59,36 @@ class _Stats:
     last_error: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class _Config:
+    """The engine's view of one parameter group (Shampoo and NG+ each map their own kwargs)."""
+
+    lr: float | torch.Tensor
+    beta1: float
+    beta2: float
+    epsilon: float | Callable[[int], float]
+    weight_decay: float
+    decoupled_weight_decay: bool
+    momentum: float
+    nesterov: bool
+    block_size: int
+    max_factor_dim: int
+    frequency: int
+    start: int
+    bias_correction: bool
+    grafting: str
+    grafting_beta2: float
+    grafting_epsilon: float
+    root_exponent: float | None
+    root_method: str
+    maximize: bool
+    staleness: int | None
+    max_root_failures: int
+
+    def epsilon_at(self, step: int) -> float:
+        return float(self.epsilon(step)) if callable(self.epsilon) else self.epsilon
+
+
 @lru_cache(maxsize=1024)
 def _layout(shape: tuple[int, ...], block_size: int, max_factor_dim: int) -> BlockLayout:
     return block_layout(shape, block_size, max_factor_dim)
@@ -215,62 +245,91 @@ class Shampoo(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            config = self._config(group)
             for p in group["params"]:
                 if p.grad is not None:
-                    self._step_parameter(p, group)
+                    self._step_parameter(p, config)
         return loss
 
-    def _step_parameter(self, p: torch.Tensor, group: dict[str, Any]) -> None:
-        if p.grad is None:
-            return
+    def _config(self, group: dict[str, Any]) -> _Config:
+        """Shampoo's kwargs are the engine's settings, one to one."""
+        return _Config(
+            lr=group["lr"],
+            beta1=group["betas"][0],
+            beta2=group["betas"][1],
+            epsilon=group["epsilon"],
+            weight_decay=group["weight_decay"],
+            decoupled_weight_decay=group["decoupled_weight_decay"],
+            momentum=group["momentum"],
+            nesterov=group["nesterov"],
+            block_size=group["block_size"],
+            max_factor_dim=group["max_factor_dim"],
+            frequency=group["precondition_frequency"],
+            start=group["start_preconditioning_step"] or group["precondition_frequency"],
+            bias_correction=group["bias_correction"],
+            grafting=group["grafting"],
+            grafting_beta2=group["grafting_beta2"],
+            grafting_epsilon=group["grafting_epsilon"],
+            root_exponent=group["root_exponent"],
+            root_method=group["root_method"],
+            maximize=group["maximize"],
+            staleness=group["root_staleness"],
+            max_root_failures=group["max_root_failures"],
+        )
+
+    def _layout_of(self, p: torch.Tensor, config: _Config) -> BlockLayout:
+        return _layout(tuple(p.shape), config.block_size, config.max_factor_dim)
+
+    def _group_of(self, p: torch.Tensor) -> dict[str, Any]:
+        return next(g for g in self.param_groups if any(q is p for q in g["params"]))
+
+    def _step_parameter(self, p: torch.Tensor, config: _Config) -> None:
+        assert p.grad is not None
         if p.grad.is_sparse:
             raise RuntimeError(
                 f"Shampoo does not support sparse gradients (parameter {self._describe(p)})"
             )
-        layout = _layout(tuple(p.shape), group["block_size"], group["max_factor_dim"])
+        layout = self._layout_of(p, config)
         state = self.state[p]
         if not state:
             self._init_state(p, state, layout)
         self._check_state(p, state, layout)
         state["step"] += 1
         t = int(state["step"])
-        beta1, beta2 = group["betas"]
-        frequency = group["precondition_frequency"]
-        start = group["start_preconditioning_step"] or frequency
+        start = config.start
 
         # 0. The gradient in the state dtype (a copy: p.grad is never modified).
         g = p.grad.to(
             dtype=state["exp_avg"].dtype, memory_format=torch.contiguous_format, copy=True
         )
-        if group["maximize"]:
+        if config.maximize:
             g.neg_()
         weight = p.detach().to(g.dtype)
-        if group["weight_decay"] != 0 and not group["decoupled_weight_decay"]:
-            g.add_(weight, alpha=group["weight_decay"])
+        if config.weight_decay != 0 and not config.decoupled_weight_decay:
+            g.add_(weight, alpha=config.weight_decay)
 
         # 1. Statistics; 2. roots (installs due now, then a new snapshot at a root step).
-        self._update_statistics(state, g, layout, beta2)
-        self._install_due_roots(p, state, t, group["max_root_failures"])
-        if t == start or (t > start and t % frequency == 0):
-            self._submit_roots(p, group, state, layout, t)
-            self._install_due_roots(p, state, t, group["max_root_failures"])
+        self._update_statistics(p, state, g, layout, config)
+        self._install_due_roots(p, state, t, config.max_root_failures)
+        if t == start or (t > start and t % config.frequency == 0):
+            self._submit_roots(p, config, state, layout, t)
+            self._install_due_roots(p, state, t, config.max_root_failures)
 
         # 3. First moment.
         exp_avg = state["exp_avg"]
-        exp_avg.lerp_(g, 1.0 - beta1)
-        m_hat = exp_avg / (1.0 - beta1**t) if group["bias_correction"] else exp_avg
+        exp_avg.lerp_(g, 1.0 - config.beta1)
+        m_hat = exp_avg / (1.0 - config.beta1**t) if config.bias_correction else exp_avg
 
         # 5. The graft (its state sees every step) and 4. the preconditioned direction.
-        graft = group["grafting"]
-        update_graft_state(graft, state, g, group["grafting_beta2"])
+        update_graft_state(config.grafting, state, g, config.grafting_beta2)
         direction = graft_direction(
-            graft,
+            config.grafting,
             state,
             m_hat,
-            beta2=group["grafting_beta2"],
-            epsilon=group["grafting_epsilon"],
+            beta2=config.grafting_beta2,
+            epsilon=config.grafting_epsilon,
             step=t,
-            bias_correction=group["bias_correction"],
+            bias_correction=config.bias_correction,
         )
         if t < start:
             update = m_hat if direction is None else direction
@@ -278,16 +337,16 @@ class Shampoo(Optimizer):
             update = self._precondition(state, m_hat, direction, layout)
 
         # 6. Decoupled weight decay; 7. momentum; 8. the parameter update.
-        if group["weight_decay"] != 0 and group["decoupled_weight_decay"]:
-            update = update + group["weight_decay"] * weight
-        mu = group["momentum"]
+        if config.weight_decay != 0 and config.decoupled_weight_decay:
+            update = update + config.weight_decay * weight
+        mu = config.momentum
         if mu != 0:
             buffer = state.get("momentum_buffer")
             if buffer is None:
                 buffer = state["momentum_buffer"] = torch.zeros_like(exp_avg)
             buffer.mul_(mu).add_(update)
-            update = update + mu * buffer if group["nesterov"] else buffer
-        lr = group["lr"]
+            update = update + mu * buffer if config.nesterov else buffer
+        lr = config.lr
         if isinstance(lr, torch.Tensor):
             p.sub_((update * lr).to(p.dtype))
         else:
@@ -314,9 +373,15 @@ class Shampoo(Optimizer):
             )
 
     def _update_statistics(
-        self, state: dict[str, Any], g: torch.Tensor, layout: BlockLayout, beta2: float
+        self,
+        p: torch.Tensor,
+        state: dict[str, Any],
+        g: torch.Tensor,
+        layout: BlockLayout,
+        config: _Config,
     ) -> None:
         """F_i ← β₂ F_i + w G_(i) G_(i)ᵀ for every factored dim of every block."""
+        beta2 = config.beta2
         weight = 1.0 if beta2 == 1.0 else 1.0 - beta2
         factors = iter(state["factors"])
         for block in split_blocks(g, layout):
@@ -352,23 +417,24 @@ class Shampoo(Optimizer):
     def _submit_roots(
         self,
         p: torch.Tensor,
-        group: dict[str, Any],
+        config: _Config,
         state: dict[str, Any],
         layout: BlockLayout,
         t: int,
     ) -> None:
         """Snapshot every factor of ``p`` and hand its root to the runner; due at a fixed step."""
-        beta2 = group["betas"][1]
-        scale = 1.0 - beta2**t if group["bias_correction"] and beta2 < 1.0 else 1.0
-        frequency = group["precondition_frequency"]
-        staleness = group["root_staleness"]
+        beta2 = config.beta2
+        scale = 1.0 - beta2**t if config.bias_correction and beta2 < 1.0 else 1.0
+        frequency = config.frequency
+        staleness = config.staleness
+        epsilon = config.epsilon_at(t)
         if staleness is None:
             staleness = frequency if self._async_roots else 0
         due = min(t + staleness, (t // frequency + 1) * frequency)
         runner = self._runner_for_roots()
         jobs = []
         for factor, staging, exponent in zip(
-            state["factors"], self._staging_of(p, state), self._exponents(group, layout)
+            state["factors"], self._staging_of(p, state), self._exponents(config, layout)
         ):
             job = RootJob(
                 snapshot=staging.snapshot,
@@ -377,8 +443,8 @@ class Shampoo(Optimizer):
                 result_free=staging.uploaded,
                 scale=scale,
                 exponent=exponent,
-                epsilon=group["epsilon"],
-                method=group["root_method"],
+                epsilon=epsilon,
+                method=config.root_method,
             )
             jobs.append(job)
         tickets = [runner.submit(job) for job in jobs]
@@ -459,11 +525,11 @@ class Shampoo(Optimizer):
         return staging
 
     @staticmethod
-    def _exponents(group: dict[str, Any], layout: BlockLayout) -> Iterator[float]:
+    def _exponents(config: _Config, layout: BlockLayout) -> Iterator[float]:
         for b in range(layout.num_blocks):
             dims = layout.factor_dims(b)
             for _ in dims:
-                yield group["root_exponent"] or 2.0 * len(dims)
+                yield config.root_exponent or 2.0 * len(dims)
 
     # ------------------------------------------------------------------- names and stats
 
@@ -477,8 +543,7 @@ class Shampoo(Optimizer):
         return f"{self._param_index(p)} (shape {tuple(p.shape)})"
 
     def _factor_name(self, p: torch.Tensor, j: int) -> str:
-        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
-        layout = _layout(tuple(p.shape), group["block_size"], group["max_factor_dim"])
+        layout = self._layout_of(p, self._config(self._group_of(p)))
         for b in range(layout.num_blocks):
             dims = [d for d, f in enumerate(layout.factored) if f]
             if j < len(dims):
@@ -582,8 +647,7 @@ class Shampoo(Optimizer):
         for i, p in enumerate(self._all_params()):
             if i in saved:
                 self.state[p] = {k: _restore(k, v, p.device) for k, v in saved[i].items()}
-                group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
-                layout = _layout(tuple(p.shape), group["block_size"], group["max_factor_dim"])
+                layout = self._layout_of(p, self._config(self._group_of(p)))
                 self._check_state(p, self.state[p], layout)
         self._adopt_pending_state()
 
