@@ -1,0 +1,677 @@
+"""The engine Shampoo and NG+ share: Kronecker-factored statistics, CPU roots, the step.
+
+Per block of a parameter (:mod:`torch_shampoo.blocking`), the engine keeps one statistics factor
+F_i per *factored* dim, computes X_i = (F_i/bc + εI)^(−1/r) through :mod:`torch_shampoo.root_pool`
+and applies the step written in :class:`PreconditionerEngine`. A front end (Shampoo, NG+) maps its
+own constructor kwargs onto an :class:`EngineConfig` per parameter group and picks the layout.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, TypeVar
+
+import torch
+from torch.optim import Optimizer
+
+from . import device
+from .blocking import BlockLayout, block_layout, split_blocks
+from .grafting import graft_direction, update_graft_state
+from .root_pool import InlineRunner, RootJob, RootOutcome, RootPool, Ticket
+
+__all__ = ["EngineConfig", "PreconditionerEngine"]
+
+_GRAFT_NORM_EPS = 1e-16
+_HOST_KEYS = ("step", "root_failures", "pending_due", "pending_ok")
+"""State entries that live on the CPU whatever the parameter's device."""
+
+
+@dataclass
+class _Staging:
+    """Host buffers of one factor, reused for every root of that factor."""
+
+    snapshot: torch.Tensor
+    result: torch.Tensor
+    uploaded: device.CopyDone = None
+
+
+@dataclass
+class _Pending:
+    """The roots of one parameter that are being computed and when they are due."""
+
+    submitted: int
+    due: int
+    jobs: list[RootJob]
+    tickets: list[Ticket]
+
+
+@dataclass
+class _Stats:
+    roots_computed: int = 0
+    root_failures: int = 0
+    stalls: int = 0
+    stall_seconds: float = 0.0
+    root_seconds: float = 0.0
+    staleness_total: int = 0
+    staleness_count: int = 0
+    staleness_max: int = 0
+    last_error: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The engine's view of one parameter group (Shampoo and NG+ each map their own kwargs)."""
+
+    lr: float | torch.Tensor
+    beta1: float
+    beta2: float
+    epsilon: float | Callable[[int], float]
+    weight_decay: float
+    decoupled_weight_decay: bool
+    momentum: float
+    nesterov: bool
+    block_size: int
+    max_factor_dim: int
+    frequency: int
+    start: int
+    bias_correction: bool
+    grafting: str
+    grafting_beta2: float
+    grafting_epsilon: float
+    root_exponent: float | None
+    root_method: str
+    maximize: bool
+    staleness: int | None
+    max_root_failures: int
+
+    def epsilon_at(self, step: int) -> float:
+        return float(self.epsilon(step)) if callable(self.epsilon) else self.epsilon
+
+
+@lru_cache(maxsize=1024)
+def _layout(shape: tuple[int, ...], block_size: int, max_factor_dim: int) -> BlockLayout:
+    return block_layout(shape, block_size, max_factor_dim)
+
+
+def _state_dtype(param: torch.Tensor) -> torch.dtype:
+    """Statistics and moments are float32, or float64 for float64 parameters."""
+    return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
+_Engine = TypeVar("_Engine", bound="PreconditionerEngine")
+
+
+class PreconditionerEngine(Optimizer):
+    r"""A ``torch.optim.Optimizer`` preconditioning each block of a gradient with Kronecker factors.
+
+    Per block G and step t = 1, 2, … (settings from :class:`EngineConfig`)::
+
+        g  = ∇ (−∇ if maximize);  g += wd·W                 if not decoupled_weight_decay
+        F_i ← β₂ F_i + w G_(i) G_(i)ᵀ  for each factored dim i   (w = 1 if β₂ = 1 else 1 − β₂)
+        X_i = (F_i / bc₂ + εI)^(−1/r)   at root steps, in float64 on CPU
+        m  ← β₁ m + (1 − β₁) g;  m̂ = m / (1 − β₁ᵗ)
+        P  = m̂ ×₁ X_1 ×₂ X_2 …                               (the graft direction D before start)
+        P  ← P · ‖D‖ / (‖P‖ + 1e-16)                        D from the graft, per block
+        P  ← P + wd·W                                        if decoupled_weight_decay
+        b  ← μ b + P;  P = P + μ b (nesterov) or b           if momentum μ > 0
+        W  ← W − lr·P
+
+    Root steps are t = start and every t > start divisible by the frequency. A root computed from
+    the statistics of step t is installed at the start of step t + staleness (never later than the
+    next root step); with ``async_roots`` it is computed on CPU threads in the meantime. The
+    install step is fixed in advance, so runs are bitwise reproducible and equal synchronous runs
+    with the same staleness. Subclasses define :meth:`_config` and :meth:`_validate`.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        defaults: dict[str, Any],
+        *,
+        async_roots: bool,
+        root_workers: int | None,
+    ) -> None:
+        if not isinstance(async_roots, bool):
+            raise TypeError(f"Invalid async_roots: {async_roots!r} (must be a bool)")
+        if root_workers is None:
+            root_workers = max(1, (os.cpu_count() or 2) // 2)
+        if isinstance(root_workers, bool) or not isinstance(root_workers, int) or root_workers < 1:
+            raise ValueError(f"Invalid root_workers: {root_workers!r} (must be a positive integer)")
+        self._async_roots = async_roots
+        self._root_workers = root_workers
+        self._init_runtime()
+        self._validate(defaults)
+        super().__init__(params, defaults)
+
+    def _config(self, group: dict[str, Any]) -> EngineConfig:
+        """The engine settings of a parameter group."""
+        raise NotImplementedError
+
+    def _validate(self, group: dict[str, Any]) -> None:
+        """Raise ValueError/TypeError naming the first bad hyperparameter of ``group``."""
+        raise NotImplementedError
+
+    def _init_runtime(self) -> None:
+        """Runtime objects that are never part of the state: threads, buffers, tickets."""
+        self._runner: RootPool | InlineRunner | None = None
+        self._staging: dict[torch.Tensor, list[_Staging]] = {}
+        self._pending: dict[torch.Tensor, _Pending] = {}
+        self._stats = _Stats()
+        self._pid = os.getpid()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        self._validate(group)
+        for p in group["params"]:
+            if p.is_complex() or not p.is_floating_point():
+                raise ValueError(
+                    f"{type(self).__name__} optimizes real floating-point parameters, "
+                    f"got dtype {p.dtype}"
+                )
+
+    def _runner_for_roots(self) -> RootPool | InlineRunner:
+        if self._runner is None:
+            self._runner = RootPool(self._root_workers) if self._async_roots else InlineRunner()
+        return self._runner
+
+    # --------------------------------------------------------------------------- the step
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        if self._pid != os.getpid():
+            self._adopt_after_fork()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            config = self._config(group)
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._step_parameter(p, config)
+        return loss
+
+    def _layout_of(self, p: torch.Tensor, config: EngineConfig) -> BlockLayout:
+        return _layout(tuple(p.shape), config.block_size, config.max_factor_dim)
+
+    def _group_of(self, p: torch.Tensor) -> dict[str, Any]:
+        return next(g for g in self.param_groups if any(q is p for q in g["params"]))
+
+    def _step_parameter(self, p: torch.Tensor, config: EngineConfig) -> None:
+        assert p.grad is not None
+        if p.grad.is_sparse:
+            raise RuntimeError(
+                f"{type(self).__name__} does not support sparse gradients "
+                f"(parameter {self._describe(p)})"
+            )
+        layout = self._layout_of(p, config)
+        state = self.state[p]
+        if not state:
+            self._init_state(p, state, layout)
+        self._check_state(p, state, layout)
+        state["step"] += 1
+        t = int(state["step"])
+        start = config.start
+
+        # 0. The gradient in the state dtype (a copy: p.grad is never modified).
+        g = p.grad.to(
+            dtype=state["exp_avg"].dtype, memory_format=torch.contiguous_format, copy=True
+        )
+        if config.maximize:
+            g.neg_()
+        weight = p.detach().to(g.dtype)
+        if config.weight_decay != 0 and not config.decoupled_weight_decay:
+            g.add_(weight, alpha=config.weight_decay)
+
+        # 1. Statistics; 2. roots (installs due now, then a new snapshot at a root step).
+        self._update_statistics(p, state, g, layout, config)
+        self._install_due_roots(p, state, t, config.max_root_failures)
+        if t == start or (t > start and t % config.frequency == 0):
+            self._submit_roots(p, config, state, layout, t)
+            self._install_due_roots(p, state, t, config.max_root_failures)
+
+        # 3. First moment.
+        exp_avg = state["exp_avg"]
+        exp_avg.lerp_(g, 1.0 - config.beta1)
+        m_hat = exp_avg / (1.0 - config.beta1**t) if config.bias_correction else exp_avg
+
+        # 5. The graft (its state sees every step) and 4. the preconditioned direction.
+        update_graft_state(config.grafting, state, g, config.grafting_beta2)
+        direction = graft_direction(
+            config.grafting,
+            state,
+            m_hat,
+            beta2=config.grafting_beta2,
+            epsilon=config.grafting_epsilon,
+            step=t,
+            bias_correction=config.bias_correction,
+        )
+        if t < start:
+            update = m_hat if direction is None else direction
+        else:
+            update = self._precondition(state, m_hat, direction, layout)
+
+        # 6. Decoupled weight decay; 7. momentum; 8. the parameter update.
+        if config.weight_decay != 0 and config.decoupled_weight_decay:
+            update = update + config.weight_decay * weight
+        mu = config.momentum
+        if mu != 0:
+            buffer = state.get("momentum_buffer")
+            if buffer is None:
+                buffer = state["momentum_buffer"] = torch.zeros_like(exp_avg)
+            buffer.mul_(mu).add_(update)
+            update = update + mu * buffer if config.nesterov else buffer
+        lr = config.lr
+        if isinstance(lr, torch.Tensor):
+            p.sub_((update * lr).to(p.dtype))
+        else:
+            p.add_(update.to(p.dtype), alpha=-lr)
+
+    def _init_state(self, p: torch.Tensor, state: dict[str, Any], layout: BlockLayout) -> None:
+        dtype = _state_dtype(p)
+        state["step"] = torch.tensor(0.0)
+        state["exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+        factor_sizes = [d for b in range(layout.num_blocks) for d in layout.factor_dims(b)]
+        state["factors"] = [torch.zeros(d, d, dtype=dtype, device=p.device) for d in factor_sizes]
+        state["roots"] = [torch.eye(d, dtype=dtype, device=p.device) for d in factor_sizes]
+        state["root_failures"] = torch.zeros(len(factor_sizes), dtype=torch.int64)
+
+    def _check_state(self, p: torch.Tensor, state: dict[str, Any], layout: BlockLayout) -> None:
+        """Refuse state that does not fit the parameter's layout instead of misusing it."""
+        expected = [d for b in range(layout.num_blocks) for d in layout.factor_dims(b)]
+        found = [f.shape[0] for f in state["factors"]]
+        if found != expected or state["exp_avg"].shape != p.shape:
+            raise ValueError(
+                f"{type(self).__name__} state of parameter {self._describe(p)} does not match its "
+                f"block layout "
+                f"(factor sizes {found}, expected {expected}): was the state loaded from another "
+                f"model, or did block_size / max_factor_dim change after training started?"
+            )
+
+    def _update_statistics(
+        self,
+        p: torch.Tensor,
+        state: dict[str, Any],
+        g: torch.Tensor,
+        layout: BlockLayout,
+        config: EngineConfig,
+    ) -> None:
+        """F_i ← β₂ F_i + w G_(i) G_(i)ᵀ for every factored dim of every block."""
+        beta2 = config.beta2
+        weight = 1.0 if beta2 == 1.0 else 1.0 - beta2
+        factors = iter(state["factors"])
+        for block in split_blocks(g, layout):
+            for dim, factored in enumerate(layout.factored):
+                if factored:
+                    unfolded = block.movedim(dim, 0).reshape(block.shape[dim], -1)
+                    next(factors).addmm_(unfolded, unfolded.T, beta=beta2, alpha=weight)
+
+    def _precondition(
+        self,
+        state: dict[str, Any],
+        m_hat: torch.Tensor,
+        direction: torch.Tensor | None,
+        layout: BlockLayout,
+    ) -> torch.Tensor:
+        """P = m̂ ×₁ X_1 ×₂ X_2 … per block, rescaled to the graft's norm per block."""
+        update = torch.empty_like(m_hat)
+        roots = iter(state["roots"])
+        targets = split_blocks(update, layout)
+        grafts = split_blocks(direction, layout) if direction is not None else None
+        for b, block in enumerate(split_blocks(m_hat, layout)):
+            preconditioned = _mode_products(block, roots, layout.factored)
+            if grafts is not None:
+                scale = torch.linalg.vector_norm(grafts[b]) / (
+                    torch.linalg.vector_norm(preconditioned) + _GRAFT_NORM_EPS
+                )
+                preconditioned = preconditioned * scale
+            targets[b].copy_(preconditioned)
+        return update
+
+    # -------------------------------------------------------------------------- the roots
+
+    def _submit_roots(
+        self,
+        p: torch.Tensor,
+        config: EngineConfig,
+        state: dict[str, Any],
+        layout: BlockLayout,
+        t: int,
+    ) -> None:
+        """Snapshot every factor of ``p`` and hand its root to the runner; due at a fixed step."""
+        beta2 = config.beta2
+        scale = 1.0 - beta2**t if config.bias_correction and beta2 < 1.0 else 1.0
+        frequency = config.frequency
+        staleness = config.staleness
+        epsilon = config.epsilon_at(t)
+        if staleness is None:
+            staleness = frequency if self._async_roots else 0
+        due = min(t + staleness, (t // frequency + 1) * frequency)
+        runner = self._runner_for_roots()
+        jobs = []
+        for factor, staging, exponent in zip(
+            state["factors"], self._staging_of(p, state), self._exponents(config, layout)
+        ):
+            job = RootJob(
+                snapshot=staging.snapshot,
+                result=staging.result,
+                snapshot_ready=device.to_host(staging.snapshot, factor),
+                result_free=staging.uploaded,
+                scale=scale,
+                exponent=exponent,
+                epsilon=epsilon,
+                method=config.root_method,
+            )
+            jobs.append(job)
+        tickets = [runner.submit(job) for job in jobs]
+        self._pending[p] = _Pending(submitted=t, due=due, jobs=jobs, tickets=tickets)
+
+    def _install_due_roots(
+        self, p: torch.Tensor, state: dict[str, Any], t: int, max_failures: int
+    ) -> None:
+        """Install the pending roots of ``p`` if they are due at step ``t``."""
+        pending = self._pending.get(p)
+        if pending is None or pending.due > t:
+            return
+        del self._pending[p]
+        stats = self._stats
+        staleness = t - pending.submitted
+        stats.staleness_total += staleness
+        stats.staleness_count += 1
+        stats.staleness_max = max(stats.staleness_max, staleness)
+        if self._async_roots and not all(ticket.done() for ticket in pending.tickets):
+            began = time.perf_counter()
+            for ticket in pending.tickets:
+                ticket.wait()
+            stats.stalls += 1
+            stats.stall_seconds += time.perf_counter() - began
+        staging = self._staging_of(p, state)
+        for j, ticket in enumerate(pending.tickets):
+            cause: BaseException | None = None
+            try:
+                outcome = ticket.outcome()
+            except Exception as exc:  # a failing root must not take training down with it
+                cause = exc
+                outcome = RootOutcome(False, math.nan, f"{type(exc).__name__}: {exc}", 0.0)
+            stats.root_seconds += outcome.seconds
+            stats.last_error[self._factor_name(p, j)] = outcome.error
+            if outcome.ok:
+                stats.roots_computed += 1
+                state["root_failures"][j] = 0
+                staging[j].uploaded = device.to_device(state["roots"][j], staging[j].result)
+                continue
+            stats.root_failures += 1
+            state["root_failures"][j] += 1
+            failures = int(state["root_failures"][j])
+            message = (
+                f"inverse root of {self._factor_name(p, j)} from step {pending.submitted} "
+                f"failed: {outcome.reason}"
+            )
+            if failures >= max_failures:
+                raise RuntimeError(
+                    f"{type(self).__name__}: {message}; {failures} consecutive failures "
+                    f"(max_root_failures={max_failures})"
+                ) from cause
+            warnings.warn(
+                f"{type(self).__name__}: {message}; keeping the previous root "
+                f"({failures} consecutive)",
+                RuntimeWarning,
+                stacklevel=6,  # the caller of optimizer.step()
+            )
+
+    def _adopt_after_fork(self) -> None:
+        """In a forked child, redo the jobs the parent's threads had not finished: their
+        snapshots were copied with the rest of the memory, the threads were not."""
+        self._pid = os.getpid()
+        if self._runner is not None:
+            runner = self._runner
+            for pending in self._pending.values():
+                if all(ticket.done() for ticket in pending.tickets):
+                    continue  # includes roots restored from a state dict, which have no jobs
+                pending.tickets = [
+                    ticket if ticket.done() else runner.submit(job)
+                    for job, ticket in zip(pending.jobs, pending.tickets)
+                ]
+
+    def _staging_of(self, p: torch.Tensor, state: dict[str, Any]) -> list[_Staging]:
+        staging = self._staging.get(p)
+        if staging is None:
+            staging = self._staging[p] = [
+                _Staging(device.host_buffer(f), device.host_buffer(f)) for f in state["factors"]
+            ]
+        return staging
+
+    @staticmethod
+    def _exponents(config: EngineConfig, layout: BlockLayout) -> Iterator[float]:
+        for b in range(layout.num_blocks):
+            dims = layout.factor_dims(b)
+            for _ in dims:
+                yield config.root_exponent or 2.0 * len(dims)
+
+    # ------------------------------------------------------------------- names and stats
+
+    def _param_index(self, p: torch.Tensor) -> int:
+        for i, q in enumerate(q for group in self.param_groups for q in group["params"]):
+            if q is p:
+                return i
+        raise KeyError("parameter not in this optimizer")
+
+    def _describe(self, p: torch.Tensor) -> str:
+        return f"{self._param_index(p)} (shape {tuple(p.shape)})"
+
+    def _factor_name(self, p: torch.Tensor, j: int) -> str:
+        layout = self._layout_of(p, self._config(self._group_of(p)))
+        for b in range(layout.num_blocks):
+            dims = [d for d, f in enumerate(layout.factored) if f]
+            if j < len(dims):
+                return f"parameter {self._describe(p)} block {b} dim {dims[j]}"
+            j -= len(dims)
+        raise IndexError("factor index out of range")
+
+    def root_stats(self) -> dict[str, Any]:
+        """Plain numbers about the inverse roots since this optimizer object was created."""
+        stats = self._stats
+        installed = stats.roots_computed + stats.root_failures
+        return {
+            "roots_computed": stats.roots_computed,
+            "root_failures": stats.root_failures,
+            "stalls": stats.stalls,
+            "stall_seconds": stats.stall_seconds,
+            "mean_staleness": stats.staleness_total / max(1, stats.staleness_count),
+            "max_staleness": stats.staleness_max,
+            "mean_root_seconds": stats.root_seconds / max(1, installed),
+            "pending_parameters": len(self._pending),
+            "last_error": dict(stats.last_error),
+        }
+
+    # ----------------------------------------------------------- lifecycle and state dicts
+
+    def close(self) -> None:
+        """Stop the root worker threads (idempotent); a later step restarts them."""
+        if self._runner is not None:
+            self._runner.close()
+            self._runner = None
+
+    def __enter__(self: _Engine) -> _Engine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _pending_as_state(self) -> dict[torch.Tensor, dict[str, Any]]:
+        """Wait for the roots in flight and express them as plain state entries."""
+        entries = {}
+        for p, pending in self._pending.items():
+            roots, ok, reasons = [], [], []
+            for ticket, staging in zip(pending.tickets, self._staging[p]):
+                try:
+                    outcome = ticket.outcome()
+                except Exception as exc:
+                    outcome = RootOutcome(False, math.nan, f"{type(exc).__name__}: {exc}", 0.0)
+                roots.append(staging.result.clone() if outcome.ok else torch.zeros(0))
+                ok.append(outcome.ok)
+                reasons.append(outcome.reason)
+            entries[p] = {
+                "pending_due": torch.tensor(pending.due),
+                "pending_submitted": torch.tensor(pending.submitted),
+                "pending_ok": torch.tensor(ok),
+                "pending_roots": roots,
+                "pending_reasons": reasons,
+            }
+        return entries
+
+    def _adopt_pending_state(self) -> None:
+        """Turn pending entries found in ``self.state`` (after a load) into resolved tickets."""
+        for p, state in self.state.items():
+            if "pending_due" not in state:
+                continue
+            tickets = []
+            staging = self._staging_of(p, state)
+            for j, (root, ok, reason) in enumerate(
+                zip(
+                    state.pop("pending_roots"),
+                    state.pop("pending_ok"),
+                    state.pop("pending_reasons"),
+                )
+            ):
+                if bool(ok):
+                    staging[j].result.copy_(root)
+                tickets.append(Ticket.resolved(RootOutcome(bool(ok), math.nan, reason, 0.0)))
+            self._pending[p] = _Pending(
+                submitted=int(state.pop("pending_submitted")),
+                due=int(state.pop("pending_due")),
+                jobs=[],
+                tickets=tickets,
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state, with roots still in flight waited for and included, so it can resume."""
+        packed = super().state_dict()
+        pending = self._pending_as_state()
+        index = {id(p): i for i, p in enumerate(self._all_params())}
+        for p, entries in pending.items():
+            i = index[id(p)]
+            packed["state"][i] = {**packed["state"][i], **entries}
+        return packed
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load state; unlike the base class, keep every tensor's saved dtype (float32 factors
+        of a bf16 parameter stay float32) and put only host entries on the CPU."""
+        self._pending.clear()
+        self._staging.clear()
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        for i, p in enumerate(self._all_params()):
+            if i in saved:
+                self.state[p] = {k: _restore(k, v, p.device) for k, v in saved[i].items()}
+                layout = self._layout_of(p, self._config(self._group_of(p)))
+                self._check_state(p, self.state[p], layout)
+        self._adopt_pending_state()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        pending = self._pending_as_state()
+        state["state"] = type(self.state)(
+            dict, {p: {**s, **pending.get(p, {})} for p, s in self.state.items()}
+        )
+        state["_async_roots"] = self._async_roots
+        state["_root_workers"] = self._root_workers
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._init_runtime()
+        self._adopt_pending_state()
+
+    def _all_params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+
+def _mode_products(
+    block: torch.Tensor, roots: Iterator[torch.Tensor], factored: tuple[bool, ...]
+) -> torch.Tensor:
+    """block ×₁ X_1 ×₂ X_2 … over the factored dims (each X symmetric)."""
+    if block.dim() == 2 and all(factored):
+        return next(roots) @ block @ next(roots)
+    out = block
+    for is_factored in factored:
+        # Contract the leading dim and append the result as the last dim: after one pass over
+        # all dims the order is restored.
+        out = (
+            torch.tensordot(out, next(roots), dims=([0], [0]))
+            if is_factored
+            else out.movedim(0, -1)
+        )
+    return out
+
+
+def _restore(key: str, value: Any, param_device: torch.device) -> Any:
+    """A saved state entry as a fresh object on the right device, keeping its dtype."""
+    if isinstance(value, torch.Tensor):
+        return value.to("cpu" if key in _HOST_KEYS else param_device, copy=True)
+    if isinstance(value, list):
+        return [_restore(key, v, param_device) for v in value]
+    return value
+
+
+class Checks:
+    """Validation of one parameter group: each check raises naming the argument and its value."""
+
+    def __init__(self, group: dict[str, Any]) -> None:
+        self.group = group
+
+    def bad(self, name: str, requirement: str) -> ValueError:
+        return ValueError(f"Invalid {name}: {self.group[name]!r} ({requirement})")
+
+    def real(
+        self,
+        name: str,
+        low: float | None = None,
+        high: float | None = None,
+        low_open: bool = False,
+        high_open: bool = False,
+    ) -> float:
+        """A finite real number in the given (closed unless told open) interval."""
+        value = self.group[name]
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and name == "lr":
+            value = float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"Invalid {name}: {self.group[name]!r} (must be a real number)")
+        if not math.isfinite(value):
+            raise self.bad(name, "must be finite")
+        if low is not None and (value < low or (low_open and value == low)):
+            raise self.bad(name, f"must be {'>' if low_open else '≥'} {low}")
+        if high is not None and (value > high or (high_open and value == high)):
+            raise self.bad(name, f"must be {'<' if high_open else '≤'} {high}")
+        return float(value)
+
+    def integer(self, name: str, minimum: int, optional: bool = False) -> None:
+        value = self.group[name]
+        if optional and value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"Invalid {name}: {value!r} (must be an integer)")
+        if value < minimum:
+            raise self.bad(name, f"must be ≥ {minimum}")
+
+    def flag(self, name: str) -> None:
+        if not isinstance(self.group[name], bool):
+            raise TypeError(f"Invalid {name}: {self.group[name]!r} (must be a bool)")
+
+    def choice(self, name: str, choices: tuple[str, ...]) -> None:
+        if self.group[name] not in choices:
+            raise self.bad(name, f"valid choices: {', '.join(choices)}")
+
+    def lr(self) -> None:
+        lr = self.group["lr"]
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise self.bad("lr", "a tensor lr must have exactly one element")
+        self.real("lr", low=0.0)
