@@ -1,7 +1,8 @@
-"""Shampoo and NG+ second-order optimizers for PyTorch."""
+"""Shampoo and NG+ second-order optimizers for PyTorch, with inverse roots on CPU threads."""
 
+from .ngplus import NGPlus
 from .optimizer import Shampoo
 
-__all__ = ["Shampoo", "__version__"]
+__all__ = ["NGPlus", "Shampoo", "__version__"]
 
 __version__ = "0.1.0"

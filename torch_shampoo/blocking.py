@@ -17,12 +17,13 @@ views, so writing into a block writes into the tensor.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BlockLayout", "block_layout", "merge_blocks", "split_blocks"]
+__all__ = ["BlockLayout", "block_layout", "merge_blocks", "output_side_layout", "split_blocks"]
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,34 @@ def block_layout(shape: Sequence[int], block_size: int, max_factor_dim: int) -> 
         factored=factored,
         offsets=tuple(tuple(start for start, _ in cell) for cell in cells),
         block_shapes=tuple(tuple(size for _, size in cell) for cell in cells),
+    )
+
+
+def output_side_layout(shape: Sequence[int], block_size: int, vectors: bool) -> BlockLayout:
+    """NG+'s grid: the parameter as a matrix (shape[0], rest), only its output side factored.
+
+    The output dim is cut into chunks of ``block_size`` (diagonal blocks of the output-side
+    matrix); the input side stays whole. A 1-D parameter is a column, factored only if ``vectors``;
+    0-d and empty parameters get no factor.
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    numel = math.prod(shape)
+    if numel == 0 or len(shape) == 0 or (len(shape) == 1 and not vectors):
+        merged: tuple[int, ...] = (numel,)
+        factored: tuple[bool, ...] = (False,)
+    elif len(shape) == 1:
+        merged, factored = (numel,), (True,)
+    else:
+        merged, factored = (shape[0], numel // shape[0]), (True, False)
+    rows = _chunks(merged[0], block_size) if factored[0] else [(0, merged[0])]
+    rest = tuple(merged[1:])
+    return BlockLayout(
+        param_shape=tuple(shape),
+        shape=merged,
+        factored=factored,
+        offsets=tuple((start,) + (0,) * len(rest) for start, _ in rows),
+        block_shapes=tuple((size, *rest) for _, size in rows),
     )
 
 

@@ -1,0 +1,249 @@
+"""NG+: the multi-step matrix-product natural gradient (Yang, Xu, Cui, Wen, Xu 2021).
+
+In the engine's terms NG+ is one-sided Shampoo: one factor on the output side of every weight
+matrix, exponent 1, the damping as ε, no graft and no first moment. The front end below is only
+that mapping plus the per-sample statistics of :mod:`torch_shampoo.per_sample`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from functools import lru_cache
+from typing import Any
+
+import torch
+from torch import nn
+
+from .blocking import BlockLayout, output_side_layout
+from .engine import Checks, EngineConfig, PreconditionerEngine
+from .matrix_roots import ROOT_METHODS
+from .per_sample import PerSampleFisher
+
+__all__ = ["STATISTICS", "NGPlus"]
+
+STATISTICS: tuple[str, ...] = ("minibatch", "per_sample")
+
+Damping = float | Callable[[int], float]
+
+
+@lru_cache(maxsize=1024)
+def _layout(shape: tuple[int, ...], block_size: int, vectors: bool) -> BlockLayout:
+    return output_side_layout(shape, block_size, vectors)
+
+
+class NGPlus(PreconditionerEngine):
+    r"""NG+: the generalized natural gradient with the output-side Fisher matrix, reused T steps.
+
+    A weight is a matrix G ∈ ℝ^{m×n} (m outputs; a conv weight is C_out × C_in·k_h·k_w). Per step::
+
+        Ĝ = G Gᵀ                       (statistics="minibatch")
+        Ĝ = (1/B) Σ_i G_i G_iᵀ          (statistics="per_sample": per-sample gradients, bias folded)
+        F ← β F + (1 − β) Ĝ
+        X = (F + λ_t I)^(−1)            every T = inverse_frequency steps, float64 on CPU threads
+        D = X G;  D ← D + wd·W;  b ← μ b + D (D + μ b if nesterov, else b);  W ← W − lr·D
+
+    An output dim larger than ``block_size`` is split into diagonal blocks of F. Parameters that
+    are not matrices (biases, norm scales) take the SGD-momentum step D = G with minibatch
+    statistics; with per-sample statistics a bias shares the F of its layer (the bias is the extra
+    input column ã = [a; 1]), and any other vector uses its minibatch g gᵀ.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate (float or 0-d tensor).
+        momentum: heavy-ball momentum μ (``nesterov`` for Nesterov's form).
+        weight_decay: added to the preconditioned direction, before momentum.
+        damping: λ, a float or a function of the step (called at each inverse step); a function
+            is not saved by ``state_dict()`` and is kept from the loading optimizer.
+        curvature_beta: β of the moving average of F.
+        inverse_frequency: T, the steps between inverses.
+        statistics: ``"minibatch"`` or ``"per_sample"`` (needs ``model=`` or :meth:`attach`).
+        block_size: largest diagonal block of F.
+        maximize: maximize the objective.
+        root_method: ``"eigh"`` or ``"cholesky"`` (``"newton"`` also works: exponent 1).
+        start_preconditioning_step: first inverse step (``None``: 1).
+        root_staleness: steps between an inverse's snapshot and its use (``None``: 1 with
+            ``async_roots``, 0 without).
+        max_root_failures: consecutive failed inverses of one factor that raise an error.
+        async_roots, root_workers: as for :class:`~torch_shampoo.Shampoo`.
+        model: with ``statistics="per_sample"``, the model whose layers are hooked.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float | torch.Tensor = 0.05,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        damping: Damping = 1e-3,
+        curvature_beta: float = 0.95,
+        inverse_frequency: int = 50,
+        statistics: str = "minibatch",
+        block_size: int = 1024,
+        nesterov: bool = False,
+        maximize: bool = False,
+        root_method: str = "eigh",
+        start_preconditioning_step: int | None = None,
+        root_staleness: int | None = None,
+        max_root_failures: int = 3,
+        *,
+        async_roots: bool = True,
+        root_workers: int | None = None,
+        model: nn.Module | None = None,
+    ) -> None:
+        if statistics not in STATISTICS:
+            raise ValueError(
+                f"Invalid statistics: {statistics!r} (valid choices: {', '.join(STATISTICS)})"
+            )
+        self.statistics = statistics
+        self._fisher: PerSampleFisher | None = None
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            damping=damping,
+            curvature_beta=curvature_beta,
+            inverse_frequency=inverse_frequency,
+            block_size=block_size,
+            nesterov=nesterov,
+            maximize=maximize,
+            root_method=root_method,
+            start_preconditioning_step=start_preconditioning_step,
+            root_staleness=root_staleness,
+            max_root_failures=max_root_failures,
+        )
+        super().__init__(params, defaults, async_roots=async_roots, root_workers=root_workers)
+        if model is not None:
+            self.attach(model)
+
+    # ------------------------------------------------------------------ the engine mapping
+
+    def _config(self, group: dict[str, Any]) -> EngineConfig:
+        staleness = group["root_staleness"]
+        if staleness is None:
+            staleness = 1 if self._async_roots else 0
+        return EngineConfig(
+            lr=group["lr"],
+            beta1=0.0,
+            beta2=group["curvature_beta"],
+            epsilon=group["damping"],
+            weight_decay=group["weight_decay"],
+            decoupled_weight_decay=True,
+            momentum=group["momentum"],
+            nesterov=group["nesterov"],
+            block_size=group["block_size"],
+            max_factor_dim=group["block_size"],
+            frequency=group["inverse_frequency"],
+            start=group["start_preconditioning_step"] or 1,
+            bias_correction=False,
+            grafting="none",
+            grafting_beta2=0.5,
+            grafting_epsilon=1.0,
+            root_exponent=1.0,
+            root_method=group["root_method"],
+            maximize=group["maximize"],
+            staleness=staleness,
+            max_root_failures=group["max_root_failures"],
+        )
+
+    def _layout_of(self, p: torch.Tensor, config: EngineConfig) -> BlockLayout:
+        return _layout(tuple(p.shape), config.block_size, self.statistics == "per_sample")
+
+    def _update_statistics(
+        self,
+        p: torch.Tensor,
+        state: dict[str, Any],
+        g: torch.Tensor,
+        layout: BlockLayout,
+        config: EngineConfig,
+    ) -> None:
+        """F ← βF + (1 − β)Ĝ with the hooks' per-sample Ĝ where there is one."""
+        if self.statistics == "per_sample" and self._fisher is None:
+            raise RuntimeError(
+                "NGPlus(statistics='per_sample') needs the model: pass model=... or call "
+                "optimizer.attach(model) before the first step"
+            )
+        fisher = self._fisher.pop(p) if self._fisher is not None else None
+        if fisher is None:
+            super()._update_statistics(p, state, g, layout, config)
+            return
+        beta = config.beta2
+        for factor, offset, size in zip(state["factors"], layout.offsets, layout.block_shapes):
+            rows = slice(offset[0], offset[0] + size[0])
+            factor.mul_(beta).add_(fisher[rows, rows], alpha=1.0 - beta)
+
+    def _validate(self, group: dict[str, Any]) -> None:
+        check = Checks(group)
+        check.lr()
+        mu = check.real("momentum", low=0.0, high=1.0, high_open=True)
+        check.real("weight_decay", low=0.0)
+        if not callable(group["damping"]):
+            check.real("damping", low=0.0, low_open=True)
+        check.real("curvature_beta", low=0.0, high=1.0, high_open=True)
+        check.integer("inverse_frequency", 1)
+        check.integer("block_size", 1)
+        check.flag("nesterov")
+        check.flag("maximize")
+        if group["nesterov"] and mu == 0:
+            raise check.bad("nesterov", "Nesterov momentum needs momentum > 0")
+        check.choice("root_method", ROOT_METHODS)
+        check.integer("start_preconditioning_step", 1, optional=True)
+        check.integer("root_staleness", 0, optional=True)
+        check.integer("max_root_failures", 1)
+
+    # ------------------------------------------------------------------ per-sample hooks
+
+    def attach(self, model: nn.Module) -> NGPlus:
+        """Hook ``model``'s Linear and Conv2d layers for per-sample statistics; returns self."""
+        if self.statistics != "per_sample":
+            raise ValueError("attach() is for statistics='per_sample'")
+        if any(self.state[p] for p in self._all_params() if p in self.state):
+            raise RuntimeError("attach(model) before the first step: the layout depends on it")
+        self.detach()
+        ours = {id(p) for p in self._all_params()}
+        tracked = [p for p in model.parameters() if id(p) in ours]
+        self._fisher = PerSampleFisher(model, tracked)
+        unsupported = self._fisher.unsupported()
+        if unsupported:
+            warnings.warn(
+                f"NGPlus: no per-sample statistics for {', '.join(unsupported)}; their "
+                "parameters use minibatch statistics",
+                UserWarning,
+                stacklevel=2,
+            )
+        return self
+
+    def detach(self) -> None:
+        """Remove the hooks of :meth:`attach` (idempotent)."""
+        if self._fisher is not None:
+            self._fisher.remove()
+            self._fisher = None
+
+    # ------------------------------------------------------------------ state dicts
+
+    def state_dict(self) -> dict[str, Any]:
+        """As the engine's; a damping function is saved as ``None`` (it is code, not state)."""
+        packed = super().state_dict()
+        packed["param_groups"] = [
+            {**g, "damping": None if callable(g["damping"]) else g["damping"]}
+            for g in packed["param_groups"]
+        ]
+        return packed
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As the engine's; a damping saved as ``None`` keeps this optimizer's damping."""
+        current = [g["damping"] for g in self.param_groups]
+        groups = [
+            {**g, "damping": here if g["damping"] is None else g["damping"]}
+            for g, here in zip(state_dict["param_groups"], current)
+        ]
+        super().load_state_dict({**state_dict, "param_groups": groups})
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["statistics"] = self.statistics
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._fisher = None
