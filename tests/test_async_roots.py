@@ -163,7 +163,14 @@ def test_a_raising_root_keeps_the_previous_root_warns_and_finally_raises(
 
 def test_a_non_finite_factor_is_never_installed() -> None:
     param = torch.nn.Parameter(torch.randn(40, 30))
-    opt = Shampoo([param], lr=0.1, precondition_frequency=1, async_roots=True, root_staleness=1)
+    opt = Shampoo(
+        [param],
+        lr=0.1,
+        precondition_frequency=1,
+        async_roots=True,
+        root_staleness=1,
+        skip_nonfinite=False,  # let the inf reach the statistics
+    )
     for _ in range(2):
         param.grad = torch.randn(40, 30)
         opt.step()

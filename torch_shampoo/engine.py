@@ -89,6 +89,7 @@ class EngineConfig:
     maximize: bool
     staleness: int | None
     max_root_failures: int
+    skip_nonfinite: bool
 
     def epsilon_at(self, step: int) -> float:
         return float(self.epsilon(step)) if callable(self.epsilon) else self.epsilon
@@ -162,19 +163,28 @@ class PreconditionerEngine(Optimizer):
         self._runner: RootPool | InlineRunner | None = None
         self._staging: dict[torch.Tensor, list[_Staging]] = {}
         self._pending: dict[torch.Tensor, _Pending] = {}
+        self._scratch: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+        self._loading: dict[str, Any] | None = None
         self._stats = _Stats()
         self._pid = os.getpid()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Validate a group (with the defaults filled in) before adding it: a rejected group
+        leaves the optimizer as it was."""
+        if isinstance(param_group, dict) and "params" in param_group:
+            params = param_group["params"]
+            if not isinstance(params, (torch.Tensor, set)):
+                param_group = {**param_group, "params": list(params)}
+                params = param_group["params"]
+            self._validate({**self.defaults, **param_group})
+            for item in [params] if isinstance(params, torch.Tensor) else params:
+                p = item[1] if isinstance(item, tuple) else item
+                if isinstance(p, torch.Tensor) and (p.is_complex() or not p.is_floating_point()):
+                    raise ValueError(
+                        f"{type(self).__name__} optimizes real floating-point parameters, "
+                        f"got dtype {p.dtype}"
+                    )
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        self._validate(group)
-        for p in group["params"]:
-            if p.is_complex() or not p.is_floating_point():
-                raise ValueError(
-                    f"{type(self).__name__} optimizes real floating-point parameters, "
-                    f"got dtype {p.dtype}"
-                )
 
     def _runner_for_roots(self) -> RootPool | InlineRunner:
         if self._runner is None:
@@ -230,9 +240,15 @@ class PreconditionerEngine(Optimizer):
         weight = p.detach().to(g.dtype)
         if config.weight_decay != 0 and not config.decoupled_weight_decay:
             g.add_(weight, alpha=config.weight_decay)
+        # The non-finite guard: ``keep`` is False on blocks whose gradient is not finite; their
+        # gradient is zeroed and every state update below is masked with it (no host sync).
+        flags = keep = None
+        if config.skip_nonfinite:
+            flags, keep = _finite_blocks(g, layout)
+            state["skipped_blocks"] += len(flags) - torch.stack(flags).sum()
 
         # 1. Statistics; 2. roots (installs due now, then a new snapshot at a root step).
-        self._update_statistics(p, state, g, layout, config)
+        self._update_statistics(p, state, g, layout, config, flags)
         self._install_due_roots(p, state, t, config.max_root_failures)
         if t == start or (t > start and t % config.frequency == 0):
             self._submit_roots(p, config, state, layout, t)
@@ -240,11 +256,14 @@ class PreconditionerEngine(Optimizer):
 
         # 3. First moment.
         exp_avg = state["exp_avg"]
-        exp_avg.lerp_(g, 1.0 - config.beta1)
+        if keep is None:
+            exp_avg.lerp_(g, 1.0 - config.beta1)
+        else:
+            exp_avg.copy_(torch.where(keep, exp_avg.lerp(g, 1.0 - config.beta1), exp_avg))
         m_hat = exp_avg / (1.0 - config.beta1**t) if config.bias_correction else exp_avg
 
         # 5. The graft (its state sees every step) and 4. the preconditioned direction.
-        update_graft_state(config.grafting, state, g, config.grafting_beta2)
+        update_graft_state(config.grafting, state, g, config.grafting_beta2, keep)
         direction = graft_direction(
             config.grafting,
             state,
@@ -267,10 +286,19 @@ class PreconditionerEngine(Optimizer):
             buffer = state.get("momentum_buffer")
             if buffer is None:
                 buffer = state["momentum_buffer"] = torch.zeros_like(exp_avg)
-            buffer.mul_(mu).add_(update)
+            if keep is None:
+                buffer.mul_(mu).add_(update)
+            else:
+                buffer.copy_(torch.where(keep, buffer * mu + update, buffer))
             update = update + mu * buffer if config.nesterov else buffer
         lr = config.lr
-        if isinstance(lr, torch.Tensor):
+        if keep is not None:
+            if isinstance(lr, torch.Tensor):
+                moved = p.sub((update * lr).to(p.dtype))
+            else:
+                moved = p.add(update.to(p.dtype), alpha=-lr)
+            p.copy_(torch.where(keep, moved, p))
+        elif isinstance(lr, torch.Tensor):
             p.sub_((update * lr).to(p.dtype))
         else:
             p.add_(update.to(p.dtype), alpha=-lr)
@@ -283,12 +311,26 @@ class PreconditionerEngine(Optimizer):
         state["factors"] = [torch.zeros(d, d, dtype=dtype, device=p.device) for d in factor_sizes]
         state["roots"] = [torch.eye(d, dtype=dtype, device=p.device) for d in factor_sizes]
         state["root_failures"] = torch.zeros(len(factor_sizes), dtype=torch.int64)
+        state["skipped_blocks"] = torch.zeros((), dtype=torch.int64, device=p.device)
 
     def _check_state(self, p: torch.Tensor, state: dict[str, Any], layout: BlockLayout) -> None:
         """Refuse state that does not fit the parameter's layout instead of misusing it."""
+        missing = {"step", "exp_avg", "factors", "roots", "root_failures"} - set(state)
+        if missing:
+            raise ValueError(
+                f"{type(self).__name__} state of parameter {self._describe(p)} lacks "
+                f"{sorted(missing)}: the state dict is truncated or not from this optimizer"
+            )
         expected = [d for b in range(layout.num_blocks) for d in layout.factor_dims(b)]
         found = [f.shape[0] for f in state["factors"]]
-        if found != expected or state["exp_avg"].shape != p.shape:
+        roots = [tuple(r.shape) for r in state["roots"]]
+        if (
+            found != expected
+            or roots != [(d, d) for d in expected]
+            or any(tuple(f.shape) != (d, d) for f, d in zip(state["factors"], expected))
+            or state["exp_avg"].shape != p.shape
+            or len(state["root_failures"]) != len(expected)
+        ):
             raise ValueError(
                 f"{type(self).__name__} state of parameter {self._describe(p)} does not match its "
                 f"block layout "
@@ -303,16 +345,29 @@ class PreconditionerEngine(Optimizer):
         g: torch.Tensor,
         layout: BlockLayout,
         config: EngineConfig,
+        flags: list[torch.Tensor] | None,
     ) -> None:
-        """F_i ← β₂ F_i + w G_(i) G_(i)ᵀ for every factored dim of every block."""
+        """F_i ← β₂ F_i + w G_(i) G_(i)ᵀ for every factored dim of every kept block."""
         beta2 = config.beta2
         weight = 1.0 if beta2 == 1.0 else 1.0 - beta2
         factors = iter(state["factors"])
-        for block in split_blocks(g, layout):
+        for b, block in enumerate(split_blocks(g, layout)):
             for dim, factored in enumerate(layout.factored):
                 if factored:
                     unfolded = block.movedim(dim, 0).reshape(block.shape[dim], -1)
-                    next(factors).addmm_(unfolded, unfolded.T, beta=beta2, alpha=weight)
+                    factor = next(factors)
+                    if flags is None:
+                        factor.addmm_(unfolded, unfolded.T, beta=beta2, alpha=weight)
+                    else:  # the same arithmetic into a scratch buffer, kept only if finite
+                        new = torch.addmm(
+                            factor,
+                            unfolded,
+                            unfolded.T,
+                            beta=beta2,
+                            alpha=weight,
+                            out=self._scratch_like(factor),
+                        )
+                        torch.where(flags[b], new, factor, out=factor)
 
     def _precondition(
         self,
@@ -441,6 +496,14 @@ class PreconditionerEngine(Optimizer):
                     for job, ticket in zip(pending.jobs, pending.tickets)
                 ]
 
+    def _scratch_like(self, factor: torch.Tensor) -> torch.Tensor:
+        """A reusable buffer of the factor's shape (one per size, shared by all factors)."""
+        key = (factor.shape[0], factor.dtype, factor.device)
+        buffer = self._scratch.get(key)
+        if buffer is None:
+            buffer = self._scratch[key] = torch.empty_like(factor)
+        return buffer
+
     def _staging_of(self, p: torch.Tensor, state: dict[str, Any]) -> list[_Staging]:
         staging = self._staging.get(p)
         if staging is None:
@@ -489,6 +552,13 @@ class PreconditionerEngine(Optimizer):
             "max_staleness": stats.staleness_max,
             "mean_root_seconds": stats.root_seconds / max(1, installed),
             "pending_parameters": len(self._pending),
+            "skipped_blocks": int(
+                sum(
+                    int(s["skipped_blocks"])
+                    for s in self.state.values()
+                    if isinstance(s, dict) and "skipped_blocks" in s
+                )
+            ),
             "last_error": dict(stats.last_error),
         }
 
@@ -531,7 +601,7 @@ class PreconditionerEngine(Optimizer):
     def _adopt_pending_state(self) -> None:
         """Turn pending entries found in ``self.state`` (after a load) into resolved tickets."""
         for p, state in self.state.items():
-            if "pending_due" not in state:
+            if not isinstance(state, dict) or "pending_due" not in state:
                 continue
             tickets = []
             staging = self._staging_of(p, state)
@@ -563,36 +633,79 @@ class PreconditionerEngine(Optimizer):
         return packed
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load state; unlike the base class, keep every tensor's saved dtype (float32 factors
-        of a bf16 parameter stay float32) and put only host entries on the CPU."""
-        self._pending.clear()
-        self._staging.clear()
-        saved = state_dict["state"]
-        super().load_state_dict(state_dict)
-        for i, p in enumerate(self._all_params()):
-            if i in saved:
-                self.state[p] = {k: _restore(k, v, p.device) for k, v in saved[i].items()}
-                layout = self._layout_of(p, self._config(self._group_of(p)))
-                self._check_state(p, self.state[p], layout)
-        self._adopt_pending_state()
+        """Load state as the base class does (hooks included), except that every tensor keeps
+        its saved dtype (float32 factors of a bf16 parameter stay float32), host entries stay on
+        the CPU, and state that does not fit a parameter's layout is refused before anything
+        changes."""
+        loading: dict[str, Any] = {}
+
+        def capture(optimizer: Optimizer, final: dict[str, Any]) -> None:
+            # Registered last, so it sees the state dict the user's pre-hooks settled on.
+            loading["params"] = self._saved_id_map(final)
+            for saved_id, p in loading["params"].items():
+                if saved_id in final["state"]:
+                    group = self._group_of(p)
+                    layout = self._layout_of(p, self._config(group))
+                    self._check_state(p, final["state"][saved_id], layout)
+            loading["state"] = final["state"]
+
+        handle = self.register_load_state_dict_pre_hook(capture)
+        self._loading = loading
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            handle.remove()
+            self._loading = None
+
+    def _saved_id_map(self, saved: dict[str, Any]) -> dict[Any, torch.Tensor]:
+        saved_ids = [i for group in saved["param_groups"] for i in group["params"]]
+        return dict(zip(saved_ids, self._all_params()))
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         pending = self._pending_as_state()
         state["state"] = type(self.state)(
-            dict, {p: {**s, **pending.get(p, {})} for p, s in self.state.items()}
+            dict,
+            {
+                p: {**s, **pending.get(p, {})} if isinstance(s, dict) else s
+                for p, s in self.state.items()
+            },
         )
         state["_async_roots"] = self._async_roots
         state["_root_workers"] = self._root_workers
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickling (a fresh object) or the last stage of :meth:`load_state_dict`."""
+        loading = getattr(self, "_loading", None)
         super().__setstate__(state)
-        self._init_runtime()
+        if loading is None:
+            self._init_runtime()
+        else:  # replace the base class's dtype-cast copies by the saved tensors
+            self._pending.clear()
+            self._staging.clear()
+            for saved_id, p in loading["params"].items():
+                saved = loading["state"].get(saved_id)
+                if saved is not None:
+                    self.state[p] = {k: _restore(k, v, p.device) for k, v in saved.items()}
         self._adopt_pending_state()
 
     def _all_params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
+
+
+def _finite_blocks(g: torch.Tensor, layout: BlockLayout) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per block, is its gradient finite? Zeroes ``g`` elsewhere; returns the flags and a mask
+    broadcastable to ``g`` (0-d for a single block)."""
+    flags = [torch.isfinite(block).all() for block in split_blocks(g, layout)]
+    if len(flags) == 1:
+        keep = flags[0]
+    else:
+        keep = torch.empty(g.shape, dtype=torch.bool, device=g.device)
+        for view, flag in zip(split_blocks(keep, layout), flags):
+            view.copy_(flag)
+    g.masked_fill_(keep.logical_not(), 0.0)
+    return flags, keep
 
 
 def _mode_products(

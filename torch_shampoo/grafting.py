@@ -28,15 +28,24 @@ GRAFTS: tuple[str, ...] = ("adam", "adagrad", "rmsprop", "sgd", "none")
 
 
 def update_graft_state(
-    graft: str, state: dict[str, torch.Tensor], grad: torch.Tensor, beta2: float
+    graft: str,
+    state: dict[str, torch.Tensor],
+    grad: torch.Tensor,
+    beta2: float,
+    keep: torch.Tensor | None = None,
 ) -> None:
-    """Fold this step's gradient into the second moment ``state["graft_v"]`` (created at zero)."""
+    """Fold this step's gradient into the second moment ``state["graft_v"]`` (created at zero),
+    only where ``keep`` is True when a mask is given."""
     if graft not in ("adam", "adagrad", "rmsprop"):
         return
     v = state.get("graft_v")
     if v is None:
         v = state["graft_v"] = torch.zeros_like(grad)
-    if graft == "adagrad":
+    if keep is not None:
+        decay = 1.0 if graft == "adagrad" else beta2
+        weight = 1.0 if graft == "adagrad" else 1.0 - beta2
+        v.copy_(torch.where(keep, (v * decay).addcmul_(grad, grad, value=weight), v))
+    elif graft == "adagrad":
         v.addcmul_(grad, grad)
     else:
         v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)

@@ -65,6 +65,8 @@ class NGPlus(PreconditionerEngine):
         root_staleness: steps between an inverse's snapshot and its use (``None``: 1 with
             ``async_roots``, 0 without).
         max_root_failures: consecutive failed inverses of one factor that raise an error.
+        skip_nonfinite: leave a block's state and weights unchanged at a step whose gradient
+            holds NaN/Inf in that block (decided on the device; counted in ``root_stats()``).
         async_roots, root_workers: as for :class:`~torch_shampoo.Shampoo`.
         model: with ``statistics="per_sample"``, the model whose layers are hooked.
     """
@@ -86,6 +88,7 @@ class NGPlus(PreconditionerEngine):
         start_preconditioning_step: int | None = None,
         root_staleness: int | None = None,
         max_root_failures: int = 3,
+        skip_nonfinite: bool = True,
         *,
         async_roots: bool = True,
         root_workers: int | None = None,
@@ -111,10 +114,21 @@ class NGPlus(PreconditionerEngine):
             start_preconditioning_step=start_preconditioning_step,
             root_staleness=root_staleness,
             max_root_failures=max_root_failures,
+            skip_nonfinite=skip_nonfinite,
         )
         super().__init__(params, defaults, async_roots=async_roots, root_workers=root_workers)
         if model is not None:
             self.attach(model)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        if self.statistics == "per_sample" and self._fisher is None:
+            raise RuntimeError(
+                "NGPlus(statistics='per_sample') needs the model: pass model=... or call "
+                "optimizer.attach(model) before the first step"
+            )
+        return super().step(closure)
 
     # ------------------------------------------------------------------ the engine mapping
 
@@ -144,6 +158,7 @@ class NGPlus(PreconditionerEngine):
             maximize=group["maximize"],
             staleness=staleness,
             max_root_failures=group["max_root_failures"],
+            skip_nonfinite=group["skip_nonfinite"],
         )
 
     def _layout_of(self, p: torch.Tensor, config: EngineConfig) -> BlockLayout:
@@ -156,21 +171,23 @@ class NGPlus(PreconditionerEngine):
         g: torch.Tensor,
         layout: BlockLayout,
         config: EngineConfig,
+        flags: list[torch.Tensor] | None,
     ) -> None:
         """F ← βF + (1 − β)Ĝ with the hooks' per-sample Ĝ where there is one."""
-        if self.statistics == "per_sample" and self._fisher is None:
-            raise RuntimeError(
-                "NGPlus(statistics='per_sample') needs the model: pass model=... or call "
-                "optimizer.attach(model) before the first step"
-            )
         fisher = self._fisher.pop(p) if self._fisher is not None else None
         if fisher is None:
-            super()._update_statistics(p, state, g, layout, config)
+            super()._update_statistics(p, state, g, layout, config, flags)
             return
         beta = config.beta2
-        for factor, offset, size in zip(state["factors"], layout.offsets, layout.block_shapes):
+        for b, (factor, offset, size) in enumerate(
+            zip(state["factors"], layout.offsets, layout.block_shapes)
+        ):
             rows = slice(offset[0], offset[0] + size[0])
-            factor.mul_(beta).add_(fisher[rows, rows], alpha=1.0 - beta)
+            if flags is None:
+                factor.mul_(beta).add_(fisher[rows, rows], alpha=1.0 - beta)
+            else:  # a skipped block keeps its factor
+                new = (factor * beta).add_(fisher[rows, rows], alpha=1.0 - beta)
+                torch.where(flags[b], new, factor, out=factor)
 
     def _validate(self, group: dict[str, Any]) -> None:
         check = Checks(group)
@@ -184,6 +201,7 @@ class NGPlus(PreconditionerEngine):
         check.integer("block_size", 1)
         check.flag("nesterov")
         check.flag("maximize")
+        check.flag("skip_nonfinite")
         if group["nesterov"] and mu == 0:
             raise check.bad("nesterov", "Nesterov momentum needs momentum > 0")
         check.choice("root_method", ROOT_METHODS)

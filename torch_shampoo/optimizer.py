@@ -60,6 +60,9 @@ class Shampoo(PreconditionerEngine):
         root_staleness: steps between a root's snapshot and its use (``None``: the precondition
             frequency with ``async_roots``, 0 without).
         max_root_failures: consecutive failed roots of one factor that raise an error.
+        skip_nonfinite: leave a block's statistics, moments, momentum and weights unchanged at a
+            step whose gradient holds NaN/Inf in that block (decided on the device, no host
+            sync; counted as ``skipped_blocks`` in ``root_stats()``).
         async_roots: compute roots on CPU worker threads (``False``: inside ``step()``).
         root_workers: worker threads (``None``: half the CPU cores, at least 1).
     """
@@ -87,6 +90,7 @@ class Shampoo(PreconditionerEngine):
         maximize: bool = False,
         root_staleness: int | None = None,
         max_root_failures: int = 3,
+        skip_nonfinite: bool = True,
         *,
         async_roots: bool = True,
         root_workers: int | None = None,
@@ -112,6 +116,7 @@ class Shampoo(PreconditionerEngine):
             maximize=maximize,
             root_staleness=root_staleness,
             max_root_failures=max_root_failures,
+            skip_nonfinite=skip_nonfinite,
         )
         super().__init__(params, defaults, async_roots=async_roots, root_workers=root_workers)
 
@@ -139,6 +144,7 @@ class Shampoo(PreconditionerEngine):
             maximize=group["maximize"],
             staleness=group["root_staleness"],
             max_root_failures=group["max_root_failures"],
+            skip_nonfinite=group["skip_nonfinite"],
         )
 
     def _validate(self, group: dict[str, Any]) -> None:
@@ -157,7 +163,8 @@ class Shampoo(PreconditionerEngine):
         check.real("epsilon", low=0.0)
         check.real("weight_decay", low=0.0)
         mu = check.real("momentum", low=0.0, high=1.0, high_open=True)
-        for name in ("decoupled_weight_decay", "nesterov", "bias_correction", "maximize"):
+        flags = ("decoupled_weight_decay", "nesterov", "bias_correction", "maximize")
+        for name in (*flags, "skip_nonfinite"):
             check.flag(name)
         if group["nesterov"] and mu == 0:
             raise check.bad("nesterov", "Nesterov momentum needs momentum > 0")

@@ -1,0 +1,210 @@
+"""Inverse p-th roots X = (A + εI)^(-1/p) of symmetric positive semi-definite matrices.
+
+Everything is computed in float64 on the CPU. The functions are pure: no global state, no
+thread-count changes, and the same input gives a bitwise identical output, so they may be called
+concurrently from worker threads.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Method = Literal["eigh", "newton", "cholesky"]
+ROOT_METHODS: tuple[str, ...] = ("eigh", "newton", "cholesky")
+
+NEWTON_TOLERANCE = 1e-6
+NEWTON_MAX_ITERATIONS = 100
+NEWTON_MAX_GROWTH = 1.2
+
+
+@dataclass(frozen=True)
+class RootResult:
+    """Outcome of `inverse_root`.
+
+    root: float64 CPU (n, n) tensor; its content must not be used when ``ok`` is False.
+    ok: whether ``root`` is a usable inverse root.
+    error: the method's own accuracy estimate: 0.0 for the direct methods, the residual
+        max|X^p (A + εI) - I| for newton; nan when the input was unusable.
+    reason: "" when ok, else a short human-readable cause.
+    method: the method that actually produced ``root`` (after any fallback).
+    """
+
+    root: torch.Tensor
+    ok: bool
+    error: float
+    reason: str
+    method: str
+
+
+def inverse_root(
+    matrix: torch.Tensor,
+    exponent: float,
+    epsilon: float,
+    method: str = "eigh",
+    failure_threshold: float = 0.1,
+) -> RootResult:
+    """X = (A + eps*I)^(-1/exponent) for a symmetric PSD A, computed in float64 on CPU.
+
+    A is converted to float64 CPU and symmetrized, A <- (A + Aᵀ)/2. Methods:
+
+    - "eigh": A + εI = Q diag(λ) Qᵀ; if λ_min < ε the spectrum is shifted, λ <- λ - λ_min + ε;
+      X = Q diag(λ^(-1/p)) Qᵀ. Falls back to "newton" (integer exponents) if eigh fails.
+    - "newton": coupled Newton iteration (Guo & Higham 2006), integer exponents only.
+    - "cholesky": exponent 1 only, X = (L Lᵀ)^(-1); falls back to "eigh" if A + εI is not
+      numerically positive definite.
+
+    Bad values (non-finite input, singular matrix, non-convergence) give ``ok=False``; bad
+    arguments raise ValueError.
+    """
+    _check_arguments(matrix, exponent, epsilon, method, failure_threshold)
+    # Row-major copy first: the memory layout decides the BLAS code path, hence the bits.
+    a = matrix.to(device="cpu", dtype=torch.float64).contiguous()
+    n = a.shape[0]
+    if not bool(torch.isfinite(a).all()):
+        return _failure(n, method, "non-finite input")
+    if n == 0:
+        return RootResult(root=a.clone(), ok=True, error=0.0, reason="", method=method)
+    regularized = 0.5 * a + 0.5 * a.mT  # (A + Aᵀ)/2 without overflow for huge entries
+    regularized.diagonal().add_(epsilon)
+    if method == "newton":
+        return _newton_root(regularized, int(exponent), failure_threshold)
+    if method == "cholesky":
+        return _cholesky_inverse(regularized, epsilon, failure_threshold)
+    return _eigh_root(regularized, exponent, epsilon, failure_threshold)
+
+
+def _check_arguments(
+    matrix: torch.Tensor, exponent: float, epsilon: float, method: str, failure_threshold: float
+) -> None:
+    """Raise ValueError for arguments (not values) that no method can handle."""
+    if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"matrix must be a square 2-D tensor, got shape {tuple(matrix.shape)}")
+    if matrix.is_complex():
+        raise ValueError(f"matrix must be real, got dtype {matrix.dtype}")
+    if not (math.isfinite(exponent) and exponent > 0):
+        raise ValueError(f"exponent must be finite and > 0, got {exponent!r}")
+    if not (math.isfinite(epsilon) and epsilon >= 0):
+        raise ValueError(f"epsilon must be finite and >= 0, got {epsilon!r}")
+    if method not in ROOT_METHODS:
+        raise ValueError(f"method must be one of {ROOT_METHODS}, got {method!r}")
+    if method == "newton" and not float(exponent).is_integer():
+        raise ValueError(f"exponent must be an integer for method 'newton', got {exponent!r}")
+    if method == "cholesky" and exponent != 1:
+        raise ValueError(f"exponent must be 1 for method 'cholesky', got {exponent!r}")
+    if not failure_threshold > 0:
+        raise ValueError(f"failure_threshold must be > 0, got {failure_threshold!r}")
+
+
+def _failure(n: int, method: str, reason: str, error: float = math.nan) -> RootResult:
+    """A failed result whose root is all NaN."""
+    root = torch.full((n, n), math.nan, dtype=torch.float64)
+    return RootResult(root=root, ok=False, error=error, reason=reason, method=method)
+
+
+def _symmetrized(x: torch.Tensor) -> torch.Tensor:
+    """(X + Xᵀ)/2, computed without overflow."""
+    return 0.5 * x + 0.5 * x.mT
+
+
+def _eigendecomposition(symmetric: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | str:
+    """(λ ascending, Q) with symmetric = Q diag(λ) Qᵀ, or the reason torch.linalg.eigh failed."""
+    try:
+        eigenvalues, eigenvectors = torch.linalg.eigh(symmetric)
+    except RuntimeError as exc:  # includes torch.linalg.LinAlgError
+        return f"eigh failed ({str(exc).splitlines()[0]})"
+    if not (bool(torch.isfinite(eigenvalues).all()) and bool(torch.isfinite(eigenvectors).all())):
+        return "eigh returned non-finite values"
+    return eigenvalues, eigenvectors
+
+
+def _eigh_root(
+    regularized: torch.Tensor, exponent: float, epsilon: float, failure_threshold: float
+) -> RootResult:
+    """X = Q diag(λ^(-1/p)) Qᵀ from A + εI = Q diag(λ) Qᵀ, after λ <- λ - λ_min + ε if λ_min < ε."""
+    n = regularized.shape[0]
+    decomposition = _eigendecomposition(regularized)
+    if isinstance(decomposition, str):
+        if not float(exponent).is_integer():
+            return _failure(n, "eigh", decomposition)
+        fallback = _newton_root(regularized, int(exponent), failure_threshold)
+        if fallback.ok:
+            return fallback
+        reason = f"{decomposition}; {fallback.reason}"
+        return RootResult(
+            fallback.root, ok=False, error=fallback.error, reason=reason, method="newton"
+        )
+    eigenvalues, eigenvectors = decomposition
+    smallest = eigenvalues[0]
+    if smallest < epsilon:
+        eigenvalues = (eigenvalues - smallest) + epsilon  # the smallest becomes exactly ε
+    if not eigenvalues[0] > 0:
+        return _failure(n, "eigh", "singular matrix (smallest eigenvalue <= 0 and epsilon 0)")
+    root = _symmetrized((eigenvectors * eigenvalues.pow(-1.0 / exponent)) @ eigenvectors.mT)
+    if not bool(torch.isfinite(root).all()):
+        return _failure(n, "eigh", "root overflows float64")
+    return RootResult(root=root, ok=True, error=0.0, reason="", method="eigh")
+
+
+def _newton_root(regularized: torch.Tensor, p: int, failure_threshold: float) -> RootResult:
+    """Coupled Newton iteration for X = A^(-1/p) (Guo & Higham 2006), A = regularized matrix.
+
+    z = (1+p)/(2‖A‖_F), M₀ = zA, H₀ = z^(1/p) I; T = ((p+1)I - M)/p, M <- T^p M, H <- H T,
+    so that M = H^p A in exact arithmetic while M -> I, H -> A^(-1/p). Stops when
+    max|M - I| <= NEWTON_TOLERANCE, after NEWTON_MAX_ITERATIONS, or when ‖M - I‖_F grows by
+    more than NEWTON_MAX_GROWTH (keeping the previous H). Every eigenvalue m of M satisfies
+    |m' - 1| <= |m - 1| in exact arithmetic, so ‖M - I‖_F only grows when rounding or a non-PSD
+    input make the iteration diverge (max|M - I| can grow in the first steps).
+
+    The reported error is the residual max|H^p A - I| of the returned root: for a numerically
+    singular A, M drifts away from H^p A and can converge to I while H is far from A^(-1/p).
+    """
+    n = regularized.shape[0]
+    largest = float(regularized.abs().max())
+    if largest == 0.0:
+        return _failure(n, "newton", "zero matrix (with epsilon 0) has no inverse root")
+    frobenius = largest * float(torch.linalg.matrix_norm(regularized / largest))
+    z = (1 + p) / (2 * frobenius)
+    if not (math.isfinite(z) and z > 0):
+        return _failure(n, "newton", f"matrix norm {frobenius:.3g} out of range")
+    identity = torch.eye(n, dtype=torch.float64)
+    m = z * regularized
+    h = z ** (1.0 / p) * identity
+    residual = m - identity
+    err, distance = float(residual.abs().max()), float(torch.linalg.matrix_norm(residual))
+    for _ in range(NEWTON_MAX_ITERATIONS):
+        if err <= NEWTON_TOLERANCE:
+            break
+        t = ((p + 1) * identity - m) / p
+        m_next = torch.linalg.matrix_power(t, p) @ m
+        residual = m_next - identity
+        distance_next = float(torch.linalg.matrix_norm(residual))
+        if not distance_next <= NEWTON_MAX_GROWTH * distance:  # diverging or NaN: keep previous H
+            break
+        m, h = m_next, h @ t
+        err, distance = float(residual.abs().max()), distance_next
+    root = _symmetrized(h)
+    if not bool(torch.isfinite(root).all()):
+        return RootResult(
+            root, ok=False, error=math.nan, reason="newton root is not finite", method="newton"
+        )
+    error = float((torch.linalg.matrix_power(root, p) @ regularized - identity).abs().max())
+    if not error < failure_threshold:
+        reason = f"newton did not converge (error {error:.3g})"
+        return RootResult(root, ok=False, error=error, reason=reason, method="newton")
+    return RootResult(root=root, ok=True, error=error, reason="", method="newton")
+
+
+def _cholesky_inverse(
+    regularized: torch.Tensor, epsilon: float, failure_threshold: float
+) -> RootResult:
+    """X = (A + εI)^(-1) = (L Lᵀ)^(-1) from the Cholesky factor; eigh if that factor fails."""
+    factor, info = torch.linalg.cholesky_ex(regularized)
+    if int(info) == 0:
+        root = _symmetrized(torch.cholesky_inverse(factor))
+        if bool(torch.isfinite(root).all()):
+            return RootResult(root=root, ok=True, error=0.0, reason="", method="cholesky")
+    return _eigh_root(regularized, 1.0, epsilon, failure_threshold)
