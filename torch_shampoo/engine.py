@@ -393,6 +393,7 @@ class PreconditionerEngine(Optimizer):
 
     # -------------------------------------------------------------------------- the roots
 
+    @torch.compiler.disable  # threads, host buffers and Python bookkeeping
     def _submit_roots(
         self,
         p: torch.Tensor,
@@ -429,6 +430,7 @@ class PreconditionerEngine(Optimizer):
         tickets = [runner.submit(job) for job in jobs]
         self._pending[p] = _Pending(submitted=t, due=due, jobs=jobs, tickets=tickets)
 
+    @torch.compiler.disable  # threads, host buffers and Python bookkeeping
     def _install_due_roots(
         self, p: torch.Tensor, state: dict[str, Any], t: int, max_failures: int
     ) -> None:
