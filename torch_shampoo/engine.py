@@ -28,7 +28,7 @@ from .root_pool import InlineRunner, RootJob, RootOutcome, RootPool, Ticket
 __all__ = ["EngineConfig", "PreconditionerEngine"]
 
 _GRAFT_NORM_EPS = 1e-16
-_HOST_KEYS = ("step", "root_failures", "pending_due", "pending_ok")
+_HOST_KEYS = ("step", "root_failures", "pending_due", "pending_submitted", "pending_ok")
 """State entries that live on the CPU whatever the parameter's device."""
 
 
