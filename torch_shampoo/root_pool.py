@@ -147,9 +147,15 @@ class RootPool:
             self._queue, self._threads, self._pid = queue.SimpleQueue(), [], os.getpid()
         if self._threads:
             return
+        # Roots must not depend on which thread computes them: workers use the intra-op thread
+        # count of the thread that starts them (LAPACK results can differ between counts).
+        threads = torch.get_num_threads()
         for i in range(self.num_workers):
             thread = threading.Thread(
-                target=_work, args=(self._queue,), name=f"torch_shampoo-root-{i}", daemon=True
+                target=_work,
+                args=(self._queue, threads),
+                name=f"torch_shampoo-root-{i}",
+                daemon=True,
             )
             thread.start()
             self._threads.append(thread)
@@ -168,7 +174,8 @@ class RootPool:
         self._threads = []
 
 
-def _work(jobs: queue.SimpleQueue[_Work]) -> None:
+def _work(jobs: queue.SimpleQueue[_Work], threads: int) -> None:
+    torch.set_num_threads(threads)
     while (item := jobs.get()) is not None:
         ticket, job = item
         ticket._run(job)

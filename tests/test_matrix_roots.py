@@ -1,0 +1,529 @@
+"""Property tests for torch_shampoo.matrix_roots.inverse_root.
+
+Accuracy is judged against the regularized matrix B = (A + Aᵀ)/2 + εI through the backward
+error ‖X^(-p) - B‖_F / ‖B‖_F, with X^(-p) evaluated from the eigendecomposition of X. A root X
+stored in float64 carries absolute rounding errors of order u‖X‖, which X -> X^(-p) amplifies
+by p·κ(X), so no method (and no evaluation of the check itself) can do better than about
+u·(1 + p·κ(X)); the tolerances below are that bound times a small size-dependent constant.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from torch_shampoo.matrix_roots import ROOT_METHODS, RootResult, inverse_root
+
+UNIT_ROUNDOFF = 2.0**-53
+EXPONENTS = (1, 2, 4, 6, 8)
+SPECTRUM_KINDS = ("geometric", "random", "duplicated", "rank_deficient")
+
+
+@pytest.fixture(autouse=True)
+def default_thread_count() -> Iterator[int]:
+    """Run on one intra-op thread, yielding the previous count (restored afterwards).
+
+    Most matrices here are small (n <= 64) and gain nothing from intra-op threads, while on a
+    busy 2-core machine OpenMP spin-waits can multiply the run time.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield previous
+    torch.set_num_threads(previous)
+
+
+@dataclass(frozen=True)
+class Case:
+    """A = Q diag(eigenvalues) Qᵀ with Q random orthogonal; condition is κ(A + εI) by design."""
+
+    matrix: torch.Tensor
+    epsilon: float
+    condition: float
+
+    @property
+    def size(self) -> int:
+        return self.matrix.shape[0]
+
+    def regularized(self) -> torch.Tensor:
+        """B = (A + Aᵀ)/2 + εI, the matrix whose inverse root is requested."""
+        b = 0.5 * self.matrix + 0.5 * self.matrix.mT
+        b.diagonal().add_(self.epsilon)
+        return b
+
+
+def random_orthogonal(n: int, seed: int) -> torch.Tensor:
+    """Haar-distributed orthogonal Q from the QR factorization of a Gaussian matrix."""
+    generator = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=generator))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def spectrum(kind: str, n: int, log_condition: float, seed: int) -> torch.Tensor:
+    """n eigenvalues in [10^-log_condition, 1] with max 1; rank_deficient has exact zeros too."""
+    generator = torch.Generator().manual_seed(seed)
+    smallest = 10.0**-log_condition
+    if kind == "geometric" or kind == "rank_deficient":
+        values = torch.logspace(0.0, -log_condition, n, dtype=torch.float64)
+    elif kind == "random":
+        exponents = torch.rand(n, dtype=torch.float64, generator=generator) * -log_condition
+        values = 10.0**exponents
+    else:  # duplicated: every eigenvalue is one of three exactly repeated values
+        levels = torch.tensor([1.0, math.sqrt(smallest), smallest], dtype=torch.float64)
+        values = levels[torch.randint(0, 3, (n,), generator=generator)]
+    values[0] = 1.0
+    if n > 1 and kind != "rank_deficient":
+        values[-1] = smallest
+    if kind == "rank_deficient":
+        zeros = int(torch.randint(1, n + 1, (1,), generator=generator)) if n > 1 else 1
+        values[n - zeros :] = 0.0
+    return values
+
+
+@st.composite
+def cases(
+    draw: st.DrawFn,
+    max_size: int = 64,
+    max_log_condition: float = 10.0,
+    scales: tuple[float, ...] = (1.0,),
+    zero_epsilon: bool = True,
+    kinds: tuple[str, ...] = SPECTRUM_KINDS,
+) -> Case:
+    """SPD (or rank-deficient PSD with ε > 0) test matrices with known κ(A + εI)."""
+    n = draw(st.integers(1, max_size))
+    kind = draw(st.sampled_from(kinds))
+    log_condition = draw(st.floats(0.0, max_log_condition))
+    seed = draw(st.integers(0, 2**31 - 1))
+    scale = draw(st.sampled_from(scales))
+    eigenvalues = spectrum(kind, n, log_condition, seed)
+    smallest = 10.0**-log_condition
+    if kind == "rank_deficient" or not zero_epsilon:
+        relative_epsilon = smallest
+    else:
+        relative_epsilon = draw(st.sampled_from([0.0, 1e-3 * smallest]))
+    q = random_orthogonal(n, seed)
+    matrix = (q * (scale * eigenvalues)) @ q.mT
+    epsilon = scale * relative_epsilon
+    condition = float(eigenvalues.max() + relative_epsilon) / float(
+        eigenvalues.min() + relative_epsilon
+    )
+    return Case(matrix=matrix, epsilon=epsilon, condition=condition)
+
+
+def rounding_floor(n: int) -> float:
+    """Observed rounding level of an n x n float64 eigendecomposition and product, with margin."""
+    return 4.0 * (4.0 + math.sqrt(n)) * UNIT_ROUNDOFF
+
+
+def relative_backward_error(root: torch.Tensor, regularized: torch.Tensor, p: int) -> float:
+    """‖X^(-p) - B‖_F / ‖B‖_F with X^(-p) = V diag(μ^(-p)) Vᵀ from X = V diag(μ) Vᵀ.
+
+    μ^(-p) is real for negative μ too (integer p), so an indefinite X is judged, not rejected.
+    """
+    mu, v = torch.linalg.eigh(root)
+    if not bool((mu != 0).all()):
+        return math.inf
+    power = (v * mu.pow(-float(p))) @ v.mT
+    return float(
+        torch.linalg.matrix_norm(power - regularized) / torch.linalg.matrix_norm(regularized)
+    )
+
+
+def relative_difference(x: torch.Tensor, y: torch.Tensor) -> float:
+    """‖X - Y‖_F / ‖Y‖_F."""
+    return float(torch.linalg.matrix_norm(x - y) / torch.linalg.matrix_norm(y))
+
+
+def methods_for(p: int) -> list[str]:
+    """Methods that accept exponent p."""
+    return [m for m in ROOT_METHODS if m != "cholesky" or p == 1]
+
+
+def assert_accurate_or_failed(result: RootResult, case: Case, p: int) -> None:
+    """ok=True only if X is the p-th inverse root of B up to the achievable accuracy.
+
+    Backward error: ‖X^(-p) - B‖_F/‖B‖_F <= floor·(1 + p·κ(X)) + 2n·error, where error is the
+    method's own estimate (newton's residual max|X^p B - I| bounds the backward error by about
+    n·error). Not checkable once p·κ(X)·floor >= 1: X^(-p) is then not computable in float64.
+    If B is numerically positive definite (ε > allowance·‖B‖_F), X must also be positive
+    semi-definite with λ_max(X) <= (ε - allowance·‖B‖_F)^(-1/p), since B ⪰ εI.
+    """
+    if not result.ok:
+        assert result.reason
+        return
+    x, n = result.root, case.size
+    assert result.reason == ""
+    assert bool(torch.isfinite(x).all())
+    assert torch.equal(x, x.mT)
+    floor = rounding_floor(n)
+    mu = torch.linalg.eigvalsh(x)
+    b = case.regularized()
+    allowance = (floor * (1 + p) + 2 * n * result.error) * float(torch.linalg.matrix_norm(b))
+    if case.epsilon > allowance:
+        assert float(mu[0]) >= -floor * float(mu[-1]), f"indefinite root: {mu[0]}, {mu[-1]}"
+        bound = (case.epsilon - allowance) ** (-1.0 / p) * (1 + floor)
+        assert float(mu[-1]) <= bound, f"root {float(mu[-1]):.3g} exceeds ε^(-1/p) ({bound:.3g})"
+    condition = float(mu.abs().max() / mu.abs().min())
+    if p * floor * condition < 1:
+        tolerance = floor * (1 + p * condition) + 2 * n * result.error
+        error = relative_backward_error(x, b, p)
+        assert error <= tolerance, f"backward error {error:.3g} > {tolerance:.3g} ({result})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Accuracy on well-posed inputs
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=cases(), p=st.sampled_from(EXPONENTS))
+def test_root_power_reproduces_regularized_matrix(case: Case, p: int) -> None:
+    """eigh (and cholesky for p = 1): ‖X^(-p) - B‖_F/‖B‖_F <= floor·(1 + p·κ(B)^(1/p))."""
+    tolerance = rounding_floor(case.size) * (1 + p * case.condition ** (1.0 / p))
+    for method in methods_for(p):
+        if method == "newton":
+            continue
+        result = inverse_root(case.matrix, p, case.epsilon, method)
+        assert result.ok, result.reason
+        assert result.method == method
+        assert result.error == 0.0
+        error = relative_backward_error(result.root, case.regularized(), p)
+        assert error <= tolerance, f"{method}: {error:.3g} > {tolerance:.3g}"
+
+
+@pytest.mark.parametrize(("n", "p"), [(300, 1), (520, 2), (601, 4)])
+def test_large_roots_are_accurate_and_exactly_symmetric(n: int, p: int) -> None:
+    """Sizes past the blocked W Wᵀ threshold (256), odd and even splits, κ(B) = 1e8."""
+    d = torch.logspace(0, -8, n, dtype=torch.float64)
+    q = random_orthogonal(n, seed=n)
+    case = Case((q * d) @ q.mT, 0.0, 1e8)
+    result = inverse_root(case.matrix, p, case.epsilon)
+    assert result.ok
+    assert torch.equal(result.root, result.root.mT)
+    error = relative_backward_error(result.root, case.regularized(), p)
+    assert error <= rounding_floor(n) * (1 + p * case.condition ** (1.0 / p))
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=cases(), p=st.sampled_from(EXPONENTS))
+def test_newton_root_is_as_accurate_as_its_reported_error(case: Case, p: int) -> None:
+    """newton converges to 1e-6 for κ(B) <= 1e6; if ok, backward error <= 2n·error + rounding."""
+    result = inverse_root(case.matrix, p, case.epsilon, "newton")
+    if case.condition <= 1e6:
+        assert result.ok, result.reason
+        assert result.error <= 1.1e-6, "newton stopped before its 1e-6 tolerance"
+    if result.ok:
+        assert result.method == "newton"
+        assert 0.0 <= result.error < 0.1
+        tolerance = rounding_floor(case.size) * (1 + p * case.condition ** (1.0 / p))
+        tolerance += 2 * case.size * result.error
+        error = relative_backward_error(result.root, case.regularized(), p)
+        assert error <= tolerance, f"{error:.3g} > {tolerance:.3g} (error {result.error:.3g})"
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=cases(max_log_condition=6.0), p=st.sampled_from(EXPONENTS))
+def test_eigh_and_newton_agree_where_newton_converges(case: Case, p: int) -> None:
+    """‖X_newton - X_eigh‖_F/‖X_eigh‖_F <= 2n·newton error + floor·κ(B) (forward error)."""
+    eigh = inverse_root(case.matrix, p, case.epsilon, "eigh")
+    newton = inverse_root(case.matrix, p, case.epsilon, "newton")
+    assert eigh.ok and newton.ok, newton.reason
+    tolerance = 2 * case.size * newton.error + 2 * rounding_floor(case.size) * case.condition
+    difference = relative_difference(newton.root, eigh.root)
+    assert difference <= tolerance, f"{difference:.3g} > {tolerance:.3g}"
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=cases())
+def test_cholesky_equals_eigh_for_exponent_one(case: Case) -> None:
+    """(A + εI)^(-1) by Cholesky matches eigh within the forward error floor·κ(B)."""
+    cholesky = inverse_root(case.matrix, 1, case.epsilon, "cholesky")
+    eigh = inverse_root(case.matrix, 1, case.epsilon, "eigh")
+    assert cholesky.ok and eigh.ok
+    difference = relative_difference(cholesky.root, eigh.root)
+    tolerance = 2 * rounding_floor(case.size) * case.condition
+    assert difference <= tolerance, f"{difference:.3g} > {tolerance:.3g}"
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    case=cases(max_log_condition=16.0, scales=(1e-30, 1.0, 1e30), zero_epsilon=False),
+    p=st.sampled_from(EXPONENTS),
+)
+def test_eigh_root_never_exceeds_regularization_bound(case: Case, p: int) -> None:
+    """The spectrum shift keeps every used eigenvalue >= ε, so λ_max(X) <= ε^(-1/p)."""
+    result = inverse_root(case.matrix, p, case.epsilon, "eigh")
+    assert result.ok, result.reason
+    largest = float(torch.linalg.eigvalsh(result.root)[-1])
+    assert largest <= case.epsilon ** (-1.0 / p) * (1 + rounding_floor(case.size))
+
+
+@pytest.mark.parametrize("epsilon", [1e-6, 1e-10, 1e-14])
+@pytest.mark.parametrize("p", [1, 4])
+def test_null_space_maps_to_epsilon_root_despite_round_off(epsilon: float, p: int) -> None:
+    """A with exact zeros: round-off puts λ_min(A + εI) on either side of ε; after the shift the
+    largest eigenvalue of X is ε^(-1/p) to working accuracy, never above it."""
+    d = torch.cat([torch.logspace(0, -3, 8), torch.zeros(8)]).double()
+    for seed in range(5):
+        q = random_orthogonal(16, seed)
+        result = inverse_root((q * d) @ q.mT, p, epsilon, "eigh")
+        largest = float(torch.linalg.eigvalsh(result.root)[-1]) * epsilon ** (1.0 / p)
+        assert abs(largest - 1) <= rounding_floor(16), largest
+
+
+@pytest.mark.parametrize("p", EXPONENTS)
+def test_negative_eigenvalues_are_shifted_to_epsilon(p: int) -> None:
+    """eigh on a non-PSD A uses λ - λ_min + ε: X has eigenvalues (d - d_min + ε)^(-1/p)."""
+    d = torch.tensor([-2.0, -1e-3, 0.0, 0.5, 3.0], dtype=torch.float64)
+    epsilon = 1e-2
+    q = random_orthogonal(d.numel(), seed=p)
+    result = inverse_root((q * d) @ q.mT, p, epsilon, "eigh")
+    assert result.ok
+    expected = (d - d.min() + epsilon).pow(-1.0 / p).sort().values
+    actual = torch.linalg.eigvalsh(result.root)
+    torch.testing.assert_close(actual, expected, rtol=1e-13, atol=0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad values: never raise, never a silently wrong root
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 16),
+    position=st.tuples(st.integers(0, 15), st.integers(0, 15)),
+    bad=st.sampled_from([math.nan, math.inf, -math.inf]),
+    method=st.sampled_from(ROOT_METHODS),
+    dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]),
+)
+def test_non_finite_input_is_reported_not_raised(
+    n: int, position: tuple[int, int], bad: float, method: str, dtype: torch.dtype
+) -> None:
+    """A NaN or ±Inf anywhere gives ok=False, reason 'non-finite input', error nan."""
+    matrix = torch.eye(n, dtype=dtype)
+    matrix[position[0] % n, position[1] % n] = bad
+    result = inverse_root(matrix, 1, 1e-6, method)
+    assert not result.ok
+    assert "non-finite" in result.reason
+    assert math.isnan(result.error)
+    assert result.root.shape == (n, n) and result.root.dtype == torch.float64
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    case=cases(max_size=32, max_log_condition=16.0, scales=(1e-30, 1.0, 1e30)),
+    p=st.sampled_from(EXPONENTS),
+    method=st.sampled_from(ROOT_METHODS),
+    absolute_epsilon=st.sampled_from([None, 0.0, 1e-6]),
+)
+def test_extreme_inputs_give_accurate_root_or_failure(
+    case: Case, p: int, method: str, absolute_epsilon: float | None
+) -> None:
+    """κ up to 1e16, exact zeros, duplicates, scales 1e±30, ε from 0 to dominant."""
+    if absolute_epsilon is not None:
+        case = Case(case.matrix, absolute_epsilon, case.condition)
+    if method == "cholesky":
+        p = 1
+    result = inverse_root(case.matrix, p, case.epsilon, method)
+    if case.epsilon > 0 and method != "newton":
+        assert result.ok, result.reason
+    assert_accurate_or_failed(result, case, p)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    case=cases(max_size=16, scales=(1e-30, 1.0, 1e30), kinds=("rank_deficient",)),
+    p=st.sampled_from(EXPONENTS),
+)
+def test_newton_fails_rather_than_misreports_on_singular_input(case: Case, p: int) -> None:
+    """PSD A with exact zeros and ε = 0: newton's M can reach I while H is garbage.
+
+    X^(-p) is not computable here (κ(X) ~ 1/u), so the check is that ok results satisfy
+    X^p A ≈ I to within their reported error, recomputed from the returned root.
+    """
+    singular = Case(case.matrix, 0.0, math.inf)
+    result = inverse_root(singular.matrix, p, 0.0, "newton")
+    assert_accurate_or_failed(result, singular, p)
+    if result.ok:
+        identity = torch.eye(singular.size, dtype=torch.float64)
+        power = torch.linalg.matrix_power(result.root, p) @ singular.regularized()
+        residual = float((power - identity).abs().max())
+        assert residual <= 2 * result.error + rounding_floor(singular.size), (residual, result)
+
+
+@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("p", [2, 4, 6, 8])
+def test_newton_converges_when_max_error_grows_in_first_steps(seed: int, p: int) -> None:
+    """κ = 200 with a dominant eigenvalue cluster: zλ_max > 1, so max|M - I| may rise at first.
+
+    Divergence is therefore judged by ‖M - I‖_F, which cannot grow in exact arithmetic.
+    """
+    d = torch.cat([torch.ones(4), torch.logspace(0, -2.3, 5)]).double()
+    q = random_orthogonal(9, seed)
+    result = inverse_root((q * d) @ q.mT, p, 0.0, "newton")
+    assert result.ok, result.reason
+    assert result.error <= 1.1e-6
+
+
+@pytest.mark.parametrize("method", ROOT_METHODS)
+def test_zero_matrix_without_epsilon_fails_cleanly(method: str) -> None:
+    """A = 0, ε = 0 has no inverse root: ok=False with a reason, and no exception."""
+    result = inverse_root(torch.zeros(4, 4), 1, 0.0, method)
+    assert not result.ok
+    assert result.reason
+    assert result.root.shape == (4, 4)
+
+
+def test_newton_reports_divergence_on_indefinite_input() -> None:
+    """newton on diag(1, -1) diverges and stops with ok=False and a 'converge' reason."""
+    result = inverse_root(torch.diag(torch.tensor([1.0, -1.0])), 2, 0.0, "newton")
+    assert not result.ok
+    assert "converge" in result.reason
+    assert result.error >= 0.1
+
+
+@settings(max_examples=20, deadline=None)
+@given(case=cases(max_size=16), threshold=st.sampled_from([1e-30, 1e-8, 0.1, math.inf]))
+def test_newton_ok_means_error_below_failure_threshold(case: Case, threshold: float) -> None:
+    """For newton, ok is exactly error < failure_threshold (the root being finite)."""
+    result = inverse_root(case.matrix, 2, case.epsilon, "newton", failure_threshold=threshold)
+    assert result.ok == (result.error < threshold)
+
+
+def test_cholesky_falls_back_to_eigh_when_not_positive_definite() -> None:
+    """A + εI with a negative eigenvalue fails Cholesky; eigh with the ε shift is used."""
+    d = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    result = inverse_root(torch.diag(d), 1, 0.5, "cholesky")
+    assert result.ok and result.method == "eigh"
+    torch.testing.assert_close(torch.diagonal(result.root), 1.0 / (d + 1.5), rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize(("p", "expected_ok"), [(4, True), (2.5, False)])
+def test_eigh_failure_falls_back_to_newton_for_integer_exponents(
+    monkeypatch: pytest.MonkeyPatch, p: float, expected_ok: bool
+) -> None:
+    """If torch.linalg.eigh raises, integer exponents use newton; others report the failure."""
+    case = Case(random_orthogonal(8, seed=3) * 2.0 + 20 * torch.eye(8), 1e-3, 1.0)
+    expected = inverse_root(case.matrix, p, case.epsilon, "eigh").root
+
+    def broken_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise torch.linalg.LinAlgError("simulated convergence failure")
+
+    monkeypatch.setattr(torch.linalg, "eigh", broken_eigh)
+    result = inverse_root(case.matrix, p, case.epsilon, "eigh")
+    assert result.ok == expected_ok
+    if expected_ok:
+        assert result.method == "newton"
+        assert relative_difference(result.root, expected) <= 2 * 8 * result.error + 1e-14
+    else:
+        assert "eigh failed" in result.reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments, dtypes, symmetry, determinism
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"exponent": 0.0}, "exponent"),
+        ({"exponent": -2.0}, "exponent"),
+        ({"exponent": math.nan}, "exponent"),
+        ({"exponent": math.inf}, "exponent"),
+        ({"epsilon": -1e-12}, "epsilon"),
+        ({"epsilon": math.nan}, "epsilon"),
+        ({"epsilon": math.inf}, "epsilon"),
+        ({"method": "svd"}, "method"),
+        ({"method": "newton", "exponent": 2.5}, "exponent"),
+        ({"method": "cholesky", "exponent": 2.0}, "exponent"),
+        ({"matrix": torch.ones(2, 3)}, "matrix"),
+        ({"matrix": torch.ones(3)}, "matrix"),
+        ({"matrix": torch.ones(2, 2, 2)}, "matrix"),
+        ({"failure_threshold": 0.0}, "failure_threshold"),
+        ({"failure_threshold": math.nan}, "failure_threshold"),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_the_argument(
+    kwargs: dict[str, object], argument: str
+) -> None:
+    """Invalid arguments (not values) raise ValueError whose message names the argument."""
+    arguments: dict[str, object] = {"matrix": torch.eye(3), "exponent": 2.0, "epsilon": 1e-6}
+    arguments.update(kwargs)
+    with pytest.raises(ValueError, match=argument):
+        inverse_root(**arguments)  # type: ignore[arg-type]
+
+
+def test_unknown_method_message_lists_valid_choices() -> None:
+    with pytest.raises(ValueError) as info:
+        inverse_root(torch.eye(2), 2, 0.0, "svd")
+    assert all(name in str(info.value) for name in ROOT_METHODS)
+
+
+def test_empty_matrix_has_empty_root() -> None:
+    result = inverse_root(torch.zeros(0, 0), 2, 1e-6)
+    assert result.ok and result.root.shape == (0, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_input_is_converted_to_float64_cpu(dtype: torch.dtype) -> None:
+    """Any float dtype gives a float64 CPU root bitwise equal to passing the float64 matrix."""
+    matrix = (random_orthogonal(6, seed=1) * torch.linspace(1, 2, 6, dtype=torch.float64)).to(dtype)
+    matrix = matrix @ matrix.mT
+    result = inverse_root(matrix, 4, 1e-3)
+    assert result.root.dtype == torch.float64 and result.root.device.type == "cpu"
+    assert torch.equal(result.root, inverse_root(matrix.double(), 4, 1e-3).root)
+
+
+@settings(max_examples=20, deadline=None)
+@given(case=cases(max_size=24, max_log_condition=6.0), method=st.sampled_from(ROOT_METHODS))
+def test_root_depends_only_on_symmetric_part(case: Case, method: str) -> None:
+    """inverse_root(A) and inverse_root(Aᵀ) are bitwise equal and exactly symmetric."""
+    generator = torch.Generator().manual_seed(case.size)
+    noise = torch.randn(case.size, case.size, dtype=torch.float64, generator=generator)
+    matrix = case.matrix + 1e-3 * noise
+    p = 1 if method == "cholesky" else 2
+    result = inverse_root(matrix, p, case.epsilon + 0.1, method)
+    transposed = inverse_root(matrix.mT, p, case.epsilon + 0.1, method)
+    assert torch.equal(result.root, transposed.root)
+    assert torch.equal(result.root, result.root.mT)
+
+
+def assert_bitwise_reproducible(
+    matrix: torch.Tensor, p: int, epsilon: float, methods: list[str]
+) -> None:
+    """Each method gives the same bits twice in a row and from two worker threads at once."""
+    for method in methods:
+        first = inverse_root(matrix, p, epsilon, method).root
+        assert torch.equal(first, inverse_root(matrix, p, epsilon, method).root)
+        threads = torch.get_num_threads()  # workers do not inherit it: set it explicitly
+        with ThreadPoolExecutor(2, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+            futures = [pool.submit(inverse_root, matrix, p, epsilon, method) for _ in range(4)]
+            roots = [future.result().root for future in futures]
+        assert all(torch.equal(first, root) for root in roots), method
+
+
+@settings(max_examples=8, deadline=None)
+@given(case=cases(max_size=48, max_log_condition=8.0), p=st.sampled_from(EXPONENTS))
+def test_repeated_and_concurrent_calls_are_bitwise_identical(case: Case, p: int) -> None:
+    """Same bits serially and from two worker threads at once, for every method.
+
+    Bits are reproducible for one intra-op thread configuration (MKL's blocking depends on it),
+    and a worker thread does not inherit torch.set_num_threads from the thread that created it.
+    """
+    assert_bitwise_reproducible(case.matrix, p, case.epsilon, methods_for(p))
+
+
+@pytest.mark.parametrize("p", [1, 4])
+def test_concurrent_calls_are_bitwise_identical_on_a_larger_matrix(
+    default_thread_count: int, p: int
+) -> None:
+    """The same for eigh past the blocked W Wᵀ threshold, where MKL uses several threads."""
+    torch.set_num_threads(default_thread_count)
+    generator = torch.Generator().manual_seed(p)
+    gaussian = torch.randn(300, 300, dtype=torch.float64, generator=generator)
+    assert_bitwise_reproducible(gaussian @ gaussian.mT / 300, p, 1e-6, ["eigh"])
