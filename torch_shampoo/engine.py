@@ -111,23 +111,12 @@ _Engine = TypeVar("_Engine", bound="PreconditionerEngine")
 class PreconditionerEngine(Optimizer):
     r"""A ``torch.optim.Optimizer`` preconditioning each block of a gradient with Kronecker factors.
 
-    Per block G and step t = 1, 2, … (settings from :class:`EngineConfig`)::
-
-        g  = ∇ (−∇ if maximize);  g += wd·W                 if not decoupled_weight_decay
-        F_i ← β₂ F_i + w G_(i) G_(i)ᵀ  for each factored dim i   (w = 1 if β₂ = 1 else 1 − β₂)
-        X_i = (F_i / bc₂ + εI)^(−1/r)   at root steps, in float64 on CPU
-        m  ← β₁ m + (1 − β₁) g;  m̂ = m / (1 − β₁ᵗ)
-        P  = m̂ ×₁ X_1 ×₂ X_2 …                               (the graft direction D before start)
-        P  ← P · ‖D‖ / (‖P‖ + 1e-16)                        D from the graft, per block
-        P  ← P + wd·W                                        if decoupled_weight_decay
-        b  ← μ b + P;  P = P + μ b (nesterov) or b           if momentum μ > 0
-        W  ← W − lr·P
-
-    Root steps are t = start and every t > start divisible by the frequency. A root computed from
-    the statistics of step t is installed at the start of step t + staleness (never later than the
-    next root step); with ``async_roots`` it is computed on CPU threads in the meantime. The
-    install step is fixed in advance, so runs are bitwise reproducible and equal synchronous runs
-    with the same staleness. Subclasses define :meth:`_config` and :meth:`_validate`.
+    The step is the one written in :class:`torch_shampoo.Shampoo`'s docstring, with every setting
+    taken from the group's :class:`EngineConfig`. Root steps are t = start and every t > start
+    divisible by the frequency; a root computed from the statistics of step t is installed at the
+    start of step t + staleness (never later than the next root step), so async runs equal
+    synchronous runs with the same staleness, bitwise. Subclasses define :meth:`_config` and
+    :meth:`_validate`, and may override :meth:`_layout_of` and :meth:`_update_statistics`.
     """
 
     def __init__(
