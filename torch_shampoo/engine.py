@@ -28,6 +28,7 @@ from .root_pool import InlineRunner, RootJob, RootOutcome, RootPool, Ticket
 __all__ = ["EngineConfig", "PreconditionerEngine"]
 
 _GRAFT_NORM_EPS = 1e-16
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 _HOST_KEYS = ("step", "root_failures", "pending_due", "pending_submitted", "pending_ok")
 """State entries that live on the CPU whatever the parameter's device."""
 
@@ -185,18 +186,25 @@ class PreconditionerEngine(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """One optimization step; ``closure`` re-evaluates the model and returns the loss."""
-        if self._pid != os.getpid():
-            self._adopt_after_fork()
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._step_parameters()
+        return loss
+
+    # Under torch.compile the parameter updates run eagerly: their Python bookkeeping (per-step
+    # counters, root schedules, thread hand-offs) would otherwise make dynamo recompile for
+    # every parameter and step.
+    @torch.compiler.disable
+    def _step_parameters(self) -> None:
+        if self._pid != os.getpid():
+            self._adopt_after_fork()
         for group in self.param_groups:
             config = self._config(group)
             for p in group["params"]:
                 if p.grad is not None:
                     self._step_parameter(p, config)
-        return loss
 
     def _layout_of(self, p: torch.Tensor, config: EngineConfig) -> BlockLayout:
         return _layout(tuple(p.shape), config.block_size, config.max_factor_dim)
@@ -304,7 +312,8 @@ class PreconditionerEngine(Optimizer):
 
     def _check_state(self, p: torch.Tensor, state: dict[str, Any], layout: BlockLayout) -> None:
         """Refuse state that does not fit the parameter's layout instead of misusing it."""
-        missing = {"step", "exp_avg", "factors", "roots", "root_failures"} - set(state)
+        missing = {"step", "exp_avg", "factors", "roots", "root_failures", "skipped_blocks"}
+        missing -= set(state)
         if missing:
             raise ValueError(
                 f"{type(self).__name__} state of parameter {self._describe(p)} lacks "
@@ -317,14 +326,35 @@ class PreconditionerEngine(Optimizer):
             found != expected
             or roots != [(d, d) for d in expected]
             or any(tuple(f.shape) != (d, d) for f, d in zip(state["factors"], expected))
-            or state["exp_avg"].shape != p.shape
+            or any(
+                state[k].shape != p.shape
+                for k in ("exp_avg", "graft_v", "momentum_buffer")
+                if k in state
+            )
             or len(state["root_failures"]) != len(expected)
+            or not _pending_fits(state, expected)
         ):
             raise ValueError(
                 f"{type(self).__name__} state of parameter {self._describe(p)} does not match its "
                 f"block layout "
                 f"(factor sizes {found}, expected {expected}): was the state loaded from another "
                 f"model, or did block_size / max_factor_dim change after training started?"
+            )
+
+    def _check_moments(self, p: torch.Tensor, state: dict[str, Any], config: EngineConfig) -> None:
+        """Loaded state of a parameter that has stepped must hold the moments its group uses."""
+        needed = []
+        if float(state["step"]) > 0:
+            if config.grafting in ("adam", "adagrad", "rmsprop"):
+                needed.append("graft_v")
+            if config.momentum != 0:
+                needed.append("momentum_buffer")
+        missing = [key for key in needed if key not in state]
+        if missing:
+            raise ValueError(
+                f"{type(self).__name__} state of parameter {self._describe(p)} lacks {missing}, "
+                f"which its group's settings use: the state dict is truncated or from another "
+                f"configuration"
             )
 
     def _update_statistics(
@@ -382,7 +412,6 @@ class PreconditionerEngine(Optimizer):
 
     # -------------------------------------------------------------------------- the roots
 
-    @torch.compiler.disable  # threads, host buffers and Python bookkeeping
     def _submit_roots(
         self,
         p: torch.Tensor,
@@ -419,7 +448,6 @@ class PreconditionerEngine(Optimizer):
         tickets = [runner.submit(job) for job in jobs]
         self._pending[p] = _Pending(submitted=t, due=due, jobs=jobs, tickets=tickets)
 
-    @torch.compiler.disable  # threads, host buffers and Python bookkeeping
     def _install_due_roots(
         self, p: torch.Tensor, state: dict[str, Any], t: int, max_failures: int
     ) -> None:
@@ -635,9 +663,10 @@ class PreconditionerEngine(Optimizer):
             loading["params"] = self._saved_id_map(final)
             for saved_id, p in loading["params"].items():
                 if saved_id in final["state"]:
-                    group = self._group_of(p)
-                    layout = self._layout_of(p, self._config(group))
-                    self._check_state(p, final["state"][saved_id], layout)
+                    config = self._config(self._group_of(p))
+                    saved = final["state"][saved_id]
+                    self._check_state(p, saved, self._layout_of(p, config))
+                    self._check_moments(p, saved, config)
             loading["state"] = final["state"]
 
         handle = self.register_load_state_dict_pre_hook(capture)
@@ -683,6 +712,17 @@ class PreconditionerEngine(Optimizer):
 
     def _all_params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
+
+
+def _pending_fits(state: dict[str, Any], sizes: list[int]) -> bool:
+    """Do the saved in-flight roots (if any) match the factor sizes?"""
+    if "pending_due" not in state:
+        return True
+    roots, ok = state.get("pending_roots", []), state.get("pending_ok", [])
+    reasons = state.get("pending_reasons", [])
+    if "pending_submitted" not in state or not len(roots) == len(ok) == len(reasons) == len(sizes):
+        return False
+    return all(not bool(k) or tuple(r.shape) == (d, d) for r, k, d in zip(roots, ok, sizes))
 
 
 def _finite_blocks(g: torch.Tensor, layout: BlockLayout) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -749,8 +789,8 @@ class Checks:
             value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"Invalid {name}: {self.group[name]!r} (must be a real number)")
-        if not math.isfinite(value):
-            raise self.bad(name, "must be finite")
+        if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
+            raise self.bad(name, "must be finite and within float32 range")
         if low is not None and (value < low or (low_open and value == low)):
             raise self.bad(name, f"must be {'>' if low_open else '≥'} {low}")
         if high is not None and (value > high or (high_open and value == high)):
@@ -776,6 +816,6 @@ class Checks:
 
     def lr(self) -> None:
         lr = self.group["lr"]
-        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-            raise self.bad("lr", "a tensor lr must have exactly one element")
+        if isinstance(lr, torch.Tensor) and (lr.dim() != 0 or not lr.is_floating_point()):
+            raise TypeError(f"Invalid lr: {lr!r} (a tensor lr must be a 0-d real float tensor)")
         self.real("lr", low=0.0)

@@ -118,6 +118,8 @@ class NGPlus(PreconditionerEngine):
         )
         super().__init__(params, defaults, async_roots=async_roots, root_workers=root_workers)
         if model is not None:
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"Invalid model: {model!r} (must be a torch.nn.Module)")
             self.attach(model)
 
     @torch.no_grad()
