@@ -91,6 +91,10 @@ class Ticket:
     def wait(self) -> None:
         self._done.wait()
 
+    def _fail(self, error: BaseException) -> None:
+        self._error = error
+        self._done.set()
+
     def _run(self, job: RootJob) -> None:
         try:
             self._outcome = solve(job)
@@ -191,5 +195,19 @@ def _stop(jobs: queue.SimpleQueue[_Work], threads: list[threading.Thread]) -> No
 
 @atexit.register
 def _close_all() -> None:
+    """At exit nobody will install the roots still queued: drop them, then stop the workers
+    (each finishes at most the job it is running)."""
     for pool in list(_LIVE_POOLS):
+        if pool._pid == os.getpid():
+            _drop_queued(pool._queue)
         pool.close()
+
+
+def _drop_queued(jobs: queue.SimpleQueue[_Work]) -> None:
+    while True:
+        try:
+            item = jobs.get_nowait()
+        except queue.Empty:
+            return
+        if item is not None:
+            item[0]._fail(RuntimeError("the root pool was stopped at interpreter exit"))
