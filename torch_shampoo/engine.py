@@ -93,7 +93,20 @@ class EngineConfig:
     skip_nonfinite: bool
 
     def epsilon_at(self, step: int) -> float:
-        return float(self.epsilon(step)) if callable(self.epsilon) else self.epsilon
+        """ε at ``step``; a schedule (NG+'s ``damping``) must give a positive finite number."""
+        if not callable(self.epsilon):
+            return self.epsilon
+        try:
+            value = float(self.epsilon(step))
+        except Exception as exc:
+            raise TypeError(
+                f"Invalid damping: {self.epsilon!r} (calling it with step {step} failed: {exc})"
+            ) from exc
+        if not 0 < value < math.inf:
+            raise ValueError(
+                f"Invalid damping: {self.epsilon!r} (gave {value} at step {step}; must be > 0)"
+            )
+        return value
 
 
 @lru_cache(maxsize=1024)

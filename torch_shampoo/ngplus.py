@@ -196,7 +196,10 @@ class NGPlus(PreconditionerEngine):
         check.lr()
         mu = check.real("momentum", low=0.0, high=1.0, high_open=True)
         check.real("weight_decay", low=0.0)
-        if not callable(group["damping"]):
+        damping = group["damping"]
+        if isinstance(damping, (nn.Module, torch.Tensor)):
+            raise TypeError(f"Invalid damping: {damping!r} (a number or a function of the step)")
+        if not callable(damping):
             check.real("damping", low=0.0, low_open=True)
         check.real("curvature_beta", low=0.0, high=1.0, high_open=True)
         check.integer("inverse_frequency", 1)
