@@ -50,7 +50,7 @@ TASKS = {
         lambda quick: train_digits.build_task(batch=32 if quick else 64),
         train_digits.DEFAULT_LRS,
         train_digits.NGPLUS_DAMPING,
-        steps=300,
+        steps=train_digits.DEFAULT_STEPS,
         quick_steps=40,
     ),
     "charlm": TaskSpec(
@@ -61,14 +61,17 @@ TASKS = {
         ),
         train_charlm.DEFAULT_LRS,
         train_charlm.NGPLUS_DAMPING,
-        steps=400,
+        steps=train_charlm.DEFAULT_STEPS,
         quick_steps=20,
     ),
 }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
     parser.add_argument(
@@ -171,18 +174,16 @@ def plot(summaries: dict[str, tuple[float, dict[str, RunResult]]], path: Path) -
     )
     for col, (task, (target, best)) in enumerate(summaries.items()):
         for r in best.values():
-            wall = [sum(r.step_times[: i + 1]) for i in range(len(r.train_losses))]
             label = f"{r.method} (lr {r.lr:g})"
             axes[0, col].plot(range(1, len(r.train_losses) + 1), r.smoothed, label=label)
-            axes[1, col].plot(wall, r.smoothed, label=label)
+            axes[1, col].plot(r.cumulative_wall, r.smoothed, label=label)
         for row, xlabel in enumerate(["step", "training wall time (s)"]):
             ax = axes[row, col]
             if math.isfinite(target):
                 ax.axhline(target, color="gray", linestyle="--", linewidth=1)
-            ax.set_yscale("log")
             ax.set_xlabel(xlabel)
             ax.set_ylabel("train loss (EMA)")
-            ax.grid(True, which="both", alpha=0.3)
+            _common.style_loss_axis(ax)
         axes[0, col].set_title(f"{task} (dashed: Adam's best final loss)")
         axes[0, col].legend(fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -194,8 +195,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns the JSON report that is also written to --out-dir."""
     args = parse_args(argv)
     scales = [float(s) for s in args.lr_scales.split(",")]
-    tasks = [t.strip() for t in args.tasks.split(",")]
-    keys = [m.strip() for m in args.methods.split(",")]
+    tasks = _common.parse_keys(args.tasks, tuple(TASKS))
+    keys = _common.parse_keys(args.methods, _common.METHOD_KEYS)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(_common.environment_header(), flush=True)

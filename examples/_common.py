@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import platform
@@ -47,6 +48,7 @@ _REGISTRY = {
         "NG+ per-sample", torch_shampoo, "NGPlus", "ngplus", {"statistics": "per_sample"}
     ),
 }
+METHOD_KEYS = tuple(_REGISTRY)
 LR_GROUPS = ("sgd", "adam", "adamw", "shampoo", "ngplus")
 
 
@@ -91,6 +93,15 @@ def make_method(
     if group == "ngplus":
         kwargs["damping"] = ngplus_damping
     return Method(key, lrs[group], kwargs)
+
+
+def parse_keys(text: str, choices: Sequence[str]) -> list[str]:
+    """Split a comma-separated list of names and check each is one of `choices`."""
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in choices]
+    if unknown:
+        raise SystemExit(f"unknown names {unknown}; choose from {', '.join(choices)}")
+    return keys
 
 
 def available(methods: Sequence[Method]) -> list[Method]:
@@ -151,6 +162,11 @@ class RunResult:
         return sum(self.step_times)
 
     @property
+    def cumulative_wall(self) -> list[float]:
+        """Training seconds elapsed after each recorded step."""
+        return list(itertools.accumulate(self.step_times[: len(self.train_losses)]))
+
+    @property
     def ms_per_step(self) -> float:
         """Mean wall time of one training iteration (forward, backward, step) in ms."""
         return 1000.0 * self.wall / max(len(self.step_times), 1)
@@ -162,7 +178,7 @@ class RunResult:
     def wall_to(self, target: float) -> float | None:
         """Training seconds spent until the smoothed training loss first reached target."""
         steps = self.steps_to(target)
-        return None if steps is None else sum(self.step_times[:steps])
+        return None if steps is None else self.cumulative_wall[steps - 1]
 
 
 def ema(values: Sequence[float], beta: float = 0.95) -> list[float]:
@@ -330,7 +346,8 @@ def results_table(results: Sequence[RunResult], task: Task, show_accuracy: bool)
         rows.append(row)
     note = (
         f"train loss: EMA-smoothed (beta 0.95) at the last step; steps to Adam: first step whose "
-        f"smoothed train loss <= Adam's final {_fmt(target, '.4f')} ('-' = not reached)"
+        f"smoothed train loss <= Adam's final {_fmt(target, '.4f')} ('-' = not reached);\n"
+        "wall: training time without evaluation; ms/step: mean forward+backward+step time"
     )
     return format_table(headers, rows) + "\n" + note
 
@@ -348,6 +365,14 @@ def root_stats_lines(results: Sequence[RunResult]) -> list[str]:
     return lines
 
 
+def style_loss_axis(ax: Any) -> None:
+    """Log y scale when the plotted losses span more than a decade; a light grid."""
+    low, high = ax.dataLim.y0, ax.dataLim.y1
+    if low > 0 and high > 10 * low:
+        ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+
+
 def plot_results(results: Sequence[RunResult], task: Task, path: Path, title: str) -> None:
     """Save smoothed train loss vs step, held-out loss vs step and train loss vs wall time."""
     import matplotlib
@@ -357,11 +382,9 @@ def plot_results(results: Sequence[RunResult], task: Task, path: Path, title: st
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), constrained_layout=True)
     for r in results:
-        steps = range(1, len(r.train_losses) + 1)
-        wall = [sum(r.step_times[: i + 1]) for i in range(len(r.train_losses))]
-        axes[0].plot(steps, r.smoothed, label=r.method)
+        axes[0].plot(range(1, len(r.train_losses) + 1), r.smoothed, label=r.method)
         axes[1].plot(r.eval_steps, r.eval_losses, marker="o", markersize=3, label=r.method)
-        axes[2].plot(wall, r.smoothed, label=r.method)
+        axes[2].plot(r.cumulative_wall, r.smoothed, label=r.method)
     labels = [
         ("step", "train loss (EMA)"),
         ("step", f"{task.eval_name} loss"),
@@ -370,8 +393,7 @@ def plot_results(results: Sequence[RunResult], task: Task, path: Path, title: st
     for ax, (xlabel, ylabel) in zip(axes, labels, strict=True):
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        ax.set_yscale("log")
-        ax.grid(True, which="both", alpha=0.3)
+        style_loss_axis(ax)
     axes[0].legend()
     fig.suptitle(title)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -411,13 +433,20 @@ def add_comparison_args(
     """Flags shared by the example scripts: steps, seed, per-optimizer lrs, output, verbosity."""
     parser.add_argument("--steps", type=int, default=steps, help="training steps per optimizer")
     parser.add_argument("--seed", type=int, default=0, help="seed for init and batch order")
-    parser.add_argument("--eval-every", type=int, default=None, help="default: steps // 10")
-    parser.add_argument("--warmup", type=int, default=None, help="lr warmup steps (steps // 20)")
+    parser.add_argument(
+        "--eval-every", type=int, default=None, help="evaluate every N steps (None: steps // 10)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="lr warmup steps (None: steps // 20)"
+    )
     for group in LR_GROUPS:
-        parser.add_argument(f"--lr-{group}", type=float, default=lrs[group], help=f"{group} lr")
+        parser.add_argument(
+            f"--lr-{group}", type=float, default=lrs[group], help=f"peak lr of {group}"
+        )
     parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     parser.add_argument("--ngplus-damping", type=float, default=ngplus_damping, help="NG+ damping")
-    parser.add_argument("--methods", default=None, help="comma-separated subset of the methods")
+    choices = ", ".join(METHOD_KEYS)
+    parser.add_argument("--methods", default=None, help=f"comma-separated subset of {choices}")
     parser.add_argument("--out", type=Path, default=Path(out), help="where to save the plot")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -428,10 +457,7 @@ def run_comparison(
 ) -> list[RunResult]:
     """Run the comparison configured by `args`, print the table and save the plot."""
     if args.methods:
-        keys = [k.strip() for k in args.methods.split(",")]
-        unknown = sorted(set(keys) - set(_REGISTRY))
-        if unknown:
-            raise SystemExit(f"unknown methods {unknown}; choose from {sorted(_REGISTRY)}")
+        keys = parse_keys(args.methods, METHOD_KEYS)
     lrs = {group: getattr(args, f"lr_{group}") for group in LR_GROUPS}
     methods = [make_method(k, lrs, args.weight_decay, args.ngplus_damping) for k in keys]
     eval_every = args.eval_every or max(args.steps // 10, 1)

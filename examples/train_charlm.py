@@ -42,6 +42,7 @@ CORPUS_FILES = (
 VAL_FRACTION = 0.1
 DEFAULT_LRS = {"sgd": 0.3, "adam": 1e-2, "adamw": 1e-2, "shampoo": 1e-2, "ngplus": 0.07}
 NGPLUS_DAMPING = 0.1
+DEFAULT_STEPS = 400
 METHODS = ("adam", "adamw", "shampoo-sync", "shampoo-async", "ngplus")
 
 
@@ -147,15 +148,22 @@ def corpus_summary() -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_comparison_args(
-        parser, steps=400, lrs=DEFAULT_LRS, ngplus_damping=NGPLUS_DAMPING, out="outputs/charlm.png"
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--d-model", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=16)
+    add_comparison_args(
+        parser,
+        steps=DEFAULT_STEPS,
+        lrs=DEFAULT_LRS,
+        ngplus_damping=NGPLUS_DAMPING,
+        out="outputs/charlm.png",
+    )
+    parser.add_argument("--d-model", type=int, default=128, help="embedding width")
+    parser.add_argument("--layers", type=int, default=2, help="transformer blocks")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads")
+    parser.add_argument("--seq-len", type=int, default=64, help="context length in characters")
+    parser.add_argument("--batch", type=int, default=16, help="sequences per step")
     return parser.parse_args(argv)
 
 

@@ -20,6 +20,7 @@ from torch import nn
 TEST_FRACTION = 0.2
 DEFAULT_LRS = {"sgd": 0.1, "adam": 2e-2, "adamw": 2e-2, "shampoo": 2e-2, "ngplus": 2e-2}
 NGPLUS_DAMPING = 0.1
+DEFAULT_STEPS = 150
 METHODS = ("sgd", "adam", "adamw", "shampoo-sync", "shampoo-async", "ngplus", "ngplus-ps")
 
 
@@ -66,13 +67,20 @@ def build_task(batch: int = 64, channels: int = 16, hidden: int = 64) -> Task:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_comparison_args(
-        parser, steps=150, lrs=DEFAULT_LRS, ngplus_damping=NGPLUS_DAMPING, out="outputs/digits.png"
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--channels", type=int, default=16)
-    parser.add_argument("--hidden", type=int, default=64)
+    add_comparison_args(
+        parser,
+        steps=DEFAULT_STEPS,
+        lrs=DEFAULT_LRS,
+        ngplus_damping=NGPLUS_DAMPING,
+        out="outputs/digits.png",
+    )
+    parser.add_argument("--batch", type=int, default=64, help="images per step")
+    parser.add_argument("--channels", type=int, default=16, help="first conv layer's channels")
+    parser.add_argument("--hidden", type=int, default=64, help="hidden units of the head")
     return parser.parse_args(argv)
 
 
