@@ -5,6 +5,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from hypothesis import settings
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -13,3 +14,8 @@ def _one_intra_op_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# The same examples on every run: CI must not depend on which random cases hypothesis draws.
+settings.register_profile("deterministic", derandomize=True, database=None)
+settings.load_profile("deterministic")

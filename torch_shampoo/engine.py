@@ -438,10 +438,17 @@ class PreconditionerEngine(Optimizer):
         scale = 1.0 - beta2**t if config.bias_correction and beta2 < 1.0 else 1.0
         frequency = config.frequency
         staleness = config.staleness
-        epsilon = config.epsilon_at(t)
         if staleness is None:
             staleness = frequency if self._async_roots else 0
         due = min(t + staleness, (t // frequency + 1) * frequency)
+        try:
+            epsilon = config.epsilon_at(t)
+        except (TypeError, ValueError) as exc:  # a broken damping schedule: failed roots
+            failed = [Ticket() for _ in state["factors"]]
+            for ticket in failed:
+                ticket._fail(exc)
+            self._pending[p] = _Pending(submitted=t, due=due, jobs=[], tickets=failed)
+            return
         runner = self._runner_for_roots()
         jobs = []
         for factor, staging, exponent in zip(
