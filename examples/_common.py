@@ -65,7 +65,7 @@ class Method:
         """Human-readable name used in tables and plots."""
         return _REGISTRY[self.key].label
 
-    def optimizer_class(self) -> type[torch.optim.Optimizer] | None:
+    def optimizer_class(self) -> Callable[..., torch.optim.Optimizer] | None:
         """The optimizer class, or None if this version of the library does not provide it."""
         entry = _REGISTRY[self.key]
         return getattr(entry.module, entry.class_name, None)
