@@ -181,7 +181,7 @@ class Contender:
     """One timed thing: an optimizer on its own copy of the parameters, or a GEMM floor."""
 
     name: str
-    kind: str  # "adam", "floor", "sync", "async", "noroot"
+    kind: str  # "adam", "floor", "sync", "noguard" (sync, skip_nonfinite=False), "async", "noroot"
     block_size: int | None
     step_fn: Callable[[], Any]
     params: list[torch.Tensor] = field(default_factory=list)
@@ -201,7 +201,7 @@ class Contender:
         return isinstance(self.opt, Shampoo)
 
     def is_root_step(self, t: int) -> bool:
-        if self.kind in ("sync", "async"):
+        if self.kind in ("sync", "noguard", "async"):
             return t >= FREQUENCY and t % FREQUENCY == 0
         return self.kind == "noroot" and t == 1
 
@@ -263,8 +263,10 @@ def make_contender(
             start_preconditioning_step=1 if kind == "noroot" else None,
             async_roots=kind == "async",
             root_workers=root_workers,
+            skip_nonfinite=kind != "noguard",
         )
-        label = "sync, no roots after step 1" if kind == "noroot" else kind
+        labels = {"noroot": "sync, no roots after step 1", "noguard": "sync, guard off"}
+        label = labels.get(kind, kind)
         name = f"Shampoo b{block_size} {label}"
     return Contender(name, kind, block_size, opt.step, params=params, grads=grads, opt=opt)
 
@@ -397,12 +399,14 @@ def model_suite(
     rounds: int,
     cycles: int,
     label: str,
+    guard_off: bool = False,
 ) -> tuple[list[Summary], float]:
-    """Adam, the GEMM floors and sync/async Shampoo per block size, interleaved."""
+    """Adam, the GEMM floors, sync and async Shampoo per block size (and, with ``guard_off``,
+    sync with the non-finite guard off), interleaved."""
     contenders = [make_contender("adam", spec, grads)]
     contenders += [make_contender("floor", spec, grads, b) for b in block_sizes]
     for b in block_sizes:
-        for kind in ("sync", "async"):
+        for kind in ("sync", "noguard", "async") if guard_off else ("sync", "async"):
             contenders.append(make_contender(kind, spec, grads, b, root_workers))
     try:
         wall = run_interleaved(contenders, rounds, cycles, label)
@@ -435,7 +439,8 @@ def core_table(spec: ModelSpec, summaries: list[Summary], rounds: int, cycles: i
     ]
     rows = []
     for s in summaries:
-        floor = floors.get(s.block_size) if s.kind in ("sync", "async") else None
+        shampoo = s.kind in ("sync", "noguard", "async")
+        floor = floors.get(s.block_size) if shampoo else None
         rows.append(
             [
                 s.name,
@@ -447,10 +452,18 @@ def core_table(spec: ModelSpec, summaries: list[Summary], rounds: int, cycles: i
                 ratio(s.median_nonroot, floor.median_nonroot) if floor else "-",
                 f"{s.state_bytes / 2**20:.1f}" if s.kind != "floor" else "-",
                 ratio(s.state_bytes, adam.state_bytes) if s.kind != "floor" else "-",
-                f"{s.staging_bytes / 2**20:.1f}" if s.kind in ("sync", "async") else "-",
+                f"{s.staging_bytes / 2**20:.1f}" if shampoo else "-",
             ]
         )
-    return head + "\n" + table(headers, rows)
+    guard = [
+        f"b{s.block_size} {ratio(s.median_nonroot, off.median_nonroot)}x"
+        for s in summaries
+        if s.kind == "sync"
+        for off in summaries
+        if off.kind == "noguard" and off.block_size == s.block_size
+    ]
+    note = "non-finite guard cost (sync median, guard on / off): " + ", ".join(guard)
+    return head + "\n" + table(headers, rows) + "\n" + note
 
 
 def targets(sync: Summary, asyn: Summary) -> dict[str, Any]:
@@ -702,7 +715,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             grads = mlp_grads if is_mlp else gradient_sets(spec, nsets)
             cycles = cycles_b if is_mlp else 1
             summaries, wall = model_suite(
-                spec, grads, block_sizes, args.root_workers, rounds, cycles, f"1 {spec.name}"
+                spec,
+                grads,
+                block_sizes,
+                args.root_workers,
+                rounds,
+                cycles,
+                f"1 {spec.name}",
+                guard_off=True,
             )
             print(core_table(spec, summaries, rounds, cycles) + f"  [{wall:.0f} s, {load()}]")
             core[spec.name] = [s.row() for s in summaries]

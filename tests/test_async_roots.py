@@ -6,6 +6,7 @@ import copy
 import gc
 import io
 import pickle
+import re
 import subprocess
 import sys
 import textwrap
@@ -147,8 +148,12 @@ def test_a_raising_root_keeps_the_previous_root_warns_and_finally_raises(
     train(model, opt, batches[:3])  # roots from step 2 installed at step 3
     good_roots = {p: [r.clone() for r in s["roots"]] for p, s in opt.state.items()}
     monkeypatch.setattr(root_pool, "inverse_root", _failing_root)
-    with pytest.warns(RuntimeWarning, match=r"parameter 0 \(shape .*\) block 0 dim 0.*injected"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         train(model, opt, batches[3:5])  # step 4 submits, step 5 installs: first failure
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == sum(len(roots) for roots in good_roots.values())  # one per factor
+    assert re.search(r"parameter 0 \(shape .*\) block 0 dim 0 .*injected", messages[0])
     for p, roots in good_roots.items():
         assert all(torch.equal(a, b) for a, b in zip(opt.state[p]["roots"], roots))
     with (

@@ -50,6 +50,7 @@ class _Pending:
     due: int
     jobs: list[RootJob]
     tickets: list[Ticket]
+    """Empty until the jobs are handed to the runner (at the end of the step that made them)."""
 
 
 @dataclass
@@ -166,6 +167,7 @@ class PreconditionerEngine(Optimizer):
         self._runner: RootPool | InlineRunner | None = None
         self._staging: dict[torch.Tensor, list[_Staging]] = {}
         self._pending: dict[torch.Tensor, _Pending] = {}
+        self._unsent: list[_Pending] = []
         self._scratch: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
         self._loading: dict[str, Any] | None = None
         self._stats = _Stats()
@@ -213,11 +215,24 @@ class PreconditionerEngine(Optimizer):
     def _step_parameters(self) -> None:
         if self._pid != os.getpid():
             self._adopt_after_fork()
-        for group in self.param_groups:
-            config = self._config(group)
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._step_parameter(p, config)
+        try:
+            for group in self.param_groups:
+                config = self._config(group)
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self._step_parameter(p, config)
+        finally:
+            self._send_roots()
+
+    def _send_roots(self) -> None:
+        """Hand this step's deferred root jobs to the pool. They are sent once every parameter
+        is updated, so that the workers do not compete with the rest of the step for the CPU
+        (and, on CUDA, so that the step's kernels are queued before the host waits on copies)."""
+        if self._unsent:
+            runner = self._runner_for_roots()
+            for pending in self._unsent:
+                pending.tickets = [runner.submit(job) for job in pending.jobs]
+            self._unsent = []
 
     def _layout_of(self, p: torch.Tensor, config: EngineConfig) -> BlockLayout:
         return _layout(tuple(p.shape), config.block_size, config.max_factor_dim)
@@ -255,7 +270,7 @@ class PreconditionerEngine(Optimizer):
         flags = keep = None
         if config.skip_nonfinite:
             flags, keep = _finite_blocks(g, layout)
-            state["skipped_blocks"] += len(flags) - torch.stack(flags).sum()
+            state["skipped_blocks"] += torch.stack(flags).logical_not().sum()
 
         # 1. Statistics; 2. roots (installs due now, then a new snapshot at a root step).
         self._update_statistics(p, state, g, layout, config, flags)
@@ -269,7 +284,7 @@ class PreconditionerEngine(Optimizer):
         if keep is None:
             exp_avg.lerp_(g, 1.0 - config.beta1)
         else:
-            exp_avg.copy_(torch.where(keep, exp_avg.lerp(g, 1.0 - config.beta1), exp_avg))
+            torch.where(keep, exp_avg.lerp(g, 1.0 - config.beta1), exp_avg, out=exp_avg)
         m_hat = exp_avg / (1.0 - config.beta1**t) if config.bias_correction else exp_avg
 
         # 5. The graft (its state sees every step) and 4. the preconditioned direction.
@@ -299,7 +314,7 @@ class PreconditionerEngine(Optimizer):
             if keep is None:
                 buffer.mul_(mu).add_(update)
             else:
-                buffer.copy_(torch.where(keep, buffer * mu + update, buffer))
+                torch.where(keep, buffer * mu + update, buffer, out=buffer)
             update = update + mu * buffer if config.nesterov else buffer
         lr = config.lr
         if keep is not None:
@@ -307,7 +322,7 @@ class PreconditionerEngine(Optimizer):
                 moved = p.sub((update * lr).to(p.dtype))
             else:
                 moved = p.add(update.to(p.dtype), alpha=-lr)
-            p.copy_(torch.where(keep, moved, p))
+            torch.where(keep, moved, p, out=p)
         elif isinstance(lr, torch.Tensor):
             p.sub_((update * lr).to(p.dtype))
         else:
@@ -465,8 +480,11 @@ class PreconditionerEngine(Optimizer):
                 method=config.root_method,
             )
             jobs.append(job)
-        tickets = [runner.submit(job) for job in jobs]
-        self._pending[p] = _Pending(submitted=t, due=due, jobs=jobs, tickets=tickets)
+        pending = self._pending[p] = _Pending(submitted=t, due=due, jobs=jobs, tickets=[])
+        if due > t:  # not needed in this step: sent when the step is done
+            self._unsent.append(pending)
+        else:
+            pending.tickets = [runner.submit(job) for job in jobs]
 
     def _install_due_roots(
         self, p: torch.Tensor, state: dict[str, Any], t: int, max_failures: int
@@ -747,8 +765,12 @@ def _pending_fits(state: dict[str, Any], sizes: list[int]) -> bool:
 
 def _finite_blocks(g: torch.Tensor, layout: BlockLayout) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Per block, is its gradient finite? Zeroes ``g`` elsewhere; returns the flags and a mask
-    broadcastable to ``g`` (0-d for a single block)."""
-    flags = [torch.isfinite(block).all() for block in split_blocks(g, layout)]
+    broadcastable to ``g`` (0-d for a single block).
+
+    One float64 sum per block decides: it is non-finite iff an element is NaN or ±inf (a sum of
+    finite float32 values cannot reach float64's range; float64 gradients near 1e308, whose
+    squares overflow the statistics anyway, count as non-finite)."""
+    flags = [torch.isfinite(block.sum(dtype=torch.float64)) for block in split_blocks(g, layout)]
     if len(flags) == 1:
         keep = flags[0]
     else:

@@ -44,7 +44,7 @@ def update_graft_state(
     if keep is not None:
         decay = 1.0 if graft == "adagrad" else beta2
         weight = 1.0 if graft == "adagrad" else 1.0 - beta2
-        v.copy_(torch.where(keep, (v * decay).addcmul_(grad, grad, value=weight), v))
+        torch.where(keep, (v * decay).addcmul_(grad, grad, value=weight), v, out=v)
     elif graft == "adagrad":
         v.addcmul_(grad, grad)
     else:
