@@ -262,3 +262,40 @@ def test_a_forked_child_starts_its_own_threads() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "child 0" in done.stdout
+
+
+class _SpyRunner:
+    """Runs jobs inline, recording the parameters as they are when each job is handed over."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self.params = params
+        self.seen: list[list[torch.Tensor]] = []
+        self.inline = root_pool.InlineRunner()
+
+    def submit(self, job: root_pool.RootJob) -> root_pool.Ticket:
+        self.seen.append([p.detach().clone() for p in self.params])
+        return self.inline.submit(job)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_roots_due_later_are_handed_over_only_after_every_parameter_is_updated(
+    staleness: int,
+) -> None:
+    """Workers never compete with the step that made their jobs (staleness 0 must run at once)."""
+    model = mixed_model()
+    params = list(model.parameters())
+    opt = Shampoo(params, **BASE, precondition_frequency=3, root_staleness=staleness)
+    spy = _SpyRunner(params)
+    opt._runner = spy
+    batches = make_batches(3)
+    train(model, opt, batches[:2])
+    assert not spy.seen
+    train(model, opt, batches[2:])  # step 3: a root step
+    after = [p.detach().clone() for p in params]
+    assert len(spy.seen) == sum(len(s["roots"]) for s in opt.state.values())
+    handed_after_the_step = [all(map(torch.equal, seen, after)) for seen in spy.seen]
+    assert all(handed_after_the_step) == (staleness > 0)
+    opt.close()
