@@ -6,7 +6,7 @@ the same batches. The target is Adam's best final (EMA-smoothed) training loss; 
 optimizer's best lr the benchmark reports the final losses and the steps and training wall time
 it took to reach that target. Results go to convergence.json and convergence.png in --out-dir.
 
-    python benchmarks/convergence.py            # full run (~7 minutes on an idle 2-core CPU)
+    python benchmarks/convergence.py            # full run (~5 minutes on an idle 2-core CPU)
     python benchmarks/convergence.py --quick    # smoke run (seconds)
 """
 

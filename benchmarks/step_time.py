@@ -12,9 +12,11 @@ Sections:
   1. core table per model (MLP 512-1024-1024-512, a conv net, 50 small layers): median non-root
      step, mean (amortized over whole precondition cycles) and max step, ratios to Adam and to the
      GEMM floor (just the statistics and preconditioning matrix products of the rule, timed with
-     torch.mm on the same shapes), optimizer-state bytes. The MLP run doubles as section 2(b).
+     torch.mm on the same shapes), optimizer-state bytes, and the non-finite guard's cost (sync
+     Shampoo with ``skip_nonfinite`` on and off). The MLP run doubles as section 2(b).
   2. sync vs async roots on the MLP, precondition_frequency=10, block sizes 128 and 1024:
-     (a) torch.set_num_threads(1), root_workers=1: 2 rounds x 50 timed steps per mode;
+     (a) torch.set_num_threads(1), root_workers=1: 2 rounds x 50 timed steps per mode (and
+     the guard's cost again, at the steadier single-thread timing);
      (b) section 1's setting (torch/library defaults unless --threads / --root-workers): 2 rounds
      x 20 timed steps by default, because at torch's default 2 threads on a loaded 2-core machine
      one synchronous root step of the b1024 MLP can take tens of seconds; --cycles-b 5 gives 100.
@@ -26,7 +28,7 @@ Sections:
 torch.set_num_threads is called only for 2(a)/3 and for --threads: calling it, even with the
 default value, changes MKL's threading for the rest of the process, so section 1 runs first.
 
-    python benchmarks/step_time.py            # full run (~8-12 minutes on a loaded 2-core CPU)
+    python benchmarks/step_time.py            # full run (~6 minutes on an idle 2-core CPU)
     python benchmarks/step_time.py --quick    # smoke run (< 30 s; torch threads 1 unless --threads)
 """
 
@@ -455,6 +457,11 @@ def core_table(spec: ModelSpec, summaries: list[Summary], rounds: int, cycles: i
                 f"{s.staging_bytes / 2**20:.1f}" if shampoo else "-",
             ]
         )
+    return head + "\n" + table(headers, rows) + "\n" + guard_cost(summaries)
+
+
+def guard_cost(summaries: list[Summary]) -> str:
+    """The non-finite guard's cost: sync non-root median with the guard on over off."""
     guard = [
         f"b{s.block_size} {ratio(s.median_nonroot, off.median_nonroot)}x"
         for s in summaries
@@ -462,8 +469,7 @@ def core_table(spec: ModelSpec, summaries: list[Summary], rounds: int, cycles: i
         for off in summaries
         if off.kind == "noguard" and off.block_size == s.block_size
     ]
-    note = "non-finite guard cost (sync median, guard on / off): " + ", ".join(guard)
-    return head + "\n" + table(headers, rows) + "\n" + note
+    return "non-finite guard cost (sync median, guard on / off): " + ", ".join(guard)
 
 
 def targets(sync: Summary, asyn: Summary) -> dict[str, Any]:
@@ -743,7 +749,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"\n== 2. sync vs async roots, {mlp.name}, root_staleness = frequency ==")
     if "hetero" in args.sections:
         torch.set_num_threads(1)
-        hetero, wall = model_suite(mlp, mlp_grads, block_sizes, 1, rounds, cycles_a, "2(a)")
+        hetero, wall = model_suite(
+            mlp, mlp_grads, block_sizes, 1, rounds, cycles_a, "2(a)", guard_off=True
+        )
         adam = next(s for s in hetero if s.kind == "adam")
         floors = ", ".join(
             f"GEMM floor b{s.block_size} {ms(s.median_nonroot)}"
@@ -757,6 +765,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         text, targets_a = pair_table(sync_async_pairs(hetero), mlp_shapes, 1, "sync")
         print(text)
+        print(guard_cost(hetero) + " (1 thread: the steadiest timing in this script)")
         report["sections"]["hetero"] = {
             "summaries": [s.row() for s in hetero],
             "targets": targets_a,

@@ -21,7 +21,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torch_shampoo.blocking import block_layout, merge_blocks, split_blocks
+from torch_shampoo.blocking import (
+    block_layout,
+    block_sums,
+    expand_grid,
+    merge_blocks,
+    output_side_layout,
+    split_blocks,
+)
 
 MAX_DIM = 3000
 MAX_BLOCKS = 512
@@ -351,3 +358,39 @@ def test_writing_into_one_block_changes_only_that_part_of_the_tensor(block_size:
     last.add_(1.0)
     assert tensor.sum().item() == last.numel() > 0
     assert bool((merge_blocks(blocks, layout) == tensor).all())
+
+
+@given(layouts_of_small_tensors, st.integers(0, 2**31 - 1), st.booleans())
+def test_block_sums_are_the_sums_of_the_blocks_in_block_order(
+    case: tuple[tuple[int, ...], int, int], seed: int, one_sided: bool
+) -> None:
+    """One padded reduction gives what summing every block of split_blocks gives."""
+    shape, block_size, max_factor_dim = case
+    layout = (
+        output_side_layout(shape, block_size, vectors=True)
+        if one_sided
+        else block_layout(shape, block_size, max_factor_dim)
+    )
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    sums = block_sums(x, layout, torch.float64)
+    assert sums.dtype == torch.float64
+    assert sums.shape == tuple(len(chunks) for chunks in layout.grid)
+    expected = [block.sum(dtype=torch.float64) for block in split_blocks(x, layout)]
+    torch.testing.assert_close(sums.flatten(), torch.stack(expected), rtol=1e-12, atol=1e-12)
+
+
+@given(layouts_of_small_tensors, st.booleans())
+def test_expand_grid_fills_each_block_with_its_cell(
+    case: tuple[tuple[int, ...], int, int], one_sided: bool
+) -> None:
+    shape, block_size, max_factor_dim = case
+    layout = (
+        output_side_layout(shape, block_size, vectors=True)
+        if one_sided
+        else block_layout(shape, block_size, max_factor_dim)
+    )
+    grid = torch.arange(layout.num_blocks).reshape([len(chunks) for chunks in layout.grid])
+    full = expand_grid(grid, layout)
+    assert full.shape == tuple(shape)
+    for b, block in enumerate(split_blocks(full.contiguous(), layout)):
+        assert bool((block == b).all())

@@ -16,6 +16,7 @@ views, so writing into a block writes into the tensor.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -23,7 +24,15 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BlockLayout", "block_layout", "merge_blocks", "output_side_layout", "split_blocks"]
+__all__ = [
+    "BlockLayout",
+    "block_layout",
+    "block_sums",
+    "expand_grid",
+    "merge_blocks",
+    "output_side_layout",
+    "split_blocks",
+]
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,20 @@ class BlockLayout:
     @property
     def num_blocks(self) -> int:
         return len(self.block_shapes)
+
+    @functools.cached_property
+    def grid(self) -> tuple[tuple[int, ...], ...]:
+        """Per merged dim, the lengths of its chunks: block ``b`` is cell ``b`` (row-major) of
+        the grid these cut. Every chunk of a dim has the same length except a shorter last one."""
+        return tuple(
+            tuple(
+                size
+                for _, size in sorted(
+                    {(o[d], s[d]) for o, s in zip(self.offsets, self.block_shapes)}
+                )
+            )
+            for d in range(len(self.shape))
+        )
 
     def factor_dims(self, block: int) -> list[int]:
         """Sizes of the factors of ``block``: one per factored dim, in dim order."""
@@ -135,3 +158,36 @@ def merge_blocks(blocks: Sequence[torch.Tensor], layout: BlockLayout) -> torch.T
     for target, block in zip(split_blocks(out, layout), blocks):
         target.copy_(block)
     return out.reshape(layout.param_shape)
+
+
+def _cells(layout: BlockLayout) -> tuple[list[int], list[int]]:
+    """Per merged dim: the number of chunks and the (full) chunk length."""
+    grid = layout.grid
+    return [len(c) for c in grid], [c[0] if c else 0 for c in grid]
+
+
+def block_sums(tensor: torch.Tensor, layout: BlockLayout, dtype: torch.dtype) -> torch.Tensor:
+    """Σ over each block of ``tensor``, accumulated in ``dtype``, as a tensor of the grid's shape.
+
+    One reduction for all blocks: the merged tensor is zero-padded to whole chunks and viewed as
+    (n₁, c₁, n₂, c₂, …), then summed over the c's."""
+    merged = tensor.reshape(layout.shape)
+    counts, lengths = _cells(layout)
+    padding: list[int] = []
+    for size, n, c in zip(layout.shape, counts, lengths):
+        padding = [0, n * c - size, *padding]  # F.pad lists the last dim first
+    if any(padding):
+        merged = torch.nn.functional.pad(merged, padding)
+    cells = [x for n, c in zip(counts, lengths) for x in (n, c)]
+    return merged.reshape(cells).sum(dim=tuple(range(1, len(cells), 2)), dtype=dtype)
+
+
+def expand_grid(grid: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+    """A tensor of ``layout.param_shape`` holding ``grid[cell]`` everywhere in that cell's block."""
+    counts, lengths = _cells(layout)
+    spread = grid.reshape([x for n in counts for x in (n, 1)])
+    spread = spread.expand([x for n, c in zip(counts, lengths) for x in (n, c)])
+    full = spread.reshape([n * c for n, c in zip(counts, lengths)])
+    for dim, size in enumerate(layout.shape):
+        full = full.narrow(dim, 0, size)
+    return full.reshape(layout.param_shape)

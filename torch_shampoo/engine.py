@@ -21,7 +21,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import device
-from .blocking import BlockLayout, block_layout, split_blocks
+from .blocking import BlockLayout, block_layout, block_sums, expand_grid, split_blocks
 from .grafting import graft_direction, update_graft_state
 from .root_pool import InlineRunner, RootJob, RootOutcome, RootPool, Ticket
 
@@ -269,8 +269,8 @@ class PreconditionerEngine(Optimizer):
         # gradient is zeroed and every state update below is masked with it (no host sync).
         flags = keep = None
         if config.skip_nonfinite:
-            flags, keep = _finite_blocks(g, layout)
-            state["skipped_blocks"] += torch.stack(flags).logical_not().sum()
+            flags, keep, bad = _finite_blocks(g, layout)
+            state["skipped_blocks"] += bad
 
         # 1. Statistics; 2. roots (installs due now, then a new snapshot at a root step).
         self._update_statistics(p, state, g, layout, config, flags)
@@ -763,22 +763,26 @@ def _pending_fits(state: dict[str, Any], sizes: list[int]) -> bool:
     return all(not bool(k) or tuple(r.shape) == (d, d) for r, k, d in zip(roots, ok, sizes))
 
 
-def _finite_blocks(g: torch.Tensor, layout: BlockLayout) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Per block, is its gradient finite? Zeroes ``g`` elsewhere; returns the flags and a mask
-    broadcastable to ``g`` (0-d for a single block).
+def _finite_blocks(
+    g: torch.Tensor, layout: BlockLayout
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Per block, is its gradient finite? Zeroes ``g`` elsewhere; returns the per-block flags,
+    a mask broadcastable to ``g`` (0-d for a single block) and the number of bad blocks.
 
-    One float64 sum per block decides: it is non-finite iff an element is NaN or ±inf (a sum of
+    A block's float64 sum decides: it is non-finite iff an element is NaN or ±inf (a sum of
     finite float32 values cannot reach float64's range; float64 gradients near 1e308, whose
-    squares overflow the statistics anyway, count as non-finite)."""
-    flags = [torch.isfinite(block.sum(dtype=torch.float64)) for block in split_blocks(g, layout)]
-    if len(flags) == 1:
-        keep = flags[0]
+    squares overflow the statistics anyway, count as non-finite). All blocks take one reduction."""
+    if layout.num_blocks == 1:
+        keep = torch.isfinite(g.sum(dtype=torch.float64))
+        flags = [keep]
+        bad = keep.logical_not()
     else:
-        keep = torch.empty(g.shape, dtype=torch.bool, device=g.device)
-        for view, flag in zip(split_blocks(keep, layout), flags):
-            view.copy_(flag)
+        grid = torch.isfinite(block_sums(g, layout, torch.float64))
+        flags = list(grid.flatten().unbind())
+        keep = expand_grid(grid, layout)
+        bad = grid.logical_not().sum()
     g.masked_fill_(keep.logical_not(), 0.0)
-    return flags, keep
+    return flags, keep, bad
 
 
 def _mode_products(
