@@ -1,6 +1,6 @@
 """How a parameter becomes blocks, and how blocks become a parameter again.
 
-Shapes only, no math. A parameter of shape ``s`` is viewed as a tensor of a *merged* shape:
+A parameter of shape ``s`` is viewed as a tensor of a *merged* shape:
 
 1. size-1 dims are dropped (a 0-d or all-ones tensor becomes ``(1,)``);
 2. neighbouring dims are merged from the right while their product stays ≤ ``block_size``
@@ -12,6 +12,9 @@ Shapes only, no math. A parameter of shape ``s`` is viewed as a tensor of a *mer
 
 Blocks are the cells of the resulting grid, in row-major order. For a contiguous tensor they are
 views, so writing into a block writes into the tensor.
+
+:func:`block_sums` reduces every block at once and :func:`expand_grid` spreads one value per
+block back over the parameter's shape (the non-finite guard's flags and mask).
 """
 
 from __future__ import annotations
