@@ -464,7 +464,6 @@ class PreconditionerEngine(Optimizer):
                 ticket._fail(exc)
             self._pending[p] = _Pending(submitted=t, due=due, jobs=[], tickets=failed)
             return
-        runner = self._runner_for_roots()
         jobs = []
         for factor, staging, exponent in zip(
             state["factors"], self._staging_of(p, state), self._exponents(config, layout)
@@ -484,6 +483,7 @@ class PreconditionerEngine(Optimizer):
         if due > t:  # not needed in this step: sent when the step is done
             self._unsent.append(pending)
         else:
+            runner = self._runner_for_roots()
             pending.tickets = [runner.submit(job) for job in jobs]
 
     def _install_due_roots(
