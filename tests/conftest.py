@@ -16,6 +16,7 @@ def _one_intra_op_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-# The same examples on every run: CI must not depend on which random cases hypothesis draws.
-settings.register_profile("deterministic", derandomize=True, database=None)
+# The same examples on every run, and no per-example time limit: CI must depend neither on which
+# random cases hypothesis draws nor on how loaded the machine is.
+settings.register_profile("deterministic", derandomize=True, database=None, deadline=None)
 settings.load_profile("deterministic")

@@ -22,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from torch_shampoo.blocking import (
+    BlockLayout,
     block_layout,
     block_sums,
     expand_grid,
@@ -360,17 +361,22 @@ def test_writing_into_one_block_changes_only_that_part_of_the_tensor(block_size:
     assert bool((merge_blocks(blocks, layout) == tensor).all())
 
 
+def _either_layout(case: tuple[tuple[int, ...], int, int], one_sided: bool) -> BlockLayout:
+    """Shampoo's merged grid, or NG+'s output-side grid, of the same shape."""
+    shape, block_size, max_factor_dim = case
+    if one_sided:
+        return output_side_layout(shape, block_size, vectors=True)
+    return block_layout(shape, block_size, max_factor_dim)
+
+
+@settings(deadline=None)
 @given(layouts_of_small_tensors, st.integers(0, 2**31 - 1), st.booleans())
 def test_block_sums_are_the_sums_of_the_blocks_in_block_order(
     case: tuple[tuple[int, ...], int, int], seed: int, one_sided: bool
 ) -> None:
     """One padded reduction gives what summing every block of split_blocks gives."""
-    shape, block_size, max_factor_dim = case
-    layout = (
-        output_side_layout(shape, block_size, vectors=True)
-        if one_sided
-        else block_layout(shape, block_size, max_factor_dim)
-    )
+    shape = case[0]
+    layout = _either_layout(case, one_sided)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     sums = block_sums(x, layout, torch.float64)
     assert sums.dtype == torch.float64
@@ -379,16 +385,13 @@ def test_block_sums_are_the_sums_of_the_blocks_in_block_order(
     torch.testing.assert_close(sums.flatten(), torch.stack(expected), rtol=1e-12, atol=1e-12)
 
 
+@settings(deadline=None)
 @given(layouts_of_small_tensors, st.booleans())
 def test_expand_grid_fills_each_block_with_its_cell(
     case: tuple[tuple[int, ...], int, int], one_sided: bool
 ) -> None:
-    shape, block_size, max_factor_dim = case
-    layout = (
-        output_side_layout(shape, block_size, vectors=True)
-        if one_sided
-        else block_layout(shape, block_size, max_factor_dim)
-    )
+    shape = case[0]
+    layout = _either_layout(case, one_sided)
     grid = torch.arange(layout.num_blocks).reshape([len(chunks) for chunks in layout.grid])
     full = expand_grid(grid, layout)
     assert full.shape == tuple(shape)

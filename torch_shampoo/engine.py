@@ -775,13 +775,13 @@ def _finite_blocks(
     if layout.num_blocks == 1:
         keep = torch.isfinite(g.sum(dtype=torch.float64))
         flags = [keep]
-        bad = keep.logical_not()
+        drop = bad = keep.logical_not()
     else:
         grid = torch.isfinite(block_sums(g, layout, torch.float64))
         flags = list(grid.flatten().unbind())
         keep = expand_grid(grid, layout)
-        bad = grid.logical_not().sum()
-    g.masked_fill_(keep.logical_not(), 0.0)
+        drop, bad = keep.logical_not(), grid.logical_not().sum()
+    g.masked_fill_(drop, 0.0)
     return flags, keep, bad
 
 
