@@ -168,6 +168,7 @@ class PreconditionerEngine(Optimizer):
         self._staging: dict[torch.Tensor, list[_Staging]] = {}
         self._pending: dict[torch.Tensor, _Pending] = {}
         self._unsent: list[_Pending] = []
+        self._checked: dict[torch.Tensor, tuple[BlockLayout, dict[str, Any]]] = {}
         self._scratch: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
         self._loading: dict[str, Any] | None = None
         self._stats = _Stats()
@@ -251,7 +252,10 @@ class PreconditionerEngine(Optimizer):
         state = self.state[p]
         if not state:
             self._init_state(p, state, layout)
-        self._check_state(p, state, layout)
+        checked = self._checked.get(p)
+        if checked is None or checked[0] is not layout or checked[1] is not state:
+            self._check_state(p, state, layout)  # again after a load or a block-size change
+            self._checked[p] = (layout, state)
         state["step"] += 1
         t = int(state["step"])
         start = config.start
@@ -742,6 +746,7 @@ class PreconditionerEngine(Optimizer):
         else:  # replace the base class's dtype-cast copies by the saved tensors
             self._pending.clear()
             self._staging.clear()
+            self._checked.clear()
             for saved_id, p in loading["params"].items():
                 saved = loading["state"].get(saved_id)
                 if saved is not None:
