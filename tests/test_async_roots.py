@@ -154,6 +154,7 @@ def test_a_raising_root_keeps_the_previous_root_warns_and_finally_raises(
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == sum(len(roots) for roots in good_roots.values())  # one per factor
     assert re.search(r"parameter 0 \(shape .*\) block 0 dim 0 .*injected", messages[0])
+    assert all(w.filename.endswith("models.py") for w in caught)  # the line calling opt.step()
     for p, roots in good_roots.items():
         assert all(torch.equal(a, b) for a, b in zip(opt.state[p]["roots"], roots))
     with (

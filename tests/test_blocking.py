@@ -378,6 +378,7 @@ def test_block_sums_are_the_sums_of_the_blocks_in_block_order(
     shape = case[0]
     layout = _either_layout(case, one_sided)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    assert list(itertools.product(*layout.grid)) == list(layout.block_shapes)  # the grid's cells
     sums = block_sums(x, layout, torch.float64)
     assert sums.dtype == torch.float64
     assert sums.shape == tuple(len(chunks) for chunks in layout.grid)

@@ -19,7 +19,6 @@ block back over the parameter's shape (the non-finite guard's flags and mask).
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -50,24 +49,13 @@ class BlockLayout:
     offsets: tuple[tuple[int, ...], ...]
     """Per block: its start along each merged dim."""
     block_shapes: tuple[tuple[int, ...], ...]
+    grid: tuple[tuple[int, ...], ...]
+    """Per merged dim, the lengths of its chunks: block ``b`` is cell ``b`` (row-major) of the
+    grid they cut. Every chunk of a dim has the same length except a shorter last one."""
 
     @property
     def num_blocks(self) -> int:
         return len(self.block_shapes)
-
-    @functools.cached_property
-    def grid(self) -> tuple[tuple[int, ...], ...]:
-        """Per merged dim, the lengths of its chunks: block ``b`` is cell ``b`` (row-major) of
-        the grid these cut. Every chunk of a dim has the same length except a shorter last one."""
-        return tuple(
-            tuple(
-                size
-                for _, size in sorted(
-                    {(o[d], s[d]) for o, s in zip(self.offsets, self.block_shapes)}
-                )
-            )
-            for d in range(len(self.shape))
-        )
 
     def factor_dims(self, block: int) -> list[int]:
         """Sizes of the factors of ``block``: one per factored dim, in dim order."""
@@ -110,6 +98,7 @@ def block_layout(shape: Sequence[int], block_size: int, max_factor_dim: int) -> 
         factored=factored,
         offsets=tuple(tuple(start for start, _ in cell) for cell in cells),
         block_shapes=tuple(tuple(size for _, size in cell) for cell in cells),
+        grid=tuple(tuple(size for _, size in chunks) for chunks in per_dim),
     )
 
 
@@ -138,6 +127,7 @@ def output_side_layout(shape: Sequence[int], block_size: int, vectors: bool) -> 
         factored=factored,
         offsets=tuple((start,) + (0,) * len(rest) for start, _ in rows),
         block_shapes=tuple((size, *rest) for _, size in rows),
+        grid=(tuple(size for _, size in rows), *((d,) for d in rest)),
     )
 
 

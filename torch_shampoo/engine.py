@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -51,6 +52,28 @@ class _Pending:
     jobs: list[RootJob]
     tickets: list[Ticket]
     """Empty until the jobs are handed to the runner (at the end of the step that made them)."""
+
+
+@dataclass
+class _Work:
+    """One parameter's share of a step: set up by the eager bookkeeping, used by the math."""
+
+    p: torch.Tensor
+    state: dict[str, Any]
+    config: EngineConfig
+    layout: BlockLayout
+    t: int
+    bias1: torch.Tensor | None
+    """1 − β₁ᵗ as a tensor (None without bias correction): compiled math sees no changing float."""
+    bias2: torch.Tensor | None
+    """The graft's 1 − β₂ᵗ, likewise."""
+    preconditioned: bool
+    """t ≥ start: Shampoo's direction, else the graft's alone."""
+    curvature: torch.Tensor | None
+    g: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    flags: list[torch.Tensor] | None = None
+    keep: torch.Tensor | None = None
 
 
 @dataclass
@@ -209,22 +232,84 @@ class PreconditionerEngine(Optimizer):
         self._step_parameters()
         return loss
 
-    # Under torch.compile the parameter updates run eagerly: their Python bookkeeping (per-step
-    # counters, root schedules, thread hand-offs) would otherwise make dynamo recompile for
-    # every parameter and step.
-    @torch.compiler.disable
+    # The step in three parts. Host-side bookkeeping (counters, state checks, root schedules,
+    # thread hand-offs) runs eagerly even under torch.compile; the tensor math between it reads
+    # no Python value that changes from step to step, so a compiled step does not recompile.
     def _step_parameters(self) -> None:
+        work = self._begin_step()
+        for w in work:
+            self._update_statistics(w)
+        self._roots_of_this_step(work)
+        for w in work:
+            self._update_parameter(w)
+        self._send_roots()
+
+    @torch.compiler.disable
+    def _begin_step(self) -> list[_Work]:
+        """Per parameter with a gradient: its state (created or checked), its roots due now,
+        the step-dependent scalars as tensors; then the step counters advance."""
         if self._pid != os.getpid():
             self._adopt_after_fork()
-        try:
-            for group in self.param_groups:
-                config = self._config(group)
-                for p in group["params"]:
-                    if p.grad is not None:
-                        self._step_parameter(p, config)
-        finally:
-            self._send_roots()
+        self._send_roots()  # left over if the previous step raised
+        work = []
+        for group in self.param_groups:
+            config = self._config(group)
+            for p in group["params"]:
+                if p.grad is not None:
+                    work.append(self._work_of(p, config))
+        for w in work:
+            w.state["step"] += 1
+        return work
 
+    def _work_of(self, p: torch.Tensor, config: EngineConfig) -> _Work:
+        assert p.grad is not None
+        if p.grad.is_sparse:
+            raise RuntimeError(
+                f"{type(self).__name__} does not support sparse gradients "
+                f"(parameter {self._describe(p)})"
+            )
+        layout = self._layout_of(p, config)
+        state = self.state[p]
+        if not state:
+            self._init_state(p, state, layout)
+        checked = self._checked.get(p)
+        if checked is None or checked[0] is not layout or checked[1] is not state:
+            self._check_state(p, state, layout)  # again after a load or a block-size change
+            self._checked[p] = (layout, state)
+        t = int(state["step"]) + 1
+        self._install_due_roots(p, state, t, config.max_root_failures)
+        if config.momentum != 0 and "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(state["exp_avg"])
+        if config.grafting in ("adam", "adagrad", "rmsprop") and "graft_v" not in state:
+            state["graft_v"] = torch.zeros_like(state["exp_avg"])
+        corrected, dtype = config.bias_correction, state["exp_avg"].dtype
+        return _Work(
+            p=p,
+            state=state,
+            config=config,
+            layout=layout,
+            t=t,
+            bias1=_scalar(1.0 - config.beta1**t, dtype) if corrected else None,
+            bias2=_scalar(1.0 - config.grafting_beta2**t, dtype) if corrected else None,
+            preconditioned=t >= config.start,
+            curvature=self._take_curvature(p),
+        )
+
+    def _take_curvature(self, p: torch.Tensor) -> torch.Tensor | None:
+        """Statistics prepared outside the step (NG+'s per-sample hooks); None: use G Gᵀ."""
+        return None
+
+    @torch.compiler.disable
+    def _roots_of_this_step(self, work: list[_Work]) -> None:
+        """At a root step: snapshot the factors (after this step's statistics) for the pool;
+        a root due in this same step (staleness 0) is installed before it is used."""
+        for w in work:
+            config, t = w.config, w.t
+            if t == config.start or (t > config.start and t % config.frequency == 0):
+                self._submit_roots(w.p, config, w.state, w.layout, t)
+                self._install_due_roots(w.p, w.state, t, config.max_root_failures)
+
+    @torch.compiler.disable
     def _send_roots(self) -> None:
         """Hand this step's deferred root jobs to the pool. They are sent once every parameter
         is updated, so that the workers do not compete with the rest of the step for the CPU
@@ -241,47 +326,55 @@ class PreconditionerEngine(Optimizer):
     def _group_of(self, p: torch.Tensor) -> dict[str, Any]:
         return next(g for g in self.param_groups if any(q is p for q in g["params"]))
 
-    def _step_parameter(self, p: torch.Tensor, config: EngineConfig) -> None:
+    def _gradient(self, w: _Work) -> torch.Tensor:
+        """This step's gradient in the state dtype (a copy: p.grad is never modified), with the
+        non-finite guard applied: ``w.keep`` is False on blocks whose gradient is not finite;
+        their gradient is zeroed and every state update is masked with it (no host sync)."""
+        p, state, config = w.p, w.state, w.config
         assert p.grad is not None
-        if p.grad.is_sparse:
-            raise RuntimeError(
-                f"{type(self).__name__} does not support sparse gradients "
-                f"(parameter {self._describe(p)})"
-            )
-        layout = self._layout_of(p, config)
-        state = self.state[p]
-        if not state:
-            self._init_state(p, state, layout)
-        checked = self._checked.get(p)
-        if checked is None or checked[0] is not layout or checked[1] is not state:
-            self._check_state(p, state, layout)  # again after a load or a block-size change
-            self._checked[p] = (layout, state)
-        state["step"] += 1
-        t = int(state["step"])
-        start = config.start
-
-        # 0. The gradient in the state dtype (a copy: p.grad is never modified).
         g = p.grad.to(
             dtype=state["exp_avg"].dtype, memory_format=torch.contiguous_format, copy=True
         )
         if config.maximize:
             g.neg_()
-        weight = p.detach().to(g.dtype)
+        w.weight = p.detach().to(g.dtype)
         if config.weight_decay != 0 and not config.decoupled_weight_decay:
-            g.add_(weight, alpha=config.weight_decay)
-        # The non-finite guard: ``keep`` is False on blocks whose gradient is not finite; their
-        # gradient is zeroed and every state update below is masked with it (no host sync).
-        flags = keep = None
+            g.add_(w.weight, alpha=config.weight_decay)
         if config.skip_nonfinite:
-            flags, keep, bad = _finite_blocks(g, layout)
+            w.flags, w.keep, bad = _finite_blocks(g, w.layout)
             state["skipped_blocks"] += bad
+        w.g = g
+        return g
 
-        # 1. Statistics; 2. roots (installs due now, then a new snapshot at a root step).
-        self._update_statistics(p, state, g, layout, config, flags)
-        self._install_due_roots(p, state, t, config.max_root_failures)
-        if t == start or (t > start and t % config.frequency == 0):
-            self._submit_roots(p, config, state, layout, t)
-            self._install_due_roots(p, state, t, config.max_root_failures)
+    def _update_statistics(self, w: _Work) -> None:
+        """F_i ← β₂ F_i + w G_(i) G_(i)ᵀ for every factored dim of every kept block."""
+        g = self._gradient(w)
+        config, flags = w.config, w.flags
+        beta2 = config.beta2
+        weight = 1.0 if beta2 == 1.0 else 1.0 - beta2
+        factors = iter(w.state["factors"])
+        for b, block in enumerate(split_blocks(g, w.layout)):
+            for dim, factored in enumerate(w.layout.factored):
+                if factored:
+                    unfolded = block.movedim(dim, 0).reshape(block.shape[dim], -1)
+                    factor = next(factors)
+                    if flags is None:
+                        factor.addmm_(unfolded, unfolded.T, beta=beta2, alpha=weight)
+                    else:  # the same arithmetic into a scratch buffer, kept only if finite
+                        new = torch.addmm(
+                            factor,
+                            unfolded,
+                            unfolded.T,
+                            beta=beta2,
+                            alpha=weight,
+                            out=self._scratch_like(factor),
+                        )
+                        torch.where(flags[b], new, factor, out=factor)
+
+    def _update_parameter(self, w: _Work) -> None:
+        """Moment, graft, preconditioned direction, weight decay, momentum, parameter."""
+        p, state, config, keep, g = w.p, w.state, w.config, w.keep, w.g
+        assert g is not None and w.weight is not None
 
         # 3. First moment.
         exp_avg = state["exp_avg"]
@@ -289,32 +382,24 @@ class PreconditionerEngine(Optimizer):
             exp_avg.lerp_(g, 1.0 - config.beta1)
         else:
             torch.where(keep, exp_avg.lerp(g, 1.0 - config.beta1), exp_avg, out=exp_avg)
-        m_hat = exp_avg / (1.0 - config.beta1**t) if config.bias_correction else exp_avg
+        m_hat = exp_avg if w.bias1 is None else exp_avg / w.bias1
 
         # 5. The graft (its state sees every step) and 4. the preconditioned direction.
         update_graft_state(config.grafting, state, g, config.grafting_beta2, keep)
         direction = graft_direction(
-            config.grafting,
-            state,
-            m_hat,
-            beta2=config.grafting_beta2,
-            epsilon=config.grafting_epsilon,
-            step=t,
-            bias_correction=config.bias_correction,
+            config.grafting, state, m_hat, epsilon=config.grafting_epsilon, correction=w.bias2
         )
-        if t < start:
+        if not w.preconditioned:
             update = m_hat if direction is None else direction
         else:
-            update = self._precondition(state, m_hat, direction, layout)
+            update = self._precondition(state, m_hat, direction, w.layout)
 
         # 6. Decoupled weight decay; 7. momentum; 8. the parameter update.
         if config.weight_decay != 0 and config.decoupled_weight_decay:
-            update = update + config.weight_decay * weight
+            update = update + config.weight_decay * w.weight
         mu = config.momentum
         if mu != 0:
-            buffer = state.get("momentum_buffer")
-            if buffer is None:
-                buffer = state["momentum_buffer"] = torch.zeros_like(exp_avg)
+            buffer = state["momentum_buffer"]
             if keep is None:
                 buffer.mul_(mu).add_(update)
             else:
@@ -331,6 +416,7 @@ class PreconditionerEngine(Optimizer):
             p.sub_((update * lr).to(p.dtype))
         else:
             p.add_(update.to(p.dtype), alpha=-lr)
+        w.g = w.weight = None
 
     def _init_state(self, p: torch.Tensor, state: dict[str, Any], layout: BlockLayout) -> None:
         dtype = _state_dtype(p)
@@ -388,37 +474,6 @@ class PreconditionerEngine(Optimizer):
                 f"which its group's settings use: the state dict is truncated or from another "
                 f"configuration"
             )
-
-    def _update_statistics(
-        self,
-        p: torch.Tensor,
-        state: dict[str, Any],
-        g: torch.Tensor,
-        layout: BlockLayout,
-        config: EngineConfig,
-        flags: list[torch.Tensor] | None,
-    ) -> None:
-        """F_i ← β₂ F_i + w G_(i) G_(i)ᵀ for every factored dim of every kept block."""
-        beta2 = config.beta2
-        weight = 1.0 if beta2 == 1.0 else 1.0 - beta2
-        factors = iter(state["factors"])
-        for b, block in enumerate(split_blocks(g, layout)):
-            for dim, factored in enumerate(layout.factored):
-                if factored:
-                    unfolded = block.movedim(dim, 0).reshape(block.shape[dim], -1)
-                    factor = next(factors)
-                    if flags is None:
-                        factor.addmm_(unfolded, unfolded.T, beta=beta2, alpha=weight)
-                    else:  # the same arithmetic into a scratch buffer, kept only if finite
-                        new = torch.addmm(
-                            factor,
-                            unfolded,
-                            unfolded.T,
-                            beta=beta2,
-                            alpha=weight,
-                            out=self._scratch_like(factor),
-                        )
-                        torch.where(flags[b], new, factor, out=factor)
 
     def _precondition(
         self,
@@ -540,7 +595,7 @@ class PreconditionerEngine(Optimizer):
                 f"{type(self).__name__}: {message}; keeping the previous root "
                 f"({failures} consecutive)",
                 RuntimeWarning,
-                stacklevel=6,  # the caller of optimizer.step()
+                stacklevel=_user_stacklevel(),
             )
 
     def _adopt_after_fork(self) -> None:
@@ -766,6 +821,24 @@ def _pending_fits(state: dict[str, Any], sizes: list[int]) -> bool:
     if "pending_submitted" not in state or not len(roots) == len(ok) == len(reasons) == len(sizes):
         return False
     return all(not bool(k) or tuple(r.shape) == (d, d) for r, k, d in zip(roots, ok, sizes))
+
+
+_LIBRARY_DIRS = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning issued by our caller point at the user's line
+    (the first frame outside this package and torch: the call of ``optimizer.step()``)."""
+    level, frame = 2, sys._getframe(2)
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+        level, frame = level + 1, frame.f_back
+    return level
+
+
+def _scalar(value: float, dtype: torch.dtype) -> torch.Tensor:
+    """A host 0-d tensor of the state dtype: dividing a state tensor by it rounds exactly as
+    dividing by the Python float ``value`` does."""
+    return torch.tensor(value, dtype=dtype)
 
 
 def _finite_blocks(

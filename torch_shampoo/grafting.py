@@ -34,13 +34,11 @@ def update_graft_state(
     beta2: float,
     keep: torch.Tensor | None = None,
 ) -> None:
-    """Fold this step's gradient into the second moment ``state["graft_v"]`` (created at zero),
-    only where ``keep`` is True when a mask is given."""
+    """Fold this step's gradient into the second moment ``state["graft_v"]``, only where
+    ``keep`` is True when a mask is given."""
     if graft not in ("adam", "adagrad", "rmsprop"):
         return
-    v = state.get("graft_v")
-    if v is None:
-        v = state["graft_v"] = torch.zeros_like(grad)
+    v = state["graft_v"]
     if keep is not None:
         decay = 1.0 if graft == "adagrad" else beta2
         weight = 1.0 if graft == "adagrad" else 1.0 - beta2
@@ -56,19 +54,18 @@ def graft_direction(
     state: dict[str, torch.Tensor],
     m_hat: torch.Tensor,
     *,
-    beta2: float,
     epsilon: float,
-    step: int,
-    bias_correction: bool,
+    correction: torch.Tensor | None,
 ) -> torch.Tensor | None:
-    """The graft's direction D for the whole parameter, or ``None`` for ``graft="none"``."""
+    """The graft's direction D for the whole parameter, or ``None`` for ``graft="none"``;
+    ``correction`` is Adam's 1 − β₂ᵗ (None: no bias correction)."""
     if graft == "none":
         return None
     if graft == "sgd":
         return m_hat
     v = state["graft_v"]
-    if graft == "adam" and bias_correction:
-        denom = (v / (1.0 - beta2**step)).sqrt_()
+    if graft == "adam" and correction is not None:
+        denom = (v / correction).sqrt_()
     else:
         denom = v.sqrt()
     return m_hat / denom.add_(epsilon)

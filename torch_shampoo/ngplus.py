@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .blocking import BlockLayout, output_side_layout
-from .engine import Checks, EngineConfig, PreconditionerEngine
+from .engine import Checks, EngineConfig, PreconditionerEngine, _Work
 from .matrix_roots import ROOT_METHODS
 from .per_sample import PerSampleFisher
 
@@ -166,29 +166,24 @@ class NGPlus(PreconditionerEngine):
     def _layout_of(self, p: torch.Tensor, config: EngineConfig) -> BlockLayout:
         return _layout(tuple(p.shape), config.block_size, self.statistics == "per_sample")
 
-    def _update_statistics(
-        self,
-        p: torch.Tensor,
-        state: dict[str, Any],
-        g: torch.Tensor,
-        layout: BlockLayout,
-        config: EngineConfig,
-        flags: list[torch.Tensor] | None,
-    ) -> None:
+    def _take_curvature(self, p: torch.Tensor) -> torch.Tensor | None:
+        return self._fisher.pop(p) if self._fisher is not None else None
+
+    def _update_statistics(self, w: _Work) -> None:
         """F ← βF + (1 − β)Ĝ with the hooks' per-sample Ĝ where there is one."""
-        fisher = self._fisher.pop(p) if self._fisher is not None else None
-        if fisher is None:
-            super()._update_statistics(p, state, g, layout, config, flags)
+        if w.curvature is None:
+            super()._update_statistics(w)
             return
-        beta = config.beta2
+        self._gradient(w)
+        beta, flags = w.config.beta2, w.flags
         for b, (factor, offset, size) in enumerate(
-            zip(state["factors"], layout.offsets, layout.block_shapes)
+            zip(w.state["factors"], w.layout.offsets, w.layout.block_shapes)
         ):
             rows = slice(offset[0], offset[0] + size[0])
             if flags is None:
-                factor.mul_(beta).add_(fisher[rows, rows], alpha=1.0 - beta)
+                factor.mul_(beta).add_(w.curvature[rows, rows], alpha=1.0 - beta)
             else:  # a skipped block keeps its factor
-                new = (factor * beta).add_(fisher[rows, rows], alpha=1.0 - beta)
+                new = (factor * beta).add_(w.curvature[rows, rows], alpha=1.0 - beta)
                 torch.where(flags[b], new, factor, out=factor)
 
     def _validate(self, group: dict[str, Any]) -> None:
