@@ -70,8 +70,6 @@ class _Work:
     preconditioned: bool
     """t ≥ start: Shampoo's direction, else the graft's alone."""
     curvature: torch.Tensor | None
-    g: torch.Tensor | None = None
-    weight: torch.Tensor | None = None
     flags: list[torch.Tensor] | None = None
     keep: torch.Tensor | None = None
 
@@ -238,7 +236,7 @@ class PreconditionerEngine(Optimizer):
     def _step_parameters(self) -> None:
         work = self._begin_step()
         for w in work:
-            self._update_statistics(w)
+            self._accumulate(w)
         self._roots_of_this_step(work)
         for w in work:
             self._update_parameter(w)
@@ -337,18 +335,28 @@ class PreconditionerEngine(Optimizer):
         )
         if config.maximize:
             g.neg_()
-        w.weight = p.detach().to(g.dtype)
         if config.weight_decay != 0 and not config.decoupled_weight_decay:
-            g.add_(w.weight, alpha=config.weight_decay)
+            g.add_(p.detach().to(g.dtype), alpha=config.weight_decay)
         if config.skip_nonfinite:
             w.flags, w.keep, bad = _finite_blocks(g, w.layout)
             state["skipped_blocks"] += bad
-        w.g = g
         return g
 
-    def _update_statistics(self, w: _Work) -> None:
-        """F_i ← β₂ F_i + w G_(i) G_(i)ᵀ for every factored dim of every kept block."""
+    def _accumulate(self, w: _Work) -> None:
+        """Everything this step's gradient feeds: the statistics, the first moment and the
+        graft's second moment (so that the gradient's copy lives for one parameter at a time)."""
         g = self._gradient(w)
+        self._update_statistics(w, g)
+        state, config, keep = w.state, w.config, w.keep
+        exp_avg = state["exp_avg"]
+        if keep is None:
+            exp_avg.lerp_(g, 1.0 - config.beta1)
+        else:
+            torch.where(keep, exp_avg.lerp(g, 1.0 - config.beta1), exp_avg, out=exp_avg)
+        update_graft_state(config.grafting, state, g, config.grafting_beta2, keep)
+
+    def _update_statistics(self, w: _Work, g: torch.Tensor) -> None:
+        """F_i ← β₂ F_i + w G_(i) G_(i)ᵀ for every factored dim of every kept block."""
         config, flags = w.config, w.flags
         beta2 = config.beta2
         weight = 1.0 if beta2 == 1.0 else 1.0 - beta2
@@ -372,20 +380,12 @@ class PreconditionerEngine(Optimizer):
                         torch.where(flags[b], new, factor, out=factor)
 
     def _update_parameter(self, w: _Work) -> None:
-        """Moment, graft, preconditioned direction, weight decay, momentum, parameter."""
-        p, state, config, keep, g = w.p, w.state, w.config, w.keep, w.g
-        assert g is not None and w.weight is not None
+        """Graft direction, preconditioned direction, weight decay, momentum, parameter."""
+        p, state, config, keep = w.p, w.state, w.config, w.keep
 
-        # 3. First moment.
+        # 3. The bias-corrected first moment; 5. the graft and 4. the preconditioned direction.
         exp_avg = state["exp_avg"]
-        if keep is None:
-            exp_avg.lerp_(g, 1.0 - config.beta1)
-        else:
-            torch.where(keep, exp_avg.lerp(g, 1.0 - config.beta1), exp_avg, out=exp_avg)
         m_hat = exp_avg if w.bias1 is None else exp_avg / w.bias1
-
-        # 5. The graft (its state sees every step) and 4. the preconditioned direction.
-        update_graft_state(config.grafting, state, g, config.grafting_beta2, keep)
         direction = graft_direction(
             config.grafting, state, m_hat, epsilon=config.grafting_epsilon, correction=w.bias2
         )
@@ -396,7 +396,7 @@ class PreconditionerEngine(Optimizer):
 
         # 6. Decoupled weight decay; 7. momentum; 8. the parameter update.
         if config.weight_decay != 0 and config.decoupled_weight_decay:
-            update = update + config.weight_decay * w.weight
+            update = update + config.weight_decay * p.detach().to(exp_avg.dtype)
         mu = config.momentum
         if mu != 0:
             buffer = state["momentum_buffer"]
@@ -416,7 +416,6 @@ class PreconditionerEngine(Optimizer):
             p.sub_((update * lr).to(p.dtype))
         else:
             p.add_(update.to(p.dtype), alpha=-lr)
-        w.g = w.weight = None
 
     def _init_state(self, p: torch.Tensor, state: dict[str, Any], layout: BlockLayout) -> None:
         dtype = _state_dtype(p)

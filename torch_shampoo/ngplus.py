@@ -169,12 +169,11 @@ class NGPlus(PreconditionerEngine):
     def _take_curvature(self, p: torch.Tensor) -> torch.Tensor | None:
         return self._fisher.pop(p) if self._fisher is not None else None
 
-    def _update_statistics(self, w: _Work) -> None:
+    def _update_statistics(self, w: _Work, g: torch.Tensor) -> None:
         """F ← βF + (1 − β)Ĝ with the hooks' per-sample Ĝ where there is one."""
         if w.curvature is None:
-            super()._update_statistics(w)
+            super()._update_statistics(w, g)
             return
-        self._gradient(w)
         beta, flags = w.config.beta2, w.flags
         for b, (factor, offset, size) in enumerate(
             zip(w.state["factors"], w.layout.offsets, w.layout.block_shapes)
