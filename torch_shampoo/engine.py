@@ -693,6 +693,7 @@ class PreconditionerEngine(Optimizer):
 
     def _pending_as_state(self) -> dict[torch.Tensor, dict[str, Any]]:
         """Wait for the roots in flight and express them as plain state entries."""
+        self._send_roots()  # jobs of a step that raised before it could send them
         entries = {}
         for p, pending in self._pending.items():
             roots, ok, reasons = [], [], []
