@@ -300,3 +300,31 @@ def test_roots_due_later_are_handed_over_only_after_every_parameter_is_updated(
     handed_after_the_step = [all(map(torch.equal, seen, after)) for seen in spy.seen]
     assert all(handed_after_the_step) == (staleness > 0)
     opt.close()
+
+
+def test_root_jobs_of_a_step_that_raised_are_still_computed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An exception after the statistics (here: injected into the parameter update) must not
+    strand the root jobs that step made: state_dict() saves them and training goes on."""
+    model = mixed_model()
+    opt = Shampoo(model.parameters(), **BASE, precondition_frequency=3, root_staleness=2)
+    batches = make_batches(6)
+    train(model, opt, batches[:2])
+
+    def broken_update(self: Shampoo, w: Any) -> None:
+        raise KeyboardInterrupt("interrupted mid-step")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Shampoo, "_update_parameter", broken_update)
+        with pytest.raises(KeyboardInterrupt):
+            train(model, opt, batches[2:3])  # step 3: a root step, jobs due at step 5
+    saved = opt.state_dict()
+    factors = sum(len(s["roots"]) for s in opt.state.values())
+    pending = [s for s in saved["state"].values() if "pending_roots" in s]
+    assert sum(len(s["pending_roots"]) for s in pending) == factors
+    assert all(bool(s["pending_ok"].all()) for s in pending)
+    train(model, opt, batches[3:])  # step 5 installs them
+    stats = opt.root_stats()
+    assert (stats["roots_computed"], stats["root_failures"]) == (factors, 0)
+    opt.close()
