@@ -823,7 +823,7 @@ def _pending_fits(state: dict[str, Any], sizes: list[int]) -> bool:
     return all(not bool(k) or tuple(r.shape) == (d, d) for r, k, d in zip(roots, ok, sizes))
 
 
-_LIBRARY_DIRS = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
+_LIBRARY_DIRS = (os.path.dirname(__file__) + os.sep, os.path.dirname(torch.__file__) + os.sep)
 
 
 def _user_stacklevel() -> int:
