@@ -71,7 +71,16 @@ class _Work:
     """t ≥ start: Shampoo's direction, else the graft's alone."""
     curvature: torch.Tensor | None
     flags: list[torch.Tensor] | None = None
-    keep: torch.Tensor | None = None
+    """Per block: is this step's gradient finite? (None: the guard is off.)"""
+    cells: torch.Tensor | None = None
+    """The same flags as a tensor of the block grid's shape."""
+
+    def keep(self) -> torch.Tensor | None:
+        """The flags as a mask broadcastable to the parameter (0-d for a single block), built
+        where it is used so that no parameter-sized mask outlives its part of the step."""
+        if self.cells is None or self.layout.num_blocks == 1:
+            return self.cells
+        return expand_grid(self.cells, self.layout)
 
 
 @dataclass
@@ -326,7 +335,7 @@ class PreconditionerEngine(Optimizer):
 
     def _gradient(self, w: _Work) -> torch.Tensor:
         """This step's gradient in the state dtype (a copy: p.grad is never modified), with the
-        non-finite guard applied: ``w.keep`` is False on blocks whose gradient is not finite;
+        non-finite guard applied: ``w.keep()`` is False on blocks whose gradient is not finite;
         their gradient is zeroed and every state update is masked with it (no host sync)."""
         p, state, config = w.p, w.state, w.config
         assert p.grad is not None
@@ -338,8 +347,11 @@ class PreconditionerEngine(Optimizer):
         if config.weight_decay != 0 and not config.decoupled_weight_decay:
             g.add_(p.detach().to(g.dtype), alpha=config.weight_decay)
         if config.skip_nonfinite:
-            w.flags, w.keep, bad = _finite_blocks(g, w.layout)
+            w.flags, w.cells, bad = _finite_blocks(g, w.layout)
             state["skipped_blocks"] += bad
+            keep = w.keep()
+            assert keep is not None
+            g.masked_fill_(keep.logical_not(), 0.0)
         return g
 
     def _accumulate(self, w: _Work) -> None:
@@ -347,7 +359,7 @@ class PreconditionerEngine(Optimizer):
         graft's second moment (so that the gradient's copy lives for one parameter at a time)."""
         g = self._gradient(w)
         self._update_statistics(w, g)
-        state, config, keep = w.state, w.config, w.keep
+        state, config, keep = w.state, w.config, w.keep()
         exp_avg = state["exp_avg"]
         if keep is None:
             exp_avg.lerp_(g, 1.0 - config.beta1)
@@ -381,7 +393,7 @@ class PreconditionerEngine(Optimizer):
 
     def _update_parameter(self, w: _Work) -> None:
         """Graft direction, preconditioned direction, weight decay, momentum, parameter."""
-        p, state, config, keep = w.p, w.state, w.config, w.keep
+        p, state, config, keep = w.p, w.state, w.config, w.keep()
 
         # 3. The bias-corrected first moment; 5. the graft and 4. the preconditioned direction.
         exp_avg = state["exp_avg"]
@@ -844,23 +856,17 @@ def _scalar(value: float, dtype: torch.dtype) -> torch.Tensor:
 def _finite_blocks(
     g: torch.Tensor, layout: BlockLayout
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Per block, is its gradient finite? Zeroes ``g`` elsewhere; returns the per-block flags,
-    a mask broadcastable to ``g`` (0-d for a single block) and the number of bad blocks.
+    """Per block, is its gradient finite? Returns the flags as a list, as a tensor of the grid's
+    shape (0-d for a single block) and the number of non-finite blocks.
 
     A block's float64 sum decides: it is non-finite iff an element is NaN or ±inf (a sum of
     finite float32 values cannot reach float64's range; float64 gradients near 1e308, whose
     squares overflow the statistics anyway, count as non-finite). All blocks take one reduction."""
     if layout.num_blocks == 1:
-        keep = torch.isfinite(g.sum(dtype=torch.float64))
-        flags = [keep]
-        drop = bad = keep.logical_not()
-    else:
-        grid = torch.isfinite(block_sums(g, layout, torch.float64))
-        flags = list(grid.flatten().unbind())
-        keep = expand_grid(grid, layout)
-        drop, bad = keep.logical_not(), grid.logical_not().sum()
-    g.masked_fill_(drop, 0.0)
-    return flags, keep, bad
+        cells = torch.isfinite(g.sum(dtype=torch.float64))
+        return [cells], cells, cells.logical_not()
+    cells = torch.isfinite(block_sums(g, layout, torch.float64))
+    return list(cells.flatten().unbind()), cells, cells.logical_not().sum()
 
 
 def _mode_products(
