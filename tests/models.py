@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import threading
+import time
 from collections.abc import Callable
 
 import torch
@@ -61,3 +64,28 @@ def train(
 def mixed_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> MixedShapes:
     torch.manual_seed(seed)
     return MixedShapes(dtype)
+
+
+def root_threads() -> int:
+    """The root worker threads alive in this process."""
+    return sum(t.name.startswith("torch_shampoo-root") for t in threading.enumerate())
+
+
+def threads_settle_at(expected: int, count: Callable[[], int] = root_threads) -> bool:
+    """Wait (up to 10 s) for ``count()`` to reach ``expected``: closed pools do not join their
+    workers, which exit on their own once their current root is done."""
+    deadline = time.monotonic() + 10.0
+    while count() != expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return count() == expected
+
+
+def settled(count: Callable[[], int] = root_threads) -> int:
+    """``count()`` once collected optimizers' workers have exited (stable for 50 ms)."""
+    gc.collect()
+    previous = -1
+    deadline = time.monotonic() + 10.0
+    while (now := count()) != previous and time.monotonic() < deadline:
+        previous = now
+        time.sleep(0.05)
+    return now

@@ -10,13 +10,12 @@ import re
 import subprocess
 import sys
 import textwrap
-import threading
 import warnings
 from typing import Any
 
 import pytest
 import torch
-from models import make_batches, mixed_model, train
+from models import make_batches, mixed_model, root_threads, settled, threads_settle_at, train
 
 import torch_shampoo.root_pool as root_pool
 from torch_shampoo import Shampoo
@@ -56,13 +55,15 @@ def test_staleness_changes_the_trajectory() -> None:
 def test_root_stats_count_roots_and_staleness() -> None:
     model = mixed_model()
     opt = Shampoo(model.parameters(), **BASE, precondition_frequency=5, root_staleness=3)
-    train(model, opt, make_batches(12))
+    train(model, opt, make_batches(15))
     stats = opt.root_stats()
     opt.close()
     factors = sum(len(s["factors"]) for s in opt.state.values())
-    # Root steps 5 and 10 were submitted; those from step 5 were installed at step 8.
-    assert stats["roots_computed"] == factors
-    assert stats["mean_staleness"] == 3 and stats["max_staleness"] == 3
+    # Root steps 5, 10 and 15 were submitted: the first cycle installed at once (step 5), the
+    # second at step 13; the third is in flight.
+    assert stats["roots_computed"] == 2 * factors
+    assert stats["mean_staleness"] == 1.5 and stats["max_staleness"] == 3
+    assert stats["root_staleness"] == 3
     assert stats["pending_parameters"] == len(opt.state)
     assert stats["root_failures"] == 0
     assert all(isinstance(v, (int, float)) for k, v in stats.items() if k != "last_error")
@@ -99,11 +100,13 @@ def test_save_mid_flight_then_resume_is_bitwise_identical(async_roots: bool) -> 
 def test_state_dict_holds_pending_roots_only_while_in_flight() -> None:
     model = mixed_model()
     opt = Shampoo(model.parameters(), **BASE, precondition_frequency=5, root_staleness=4)
+    train(model, opt, make_batches(5))
+    assert "pending_roots" not in opt.state_dict()["state"][0]  # the first cycle: installed
     train(model, opt, make_batches(6))
     in_flight = opt.state_dict()["state"][0]
-    assert "pending_roots" in in_flight and int(in_flight["pending_due"]) == 9
+    assert "pending_roots" in in_flight and int(in_flight["pending_due"]) == 14
     assert "pending_roots" not in opt.state[next(iter(model.parameters()))]
-    train(model, opt, make_batches(3))  # step 9 installs them; the next root step is 10
+    train(model, opt, make_batches(3))  # step 14 installs them; the next root step is 15
     assert "pending_roots" not in opt.state_dict()["state"][0]
     opt.close()
 
@@ -113,10 +116,11 @@ def test_copies_made_mid_flight_continue_identically(clone: Any) -> None:
     batches = make_batches(20)
     model = mixed_model()
     opt = Shampoo(model.parameters(), **BASE, precondition_frequency=5, root_staleness=4)
-    train(model, opt, batches[:7])
+    train(model, opt, batches[:12])  # the roots of step 10 are due at step 14
     model_copy, opt_copy = clone((model, opt))
-    train(model, opt, batches[7:])
-    train(model_copy, opt_copy, batches[7:])
+    assert opt_copy.root_stats()["pending_parameters"] > 0
+    train(model, opt, batches[12:])
+    train(model_copy, opt_copy, batches[12:])
     assert_bitwise_equal(list(model.parameters()), list(model_copy.parameters()))
     opt.close()
     opt_copy.close()
@@ -125,7 +129,7 @@ def test_copies_made_mid_flight_continue_identically(clone: Any) -> None:
 def test_deepcopy_keeps_hyperparameters_and_pending_roots() -> None:
     model = mixed_model()
     opt = Shampoo(model.parameters(), **BASE, precondition_frequency=5, root_staleness=4)
-    train(model, opt, make_batches(6))
+    train(model, opt, make_batches(11))
     twin = copy.deepcopy(opt)
     assert twin.param_groups[0]["block_size"] == 16
     assert twin.root_stats()["pending_parameters"] == opt.root_stats()["pending_parameters"] > 0
@@ -192,12 +196,8 @@ def test_a_non_finite_factor_is_never_installed() -> None:
     opt.close()
 
 
-def _root_threads() -> int:
-    return sum(t.name.startswith("torch_shampoo-root") for t in threading.enumerate())
-
-
 def test_dropping_optimizers_stops_their_threads_and_close_is_idempotent() -> None:
-    baseline = _root_threads()
+    baseline = settled()
     for _ in range(100):
         param = torch.nn.Parameter(torch.randn(3, 3))
         opt = Shampoo([param], precondition_frequency=1, root_workers=2)
@@ -205,15 +205,15 @@ def test_dropping_optimizers_stops_their_threads_and_close_is_idempotent() -> No
         opt.step()
         del opt
     gc.collect()
-    assert _root_threads() == baseline
+    assert threads_settle_at(baseline)
     param = torch.nn.Parameter(torch.randn(3, 3))
     opt = Shampoo([param], precondition_frequency=1)
     param.grad = torch.randn(3, 3)
     opt.step()
-    assert _root_threads() > baseline
+    assert root_threads() > baseline
     opt.close()
     opt.close()
-    assert _root_threads() == baseline
+    assert threads_settle_at(baseline)
 
 
 def test_interpreter_exit_with_roots_in_flight_does_not_hang() -> None:
@@ -271,11 +271,11 @@ class _SpyRunner:
     def __init__(self, params: list[torch.Tensor]) -> None:
         self.params = params
         self.seen: list[list[torch.Tensor]] = []
-        self.inline = root_pool.InlineRunner()
+        self.threads = 1
 
     def submit(self, job: root_pool.RootJob) -> root_pool.Ticket:
         self.seen.append([p.detach().clone() for p in self.params])
-        return self.inline.submit(job)
+        return root_pool.run_here(job, self.threads)
 
     def close(self) -> None:
         pass
@@ -285,16 +285,24 @@ class _SpyRunner:
 def test_roots_due_later_are_handed_over_only_after_every_parameter_is_updated(
     staleness: int,
 ) -> None:
-    """Workers never compete with the step that made their jobs (staleness 0 must run at once)."""
+    """Workers never compete with the step that made their jobs (staleness 0, and the first
+    cycle, must run at once)."""
     model = mixed_model()
     params = list(model.parameters())
     opt = Shampoo(params, **BASE, precondition_frequency=3, root_staleness=staleness)
     spy = _SpyRunner(params)
-    opt._runner = spy
-    batches = make_batches(3)
+    opt._roots.pool = spy  # type: ignore[assignment]
+    batches = make_batches(6)
     train(model, opt, batches[:2])
     assert not spy.seen
-    train(model, opt, batches[2:])  # step 3: a root step
+    train(model, opt, batches[2:3])  # step 3: the first cycle, handed over at once
+    assert len(spy.seen) == sum(len(s["roots"]) for s in opt.state.values())
+    before = [p.detach().clone() for p in params]
+    assert not all(all(map(torch.equal, seen, before)) for seen in spy.seen)
+    spy.seen.clear()
+    train(model, opt, batches[3:5])
+    assert not spy.seen
+    train(model, opt, batches[5:])  # step 6: a later cycle
     after = [p.detach().clone() for p in params]
     assert len(spy.seen) == sum(len(s["roots"]) for s in opt.state.values())
     handed_after_the_step = [all(map(torch.equal, seen, after)) for seen in spy.seen]
@@ -309,8 +317,8 @@ def test_root_jobs_of_a_step_that_raised_are_still_computed(
     strand the root jobs that step made: state_dict() saves them and training goes on."""
     model = mixed_model()
     opt = Shampoo(model.parameters(), **BASE, precondition_frequency=3, root_staleness=2)
-    batches = make_batches(6)
-    train(model, opt, batches[:2])
+    batches = make_batches(9)
+    train(model, opt, batches[:5])
 
     def broken_update(self: Shampoo, w: Any) -> None:
         raise KeyboardInterrupt("interrupted mid-step")
@@ -318,13 +326,13 @@ def test_root_jobs_of_a_step_that_raised_are_still_computed(
     with monkeypatch.context() as patch:
         patch.setattr(Shampoo, "_update_parameter", broken_update)
         with pytest.raises(KeyboardInterrupt):
-            train(model, opt, batches[2:3])  # step 3: a root step, jobs due at step 5
+            train(model, opt, batches[5:6])  # step 6: a root step, jobs due at step 8
     saved = opt.state_dict()
     factors = sum(len(s["roots"]) for s in opt.state.values())
     pending = [s for s in saved["state"].values() if "pending_roots" in s]
     assert sum(len(s["pending_roots"]) for s in pending) == factors
     assert all(bool(s["pending_ok"].all()) for s in pending)
-    train(model, opt, batches[3:])  # step 5 installs them
+    train(model, opt, batches[6:])  # step 8 installs them
     stats = opt.root_stats()
-    assert (stats["roots_computed"], stats["root_failures"]) == (factors, 0)
+    assert (stats["roots_computed"], stats["root_failures"]) == (2 * factors, 0)
     opt.close()

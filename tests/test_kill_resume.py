@@ -44,8 +44,8 @@ SCRIPT = textwrap.dedent(
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 20), nn.Tanh(), nn.Linear(20, 3))
-    # Roots every 4 steps, installed 3 steps later: at a checkpoint step 4k + 1 the roots of
-    # step 4k are still being computed on the worker thread.
+    # Roots every 4 steps, installed 3 steps later (the first, of step 4, at once): at a
+    # checkpoint step 4k + 1 > 5 the roots of step 4k are still being computed.
     opt = Shampoo(
         model.parameters(), lr=0.02, block_size=8, momentum=0.5, precondition_frequency=4,
         root_staleness=3, async_roots=True, root_workers=1,
@@ -63,7 +63,7 @@ SCRIPT = textwrap.dedent(
         opt.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()
         opt.step()
-        if t % every == 1 and t > 1:
+        if t % every == 1 and t > 5:  # the first roots (step 4) are installed at once
             state = opt.state_dict()
             if not any("pending_roots" in s for s in state["state"].values()):
                 sys.exit(f"no roots in flight at checkpoint step {t}")
@@ -117,7 +117,7 @@ def test_sigkill_at_a_random_step_then_resume_matches_the_uninterrupted_run(
 ) -> None:
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
-    aim = random.randrange(2 * EVERY, TOTAL_STEPS - 20)  # after the first checkpoint (step 5)
+    aim = random.randrange(3 * EVERY, TOTAL_STEPS - 20)  # after the first checkpoint (step 9)
     victim = _launch(script, "victim", tmp_path / "victim")
     resumed = _launch(script, "resume", tmp_path / "victim")  # imports, then waits for stdin
     assert victim.stdout is not None

@@ -14,7 +14,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, TypeVar
 
@@ -24,34 +24,22 @@ from torch.optim import Optimizer
 from . import device
 from .blocking import BlockLayout, block_layout, block_sums, expand_grid, split_blocks
 from .grafting import graft_direction, update_graft_state
-from .root_pool import InlineRunner, RootJob, RootOutcome, RootPool, Ticket
+from .root_pool import RootJob, RootOutcome
+from .scheduler import FITTED, RootScheduler, Staging
 
 __all__ = ["EngineConfig", "PreconditionerEngine"]
 
 _GRAFT_NORM_EPS = 1e-16
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
-_HOST_KEYS = ("step", "root_failures", "pending_due", "pending_submitted", "pending_ok")
+_HOST_KEYS = (
+    "step",
+    "root_failures",
+    "has_root",
+    "pending_due",
+    "pending_submitted",
+    "pending_ok",
+)
 """State entries that live on the CPU whatever the parameter's device."""
-
-
-@dataclass
-class _Staging:
-    """Host buffers of one factor, reused for every root of that factor."""
-
-    snapshot: torch.Tensor
-    result: torch.Tensor
-    uploaded: device.CopyDone = None
-
-
-@dataclass
-class _Pending:
-    """The roots of one parameter that are being computed and when they are due."""
-
-    submitted: int
-    due: int
-    jobs: list[RootJob]
-    tickets: list[Ticket]
-    """Empty until the jobs are handed to the runner (at the end of the step that made them)."""
 
 
 @dataclass
@@ -67,8 +55,11 @@ class _Work:
     """1 − β₁ᵗ as a tensor (None without bias correction): compiled math sees no changing float."""
     bias2: torch.Tensor | None
     """The graft's 1 − β₂ᵗ, likewise."""
+    group: dict[str, Any]
     preconditioned: bool
-    """t ≥ start: Shampoo's direction, else the graft's alone."""
+    """t ≥ start: Shampoo's direction where a block has its roots, else the graft's alone."""
+    rooted: tuple[bool, ...] | None
+    """Per block: are all its roots installed? (None: every block's are.)"""
     curvature: torch.Tensor | None
     flags: list[torch.Tensor] | None = None
     """Per block: is this step's gradient finite? (None: the guard is off.)"""
@@ -81,19 +72,6 @@ class _Work:
         if self.cells is None or self.layout.num_blocks == 1:
             return self.cells
         return expand_grid(self.cells, self.layout)
-
-
-@dataclass
-class _Stats:
-    roots_computed: int = 0
-    root_failures: int = 0
-    stalls: int = 0
-    stall_seconds: float = 0.0
-    root_seconds: float = 0.0
-    staleness_total: int = 0
-    staleness_count: int = 0
-    staleness_max: int = 0
-    last_error: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -120,6 +98,7 @@ class EngineConfig:
     root_method: str
     maximize: bool
     staleness: int | None
+    """Steps between a later root cycle's snapshot and its use; None: auto."""
     max_root_failures: int
     skip_nonfinite: bool
 
@@ -140,6 +119,11 @@ class EngineConfig:
         return value
 
 
+def staleness_setting(value: int | str | None) -> int | None:
+    """A group's ``root_staleness`` as the engine sees it: an integer, or None for auto."""
+    return None if value is None or isinstance(value, str) else int(value)
+
+
 @lru_cache(maxsize=1024)
 def _layout(shape: tuple[int, ...], block_size: int, max_factor_dim: int) -> BlockLayout:
     return block_layout(shape, block_size, max_factor_dim)
@@ -157,10 +141,9 @@ class PreconditionerEngine(Optimizer):
     r"""A ``torch.optim.Optimizer`` preconditioning each block of a gradient with Kronecker factors.
 
     The step is the one written in :class:`torch_shampoo.Shampoo`'s docstring, with every setting
-    taken from the group's :class:`EngineConfig`. Root steps are t = start and every t > start
-    divisible by the frequency; a root computed from the statistics of step t is installed at the
-    start of step t + staleness (never later than the next root step), so async runs equal
-    synchronous runs with the same staleness, bitwise. Subclasses define :meth:`_config` and
+    taken from the group's :class:`EngineConfig`; when roots are computed and installed is the
+    :class:`~torch_shampoo.scheduler.RootScheduler`'s business. A block takes the graft's
+    direction until all of its roots are installed. Subclasses define :meth:`_config` and
     :meth:`_validate`, and may override :meth:`_layout_of` and :meth:`_update_statistics`.
     """
 
@@ -194,15 +177,12 @@ class PreconditionerEngine(Optimizer):
 
     def _init_runtime(self) -> None:
         """Runtime objects that are never part of the state: threads, buffers, tickets."""
-        self._runner: RootPool | InlineRunner | None = None
-        self._staging: dict[torch.Tensor, list[_Staging]] = {}
-        self._pending: dict[torch.Tensor, _Pending] = {}
-        self._unsent: list[_Pending] = []
+        self._roots = RootScheduler(self._async_roots, self._root_workers)
         self._checked: dict[torch.Tensor, tuple[BlockLayout, dict[str, Any]]] = {}
+        self._rooted: dict[torch.Tensor, tuple[bool, ...] | None] = {}
+        self._index: dict[int, tuple[int, dict[str, Any], torch.Tensor]] = {}
         self._scratch: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
         self._loading: dict[str, Any] | None = None
-        self._stats = _Stats()
-        self._pid = os.getpid()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Validate a group (with the defaults filled in) before adding it: a rejected group
@@ -221,11 +201,8 @@ class PreconditionerEngine(Optimizer):
                         f"got dtype {p.dtype}"
                     )
         super().add_param_group(param_group)
-
-    def _runner_for_roots(self) -> RootPool | InlineRunner:
-        if self._runner is None:
-            self._runner = RootPool(self._root_workers) if self._async_roots else InlineRunner()
-        return self._runner
+        if hasattr(self, "_index"):
+            self._index.clear()
 
     # --------------------------------------------------------------------------- the step
 
@@ -255,20 +232,21 @@ class PreconditionerEngine(Optimizer):
     def _begin_step(self) -> list[_Work]:
         """Per parameter with a gradient: its state (created or checked), its roots due now,
         the step-dependent scalars as tensors; then the step counters advance."""
-        if self._pid != os.getpid():
-            self._adopt_after_fork()
-        self._send_roots()  # left over if the previous step raised
+        roots = self._roots
+        roots.fit.tick()
+        roots.send()  # left over if the previous step raised
+        roots.revive(here=False)  # roots cancelled by close() or a fork
         work = []
         for group in self.param_groups:
             config = self._config(group)
             for p in group["params"]:
                 if p.grad is not None:
-                    work.append(self._work_of(p, config))
+                    work.append(self._work_of(p, config, group))
         for w in work:
             w.state["step"] += 1
         return work
 
-    def _work_of(self, p: torch.Tensor, config: EngineConfig) -> _Work:
+    def _work_of(self, p: torch.Tensor, config: EngineConfig, group: dict[str, Any]) -> _Work:
         assert p.grad is not None
         if p.grad.is_sparse:
             raise RuntimeError(
@@ -284,7 +262,7 @@ class PreconditionerEngine(Optimizer):
             self._check_state(p, state, layout)  # again after a load or a block-size change
             self._checked[p] = (layout, state)
         t = int(state["step"]) + 1
-        self._install_due_roots(p, state, t, config.max_root_failures)
+        self._install_due_roots(p, state, config, group, t)
         if config.momentum != 0 and "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(state["exp_avg"])
         if config.grafting in ("adam", "adagrad", "rmsprop") and "graft_v" not in state:
@@ -298,9 +276,22 @@ class PreconditionerEngine(Optimizer):
             t=t,
             bias1=_scalar(1.0 - config.beta1**t, dtype) if corrected else None,
             bias2=_scalar(1.0 - config.grafting_beta2**t, dtype) if corrected else None,
+            group=group,
             preconditioned=t >= config.start,
+            rooted=self._rooted_blocks(p, state, layout),
             curvature=self._take_curvature(p),
         )
+
+    def _rooted_blocks(
+        self, p: torch.Tensor, state: dict[str, Any], layout: BlockLayout
+    ) -> tuple[bool, ...] | None:
+        """Per block, are all its roots installed (cached; None when every block's are)?"""
+        if p not in self._rooted:
+            has_root = state["has_root"].tolist()
+            k = len(has_root) // layout.num_blocks if layout.num_blocks else 0
+            blocks = tuple(all(has_root[b * k : (b + 1) * k]) for b in range(layout.num_blocks))
+            self._rooted[p] = None if all(blocks) else blocks
+        return self._rooted[p]
 
     def _take_curvature(self, p: torch.Tensor) -> torch.Tensor | None:
         """Statistics prepared outside the step (NG+'s per-sample hooks); None: use G Gᵀ."""
@@ -308,30 +299,47 @@ class PreconditionerEngine(Optimizer):
 
     @torch.compiler.disable
     def _roots_of_this_step(self, work: list[_Work]) -> None:
-        """At a root step: snapshot the factors (after this step's statistics) for the pool;
-        a root due in this same step (staleness 0) is installed before it is used."""
+        """At a root step: snapshot the factors (after this step's statistics) for the pool.
+        Roots due in this same step (a first cycle, or staleness 0) are all submitted first,
+        so the workers solve them in parallel, then installed before they are used."""
+        began = time.perf_counter()
+        due_now, first = [], False
         for w in work:
             config, t = w.config, w.t
             if t == config.start or (t > config.start and t % config.frequency == 0):
-                self._submit_roots(w.p, config, w.state, w.layout, t)
-                self._install_due_roots(w.p, w.state, t, config.max_root_failures)
+                is_first = w.rooted is not None and not any(w.rooted)
+                if self._submit_roots(w, is_first):
+                    due_now.append(w)
+                    first = first or is_first
+        for w in due_now:
+            self._install_due_roots(w.p, w.state, w.config, w.group, w.t)
+            w.rooted = self._rooted_blocks(w.p, w.state, w.layout)
+        if first and self._async_roots:
+            self._roots.waited_first_cycle(time.perf_counter() - began)
 
     @torch.compiler.disable
     def _send_roots(self) -> None:
         """Hand this step's deferred root jobs to the pool. They are sent once every parameter
         is updated, so that the workers do not compete with the rest of the step for the CPU
         (and, on CUDA, so that the step's kernels are queued before the host waits on copies)."""
-        if self._unsent:
-            runner = self._runner_for_roots()
-            for pending in self._unsent:
-                pending.tickets = [runner.submit(job) for job in pending.jobs]
-            self._unsent = []
+        self._roots.send()
 
     def _layout_of(self, p: torch.Tensor, config: EngineConfig) -> BlockLayout:
         return _layout(tuple(p.shape), config.block_size, config.max_factor_dim)
 
     def _group_of(self, p: torch.Tensor) -> dict[str, Any]:
-        return next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        return self._locate(p)[1]
+
+    def _locate(self, p: torch.Tensor) -> tuple[int, dict[str, Any]]:
+        """The parameter's index (over all groups) and its group, in O(1)."""
+        found = self._index.get(id(p))
+        if found is None or found[2] is not p:
+            pairs = ((q, g) for g in self.param_groups for q in g["params"])
+            self._index = {id(q): (i, g, q) for i, (q, g) in enumerate(pairs)}
+            found = self._index.get(id(p))
+            if found is None:
+                raise KeyError("parameter not in this optimizer")
+        return found[0], found[1]
 
     def _gradient(self, w: _Work) -> torch.Tensor:
         """This step's gradient in the state dtype (a copy: p.grad is never modified), with the
@@ -401,10 +409,10 @@ class PreconditionerEngine(Optimizer):
         direction = graft_direction(
             config.grafting, state, m_hat, epsilon=config.grafting_epsilon, correction=w.bias2
         )
-        if not w.preconditioned:
+        if not w.preconditioned or (w.rooted is not None and not any(w.rooted)):
             update = m_hat if direction is None else direction
         else:
-            update = self._precondition(state, m_hat, direction, w.layout)
+            update = self._precondition(state, m_hat, direction, w.layout, w.rooted)
 
         # 6. Decoupled weight decay; 7. momentum; 8. the parameter update.
         if config.weight_decay != 0 and config.decoupled_weight_decay:
@@ -437,6 +445,7 @@ class PreconditionerEngine(Optimizer):
         state["factors"] = [torch.zeros(d, d, dtype=dtype, device=p.device) for d in factor_sizes]
         state["roots"] = [torch.eye(d, dtype=dtype, device=p.device) for d in factor_sizes]
         state["root_failures"] = torch.zeros(len(factor_sizes), dtype=torch.int64)
+        state["has_root"] = torch.zeros(len(factor_sizes), dtype=torch.bool)
         state["skipped_blocks"] = torch.zeros((), dtype=torch.int64, device=p.device)
 
     def _check_state(self, p: torch.Tensor, state: dict[str, Any], layout: BlockLayout) -> None:
@@ -461,6 +470,7 @@ class PreconditionerEngine(Optimizer):
                 if k in state
             )
             or len(state["root_failures"]) != len(expected)
+            or ("has_root" in state and len(state["has_root"]) != len(expected))
             or not _pending_fits(state, expected)
         ):
             raise ValueError(
@@ -492,13 +502,21 @@ class PreconditionerEngine(Optimizer):
         m_hat: torch.Tensor,
         direction: torch.Tensor | None,
         layout: BlockLayout,
+        rooted: tuple[bool, ...] | None,
     ) -> torch.Tensor:
-        """P = m̂ ×₁ X_1 ×₂ X_2 … per block, rescaled to the graft's norm per block."""
+        """P = m̂ ×₁ X_1 ×₂ X_2 … per block, rescaled to the graft's norm per block; a block
+        without its roots takes the graft's direction (m̂ without a graft)."""
         update = torch.empty_like(m_hat)
         roots = iter(state["roots"])
+        per_block = sum(layout.factored)
         targets = split_blocks(update, layout)
         grafts = split_blocks(direction, layout) if direction is not None else None
         for b, block in enumerate(split_blocks(m_hat, layout)):
+            if rooted is not None and not rooted[b]:
+                for _ in range(per_block):
+                    next(roots)
+                targets[b].copy_(block if grafts is None else grafts[b])
+                continue
             preconditioned = _mode_products(block, roots, layout.factored)
             if grafts is not None:
                 scale = torch.linalg.vector_norm(grafts[b]) / (
@@ -510,72 +528,59 @@ class PreconditionerEngine(Optimizer):
 
     # -------------------------------------------------------------------------- the roots
 
-    def _submit_roots(
-        self,
-        p: torch.Tensor,
-        config: EngineConfig,
-        state: dict[str, Any],
-        layout: BlockLayout,
-        t: int,
-    ) -> None:
-        """Snapshot every factor of ``p`` and hand its root to the runner; due at a fixed step."""
+    def _submit_roots(self, w: _Work, first: bool) -> bool:
+        """Snapshot every factor of ``w.p`` for the pool, due at a fixed step: this one for a
+        first cycle, else after the group's staleness (capped at the next root step). Returns
+        whether the roots are due in this step."""
+        config, state, t = w.config, w.state, w.t
+        frequency = config.frequency
+        if first:
+            due = t
+        else:
+            staleness = self._roots.staleness(w.group, config.staleness, frequency)
+            due = min(t + staleness, (t // frequency + 1) * frequency)
         beta2 = config.beta2
         scale = 1.0 - beta2**t if config.bias_correction and beta2 < 1.0 else 1.0
-        frequency = config.frequency
-        staleness = config.staleness
-        if staleness is None:
-            staleness = frequency if self._async_roots else 0
-        due = min(t + staleness, (t // frequency + 1) * frequency)
         try:
             epsilon = config.epsilon_at(t)
         except (TypeError, ValueError) as exc:  # a broken damping schedule: failed roots
-            failed = [Ticket() for _ in state["factors"]]
-            for ticket in failed:
-                ticket._fail(exc)
-            self._pending[p] = _Pending(submitted=t, due=due, jobs=[], tickets=failed)
-            return
-        jobs = []
-        for factor, staging, exponent in zip(
-            state["factors"], self._staging_of(p, state), self._exponents(config, layout)
-        ):
-            job = RootJob(
-                snapshot=staging.snapshot,
-                result=staging.result,
-                snapshot_ready=device.to_host(staging.snapshot, factor),
-                result_free=staging.uploaded,
-                scale=scale,
-                exponent=exponent,
-                epsilon=epsilon,
-                method=config.root_method,
-            )
-            jobs.append(job)
-        pending = self._pending[p] = _Pending(submitted=t, due=due, jobs=jobs, tickets=[])
-        if due > t:  # not needed in this step: sent when the step is done
-            self._unsent.append(pending)
-        else:
-            runner = self._runner_for_roots()
-            pending.tickets = [runner.submit(job) for job in jobs]
+            return self._roots.submit(w.p, state["factors"], exc, t, due)
+        exponents = list(self._exponents(config, w.layout))
+
+        def jobs(staging: list[Staging]) -> list[RootJob]:
+            return [
+                RootJob(
+                    snapshot=buffers.snapshot,
+                    result=buffers.result,
+                    snapshot_ready=device.to_host(buffers.snapshot, factor),
+                    result_free=buffers.uploaded,
+                    scale=scale,
+                    exponent=exponent,
+                    epsilon=epsilon,
+                    method=config.root_method,
+                )
+                for factor, buffers, exponent in zip(state["factors"], staging, exponents)
+            ]
+
+        return self._roots.submit(w.p, state["factors"], jobs, t, due)
 
     def _install_due_roots(
-        self, p: torch.Tensor, state: dict[str, Any], t: int, max_failures: int
+        self,
+        p: torch.Tensor,
+        state: dict[str, Any],
+        config: EngineConfig,
+        group: dict[str, Any],
+        t: int,
     ) -> None:
         """Install the pending roots of ``p`` if they are due at step ``t``."""
-        pending = self._pending.get(p)
-        if pending is None or pending.due > t:
+        roots = self._roots
+        auto = config.staleness is None
+        pending = roots.take_due(p, t, group, config.frequency, auto)
+        if pending is None:
             return
-        del self._pending[p]
-        stats = self._stats
-        staleness = t - pending.submitted
-        stats.staleness_total += staleness
-        stats.staleness_count += 1
-        stats.staleness_max = max(stats.staleness_max, staleness)
-        if self._async_roots and not all(ticket.done() for ticket in pending.tickets):
-            began = time.perf_counter()
-            for ticket in pending.tickets:
-                ticket.wait()
-            stats.stalls += 1
-            stats.stall_seconds += time.perf_counter() - began
-        staging = self._staging_of(p, state)
+        stats, index = roots.stats, self._locate(p)[0]
+        staging = roots.staging.get(p, [])
+        self._rooted.pop(p, None)
         for j, ticket in enumerate(pending.tickets):
             cause: BaseException | None = None
             try:
@@ -584,10 +589,11 @@ class PreconditionerEngine(Optimizer):
                 cause = exc
                 outcome = RootOutcome(False, math.nan, f"{type(exc).__name__}: {exc}", 0.0)
             stats.root_seconds += outcome.seconds
-            stats.last_error[self._factor_name(p, j)] = outcome.error
+            stats.last_error[index, j] = outcome.error
             if outcome.ok:
                 stats.roots_computed += 1
                 state["root_failures"][j] = 0
+                state["has_root"][j] = True
                 staging[j].uploaded = device.to_device(state["roots"][j], staging[j].result)
                 continue
             stats.root_failures += 1
@@ -597,10 +603,10 @@ class PreconditionerEngine(Optimizer):
                 f"inverse root of {self._factor_name(p, j)} from step {pending.submitted} "
                 f"failed: {outcome.reason}"
             )
-            if failures >= max_failures:
+            if failures >= config.max_root_failures:
                 raise RuntimeError(
                     f"{type(self).__name__}: {message}; {failures} consecutive failures "
-                    f"(max_root_failures={max_failures})"
+                    f"(max_root_failures={config.max_root_failures})"
                 ) from cause
             warnings.warn(
                 f"{type(self).__name__}: {message}; keeping the previous root "
@@ -609,20 +615,6 @@ class PreconditionerEngine(Optimizer):
                 stacklevel=_user_stacklevel(),
             )
 
-    def _adopt_after_fork(self) -> None:
-        """In a forked child, redo the jobs the parent's threads had not finished: their
-        snapshots were copied with the rest of the memory, the threads were not."""
-        self._pid = os.getpid()
-        if self._runner is not None:
-            runner = self._runner
-            for pending in self._pending.values():
-                if all(ticket.done() for ticket in pending.tickets):
-                    continue  # includes roots restored from a state dict, which have no jobs
-                pending.tickets = [
-                    ticket if ticket.done() else runner.submit(job)
-                    for job, ticket in zip(pending.jobs, pending.tickets)
-                ]
-
     def _scratch_like(self, factor: torch.Tensor) -> torch.Tensor:
         """A reusable buffer of the factor's shape (one per size, shared by all factors)."""
         key = (factor.shape[0], factor.dtype, factor.device)
@@ -630,14 +622,6 @@ class PreconditionerEngine(Optimizer):
         if buffer is None:
             buffer = self._scratch[key] = torch.empty_like(factor)
         return buffer
-
-    def _staging_of(self, p: torch.Tensor, state: dict[str, Any]) -> list[_Staging]:
-        staging = self._staging.get(p)
-        if staging is None:
-            staging = self._staging[p] = [
-                _Staging(device.host_buffer(f), device.host_buffer(f)) for f in state["factors"]
-            ]
-        return staging
 
     @staticmethod
     def _exponents(config: EngineConfig, layout: BlockLayout) -> Iterator[float]:
@@ -648,37 +632,47 @@ class PreconditionerEngine(Optimizer):
 
     # ------------------------------------------------------------------- names and stats
 
-    def _param_index(self, p: torch.Tensor) -> int:
-        for i, q in enumerate(q for group in self.param_groups for q in group["params"]):
-            if q is p:
-                return i
-        raise KeyError("parameter not in this optimizer")
-
     def _describe(self, p: torch.Tensor) -> str:
-        return f"{self._param_index(p)} (shape {tuple(p.shape)})"
+        return f"{self._locate(p)[0]} (shape {tuple(p.shape)})"
 
     def _factor_name(self, p: torch.Tensor, j: int) -> str:
+        """Factor ``j`` of ``p`` in words (every block has the same factored dims)."""
         layout = self._layout_of(p, self._config(self._group_of(p)))
-        for b in range(layout.num_blocks):
-            dims = [d for d, f in enumerate(layout.factored) if f]
-            if j < len(dims):
-                return f"parameter {self._describe(p)} block {b} dim {dims[j]}"
-            j -= len(dims)
-        raise IndexError("factor index out of range")
+        dims = [d for d, f in enumerate(layout.factored) if f]
+        return f"parameter {self._describe(p)} block {j // len(dims)} dim {dims[j % len(dims)]}"
 
     def root_stats(self) -> dict[str, Any]:
-        """Plain numbers about the inverse roots since this optimizer object was created."""
-        stats = self._stats
+        """Plain numbers about the inverse roots since this optimizer object was created.
+
+        ``roots_computed`` / ``root_failures``: roots installed / rejected (non-finite or failed
+        solves; the previous root stays). ``stalls`` / ``stall_seconds``: steps that waited for
+        a late root of a later cycle, and how long. ``first_root_seconds``: time spent waiting
+        for first root cycles, which are installed in the step that computes them.
+        ``root_staleness``: the staleness each group's later cycles use (an ``"auto"`` group's
+        fitted value; ``None`` until it is fitted; one int when all groups agree).
+        ``staleness_increases``: times an auto staleness grew after a stall.
+        ``mean_staleness`` / ``max_staleness``: age in steps of the installed roots.
+        ``mean_root_seconds``: solver time per root. ``pending_parameters``: parameters with
+        roots in flight. ``skipped_blocks``: blocks skipped for non-finite gradients.
+        ``last_error``: per factor, the solver's relative residual of its last root (an
+        accuracy figure, not a failure; about 1e-15 to 1e-7 is normal).
+        """
+        stats = self._roots.stats
         installed = stats.roots_computed + stats.root_failures
+        params = self._all_params()
+        staleness = [self._resolved_staleness(group) for group in self.param_groups]
         return {
             "roots_computed": stats.roots_computed,
             "root_failures": stats.root_failures,
             "stalls": stats.stalls,
             "stall_seconds": stats.stall_seconds,
+            "first_root_seconds": stats.first_root_seconds,
+            "root_staleness": staleness[0] if len(set(staleness)) == 1 else staleness,
+            "staleness_increases": stats.staleness_increases,
             "mean_staleness": stats.staleness_total / max(1, stats.staleness_count),
             "max_staleness": stats.staleness_max,
             "mean_root_seconds": stats.root_seconds / max(1, installed),
-            "pending_parameters": len(self._pending),
+            "pending_parameters": len(self._roots.pending),
             "skipped_blocks": int(
                 sum(
                     int(s["skipped_blocks"])
@@ -686,16 +680,25 @@ class PreconditionerEngine(Optimizer):
                     if isinstance(s, dict) and "skipped_blocks" in s
                 )
             ),
-            "last_error": dict(stats.last_error),
+            "last_error": {
+                self._factor_name(params[i], j): error
+                for (i, j), error in stats.last_error.items()
+                if i < len(params)
+            },
         }
+
+    def _resolved_staleness(self, group: dict[str, Any]) -> int | None:
+        setting = self._config(group).staleness
+        if setting is not None:
+            return setting
+        return group.get(FITTED) if self._async_roots else 0
 
     # ----------------------------------------------------------- lifecycle and state dicts
 
     def close(self) -> None:
-        """Stop the root worker threads (idempotent); a later step restarts them."""
-        if self._runner is not None:
-            self._runner.close()
-            self._runner = None
+        """Stop the root worker threads at once (idempotent). Roots they had not finished are
+        computed again by the next step (or by ``state_dict()``); nothing is lost."""
+        self._roots.close()
 
     def __enter__(self: _Engine) -> _Engine:
         return self
@@ -705,50 +708,24 @@ class PreconditionerEngine(Optimizer):
 
     def _pending_as_state(self) -> dict[torch.Tensor, dict[str, Any]]:
         """Wait for the roots in flight and express them as plain state entries."""
-        self._send_roots()  # jobs of a step that raised before it could send them
-        entries = {}
-        for p, pending in self._pending.items():
-            roots, ok, reasons = [], [], []
-            for ticket, staging in zip(pending.tickets, self._staging[p]):
-                try:
-                    outcome = ticket.outcome()
-                except Exception as exc:
-                    outcome = RootOutcome(False, math.nan, f"{type(exc).__name__}: {exc}", 0.0)
-                roots.append(staging.result.clone() if outcome.ok else torch.zeros(0))
-                ok.append(outcome.ok)
-                reasons.append(outcome.reason)
-            entries[p] = {
-                "pending_due": torch.tensor(pending.due),
-                "pending_submitted": torch.tensor(pending.submitted),
-                "pending_ok": torch.tensor(ok),
-                "pending_roots": roots,
-                "pending_reasons": reasons,
-            }
-        return entries
+        return self._roots.export()
 
     def _adopt_pending_state(self) -> None:
-        """Turn pending entries found in ``self.state`` (after a load) into resolved tickets."""
+        """After a load or unpickling: a root-tracking entry for old checkpoints, and the
+        pending entries turned into resolved tickets."""
         for p, state in self.state.items():
-            if not isinstance(state, dict) or "pending_due" not in state:
+            if not isinstance(state, dict) or "roots" not in state:
                 continue
-            tickets = []
-            staging = self._staging_of(p, state)
-            for j, (root, ok, reason) in enumerate(
-                zip(
-                    state.pop("pending_roots"),
-                    state.pop("pending_ok"),
-                    state.pop("pending_reasons"),
-                )
-            ):
-                if bool(ok):
-                    staging[j].result.copy_(root)
-                tickets.append(Ticket.resolved(RootOutcome(bool(ok), math.nan, reason, 0.0)))
-            self._pending[p] = _Pending(
-                submitted=int(state.pop("pending_submitted")),
-                due=int(state.pop("pending_due")),
-                jobs=[],
-                tickets=tickets,
-            )
+            if "has_root" not in state:  # saved before it existed: an identity root is none
+                state["has_root"] = torch.tensor(
+                    [
+                        not torch.equal(r, torch.eye(len(r), dtype=r.dtype, device=r.device))
+                        for r in state["roots"]
+                    ],
+                    dtype=torch.bool,
+                ).reshape(-1)
+            if "pending_due" in state:
+                self._roots.adopt(p, state)
 
     def state_dict(self) -> dict[str, Any]:
         """The state, with roots still in flight waited for and included, so it can resume."""
@@ -811,9 +788,10 @@ class PreconditionerEngine(Optimizer):
         if loading is None:
             self._init_runtime()
         else:  # replace the base class's dtype-cast copies by the saved tensors
-            self._pending.clear()
-            self._staging.clear()
+            self._roots.clear()
             self._checked.clear()
+            self._rooted.clear()
+            self._index.clear()
             for saved_id, p in loading["params"].items():
                 saved = loading["state"].get(saved_id)
                 if saved is not None:
@@ -935,6 +913,11 @@ class Checks:
             raise TypeError(f"Invalid {name}: {value!r} (must be an integer)")
         if value < minimum:
             raise self.bad(name, f"must be ≥ {minimum}")
+
+    def staleness(self) -> None:
+        """``root_staleness``: ``"auto"`` (or None, the same) or an integer ≥ 0."""
+        if self.group["root_staleness"] not in ("auto", None):
+            self.integer("root_staleness", 0)
 
     def flag(self, name: str) -> None:
         if not isinstance(self.group[name], bool):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .blocking import BlockLayout, output_side_layout
-from .engine import Checks, EngineConfig, PreconditionerEngine, _Work
+from .engine import Checks, EngineConfig, PreconditionerEngine, _Work, staleness_setting
 from .matrix_roots import ROOT_METHODS
 from .per_sample import PerSampleFisher
 
@@ -62,8 +62,9 @@ class NGPlus(PreconditionerEngine):
         maximize: maximize the objective.
         root_method: ``"eigh"`` or ``"cholesky"`` (``"newton"`` also works: exponent 1).
         start_preconditioning_step: first inverse step (``None``: 1).
-        root_staleness: steps between an inverse's snapshot and its use (``None``: 1 with
-            ``async_roots``, 0 without).
+        root_staleness: steps between a later inverse's snapshot and its use: an integer, or
+            ``"auto"`` (as for :class:`~torch_shampoo.Shampoo`). The first inverse is always
+            used from the step that computes it.
         max_root_failures: consecutive failed inverses of one factor that raise an error.
         skip_nonfinite: leave a block's state and weights unchanged at a step whose gradient
             holds NaN/Inf in that block (decided on the device; counted in ``root_stats()``).
@@ -86,7 +87,7 @@ class NGPlus(PreconditionerEngine):
         maximize: bool = False,
         root_method: str = "eigh",
         start_preconditioning_step: int | None = None,
-        root_staleness: int | None = None,
+        root_staleness: int | str | None = "auto",
         max_root_failures: int = 3,
         skip_nonfinite: bool = True,
         *,
@@ -135,9 +136,6 @@ class NGPlus(PreconditionerEngine):
     # ------------------------------------------------------------------ the engine mapping
 
     def _config(self, group: dict[str, Any]) -> EngineConfig:
-        staleness = group["root_staleness"]
-        if staleness is None:
-            staleness = 1 if self._async_roots else 0
         return EngineConfig(
             lr=group["lr"],
             beta1=0.0,
@@ -158,7 +156,7 @@ class NGPlus(PreconditionerEngine):
             root_exponent=1.0,
             root_method=group["root_method"],
             maximize=group["maximize"],
-            staleness=staleness,
+            staleness=staleness_setting(group["root_staleness"]),
             max_root_failures=group["max_root_failures"],
             skip_nonfinite=group["skip_nonfinite"],
         )
@@ -205,7 +203,7 @@ class NGPlus(PreconditionerEngine):
             raise check.bad("nesterov", "Nesterov momentum needs momentum > 0")
         check.choice("root_method", ROOT_METHODS)
         check.integer("start_preconditioning_step", 1, optional=True)
-        check.integer("root_staleness", 0, optional=True)
+        check.staleness()
         check.integer("max_root_failures", 1)
 
     # ------------------------------------------------------------------ per-sample hooks

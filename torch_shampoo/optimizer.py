@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .engine import Checks, EngineConfig, PreconditionerEngine
+from .engine import Checks, EngineConfig, PreconditionerEngine, staleness_setting
 from .grafting import GRAFTS
 from .matrix_roots import ROOT_METHODS
 
@@ -88,7 +88,7 @@ class Shampoo(PreconditionerEngine):
         root_exponent: float | None = None,
         root_method: str = "eigh",
         maximize: bool = False,
-        root_staleness: int | None = None,
+        root_staleness: int | str | None = "auto",
         max_root_failures: int = 3,
         skip_nonfinite: bool = True,
         *,
@@ -142,7 +142,7 @@ class Shampoo(PreconditionerEngine):
             root_exponent=group["root_exponent"],
             root_method=group["root_method"],
             maximize=group["maximize"],
-            staleness=group["root_staleness"],
+            staleness=staleness_setting(group["root_staleness"]),
             max_root_failures=group["max_root_failures"],
             skip_nonfinite=group["skip_nonfinite"],
         )
@@ -173,7 +173,7 @@ class Shampoo(PreconditionerEngine):
         check.integer("precondition_frequency", 1)
         check.integer("max_root_failures", 1)
         check.integer("start_preconditioning_step", 1, optional=True)
-        check.integer("root_staleness", 0, optional=True)
+        check.staleness()
         check.choice("grafting", GRAFTS)
         check.real("grafting_beta2", low=0.0, high=1.0, low_open=True, high_open=True)
         check.real("grafting_epsilon", low=0.0, low_open=True)

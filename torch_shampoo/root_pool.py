@@ -2,12 +2,15 @@
 
 A :class:`RootJob` is everything one inverse root needs: a host snapshot of the factor F taken
 at the root step, the bias-correction divisor, the exponent and the epsilon. :func:`solve` turns
-it into X = (F/bc + εI)^(−1/r) written into the job's host result buffer; it is the *only* code
-that computes roots, whether it runs inline (synchronous roots) or on a worker thread, so the two
-modes produce bitwise-identical roots from the same snapshot.
+it into X = (F/bc + εI)^(−1/r); it is the *only* code that computes roots, and it always runs
+with the same number of intra-op threads (the pool's ``threads``), so roots are bitwise the
+same whether they are waited for at once (synchronous roots) or installed later.
 
-:class:`RootPool` runs jobs on daemon threads fed by a queue; :class:`InlineRunner` runs them at
-submission. Both return a :class:`Ticket` the optimizer waits on when the root is due.
+:class:`RootPool` runs jobs on daemon threads fed by a queue and returns a :class:`Ticket` the
+optimizer waits on when the root is due. :meth:`RootPool.close` returns at once: it cancels the
+tickets still outstanding, and a worker that finishes a cancelled job discards its root instead
+of writing it, so no thread writes into a buffer after ``close()``. :func:`run_here` computes a
+job on the calling thread (a state dict that needs a cancelled root).
 """
 
 from __future__ import annotations
@@ -25,7 +28,16 @@ import torch
 from . import device
 from .matrix_roots import inverse_root
 
-__all__ = ["InlineRunner", "RootJob", "RootOutcome", "RootPool", "Ticket", "solve"]
+__all__ = [
+    "RootCancelled",
+    "RootJob",
+    "RootOutcome",
+    "RootPool",
+    "Ticket",
+    "default_threads",
+    "run_here",
+    "solve",
+]
 
 
 @dataclass
@@ -55,27 +67,37 @@ class RootOutcome:
     seconds: float
 
 
-def solve(job: RootJob) -> RootOutcome:
-    """Compute the job's root in float64 and store it in ``job.result``."""
+class RootCancelled(RuntimeError):
+    """The job's pool was closed (or the process forked) before the root was written."""
+
+
+def solve(job: RootJob) -> tuple[RootOutcome, torch.Tensor | None]:
+    """Compute the job's root in float64; returns the outcome and the root (None if not ok).
+    The caller writes the root into ``job.result`` (see :meth:`Ticket._run`)."""
     device.wait(job.snapshot_ready)
     start = time.perf_counter()
     matrix = job.snapshot.to(torch.float64) / job.scale
     found = inverse_root(matrix, job.exponent, job.epsilon, job.method)
     ok = found.ok and bool(torch.isfinite(found.root).all())
-    if ok:
-        device.wait(job.result_free)
-        job.result.copy_(found.root)
     reason = found.reason or ("non-finite root" if not ok else "")
-    return RootOutcome(ok, found.error, reason, time.perf_counter() - start)
+    outcome = RootOutcome(ok, found.error, reason, time.perf_counter() - start)
+    return outcome, found.root if ok else None
 
 
 class Ticket:
-    """The promise of a :class:`RootOutcome`; :meth:`outcome` blocks until it is there."""
+    """The promise of a :class:`RootOutcome`; :meth:`outcome` blocks until it is there.
+
+    A ticket ends exactly once: solved (the root written into the job's result buffer),
+    failed, or cancelled. The write of the root and the cancellation exclude each other, so
+    once :meth:`cancel` has returned the job's buffer is never written by this ticket."""
 
     def __init__(self) -> None:
         self._done = threading.Event()
+        self._lock = threading.Lock()
         self._outcome: RootOutcome | None = None
         self._error: BaseException | None = None
+        self.finished_at = 0.0
+        """``time.perf_counter()`` when the ticket ended."""
 
     @classmethod
     def resolved(cls, outcome: RootOutcome) -> Ticket:
@@ -85,23 +107,53 @@ class Ticket:
         ticket._done.set()
         return ticket
 
+    @classmethod
+    def cancelled_one(cls, why: str) -> Ticket:
+        """A ticket that ended cancelled (its job must be computed again)."""
+        ticket = cls()
+        ticket._end(None, RootCancelled(why))
+        return ticket
+
     def done(self) -> bool:
         return self._done.is_set()
+
+    @property
+    def cancelled(self) -> bool:
+        return isinstance(self._error, RootCancelled)
 
     def wait(self) -> None:
         self._done.wait()
 
-    def _fail(self, error: BaseException) -> None:
-        self._error = error
+    def _end(self, outcome: RootOutcome | None, error: BaseException | None) -> None:
+        self._outcome, self._error = outcome, error
+        self.finished_at = time.perf_counter()
         self._done.set()
 
+    def _fail(self, error: BaseException) -> None:
+        with self._lock:
+            if not self.done():
+                self._end(None, error)
+
+    def cancel(self, why: str) -> None:
+        """End the ticket as cancelled unless it has already ended; after this returns the
+        job's result buffer is not written by this ticket."""
+        self._fail(RootCancelled(why))
+
     def _run(self, job: RootJob) -> None:
+        if self.done():  # cancelled while queued
+            return
         try:
-            self._outcome = solve(job)
+            outcome, root = solve(job)
+            if root is not None:
+                device.wait(job.result_free)
+            with self._lock:
+                if self.done():
+                    return  # cancelled meanwhile: discard the root
+                if root is not None:
+                    job.result.copy_(root)
+                self._end(outcome, None)
         except BaseException as exc:  # handed to the main thread by outcome()
-            self._error = exc
-        finally:
-            self._done.set()
+            self._fail(exc)
 
     def outcome(self) -> RootOutcome:
         """The job's outcome; re-raises (on the caller's thread) whatever the job raised."""
@@ -112,36 +164,53 @@ class Ticket:
         return self._outcome
 
 
-class InlineRunner:
-    """Runs each job at submission, on the calling thread (synchronous roots)."""
+def default_threads(workers: int) -> int:
+    """Intra-op threads per root worker: the caller's thread count shared among the workers,
+    so that workers × threads never exceeds it (nor, by torch's default, the cores)."""
+    return max(1, torch.get_num_threads() // workers)
 
-    def submit(self, job: RootJob) -> Ticket:
+
+def run_here(job: RootJob, threads: int) -> Ticket:
+    """Compute ``job`` on the calling thread with ``threads`` intra-op threads (as a worker
+    would, so the root is bitwise the same) and return its ended ticket."""
+    before = torch.get_num_threads()
+    if before != threads:
+        torch.set_num_threads(threads)
+    try:
         ticket = Ticket()
         ticket._run(job)
-        return ticket
-
-    def close(self) -> None:
-        """Nothing to stop."""
+    finally:
+        if before != threads:
+            torch.set_num_threads(before)
+    return ticket
 
 
 _Work = tuple[Ticket, RootJob] | None
+_THREAD_NAME = "torch_shampoo-root-"
 _LIVE_POOLS: weakref.WeakSet[RootPool] = weakref.WeakSet()
 
 
 class RootPool:
     """Daemon worker threads that solve :class:`RootJob` s from a FIFO queue.
 
-    Threads start on the first :meth:`submit` in the submitting process; a forked child that
-    inherits a pool object starts its own threads and never touches the parent's. :meth:`close`
-    is idempotent and is also called at interpreter exit and when the pool is collected.
+    Each worker computes with ``threads`` intra-op threads. Threads start on the first
+    :meth:`submit` in the submitting process; a forked child that inherits a pool object starts
+    its own threads and never touches the parent's. :meth:`close` is idempotent, never waits for
+    a running root, and is also called when the pool is collected and at interpreter exit
+    (which waits for the roots being computed, at most one per worker).
     """
 
-    def __init__(self, num_workers: int) -> None:
+    def __init__(self, num_workers: int, threads: int) -> None:
         if num_workers < 1:
             raise ValueError(f"root_workers must be a positive integer, got {num_workers!r}")
+        if threads < 1:
+            raise ValueError(f"threads must be a positive integer, got {threads!r}")
         self.num_workers = num_workers
+        self.threads = threads
         self._queue: queue.SimpleQueue[_Work] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
+        self._outstanding: weakref.WeakSet[Ticket] = weakref.WeakSet()
+        self._lock = threading.Lock()
         self._pid = os.getpid()
         self._finalizer: weakref.finalize | None = None
         _LIVE_POOLS.add(self)
@@ -149,33 +218,37 @@ class RootPool:
     def _start(self) -> None:
         if self._pid != os.getpid():  # forked: the parent's threads and queue are not ours
             self._queue, self._threads, self._pid = queue.SimpleQueue(), [], os.getpid()
+            self._outstanding, self._lock = weakref.WeakSet(), threading.Lock()
         if self._threads:
             return
-        # Roots must not depend on which thread computes them: workers use the intra-op thread
-        # count of the thread that starts them (LAPACK results can differ between counts).
-        threads = torch.get_num_threads()
         for i in range(self.num_workers):
             thread = threading.Thread(
                 target=_work,
-                args=(self._queue, threads),
-                name=f"torch_shampoo-root-{i}",
+                args=(self._queue, self.threads),
+                name=f"{_THREAD_NAME}{i}",
                 daemon=True,
             )
             thread.start()
             self._threads.append(thread)
-        self._finalizer = weakref.finalize(self, _stop, self._queue, list(self._threads))
+        self._finalizer = weakref.finalize(
+            self, _stop, self._queue, len(self._threads), self._outstanding, self._lock
+        )
 
     def submit(self, job: RootJob) -> Ticket:
         self._start()
         ticket = Ticket()
+        with self._lock:
+            self._outstanding.add(ticket)
         self._queue.put((ticket, job))
         return ticket
 
     def close(self) -> None:
-        """Stop the workers after the jobs already queued; idempotent."""
+        """Cancel the jobs not yet solved and let the workers exit; returns at once."""
         if self._finalizer is not None and self._pid == os.getpid():
             self._finalizer()
-        self._threads = []
+        # The old workers exit through the old queue; a later submit starts fresh ones.
+        self._queue, self._threads = queue.SimpleQueue(), []
+        self._outstanding, self._lock = weakref.WeakSet(), threading.Lock()
 
 
 def _work(jobs: queue.SimpleQueue[_Work], threads: int) -> None:
@@ -185,29 +258,33 @@ def _work(jobs: queue.SimpleQueue[_Work], threads: int) -> None:
         ticket._run(job)
 
 
-def _stop(jobs: queue.SimpleQueue[_Work], threads: list[threading.Thread]) -> None:
-    for _ in threads:
+def _stop(
+    jobs: queue.SimpleQueue[_Work],
+    workers: int,
+    outstanding: weakref.WeakSet[Ticket],
+    lock: threading.Lock,
+) -> None:
+    with lock:
+        tickets = list(outstanding)
+    for ticket in tickets:
+        ticket.cancel("the root pool was closed before this root was computed")
+    while True:  # drop what is queued; each worker then exits after its current job
+        try:
+            jobs.get_nowait()
+        except queue.Empty:
+            break
+    for _ in range(workers):
         jobs.put(None)
-    for thread in threads:
-        if thread is not threading.current_thread():
-            thread.join(timeout=10.0)
 
 
 @atexit.register
 def _close_all() -> None:
-    """At exit nobody will install the roots still queued: drop them, then stop the workers
-    (each finishes at most the job it is running)."""
+    """At exit nobody will install the roots still queued: cancel them, stop the workers and
+    wait for the root each of them may be in the middle of. That wait is the one place a root
+    in flight is waited for: a thread still inside torch's C++ code while the interpreter
+    tears torch down aborts the process."""
     for pool in list(_LIVE_POOLS):
-        if pool._pid == os.getpid():
-            _drop_queued(pool._queue)
         pool.close()
-
-
-def _drop_queued(jobs: queue.SimpleQueue[_Work]) -> None:
-    while True:
-        try:
-            item = jobs.get_nowait()
-        except queue.Empty:
-            return
-        if item is not None:
-            item[0]._fail(RuntimeError("the root pool was stopped at interpreter exit"))
+    for thread in threading.enumerate():
+        if thread.name.startswith(_THREAD_NAME) and thread is not threading.current_thread():
+            thread.join()

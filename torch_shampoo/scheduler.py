@@ -1,0 +1,326 @@
+"""When roots are computed and installed: the root scheduler the engine holds.
+
+Root steps are t = start and every t > start divisible by the frequency. At a root step the
+factors of a parameter are copied to host buffers and their roots handed to the
+:class:`~torch_shampoo.root_pool.RootPool`; the roots are installed at a step fixed in advance:
+
+* a parameter's **first** root cycle (no root of it installed yet) is installed in the step that
+  computes it, in every mode: preconditioning starts at ``start``, never later;
+* later cycles are installed at t + s, capped at the next root step, where s is the group's
+  staleness: an integer, or ``"auto"``, which is 0 for synchronous roots and, for asynchronous
+  roots, fitted once from measurements (:class:`StalenessFit`), saved with the param group
+  under ``"fitted_staleness"`` and grown after stalls.
+
+Synchronous roots (``async_roots=False``) use the same pool but ``step()`` waits for every job it
+made before returning, so no root work runs outside ``step()``; an async run equals a
+synchronous run with the same integer staleness bitwise.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import device
+from .root_pool import RootJob, RootOutcome, RootPool, Ticket, default_threads, run_here
+
+__all__ = ["FITTED", "RootScheduler", "StalenessFit"]
+
+FITTED = "fitted_staleness"
+"""The param-group key of an ``"auto"`` staleness once it is fitted (absent before)."""
+
+
+@dataclass
+class Staging:
+    """Host buffers of one factor, reused for every root of that factor (async mode only
+    needs them to outlive the step; sync mode uses them the same way)."""
+
+    snapshot: torch.Tensor
+    result: torch.Tensor
+    uploaded: device.CopyDone = None
+
+
+@dataclass
+class Pending:
+    """The roots of one parameter that are being computed and when they are due."""
+
+    submitted: int
+    due: int
+    jobs: list[RootJob]
+    tickets: list[Ticket]
+    """Empty until the jobs are handed to the pool (at the end of the step that made them)."""
+    sent_at: float = 0.0
+
+
+@dataclass
+class Stats:
+    roots_computed: int = 0
+    root_failures: int = 0
+    stalls: int = 0
+    stall_seconds: float = 0.0
+    first_root_seconds: float = 0.0
+    root_seconds: float = 0.0
+    staleness_total: int = 0
+    staleness_count: int = 0
+    staleness_max: int = 0
+    staleness_increases: int = 0
+    last_error: dict[tuple[int, int], float] = field(default_factory=dict)
+    """(parameter index, factor index) → the solver's residual of its last root."""
+
+
+class StalenessFit:
+    """Fits ``"auto"`` staleness: the smallest s (1 ≤ s ≤ frequency) such that a root cycle's
+    measured wall time, times ``MARGIN``, fits into s training steps (the median interval
+    between ``step()`` calls: forward, backward and the step itself)."""
+
+    MARGIN = 2.0
+
+    def __init__(self) -> None:
+        self._clock: deque[float] = deque(maxlen=65)
+        self.cycle_seconds: float | None = None
+        """Wall time of the latest root cycle that was waited for (with the given workers)."""
+        self.grown_at = -1
+
+    def tick(self) -> None:
+        self._clock.append(time.perf_counter())
+
+    def step_seconds(self) -> float | None:
+        times = list(self._clock)
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        return statistics.median(gaps) if gaps else None
+
+    def steps_for(self, seconds: float) -> int | None:
+        """Training steps that ``seconds`` of root work needs, with the margin."""
+        period = self.step_seconds()
+        if period is None or period <= 0:
+            return None
+        return max(1, math.ceil(self.MARGIN * seconds / period))
+
+
+class RootScheduler:
+    """Pending roots, host staging, the worker pool and the statistics of one optimizer."""
+
+    def __init__(self, async_roots: bool, workers: int) -> None:
+        self.async_roots = async_roots
+        self.workers = workers
+        self.pool: RootPool | None = None
+        self.staging: dict[torch.Tensor, list[Staging]] = {}
+        self.pending: dict[torch.Tensor, Pending] = {}
+        self.unsent: list[Pending] = []
+        self.stats = Stats()
+        self.fit = StalenessFit()
+        self.pid = os.getpid()
+
+    # ------------------------------------------------------------------------ the pool
+
+    def _pool(self) -> RootPool:
+        if self.pool is None:
+            self.pool = RootPool(self.workers, default_threads(self.workers))
+        return self.pool
+
+    def threads(self) -> int:
+        return self.pool.threads if self.pool is not None else default_threads(self.workers)
+
+    def close(self) -> None:
+        """Stop the workers at once; roots they had not written are computed again later."""
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+    def own_process(self) -> None:
+        """In a forked child the parent's workers do not exist: every root they had not
+        finished is cancelled here (their snapshots were copied with the memory) and computed
+        again by :meth:`revive`."""
+        if self.pid == os.getpid():
+            return
+        self.pid = os.getpid()
+        for pending in self.pending.values():
+            pending.tickets = [
+                t if t.done() else Ticket.cancelled_one("the process forked")
+                for t in pending.tickets
+            ]
+
+    def revive(self, here: bool) -> None:
+        """Compute again every cancelled root (after ``close()`` or a fork): on the pool, or on
+        this thread when ``here`` (a state dict must not restart threads)."""
+        self.own_process()
+        for pending in self.pending.values():
+            if not any(t.cancelled for t in pending.tickets) or not pending.jobs:
+                continue
+            pending.tickets = [
+                (run_here(job, self.threads()) if here else self._pool().submit(job))
+                if ticket.cancelled
+                else ticket
+                for job, ticket in zip(pending.jobs, pending.tickets)
+            ]
+
+    # -------------------------------------------------------------------- the schedule
+
+    def staleness(self, group: dict[str, Any], setting: int | None, frequency: int) -> int:
+        """The staleness of a later root cycle of ``group`` (``setting`` None: auto)."""
+        if setting is not None:
+            return setting
+        if not self.async_roots:
+            return 0
+        fitted = group.get(FITTED)
+        if fitted is None and self.fit.cycle_seconds is not None:
+            steps = self.fit.steps_for(self.fit.cycle_seconds)
+            if steps is not None:
+                fitted = group[FITTED] = min(frequency, steps)
+        return frequency if fitted is None else int(fitted)
+
+    def submit(
+        self,
+        p: torch.Tensor,
+        factors: list[torch.Tensor],
+        jobs: Callable[[list[Staging]], list[RootJob]] | BaseException,
+        t: int,
+        due: int,
+    ) -> bool:
+        """Register the root jobs of ``p`` made at step ``t``, due at ``due``; jobs due now are
+        handed to the pool at once, later ones at :meth:`send`. ``jobs`` is an exception when
+        the jobs could not be made (a failing damping schedule): the roots then fail.
+        Returns whether they are due in this step."""
+        if isinstance(jobs, BaseException):
+            failed = [Ticket() for _ in factors]
+            for ticket in failed:
+                ticket._fail(jobs)
+            self.pending[p] = Pending(submitted=t, due=due, jobs=[], tickets=failed)
+            return due <= t
+        made = jobs(self._staging_of(p, factors))
+        pending = self.pending[p] = Pending(submitted=t, due=due, jobs=made, tickets=[])
+        if due > t:
+            self.unsent.append(pending)
+        else:
+            pool = self._pool()
+            pending.sent_at = time.perf_counter()
+            pending.tickets = [pool.submit(job) for job in made]
+        return due <= t
+
+    def send(self) -> None:
+        """Hand the jobs due in later steps to the pool (at the end of a step, so that workers
+        never compete with the rest of the step); synchronous roots are waited for here."""
+        if not self.unsent:
+            return
+        pool, now = self._pool(), time.perf_counter()
+        for pending in self.unsent:
+            pending.tickets = [pool.submit(job) for job in pending.jobs]
+            pending.sent_at = now
+        sent, self.unsent = self.unsent, []
+        if not self.async_roots:
+            for pending in sent:
+                for ticket in pending.tickets:
+                    ticket.wait()
+
+    def take_due(
+        self, p: torch.Tensor, t: int, group: dict[str, Any], frequency: int, auto: bool
+    ) -> Pending | None:
+        """The pending roots of ``p`` if they are due at step ``t``, waited for; a wait for a
+        later cycle in async mode is a stall, which grows an auto staleness."""
+        pending = self.pending.get(p)
+        if pending is None or pending.due > t:
+            return None
+        del self.pending[p]
+        stats = self.stats
+        age = t - pending.submitted
+        stats.staleness_total += age
+        stats.staleness_count += 1
+        stats.staleness_max = max(stats.staleness_max, age)
+        if self.async_roots and age > 0 and not all(ticket.done() for ticket in pending.tickets):
+            began = time.perf_counter()
+            for ticket in pending.tickets:
+                ticket.wait()
+            stats.stalls += 1
+            stats.stall_seconds += time.perf_counter() - began
+            if auto:
+                self._grow(group, t, frequency, pending)
+        for ticket in pending.tickets:
+            ticket.wait()
+        return pending
+
+    def _grow(self, group: dict[str, Any], t: int, frequency: int, pending: Pending) -> None:
+        """After a stall: refit from this cycle's measured time (send → last root), and grow by
+        at least one step once per install step; never shrink, never beyond the frequency."""
+        current = int(group.get(FITTED) or 0)
+        finished = max((ticket.finished_at for ticket in pending.tickets), default=0.0)
+        needed = self.fit.steps_for(max(0.0, finished - pending.sent_at)) or current + 1
+        if self.fit.grown_at != t:
+            needed = max(needed, current + 1)
+        grown = min(frequency, max(current, needed))
+        if grown > current:
+            group[FITTED] = grown
+            self.stats.staleness_increases += 1
+        self.fit.grown_at = t
+
+    def waited_first_cycle(self, seconds: float) -> None:
+        """A first root cycle took ``seconds`` of waiting inside the step (counted, and the
+        measurement that fits auto staleness)."""
+        self.stats.first_root_seconds += seconds
+        self.fit.cycle_seconds = seconds
+
+    # ------------------------------------------------------------------- staging, export
+
+    def _staging_of(self, p: torch.Tensor, factors: list[torch.Tensor]) -> list[Staging]:
+        staging = self.staging.get(p)
+        if staging is None:
+            staging = self.staging[p] = [
+                Staging(device.host_buffer(f), device.host_buffer(f)) for f in factors
+            ]
+        return staging
+
+    def export(self) -> dict[torch.Tensor, dict[str, Any]]:
+        """The roots in flight as plain state entries (computed here if they were cancelled;
+        waited for otherwise)."""
+        self.send()  # jobs of a step that raised before it could send them
+        self.revive(here=True)
+        entries = {}
+        for p, pending in self.pending.items():
+            roots, ok, reasons = [], [], []
+            staging = self.staging.get(p, [])
+            for j, ticket in enumerate(pending.tickets):
+                try:
+                    outcome = ticket.outcome()
+                except Exception as exc:
+                    outcome = RootOutcome(False, math.nan, f"{type(exc).__name__}: {exc}", 0.0)
+                roots.append(staging[j].result.clone() if outcome.ok else torch.zeros(0))
+                ok.append(outcome.ok)
+                reasons.append(outcome.reason)
+            entries[p] = {
+                "pending_due": torch.tensor(pending.due),
+                "pending_submitted": torch.tensor(pending.submitted),
+                "pending_ok": torch.tensor(ok),
+                "pending_roots": roots,
+                "pending_reasons": reasons,
+            }
+        return entries
+
+    def adopt(self, p: torch.Tensor, state: dict[str, Any]) -> None:
+        """Turn the pending entries of a loaded ``state`` into resolved tickets."""
+        tickets = []
+        staging = self._staging_of(p, state["factors"])
+        for j, (root, ok, reason) in enumerate(
+            zip(state.pop("pending_roots"), state.pop("pending_ok"), state.pop("pending_reasons"))
+        ):
+            if bool(ok):
+                staging[j].result.copy_(root)
+            tickets.append(Ticket.resolved(RootOutcome(bool(ok), math.nan, reason, 0.0)))
+        self.pending[p] = Pending(
+            submitted=int(state.pop("pending_submitted")),
+            due=int(state.pop("pending_due")),
+            jobs=[],
+            tickets=tickets,
+        )
+
+    def clear(self) -> None:
+        self.pending.clear()
+        self.staging.clear()
+        self.unsent.clear()
