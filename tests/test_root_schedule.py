@@ -1,0 +1,416 @@
+"""The root schedule: the graft until a block's roots exist, first roots that are never stale,
+"auto" staleness (fitted, saved, restored, reported, grown after stalls), and a pool that
+cannot hang, oversubscribe or write after close()."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from models import make_batches, mixed_model, train
+
+import torch_shampoo.root_pool as root_pool
+import torch_shampoo.scheduler as scheduler
+from torch_shampoo import NGPlus, Shampoo
+from torch_shampoo.matrix_roots import RootResult, inverse_root
+
+BASE: dict[str, Any] = dict(lr=0.01, block_size=16, betas=(0.9, 0.99))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def params_after(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def assert_bitwise_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y), (x - y).abs().max()
+
+
+def _never(matrix: torch.Tensor, *args: Any, **kwargs: Any) -> RootResult:
+    return RootResult(torch.zeros_like(matrix), False, math.nan, "never arrives", "eigh")
+
+
+# ------------------------------------------------------------- the graft until roots exist
+
+
+@pytest.mark.parametrize("async_roots", [False, True])
+def test_with_roots_that_never_arrive_shampoo_is_its_graft(
+    async_roots: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before its roots exist a block takes exactly the graft's direction: bitwise what Shampoo
+    does before start_preconditioning_step, and Adam's step (torch.optim.Adam) to rounding."""
+    kwargs: dict[str, Any] = dict(BASE, precondition_frequency=2, async_roots=async_roots)
+    batches = make_batches(12)
+    graft_only = mixed_model()
+    with Shampoo(graft_only.parameters(), **kwargs, start_preconditioning_step=10**6) as opt:
+        train(graft_only, opt, batches)
+    adam = mixed_model()
+    train(adam, torch.optim.Adam(adam.parameters(), lr=0.01, betas=(0.9, 0.999)), batches)
+
+    monkeypatch.setattr(root_pool, "inverse_root", _never)
+    never = mixed_model()
+    with (
+        warnings.catch_warnings(),
+        Shampoo(never.parameters(), **kwargs, max_root_failures=10**6) as opt,
+    ):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        train(never, opt, batches)
+        assert opt.root_stats()["root_failures"] > 0
+        assert not any(bool(s["has_root"].any()) for s in opt.state.values())
+    assert_bitwise_equal(params_after(never), params_after(graft_only))
+    for ours, theirs in zip(never.parameters(), adam.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_a_block_without_its_roots_takes_the_graft_while_the_others_are_preconditioned(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """(20, 8) at block 16: blocks (16, 8) and (4, 8). Roots of size 4 fail, so block 1 lacks
+    one root: its steps equal the graft-only run's, block 0's do not. Gradients are fixed in
+    advance, so both runs see the same ones."""
+    gen = torch.Generator().manual_seed(3)
+    grads = [torch.randn(20, 8, generator=gen) for _ in range(8)]
+
+    def run(**kwargs: Any) -> list[torch.Tensor]:
+        param = torch.nn.Parameter(torch.zeros(20, 8))
+        steps = []
+        with Shampoo([param], **BASE, precondition_frequency=2, **kwargs) as opt:
+            for g in grads:
+                before = param.detach().clone()
+                param.grad = g
+                opt.step()
+                steps.append(param.detach() - before)
+        return steps
+
+    graft = run(start_preconditioning_step=10**6)
+
+    def fail_size_4(matrix: torch.Tensor, *args: Any, **kwargs: Any) -> RootResult:
+        return _never(matrix) if matrix.shape[0] == 4 else inverse_root(matrix, *args, **kwargs)
+
+    monkeypatch.setattr(root_pool, "inverse_root", fail_size_4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mixed = run(max_root_failures=10**6)
+    for t, (ours, graft_step) in enumerate(zip(mixed, graft), start=1):
+        assert torch.equal(ours[16:], graft_step[16:]), t
+        assert torch.equal(ours[:16], graft_step[:16]) == (t < 2), t  # roots from step 2 on
+
+
+# ------------------------------------------------------------------ first roots, staleness
+
+
+def test_first_roots_are_installed_at_start_in_async_mode() -> None:
+    """Preconditioning starts at ``start`` in both modes: up to the second root cycle an async
+    run (default staleness) equals the synchronous run bitwise."""
+    batches = make_batches(9)
+    runs = {}
+    for async_roots in (False, True):
+        model = mixed_model()
+        with Shampoo(
+            model.parameters(), **BASE, precondition_frequency=5, async_roots=async_roots
+        ) as opt:
+            train(model, opt, batches[:5])
+            stats = opt.root_stats()
+            factors = sum(len(s["factors"]) for s in opt.state.values())
+            assert stats["roots_computed"] == factors and stats["stalls"] == 0
+            assert all(bool(s["has_root"].all()) for s in opt.state.values())
+            assert (stats["first_root_seconds"] > 0) == async_roots
+            train(model, opt, batches[5:])  # steps 6-9: no root step
+        runs[async_roots] = params_after(model)
+    assert_bitwise_equal(runs[True], runs[False])
+
+
+def test_the_fit_is_the_smallest_staleness_whose_steps_hold_the_work_with_the_margin() -> None:
+    fit = scheduler.StalenessFit()
+    assert fit.steps_for(1.0) is None  # no step interval measured yet
+    fit._clock.extend([0.0, 0.1, 0.2, 0.3, 0.45])  # median interval 0.1 s
+    assert fit.step_seconds() == pytest.approx(0.1)
+    assert fit.steps_for(0.01) == 1
+    assert fit.steps_for(0.25) == math.ceil(fit.MARGIN * 0.25 / 0.1)
+    assert fit.steps_for(0.14) == 3  # 2 x 0.14 s = 2.8 steps of 0.1 s
+
+
+@pytest.fixture
+def fitted_three(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Whatever the timings, the fit asks for 3 steps (so runs are reproducible)."""
+    monkeypatch.setattr(scheduler.StalenessFit, "steps_for", lambda self, seconds: 3)
+    yield
+
+
+@pytest.mark.usefixtures("fitted_three")
+def test_auto_staleness_is_fitted_saved_restored_and_reported() -> None:
+    kwargs: dict[str, Any] = dict(BASE, precondition_frequency=5, momentum=0.5)
+    batches = make_batches(24)
+    whole = mixed_model()
+    with Shampoo(whole.parameters(), **kwargs) as opt:
+        assert opt.param_groups[0]["root_staleness"] == "auto"
+        train(whole, opt, batches[:5])
+        assert opt.root_stats()["root_staleness"] == 3  # fitted after the first cycle
+        train(whole, opt, batches[5:10])
+        in_flight = opt.state_dict()
+        assert int(in_flight["state"][0]["pending_due"]) == 13
+        assert in_flight["param_groups"][0][scheduler.FITTED] == 3
+        train(whole, opt, batches[10:])
+        assert opt.root_stats()["max_staleness"] == 3
+
+    model = mixed_model()
+    opt = Shampoo(model.parameters(), **kwargs)
+    train(model, opt, batches[:11])
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    opt.close()
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    resumed_model = mixed_model(seed=1)
+    resumed_model.load_state_dict(checkpoint["model"])
+    with Shampoo(resumed_model.parameters(), **kwargs) as resumed:
+        resumed.load_state_dict(checkpoint["opt"])
+        assert resumed.root_stats()["root_staleness"] == 3  # before any step
+        train(resumed_model, resumed, batches[11:])
+    assert_bitwise_equal(params_after(resumed_model), params_after(whole))
+
+
+def test_auto_staleness_is_zero_for_synchronous_roots_and_an_integer_is_kept() -> None:
+    model = mixed_model()
+    with Shampoo(model.parameters(), **BASE, precondition_frequency=2, async_roots=False) as s:
+        train(model, s, make_batches(5))
+        assert s.root_stats()["root_staleness"] == 0 and s.root_stats()["max_staleness"] == 0
+    with Shampoo(model.parameters(), **BASE, precondition_frequency=2, root_staleness=1) as a:
+        train(model, a, make_batches(5))
+        assert a.root_stats()["root_staleness"] == 1
+        assert scheduler.FITTED not in a.param_groups[0]
+    with pytest.raises(ValueError, match="root_staleness"):
+        Shampoo(model.parameters(), root_staleness=-1)
+    with pytest.raises(TypeError, match="root_staleness"):
+        Shampoo(model.parameters(), root_staleness="sometimes")
+
+
+def test_auto_staleness_grows_after_a_stall_and_never_beyond_the_frequency(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Roots that take longer than the fitted window stall the step; the auto value grows (by
+    at least one step per stalled install step), never shrinks, and stops at the frequency."""
+    monkeypatch.setattr(scheduler.StalenessFit, "steps_for", lambda self, seconds: 1)
+    slow = threading.Event()
+
+    def slow_root(*args: Any, **kwargs: Any) -> RootResult:
+        if slow.is_set():
+            threading.Event().wait(0.05)
+        return inverse_root(*args, **kwargs)
+
+    monkeypatch.setattr(root_pool, "inverse_root", slow_root)
+    param = torch.nn.Parameter(torch.randn(6, 6))
+    seen = []
+    with Shampoo([param], precondition_frequency=4, root_workers=1) as opt:
+        for t in range(1, 30):
+            if t == 5:
+                slow.set()
+            param.grad = torch.randn(6, 6)
+            opt.step()
+            seen.append(opt.root_stats()["root_staleness"])
+        stats = opt.root_stats()
+    assert seen[3] == 1  # fitted at the first cycle (step 4)
+    assert stats["stalls"] >= 1 and stats["staleness_increases"] >= 1
+    assert all(b >= a for a, b in zip(seen[3:], seen[4:]))  # never shrinks
+    assert seen[-1] == 4  # grown up to the frequency, not beyond
+
+
+# ---------------------------------------------------------------- a pool that cannot hang
+
+
+def _run_script(body: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(body)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="fork is POSIX-only")
+def test_a_forked_child_can_save_pickle_and_copy_before_its_first_step() -> None:
+    """The parent's worker is in the middle of a root when the process forks; the child's
+    state_dict(), pickling and deepcopy compute that root themselves instead of waiting for a
+    thread that does not exist there (this hung)."""
+    done = _run_script(
+        """
+        import copy, os, pickle, threading, torch
+        import torch_shampoo.root_pool as root_pool
+        from torch_shampoo import Shampoo
+        inner, started = root_pool.inverse_root, threading.Event()
+        def slow(*args, **kwargs):
+            started.set()
+            threading.Event().wait(0.5)
+            return inner(*args, **kwargs)
+        param = torch.nn.Parameter(torch.randn(8, 8))
+        opt = Shampoo([param], precondition_frequency=2, root_staleness=2)
+        for t in range(4):
+            if t == 3:
+                root_pool.inverse_root = slow
+            param.grad = torch.randn(8, 8)
+            opt.step()  # step 4: a later cycle, its root in flight until step 6
+        started.wait()
+        pid = os.fork()
+        if pid == 0:
+            saved = opt.state_dict()["state"][0]
+            pickle.dumps(opt)
+            twin = copy.deepcopy(opt)
+            twin.close()
+            os._exit(0 if bool(saved["pending_ok"].all()) else 3)
+        _, status = os.waitpid(pid, 0)
+        print("child", os.waitstatus_to_exitcode(status), flush=True)
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    assert "child 0" in done.stdout
+
+
+def test_state_dict_after_a_failing_damping_schedule_with_roots_in_flight() -> None:
+    """A resumed NG+ (no host buffers yet) whose damping schedule fails at an inverse step:
+    the failed roots are in flight when state_dict() runs (this raised KeyError)."""
+
+    def damping(t: int) -> float:
+        if t >= 4:
+            raise ValueError("not any more")
+        return 0.1
+
+    kwargs: dict[str, Any] = dict(damping=damping, inverse_frequency=2, root_staleness=1)
+    param = torch.nn.Parameter(torch.randn(6, 4))
+    with NGPlus([param], **kwargs) as opt:
+        for _ in range(3):  # inverses of steps 1 (at once) and 2 (installed at 3)
+            param.grad = torch.randn(6, 4)
+            opt.step()
+        checkpoint = opt.state_dict()
+    with NGPlus([param], **kwargs) as resumed:
+        resumed.load_state_dict(checkpoint)
+        param.grad = torch.randn(6, 4)
+        resumed.step()  # step 4: the damping fails; its failed roots are due at step 5
+        saved = resumed.state_dict()["state"][0]
+        assert not bool(saved["pending_ok"].any()) and int(saved["pending_due"]) == 5
+        with pytest.warns(RuntimeWarning, match="damping"):
+            param.grad = torch.randn(6, 4)
+            resumed.step()  # installs the failed roots: a warning, training goes on
+
+
+def test_installing_roots_names_no_factor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Names are built only for warnings and root_stats(): an install step with 1,000
+    parameters spent 51 ms searching for them."""
+    calls = []
+    original = Shampoo._factor_name
+    monkeypatch.setattr(
+        Shampoo, "_factor_name", lambda self, p, j: calls.append(j) or original(self, p, j)
+    )
+    params = [torch.nn.Parameter(torch.randn(4, 3)) for _ in range(50)]
+    with Shampoo(params, precondition_frequency=2, root_staleness=1) as opt:
+        for _ in range(6):
+            for p in params:
+                p.grad = torch.randn(4, 3)
+            opt.step()
+        assert not calls  # nothing named while stepping
+        assert opt.root_stats()["roots_computed"] > 0
+        names = opt.root_stats()["last_error"]
+    assert len(names) == 50 and "parameter 49 (shape (4, 3)) block 0 dim 0" in names
+
+
+def test_default_workers_times_their_threads_stay_within_the_cores(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An 8-core machine at torch's default 8 threads: 4 workers of 2 threads, not 4 of 8."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    seen: set[int] = set()
+
+    def counting(*args: Any, **kwargs: Any) -> RootResult:
+        seen.add(torch.get_num_threads())
+        return inverse_root(*args, **kwargs)
+
+    monkeypatch.setattr(root_pool, "inverse_root", counting)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(8)
+    try:
+        param = torch.nn.Parameter(torch.randn(6, 6))
+        with Shampoo([param], precondition_frequency=1) as opt:
+            for _ in range(3):
+                param.grad = torch.randn(6, 6)
+                opt.step()
+            workers = opt._root_workers
+    finally:
+        torch.set_num_threads(threads)
+    assert workers == 4 and seen == {2}
+
+
+def test_close_returns_at_once_with_a_root_running_and_that_root_is_never_written(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """close() cancels instead of joining; the worker finishing the cancelled root discards
+    it; the next step computes it again, so the run continues exactly as without close()."""
+    release, blocking, entered = threading.Event(), threading.Event(), threading.Event()
+
+    def held(*args: Any, **kwargs: Any) -> RootResult:
+        if blocking.is_set():
+            entered.set()
+            release.wait(30)
+        return inverse_root(*args, **kwargs)
+
+    monkeypatch.setattr(root_pool, "inverse_root", held)
+    kwargs: dict[str, Any] = dict(BASE, precondition_frequency=2, root_staleness=1, root_workers=1)
+    batches = make_batches(8)
+    plain = mixed_model()
+    with Shampoo(plain.parameters(), **kwargs) as opt:
+        train(plain, opt, batches)
+
+    model = mixed_model()
+    opt = Shampoo(model.parameters(), **kwargs)
+    train(model, opt, batches[:3])
+    blocking.set()
+    train(model, opt, batches[3:4])  # step 4: a later cycle, due at step 5
+    assert entered.wait(30)
+    results = {p: [s.result.clone() for s in st] for p, st in opt._roots.staging.items()}
+    closer = threading.Thread(target=opt.close)
+    closer.start()
+    closer.join(5)
+    closed_promptly = not closer.is_alive()
+    blocking.clear()
+    release.set()
+    assert closed_promptly
+    worker = [t for t in threading.enumerate() if t.name.startswith("torch_shampoo-root")]
+    for thread in worker:
+        thread.join(30)
+    for p, buffers in opt._roots.staging.items():
+        assert all(torch.equal(s.result, r) for s, r in zip(buffers, results[p]))
+    train(model, opt, batches[4:])
+    opt.close()
+    assert_bitwise_equal(params_after(model), params_after(plain))
+
+
+def test_state_dict_after_close_computes_the_cancelled_roots_itself() -> None:
+    batches = make_batches(10)
+    kwargs: dict[str, Any] = dict(BASE, precondition_frequency=2, root_staleness=2)
+    model = mixed_model()
+    with Shampoo(model.parameters(), **kwargs) as opt:
+        train(model, opt, batches[:4])
+        expected = copy.deepcopy(opt.state_dict()["state"])
+    model = mixed_model()
+    opt = Shampoo(model.parameters(), **kwargs)
+    train(model, opt, batches[:4])
+    opt.close()
+    saved = opt.state_dict()["state"]
+    assert any("pending_roots" in s for s in saved.values())
+    for i, s in saved.items():
+        for a, b in zip(s.get("pending_roots", []), expected[i].get("pending_roots", [])):
+            assert torch.equal(a, b)
+    assert opt._roots.pool is None  # computed here, without restarting the workers
