@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import io
+import itertools
 import math
 import os
 import subprocess
@@ -224,7 +225,7 @@ def test_auto_staleness_grows_after_a_stall_and_never_beyond_the_frequency(
         stats = opt.root_stats()
     assert seen[3] == 1  # fitted at the first cycle (step 4)
     assert stats["stalls"] >= 1 and stats["staleness_increases"] >= 1
-    assert all(b >= a for a, b in zip(seen[3:], seen[4:]))  # never shrinks
+    assert all(b >= a for a, b in itertools.pairwise(seen[3:]))  # never shrinks
     assert seen[-1] == 4  # grown up to the frequency, not beyond
 
 
