@@ -19,7 +19,7 @@ import torch
 from models import make_batches, mixed_model, train
 from torch import nn
 
-from torch_shampoo import Shampoo
+from torch_shampoo import NGPlus, Shampoo
 
 FAST: dict[str, Any] = dict(block_size=16, precondition_frequency=2, root_workers=1)
 MODES = pytest.mark.parametrize("async_roots", [False, True], ids=["sync", "async"])
@@ -296,6 +296,20 @@ def test_unknown_keyword_arguments_are_a_type_error() -> None:
         Shampoo([p], learning_rate=0.1)  # type: ignore[call-arg]
     with pytest.raises(TypeError, match="beta1"):
         Shampoo([p], beta1=0.9)  # type: ignore[call-arg]
+
+
+def test_an_unknown_keyword_argument_names_what_was_probably_meant() -> None:
+    p = torch.zeros(4, 4, requires_grad=True)
+    with pytest.raises(TypeError, match=r"'eps'.*'epsilon'.*'grafting_epsilon'"):
+        Shampoo([p], eps=1e-8)
+    with pytest.raises(TypeError, match=r"'momentun'.*did you mean 'momentum'"):
+        Shampoo([p], momentun=0.9)
+    with pytest.raises(TypeError, match=r"'max_preconditioner_dim'.*'block_size'"):
+        Shampoo([p], max_preconditioner_dim=512)
+    with pytest.raises(TypeError, match=r"'eps'.*'damping'"):
+        NGPlus([p], eps=1e-3)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'zzz'$"):
+        Shampoo([p], zzz=1)
 
 
 # ------------------------------------------------------------------------------- direction

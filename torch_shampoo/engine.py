@@ -23,6 +23,7 @@ from torch.optim import Optimizer
 
 from . import device
 from .blocking import BlockLayout, block_layout, block_sums, expand_grid, split_blocks
+from .config import EngineConfig
 from .grafting import graft_direction, update_graft_state
 from .root_pool import RootJob, RootOutcome
 from .scheduler import FITTED, RootScheduler, Staging
@@ -30,7 +31,6 @@ from .scheduler import FITTED, RootScheduler, Staging
 __all__ = ["EngineConfig", "PreconditionerEngine"]
 
 _GRAFT_NORM_EPS = 1e-16
-_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 _HOST_KEYS = (
     "step",
     "root_failures",
@@ -72,56 +72,6 @@ class _Work:
         if self.cells is None or self.layout.num_blocks == 1:
             return self.cells
         return expand_grid(self.cells, self.layout)
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """The engine's view of one parameter group (Shampoo and NG+ each map their own kwargs)."""
-
-    lr: float | torch.Tensor
-    beta1: float
-    beta2: float
-    epsilon: float | Callable[[int], float]
-    weight_decay: float
-    decoupled_weight_decay: bool
-    momentum: float
-    nesterov: bool
-    block_size: int
-    max_factor_dim: int
-    frequency: int
-    start: int
-    bias_correction: bool
-    grafting: str
-    grafting_beta2: float
-    grafting_epsilon: float
-    root_exponent: float | None
-    root_method: str
-    maximize: bool
-    staleness: int | None
-    """Steps between a later root cycle's snapshot and its use; None: auto."""
-    max_root_failures: int
-    skip_nonfinite: bool
-
-    def epsilon_at(self, step: int) -> float:
-        """ε at ``step``; a schedule (NG+'s ``damping``) must give a positive finite number."""
-        if not callable(self.epsilon):
-            return self.epsilon
-        try:
-            value = float(self.epsilon(step))
-        except Exception as exc:
-            raise TypeError(
-                f"Invalid damping: {self.epsilon!r} (calling it with step {step} failed: {exc})"
-            ) from exc
-        if not 0 < value < math.inf:
-            raise ValueError(
-                f"Invalid damping: {self.epsilon!r} (gave {value} at step {step}; must be > 0)"
-            )
-        return value
-
-
-def staleness_setting(value: int | str | None) -> int | None:
-    """A group's ``root_staleness`` as the engine sees it: an integer, or None for auto."""
-    return None if value is None or isinstance(value, str) else int(value)
 
 
 @lru_cache(maxsize=1024)
@@ -876,63 +826,3 @@ def _restore(key: str, value: Any, param_device: torch.device) -> Any:
     if isinstance(value, list):
         return [_restore(key, v, param_device) for v in value]
     return value
-
-
-class Checks:
-    """Validation of one parameter group: each check raises naming the argument and its value."""
-
-    def __init__(self, group: dict[str, Any]) -> None:
-        self.group = group
-
-    def bad(self, name: str, requirement: str) -> ValueError:
-        return ValueError(f"Invalid {name}: {self.group[name]!r} ({requirement})")
-
-    def real(
-        self,
-        name: str,
-        low: float | None = None,
-        high: float | None = None,
-        low_open: bool = False,
-        high_open: bool = False,
-    ) -> float:
-        """A finite real number in the given (closed unless told open) interval."""
-        value = self.group[name]
-        if isinstance(value, torch.Tensor) and value.numel() == 1 and name == "lr":
-            value = float(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"Invalid {name}: {self.group[name]!r} (must be a real number)")
-        if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
-            raise self.bad(name, "must be finite and within float32 range")
-        if low is not None and (value < low or (low_open and value == low)):
-            raise self.bad(name, f"must be {'>' if low_open else '≥'} {low}")
-        if high is not None and (value > high or (high_open and value == high)):
-            raise self.bad(name, f"must be {'<' if high_open else '≤'} {high}")
-        return float(value)
-
-    def integer(self, name: str, minimum: int, optional: bool = False) -> None:
-        value = self.group[name]
-        if optional and value is None:
-            return
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"Invalid {name}: {value!r} (must be an integer)")
-        if value < minimum:
-            raise self.bad(name, f"must be ≥ {minimum}")
-
-    def staleness(self) -> None:
-        """``root_staleness``: ``"auto"`` (or None, the same) or an integer ≥ 0."""
-        if self.group["root_staleness"] not in ("auto", None):
-            self.integer("root_staleness", 0)
-
-    def flag(self, name: str) -> None:
-        if not isinstance(self.group[name], bool):
-            raise TypeError(f"Invalid {name}: {self.group[name]!r} (must be a bool)")
-
-    def choice(self, name: str, choices: tuple[str, ...]) -> None:
-        if self.group[name] not in choices:
-            raise self.bad(name, f"valid choices: {', '.join(choices)}")
-
-    def lr(self) -> None:
-        lr = self.group["lr"]
-        if isinstance(lr, torch.Tensor) and (lr.dim() != 0 or not lr.is_floating_point()):
-            raise TypeError(f"Invalid lr: {lr!r} (a tensor lr must be a 0-d real float tensor)")
-        self.real("lr", low=0.0)

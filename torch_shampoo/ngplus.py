@@ -7,6 +7,7 @@ that mapping plus the per-sample statistics of :mod:`torch_shampoo.per_sample`.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable, Iterable
 from functools import lru_cache
@@ -16,7 +17,8 @@ import torch
 from torch import nn
 
 from .blocking import BlockLayout, output_side_layout
-from .engine import Checks, EngineConfig, PreconditionerEngine, _Work, staleness_setting
+from .config import Checks, EngineConfig, reject_unknown, staleness_setting
+from .engine import PreconditionerEngine, _Work
 from .matrix_roots import ROOT_METHODS
 from .per_sample import PerSampleFisher
 
@@ -94,7 +96,15 @@ class NGPlus(PreconditionerEngine):
         async_roots: bool = True,
         root_workers: int | None = None,
         model: nn.Module | None = None,
+        **unknown: Any,
     ) -> None:
+        hints = {
+            "eps": "'damping' (λ in (F + λI)⁻¹)",
+            "epsilon": "'damping' (λ in (F + λI)⁻¹)",
+            "precondition_frequency": "'inverse_frequency'",
+            "betas": "'curvature_beta' (β of the moving average of F) and 'momentum'",
+        }
+        reject_unknown("NGPlus", unknown, inspect.signature(NGPlus).parameters, hints)
         if statistics not in STATISTICS:
             raise ValueError(
                 f"Invalid statistics: {statistics!r} (valid choices: {', '.join(STATISTICS)})"

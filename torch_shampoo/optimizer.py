@@ -2,20 +2,55 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-from .engine import Checks, EngineConfig, PreconditionerEngine, staleness_setting
+from .config import Checks, EngineConfig, reject_unknown, staleness_setting
+from .engine import PreconditionerEngine
 from .grafting import GRAFTS
 from .matrix_roots import ROOT_METHODS
 
 __all__ = ["Shampoo"]
 
+_HINTS = {
+    "eps": "'epsilon' (ε added to each factor before its root, default 1e-12) or "
+    "'grafting_epsilon' (the Adam graft's ε: what Adam calls eps)",
+    "learning_rate": "'lr'",
+    "beta1": "'betas=(beta1, beta2)'",
+    "beta2": "'betas=(beta1, beta2)' (β₂ of the statistics) or 'grafting_beta2' (Adam's β₂)",
+    "max_preconditioner_dim": "'block_size'",
+    "use_nesterov": "'nesterov'",
+    "use_decoupled_weight_decay": "'decoupled_weight_decay'",
+    "use_bias_correction": "'bias_correction'",
+    "matrix_epsilon": "'epsilon'",
+    "diagonal_epsilon": "'grafting_epsilon'",
+    "preconditioning_compute_steps": "'precondition_frequency'",
+    "graft_type": "'grafting'",
+    "grafting_config": "'grafting' (a name: adam, adagrad, rmsprop, sgd, none)",
+    "exponent_override": "'root_exponent'",
+    "inverse_exponent_override": "'root_exponent'",
+}
+
 
 class Shampoo(PreconditionerEngine):
     r"""Shampoo (Gupta et al. 2018; Anil et al. 2020) with grafting and asynchronous CPU roots.
+
+    A drop-in replacement for ``torch.optim.Adam``; **use the lr you use for Adam** (the default
+    Adam graft gives the step its size, Shampoo only changes its direction)::
+
+        with torch_shampoo.Shampoo(model.parameters(), lr=3e-4, weight_decay=0.1) as opt:
+            for x, y in loader:
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                opt.step()
+            print(opt.root_stats())   # roots computed, stalls, the staleness in use, ...
+
+    ``with`` (or ``opt.close()``) stops the root worker threads when you are done; they are
+    also stopped when the optimizer is garbage collected and at exit. ``root_stats()`` documents
+    each of its keys.
 
     For every block G of the gradient (see :mod:`torch_shampoo.blocking`) and step t = 1, 2, …::
 
@@ -29,11 +64,16 @@ class Shampoo(PreconditionerEngine):
         b  ← μ b + P;  P = P + μ b (nesterov) or b           if momentum μ > 0
         W  ← W − lr·P
 
-    Root steps are t = start and every t > start divisible by ``precondition_frequency``. A root
-    computed from the statistics of step t is installed at the start of step t + staleness
-    (``root_staleness``; never later than the next root step). With ``async_roots=True`` the roots
-    are computed on a pool of CPU threads in the meantime; the install step is fixed in advance, so
-    runs are bitwise reproducible and equal to synchronous runs with the same staleness.
+    Root steps are t = start and every t > start divisible by ``precondition_frequency``. A block
+    takes the graft's direction D until its roots exist; a parameter's first roots are installed
+    in the step that computes them (preconditioning starts at ``start`` in every mode). A later
+    root computed from the statistics of step t is installed at the start of step t + s, never
+    later than the next root step. With ``async_roots=True`` the roots are computed on a pool of
+    CPU threads in the meantime. s is ``root_staleness``: ``"auto"`` (the default) fits s once,
+    after the first root cycle, to the smallest number of training steps that holds the measured
+    root work twice over (0 with ``async_roots=False``), and grows it if steps still wait for
+    roots; an integer fixes s, which makes async runs bitwise reproducible and equal to
+    synchronous runs with the same staleness.
 
     Args:
         params: parameters or parameter groups; every hyperparameter below except
@@ -57,14 +97,17 @@ class Shampoo(PreconditionerEngine):
         root_exponent: r for every factor (``None``: 2 × the number of factors of the block).
         root_method: ``"eigh"`` (default), ``"newton"`` or ``"cholesky"`` (r = 1 only).
         maximize: maximize the objective.
-        root_staleness: steps between a root's snapshot and its use (``None``: the precondition
-            frequency with ``async_roots``, 0 without).
+        root_staleness: steps between a later root's snapshot and its use: ``"auto"`` (``None``
+            is the same) or an integer ≥ 0; see above.
         max_root_failures: consecutive failed roots of one factor that raise an error.
         skip_nonfinite: leave a block's statistics, moments, momentum and weights unchanged at a
             step whose gradient holds NaN/Inf in that block (decided on the device, no host
             sync; counted as ``skipped_blocks`` in ``root_stats()``).
         async_roots: compute roots on CPU worker threads (``False``: inside ``step()``).
-        root_workers: worker threads (``None``: half the CPU cores, at least 1).
+        root_workers: worker threads (``None``: half the CPU cores, at least 1). Each worker
+            computes with ``torch.get_num_threads() // root_workers`` intra-op threads (at least
+            1; fixed when the workers start), so workers × threads stay within torch's threads,
+            which default to the cores. Synchronous roots use the same workers.
     """
 
     def __init__(
@@ -94,7 +137,9 @@ class Shampoo(PreconditionerEngine):
         *,
         async_roots: bool = True,
         root_workers: int | None = None,
+        **unknown: Any,
     ) -> None:
+        reject_unknown("Shampoo", unknown, inspect.signature(Shampoo).parameters, _HINTS)
         defaults = dict(
             lr=lr,
             betas=betas,
