@@ -1,12 +1,12 @@
-"""Shared optimizer registry, training loop, results table and plots for the example scripts."""
+"""Shared optimizer registry, training loop and comparison driver for the example scripts.
+
+The reporting half (run record, results table, plots, JSON, environment) lives in `_report`;
+its names are re-exported here, so scripts keep importing everything from `_common`."""
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
-import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -17,6 +17,22 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from _report import (  # noqa: F401  (re-exported for the scripts, benchmarks and tests)
+    RunResult,
+    adam_target,
+    ema,
+    environment,
+    environment_header,
+    format_table,
+    load_warning,
+    plot_results,
+    results_table,
+    root_stats_lines,
+    save_json,
+    step_time_ratio,
+    style_loss_axis,
+    warn_if_loaded,
+)
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -127,67 +143,12 @@ class Task:
     eval_name: str = "val"
 
 
-@dataclass
-class RunResult:
-    """Per-step losses and timings of one training run."""
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during `train`; `partial` holds the steps recorded until then."""
 
-    method: str
-    lr: float
-    train_losses: list[float] = field(default_factory=list)
-    step_times: list[float] = field(default_factory=list)
-    eval_steps: list[int] = field(default_factory=list)
-    eval_losses: list[float] = field(default_factory=list)
-    eval_accs: list[float] = field(default_factory=list)
-    diverged: bool = False
-    root_stats: dict[str, Any] | None = None
-
-    @property
-    def smoothed(self) -> list[float]:
-        """Bias-corrected exponential moving average of the training loss."""
-        return ema(self.train_losses)
-
-    @property
-    def final_train(self) -> float:
-        """Smoothed training loss at the last step (inf if the run diverged)."""
-        return math.inf if self.diverged or not self.train_losses else self.smoothed[-1]
-
-    @property
-    def final_eval(self) -> float:
-        """Held-out loss at the last evaluation (inf if the run diverged)."""
-        return math.inf if self.diverged or not self.eval_losses else self.eval_losses[-1]
-
-    @property
-    def wall(self) -> float:
-        """Total training time in seconds (evaluation excluded)."""
-        return sum(self.step_times)
-
-    @property
-    def cumulative_wall(self) -> list[float]:
-        """Training seconds elapsed after each recorded step."""
-        return list(itertools.accumulate(self.step_times[: len(self.train_losses)]))
-
-    @property
-    def ms_per_step(self) -> float:
-        """Mean wall time of one training iteration (forward, backward, step) in ms."""
-        return 1000.0 * self.wall / max(len(self.step_times), 1)
-
-    def steps_to(self, target: float) -> int | None:
-        """First step (1-based) at which the smoothed training loss is <= target."""
-        return next((i + 1 for i, v in enumerate(self.smoothed) if v <= target), None)
-
-    def wall_to(self, target: float) -> float | None:
-        """Training seconds spent until the smoothed training loss first reached target."""
-        steps = self.steps_to(target)
-        return None if steps is None else self.cumulative_wall[steps - 1]
-
-
-def ema(values: Sequence[float], beta: float = 0.95) -> list[float]:
-    """Bias-corrected exponential moving average (as in Adam's moment estimates)."""
-    out, avg = [], 0.0
-    for i, v in enumerate(values):
-        avg = beta * avg + (1 - beta) * v
-        out.append(avg / (1 - beta ** (i + 1)))
-    return out
+    def __init__(self, partial: RunResult) -> None:
+        super().__init__(f"interrupted during {partial.method}")
+        self.partial = partial
 
 
 def warmup_cosine(steps: int, warmup: int) -> Callable[[int], float]:
@@ -237,8 +198,13 @@ def train(
     eval_every: int,
     warmup: int,
     progress: bool = True,
+    log_every: int = 0,
 ) -> RunResult:
-    """Train a fresh model (same init and batches for a given seed) and record the curves."""
+    """Train a fresh model (same init and batches for a given seed) and record the curves.
+
+    `progress` shows a tqdm bar; `log_every` > 0 prints a plain line every that many steps.
+    Ctrl-C raises `Interrupted` with the steps recorded so far."""
+    run_start = time.perf_counter()
     torch.manual_seed(seed)
     model = task.build_model()
     opt = method.build(model)
@@ -267,8 +233,22 @@ def train(
                 result.eval_losses.append(eval_loss)
                 result.eval_accs.append(eval_acc)
                 bar.set_postfix(loss=f"{result.smoothed[-1]:.3f}", val=f"{eval_loss:.3f}")
+            if log_every > 0 and ((step + 1) % log_every == 0 or step + 1 == steps):
+                elapsed = time.perf_counter() - run_start
+                print(
+                    f"  {method.label:>14}  step {step + 1}/{steps}  "
+                    f"loss {result.smoothed[-1]:.3f}  ({elapsed:.1f} s)",
+                    flush=True,
+                )
         stats = getattr(opt, "root_stats", None)
         result.root_stats = stats() if callable(stats) else None
+    except KeyboardInterrupt as exc:
+        result.interrupted = True
+        # keep the curves consistent: the interrupted step may have been half recorded
+        del result.step_times[len(result.train_losses) :]
+        n_eval = min(len(result.eval_steps), len(result.eval_losses), len(result.eval_accs))
+        del result.eval_steps[n_eval:], result.eval_losses[n_eval:], result.eval_accs[n_eval:]
+        raise Interrupted(result) from exc
     finally:
         bar.close()
         close = getattr(opt, "close", None)
@@ -285,141 +265,41 @@ def compare(
     eval_every: int,
     warmup: int,
     progress: bool,
-) -> list[RunResult]:
-    """Train every available method on `task` with the same seed and print one line per run."""
-    warm_up(task)
-    results = []
-    for method in available(methods):
-        result = train(task, method, steps, seed, eval_every, warmup, progress)
-        status = "diverged" if result.diverged else f"final train loss {result.final_train:.4f}"
-        print(f"{method.label:>14}: {status} ({result.wall:.1f} s)", flush=True)
-        results.append(result)
-    return results
+    log_every: int = 0,
+) -> tuple[list[RunResult], bool]:
+    """Train every available method on `task` with the same seed and print one line per run.
 
-
-def _fmt(value: float | None, spec: str, missing: str = "-") -> str:
-    if value is None or not math.isfinite(value):
-        return missing
-    return format(value, spec)
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Render a plain-text table with right-aligned columns (first column left-aligned)."""
-    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
-
-    def line(cells: Sequence[str]) -> str:
-        parts = [
-            c.ljust(w) if i == 0 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ]
-        return "  ".join(parts)
-
-    return "\n".join([line(headers), "  ".join("-" * w for w in widths), *map(line, rows)])
-
-
-def results_table(results: Sequence[RunResult], task: Task, show_accuracy: bool) -> str:
-    """The comparison table, with steps-to-target and step-time ratio relative to Adam."""
-    baseline = next((r for r in results if r.method == "Adam"), None)
-    target = baseline.final_train if baseline else math.inf
-    headers = ["method", "lr", "train loss", f"{task.eval_name} loss"]
-    if show_accuracy:
-        headers.append(f"{task.eval_name} acc")
-    headers += ["steps to Adam", "wall (s)", "ms/step", "step time / Adam"]
-    rows = []
-    for r in results:
-        row = [
-            r.method,
-            f"{r.lr:g}",
-            _fmt(r.final_train, ".4f", "diverged"),
-            _fmt(r.final_eval, ".4f"),
-        ]
-        if show_accuracy:
-            row.append(_fmt(r.eval_accs[-1] if r.eval_accs and not r.diverged else None, ".2%"))
-        steps = r.steps_to(target)
-        ratio = r.ms_per_step / baseline.ms_per_step if baseline else None
-        row += [
-            "-" if steps is None else str(steps),
-            f"{r.wall:.1f}",
-            f"{r.ms_per_step:.1f}",
-            _fmt(ratio, ".2f"),
-        ]
-        rows.append(row)
-    note = (
-        f"train loss: EMA-smoothed (beta 0.95) at the last step; steps to Adam: first step whose "
-        f"smoothed train loss <= Adam's final {_fmt(target, '.4f')} ('-' = not reached);\n"
-        "wall: training time without evaluation; ms/step: mean forward+backward+step time"
-    )
-    return format_table(headers, rows) + "\n" + note
-
-
-def root_stats_lines(results: Sequence[RunResult]) -> list[str]:
-    """One line per run that reports inverse-root statistics (Shampoo), numbers only."""
-    lines = []
-    for r in results:
-        numbers = {k: v for k, v in (r.root_stats or {}).items() if isinstance(v, int | float)}
-        if numbers:
-            stats = ", ".join(
-                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in numbers.items()
+    Returns the results and whether Ctrl-C stopped the comparison; in that case the results
+    end with the interrupted run (if it recorded a step) and one line says what is kept."""
+    results: list[RunResult] = []
+    current = "the warm-up"
+    try:
+        warm_up(task)
+        for method in available(methods):
+            current = method.label
+            result = train(task, method, steps, seed, eval_every, warmup, progress, log_every)
+            status = "diverged" if result.diverged else f"final train loss {result.final_train:.4f}"
+            print(
+                f"{method.label:>14}: {status} "
+                f"({result.wall:.1f} s, median {result.ms_per_step:.1f} ms/step)",
+                flush=True,
             )
-            lines.append(f"{r.method} root stats: {stats}")
-    return lines
-
-
-def style_loss_axis(ax: Any) -> None:
-    """Log y scale when the plotted losses span more than a decade; a light grid."""
-    low, high = ax.dataLim.y0, ax.dataLim.y1
-    if low > 0 and high > 10 * low:
-        ax.set_yscale("log")
-    ax.grid(True, which="both", alpha=0.3)
-
-
-def plot_results(results: Sequence[RunResult], task: Task, path: Path, title: str) -> None:
-    """Save smoothed train loss vs step, held-out loss vs step and train loss vs wall time."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), constrained_layout=True)
-    for r in results:
-        axes[0].plot(range(1, len(r.train_losses) + 1), r.smoothed, label=r.method)
-        axes[1].plot(r.eval_steps, r.eval_losses, marker="o", markersize=3, label=r.method)
-        axes[2].plot(r.cumulative_wall, r.smoothed, label=r.method)
-    labels = [
-        ("step", "train loss (EMA)"),
-        ("step", f"{task.eval_name} loss"),
-        ("training wall time (s)", "train loss (EMA)"),
-    ]
-    for ax, (xlabel, ylabel) in zip(axes, labels, strict=True):
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        style_loss_axis(ax)
-    axes[0].legend()
-    fig.suptitle(title)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def environment() -> dict[str, Any]:
-    """Software and machine the timings were measured on."""
-    return {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
-
-
-def environment_header() -> str:
-    """One line with torch version, thread count, load average and platform."""
-    env = environment()
-    load = ", ".join(f"{x:.2f}" for x in env["loadavg"]) if env["loadavg"] else "n/a"
-    return (
-        f"torch {env['torch']} | threads {env['threads']} | load avg {load} | "
-        f"python {env['python']} | {env['platform']}"
-    )
+            results.append(result)
+    except KeyboardInterrupt as exc:
+        finished = f"the {len(results)} finished run{'' if len(results) == 1 else 's'}"
+        partial = exc.partial if isinstance(exc, Interrupted) else None
+        if partial is not None and partial.train_losses:
+            results.append(partial)
+            done = len(partial.train_losses)
+            print(
+                f"interrupted: saving {finished} and the partial run of {current} "
+                f"({done}/{steps} steps)",
+                flush=True,
+            )
+        else:
+            print(f"interrupted during {current}: saving {finished}", flush=True)
+        return results, True
+    return results, False
 
 
 def add_comparison_args(
@@ -447,15 +327,22 @@ def add_comparison_args(
     parser.add_argument("--ngplus-damping", type=float, default=ngplus_damping, help="NG+ damping")
     choices = ", ".join(METHOD_KEYS)
     parser.add_argument("--methods", default=None, help=f"comma-separated subset of {choices}")
-    parser.add_argument("--out", type=Path, default=Path(out), help="where to save the plot")
+    parser.add_argument(
+        "--out", type=Path, default=Path(out), help="plot path; the JSON goes next to it"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--quiet", action="store_true", help="no progress bars (or lines, when not a terminal)"
+    )
 
 
 def run_comparison(
     args: argparse.Namespace, task: Task, keys: Sequence[str], show_accuracy: bool, title: str
 ) -> list[RunResult]:
-    """Run the comparison configured by `args`, print the table and save the plot."""
+    """Run the comparison configured by `args`, print the table and save the plot and JSON.
+
+    Progress shows as tqdm bars on a terminal, else as plain lines (about ten per run). After
+    Ctrl-C the finished runs and the partial one are reported and saved, then SystemExit(130)."""
     if args.methods:
         keys = parse_keys(args.methods, METHOD_KEYS)
     lrs = {group: getattr(args, f"lr_{group}") for group in LR_GROUPS}
@@ -465,13 +352,25 @@ def run_comparison(
     if args.threads:
         torch.set_num_threads(args.threads)
     print(environment_header(), flush=True)
-    progress = not args.quiet and sys.stderr.isatty()
+    warn_if_loaded()
+    bars = not args.quiet and sys.stderr.isatty()
+    log_every = 0 if args.quiet or bars else max(args.steps // 10, 1)
     start = time.perf_counter()
-    results = compare(task, methods, args.steps, args.seed, eval_every, warmup, progress)
+    results, interrupted = compare(
+        task, methods, args.steps, args.seed, eval_every, warmup, bars, log_every
+    )
+    if interrupted and not results:
+        raise SystemExit(130)
     print()
     print(results_table(results, task, show_accuracy))
     for line in root_stats_lines(results):
         print(line)
     plot_results(results, task, args.out, title)
-    print(f"plot saved to {args.out}; total time {time.perf_counter() - start:.0f} s")
+    json_path = args.out.with_suffix(".json")
+    save_json(results, json_path, {**vars(args), "task": task.name, "interrupted": interrupted})
+    elapsed = time.perf_counter() - start
+    print(f"plot saved to {args.out}, results to {json_path}; total time {elapsed:.0f} s")
+    warn_if_loaded()
+    if interrupted:
+        raise SystemExit(130)
     return results

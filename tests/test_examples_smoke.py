@@ -1,17 +1,24 @@
 """Smoke tests: the quickstart, both example scripts and the convergence benchmark run end to end
-with tiny step counts, reduce the loss and write their plot / JSON outputs."""
+with tiny step counts, reduce the loss and write their plot / JSON outputs; the examples print
+progress lines when not on a terminal, survive Ctrl-C and report median step times."""
 
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
+import math
+import os
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,6 +64,33 @@ def check_comparison(results: list, plot: Path) -> None:
         assert r.smoothed[-1] < r.train_losses[0], r.method
         assert r.eval_losses and r.step_times
     assert plot.stat().st_size > 0
+    saved = json.loads(plot.with_suffix(".json").read_text())
+    assert [run["method"] for run in saved["runs"]] == methods
+    assert not saved["config"]["interrupted"]
+
+
+def interrupt_batches(
+    monkeypatch: pytest.MonkeyPatch, module: ModuleType, batch: int, nth: int
+) -> None:
+    """Make the script's task raise KeyboardInterrupt (as Ctrl-C does) when the `nth` batch
+    stream to get that far asks for batch number `batch` (0-based)."""
+    build = module.build_task
+    reached = itertools.count(1)
+
+    def build_task(*args: Any, **kwargs: Any) -> Any:
+        task = build(*args, **kwargs)
+        make = task.batches
+
+        def batches(seed: int) -> Iterator:
+            for i, b in enumerate(make(seed)):
+                if i == batch and next(reached) == nth:
+                    raise KeyboardInterrupt
+                yield b
+
+        task.batches = batches
+        return task
+
+    monkeypatch.setattr(module, "build_task", build_task)
 
 
 @pytest.mark.usefixtures("example_deps")
@@ -69,13 +103,92 @@ def test_train_charlm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.usefixtures("example_deps")
-def test_train_digits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_train_digits_prints_progress_lines_when_not_on_a_terminal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     module = load("examples/train_digits.py", monkeypatch)
     out = tmp_path / "digits.png"
-    results = module.main(["--steps", "50", "--batch", "32", "--quiet", "--out", str(out)])
+    results = module.main(["--steps", "50", "--batch", "32", "--out", str(out)])
     check_comparison(results, out)
     assert "SGD-momentum" in [r.method for r in results]
     assert all(0.0 <= r.eval_accs[-1] <= 1.0 for r in results)
+    printed = capsys.readouterr().out
+    steps = re.findall(r"^ +Adam  step (\d+)/50  loss \d+\.\d{3}  \(\d+\.\d s\)$", printed, re.M)
+    assert steps == [str(s) for s in range(5, 51, 5)]
+    assert len(re.findall(r"^ +Shampoo async  step \d+/50 ", printed, re.M)) == 10
+
+
+@pytest.mark.usefixtures("example_deps")
+def test_ctrl_c_saves_the_finished_and_the_partial_run_then_exits_130(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    module = load("examples/train_charlm.py", monkeypatch)
+    interrupt_batches(monkeypatch, module, batch=7, nth=2)  # 2nd run, after 7 steps
+    out = tmp_path / "charlm.png"
+    argv = ["--steps", "15", "--d-model", "32", "--layers", "1", "--seq-len", "32", "--batch", "8"]
+    with pytest.raises(SystemExit) as exit_info:
+        module.main([*argv, "--methods", "adam,shampoo-async", "--quiet", "--out", str(out)])
+    assert exit_info.value.code == 130
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err
+    assert [line for line in captured.out.splitlines() if "interrupted" in line] == [
+        "interrupted: saving the 1 finished run and the partial run of Shampoo async (7/15 steps)"
+    ]
+    assert re.search(r"^Adam +0\.01 +\d", captured.out, re.M)  # the table's rows
+    assert re.search(r"^Shampoo async \(stopped at 7\) +0\.01 +\d", captured.out, re.M)
+    assert out.stat().st_size > 0
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["config"]["interrupted"]
+    adam, partial = saved["runs"]
+    assert (adam["method"], adam["interrupted"], len(adam["train_losses"])) == ("Adam", False, 15)
+    assert (partial["method"], partial["interrupted"]) == ("Shampoo async", True)
+    assert len(partial["train_losses"]) == len(partial["step_times"]) == 7
+    assert partial["eval_steps"] == list(range(1, 8))
+
+
+@pytest.mark.usefixtures("example_deps")
+def test_ctrl_c_before_any_step_exits_130_without_saving(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    module = load("examples/train_digits.py", monkeypatch)
+    interrupt_batches(monkeypatch, module, batch=0, nth=1)  # the untimed warm-up pass
+    out = tmp_path / "digits.png"
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--steps", "5", "--out", str(out)])
+    assert exit_info.value.code == 130
+    printed = capsys.readouterr().out
+    assert "interrupted during the warm-up: saving the 0 finished runs" in printed
+    assert "step time / Adam" not in printed and not out.exists()
+
+
+def test_step_times_and_their_ratio_to_adam_are_medians(monkeypatch: pytest.MonkeyPatch) -> None:
+    common = load("examples/_common.py", monkeypatch)
+    # Adam: nine 10 ms steps and one 1 s stall (mean 109 ms); Shampoo: ten 20 ms steps
+    adam = common.RunResult("Adam", 1e-3, [2.0] * 10, [0.01] * 9 + [1.0])
+    shampoo = common.RunResult("Shampoo async", 1e-3, [1.0] * 10, [0.02] * 10)
+    empty = common.RunResult("Shampoo sync", 1e-3, interrupted=True)
+    results = [adam, shampoo, empty]
+    assert adam.ms_per_step == pytest.approx(10.0)
+    assert common.step_time_ratio(shampoo, results) == pytest.approx(2.0)  # means: 0.18
+    assert common.step_time_ratio(shampoo, [shampoo]) is None
+    assert math.isnan(empty.ms_per_step) and common.step_time_ratio(empty, results) is None
+    task = common.Task("t", lambda: nn.Linear(1, 1), lambda seed: iter(()), [])
+    rows = common.results_table(results, task, show_accuracy=False).splitlines()
+    assert rows[2].split()[-2:] == ["10.0", "1.00"]
+    assert rows[3].split()[-2:] == ["20.0", "2.00"]
+    assert rows[4].startswith("Shampoo sync (stopped at 0) ") and rows[4].split()[-2:] == ["-"] * 2
+
+
+def test_load_warning_when_load_exceeds_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    common = load("examples/_common.py", monkeypatch)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.0, 9.0, 9.0))
+    assert common.load_warning() is None
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.5, 0.0, 0.0))
+    assert common.load_warning() == (
+        "warning: load average 3.50 on 2 cores: timings are unreliable"
+    )
+    assert "load avg 3.50, 0.00, 0.00" in common.environment_header()
 
 
 @pytest.mark.usefixtures("example_deps")
