@@ -47,6 +47,8 @@ def _one_intra_op_thread() -> Iterator[None]:
 
 def make_optimizer(front: str, params: Any, **kwargs: Any) -> Shampoo | NGPlus:
     """A front end with small blocks and frequent roots, so the preconditioner is used early."""
+    if kwargs.get("async_roots", True) and "root_staleness" not in kwargs:
+        kwargs["root_staleness"] = 1  # not "auto", whose fitted value depends on timing
     if front == "shampoo":
         base: dict[str, Any] = dict(
             lr=0.02, block_size=16, precondition_frequency=2, momentum=0.5, root_workers=1

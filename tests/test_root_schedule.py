@@ -203,26 +203,31 @@ def test_auto_staleness_grows_after_a_stall_and_never_beyond_the_frequency(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Roots that take longer than the fitted window stall the step; the auto value grows (by
-    at least one step per stalled install step), never shrinks, and stops at the frequency."""
+    at least one step per stalled install step), never shrinks, and stops at the frequency,
+    where further stalls bring one warning that says what to change."""
     monkeypatch.setattr(scheduler.StalenessFit, "steps_for", lambda self, seconds: 1)
     slow = threading.Event()
 
     def slow_root(*args: Any, **kwargs: Any) -> RootResult:
         if slow.is_set():
-            threading.Event().wait(0.05)
+            threading.Event().wait(0.2)
         return inverse_root(*args, **kwargs)
 
     monkeypatch.setattr(root_pool, "inverse_root", slow_root)
     param = torch.nn.Parameter(torch.randn(6, 6))
     seen = []
-    with Shampoo([param], precondition_frequency=4, root_workers=1) as opt:
-        for t in range(1, 30):
+    with (
+        Shampoo([param], precondition_frequency=4, root_workers=1) as opt,
+        pytest.warns(RuntimeWarning, match="precondition_frequency=4 training steps") as caught,
+    ):
+        for t in range(1, 34):
             if t == 5:
                 slow.set()
             param.grad = torch.randn(6, 6)
             opt.step()
             seen.append(opt.root_stats()["root_staleness"])
         stats = opt.root_stats()
+    assert len(caught) == 1 and caught[0].filename == __file__
     assert seen[3] == 1  # fitted at the first cycle (step 4)
     assert stats["stalls"] >= 1 and stats["staleness_increases"] >= 1
     assert all(b >= a for a, b in itertools.pairwise(seen[3:]))  # never shrinks

@@ -532,6 +532,15 @@ class PreconditionerEngine(Optimizer):
         pending = roots.take_due(p, t, group, config.frequency, auto)
         if pending is None:
             return
+        if auto and roots.should_warn_capped():
+            warnings.warn(
+                f"{type(self).__name__}: the inverse roots take longer than "
+                f"precondition_frequency={config.frequency} training steps, so steps keep "
+                f"waiting for them (root_stats()['stalls']); raise precondition_frequency or "
+                f"root_workers, or lower block_size (a root costs about block_size³)",
+                RuntimeWarning,
+                stacklevel=_user_stacklevel(),
+            )
         stats, index = roots.stats, self._locate(p)[0]
         staging = roots.staging.get(p, [])
         self._rooted.pop(p, None)

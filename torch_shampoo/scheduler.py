@@ -11,9 +11,10 @@ factors of a parameter are copied to host buffers and their roots handed to the
   roots, fitted once from measurements (:class:`StalenessFit`), saved with the param group
   under ``"fitted_staleness"`` and grown after stalls.
 
-Synchronous roots (``async_roots=False``) use the same pool but ``step()`` waits for every job it
-made before returning, so no root work runs outside ``step()``; an async run equals a
-synchronous run with the same integer staleness bitwise.
+Synchronous roots (``async_roots=False``) are computed before ``step()`` returns: on this
+thread when it runs at the workers' intra-op thread count, else on the pool, waited for. Every
+root is computed at that one thread count, so an async run equals a synchronous run with the
+same integer staleness bitwise.
 """
 
 from __future__ import annotations
@@ -86,12 +87,16 @@ class StalenessFit:
 
     def __init__(self) -> None:
         self._clock: deque[float] = deque(maxlen=65)
+        self.first_tick: float | None = None
         self.cycle_seconds: float | None = None
         """Wall time of the latest root cycle that was waited for (with the given workers)."""
         self.grown_at = -1
 
     def tick(self) -> None:
-        self._clock.append(time.perf_counter())
+        now = time.perf_counter()
+        self._clock.append(now)
+        if self.first_tick is None:
+            self.first_tick = now
 
     def step_seconds(self) -> float | None:
         times = list(self._clock)
@@ -119,6 +124,11 @@ class RootScheduler:
         self.stats = Stats()
         self.fit = StalenessFit()
         self.pid = os.getpid()
+        self.cancelled = False
+        """Whether a ticket may have been cancelled since the last :meth:`revive`."""
+        self.capped_stalls = 0
+        """Install steps that stalled with an auto staleness already at the frequency."""
+        self.warned_capped = False
 
     # ------------------------------------------------------------------------ the pool
 
@@ -135,6 +145,7 @@ class RootScheduler:
         if self.pool is not None:
             self.pool.close()
             self.pool = None
+            self.cancelled = True
 
     def own_process(self) -> None:
         """In a forked child the parent's workers do not exist: every root they had not
@@ -143,6 +154,7 @@ class RootScheduler:
         if self.pid == os.getpid():
             return
         self.pid = os.getpid()
+        self.cancelled = True
         for pending in self.pending.values():
             pending.tickets = [
                 t if t.done() else Ticket.cancelled_one("the process forked")
@@ -153,6 +165,9 @@ class RootScheduler:
         """Compute again every cancelled root (after ``close()`` or a fork): on the pool, or on
         this thread when ``here`` (a state dict must not restart threads)."""
         self.own_process()
+        if not self.cancelled:
+            return
+        self.cancelled = False
         for pending in self.pending.values():
             if not any(t.cancelled for t in pending.tickets) or not pending.jobs:
                 continue
@@ -201,25 +216,37 @@ class RootScheduler:
         if due > t:
             self.unsent.append(pending)
         else:
-            pool = self._pool()
             pending.sent_at = time.perf_counter()
-            pending.tickets = [pool.submit(job) for job in made]
+            pending.tickets = [self._now(job) for job in made]
         return due <= t
+
+    def _now(self, job: RootJob) -> Ticket:
+        """A job the step waits for at once. Synchronous roots run on this thread when it
+        already computes with the workers' thread count (its warm OpenMP team made them about
+        twice as fast as a worker's on 2 cores); otherwise on the pool, in parallel."""
+        if not self.async_roots and torch.get_num_threads() == self.threads():
+            return run_here(job, self.threads())
+        return self._pool().submit(job)
 
     def send(self) -> None:
         """Hand the jobs due in later steps to the pool (at the end of a step, so that workers
         never compete with the rest of the step); synchronous roots are waited for here."""
         if not self.unsent:
             return
-        pool, now = self._pool(), time.perf_counter()
-        for pending in self.unsent:
-            pending.tickets = [pool.submit(job) for job in pending.jobs]
-            pending.sent_at = now
-        sent, self.unsent = self.unsent, []
-        if not self.async_roots:
-            for pending in sent:
+        now = time.perf_counter()
+        if not self.async_roots:  # computed (and waited for) before step() returns
+            for pending in self.unsent:
+                pending.tickets = [self._now(job) for job in pending.jobs]
+                pending.sent_at = now
+            for pending in self.unsent:
                 for ticket in pending.tickets:
                     ticket.wait()
+        else:
+            pool = self._pool()
+            for pending in self.unsent:
+                pending.tickets = [pool.submit(job) for job in pending.jobs]
+                pending.sent_at = now
+        self.unsent = []
 
     def take_due(
         self, p: torch.Tensor, t: int, group: dict[str, Any], frequency: int, auto: bool
@@ -259,7 +286,19 @@ class RootScheduler:
         if grown > current:
             group[FITTED] = grown
             self.stats.staleness_increases += 1
+        elif current >= frequency and self.fit.grown_at != t:
+            self.capped_stalls += 1
         self.fit.grown_at = t
+
+    def should_warn_capped(self) -> bool:
+        """Once: auto staleness is at the frequency and still stalls, and the waits cost real
+        time (≥ 0.5 s in all and ≥ 10% of the time since the first step)."""
+        if self.warned_capped or self.capped_stalls < 3 or self.fit.first_tick is None:
+            return False
+        waited = self.stats.stall_seconds
+        elapsed = time.perf_counter() - self.fit.first_tick
+        self.warned_capped = waited >= 0.5 and waited >= 0.1 * elapsed
+        return self.warned_capped
 
     def waited_first_cycle(self, seconds: float) -> None:
         """A first root cycle took ``seconds`` of waiting inside the step (counted, and the
