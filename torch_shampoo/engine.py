@@ -21,25 +21,15 @@ from typing import Any, TypeVar
 import torch
 from torch.optim import Optimizer
 
-from . import device
-from .blocking import BlockLayout, block_layout, block_sums, expand_grid, split_blocks
+from . import device, kernels
+from .blocking import BlockLayout, block_layout, expand_grid, split_blocks
 from .config import EngineConfig
 from .grafting import graft_direction, update_graft_state
 from .root_pool import RootJob, RootOutcome
 from .scheduler import FITTED, RootScheduler, Staging
+from .state import check_moments, check_state, init_state, migrate, restore
 
 __all__ = ["EngineConfig", "PreconditionerEngine"]
-
-_GRAFT_NORM_EPS = 1e-16
-_HOST_KEYS = (
-    "step",
-    "root_failures",
-    "has_root",
-    "pending_due",
-    "pending_submitted",
-    "pending_ok",
-)
-"""State entries that live on the CPU whatever the parameter's device."""
 
 
 @dataclass
@@ -77,11 +67,6 @@ class _Work:
 @lru_cache(maxsize=1024)
 def _layout(shape: tuple[int, ...], block_size: int, max_factor_dim: int) -> BlockLayout:
     return block_layout(shape, block_size, max_factor_dim)
-
-
-def _state_dtype(param: torch.Tensor) -> torch.dtype:
-    """Statistics and moments are float32, or float64 for float64 parameters."""
-    return torch.float64 if param.dtype == torch.float64 else torch.float32
 
 
 _Engine = TypeVar("_Engine", bound="PreconditionerEngine")
@@ -206,10 +191,11 @@ class PreconditionerEngine(Optimizer):
         layout = self._layout_of(p, config)
         state = self.state[p]
         if not state:
-            self._init_state(p, state, layout)
+            init_state(p, state, layout)
         checked = self._checked.get(p)
         if checked is None or checked[0] is not layout or checked[1] is not state:
-            self._check_state(p, state, layout)  # again after a load or a block-size change
+            # again after a load or a block-size change
+            check_state(type(self).__name__, self._describe(p), p, state, layout)
             self._checked[p] = (layout, state)
         t = int(state["step"]) + 1
         self._install_due_roots(p, state, config, group, t)
@@ -224,8 +210,8 @@ class PreconditionerEngine(Optimizer):
             config=config,
             layout=layout,
             t=t,
-            bias1=_scalar(1.0 - config.beta1**t, dtype) if corrected else None,
-            bias2=_scalar(1.0 - config.grafting_beta2**t, dtype) if corrected else None,
+            bias1=kernels.scalar(1.0 - config.beta1**t, dtype) if corrected else None,
+            bias2=kernels.scalar(1.0 - config.grafting_beta2**t, dtype) if corrected else None,
             group=group,
             preconditioned=t >= config.start,
             rooted=self._rooted_blocks(p, state, layout),
@@ -309,7 +295,7 @@ class PreconditionerEngine(Optimizer):
         if config.weight_decay != 0 and not config.decoupled_weight_decay:
             g.add_(p.detach().to(g.dtype), alpha=config.weight_decay)
         if config.skip_nonfinite:
-            w.flags, w.cells, bad = _finite_blocks(g, w.layout)
+            w.flags, w.cells, bad = kernels.finite_blocks(g, w.layout)
             state["skipped_blocks"] += bad
             keep = w.keep()
             assert keep is not None
@@ -366,7 +352,7 @@ class PreconditionerEngine(Optimizer):
         if not w.preconditioned or (w.rooted is not None and not any(w.rooted)):
             update = m_hat if direction is None else direction
         else:
-            update = self._precondition(state, m_hat, direction, w.layout, w.rooted)
+            update = kernels.precondition(state["roots"], m_hat, direction, w.layout, w.rooted)
 
         # 6. Decoupled weight decay; 7. momentum; 8. the parameter update.
         if config.weight_decay != 0 and config.decoupled_weight_decay:
@@ -390,95 +376,6 @@ class PreconditionerEngine(Optimizer):
             p.sub_((update * lr).to(p.dtype))
         else:
             p.add_(update.to(p.dtype), alpha=-lr)
-
-    def _init_state(self, p: torch.Tensor, state: dict[str, Any], layout: BlockLayout) -> None:
-        dtype = _state_dtype(p)
-        state["step"] = torch.tensor(0.0)
-        state["exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
-        factor_sizes = [d for b in range(layout.num_blocks) for d in layout.factor_dims(b)]
-        state["factors"] = [torch.zeros(d, d, dtype=dtype, device=p.device) for d in factor_sizes]
-        state["roots"] = [torch.eye(d, dtype=dtype, device=p.device) for d in factor_sizes]
-        state["root_failures"] = torch.zeros(len(factor_sizes), dtype=torch.int64)
-        state["has_root"] = torch.zeros(len(factor_sizes), dtype=torch.bool)
-        state["skipped_blocks"] = torch.zeros((), dtype=torch.int64, device=p.device)
-
-    def _check_state(self, p: torch.Tensor, state: dict[str, Any], layout: BlockLayout) -> None:
-        """Refuse state that does not fit the parameter's layout instead of misusing it."""
-        missing = {"step", "exp_avg", "factors", "roots", "root_failures", "skipped_blocks"}
-        missing -= set(state)
-        if missing:
-            raise ValueError(
-                f"{type(self).__name__} state of parameter {self._describe(p)} lacks "
-                f"{sorted(missing)}: the state dict is truncated or not from this optimizer"
-            )
-        expected = [d for b in range(layout.num_blocks) for d in layout.factor_dims(b)]
-        found = [f.shape[0] for f in state["factors"]]
-        roots = [tuple(r.shape) for r in state["roots"]]
-        if (
-            found != expected
-            or roots != [(d, d) for d in expected]
-            or any(tuple(f.shape) != (d, d) for f, d in zip(state["factors"], expected))
-            or any(
-                state[k].shape != p.shape
-                for k in ("exp_avg", "graft_v", "momentum_buffer")
-                if k in state
-            )
-            or len(state["root_failures"]) != len(expected)
-            or ("has_root" in state and len(state["has_root"]) != len(expected))
-            or not _pending_fits(state, expected)
-        ):
-            raise ValueError(
-                f"{type(self).__name__} state of parameter {self._describe(p)} does not match its "
-                f"block layout "
-                f"(factor sizes {found}, expected {expected}): was the state loaded from another "
-                f"model, or did block_size / max_factor_dim change after training started?"
-            )
-
-    def _check_moments(self, p: torch.Tensor, state: dict[str, Any], config: EngineConfig) -> None:
-        """Loaded state of a parameter that has stepped must hold the moments its group uses."""
-        needed = []
-        if float(state["step"]) > 0:
-            if config.grafting in ("adam", "adagrad", "rmsprop"):
-                needed.append("graft_v")
-            if config.momentum != 0:
-                needed.append("momentum_buffer")
-        missing = [key for key in needed if key not in state]
-        if missing:
-            raise ValueError(
-                f"{type(self).__name__} state of parameter {self._describe(p)} lacks {missing}, "
-                f"which its group's settings use: the state dict is truncated or from another "
-                f"configuration"
-            )
-
-    def _precondition(
-        self,
-        state: dict[str, Any],
-        m_hat: torch.Tensor,
-        direction: torch.Tensor | None,
-        layout: BlockLayout,
-        rooted: tuple[bool, ...] | None,
-    ) -> torch.Tensor:
-        """P = m̂ ×₁ X_1 ×₂ X_2 … per block, rescaled to the graft's norm per block; a block
-        without its roots takes the graft's direction (m̂ without a graft)."""
-        update = torch.empty_like(m_hat)
-        roots = iter(state["roots"])
-        per_block = sum(layout.factored)
-        targets = split_blocks(update, layout)
-        grafts = split_blocks(direction, layout) if direction is not None else None
-        for b, block in enumerate(split_blocks(m_hat, layout)):
-            if rooted is not None and not rooted[b]:
-                for _ in range(per_block):
-                    next(roots)
-                targets[b].copy_(block if grafts is None else grafts[b])
-                continue
-            preconditioned = _mode_products(block, roots, layout.factored)
-            if grafts is not None:
-                scale = torch.linalg.vector_norm(grafts[b]) / (
-                    torch.linalg.vector_norm(preconditioned) + _GRAFT_NORM_EPS
-                )
-                preconditioned = preconditioned * scale
-            targets[b].copy_(preconditioned)
-        return update
 
     # -------------------------------------------------------------------------- the roots
 
@@ -674,21 +571,13 @@ class PreconditionerEngine(Optimizer):
         return self._roots.export()
 
     def _adopt_pending_state(self) -> None:
-        """After a load or unpickling: a root-tracking entry for old checkpoints, and the
-        pending entries turned into resolved tickets."""
+        """After a load or unpickling: old checkpoints migrated, and the pending entries turned
+        into resolved tickets."""
         for p, state in self.state.items():
-            if not isinstance(state, dict) or "roots" not in state:
-                continue
-            if "has_root" not in state:  # saved before it existed: an identity root is none
-                state["has_root"] = torch.tensor(
-                    [
-                        not torch.equal(r, torch.eye(len(r), dtype=r.dtype, device=r.device))
-                        for r in state["roots"]
-                    ],
-                    dtype=torch.bool,
-                ).reshape(-1)
-            if "pending_due" in state:
-                self._roots.adopt(p, state)
+            if isinstance(state, dict):
+                migrate(state)
+                if "pending_due" in state:
+                    self._roots.adopt(p, state)
 
     def state_dict(self) -> dict[str, Any]:
         """The state, with roots still in flight waited for and included, so it can resume."""
@@ -714,8 +603,9 @@ class PreconditionerEngine(Optimizer):
                 if saved_id in final["state"]:
                     config = self._config(self._group_of(p))
                     saved = final["state"][saved_id]
-                    self._check_state(p, saved, self._layout_of(p, config))
-                    self._check_moments(p, saved, config)
+                    owner, name = type(self).__name__, self._describe(p)
+                    check_state(owner, name, p, saved, self._layout_of(p, config))
+                    check_moments(owner, name, saved, config)
             loading["state"] = final["state"]
 
         handle = self.register_load_state_dict_pre_hook(capture)
@@ -758,22 +648,11 @@ class PreconditionerEngine(Optimizer):
             for saved_id, p in loading["params"].items():
                 saved = loading["state"].get(saved_id)
                 if saved is not None:
-                    self.state[p] = {k: _restore(k, v, p.device) for k, v in saved.items()}
+                    self.state[p] = {k: restore(k, v, p.device) for k, v in saved.items()}
         self._adopt_pending_state()
 
     def _all_params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
-
-
-def _pending_fits(state: dict[str, Any], sizes: list[int]) -> bool:
-    """Do the saved in-flight roots (if any) match the factor sizes?"""
-    if "pending_due" not in state:
-        return True
-    roots, ok = state.get("pending_roots", []), state.get("pending_ok", [])
-    reasons = state.get("pending_reasons", [])
-    if "pending_submitted" not in state or not len(roots) == len(ok) == len(reasons) == len(sizes):
-        return False
-    return all(not bool(k) or tuple(r.shape) == (d, d) for r, k, d in zip(roots, ok, sizes))
 
 
 _LIBRARY_DIRS = (os.path.dirname(__file__) + os.sep, os.path.dirname(torch.__file__) + os.sep)
@@ -786,52 +665,3 @@ def _user_stacklevel() -> int:
     while frame.f_back is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
         level, frame = level + 1, frame.f_back
     return level
-
-
-def _scalar(value: float, dtype: torch.dtype) -> torch.Tensor:
-    """A host 0-d tensor of the state dtype: dividing a state tensor by it rounds exactly as
-    dividing by the Python float ``value`` does."""
-    return torch.tensor(value, dtype=dtype)
-
-
-def _finite_blocks(
-    g: torch.Tensor, layout: BlockLayout
-) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Per block, is its gradient finite? Returns the flags as a list, as a tensor of the grid's
-    shape (0-d for a single block) and the number of non-finite blocks.
-
-    A block's float64 sum decides: it is non-finite iff an element is NaN or ±inf (a sum of
-    finite float32 values cannot reach float64's range; float64 gradients near 1e308, whose
-    squares overflow the statistics anyway, count as non-finite). All blocks take one reduction."""
-    if layout.num_blocks == 1:
-        cells = torch.isfinite(g.sum(dtype=torch.float64))
-        return [cells], cells, cells.logical_not()
-    cells = torch.isfinite(block_sums(g, layout, torch.float64))
-    return list(cells.flatten().unbind()), cells, cells.logical_not().sum()
-
-
-def _mode_products(
-    block: torch.Tensor, roots: Iterator[torch.Tensor], factored: tuple[bool, ...]
-) -> torch.Tensor:
-    """block ×₁ X_1 ×₂ X_2 … over the factored dims (each X symmetric)."""
-    if block.dim() == 2 and all(factored):
-        return next(roots) @ block @ next(roots)
-    out = block
-    for is_factored in factored:
-        # Contract the leading dim and append the result as the last dim: after one pass over
-        # all dims the order is restored.
-        out = (
-            torch.tensordot(out, next(roots), dims=([0], [0]))
-            if is_factored
-            else out.movedim(0, -1)
-        )
-    return out
-
-
-def _restore(key: str, value: Any, param_device: torch.device) -> Any:
-    """A saved state entry as a fresh object on the right device, keeping its dtype."""
-    if isinstance(value, torch.Tensor):
-        return value.to("cpu" if key in _HOST_KEYS else param_device, copy=True)
-    if isinstance(value, list):
-        return [_restore(key, v, param_device) for v in value]
-    return value

@@ -1,0 +1,142 @@
+"""The per-parameter state: what it holds, how it is made, checked, migrated and restored.
+
+Per parameter: ``step`` (CPU), ``exp_avg``, ``graft_v``, ``momentum_buffer`` (parameter-shaped,
+float32, or float64 for float64 parameters), ``factors`` / ``roots`` (lists of d×d tensors in
+block order), ``root_failures`` and ``has_root`` (CPU, one entry per factor) and
+``skipped_blocks``. Roots in flight are saved by ``state_dict()`` as ``pending_*`` entries.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .blocking import BlockLayout
+from .config import EngineConfig
+
+__all__ = [
+    "HOST_KEYS",
+    "check_moments",
+    "check_state",
+    "init_state",
+    "migrate",
+    "restore",
+    "state_dtype",
+]
+
+HOST_KEYS = (
+    "step",
+    "root_failures",
+    "has_root",
+    "pending_due",
+    "pending_submitted",
+    "pending_ok",
+)
+"""State entries that live on the CPU whatever the parameter's device."""
+
+
+def state_dtype(param: torch.Tensor) -> torch.dtype:
+    """Statistics and moments are float32, or float64 for float64 parameters."""
+    return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
+def _factor_sizes(layout: BlockLayout) -> list[int]:
+    return [d for b in range(layout.num_blocks) for d in layout.factor_dims(b)]
+
+
+def init_state(p: torch.Tensor, state: dict[str, Any], layout: BlockLayout) -> None:
+    """The state of a parameter at its first step."""
+    dtype = state_dtype(p)
+    sizes = _factor_sizes(layout)
+    state["step"] = torch.tensor(0.0)
+    state["exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+    state["factors"] = [torch.zeros(d, d, dtype=dtype, device=p.device) for d in sizes]
+    state["roots"] = [torch.eye(d, dtype=dtype, device=p.device) for d in sizes]
+    state["root_failures"] = torch.zeros(len(sizes), dtype=torch.int64)
+    state["has_root"] = torch.zeros(len(sizes), dtype=torch.bool)
+    state["skipped_blocks"] = torch.zeros((), dtype=torch.int64, device=p.device)
+
+
+def check_state(
+    owner: str, name: str, p: torch.Tensor, state: dict[str, Any], layout: BlockLayout
+) -> None:
+    """Refuse state that does not fit the parameter's layout instead of misusing it (``name``
+    describes the parameter in the error)."""
+    missing = {"step", "exp_avg", "factors", "roots", "root_failures", "skipped_blocks"}
+    missing -= set(state)
+    if missing:
+        raise ValueError(
+            f"{owner} state of parameter {name} lacks {sorted(missing)}: the state dict is "
+            f"truncated or not from this optimizer"
+        )
+    expected = _factor_sizes(layout)
+    found = [f.shape[0] for f in state["factors"]]
+    roots = [tuple(r.shape) for r in state["roots"]]
+    if (
+        found != expected
+        or roots != [(d, d) for d in expected]
+        or any(tuple(f.shape) != (d, d) for f, d in zip(state["factors"], expected))
+        or any(
+            state[k].shape != p.shape
+            for k in ("exp_avg", "graft_v", "momentum_buffer")
+            if k in state
+        )
+        or len(state["root_failures"]) != len(expected)
+        or ("has_root" in state and len(state["has_root"]) != len(expected))
+        or not _pending_fits(state, expected)
+    ):
+        raise ValueError(
+            f"{owner} state of parameter {name} does not match its block layout "
+            f"(factor sizes {found}, expected {expected}): was the state loaded from another "
+            f"model, or did block_size / max_factor_dim change after training started?"
+        )
+
+
+def check_moments(owner: str, name: str, state: dict[str, Any], config: EngineConfig) -> None:
+    """Loaded state of a parameter that has stepped must hold the moments its group uses."""
+    needed = []
+    if float(state["step"]) > 0:
+        if config.grafting in ("adam", "adagrad", "rmsprop"):
+            needed.append("graft_v")
+        if config.momentum != 0:
+            needed.append("momentum_buffer")
+    missing = [key for key in needed if key not in state]
+    if missing:
+        raise ValueError(
+            f"{owner} state of parameter {name} lacks {missing}, which its group's settings "
+            f"use: the state dict is truncated or from another configuration"
+        )
+
+
+def _pending_fits(state: dict[str, Any], sizes: list[int]) -> bool:
+    """Do the saved in-flight roots (if any) match the factor sizes?"""
+    if "pending_due" not in state:
+        return True
+    roots, ok = state.get("pending_roots", []), state.get("pending_ok", [])
+    reasons = state.get("pending_reasons", [])
+    if "pending_submitted" not in state or not len(roots) == len(ok) == len(reasons) == len(sizes):
+        return False
+    return all(not bool(k) or tuple(r.shape) == (d, d) for r, k, d in zip(roots, ok, sizes))
+
+
+def migrate(state: dict[str, Any]) -> None:
+    """Bring a state saved by an earlier release up to date: ``has_root`` (absent before) is
+    read off the roots, an identity root counting as none."""
+    if "roots" in state and "has_root" not in state:
+        state["has_root"] = torch.tensor(
+            [
+                not torch.equal(r, torch.eye(len(r), dtype=r.dtype, device=r.device))
+                for r in state["roots"]
+            ],
+            dtype=torch.bool,
+        ).reshape(-1)
+
+
+def restore(key: str, value: Any, param_device: torch.device) -> Any:
+    """A saved state entry as a fresh object on the right device, keeping its dtype."""
+    if isinstance(value, torch.Tensor):
+        return value.to("cpu" if key in HOST_KEYS else param_device, copy=True)
+    if isinstance(value, list):
+        return [restore(key, v, param_device) for v in value]
+    return value
