@@ -28,8 +28,17 @@ Sections:
 torch.set_num_threads is called only for 2(a)/3 and for --threads: calling it, even with the
 default value, changes MKL's threading for the rest of the process, so section 1 runs first.
 
+--device cuda (default cpu) puts the models, the gradient sets, the optimizers' parameters and
+state and the GEMM floor on the GPU; the Adam contender becomes
+``torch.optim.AdamW(params, lr=1e-3, fused=True)``; every timed ``step()`` sits between two
+``torch.cuda.synchronize()`` calls, so the GPU work of the step counts and no earlier work does.
+Shampoo's roots are still computed on the CPU, so the torch.set_num_threads calls above still
+apply to them, and section 3 still stands for the forward/backward with time.sleep. Without a
+GPU, --device cuda stops with an error.
+
     python benchmarks/step_time.py            # full run (~6 minutes on an idle 2-core CPU)
     python benchmarks/step_time.py --quick    # smoke run (< 30 s; torch threads 1 unless --threads)
+    python benchmarks/step_time.py --device cuda --quick    # the same on the GPU
 """
 
 from __future__ import annotations
@@ -61,6 +70,7 @@ from torch_shampoo.blocking import block_layout
 FREQUENCY = 10
 MAX_FACTOR_DIM = 8192  # Shampoo's default
 BATCH = 64
+CPU = torch.device("cpu")
 
 
 def log(message: str) -> None:
@@ -112,14 +122,19 @@ def small_spec(quick: bool) -> ModelSpec:
     return ModelSpec(name, nn.Sequential(*layers), lambda g: torch.randn(BATCH, width, generator=g))
 
 
-def gradient_sets(spec: ModelSpec, count: int) -> list[list[torch.Tensor]]:
-    """``count`` gradients of the model's parameters from real batches (MSE to random targets)."""
+def gradient_sets(
+    spec: ModelSpec, count: int, device: torch.device = CPU
+) -> list[list[torch.Tensor]]:
+    """``count`` gradients of the model's parameters from real batches (MSE to random targets),
+    on ``device`` (the model is moved there; the batches are drawn on the CPU, the same on every
+    device)."""
+    spec.model.to(device)
     gen = torch.Generator().manual_seed(0)
     sets = []
     for _ in range(count):
         spec.model.zero_grad(set_to_none=True)
-        out = spec.model(spec.make_input(gen))
-        target = torch.randn(out.shape, generator=gen)
+        out = spec.model(spec.make_input(gen).to(device))
+        target = torch.randn(out.shape, generator=gen).to(device)
         nn.functional.mse_loss(out, target).backward()
         sets.append([p.grad.detach().clone() for p in spec.model.parameters()])  # type: ignore[union-attr]
     spec.model.zero_grad(set_to_none=True)
@@ -143,9 +158,11 @@ class GemmFloor:
     """Just the matrix products of one Shampoo step: per block and factored dim d (block of n
     elements), the statistics product (d × n/d)·(n/d × d) and the preconditioning product
     (n/d × d)·(d × d), with torch.mm into preallocated outputs (X_L·M·X_R of a 2-D block is exactly
-    these two products for its two dims)."""
+    these two products for its two dims), on ``device``."""
 
-    def __init__(self, shapes: Sequence[tuple[int, ...]], block_size: int) -> None:
+    def __init__(
+        self, shapes: Sequence[tuple[int, ...]], block_size: int, device: torch.device = CPU
+    ) -> None:
         gen = torch.Generator().manual_seed(1)
         self.ops: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.flops = 0
@@ -157,11 +174,11 @@ class GemmFloor:
                     if not factored or d == 0:
                         continue
                     rest = numel // d
-                    unfolded = torch.randn(d, rest, generator=gen)
-                    self.ops.append((unfolded, unfolded.T, torch.empty(d, d)))
-                    moment = torch.randn(rest, d, generator=gen)
-                    root = torch.randn(d, d, generator=gen)
-                    self.ops.append((moment, root, torch.empty(rest, d)))
+                    unfolded = torch.randn(d, rest, generator=gen).to(device)
+                    self.ops.append((unfolded, unfolded.T, torch.empty(d, d, device=device)))
+                    moment = torch.randn(rest, d, generator=gen).to(device)
+                    root = torch.randn(d, d, generator=gen).to(device)
+                    self.ops.append((moment, root, torch.empty(rest, d, device=device)))
                     self.flops += 4 * d * d * rest
 
     def step(self) -> None:
@@ -193,6 +210,8 @@ class Contender:
     compute_seconds: float = 0.0
     t: int = 0
     records: list[StepRecord] = field(default_factory=list)
+    synchronize: bool = False
+    """CUDA: time each step between two ``torch.cuda.synchronize()`` calls."""
 
     @property
     def is_async(self) -> bool:
@@ -217,8 +236,12 @@ class Contender:
         if self.compute_seconds > 0 and (timed or self.is_async):  # async: also while refilling
             time.sleep(self.compute_seconds)  # the model's forward/backward on an accelerator
         stalled = self.stall_seconds()
+        if self.synchronize:
+            torch.cuda.synchronize()  # work queued before this step is not its time
         begin = time.perf_counter()
         self.step_fn()
+        if self.synchronize:
+            torch.cuda.synchronize()  # the step's own GPU work is
         elapsed = time.perf_counter() - begin
         self.t += 1
         if timed:
@@ -243,15 +266,28 @@ def make_contender(
     grads: list[list[torch.Tensor]],
     block_size: int | None = None,
     root_workers: int | None = None,
+    device: torch.device = CPU,
 ) -> Contender:
+    """A contender on ``device`` (the model's parameters and ``grads`` must already be there)."""
     shapes = [tuple(p.shape) for p in spec.model.parameters()]
+    cuda = device.type == "cuda"
     if kind == "floor":
         assert block_size is not None
-        floor = GemmFloor(shapes, block_size)
-        return Contender(f"GEMM floor b{block_size}", kind, block_size, floor.step, floor=floor)
+        floor = GemmFloor(shapes, block_size, device)
+        return Contender(
+            f"GEMM floor b{block_size}",
+            kind,
+            block_size,
+            floor.step,
+            floor=floor,
+            synchronize=cuda,
+        )
     params = [p.detach().clone().requires_grad_(True) for p in spec.model.parameters()]
     opt: torch.optim.Optimizer
-    if kind == "adam":
+    if kind == "adam" and cuda:
+        opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
+        name = "AdamW (fused=True)"
+    elif kind == "adam":
         opt = torch.optim.Adam(params, lr=1e-3)
         name = f"Adam (foreach={opt.defaults['foreach']})"
     else:
@@ -270,7 +306,9 @@ def make_contender(
         labels = {"noroot": "sync, no roots after step 1", "noguard": "sync, guard off"}
         label = labels.get(kind, kind)
         name = f"Shampoo b{block_size} {label}"
-    return Contender(name, kind, block_size, opt.step, params=params, grads=grads, opt=opt)
+    return Contender(
+        name, kind, block_size, opt.step, params=params, grads=grads, opt=opt, synchronize=cuda
+    )
 
 
 def run_interleaved(contenders: list[Contender], rounds: int, cycles: int, label: str) -> float:
@@ -317,7 +355,8 @@ def state_bytes(c: Contender) -> int:
 
 def staging_bytes(c: Contender) -> int:
     """Host snapshot/result buffers of the root pipeline (kept outside ``opt.state``)."""
-    staging = getattr(c.opt, "_staging", {}) if c.opt is not None else {}
+    roots = getattr(c.opt, "_roots", None)
+    staging = roots.staging if roots is not None else {}
     buffers = [[s.snapshot, s.result] for per_param in staging.values() for s in per_param]
     return tensor_bytes(buffers)
 
@@ -402,14 +441,15 @@ def model_suite(
     cycles: int,
     label: str,
     guard_off: bool = False,
+    device: torch.device = CPU,
 ) -> tuple[list[Summary], float]:
     """Adam, the GEMM floors, sync and async Shampoo per block size (and, with ``guard_off``,
     sync with the non-finite guard off), interleaved."""
-    contenders = [make_contender("adam", spec, grads)]
-    contenders += [make_contender("floor", spec, grads, b) for b in block_sizes]
+    contenders = [make_contender("adam", spec, grads, device=device)]
+    contenders += [make_contender("floor", spec, grads, b, device=device) for b in block_sizes]
     for b in block_sizes:
         for kind in ("sync", "noguard", "async") if guard_off else ("sync", "async"):
-            contenders.append(make_contender(kind, spec, grads, b, root_workers))
+            contenders.append(make_contender(kind, spec, grads, b, root_workers, device))
     try:
         wall = run_interleaved(contenders, rounds, cycles, label)
         return [summarize(c) for c in contenders], wall
@@ -568,13 +608,14 @@ def window_suite(
     compute: dict[int, float],
     rounds: int,
     cycles: int,
+    device: torch.device = CPU,
 ) -> list[Summary]:
     """Async vs a sync no-root contender per block size, each with ``compute[b]`` s of sleep
     before every step; threads and workers as in 2(a)."""
     contenders = []
     for b, seconds in compute.items():
         for kind in ("noroot", "async"):
-            c = make_contender(kind, spec, grads, b, root_workers=1)
+            c = make_contender(kind, spec, grads, b, root_workers=1, device=device)
             c.compute_seconds = seconds
             contenders.append(c)
     try:
@@ -594,6 +635,12 @@ SECTIONS = ("core", "hetero", "window")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny models, few steps (< 30 s)")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the models, gradients and optimizers live (default cpu; roots: always CPU)",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -647,6 +694,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"unknown section {s!r}")
     if "window" in args.sections and "hetero" not in args.sections:
         parser.error("section 'window' sizes its model compute from section 'hetero'")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        build = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only"
+        parser.error(
+            f"--device cuda: no usable GPU (torch.cuda.is_available() is False; torch "
+            f"{torch.__version__}, {build}); use --device cpu"
+        )
     return args
 
 
@@ -657,6 +710,9 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         adam_foreach: Any = _default_to_fused_or_foreach([torch.zeros(1)], False, False)[1]
     except Exception:  # private helper; only informative
         adam_foreach = "unknown"
+    gpu: dict[str, Any] = {}
+    if args.device == "cuda":
+        gpu = {"gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda}
     return {
         "torch": torch.__version__,
         "num_threads": torch.get_num_threads(),
@@ -668,6 +724,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         "command": shlex.join([sys.executable, *sys.argv]),
         "adam_foreach_resolves_to": adam_foreach,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        **gpu,
     }
 
 
@@ -686,10 +743,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     print(f"platform {env['platform']} | python {env['python']}")
     print(f"command: {env['command']}")
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        print(
+            f"device cuda: {env['gpu']} (CUDA {env['cuda']}): models, gradients, optimizers and "
+            "GEMM floors on the GPU, roots on the CPU; each step() timed between two "
+            "torch.cuda.synchronize() calls"
+        )
+        adam_note = "Adam = torch.optim.AdamW(fused=True)"
+    else:
+        adam_note = f"Adam foreach=None resolves to {env['adam_foreach_resolves_to']} on CPU"
     print(
         f"step() only, fixed batch-{BATCH} gradients; precondition_frequency={FREQUENCY}; "
-        f"Adam foreach=None resolves to {env['adam_foreach_resolves_to']} on CPU; "
-        "times in ms; every ratio is within one interleaved run"
+        f"{adam_note}; times in ms; every ratio is within one interleaved run"
     )
     quick = args.quick
     block_sizes = (64, 128) if quick else (128, 1024)
@@ -702,7 +768,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {"environment": env, "sections": {}}
 
     mlp = mlp_spec(quick)
-    mlp_grads = gradient_sets(mlp, nsets)
+    mlp_grads = gradient_sets(mlp, nsets, device)
     mlp_shapes = [tuple(p.shape) for p in mlp.model.parameters()]
     # The untimed gc.collect() between blocks scans only objects created after this point.
     gc.collect()
@@ -726,7 +792,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         core: dict[str, Any] = {}
         for spec in (mlp, conv_spec(quick), small_spec(quick)):
             is_mlp = spec is mlp
-            grads = mlp_grads if is_mlp else gradient_sets(spec, nsets)
+            grads = mlp_grads if is_mlp else gradient_sets(spec, nsets, device)
             cycles = cycles_b if is_mlp else 1
             summaries, wall = model_suite(
                 spec,
@@ -737,6 +803,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 cycles,
                 f"1 {spec.name}",
                 guard_off=True,
+                device=device,
             )
             print(core_table(spec, summaries, rounds, cycles) + f"  [{wall:.0f} s, {load()}]")
             core[spec.name] = [s.row() for s in summaries]
@@ -758,7 +825,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "hetero" in args.sections:
         torch.set_num_threads(1)
         hetero, wall = model_suite(
-            mlp, mlp_grads, block_sizes, 1, rounds, cycles_a, "2(a)", guard_off=True
+            mlp, mlp_grads, block_sizes, 1, rounds, cycles_a, "2(a)", guard_off=True, device=device
         )
         adam = next(s for s in hetero if s.kind == "adam")
         floors = ", ".join(
@@ -792,7 +859,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 * sync.root_stats["mean_root_seconds"]
             )
             compute[sync.block_size] = args.coverage * work / FREQUENCY
-        summaries = window_suite(mlp, mlp_grads, compute, rounds, window_cycles)
+        summaries = window_suite(mlp, mlp_grads, compute, rounds, window_cycles, device)
         print(
             f"\n== 3. root window, setup (a): time.sleep(S) before each step stands for the "
             f"forward/backward on an accelerator (CPU free); S = {args.coverage} x sync root "

@@ -8,7 +8,8 @@ the device on the main thread):
   statistics update that produced F and before the next one that changes it, so stream order alone
   keeps F intact while it is read. An event recorded right after the copy tells the worker thread
   when ``host`` holds the data: the worker calls :func:`wait` (``Event.synchronize``), which blocks
-  only that worker.
+  only that worker; the events are blocking ones, so a waiting worker sleeps instead of spinning
+  on a core.
 * ``to_device``: ``X.copy_(host, non_blocking=True)`` on the current stream, before the kernels
   that read X. The event recorded after it guards ``host``: a worker must :func:`wait` on it
   before writing the next result into the same buffer.
@@ -37,7 +38,7 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, cuda_device: torch.device | None
     dst.copy_(src, non_blocking=cuda_device is not None)
     if cuda_device is None:
         return None
-    done = torch.cuda.Event()
+    done = torch.cuda.Event(blocking=True)  # a waiting worker sleeps instead of spinning
     done.record(torch.cuda.current_stream(cuda_device))
     return done
 

@@ -32,8 +32,10 @@ HOST_KEYS = (
     "pending_due",
     "pending_submitted",
     "pending_ok",
+    "pending_roots",
 )
-"""State entries that live on the CPU whatever the parameter's device."""
+"""State entries that live on the CPU whatever the parameter's device (pending roots go from
+the checkpoint straight into the host buffers they are installed from)."""
 
 
 def state_dtype(param: torch.Tensor) -> torch.dtype:

@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# The GPU check: torch_shampoo's CUDA tests, then the step-time benchmark on the GPU.
+#
+#   bash benchmarks/gpu_check.sh          # from anywhere; it runs from the repository root
+#
+# Needs a python3 (or $PYTHON) that already has torch with CUDA, pytest and hypothesis; installs
+# nothing. Every part runs under `timeout`, capped by what is left of a 400 s budget (plus 5 s of
+# kill grace per part and a 30 s summary), so the whole script ends within 8 minutes. A failing
+# part does not stop the later ones; the script exits 1 at the end if any part failed (the
+# optional last part, the CPU root tests, fails the check only by failing, not by running out of
+# time). Logs and the benchmark's JSON go to $OUT/gpu_check ($OUT: the device machine's output
+# folder) or else outputs/gpu_check.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+# A fixed cuBLAS workspace: bitwise-reproducible matmuls (tests/test_cuda.py compares runs bitwise).
+export CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}
+LOGS=${OUT:-outputs}/gpu_check
+mkdir -p "$LOGS"
+
+BUDGET=400
+START=$SECONDS
+FAILED=()
+
+# part NAME CAP [--optional] COMMAND...: COMMAND under a timeout of CAP seconds or the budget
+# left, whichever is less; output to the terminal and to $LOGS/NAME.log.
+part() {
+    local name=$1 cap=$2 optional=0
+    shift 2
+    if [[ $1 == --optional ]]; then
+        optional=1
+        shift
+    fi
+    local left=$((BUDGET - (SECONDS - START)))
+    local limit=$((cap < left ? cap : left))
+    if ((limit < 15)); then
+        echo "== $name: not run, the time budget is spent"
+        if ((!optional)); then FAILED+=("$name (not run)"); fi
+        return 0
+    fi
+    echo
+    echo "== $name (timeout ${limit} s): $*"
+    local began=$SECONDS rc=0
+    timeout -k 5 "$limit" "$@" 2>&1 | tee "$LOGS/$name.log" || rc=$?
+    local why="exit $rc"
+    if ((rc == 124 || rc == 137)); then why="timed out after ${limit} s"; fi
+    echo "== $name: $why, $((SECONDS - began)) s"
+    if ((rc != 0)) && ! ((optional && (rc == 124 || rc == 137))); then
+        FAILED+=("$name ($why)")
+    fi
+    return 0
+}
+
+VERSIONS=$(
+    cat <<'PYTHON'
+import sys, torch
+print("python", sys.version.split()[0], "| torch", torch.__version__, "| CUDA", torch.version.cuda,
+      "| cuDNN", torch.backends.cudnn.version(), "| CPU threads", torch.get_num_threads())
+print("torch.cuda.is_available():", torch.cuda.is_available(), "| devices:", torch.cuda.device_count())
+assert torch.cuda.is_available(), "no usable GPU: every CUDA test would be skipped"
+for i in range(torch.cuda.device_count()):
+    print(f"cuda:{i}", torch.cuda.get_device_name(i), torch.cuda.get_device_capability(i))
+PYTHON
+)
+
+RATIOS=$(
+    cat <<'PYTHON'
+import json, pathlib, sys
+for path in map(pathlib.Path, sys.argv[1:]):
+    if not path.exists():
+        print(f"-- {path.name}: missing (that run failed or timed out; its log has what it printed)")
+        continue
+    report = json.loads(path.read_text())
+    env = report["environment"]
+    print(f"-- {path.name}: {env.get('gpu')}, torch {env['torch']}, {report['total_seconds']:.0f} s")
+    for model, rows in report["sections"].get("core", {}).items():
+        adam = next(r for r in rows if r["kind"] == "adam")
+        floors = {r["block_size"]: r for r in rows if r["kind"] == "floor"}
+        print(f"   {model}: {adam['name']} median step {1e3 * adam['median_nonroot']:.3f} ms")
+        for r in rows:
+            if r["kind"] in ("sync", "noguard", "async"):
+                floor = floors[r["block_size"]]
+                print(
+                    f"     {r['name']:<30}"
+                    f"  median/AdamW {r['median_nonroot'] / adam['median_nonroot']:7.2f}"
+                    f"  mean/AdamW {r['mean'] / adam['mean']:7.2f}"
+                    f"  median/GEMM floor {r['median_nonroot'] / floor['median_nonroot']:7.2f}"
+                )
+    for block, t in report["sections"].get("defaults", {}).get("targets", {}).items():
+        print(
+            f"   MLP b{block} async: max/median {t['async_max_over_median']:.2f}, "
+            f"mean/sync median {t['async_mean_over_sync_nonroot_median']:.2f}, "
+            f"stalled steps {t['async_stalls']}"
+        )
+PYTHON
+)
+
+echo "== torch_shampoo GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ), logs in $LOGS"
+part nvidia-smi 30 nvidia-smi -L
+part versions 60 "$PY" -c "$VERSIONS"
+part cuda_tests 150 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py
+part step_time_quick 100 "$PY" benchmarks/step_time.py --device cuda --quick \
+    --json "$LOGS/step_time_quick.json"
+part step_time_core 300 "$PY" benchmarks/step_time.py --device cuda --sections core \
+    --json "$LOGS/step_time_core.json"
+part cpu_root_tests 90 --optional "$PY" -m pytest -q -p no:cacheprovider \
+    tests/test_async_roots.py tests/test_root_schedule.py
+
+echo
+echo "== ratios (step() time, within each run)"
+timeout -k 5 30 "$PY" -c "$RATIOS" "$LOGS/step_time_quick.json" "$LOGS/step_time_core.json" ||
+    FAILED+=("ratios (exit $?)")
+
+echo
+echo "== $((SECONDS - START)) s in all"
+if ((${#FAILED[@]})); then
+    echo "== FAILED:"
+    for failure in "${FAILED[@]}"; do echo "   $failure"; done
+    exit 1
+fi
+echo "== all parts passed"
