@@ -31,10 +31,12 @@ CopyDone = torch.cuda.Event | None
 
 def host_buffer(like: torch.Tensor) -> torch.Tensor:
     """A CPU buffer shaped like ``like``: pinned when ``like`` lives on a CUDA device."""
-    return torch.empty(like.shape, dtype=like.dtype, pin_memory=like.is_cuda)
+    return torch.zeros(like.shape, dtype=like.dtype, pin_memory=like.is_cuda)
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor, cuda_device: torch.device | None) -> CopyDone:
+    if dst is src:  # a CPU root computed in place: nothing to move
+        return None
     dst.copy_(src, non_blocking=cuda_device is not None)
     if cuda_device is None:
         return None

@@ -395,7 +395,7 @@ class PreconditionerEngine(Optimizer):
         try:
             epsilon = config.epsilon_at(t)
         except (TypeError, ValueError) as exc:  # a broken damping schedule: failed roots
-            return self._roots.submit(w.p, state["factors"], exc, t, due)
+            return self._roots.submit(w.p, state["factors"], state["roots"], exc, t, due)
         exponents = list(self._exponents(config, w.layout))
 
         def jobs(staging: list[Staging]) -> list[RootJob]:
@@ -413,7 +413,7 @@ class PreconditionerEngine(Optimizer):
                 for factor, buffers, exponent in zip(state["factors"], staging, exponents)
             ]
 
-        return self._roots.submit(w.p, state["factors"], jobs, t, due)
+        return self._roots.submit(w.p, state["factors"], state["roots"], jobs, t, due)
 
     def _install_due_roots(
         self,
@@ -439,7 +439,6 @@ class PreconditionerEngine(Optimizer):
                 stacklevel=_user_stacklevel(),
             )
         stats, index = roots.stats, self._locate(p)[0]
-        staging = roots.staging.get(p, [])
         self._rooted.pop(p, None)
         for j, ticket in enumerate(pending.tickets):
             cause: BaseException | None = None
@@ -454,7 +453,9 @@ class PreconditionerEngine(Optimizer):
                 stats.roots_computed += 1
                 state["root_failures"][j] = 0
                 state["has_root"][j] = True
-                staging[j].uploaded = device.to_device(state["roots"][j], staging[j].result)
+                buffers = pending.buffers[j]
+                if buffers.result is not state["roots"][j]:  # else written in place
+                    buffers.uploaded = device.to_device(state["roots"][j], buffers.result)
                 continue
             stats.root_failures += 1
             state["root_failures"][j] += 1

@@ -42,8 +42,10 @@ FITTED = "fitted_staleness"
 
 @dataclass
 class Staging:
-    """Host buffers of one factor, reused for every root of that factor (async mode only
-    needs them to outlive the step; sync mode uses them the same way)."""
+    """The host buffers a root job reads its factor from and writes its root into. For roots
+    that run off the step (or any root of a CUDA parameter) these are buffers of their own,
+    reused for every root of that factor; a root of a CPU parameter installed in the step that
+    computes it reads the factor and writes the root in place (the step waits for it)."""
 
     snapshot: torch.Tensor
     result: torch.Tensor
@@ -59,6 +61,8 @@ class Pending:
     jobs: list[RootJob]
     tickets: list[Ticket]
     """Empty until the jobs are handed to the pool (at the end of the step that made them)."""
+    buffers: list[Staging] = field(default_factory=list)
+    """Per factor, where its job reads and writes (empty when no job was made)."""
     sent_at: float = 0.0
 
 
@@ -197,6 +201,7 @@ class RootScheduler:
         self,
         p: torch.Tensor,
         factors: list[torch.Tensor],
+        roots: list[torch.Tensor],
         jobs: Callable[[list[Staging]], list[RootJob]] | BaseException,
         t: int,
         due: int,
@@ -211,8 +216,14 @@ class RootScheduler:
                 ticket._fail(jobs)
             self.pending[p] = Pending(submitted=t, due=due, jobs=[], tickets=failed)
             return due <= t
-        made = jobs(self._staging_of(p, factors))
-        pending = self.pending[p] = Pending(submitted=t, due=due, jobs=made, tickets=[])
+        if due <= t and not any(f.is_cuda for f in factors):
+            buffers = [Staging(f, r) for f, r in zip(factors, roots)]  # in place: no copies
+        else:
+            buffers = self._staging_of(p, factors)
+        made = jobs(buffers)
+        pending = self.pending[p] = Pending(
+            submitted=t, due=due, jobs=made, tickets=[], buffers=buffers
+        )
         if due > t:
             self.unsent.append(pending)
         else:
@@ -324,13 +335,12 @@ class RootScheduler:
         entries = {}
         for p, pending in self.pending.items():
             roots, ok, reasons = [], [], []
-            staging = self.staging.get(p, [])
             for j, ticket in enumerate(pending.tickets):
                 try:
                     outcome = ticket.outcome()
                 except Exception as exc:
                     outcome = RootOutcome(False, math.nan, f"{type(exc).__name__}: {exc}", 0.0)
-                roots.append(staging[j].result.clone() if outcome.ok else torch.zeros(0))
+                roots.append(pending.buffers[j].result.clone() if outcome.ok else torch.zeros(0))
                 ok.append(outcome.ok)
                 reasons.append(outcome.reason)
             entries[p] = {
@@ -357,6 +367,7 @@ class RootScheduler:
             due=int(state.pop("pending_due")),
             jobs=[],
             tickets=tickets,
+            buffers=staging,
         )
 
     def clear(self) -> None:
