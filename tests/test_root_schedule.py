@@ -425,3 +425,22 @@ def test_state_dict_after_close_computes_the_cancelled_roots_itself() -> None:
         for a, b in zip(s.get("pending_roots", []), expected[i].get("pending_roots", [])):
             assert torch.equal(a, b)
     assert opt._roots.pool is None  # computed here, without restarting the workers
+
+
+def test_host_buffers_exist_only_for_roots_that_run_off_the_step() -> None:
+    """A CPU parameter's roots installed in the step that computes them (synchronous roots,
+    first cycles) are computed in place; only roots that outlive their step get host buffers."""
+    batches = make_batches(6)
+    sync_model, async_model = mixed_model(), mixed_model()
+    with (
+        Shampoo(sync_model.parameters(), **BASE, precondition_frequency=2, async_roots=False) as s,
+        Shampoo(async_model.parameters(), **BASE, precondition_frequency=2, root_staleness=1) as a,
+    ):
+        train(sync_model, s, batches[:3])
+        train(async_model, a, batches[:3])
+        assert s.root_stats()["roots_computed"] > 0 and not s._roots.staging
+        assert a.root_stats()["roots_computed"] > 0 and not a._roots.staging  # first cycle
+        train(sync_model, s, batches[3:])
+        train(async_model, a, batches[3:])
+        assert not s._roots.staging
+        assert set(a._roots.staging) == set(a.state)  # later cycles run off the step
