@@ -444,3 +444,18 @@ def test_host_buffers_exist_only_for_roots_that_run_off_the_step() -> None:
         train(async_model, a, batches[3:])
         assert not s._roots.staging
         assert set(a._roots.staging) == set(a.state)  # later cycles run off the step
+
+
+def test_root_stats_report_the_state_bytes() -> None:
+    """A (8, 6) parameter at block 8 (one block, two factors): exp_avg and graft_v (48 floats
+    each), factors and roots (8² + 6² floats each), step (a float32), root_failures (2 int64),
+    has_root (2 bools) and skipped_blocks (an int64)."""
+    param = torch.nn.Parameter(torch.randn(8, 6))
+    with Shampoo([param], block_size=8, precondition_frequency=1, async_roots=False) as opt:
+        param.grad = torch.randn(8, 6)
+        opt.step()
+        stats = opt.root_stats()
+    expected = 4 * (2 * 48 + 2 * (64 + 36)) + 4 + 2 * 8 + 2 + 8
+    assert stats["state_bytes"] == expected
+    assert stats["state_bytes_per_element"] == expected / 48
+    assert stats["host_buffer_bytes"] == 0  # synchronous roots of a CPU parameter: in place

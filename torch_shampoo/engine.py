@@ -515,6 +515,9 @@ class PreconditionerEngine(Optimizer):
         ``mean_staleness`` / ``max_staleness``: age in steps of the installed roots.
         ``mean_root_seconds``: solver time per root. ``pending_parameters``: parameters with
         roots in flight. ``skipped_blocks``: blocks skipped for non-finite gradients.
+        ``state_bytes`` / ``host_buffer_bytes``: bytes of the optimizer state and of the host
+        buffers of roots that run off the step; ``state_bytes_per_element``: state bytes per
+        parameter element (Adam's float32 moments: 8).
         ``last_error``: per factor, the solver's own accuracy estimate for its last root, not a
         failure: 0.0 for the direct methods (eigh, cholesky), the residual for newton.
         """
@@ -541,11 +544,28 @@ class PreconditionerEngine(Optimizer):
                     if isinstance(s, dict) and "skipped_blocks" in s
                 )
             ),
+            **self._memory(),
             "last_error": {
                 self._factor_name(params[i], j): error
                 for (i, j), error in stats.last_error.items()
                 if i < len(params)
             },
+        }
+
+    def _memory(self) -> dict[str, float]:
+        """Bytes of the optimizer state, of the host buffers of roots in flight, and the state's
+        bytes per parameter element (Adam's float32 moments: 8)."""
+        state = sum(_nbytes(s) for s in self.state.values())
+        host = sum(
+            b.snapshot.nbytes + b.result.nbytes
+            for buffers in self._roots.staging.values()
+            for b in buffers
+        )
+        elements = sum(p.numel() for p in self.state)
+        return {
+            "state_bytes": state,
+            "host_buffer_bytes": host,
+            "state_bytes_per_element": state / max(1, elements),
         }
 
     def _resolved_staleness(self, group: dict[str, Any]) -> int | None:
@@ -657,6 +677,16 @@ class PreconditionerEngine(Optimizer):
 
 
 _LIBRARY_DIRS = (os.path.dirname(__file__) + os.sep, os.path.dirname(torch.__file__) + os.sep)
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.nbytes
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    return 0
 
 
 def _user_stacklevel() -> int:
