@@ -58,7 +58,7 @@ class Shampoo(PreconditionerEngine):
         F_i ← β₂ F_i + w G_(i) G_(i)ᵀ  for each factored dim i   (w = 1 if β₂ = 1 else 1 − β₂)
         X_i = (F_i / bc₂ + εI)^(−1/r)   at root steps, in float64 on CPU  (r = 2·#factors)
         m  ← β₁ m + (1 − β₁) g;  m̂ = m / (1 − β₁ᵗ)
-        P  = m̂ ×₁ X_1 ×₂ X_2 …                               (the graft direction D before start)
+        P  = m̂ ×₁ X_1 ×₂ X_2 …                    (D while the block has no roots: before start)
         P  ← P · ‖D‖ / (‖P‖ + 1e-16)                        D from the graft, per block
         P  ← P + wd·W                                        if decoupled_weight_decay
         b  ← μ b + P;  P = P + μ b (nesterov) or b           if momentum μ > 0
