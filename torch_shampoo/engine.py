@@ -4,6 +4,9 @@ Per block of a parameter (:mod:`torch_shampoo.blocking`), the engine keeps one s
 F_i per *factored* dim, computes X_i = (F_i/bc + εI)^(−1/r) through :mod:`torch_shampoo.root_pool`
 and applies the step written in :class:`PreconditionerEngine`. A front end (Shampoo, NG+) maps its
 own constructor kwargs onto an :class:`EngineConfig` per parameter group and picks the layout.
+When roots run is :mod:`~torch_shampoo.scheduler`'s business, the state's layout
+:mod:`~torch_shampoo.state`'s, the tensor math :mod:`~torch_shampoo.kernels`' and state dicts
+:mod:`~torch_shampoo.checkpoint`'s.
 """
 
 from __future__ import annotations
@@ -19,15 +22,15 @@ from functools import lru_cache
 from typing import Any, TypeVar
 
 import torch
-from torch.optim import Optimizer
 
-from . import device, kernels
+from . import device, kernels, telemetry
 from .blocking import BlockLayout, block_layout, expand_grid, split_blocks
+from .checkpoint import Checkpointing
 from .config import EngineConfig
 from .grafting import graft_direction, update_graft_state
 from .root_pool import RootJob, RootOutcome
 from .scheduler import FITTED, RootScheduler, Staging
-from .state import check_moments, check_state, init_state, migrate, restore
+from .state import check_state, init_state
 
 __all__ = ["EngineConfig", "PreconditionerEngine"]
 
@@ -72,7 +75,7 @@ def _layout(shape: tuple[int, ...], block_size: int, max_factor_dim: int) -> Blo
 _Engine = TypeVar("_Engine", bound="PreconditionerEngine")
 
 
-class PreconditionerEngine(Optimizer):
+class PreconditionerEngine(Checkpointing):
     r"""A ``torch.optim.Optimizer`` preconditioning each block of a gradient with Kronecker factors.
 
     The step is the one written in :class:`torch_shampoo.Shampoo`'s docstring, with every setting
@@ -521,52 +524,7 @@ class PreconditionerEngine(Optimizer):
         ``last_error``: per factor, the solver's own accuracy estimate for its last root, not a
         failure: 0.0 for the direct methods (eigh, cholesky), the residual for newton.
         """
-        stats = self._roots.stats
-        installed = stats.roots_computed + stats.root_failures
-        params = self._all_params()
-        staleness = [self._resolved_staleness(group) for group in self.param_groups]
-        return {
-            "roots_computed": stats.roots_computed,
-            "root_failures": stats.root_failures,
-            "stalls": stats.stalls,
-            "stall_seconds": stats.stall_seconds,
-            "first_root_seconds": stats.first_root_seconds,
-            "root_staleness": staleness[0] if len(set(staleness)) == 1 else staleness,
-            "staleness_increases": stats.staleness_increases,
-            "mean_staleness": stats.staleness_total / max(1, stats.staleness_count),
-            "max_staleness": stats.staleness_max,
-            "mean_root_seconds": stats.root_seconds / max(1, installed),
-            "pending_parameters": len(self._roots.pending),
-            "skipped_blocks": int(
-                sum(
-                    int(s["skipped_blocks"])
-                    for s in self.state.values()
-                    if isinstance(s, dict) and "skipped_blocks" in s
-                )
-            ),
-            **self._memory(),
-            "last_error": {
-                self._factor_name(params[i], j): error
-                for (i, j), error in stats.last_error.items()
-                if i < len(params)
-            },
-        }
-
-    def _memory(self) -> dict[str, float]:
-        """Bytes of the optimizer state, of the host buffers of roots in flight, and the state's
-        bytes per parameter element (Adam's float32 moments: 8)."""
-        state = sum(_nbytes(s) for s in self.state.values())
-        host = sum(
-            b.snapshot.nbytes + b.result.nbytes
-            for buffers in self._roots.staging.values()
-            for b in buffers
-        )
-        elements = sum(p.numel() for p in self.state)
-        return {
-            "state_bytes": state,
-            "host_buffer_bytes": host,
-            "state_bytes_per_element": state / max(1, elements),
-        }
+        return telemetry.root_stats(self)
 
     def _resolved_staleness(self, group: dict[str, Any]) -> int | None:
         setting = self._config(group).staleness
@@ -587,106 +545,8 @@ class PreconditionerEngine(Optimizer):
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _pending_as_state(self) -> dict[torch.Tensor, dict[str, Any]]:
-        """Wait for the roots in flight and express them as plain state entries."""
-        return self._roots.export()
-
-    def _adopt_pending_state(self) -> None:
-        """After a load or unpickling: old checkpoints migrated, and the pending entries turned
-        into resolved tickets."""
-        for p, state in self.state.items():
-            if isinstance(state, dict):
-                migrate(state)
-                if "pending_due" in state:
-                    self._roots.adopt(p, state)
-
-    def state_dict(self) -> dict[str, Any]:
-        """The state, with roots still in flight waited for and included, so it can resume."""
-        packed = super().state_dict()
-        pending = self._pending_as_state()
-        index = {id(p): i for i, p in enumerate(self._all_params())}
-        for p, entries in pending.items():
-            i = index[id(p)]
-            packed["state"][i] = {**packed["state"][i], **entries}
-        return packed
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load state as the base class does (hooks included), except that every tensor keeps
-        its saved dtype (float32 factors of a bf16 parameter stay float32), host entries stay on
-        the CPU, and state that does not fit a parameter's layout is refused before anything
-        changes."""
-        loading: dict[str, Any] = {}
-
-        def capture(optimizer: Optimizer, final: dict[str, Any]) -> None:
-            # Registered last, so it sees the state dict the user's pre-hooks settled on.
-            loading["params"] = self._saved_id_map(final)
-            for saved_id, p in loading["params"].items():
-                if saved_id in final["state"]:
-                    config = self._config(self._group_of(p))
-                    saved = final["state"][saved_id]
-                    owner, name = type(self).__name__, self._describe(p)
-                    check_state(owner, name, p, saved, self._layout_of(p, config))
-                    check_moments(owner, name, saved, config)
-            loading["state"] = final["state"]
-
-        handle = self.register_load_state_dict_pre_hook(capture)
-        self._loading = loading
-        try:
-            super().load_state_dict(state_dict)
-        finally:
-            handle.remove()
-            self._loading = None
-
-    def _saved_id_map(self, saved: dict[str, Any]) -> dict[Any, torch.Tensor]:
-        saved_ids = [i for group in saved["param_groups"] for i in group["params"]]
-        return dict(zip(saved_ids, self._all_params()))
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        pending = self._pending_as_state()
-        state["state"] = type(self.state)(
-            dict,
-            {
-                p: {**s, **pending.get(p, {})} if isinstance(s, dict) else s
-                for p, s in self.state.items()
-            },
-        )
-        state["_async_roots"] = self._async_roots
-        state["_root_workers"] = self._root_workers
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Unpickling (a fresh object) or the last stage of :meth:`load_state_dict`."""
-        loading = getattr(self, "_loading", None)
-        super().__setstate__(state)
-        if loading is None:
-            self._init_runtime()
-        else:  # replace the base class's dtype-cast copies by the saved tensors
-            self._roots.clear()
-            self._checked.clear()
-            self._rooted.clear()
-            self._index.clear()
-            for saved_id, p in loading["params"].items():
-                saved = loading["state"].get(saved_id)
-                if saved is not None:
-                    self.state[p] = {k: restore(k, v, p.device) for k, v in saved.items()}
-        self._adopt_pending_state()
-
-    def _all_params(self) -> list[torch.Tensor]:
-        return [p for group in self.param_groups for p in group["params"]]
-
 
 _LIBRARY_DIRS = (os.path.dirname(__file__) + os.sep, os.path.dirname(torch.__file__) + os.sep)
-
-
-def _nbytes(value: Any) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.nbytes
-    if isinstance(value, (list, tuple)):
-        return sum(_nbytes(v) for v in value)
-    if isinstance(value, dict):
-        return sum(_nbytes(v) for v in value.values())
-    return 0
 
 
 def _user_stacklevel() -> int:

@@ -1,0 +1,133 @@
+"""State dicts and pickling for the engine: roots in flight are waited for and saved as plain
+entries, loads keep every saved dtype and are checked against the layout before anything
+changes, and older checkpoints are migrated."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from .blocking import BlockLayout
+from .config import EngineConfig
+from .scheduler import RootScheduler
+from .state import check_moments, check_state, migrate, restore
+
+__all__ = ["Checkpointing"]
+
+
+class Checkpointing(Optimizer):
+    """The state-dict and pickling half of :class:`~torch_shampoo.engine.PreconditionerEngine`
+    (which provides the methods declared here)."""
+
+    _roots: RootScheduler
+    _loading: dict[str, Any] | None
+    _async_roots: bool
+    _root_workers: int
+    _checked: dict[torch.Tensor, tuple[BlockLayout, dict[str, Any]]]
+    _rooted: dict[torch.Tensor, tuple[bool, ...] | None]
+    _index: dict[int, tuple[int, dict[str, Any], torch.Tensor]]
+
+    def _config(self, group: dict[str, Any]) -> EngineConfig:
+        raise NotImplementedError
+
+    def _group_of(self, p: torch.Tensor) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _layout_of(self, p: torch.Tensor, config: EngineConfig) -> BlockLayout:
+        raise NotImplementedError
+
+    def _describe(self, p: torch.Tensor) -> str:
+        raise NotImplementedError
+
+    def _init_runtime(self) -> None:
+        raise NotImplementedError
+
+    def _all_params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _pending_as_state(self) -> dict[torch.Tensor, dict[str, Any]]:
+        """Wait for the roots in flight and express them as plain state entries."""
+        return self._roots.export()
+
+    def _adopt_pending_state(self) -> None:
+        """After a load or unpickling: old checkpoints migrated, and the pending entries turned
+        into resolved tickets."""
+        for p, state in self.state.items():
+            if isinstance(state, dict):
+                migrate(state)
+                if "pending_due" in state:
+                    self._roots.adopt(p, state)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state, with roots still in flight waited for and included, so it can resume."""
+        packed = super().state_dict()
+        pending = self._pending_as_state()
+        index = {id(p): i for i, p in enumerate(self._all_params())}
+        for p, entries in pending.items():
+            i = index[id(p)]
+            packed["state"][i] = {**packed["state"][i], **entries}
+        return packed
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load state as the base class does (hooks included), except that every tensor keeps
+        its saved dtype (float32 factors of a bf16 parameter stay float32), host entries stay on
+        the CPU, and state that does not fit a parameter's layout is refused before anything
+        changes."""
+        loading: dict[str, Any] = {}
+
+        def capture(optimizer: Optimizer, final: dict[str, Any]) -> None:
+            # Registered last, so it sees the state dict the user's pre-hooks settled on.
+            loading["params"] = self._saved_id_map(final)
+            for saved_id, p in loading["params"].items():
+                if saved_id in final["state"]:
+                    config = self._config(self._group_of(p))
+                    saved = final["state"][saved_id]
+                    owner, name = type(self).__name__, self._describe(p)
+                    check_state(owner, name, p, saved, self._layout_of(p, config))
+                    check_moments(owner, name, saved, config)
+            loading["state"] = final["state"]
+
+        handle = self.register_load_state_dict_pre_hook(capture)
+        self._loading = loading
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            handle.remove()
+            self._loading = None
+
+    def _saved_id_map(self, saved: dict[str, Any]) -> dict[Any, torch.Tensor]:
+        saved_ids = [i for group in saved["param_groups"] for i in group["params"]]
+        return dict(zip(saved_ids, self._all_params()))
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        pending = self._pending_as_state()
+        state["state"] = type(self.state)(
+            dict,
+            {
+                p: {**s, **pending.get(p, {})} if isinstance(s, dict) else s
+                for p, s in self.state.items()
+            },
+        )
+        state["_async_roots"] = self._async_roots
+        state["_root_workers"] = self._root_workers
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickling (a fresh object) or the last stage of :meth:`load_state_dict`."""
+        loading = getattr(self, "_loading", None)
+        super().__setstate__(state)
+        if loading is None:
+            self._init_runtime()
+        else:  # replace the base class's dtype-cast copies by the saved tensors
+            self._roots.clear()
+            self._checked.clear()
+            self._rooted.clear()
+            self._index.clear()
+            for saved_id, p in loading["params"].items():
+                saved = loading["state"].get(saved_id)
+                if saved is not None:
+                    self.state[p] = {k: restore(k, v, p.device) for k, v in saved.items()}
+        self._adopt_pending_state()

@@ -1,0 +1,74 @@
+"""Plain numbers about an optimizer's roots and memory: what ``root_stats()`` returns."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from .engine import PreconditionerEngine
+
+__all__ = ["memory", "nbytes", "root_stats"]
+
+
+def root_stats(engine: PreconditionerEngine) -> dict[str, Any]:
+    """The numbers documented in :meth:`PreconditionerEngine.root_stats`."""
+    stats = engine._roots.stats
+    installed = stats.roots_computed + stats.root_failures
+    params = engine._all_params()
+    staleness = [engine._resolved_staleness(group) for group in engine.param_groups]
+    return {
+        "roots_computed": stats.roots_computed,
+        "root_failures": stats.root_failures,
+        "stalls": stats.stalls,
+        "stall_seconds": stats.stall_seconds,
+        "first_root_seconds": stats.first_root_seconds,
+        "root_staleness": staleness[0] if len(set(staleness)) == 1 else staleness,
+        "staleness_increases": stats.staleness_increases,
+        "mean_staleness": stats.staleness_total / max(1, stats.staleness_count),
+        "max_staleness": stats.staleness_max,
+        "mean_root_seconds": stats.root_seconds / max(1, installed),
+        "pending_parameters": len(engine._roots.pending),
+        "skipped_blocks": int(
+            sum(
+                int(s["skipped_blocks"])
+                for s in engine.state.values()
+                if isinstance(s, dict) and "skipped_blocks" in s
+            )
+        ),
+        **memory(engine),
+        "last_error": {
+            engine._factor_name(params[i], j): error
+            for (i, j), error in stats.last_error.items()
+            if i < len(params)
+        },
+    }
+
+
+def memory(engine: PreconditionerEngine) -> dict[str, float]:
+    """Bytes of the optimizer state, of the host buffers of roots in flight, and the state's
+    bytes per parameter element (Adam's float32 moments: 8)."""
+    state = sum(nbytes(s) for s in engine.state.values())
+    host = sum(
+        b.snapshot.nbytes + b.result.nbytes
+        for buffers in engine._roots.staging.values()
+        for b in buffers
+    )
+    elements = sum(p.numel() for p in engine.state)
+    return {
+        "state_bytes": state,
+        "host_buffer_bytes": host,
+        "state_bytes_per_element": state / max(1, elements),
+    }
+
+
+def nbytes(value: Any) -> int:
+    """Bytes of the tensors in ``value`` (nested lists, tuples and dicts)."""
+    if isinstance(value, torch.Tensor):
+        return value.nbytes
+    if isinstance(value, (list, tuple)):
+        return sum(nbytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(nbytes(v) for v in value.values())
+    return 0
