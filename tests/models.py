@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import gc
+import io
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -89,3 +91,11 @@ def settled(count: Callable[[], int] = root_threads) -> int:
         previous = now
         time.sleep(0.05)
     return now
+
+
+def saved_and_loaded(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """Model and optimizer state through ``torch.save`` and ``torch.load(weights_only=True)``."""
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import io
 import pickle
 import re
 import subprocess
@@ -15,7 +14,15 @@ from typing import Any
 
 import pytest
 import torch
-from models import make_batches, mixed_model, root_threads, settled, threads_settle_at, train
+from models import (
+    make_batches,
+    mixed_model,
+    root_threads,
+    saved_and_loaded,
+    settled,
+    threads_settle_at,
+    train,
+)
 
 import torch_shampoo.root_pool as root_pool
 from torch_shampoo import Shampoo
@@ -74,11 +81,8 @@ def _save_and_resume(state: dict[str, Any], steps: int, split: int, **kwargs: An
     model = mixed_model()
     opt = Shampoo(model.parameters(), **{**BASE, **kwargs})
     train(model, opt, batches[:split])
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    checkpoint = saved_and_loaded(model, opt)
     opt.close()
-    buffer.seek(0)
-    checkpoint = torch.load(buffer, weights_only=True)
     resumed_model = mixed_model(seed=1)
     resumed_model.load_state_dict(checkpoint["model"])
     resumed = Shampoo(resumed_model.parameters(), **{**BASE, **kwargs})

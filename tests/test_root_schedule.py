@@ -5,7 +5,6 @@ cannot hang, oversubscribe or write after close()."""
 from __future__ import annotations
 
 import copy
-import io
 import itertools
 import math
 import os
@@ -19,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from models import make_batches, mixed_model, train
+from models import make_batches, mixed_model, saved_and_loaded, train
 
 import torch_shampoo.root_pool as root_pool
 import torch_shampoo.scheduler as scheduler
@@ -172,11 +171,8 @@ def test_auto_staleness_is_fitted_saved_restored_and_reported() -> None:
     model = mixed_model()
     opt = Shampoo(model.parameters(), **kwargs)
     train(model, opt, batches[:11])
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    checkpoint = saved_and_loaded(model, opt)
     opt.close()
-    buffer.seek(0)
-    checkpoint = torch.load(buffer, weights_only=True)
     resumed_model = mixed_model(seed=1)
     resumed_model.load_state_dict(checkpoint["model"])
     with Shampoo(resumed_model.parameters(), **kwargs) as resumed:
