@@ -107,7 +107,7 @@ class Shampoo(PreconditionerEngine):
         root_workers: worker threads (``None``: half the CPU cores, at least 1). Each worker
             computes with ``torch.get_num_threads() // root_workers`` intra-op threads (at least
             1; fixed when the workers start), so workers × threads stay within torch's threads,
-            which default to the cores. Synchronous roots use the same workers.
+            which default to the cores. Synchronous roots are computed at the same thread count.
     """
 
     def __init__(
