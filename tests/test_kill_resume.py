@@ -65,7 +65,7 @@ SCRIPT = textwrap.dedent(
         opt.step()
         if t % every == 1 and t > 5:  # the first roots (step 4) are installed at once
             state = opt.state_dict()
-            if not any("pending_roots" in s for s in state["state"].values()):
+            if not any(int(s["pending_due"]) >= 0 for s in state["state"].values()):
                 sys.exit(f"no roots in flight at checkpoint step {t}")
             torch.save({"model": model.state_dict(), "opt": state, "step": t}, last + ".tmp")
             os.replace(last + ".tmp", last)

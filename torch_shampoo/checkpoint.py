@@ -1,6 +1,19 @@
 """State dicts and pickling for the engine: roots in flight are waited for and saved as plain
 entries, loads keep every saved dtype and are checked against the layout before anything
-changes, and older checkpoints are migrated."""
+changes, and older checkpoints are migrated.
+
+``state_dict()`` writes schema 2: per parameter a fixed set of keys from its first step, only
+tensors and string-keyed dicts of tensors (so ``torch.distributed.checkpoint`` can flatten it and
+a fresh optimizer's template has every slot a checkpoint fills)::
+
+    step, exp_avg, [graft_v], [momentum_buffer], root_failures, has_root, skipped_blocks,
+    factors {"0": F_0, ...}, roots {"0": X_0, ...}, schema (2),
+    pending_due (-1: no roots in flight), pending_submitted, pending_ok (per factor),
+    pending_roots {"0": (d, d), ...} (zeros where none or failed)
+
+``load_state_dict`` reads schema 2 and the earlier layout (lists, ``pending_*`` present only
+while in flight, failure reasons as strings).
+"""
 
 from __future__ import annotations
 
@@ -12,9 +25,71 @@ from torch.optim import Optimizer
 from .blocking import BlockLayout
 from .config import EngineConfig
 from .scheduler import RootScheduler
-from .state import check_moments, check_state, migrate, restore
+from .state import SCHEMA, check_moments, check_state, in_flight, migrate, no_pending, restore
 
-__all__ = ["Checkpointing"]
+__all__ = ["SCHEMA", "Checkpointing", "from_saved", "to_saved"]
+
+_LISTS = ("factors", "roots", "pending_roots")
+_PENDING = ("pending_due", "pending_submitted", "pending_ok", "pending_roots", "pending_reasons")
+
+
+def to_saved(state: dict[str, Any], pending: dict[str, Any] | None) -> dict[str, Any]:
+    """A parameter's runtime state (and its roots in flight) as schema 2; no tensor is copied
+    except the zero slots of absent pending roots."""
+    saved = {k: v for k, v in state.items() if k not in _LISTS}
+    saved["factors"] = {str(j): f for j, f in enumerate(state["factors"])}
+    saved["roots"] = {str(j): r for j, r in enumerate(state["roots"])}
+    saved["schema"] = torch.tensor(SCHEMA)
+    n = len(state["factors"])
+
+    def empty(j: int) -> torch.Tensor:
+        return torch.zeros(state["factors"][j].shape, dtype=state["factors"][j].dtype)
+
+    if pending is None:
+        saved["pending_due"] = torch.tensor(-1)
+        saved["pending_submitted"] = torch.tensor(-1)
+        saved["pending_ok"] = torch.zeros(n, dtype=torch.bool)
+        saved["pending_roots"] = {str(j): empty(j) for j in range(n)}
+    else:
+        ok = pending["pending_ok"]
+        saved["pending_due"] = pending["pending_due"]
+        saved["pending_submitted"] = pending["pending_submitted"]
+        saved["pending_ok"] = ok
+        saved["pending_roots"] = {
+            str(j): root if bool(ok[j]) else empty(j)
+            for j, root in enumerate(pending["pending_roots"])
+        }
+    return saved
+
+
+def from_saved(owner: str, name: str, saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved parameter state (schema 2 or the earlier layout) in the runtime layout: lists of
+    factors and roots, ``pending_*`` only while roots are in flight."""
+    state = dict(saved)
+    schema = state.pop("schema", None)
+    if schema is not None and int(schema) != SCHEMA:
+        raise ValueError(
+            f"{owner} state of parameter {name} has schema {int(schema)}; this release reads "
+            f"schema {SCHEMA} and the unversioned layout before it"
+        )
+    for key in _LISTS:
+        value = state.get(key)
+        if isinstance(value, dict):
+            try:
+                state[key] = [value[str(j)] for j in range(len(value))]
+            except KeyError:
+                raise ValueError(
+                    f"{owner} state of parameter {name}: {key} must be keyed 0…{len(value) - 1}, "
+                    f"got {sorted(value)}"
+                ) from None
+    if "pending_due" in state and int(state["pending_due"]) < 0:
+        for key in _PENDING:
+            state.pop(key, None)
+    elif "pending_due" in state and "pending_reasons" not in state:
+        state["pending_reasons"] = [
+            "" if ok else "failed before the checkpoint" for ok in state["pending_ok"].tolist()
+        ]
+    return state
 
 
 class Checkpointing(Optimizer):
@@ -56,18 +131,20 @@ class Checkpointing(Optimizer):
         into resolved tickets."""
         for p, state in self.state.items():
             if isinstance(state, dict):
-                migrate(state)
-                if "pending_due" in state:
+                if in_flight(state):
                     self._roots.adopt(p, state)
+                    no_pending(state)
+                migrate(state)
 
     def state_dict(self) -> dict[str, Any]:
         """The state, with roots still in flight waited for and included, so it can resume."""
         packed = super().state_dict()
         pending = self._pending_as_state()
         index = {id(p): i for i, p in enumerate(self._all_params())}
-        for p, entries in pending.items():
-            i = index[id(p)]
-            packed["state"][i] = {**packed["state"][i], **entries}
+        for p, state in self.state.items():
+            if isinstance(state, dict) and "factors" in state:
+                i = index[id(p)]
+                packed["state"][i] = to_saved(state, pending.get(p))
         return packed
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -80,14 +157,15 @@ class Checkpointing(Optimizer):
         def capture(optimizer: Optimizer, final: dict[str, Any]) -> None:
             # Registered last, so it sees the state dict the user's pre-hooks settled on.
             loading["params"] = self._saved_id_map(final)
+            loading["state"] = {}
             for saved_id, p in loading["params"].items():
                 if saved_id in final["state"]:
                     config = self._config(self._group_of(p))
-                    saved = final["state"][saved_id]
                     owner, name = type(self).__name__, self._describe(p)
+                    saved = from_saved(owner, name, final["state"][saved_id])
                     check_state(owner, name, p, saved, self._layout_of(p, config))
                     check_moments(owner, name, saved, config)
-            loading["state"] = final["state"]
+                    loading["state"][saved_id] = saved
 
         handle = self.register_load_state_dict_pre_hook(capture)
         self._loading = loading

@@ -2,8 +2,10 @@
 
 Per parameter: ``step`` (CPU), ``exp_avg``, ``graft_v``, ``momentum_buffer`` (parameter-shaped,
 float32, or float64 for float64 parameters), ``factors`` / ``roots`` (lists of d×d tensors in
-block order), ``root_failures`` and ``has_root`` (CPU, one entry per factor) and
-``skipped_blocks``. Roots in flight are saved by ``state_dict()`` as ``pending_*`` entries.
+block order), ``root_failures`` and ``has_root`` (CPU, one entry per factor),
+``skipped_blocks``, and the slots ``state_dict()`` fills with roots in flight: ``schema``,
+``pending_due`` (-1: none), ``pending_submitted``, ``pending_ok``, ``pending_roots`` (kept empty
+here; the roots in flight live in the scheduler). Every key exists from the first step.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ HOST_KEYS = (
     "pending_submitted",
     "pending_ok",
     "pending_roots",
+    "schema",
 )
 """State entries that live on the CPU whatever the parameter's device (pending roots go from
 the checkpoint straight into the host buffers they are installed from)."""
@@ -58,6 +61,26 @@ def init_state(p: torch.Tensor, state: dict[str, Any], layout: BlockLayout) -> N
     state["root_failures"] = torch.zeros(len(sizes), dtype=torch.int64)
     state["has_root"] = torch.zeros(len(sizes), dtype=torch.bool)
     state["skipped_blocks"] = torch.zeros((), dtype=torch.int64, device=p.device)
+    no_pending(state)
+
+
+SCHEMA = 2
+"""The version of the saved state's layout (see :mod:`torch_shampoo.checkpoint`)."""
+
+
+def no_pending(state: dict[str, Any]) -> None:
+    """The pending-root slots with their "none" marker (``pending_due`` = -1)."""
+    state["schema"] = torch.tensor(SCHEMA)
+    state["pending_due"] = torch.tensor(-1)
+    state["pending_submitted"] = torch.tensor(-1)
+    state["pending_ok"] = torch.zeros(len(state["factors"]), dtype=torch.bool)
+    state["pending_roots"] = {}
+    state.pop("pending_reasons", None)
+
+
+def in_flight(state: dict[str, Any]) -> bool:
+    """Does ``state`` hold roots in flight (loaded or exported)?"""
+    return "pending_due" in state and int(state["pending_due"]) >= 0
 
 
 def check_state(
@@ -113,7 +136,7 @@ def check_moments(owner: str, name: str, state: dict[str, Any], config: EngineCo
 
 def _pending_fits(state: dict[str, Any], sizes: list[int]) -> bool:
     """Do the saved in-flight roots (if any) match the factor sizes?"""
-    if "pending_due" not in state:
+    if not in_flight(state):
         return True
     roots, ok = state.get("pending_roots", []), state.get("pending_ok", [])
     reasons = state.get("pending_reasons", [])
@@ -124,7 +147,9 @@ def _pending_fits(state: dict[str, Any], sizes: list[int]) -> bool:
 
 def migrate(state: dict[str, Any]) -> None:
     """Bring a state saved by an earlier release up to date: ``has_root`` (absent before) is
-    read off the roots, an identity root counting as none."""
+    read off the roots, an identity root counting as none; the pending slots are added."""
+    if "roots" in state and "pending_due" not in state:
+        no_pending(state)
     if "roots" in state and "has_root" not in state:
         state["has_root"] = torch.tensor(
             [

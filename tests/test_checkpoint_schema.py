@@ -1,0 +1,145 @@
+"""Checkpoint schema 2: a fixed set of tensor (or string-keyed dict) entries per parameter, so
+torch.distributed.checkpoint can save, flatten and load it into a fresh optimizer; the earlier
+list layout still loads."""
+
+from __future__ import annotations
+
+import tempfile
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from models import make_batches, mixed_model, saved_and_loaded, train
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+
+from torch_shampoo import NGPlus, Shampoo
+from torch_shampoo.checkpoint import SCHEMA
+
+# dcp.save / dcp.load without a process group say once that they run in a single process.
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+
+KWARGS: dict[str, Any] = dict(
+    lr=0.01, block_size=16, momentum=0.5, precondition_frequency=4, root_staleness=3
+)
+
+
+def params_after(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def keys_and_shapes(state: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: (keys_and_shapes(v) if isinstance(v, dict) else tuple(v.shape)) for k, v in state.items()
+    }
+
+
+def test_every_entry_exists_from_the_first_step_with_a_fixed_shape() -> None:
+    """The keys and shapes of a parameter's saved state are the same with and without roots in
+    flight, and hold only tensors and string-keyed dicts of tensors."""
+    model = mixed_model()
+    with Shampoo(model.parameters(), **KWARGS) as opt:
+        train(model, opt, make_batches(1))
+        early = opt.state_dict()["state"]
+        train(model, opt, make_batches(8))  # step 8: roots in flight until step 11
+        late = opt.state_dict()["state"]
+    assert all(int(s["pending_due"]) == -1 for s in early.values())
+    assert any(int(s["pending_due"]) == 11 for s in late.values())
+    for i in early:
+        assert keys_and_shapes(early[i]) == keys_and_shapes(late[i])
+        assert int(late[i]["schema"]) == SCHEMA
+        for value in late[i].values():
+            assert isinstance(value, (torch.Tensor, dict)), type(value)
+
+
+@pytest.mark.parametrize("flatten", [False, True], ids=["nested", "flattened"])
+@pytest.mark.parametrize("front", ["shampoo", "ngplus"])
+def test_dcp_save_and_load_into_a_fresh_optimizer_continues_bitwise(
+    front: str, flatten: bool
+) -> None:
+    """get_optimizer_state_dict + dcp.save with roots in flight; a fresh optimizer that has not
+    stepped loads it with dcp.load + set_optimizer_state_dict and continues exactly as the
+    uninterrupted run."""
+    make = (
+        (lambda ps: Shampoo(ps, **KWARGS))
+        if front == "shampoo"
+        else (lambda ps: NGPlus(ps, lr=0.02, damping=0.1, inverse_frequency=4, root_staleness=3))
+    )
+    options = StateDictOptions(flatten_optimizer_state_dict=flatten)
+    batches = make_batches(16)
+    whole = mixed_model()
+    with make(whole.parameters()) as opt:
+        train(whole, opt, batches)
+
+    model = mixed_model()
+    opt = make(model.parameters())
+    train(model, opt, batches[:9])  # roots of step 8 in flight until step 11
+    with tempfile.TemporaryDirectory() as folder:
+        saved = get_optimizer_state_dict(model, opt, options=options)
+        dcp.save({"model": model.state_dict(), "optim": saved}, checkpoint_id=folder)
+        opt.close()
+        resumed_model = mixed_model(seed=1)
+        resumed = make(resumed_model.parameters())
+        template = {
+            "model": resumed_model.state_dict(),
+            "optim": get_optimizer_state_dict(resumed_model, resumed, options=options),
+        }
+        dcp.load(template, checkpoint_id=folder)
+    resumed_model.load_state_dict(template["model"])
+    set_optimizer_state_dict(resumed_model, resumed, template["optim"], options=options)
+    assert resumed.root_stats()["pending_parameters"] > 0
+    train(resumed_model, resumed, batches[9:])
+    resumed.close()
+    for a, b in zip(params_after(resumed_model), params_after(whole)):
+        assert torch.equal(a, b), (a - b).abs().max()
+
+
+def _as_earlier_layout(saved: dict[str, Any]) -> dict[str, Any]:
+    """Schema 2 rewritten in the layout of the previous release: lists, no schema, pending
+    entries only while in flight, reasons as strings."""
+    out = {}
+    for i, s in saved["state"].items():
+        s = dict(s)
+        s.pop("schema")
+        for key in ("factors", "roots", "pending_roots"):
+            s[key] = [s[key][str(j)] for j in range(len(s[key]))]
+        if int(s["pending_due"]) < 0:
+            for key in ("pending_due", "pending_submitted", "pending_ok", "pending_roots"):
+                s.pop(key)
+        else:
+            s["pending_reasons"] = ["" for _ in s["pending_roots"]]
+        out[i] = s
+    return {"state": out, "param_groups": saved["param_groups"]}
+
+
+def test_a_checkpoint_of_the_earlier_layout_loads_and_continues_bitwise() -> None:
+    batches = make_batches(16)
+    whole = mixed_model()
+    with Shampoo(whole.parameters(), **KWARGS) as opt:
+        train(whole, opt, batches)
+    model = mixed_model()
+    with Shampoo(model.parameters(), **KWARGS) as opt:
+        train(model, opt, batches[:9])
+        checkpoint = saved_and_loaded(model, opt)
+    earlier = _as_earlier_layout(checkpoint["opt"])
+    resumed_model = mixed_model(seed=1)
+    resumed_model.load_state_dict(checkpoint["model"])
+    with Shampoo(resumed_model.parameters(), **KWARGS) as resumed:
+        resumed.load_state_dict(earlier)
+        train(resumed_model, resumed, batches[9:])
+    for a, b in zip(params_after(resumed_model), params_after(whole)):
+        assert torch.equal(a, b)
+
+
+def test_an_unknown_schema_is_refused_naming_it() -> None:
+    model = mixed_model()
+    with Shampoo(model.parameters(), **KWARGS) as opt:
+        train(model, opt, make_batches(2))
+        saved = opt.state_dict()
+        saved["state"][0] = {**saved["state"][0], "schema": torch.tensor(SCHEMA + 1)}
+        with pytest.raises(ValueError, match=f"schema {SCHEMA + 1}"):
+            opt.load_state_dict(saved)
