@@ -82,7 +82,7 @@ class PreconditionerEngine(Checkpointing):
     taken from the group's :class:`EngineConfig`; when roots are computed and installed is the
     :class:`~torch_shampoo.scheduler.RootScheduler`'s business. A block takes the graft's
     direction until all of its roots are installed. Subclasses define :meth:`_config` and
-    :meth:`_validate`, and may override :meth:`_layout_of` and :meth:`_update_statistics`.
+    :meth:`_validate`, and may override :meth:`_layout_of` and :meth:`_take_curvature`.
     """
 
     def __init__(
@@ -319,9 +319,22 @@ class PreconditionerEngine(Checkpointing):
         update_graft_state(config.grafting, state, g, config.grafting_beta2, keep)
 
     def _update_statistics(self, w: _Work, g: torch.Tensor) -> None:
-        """F_i ← β₂ F_i + w G_(i) G_(i)ᵀ for every factored dim of every kept block."""
+        """F_i ← β₂ F_i + w G_(i) G_(i)ᵀ for every factored dim of every kept block; with
+        statistics prepared outside the step (``w.curvature``: NG+'s per-sample Ĝ over the
+        output dim, one factor per block), F ← β₂F + (1 − β₂)Ĝ[rows, rows] instead."""
         config, flags = w.config, w.flags
         beta2 = config.beta2
+        if w.curvature is not None:
+            for b, (factor, offset, size) in enumerate(
+                zip(w.state["factors"], w.layout.offsets, w.layout.block_shapes)
+            ):
+                rows = slice(offset[0], offset[0] + size[0])
+                if flags is None:
+                    factor.mul_(beta2).add_(w.curvature[rows, rows], alpha=1.0 - beta2)
+                else:  # a skipped block keeps its factor
+                    new = (factor * beta2).add_(w.curvature[rows, rows], alpha=1.0 - beta2)
+                    torch.where(flags[b], new, factor, out=factor)
+            return
         weight = 1.0 if beta2 == 1.0 else 1.0 - beta2
         factors = iter(w.state["factors"])
         for b, block in enumerate(split_blocks(g, w.layout)):

@@ -18,7 +18,7 @@ from torch import nn
 
 from .blocking import BlockLayout, output_side_layout
 from .config import Checks, EngineConfig, reject_unknown, staleness_setting
-from .engine import PreconditionerEngine, _Work
+from .engine import PreconditionerEngine
 from .matrix_roots import ROOT_METHODS
 from .per_sample import PerSampleFisher
 
@@ -176,22 +176,6 @@ class NGPlus(PreconditionerEngine):
 
     def _take_curvature(self, p: torch.Tensor) -> torch.Tensor | None:
         return self._fisher.pop(p) if self._fisher is not None else None
-
-    def _update_statistics(self, w: _Work, g: torch.Tensor) -> None:
-        """F ← βF + (1 − β)Ĝ with the hooks' per-sample Ĝ where there is one."""
-        if w.curvature is None:
-            super()._update_statistics(w, g)
-            return
-        beta, flags = w.config.beta2, w.flags
-        for b, (factor, offset, size) in enumerate(
-            zip(w.state["factors"], w.layout.offsets, w.layout.block_shapes)
-        ):
-            rows = slice(offset[0], offset[0] + size[0])
-            if flags is None:
-                factor.mul_(beta).add_(w.curvature[rows, rows], alpha=1.0 - beta)
-            else:  # a skipped block keeps its factor
-                new = (factor * beta).add_(w.curvature[rows, rows], alpha=1.0 - beta)
-                torch.where(flags[b], new, factor, out=factor)
 
     def _validate(self, group: dict[str, Any]) -> None:
         check = Checks(group)
