@@ -14,7 +14,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["Checks", "EngineConfig", "reject_unknown", "staleness_setting"]
+__all__ = ["Checks", "EngineConfig", "group_defaults", "reject_unknown", "staleness_setting"]
+
+_NOT_PER_GROUP = frozenset(
+    {"self", "params", "async_roots", "root_workers", "model", "statistics", "unknown"}
+)
 
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
@@ -127,6 +131,14 @@ class Checks:
         if isinstance(lr, torch.Tensor) and (lr.dim() != 0 or not lr.is_floating_point()):
             raise TypeError(f"Invalid lr: {lr!r} (a tensor lr must be a 0-d real float tensor)")
         self.real("lr", low=0.0)
+
+
+def group_defaults(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """The per-group hyperparameters among a constructor's arguments (its ``locals()`` taken
+    first thing), so each front end declares its kwargs once, in its signature."""
+    return {
+        k: v for k, v in arguments.items() if k not in _NOT_PER_GROUP and not k.startswith("__")
+    }
 
 
 def reject_unknown(

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .blocking import BlockLayout, output_side_layout
-from .config import Checks, EngineConfig, reject_unknown, staleness_setting
+from .config import Checks, EngineConfig, group_defaults, reject_unknown, staleness_setting
 from .engine import PreconditionerEngine
 from .matrix_roots import ROOT_METHODS
 from .per_sample import PerSampleFisher
@@ -98,6 +98,7 @@ class NGPlus(PreconditionerEngine):
         model: nn.Module | None = None,
         **unknown: Any,
     ) -> None:
+        arguments = dict(locals())  # first thing: the constructor's arguments, nothing else
         hints = {
             "eps": "'damping' (λ in (F + λI)⁻¹)",
             "epsilon": "'damping' (λ in (F + λI)⁻¹)",
@@ -111,22 +112,7 @@ class NGPlus(PreconditionerEngine):
             )
         self.statistics = statistics
         self._fisher: PerSampleFisher | None = None
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            damping=damping,
-            curvature_beta=curvature_beta,
-            inverse_frequency=inverse_frequency,
-            block_size=block_size,
-            nesterov=nesterov,
-            maximize=maximize,
-            root_method=root_method,
-            start_preconditioning_step=start_preconditioning_step,
-            root_staleness=root_staleness,
-            max_root_failures=max_root_failures,
-            skip_nonfinite=skip_nonfinite,
-        )
+        defaults = group_defaults(arguments)
         super().__init__(params, defaults, async_roots=async_roots, root_workers=root_workers)
         if model is not None:
             if not isinstance(model, nn.Module):

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .config import Checks, EngineConfig, reject_unknown, staleness_setting
+from .config import Checks, EngineConfig, group_defaults, reject_unknown, staleness_setting
 from .engine import PreconditionerEngine
 from .grafting import GRAFTS
 from .matrix_roots import ROOT_METHODS
@@ -140,29 +140,7 @@ class Shampoo(PreconditionerEngine):
         **unknown: Any,
     ) -> None:
         reject_unknown("Shampoo", unknown, inspect.signature(Shampoo).parameters, _HINTS)
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            epsilon=epsilon,
-            weight_decay=weight_decay,
-            decoupled_weight_decay=decoupled_weight_decay,
-            momentum=momentum,
-            nesterov=nesterov,
-            block_size=block_size,
-            max_factor_dim=max_factor_dim,
-            precondition_frequency=precondition_frequency,
-            start_preconditioning_step=start_preconditioning_step,
-            bias_correction=bias_correction,
-            grafting=grafting,
-            grafting_beta2=grafting_beta2,
-            grafting_epsilon=grafting_epsilon,
-            root_exponent=root_exponent,
-            root_method=root_method,
-            maximize=maximize,
-            root_staleness=root_staleness,
-            max_root_failures=max_root_failures,
-            skip_nonfinite=skip_nonfinite,
-        )
+        defaults = group_defaults(locals())
         super().__init__(params, defaults, async_roots=async_roots, root_workers=root_workers)
 
     def _config(self, group: dict[str, Any]) -> EngineConfig:
