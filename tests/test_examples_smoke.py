@@ -206,3 +206,12 @@ def test_convergence_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         for run in task["runs"]:
             if run["lr"] == task["best_lr"][run["method"]]:
                 assert run["final_train_loss"] < run["train_losses"][0], (name, run["method"])
+
+
+def test_scaling_quick(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    module = load("benchmarks/scaling.py", monkeypatch)
+    module.main(["--quick", "--rounds", "1", "--steps", "1"])
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:2] in ("64", "12")]
+    assert [row[0] for row in rows] == ["64", "128"]
+    assert all(row[3].endswith("x") and float(row[3][:-1]) > 0 for row in rows)
