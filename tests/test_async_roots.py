@@ -324,7 +324,7 @@ def test_root_jobs_of_a_step_that_raised_are_still_computed(
     batches = make_batches(9)
     train(model, opt, batches[:5])
 
-    def broken_update(self: Shampoo, w: Any) -> None:
+    def broken_update(self: Shampoo, w: Any, update: Any) -> None:
         raise KeyboardInterrupt("interrupted mid-step")
 
     with monkeypatch.context() as patch:

@@ -103,6 +103,7 @@ class Checkpointing(Optimizer):
     _checked: dict[torch.Tensor, tuple[BlockLayout, dict[str, Any]]]
     _rooted: dict[torch.Tensor, tuple[bool, ...] | None]
     _index: dict[int, tuple[int, dict[str, Any], torch.Tensor]]
+    _buckets: list[Any] | None
 
     def _config(self, group: dict[str, Any]) -> EngineConfig:
         raise NotImplementedError
@@ -202,6 +203,7 @@ class Checkpointing(Optimizer):
         else:  # replace the base class's dtype-cast copies by the saved tensors
             self._roots.clear()
             self._checked.clear()
+            self._buckets = None
             self._rooted.clear()
             self._index.clear()
             for saved_id, p in loading["params"].items():

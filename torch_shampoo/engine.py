@@ -24,7 +24,8 @@ from typing import Any, TypeVar
 import torch
 
 from . import device, kernels, telemetry
-from .blocking import BlockLayout, block_layout, expand_grid, split_blocks
+from .blocking import BlockLayout, block_layout, expand_grid
+from .buckets import Bucket, plan_buckets
 from .checkpoint import Checkpointing
 from .config import EngineConfig
 from .grafting import graft_direction, update_graft_state
@@ -54,10 +55,12 @@ class _Work:
     rooted: tuple[bool, ...] | None
     """Per block: are all its roots installed? (None: every block's are.)"""
     curvature: torch.Tensor | None
-    flags: list[torch.Tensor] | None = None
-    """Per block: is this step's gradient finite? (None: the guard is off.)"""
     cells: torch.Tensor | None = None
-    """The same flags as a tensor of the block grid's shape."""
+    """Per block, is this step's gradient finite? A tensor of the block grid's shape (0-d for a
+    single block; None: the guard is off)."""
+    m_hat: torch.Tensor | None = None
+    direction: torch.Tensor | None = None
+    """The graft's direction (None without a graft)."""
 
     def keep(self) -> torch.Tensor | None:
         """The flags as a mask broadcastable to the parameter (0-d for a single block), built
@@ -65,6 +68,11 @@ class _Work:
         if self.cells is None or self.layout.num_blocks == 1:
             return self.cells
         return expand_grid(self.cells, self.layout)
+
+    @property
+    def uses_roots(self) -> bool:
+        """Does any block of this parameter take Shampoo's direction in this step?"""
+        return self.preconditioned and (self.rooted is None or any(self.rooted))
 
 
 @lru_cache(maxsize=1024)
@@ -119,7 +127,7 @@ class PreconditionerEngine(Checkpointing):
         self._checked: dict[torch.Tensor, tuple[BlockLayout, dict[str, Any]]] = {}
         self._rooted: dict[torch.Tensor, tuple[bool, ...] | None] = {}
         self._index: dict[int, tuple[int, dict[str, Any], torch.Tensor]] = {}
-        self._scratch: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+        self._buckets: list[Bucket] | None = None
         self._loading: dict[str, Any] | None = None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -141,6 +149,7 @@ class PreconditionerEngine(Checkpointing):
         super().add_param_group(param_group)
         if hasattr(self, "_index"):
             self._index.clear()
+            self._buckets = None
 
     # --------------------------------------------------------------------------- the step
 
@@ -159,11 +168,13 @@ class PreconditionerEngine(Checkpointing):
     # no Python value that changes from step to step, so a compiled step does not recompile.
     def _step_parameters(self) -> None:
         work = self._begin_step()
-        for w in work:
-            self._accumulate(w)
+        buckets = self._plan()
+        by_param = {w.p: w for w in work}
+        self._accumulate(work, buckets, by_param)
         self._roots_of_this_step(work)
+        updates = self._precondition(work, buckets, by_param)
         for w in work:
-            self._update_parameter(w)
+            self._update_parameter(w, updates.get(w.p))
         self._send_roots()
 
     @torch.compiler.disable
@@ -200,6 +211,7 @@ class PreconditionerEngine(Checkpointing):
             # again after a load or a block-size change
             check_state(type(self).__name__, self._describe(p), p, state, layout)
             self._checked[p] = (layout, state)
+            self._buckets = None  # a new parameter, or new state: stack again
         t = int(state["step"]) + 1
         self._install_due_roots(p, state, config, group, t)
         if config.momentum != 0 and "momentum_buffer" not in state:
@@ -235,6 +247,21 @@ class PreconditionerEngine(Checkpointing):
     def _take_curvature(self, p: torch.Tensor) -> torch.Tensor | None:
         """Statistics prepared outside the step (NG+'s per-sample hooks); None: use G Gᵀ."""
         return None
+
+    @torch.compiler.disable
+    def _plan(self) -> list[Bucket]:
+        """The buckets of every parameter with state (planned again when one is added or the
+        state is loaded: its factors and roots are then copied into the stacks)."""
+        if self._buckets is None:
+            entries = []
+            for index, group in enumerate(self.param_groups):
+                config = self._config(group)
+                for p in group["params"]:
+                    state = self.state.get(p)
+                    if state and "factors" in state:
+                        entries.append((index, p, self._layout_of(p, config), state))
+            self._buckets = plan_buckets(entries)
+        return self._buckets
 
     @torch.compiler.disable
     def _roots_of_this_step(self, work: list[_Work]) -> None:
@@ -298,77 +325,102 @@ class PreconditionerEngine(Checkpointing):
         if config.weight_decay != 0 and not config.decoupled_weight_decay:
             g.add_(p.detach().to(g.dtype), alpha=config.weight_decay)
         if config.skip_nonfinite:
-            w.flags, w.cells, bad = kernels.finite_blocks(g, w.layout)
+            w.cells, bad = kernels.finite_blocks(g, w.layout)
             state["skipped_blocks"] += bad
             keep = w.keep()
             assert keep is not None
             g.masked_fill_(keep.logical_not(), 0.0)
         return g
 
-    def _accumulate(self, w: _Work) -> None:
-        """Everything this step's gradient feeds: the statistics, the first moment and the
-        graft's second moment (so that the gradient's copy lives for one parameter at a time)."""
-        g = self._gradient(w)
-        self._update_statistics(w, g)
-        state, config, keep = w.state, w.config, w.keep()
-        exp_avg = state["exp_avg"]
-        if keep is None:
-            exp_avg.lerp_(g, 1.0 - config.beta1)
-        else:
-            torch.where(keep, exp_avg.lerp(g, 1.0 - config.beta1), exp_avg, out=exp_avg)
-        update_graft_state(config.grafting, state, g, config.grafting_beta2, keep)
+    def _accumulate(
+        self, work: list[_Work], buckets: list[Bucket], by_param: dict[torch.Tensor, _Work]
+    ) -> None:
+        """Everything this step's gradient feeds: the first moment and the graft's second
+        moment per parameter, then the statistics per bucket (one batched product per
+        factored dim), or from statistics prepared outside the step (NG+'s per-sample F)."""
+        grads = {}
+        for w in work:
+            g = self._gradient(w)
+            state, config, keep = w.state, w.config, w.keep()
+            exp_avg = state["exp_avg"]
+            if keep is None:
+                exp_avg.lerp_(g, 1.0 - config.beta1)
+            else:
+                torch.where(keep, exp_avg.lerp(g, 1.0 - config.beta1), exp_avg, out=exp_avg)
+            update_graft_state(config.grafting, state, g, config.grafting_beta2, keep)
+            if w.curvature is None:
+                grads[w.p] = g
+            else:
+                kernels.curvature_statistics(
+                    state["factors"], w.curvature, w.layout, config.beta2, w.cells
+                )
+        for bucket in buckets:
+            members = [m for m in bucket.members if m.p in grads]
+            if not members or not bucket.factors:
+                continue
+            first = by_param[members[0].p]
+            flags = None
+            if first.cells is not None:
+                flags = torch.cat([m.flags(by_param[m.p].cells) for m in members])  # type: ignore[arg-type]
+            rows = bucket.rows(members)
+            factors = bucket.factors if rows is None else [f[rows] for f in bucket.factors]
+            blocks = bucket.gather([grads[m.p] for m in members], members)
+            kernels.accumulate_statistics(
+                factors, blocks, bucket.factored, first.config.beta2, flags
+            )
+            if rows is not None:
+                for stack, part in zip(bucket.factors, factors):
+                    stack.index_copy_(0, rows, part)
 
-    def _update_statistics(self, w: _Work, g: torch.Tensor) -> None:
-        """F_i ← β₂ F_i + w G_(i) G_(i)ᵀ for every factored dim of every kept block; with
-        statistics prepared outside the step (``w.curvature``: NG+'s per-sample Ĝ over the
-        output dim, one factor per block), F ← β₂F + (1 − β₂)Ĝ[rows, rows] instead."""
-        config, flags = w.config, w.flags
-        beta2 = config.beta2
-        if w.curvature is not None:
-            for b, (factor, offset, size) in enumerate(
-                zip(w.state["factors"], w.layout.offsets, w.layout.block_shapes)
-            ):
-                rows = slice(offset[0], offset[0] + size[0])
-                if flags is None:
-                    factor.mul_(beta2).add_(w.curvature[rows, rows], alpha=1.0 - beta2)
-                else:  # a skipped block keeps its factor
-                    new = (factor * beta2).add_(w.curvature[rows, rows], alpha=1.0 - beta2)
-                    torch.where(flags[b], new, factor, out=factor)
-            return
-        weight = 1.0 if beta2 == 1.0 else 1.0 - beta2
-        factors = iter(w.state["factors"])
-        for b, block in enumerate(split_blocks(g, w.layout)):
-            for dim, factored in enumerate(w.layout.factored):
-                if factored:
-                    unfolded = block.movedim(dim, 0).reshape(block.shape[dim], -1)
-                    factor = next(factors)
-                    if flags is None:
-                        factor.addmm_(unfolded, unfolded.T, beta=beta2, alpha=weight)
-                    else:  # the same arithmetic into a scratch buffer, kept only if finite
-                        new = torch.addmm(
-                            factor,
-                            unfolded,
-                            unfolded.T,
-                            beta=beta2,
-                            alpha=weight,
-                            out=self._scratch_like(factor),
-                        )
-                        torch.where(flags[b], new, factor, out=factor)
+    def _precondition(
+        self, work: list[_Work], buckets: list[Bucket], by_param: dict[torch.Tensor, _Work]
+    ) -> dict[torch.Tensor, torch.Tensor]:
+        """The bias-corrected first moment and the graft's direction per parameter; Shampoo's
+        grafted direction per bucket, for the parameters that use their roots in this step."""
+        for w in work:
+            exp_avg = w.state["exp_avg"]
+            w.m_hat = exp_avg if w.bias1 is None else exp_avg / w.bias1
+            w.direction = graft_direction(
+                w.config.grafting,
+                w.state,
+                w.m_hat,
+                epsilon=w.config.grafting_epsilon,
+                correction=w.bias2,
+            )
+        updates: dict[torch.Tensor, torch.Tensor] = {}
+        for bucket in buckets:
+            users = [by_param[m.p] for m in bucket.members if m.p in by_param]
+            members = [m for m, w in zip(bucket.members, users) if w.uses_roots]
+            if not members:
+                continue
+            users = [by_param[m.p] for m in members]
+            m_hat = bucket.gather([w.m_hat for w in users], members)  # type: ignore[misc]
+            direction = None
+            if users[0].direction is not None:
+                same = all(w.direction is w.m_hat for w in users)
+                direction = m_hat if same else bucket.gather([w.direction for w in users], members)  # type: ignore[misc]
+            rooted = None
+            if any(w.rooted is not None for w in users):
+                rooted = torch.tensor(
+                    [w.rooted is None or w.rooted[b] for m, w in zip(members, users) for b in m.blocks],
+                    device=m_hat.device,
+                )
+            rows = bucket.rows(members)
+            roots = bucket.roots if rows is None else [r[rows] for r in bucket.roots]
+            stack = kernels.precondition_stack(roots, m_hat, direction, bucket.factored, rooted)
+            bucket.scatter(stack, members, updates)
+        return updates
 
-    def _update_parameter(self, w: _Work) -> None:
-        """Graft direction, preconditioned direction, weight decay, momentum, parameter."""
+    def _update_parameter(self, w: _Work, preconditioned: torch.Tensor | None) -> None:
+        """Weight decay, momentum and the parameter update from this step's direction: Shampoo's
+        (``preconditioned``) where the parameter uses its roots, else the graft's (m̂ without one)."""
         p, state, config, keep = w.p, w.state, w.config, w.keep()
-
-        # 3. The bias-corrected first moment; 5. the graft and 4. the preconditioned direction.
-        exp_avg = state["exp_avg"]
-        m_hat = exp_avg if w.bias1 is None else exp_avg / w.bias1
-        direction = graft_direction(
-            config.grafting, state, m_hat, epsilon=config.grafting_epsilon, correction=w.bias2
-        )
-        if not w.preconditioned or (w.rooted is not None and not any(w.rooted)):
-            update = m_hat if direction is None else direction
+        assert w.m_hat is not None
+        if preconditioned is not None:
+            update = preconditioned
         else:
-            update = kernels.precondition(state["roots"], m_hat, direction, w.layout, w.rooted)
+            update = w.m_hat if w.direction is None else w.direction
+        exp_avg = state["exp_avg"]
 
         # 6. Decoupled weight decay; 7. momentum; 8. the parameter update.
         if config.weight_decay != 0 and config.decoupled_weight_decay:
@@ -491,14 +543,6 @@ class PreconditionerEngine(Checkpointing):
                 RuntimeWarning,
                 stacklevel=_user_stacklevel(),
             )
-
-    def _scratch_like(self, factor: torch.Tensor) -> torch.Tensor:
-        """A reusable buffer of the factor's shape (one per size, shared by all factors)."""
-        key = (factor.shape[0], factor.dtype, factor.device)
-        buffer = self._scratch.get(key)
-        if buffer is None:
-            buffer = self._scratch[key] = torch.empty_like(factor)
-        return buffer
 
     @staticmethod
     def _exponents(config: EngineConfig, layout: BlockLayout) -> Iterator[float]:

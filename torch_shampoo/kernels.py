@@ -10,7 +10,15 @@ import torch
 
 from .blocking import BlockLayout, block_sums, split_blocks
 
-__all__ = ["finite_blocks", "mode_products", "precondition", "scalar"]
+__all__ = [
+    "accumulate_statistics",
+    "curvature_statistics",
+    "finite_blocks",
+    "mode_products",
+    "precondition",
+    "precondition_stack",
+    "scalar",
+]
 
 GRAFT_NORM_EPS = 1e-16
 
@@ -21,20 +29,18 @@ def scalar(value: float, dtype: torch.dtype) -> torch.Tensor:
     return torch.tensor(value, dtype=dtype)
 
 
-def finite_blocks(
-    g: torch.Tensor, layout: BlockLayout
-) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Per block, is its gradient finite? Returns the flags as a list, as a tensor of the grid's
-    shape (0-d for a single block) and the number of non-finite blocks.
+def finite_blocks(g: torch.Tensor, layout: BlockLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block, is its gradient finite? Returns the flags as a tensor of the grid's shape
+    (0-d for a single block) and the number of non-finite blocks.
 
     A block's float64 sum decides: it is non-finite iff an element is NaN or ±inf (a sum of
     finite float32 values cannot reach float64's range; float64 gradients near 1e308, whose
     squares overflow the statistics anyway, count as non-finite). All blocks take one reduction."""
     if layout.num_blocks == 1:
         cells = torch.isfinite(g.sum(dtype=torch.float64))
-        return [cells], cells, cells.logical_not()
+        return cells, cells.logical_not()
     cells = torch.isfinite(block_sums(g, layout, torch.float64))
-    return list(cells.flatten().unbind()), cells, cells.logical_not().sum()
+    return cells, cells.logical_not().sum()
 
 
 def mode_products(
@@ -83,3 +89,97 @@ def precondition(
             preconditioned = preconditioned * scale
         targets[b].copy_(preconditioned)
     return update
+
+
+def _unfold(blocks: torch.Tensor, dim: int) -> torch.Tensor:
+    """A stack of blocks (n, *block) unfolded along block dim ``dim``: (n, d, rest), a view for
+    the first and the last dim."""
+    n, d = blocks.shape[0], blocks.shape[1 + dim]
+    if dim == 0:
+        return blocks.reshape(n, d, -1)
+    if dim == blocks.dim() - 2:
+        return blocks.reshape(n, -1, d).mT
+    return blocks.movedim(1 + dim, 1).reshape(n, d, -1)
+
+
+def accumulate_statistics(
+    factors: Sequence[torch.Tensor],
+    blocks: torch.Tensor,
+    factored: tuple[bool, ...],
+    beta2: float,
+    flags: torch.Tensor | None,
+) -> None:
+    """F_k ← β₂F_k + w·G_(k)G_(k)ᵀ for every factored dim k of a stack of blocks (n, *block),
+    one batched matmul per dim (w = 1 − β₂, or 1 for β₂ = 1: AdaGrad-style sums). ``flags``
+    (n,): a block whose flag is False keeps its factors (the same arithmetic, then a select)."""
+    weight = 1.0 if beta2 == 1.0 else 1.0 - beta2
+    remaining = iter(factors)
+    for dim, is_factored in enumerate(factored):
+        if not is_factored:
+            continue
+        unfolded = _unfold(blocks, dim)
+        factor = next(remaining)
+        if flags is None:
+            factor.baddbmm_(unfolded, unfolded.mT, beta=beta2, alpha=weight)
+        else:
+            new = torch.baddbmm(factor, unfolded, unfolded.mT, beta=beta2, alpha=weight)
+            torch.where(flags.view(-1, 1, 1), new, factor, out=factor)
+
+
+def mode_products_stack(
+    blocks: torch.Tensor, roots: Sequence[torch.Tensor], factored: tuple[bool, ...]
+) -> torch.Tensor:
+    """:func:`mode_products` of every block of a stack (n, *block) with its own roots."""
+    if blocks.dim() == 3 and all(factored):
+        return torch.matmul(torch.matmul(roots[0], blocks), roots[1])
+    n, out, remaining = blocks.shape[0], blocks, iter(roots)
+    for is_factored in factored:
+        moved = out.movedim(1, -1)
+        if is_factored:
+            shape = moved.shape
+            out = torch.matmul(moved.reshape(n, -1, shape[-1]), next(remaining)).view(shape)
+        else:
+            out = moved
+    return out
+
+
+def precondition_stack(
+    roots: Sequence[torch.Tensor],
+    m_hat: torch.Tensor,
+    direction: torch.Tensor | None,
+    factored: tuple[bool, ...],
+    rooted: torch.Tensor | None,
+) -> torch.Tensor:
+    """:func:`precondition` on stacks (n, *block): P = m̂ ×₁ X_1 ×₂ X_2 … per block, rescaled
+    to the graft direction's norm per block; rows whose ``rooted`` flag is False take the graft's
+    direction (m̂ without a graft). Returns a new tensor."""
+    out = mode_products_stack(m_hat, roots, factored)
+    ones = (1,) * (m_hat.dim() - 1)
+    if direction is not None:
+        norms = torch.linalg.vector_norm(out.flatten(1), dim=1).add_(GRAFT_NORM_EPS)
+        scale = torch.linalg.vector_norm(direction.flatten(1), dim=1).div_(norms)
+        out = out * scale.view(-1, *ones)
+    if rooted is not None:
+        fallback = m_hat if direction is None else direction
+        out = torch.where(rooted.view(-1, *ones), out, fallback)
+    return out
+
+
+def curvature_statistics(
+    factors: Sequence[torch.Tensor],
+    curvature: torch.Tensor,
+    layout: BlockLayout,
+    beta2: float,
+    cells: torch.Tensor | None,
+) -> None:
+    """F_b ← β₂F_b + (1 − β₂)·Ĝ[rows_b, rows_b] per block b (one factor per block, over the
+    output dim) from statistics prepared outside the step (NG+'s per-sample Ĝ); a block whose
+    flag in ``cells`` is False keeps its factor."""
+    flags = None if cells is None else cells.reshape(-1)
+    for b, (factor, offset, size) in enumerate(zip(factors, layout.offsets, layout.block_shapes)):
+        rows = slice(offset[0], offset[0] + size[0])
+        if flags is None:
+            factor.mul_(beta2).add_(curvature[rows, rows], alpha=1.0 - beta2)
+        else:
+            new = (factor * beta2).add_(curvature[rows, rows], alpha=1.0 - beta2)
+            torch.where(flags[b], new, factor, out=factor)

@@ -1,0 +1,193 @@
+"""Buckets: the blocks of many parameters stacked, so that a step costs one kernel per shape.
+
+Blocks with the same shape, factored dims, dtype, device and parameter group form a *bucket*
+(edge blocks of a different shape form their own). A bucket owns its blocks' factors and roots
+as stacks, one ``(n, d, d)`` tensor per factored dim; each parameter's ``state["factors"]`` and
+``state["roots"]`` hold views into these stacks, in block order, so the state dict, the root
+pipeline and every check see per-block tensors while the step works on whole stacks:
+
+* **gather**: a parameter-shaped tensor (gradient, m̂, graft direction) becomes the bucket's
+  ``(n, *block)`` stack — one copy per parameter (a single-block parameter is a view of it);
+* the statistics, the preconditioning and the graft's per-block norms are batched matmuls and
+  norms on the stacks (:mod:`torch_shampoo.kernels`);
+* **scatter**: the stacked direction goes back to parameter shape — one copy per parameter (none
+  for a parameter that is a single block: its direction is a view of the stack).
+
+A parameter's blocks of one shape form a sub-grid of its block grid (per merged dim, all full
+chunks or the last, shorter one), so gather and scatter are a strided view and one copy each.
+The bucket is also the unit of root work: a root cycle's factors of a bucket are snapshotted
+together. Later work (ownership across ranks, eigenbases) is planned per bucket.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .blocking import BlockLayout
+
+__all__ = ["Bucket", "Member", "plan_buckets"]
+
+
+@dataclass
+class Member:
+    """The blocks of one parameter in one bucket."""
+
+    p: torch.Tensor
+    layout: BlockLayout
+    offset: int
+    """Row of the bucket's stacks where this parameter's first block is."""
+    blocks: list[int]
+    """The parameter's block indices, in stack order (row-major over the sub-grid)."""
+    starts: tuple[int, ...]
+    """Per merged dim: the sub-grid's first element."""
+    counts: tuple[int, ...]
+    """Per merged dim: the sub-grid's number of chunks."""
+    chunks: tuple[int, ...]
+    """Per merged dim: the sub-grid's first chunk index (for the guard's grid of flags)."""
+
+    @property
+    def whole(self) -> bool:
+        """Is the parameter a single block (so that its stack rows are a view of it)?"""
+        return self.layout.num_blocks == 1
+
+    def view(self, x: torch.Tensor, block_shape: tuple[int, ...]) -> torch.Tensor:
+        """The blocks of the parameter-shaped ``x`` as a strided view of shape
+        (count₁, count₂, …, *block_shape)."""
+        m = x.reshape(self.layout.shape)
+        split: list[int] = []
+        for dim, (start, count, length) in enumerate(zip(self.starts, self.counts, block_shape)):
+            m = m.narrow(dim, start, count * length)
+            split += [count, length]
+        m = m.view(split)
+        ndim = len(block_shape)
+        return m.permute([2 * i for i in range(ndim)] + [2 * i + 1 for i in range(ndim)])
+
+    def flags(self, cells: torch.Tensor) -> torch.Tensor:
+        """This member's entries of the guard's grid of per-block flags, in stack order."""
+        if cells.dim() == 0:
+            return cells.reshape(1)
+        for dim, (first, count) in enumerate(zip(self.chunks, self.counts)):
+            cells = cells.narrow(dim, first, count)
+        return cells.reshape(-1)
+
+
+@dataclass
+class Bucket:
+    """Equal-shape blocks of one group, stacked."""
+
+    group: int
+    block_shape: tuple[int, ...]
+    factored: tuple[bool, ...]
+    per_block: int
+    """Factors per block of the members' layouts (all factored dims)."""
+    members: list[Member] = field(default_factory=list)
+    factors: list[torch.Tensor] = field(default_factory=list)
+    """Per factored dim, the (n, d, d) stack of every block's factor."""
+    roots: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return sum(len(m.blocks) for m in self.members)
+
+    def rows(self, members: Sequence[Member]) -> torch.Tensor | None:
+        """The stack rows of ``members`` (None when they are all of them, in order)."""
+        if len(members) == len(self.members):
+            return None
+        index = [m.offset + i for m in members for i in range(len(m.blocks))]
+        return torch.tensor(index, device=self.factors[0].device if self.factors else "cpu")
+
+    def gather(self, tensors: Sequence[torch.Tensor], members: Sequence[Member]) -> torch.Tensor:
+        """The blocks of parameter-shaped ``tensors`` (one per member) as an (n, *block) stack."""
+        shape = self.block_shape
+        if all(m.whole for m in members):
+            return torch.stack([x.view(shape) for x in tensors])
+        rows = sum(len(m.blocks) for m in members)
+        out = tensors[0].new_empty((rows, *shape))
+        row = 0
+        for x, m in zip(tensors, members):
+            count = len(m.blocks)
+            out[row : row + count].view(*m.counts, *shape).copy_(m.view(x, shape))
+            row += count
+        return out
+
+    def scatter(
+        self,
+        stack: torch.Tensor,
+        members: Sequence[Member],
+        targets: dict[torch.Tensor, torch.Tensor],
+    ) -> None:
+        """Write the rows of ``stack`` into each member's parameter-shaped target; a
+        single-block member's target becomes a view of its row (no copy)."""
+        shape = self.block_shape
+        row = 0
+        for m in members:
+            count = len(m.blocks)
+            if m.whole:
+                targets[m.p] = stack[row].view(m.layout.param_shape)
+            else:
+                target = targets.get(m.p)
+                if target is None:
+                    target = targets[m.p] = stack.new_empty(m.layout.param_shape)
+                m.view(target, shape).copy_(stack[row : row + count].view(*m.counts, *shape))
+            row += count
+
+
+def _sub_grids(layout: BlockLayout) -> dict[tuple[int, ...], tuple[list[int], tuple, tuple, tuple]]:
+    """Per block shape of ``layout``: its blocks and sub-grid (starts, counts, first chunks)."""
+    found: dict[tuple[int, ...], list[int]] = {}
+    for b, shape in enumerate(layout.block_shapes):
+        found.setdefault(shape, []).append(b)
+    grids = {}
+    for shape, blocks in found.items():
+        starts, counts, chunks = [], [], []
+        for dim, length in enumerate(shape):
+            lengths = layout.grid[dim]
+            first = lengths.index(length)
+            count = sum(1 for x in lengths if x == length)
+            starts.append(sum(lengths[:first]))
+            counts.append(count)
+            chunks.append(first)
+        grids[shape] = (blocks, tuple(starts), tuple(counts), tuple(chunks))
+    return grids
+
+
+def plan_buckets(
+    entries: Iterable[tuple[int, torch.Tensor, BlockLayout, dict[str, Any]]],
+) -> list[Bucket]:
+    """Stack the blocks of every ``(group index, parameter, layout, state)``; each state's
+    ``factors`` and ``roots`` entries are replaced by views of the new stacks (their values
+    copied in). Parameters without elements are left out (they have no blocks to precondition)."""
+    entries = list(entries)
+    buckets: dict[tuple[Any, ...], Bucket] = {}
+    for group, p, layout, state in entries:
+        if math.prod(layout.shape) == 0:
+            continue
+        dtype, device = state["exp_avg"].dtype, state["exp_avg"].device
+        per_block = sum(layout.factored)
+        for shape, (blocks, starts, counts, chunks) in _sub_grids(layout).items():
+            key = (group, shape, layout.factored, dtype, device)
+            bucket = buckets.get(key)
+            if bucket is None:
+                bucket = buckets[key] = Bucket(group, shape, layout.factored, per_block)
+            bucket.members.append(Member(p, layout, bucket.size, blocks, starts, counts, chunks))
+    states = {id(p): state for _, p, _, state in entries}
+    for bucket in buckets.values():
+        _stack_state(bucket, [states[id(m.p)] for m in bucket.members])
+    return list(buckets.values())
+
+
+def _stack_state(bucket: Bucket, states: list[dict[str, Any]]) -> None:
+    """Copy the members' factors and roots into stacks and bind the states to their rows."""
+    k = bucket.per_block
+    for dim in range(k):
+        for key, stacks in (("factors", bucket.factors), ("roots", bucket.roots)):
+            pairs = [(s[key], b * k + dim) for m, s in zip(bucket.members, states) for b in m.blocks]
+            stack = torch.stack([entries[j] for entries, j in pairs])
+            stacks.append(stack)
+            for row, (entries, j) in enumerate(pairs):
+                entries[j] = stack[row]
