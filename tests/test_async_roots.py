@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 import torch
+
+import torch_shampoo.step
 from models import (
     make_batches,
     mixed_model,
@@ -324,11 +326,11 @@ def test_root_jobs_of_a_step_that_raised_are_still_computed(
     batches = make_batches(9)
     train(model, opt, batches[:5])
 
-    def broken_update(self: Shampoo, w: Any, update: Any) -> None:
+    def broken_update(unit: Any, update: Any) -> None:
         raise KeyboardInterrupt("interrupted mid-step")
 
     with monkeypatch.context() as patch:
-        patch.setattr(Shampoo, "_update_parameter", broken_update)
+        patch.setattr(torch_shampoo.step, "update_parameters", broken_update)
         with pytest.raises(KeyboardInterrupt):
             train(model, opt, batches[5:6])  # step 6: a root step, jobs due at step 8
     saved = opt.state_dict()

@@ -1,6 +1,7 @@
 """Buckets: the blocks of many parameters stacked, so that a step costs one kernel per shape.
 
-Blocks with the same shape, factored dims, dtype, device and parameter group form a *bucket*
+Blocks with the same shape, factored dims, dtypes (parameter and state), device and parameter
+group form a *bucket*
 (edge blocks of a different shape form their own). A bucket owns its blocks' factors and roots
 as stacks, one ``(n, d, d)`` tensor per factored dim; each parameter's ``state["factors"]`` and
 ``state["roots"]`` hold views into these stacks, in block order, so the state dict, the root
@@ -89,6 +90,9 @@ class Bucket:
     factors: list[torch.Tensor] = field(default_factory=list)
     """Per factored dim, the (n, d, d) stack of every block's factor."""
     roots: list[torch.Tensor] = field(default_factory=list)
+    moments: dict[str, torch.Tensor] = field(default_factory=dict)
+    """When every member is a single block: its moments (exp_avg, graft_v, momentum_buffer as
+    (n, *block) stacks, skipped_blocks as (n,)), whose rows the members' states view."""
 
     @property
     def size(self) -> int:
@@ -170,7 +174,7 @@ def plan_buckets(
         dtype, device = state["exp_avg"].dtype, state["exp_avg"].device
         per_block = sum(layout.factored)
         for shape, (blocks, starts, counts, chunks) in _sub_grids(layout).items():
-            key = (group, shape, layout.factored, dtype, device)
+            key = (group, shape, layout.factored, p.dtype, dtype, device)
             bucket = buckets.get(key)
             if bucket is None:
                 bucket = buckets[key] = Bucket(group, shape, layout.factored, per_block)
@@ -181,12 +185,31 @@ def plan_buckets(
     return list(buckets.values())
 
 
+MOMENTS = ("exp_avg", "graft_v", "momentum_buffer", "skipped_blocks")
+
+
 def _stack_state(bucket: Bucket, states: list[dict[str, Any]]) -> None:
-    """Copy the members' factors and roots into stacks and bind the states to their rows."""
+    """Copy the members' factors and roots into stacks and bind the states to their rows; the
+    same for the moments of a bucket of single-block parameters."""
+    keys = [key for key in MOMENTS if key in states[0]]
+    if all(m.whole for m in bucket.members) and all(
+        [key for key in MOMENTS if key in s] == keys for s in states
+    ):
+        for key in keys:
+            rows = [
+                s[key].reshape(() if key == "skipped_blocks" else bucket.block_shape)
+                for s in states
+            ]
+            stack = bucket.moments[key] = torch.stack(rows)
+            for row, (m, s) in enumerate(zip(bucket.members, states)):
+                shape = () if key == "skipped_blocks" else m.layout.param_shape
+                s[key] = stack[row].view(shape)
     k = bucket.per_block
     for dim in range(k):
         for key, stacks in (("factors", bucket.factors), ("roots", bucket.roots)):
-            pairs = [(s[key], b * k + dim) for m, s in zip(bucket.members, states) for b in m.blocks]
+            pairs = [
+                (s[key], b * k + dim) for m, s in zip(bucket.members, states) for b in m.blocks
+            ]
             stack = torch.stack([entries[j] for entries, j in pairs])
             stacks.append(stack)
             for row, (entries, j) in enumerate(pairs):

@@ -17,62 +17,22 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, TypeVar
 
 import torch
 
-from . import device, kernels, telemetry
-from .blocking import BlockLayout, block_layout, expand_grid
+from . import device, kernels, step, telemetry
+from .blocking import BlockLayout, block_layout
 from .buckets import Bucket, plan_buckets
 from .checkpoint import Checkpointing
 from .config import EngineConfig
-from .grafting import graft_direction, update_graft_state
 from .root_pool import RootJob, RootOutcome
 from .scheduler import FITTED, RootScheduler, Staging
 from .state import check_state, init_state
+from .step import Work
 
 __all__ = ["EngineConfig", "PreconditionerEngine"]
-
-
-@dataclass
-class _Work:
-    """One parameter's share of a step: set up by the eager bookkeeping, used by the math."""
-
-    p: torch.Tensor
-    state: dict[str, Any]
-    config: EngineConfig
-    layout: BlockLayout
-    t: int
-    bias1: torch.Tensor | None
-    """1 − β₁ᵗ as a tensor (None without bias correction): compiled math sees no changing float."""
-    bias2: torch.Tensor | None
-    """The graft's 1 − β₂ᵗ, likewise."""
-    group: dict[str, Any]
-    preconditioned: bool
-    """t ≥ start: Shampoo's direction where a block has its roots, else the graft's alone."""
-    rooted: tuple[bool, ...] | None
-    """Per block: are all its roots installed? (None: every block's are.)"""
-    curvature: torch.Tensor | None
-    cells: torch.Tensor | None = None
-    """Per block, is this step's gradient finite? A tensor of the block grid's shape (0-d for a
-    single block; None: the guard is off)."""
-    m_hat: torch.Tensor | None = None
-    direction: torch.Tensor | None = None
-    """The graft's direction (None without a graft)."""
-
-    def keep(self) -> torch.Tensor | None:
-        """The flags as a mask broadcastable to the parameter (0-d for a single block), built
-        where it is used so that no parameter-sized mask outlives its part of the step."""
-        if self.cells is None or self.layout.num_blocks == 1:
-            return self.cells
-        return expand_grid(self.cells, self.layout)
-
-    @property
-    def uses_roots(self) -> bool:
-        """Does any block of this parameter take Shampoo's direction in this step?"""
-        return self.preconditioned and (self.rooted is None or any(self.rooted))
 
 
 @lru_cache(maxsize=1024)
@@ -169,16 +129,20 @@ class PreconditionerEngine(Checkpointing):
     def _step_parameters(self) -> None:
         work = self._begin_step()
         buckets = self._plan()
-        by_param = {w.p: w for w in work}
-        self._accumulate(work, buckets, by_param)
+        units, stacked = self._units(work, buckets)
+        for u in units:
+            step.accumulate(u)
+        self._statistics(units, buckets, stacked)
         self._roots_of_this_step(work)
-        updates = self._precondition(work, buckets, by_param)
-        for w in work:
-            self._update_parameter(w, updates.get(w.p))
+        for u in units:
+            step.directions(u)
+        updates = self._precondition(units, buckets, stacked)
+        for u in units:
+            step.update_parameters(u, updates.get(id(u)))
         self._send_roots()
 
     @torch.compiler.disable
-    def _begin_step(self) -> list[_Work]:
+    def _begin_step(self) -> list[Work]:
         """Per parameter with a gradient: its state (created or checked), its roots due now,
         the step-dependent scalars as tensors; then the step counters advance."""
         roots = self._roots
@@ -195,7 +159,7 @@ class PreconditionerEngine(Checkpointing):
             w.state["step"] += 1
         return work
 
-    def _work_of(self, p: torch.Tensor, config: EngineConfig, group: dict[str, Any]) -> _Work:
+    def _work_of(self, p: torch.Tensor, config: EngineConfig, group: dict[str, Any]) -> Work:
         assert p.grad is not None
         if p.grad.is_sparse:
             raise RuntimeError(
@@ -214,21 +178,20 @@ class PreconditionerEngine(Checkpointing):
             self._buckets = None  # a new parameter, or new state: stack again
         t = int(state["step"]) + 1
         self._install_due_roots(p, state, config, group, t)
-        if config.momentum != 0 and "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(state["exp_avg"])
-        if config.grafting in ("adam", "adagrad", "rmsprop") and "graft_v" not in state:
-            state["graft_v"] = torch.zeros_like(state["exp_avg"])
-        corrected, dtype = config.bias_correction, state["exp_avg"].dtype
-        return _Work(
+        for key, used in (
+            ("momentum_buffer", config.momentum != 0),
+            ("graft_v", config.grafting in ("adam", "adagrad", "rmsprop")),
+        ):
+            if used and key not in state:
+                state[key] = torch.zeros_like(state["exp_avg"])
+                self._buckets = None  # stack it with the others
+        return Work(
             p=p,
             state=state,
             config=config,
             layout=layout,
             t=t,
-            bias1=kernels.scalar(1.0 - config.beta1**t, dtype) if corrected else None,
-            bias2=kernels.scalar(1.0 - config.grafting_beta2**t, dtype) if corrected else None,
             group=group,
-            preconditioned=t >= config.start,
             rooted=self._rooted_blocks(p, state, layout),
             curvature=self._take_curvature(p),
         )
@@ -264,7 +227,7 @@ class PreconditionerEngine(Checkpointing):
         return self._buckets
 
     @torch.compiler.disable
-    def _roots_of_this_step(self, work: list[_Work]) -> None:
+    def _roots_of_this_step(self, work: list[Work]) -> None:
         """At a root step: snapshot the factors (after this step's statistics) for the pool.
         Roots due in this same step (a first cycle, or staleness 0) are all submitted first,
         so the workers solve them in parallel, then installed before they are used."""
@@ -311,143 +274,117 @@ class PreconditionerEngine(Checkpointing):
                 raise KeyError("parameter not in this optimizer")
         return found[0], found[1]
 
-    def _gradient(self, w: _Work) -> torch.Tensor:
-        """This step's gradient in the state dtype (a copy: p.grad is never modified), with the
-        non-finite guard applied: ``w.keep()`` is False on blocks whose gradient is not finite;
-        their gradient is zeroed and every state update is masked with it (no host sync)."""
-        p, state, config = w.p, w.state, w.config
-        assert p.grad is not None
-        g = p.grad.to(
-            dtype=state["exp_avg"].dtype, memory_format=torch.contiguous_format, copy=True
-        )
-        if config.maximize:
-            g.neg_()
-        if config.weight_decay != 0 and not config.decoupled_weight_decay:
-            g.add_(p.detach().to(g.dtype), alpha=config.weight_decay)
-        if config.skip_nonfinite:
-            w.cells, bad = kernels.finite_blocks(g, w.layout)
-            state["skipped_blocks"] += bad
-            keep = w.keep()
-            assert keep is not None
-            g.masked_fill_(keep.logical_not(), 0.0)
-        return g
-
-    def _accumulate(
-        self, work: list[_Work], buckets: list[Bucket], by_param: dict[torch.Tensor, _Work]
-    ) -> None:
-        """Everything this step's gradient feeds: the first moment and the graft's second
-        moment per parameter, then the statistics per bucket (one batched product per
-        factored dim), or from statistics prepared outside the step (NG+'s per-sample F)."""
-        grads = {}
-        for w in work:
-            g = self._gradient(w)
-            state, config, keep = w.state, w.config, w.keep()
-            exp_avg = state["exp_avg"]
-            if keep is None:
-                exp_avg.lerp_(g, 1.0 - config.beta1)
-            else:
-                torch.where(keep, exp_avg.lerp(g, 1.0 - config.beta1), exp_avg, out=exp_avg)
-            update_graft_state(config.grafting, state, g, config.grafting_beta2, keep)
-            if w.curvature is None:
-                grads[w.p] = g
-            else:
-                kernels.curvature_statistics(
-                    state["factors"], w.curvature, w.layout, config.beta2, w.cells
-                )
+    @torch.compiler.disable
+    def _units(
+        self, work: list[Work], buckets: list[Bucket]
+    ) -> tuple[list[step.Unit], dict[int, step.Unit]]:
+        """The step's units: each bucket with stacked moments whose parameters all step now (at
+        the same step count) as one unit, every other parameter on its own. Also returns the
+        stacked units by bucket (``id``)."""
+        by_param = {w.p: w for w in work}
+        units, stacked, covered = [], {}, set()
         for bucket in buckets:
-            members = [m for m in bucket.members if m.p in grads]
-            if not members or not bucket.factors:
+            if not bucket.moments:
                 continue
-            first = by_param[members[0].p]
-            flags = None
-            if first.cells is not None:
-                flags = torch.cat([m.flags(by_param[m.p].cells) for m in members])  # type: ignore[arg-type]
-            rows = bucket.rows(members)
+            works = [by_param.get(m.p) for m in bucket.members]
+            if all(w is not None and w.curvature is None and w.t == works[0].t for w in works):
+                unit = stacked[id(bucket)] = step.make_unit(works, bucket)  # type: ignore[arg-type]
+                units.append(unit)
+                covered.update(id(m.p) for m in bucket.members)
+        units += [step.make_unit([w], None) for w in work if id(w.p) not in covered]
+        return units, stacked
+
+    def _statistics(
+        self, units: list[step.Unit], buckets: list[Bucket], stacked: dict[int, step.Unit]
+    ) -> None:
+        """F ← β₂F + w·G Gᵀ per bucket and factored dim: one batched product each."""
+        single = {u.works[0].p: u for u in units if u.bucket is None and u.g is not None}
+        for bucket in buckets:
+            if not bucket.factors:
+                continue
+            unit = stacked.get(id(bucket))
+            if unit is not None:
+                assert unit.g is not None
+                rows, blocks, flags = None, unit.g, unit.cells
+            else:
+                members = [m for m in bucket.members if m.p in single]
+                if not members:
+                    continue
+                parts = [single[m.p] for m in members]
+                rows = bucket.rows(members)
+                blocks = bucket.gather([u.g for u in parts], members)  # type: ignore[misc]
+                flags = None
+                if parts[0].cells is not None:
+                    flags = torch.cat([m.flags(u.cells) for m, u in zip(members, parts)])  # type: ignore[arg-type]
             factors = bucket.factors if rows is None else [f[rows] for f in bucket.factors]
-            blocks = bucket.gather([grads[m.p] for m in members], members)
-            kernels.accumulate_statistics(
-                factors, blocks, bucket.factored, first.config.beta2, flags
-            )
+            beta2 = (unit or parts[0]).config.beta2
+            kernels.accumulate_statistics(factors, blocks, bucket.factored, beta2, flags)
             if rows is not None:
-                for stack, part in zip(bucket.factors, factors):
-                    stack.index_copy_(0, rows, part)
+                for whole, part in zip(bucket.factors, factors):
+                    whole.index_copy_(0, rows, part)
+        for u in units:
+            u.g = None  # the gradient copies are not needed any more
 
     def _precondition(
-        self, work: list[_Work], buckets: list[Bucket], by_param: dict[torch.Tensor, _Work]
-    ) -> dict[torch.Tensor, torch.Tensor]:
-        """The bias-corrected first moment and the graft's direction per parameter; Shampoo's
-        grafted direction per bucket, for the parameters that use their roots in this step."""
-        for w in work:
-            exp_avg = w.state["exp_avg"]
-            w.m_hat = exp_avg if w.bias1 is None else exp_avg / w.bias1
-            w.direction = graft_direction(
-                w.config.grafting,
-                w.state,
-                w.m_hat,
-                epsilon=w.config.grafting_epsilon,
-                correction=w.bias2,
-            )
-        updates: dict[torch.Tensor, torch.Tensor] = {}
+        self, units: list[step.Unit], buckets: list[Bucket], stacked: dict[int, step.Unit]
+    ) -> dict[int, torch.Tensor]:
+        """Shampoo's grafted direction per bucket, for the parameters that use their roots in
+        this step; returned per unit (``id``) in the unit's shape."""
+        single = {u.works[0].p: u for u in units if u.bucket is None}
+        updates: dict[int, torch.Tensor] = {}
+        targets: dict[torch.Tensor, torch.Tensor] = {}
         for bucket in buckets:
-            users = [by_param[m.p] for m in bucket.members if m.p in by_param]
-            members = [m for m, w in zip(bucket.members, users) if w.uses_roots]
-            if not members:
-                continue
-            users = [by_param[m.p] for m in members]
-            m_hat = bucket.gather([w.m_hat for w in users], members)  # type: ignore[misc]
-            direction = None
-            if users[0].direction is not None:
-                same = all(w.direction is w.m_hat for w in users)
-                direction = m_hat if same else bucket.gather([w.direction for w in users], members)  # type: ignore[misc]
-            rooted = None
-            if any(w.rooted is not None for w in users):
-                rooted = torch.tensor(
-                    [w.rooted is None or w.rooted[b] for m, w in zip(members, users) for b in m.blocks],
-                    device=m_hat.device,
+            unit = stacked.get(id(bucket))
+            if unit is not None:
+                parts, members = [unit], bucket.members
+                if not unit.works[0].preconditioned:
+                    continue
+                m_hat, direction = unit.m_hat, unit.direction
+            else:
+                members = [
+                    m for m in bucket.members if m.p in single and single[m.p].works[0].uses_roots
+                ]
+                if not members:
+                    continue
+                parts = [single[m.p] for m in members]
+                m_hat = bucket.gather([u.m_hat for u in parts], members)  # type: ignore[misc]
+                direction = None
+                if parts[0].direction is not None:
+                    same = all(u.direction is u.m_hat for u in parts)
+                    direction = (
+                        m_hat if same else bucket.gather([u.direction for u in parts], members)
+                    )  # type: ignore[misc]
+            assert m_hat is not None
+            works = [w for u in parts for w in u.works]
+            rooted, some = None, True
+            if any(w.rooted is not None for w in works):
+                flags = [
+                    w.rooted is None or w.rooted[b]
+                    for m, w in zip(members, works)
+                    for b in m.blocks
+                ]
+                rooted, some = torch.tensor(flags, device=m_hat.device), any(flags)
+            if not some:  # the graft's direction (m̂ without one) for all of them
+                if unit is not None:
+                    continue
+                result = m_hat if direction is None else direction
+            else:
+                rows = bucket.rows(members)
+                roots = bucket.roots if rows is None else [r[rows] for r in bucket.roots]
+                result = kernels.precondition_stack(
+                    roots, m_hat, direction, bucket.factored, rooted
                 )
-            rows = bucket.rows(members)
-            roots = bucket.roots if rows is None else [r[rows] for r in bucket.roots]
-            stack = kernels.precondition_stack(roots, m_hat, direction, bucket.factored, rooted)
-            bucket.scatter(stack, members, updates)
+            if unit is not None:
+                updates[id(unit)] = result
+            else:
+                bucket.scatter(result, members, targets)
+        for p, target in targets.items():
+            updates[id(single[p])] = target
         return updates
-
-    def _update_parameter(self, w: _Work, preconditioned: torch.Tensor | None) -> None:
-        """Weight decay, momentum and the parameter update from this step's direction: Shampoo's
-        (``preconditioned``) where the parameter uses its roots, else the graft's (m̂ without one)."""
-        p, state, config, keep = w.p, w.state, w.config, w.keep()
-        assert w.m_hat is not None
-        if preconditioned is not None:
-            update = preconditioned
-        else:
-            update = w.m_hat if w.direction is None else w.direction
-        exp_avg = state["exp_avg"]
-
-        # 6. Decoupled weight decay; 7. momentum; 8. the parameter update.
-        if config.weight_decay != 0 and config.decoupled_weight_decay:
-            update = update + config.weight_decay * p.detach().to(exp_avg.dtype)
-        mu = config.momentum
-        if mu != 0:
-            buffer = state["momentum_buffer"]
-            if keep is None:
-                buffer.mul_(mu).add_(update)
-            else:
-                torch.where(keep, buffer * mu + update, buffer, out=buffer)
-            update = update + mu * buffer if config.nesterov else buffer
-        lr = config.lr
-        if keep is not None:
-            if isinstance(lr, torch.Tensor):
-                moved = p.sub((update * lr).to(p.dtype))
-            else:
-                moved = p.add(update.to(p.dtype), alpha=-lr)
-            torch.where(keep, moved, p, out=p)
-        elif isinstance(lr, torch.Tensor):
-            p.sub_((update * lr).to(p.dtype))
-        else:
-            p.add_(update.to(p.dtype), alpha=-lr)
 
     # -------------------------------------------------------------------------- the roots
 
-    def _submit_roots(self, w: _Work, first: bool) -> bool:
+    def _submit_roots(self, w: Work, first: bool) -> bool:
         """Snapshot every factor of ``w.p`` for the pool, due at a fixed step: this one for a
         first cycle, else after the group's staleness (capped at the next root step). Returns
         whether the roots are due in this step."""

@@ -1,0 +1,212 @@
+"""The elementwise half of a step, on *units*: one parameter, or a whole bucket of single-block
+parameters whose moments live stacked (a small model's hundreds of parameters then cost a few
+kernels per bucket instead of a few per parameter).
+
+A unit carries its tensors (gradient, moments, flags) and the group's settings; the functions
+here are the step's numbered lines of :class:`torch_shampoo.Shampoo`'s docstring, written once
+for both kinds: every operation is elementwise or broadcasts a per-block flag, so a stacked unit
+computes bitwise what its parameters would one at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import kernels
+from .blocking import BlockLayout, expand_grid
+from .buckets import Bucket
+from .config import EngineConfig
+from .grafting import graft_direction, update_graft_state
+
+__all__ = ["Unit", "Work", "accumulate", "directions", "update_parameters"]
+
+
+@dataclass
+class Work:
+    """One parameter's share of a step: set up by the eager bookkeeping, used by the math."""
+
+    p: torch.Tensor
+    state: dict[str, Any]
+    config: EngineConfig
+    layout: BlockLayout
+    t: int
+    group: dict[str, Any]
+    rooted: tuple[bool, ...] | None
+    """Per block: are all its roots installed? (None: every block's are.)"""
+    curvature: torch.Tensor | None
+    """Statistics prepared outside the step (NG+'s per-sample Ĝ); None: G Gᵀ."""
+
+    @property
+    def preconditioned(self) -> bool:
+        """t ≥ start: Shampoo's direction where a block has its roots, else the graft's."""
+        return self.t >= self.config.start
+
+    @property
+    def uses_roots(self) -> bool:
+        """Does any block of this parameter take Shampoo's direction in this step?"""
+        return self.preconditioned and (self.rooted is None or any(self.rooted))
+
+
+@dataclass
+class Unit:
+    """One parameter, or (``bucket`` set) the stacked parameters of a whole bucket."""
+
+    works: list[Work]
+    state: dict[str, torch.Tensor]
+    """exp_avg, graft_v, momentum_buffer, skipped_blocks: the parameter's, or the stacks."""
+    bucket: Bucket | None = None
+    bias1: torch.Tensor | None = None
+    """1 − β₁ᵗ as a tensor (None without bias correction): compiled math sees no changing float."""
+    bias2: torch.Tensor | None = None
+    """The graft's 1 − β₂ᵗ, likewise."""
+    g: torch.Tensor | None = None
+    cells: torch.Tensor | None = None
+    """Per block, is this step's gradient finite? The parameter's grid of flags (0-d for one
+    block), or (n,) for a stack; None when the guard is off."""
+    m_hat: torch.Tensor | None = None
+    direction: torch.Tensor | None = None
+    """The graft's direction (None without a graft)."""
+
+    @property
+    def config(self) -> EngineConfig:
+        return self.works[0].config
+
+    def keep(self) -> torch.Tensor | None:
+        """The flags as a mask broadcastable to the unit's tensors, built where it is used."""
+        cells = self.cells
+        if cells is None:
+            return None
+        if self.bucket is not None:
+            return cells.view(-1, *(1,) * len(self.bucket.block_shape))
+        layout = self.works[0].layout
+        return cells if layout.num_blocks == 1 else expand_grid(cells, layout)
+
+    def params(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The parameter, or the stack of the bucket's parameters (a copy), in ``dtype``."""
+        if self.bucket is None:
+            p = self.works[0].p.detach()
+        else:
+            shape = self.bucket.block_shape
+            p = torch.stack([w.p.detach().reshape(shape) for w in self.works])
+        return p if dtype is None else p.to(dtype)
+
+
+def make_unit(works: Sequence[Work], bucket: Bucket | None) -> Unit:
+    """A unit of one parameter's work, or of a whole bucket's (all at the same step)."""
+    w = works[0]
+    config, t = w.config, w.t
+    state = w.state if bucket is None else bucket.moments
+    dtype = state["exp_avg"].dtype
+    corrected = config.bias_correction
+    return Unit(
+        works=list(works),
+        state=state,
+        bucket=bucket,
+        bias1=kernels.scalar(1.0 - config.beta1**t, dtype) if corrected else None,
+        bias2=kernels.scalar(1.0 - config.grafting_beta2**t, dtype) if corrected else None,
+    )
+
+
+def _gradient(u: Unit) -> torch.Tensor:
+    """This step's gradient in the state dtype (a copy: p.grad is never modified), with the
+    non-finite guard applied: blocks whose gradient is not finite are zeroed and flagged in
+    ``u.cells``; every state update is then masked with the flags (no host sync)."""
+    config, dtype = u.config, u.state["exp_avg"].dtype
+    if u.bucket is None:
+        grad = u.works[0].p.grad
+        assert grad is not None
+        g = grad.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+    else:
+        shape = u.bucket.block_shape
+        g = torch.stack([w.p.grad.reshape(shape) for w in u.works])  # type: ignore[union-attr]
+        g = g.to(dtype).contiguous()  # a strided gradient's stack may not be
+    if config.maximize:
+        g.neg_()
+    if config.weight_decay != 0 and not config.decoupled_weight_decay:
+        g.add_(u.params(g.dtype), alpha=config.weight_decay)
+    if config.skip_nonfinite:
+        if u.bucket is None:
+            u.cells, bad = kernels.finite_blocks(g, u.works[0].layout)
+        else:
+            u.cells = torch.isfinite(g.flatten(1).sum(1, dtype=torch.float64))
+            bad = u.cells.logical_not()
+        u.state["skipped_blocks"] += bad
+        keep = u.keep()
+        assert keep is not None
+        g.masked_fill_(keep.logical_not(), 0.0)
+    return g
+
+
+def accumulate(u: Unit) -> None:
+    """The gradient and the moments it feeds: the first moment and the graft's second moment;
+    with statistics prepared outside the step (NG+), the factors too. ``u.g`` keeps the
+    gradient for the bucket statistics."""
+    g = u.g = _gradient(u)
+    state, config, keep = u.state, u.config, u.keep()
+    exp_avg = state["exp_avg"]
+    if keep is None:
+        exp_avg.lerp_(g, 1.0 - config.beta1)
+    else:
+        torch.where(keep, exp_avg.lerp(g, 1.0 - config.beta1), exp_avg, out=exp_avg)
+    update_graft_state(config.grafting, state, g, config.grafting_beta2, keep)
+    w = u.works[0]
+    if u.bucket is None and w.curvature is not None:
+        kernels.curvature_statistics(
+            w.state["factors"], w.curvature, w.layout, config.beta2, u.cells
+        )
+        u.g = None
+
+
+def directions(u: Unit) -> None:
+    """3. The bias-corrected first moment m̂ and 5. the graft's direction."""
+    exp_avg = u.state["exp_avg"]
+    u.m_hat = exp_avg if u.bias1 is None else exp_avg / u.bias1
+    config = u.config
+    u.direction = graft_direction(
+        config.grafting, u.state, u.m_hat, epsilon=config.grafting_epsilon, correction=u.bias2
+    )
+
+
+def update_parameters(u: Unit, preconditioned: torch.Tensor | None) -> None:
+    """6. Decoupled weight decay, 7. momentum and 8. the parameter update from this step's
+    direction: Shampoo's (``preconditioned``), else the graft's (m̂ without one)."""
+    state, config, keep = u.state, u.config, u.keep()
+    assert u.m_hat is not None
+    if preconditioned is not None:
+        update = preconditioned
+    else:
+        update = u.m_hat if u.direction is None else u.direction
+    if config.weight_decay != 0 and config.decoupled_weight_decay:
+        update = update + config.weight_decay * u.params(update.dtype)
+    mu = config.momentum
+    if mu != 0:
+        buffer = state["momentum_buffer"]
+        if keep is None:
+            buffer.mul_(mu).add_(update)
+        else:
+            torch.where(keep, buffer * mu + update, buffer, out=buffer)
+        update = update + mu * buffer if config.nesterov else buffer
+    lr = config.lr
+    params = [w.p for w in u.works]
+    dtype = params[0].dtype
+    step = (update * lr).to(dtype) if isinstance(lr, torch.Tensor) else update.to(dtype)
+    alpha = -1.0 if isinstance(lr, torch.Tensor) else -lr
+    if keep is not None:
+        p = u.params()
+        moved = p.add(step, alpha=alpha)
+        if u.bucket is None:
+            torch.where(keep, moved, p, out=params[0])
+            return
+        torch._foreach_copy_(params, _rows(torch.where(keep, moved, p), params))
+    elif u.bucket is None:
+        params[0].add_(step, alpha=alpha)
+    else:
+        torch._foreach_add_(params, _rows(step, params), alpha=alpha)
+
+
+def _rows(stack: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [row.view(p.shape) for row, p in zip(stack.unbind(), params)]
