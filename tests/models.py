@@ -99,3 +99,13 @@ def saved_and_loaded(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, 
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
     buffer.seek(0)
     return torch.load(buffer, weights_only=True)
+
+
+def per_matrix(fake: Any) -> Any:
+    """A stand-in for ``root_pool.inverse_roots`` (which solves a job's (k, d, d) stack) that
+    calls ``fake`` the way ``matrix_roots.inverse_root`` is called, once per matrix."""
+
+    def solve_each(matrices: Any, *args: Any, **kwargs: Any) -> Any:
+        return [fake(matrix, *args, **kwargs) for matrix in matrices]
+
+    return solve_each

@@ -14,11 +14,10 @@ from typing import Any
 
 import pytest
 import torch
-
-import torch_shampoo.step
 from models import (
     make_batches,
     mixed_model,
+    per_matrix,
     root_threads,
     saved_and_loaded,
     settled,
@@ -27,6 +26,7 @@ from models import (
 )
 
 import torch_shampoo.root_pool as root_pool
+import torch_shampoo.step
 from torch_shampoo import Shampoo
 from torch_shampoo.matrix_roots import RootResult
 
@@ -157,7 +157,7 @@ def test_a_raising_root_keeps_the_previous_root_warns_and_finally_raises(
     batches = make_batches(8)
     train(model, opt, batches[:3])  # roots from step 2 installed at step 3
     good_roots = {p: [r.clone() for r in s["roots"]] for p, s in opt.state.items()}
-    monkeypatch.setattr(root_pool, "inverse_root", _failing_root)
+    monkeypatch.setattr(root_pool, "inverse_roots", per_matrix(_failing_root))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         train(model, opt, batches[3:5])  # step 4 submits, step 5 installs: first failure
@@ -302,7 +302,8 @@ def test_roots_due_later_are_handed_over_only_after_every_parameter_is_updated(
     train(model, opt, batches[:2])
     assert not spy.seen
     train(model, opt, batches[2:3])  # step 3: the first cycle, handed over at once
-    assert len(spy.seen) == sum(len(s["roots"]) for s in opt.state.values())
+    jobs = sum(len(slots) for slots in opt._slots.values())  # one per bucket and dim
+    assert len(spy.seen) == jobs < sum(len(s["roots"]) for s in opt.state.values())
     before = [p.detach().clone() for p in params]
     assert not all(all(map(torch.equal, seen, before)) for seen in spy.seen)
     spy.seen.clear()
@@ -310,7 +311,7 @@ def test_roots_due_later_are_handed_over_only_after_every_parameter_is_updated(
     assert not spy.seen
     train(model, opt, batches[5:])  # step 6: a later cycle
     after = [p.detach().clone() for p in params]
-    assert len(spy.seen) == sum(len(s["roots"]) for s in opt.state.values())
+    assert len(spy.seen) == jobs
     handed_after_the_step = [all(map(torch.equal, seen, after)) for seen in spy.seen]
     assert all(handed_after_the_step) == (staleness > 0)
     opt.close()

@@ -202,7 +202,10 @@ def test_the_guard_is_bitwise_neutral_on_finite_gradients(front: str, async_root
     def run(skip: bool) -> list[torch.Tensor]:
         model = mixed_model()
         opt = make_optimizer(
-            front, model.parameters(), async_roots=async_roots, skip_nonfinite=skip,
+            front,
+            model.parameters(),
+            async_roots=async_roots,
+            skip_nonfinite=skip,
             root_staleness=2,  # not "auto": its fitted value depends on timing
         )
         train(model, opt, make_batches(20))

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from models import make_batches, mixed_model, saved_and_loaded, train
+from models import make_batches, mixed_model, per_matrix, saved_and_loaded, train
 
 import torch_shampoo.root_pool as root_pool
 import torch_shampoo.scheduler as scheduler
@@ -60,7 +60,7 @@ def test_with_roots_that_never_arrive_shampoo_is_its_graft(
     adam = mixed_model()
     train(adam, torch.optim.Adam(adam.parameters(), lr=0.01, betas=(0.9, 0.999)), batches)
 
-    monkeypatch.setattr(root_pool, "inverse_root", _never)
+    monkeypatch.setattr(root_pool, "inverse_roots", per_matrix(_never))
     never = mixed_model()
     with (
         warnings.catch_warnings(),
@@ -100,7 +100,7 @@ def test_a_block_without_its_roots_takes_the_graft_while_the_others_are_precondi
     def fail_size_4(matrix: torch.Tensor, *args: Any, **kwargs: Any) -> RootResult:
         return _never(matrix) if matrix.shape[0] == 4 else inverse_root(matrix, *args, **kwargs)
 
-    monkeypatch.setattr(root_pool, "inverse_root", fail_size_4)
+    monkeypatch.setattr(root_pool, "inverse_roots", per_matrix(fail_size_4))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         mixed = run(max_root_failures=10**6)
@@ -211,7 +211,7 @@ def test_auto_staleness_grows_after_a_stall_and_never_beyond_the_frequency(
             threading.Event().wait(0.2)
         return inverse_root(*args, **kwargs)
 
-    monkeypatch.setattr(root_pool, "inverse_root", slow_root)
+    monkeypatch.setattr(root_pool, "inverse_roots", per_matrix(slow_root))
     param = torch.nn.Parameter(torch.randn(6, 6))
     seen = []
     with (
@@ -256,7 +256,7 @@ def test_a_forked_child_can_save_pickle_and_copy_before_its_first_step() -> None
         import copy, os, pickle, threading, torch
         import torch_shampoo.root_pool as root_pool
         from torch_shampoo import Shampoo
-        inner, started = root_pool.inverse_root, threading.Event()
+        inner, started = root_pool.inverse_roots, threading.Event()
         def slow(*args, **kwargs):
             started.set()
             threading.Event().wait(0.5)
@@ -265,7 +265,7 @@ def test_a_forked_child_can_save_pickle_and_copy_before_its_first_step() -> None
         opt = Shampoo([param], precondition_frequency=2, root_staleness=2)
         for t in range(4):
             if t == 3:
-                root_pool.inverse_root = slow
+                root_pool.inverse_roots = slow
             param.grad = torch.randn(8, 8)
             opt.step()  # step 4: a later cycle, its root in flight until step 6
         started.wait()
@@ -342,7 +342,7 @@ def test_default_workers_times_their_threads_stay_within_the_cores(
         seen.add(torch.get_num_threads())
         return inverse_root(*args, **kwargs)
 
-    monkeypatch.setattr(root_pool, "inverse_root", counting)
+    monkeypatch.setattr(root_pool, "inverse_roots", per_matrix(counting))
     threads = torch.get_num_threads()
     torch.set_num_threads(8)
     try:
@@ -370,7 +370,7 @@ def test_close_returns_at_once_with_a_root_running_and_that_root_is_never_writte
             release.wait(30)
         return inverse_root(*args, **kwargs)
 
-    monkeypatch.setattr(root_pool, "inverse_root", held)
+    monkeypatch.setattr(root_pool, "inverse_roots", per_matrix(held))
     kwargs: dict[str, Any] = dict(BASE, precondition_frequency=2, root_staleness=1, root_workers=1)
     batches = make_batches(8)
     plain = mixed_model()

@@ -30,8 +30,9 @@ from typing import Any
 import torch
 
 from .blocking import BlockLayout
+from .scheduler import Slot
 
-__all__ = ["Bucket", "Member", "plan_buckets"]
+__all__ = ["Bucket", "Member", "factor_groups", "plan_buckets", "slots_of"]
 
 
 @dataclass
@@ -160,14 +161,40 @@ def _sub_grids(layout: BlockLayout) -> dict[tuple[int, ...], tuple[list[int], tu
     return grids
 
 
+def factor_groups(layout: BlockLayout) -> list[list[int]]:
+    """The factor indices of each root job of a parameter: per block shape (in order of first
+    appearance) and factored dim, that shape's blocks' factors of that dim."""
+    k = sum(layout.factored)
+    if math.prod(layout.shape) == 0:
+        return []
+    return [
+        [b * k + dim for b in blocks]
+        for blocks, *_ in _sub_grids(layout).values()
+        for dim in range(k)
+    ]
+
+
+def slots_of(placements: list[tuple[Bucket, Member]]) -> list[Slot]:
+    """A parameter's root jobs (in :func:`factor_groups` order) as rows of its buckets."""
+    slots = []
+    for bucket, m in placements:
+        rows = slice(m.offset, m.offset + len(m.blocks))
+        for dim in range(bucket.per_block):
+            indices = [b * bucket.per_block + dim for b in m.blocks]
+            slots.append(Slot(indices, bucket.factors[dim][rows], bucket.roots[dim][rows]))
+    return slots
+
+
 def plan_buckets(
     entries: Iterable[tuple[int, torch.Tensor, BlockLayout, dict[str, Any]]],
-) -> list[Bucket]:
+) -> tuple[list[Bucket], dict[int, list[tuple[Bucket, Member]]]]:
     """Stack the blocks of every ``(group index, parameter, layout, state)``; each state's
     ``factors`` and ``roots`` entries are replaced by views of the new stacks (their values
-    copied in). Parameters without elements are left out (they have no blocks to precondition)."""
+    copied in). Parameters without elements are left out (they have no blocks to precondition).
+    Also returns, per parameter (``id``), its buckets and its members there, in sub-grid order."""
     entries = list(entries)
     buckets: dict[tuple[Any, ...], Bucket] = {}
+    placements: dict[int, list[tuple[Bucket, Member]]] = {}
     for group, p, layout, state in entries:
         if math.prod(layout.shape) == 0:
             continue
@@ -178,11 +205,13 @@ def plan_buckets(
             bucket = buckets.get(key)
             if bucket is None:
                 bucket = buckets[key] = Bucket(group, shape, layout.factored, per_block)
-            bucket.members.append(Member(p, layout, bucket.size, blocks, starts, counts, chunks))
+            member = Member(p, layout, bucket.size, blocks, starts, counts, chunks)
+            bucket.members.append(member)
+            placements.setdefault(id(p), []).append((bucket, member))
     states = {id(p): state for _, p, _, state in entries}
     for bucket in buckets.values():
         _stack_state(bucket, [states[id(m.p)] for m in bucket.members])
-    return list(buckets.values())
+    return list(buckets.values()), placements
 
 
 MOMENTS = ("exp_avg", "graft_v", "momentum_buffer", "skipped_blocks")

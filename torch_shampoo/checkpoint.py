@@ -23,6 +23,7 @@ import torch
 from torch.optim import Optimizer
 
 from .blocking import BlockLayout
+from .buckets import factor_groups
 from .config import EngineConfig
 from .scheduler import RootScheduler
 from .state import SCHEMA, check_moments, check_state, in_flight, migrate, no_pending, restore
@@ -133,7 +134,8 @@ class Checkpointing(Optimizer):
         for p, state in self.state.items():
             if isinstance(state, dict):
                 if in_flight(state):
-                    self._roots.adopt(p, state)
+                    layout = self._layout_of(p, self._config(self._group_of(p)))
+                    self._roots.adopt(p, state, factor_groups(layout))
                     no_pending(state)
                 migrate(state)
 

@@ -78,6 +78,56 @@ def inverse_root(
     return _eigh_root(regularized, exponent, epsilon, failure_threshold)
 
 
+def inverse_roots(
+    matrices: torch.Tensor,
+    exponent: float,
+    epsilon: float,
+    method: str = "eigh",
+    failure_threshold: float = 0.1,
+) -> list[RootResult]:
+    """:func:`inverse_root` of every matrix of a stack (k, n, n), as a list.
+
+    For ``"eigh"`` (n ≤ ``GRAM_BLOCK``) the stack takes one batched eigendecomposition and one
+    batched product W Wᵀ: the same formulas as :func:`inverse_root`, so the roots agree to
+    rounding (bitwise where the batched products round as the single ones do). A matrix the
+    batched pass cannot handle (non-finite input or eigenvalues, a singular or overflowing root)
+    is computed again alone by :func:`inverse_root`, with its fallbacks. Other methods loop.
+    """
+    if matrices.dim() != 3:
+        raise ValueError(f"matrices must be a (k, n, n) stack, got shape {tuple(matrices.shape)}")
+    k, n = matrices.shape[0], matrices.shape[-1]
+    if k == 0 or n == 0 or method != "eigh" or n > GRAM_BLOCK:
+        return [inverse_root(m, exponent, epsilon, method, failure_threshold) for m in matrices]
+    _check_arguments(matrices[0], exponent, epsilon, method, failure_threshold)
+    a = matrices.to(device="cpu", dtype=torch.float64)
+    regularized = a.mT.clone(memory_format=torch.contiguous_format).mul_(0.5).add_(a, alpha=0.5)
+    regularized.diagonal(dim1=-2, dim2=-1).add_(epsilon)
+    usable = torch.isfinite(a).flatten(1).all(1)
+    try:
+        eigenvalues, eigenvectors = torch.linalg.eigh(
+            torch.where(usable.view(-1, 1, 1), regularized, torch.eye(n, dtype=torch.float64))
+        )
+    except RuntimeError:  # includes torch.linalg.LinAlgError: each alone, with its fallbacks
+        return [inverse_root(m, exponent, epsilon, method, failure_threshold) for m in a]
+    smallest = eigenvalues[:, :1]
+    eigenvalues = torch.where(smallest < epsilon, (eigenvalues - smallest) + epsilon, eigenvalues)
+    smallest = eigenvalues[:, 0]
+    usable &= torch.isfinite(eigenvalues).all(1) & (smallest > 0)
+    usable &= -torch.log(smallest) / exponent <= MAX_LOG_ROOT
+    scaled = eigenvectors.mul_(eigenvalues.pow(-0.5 / exponent).unsqueeze(1))
+    usable &= torch.isfinite(scaled).flatten(1).all(1)
+    product = scaled @ scaled.mT
+    roots = (
+        product.mT.clone(memory_format=torch.contiguous_format).mul_(0.5).add_(product, alpha=0.5)
+    )
+    return [
+        RootResult(root=roots[i], ok=True, error=0.0, reason="", method="eigh")
+        if fine
+        else inverse_root(a[i], exponent, epsilon, method, failure_threshold)
+        for i, fine in enumerate(usable.tolist())
+    ]
+
+
 def _check_arguments(
     matrix: torch.Tensor, exponent: float, epsilon: float, method: str, failure_threshold: float
 ) -> None:

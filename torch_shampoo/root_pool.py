@@ -1,10 +1,12 @@
 """Inverse roots off the training thread: jobs, tickets and a pool of CPU worker threads.
 
-A :class:`RootJob` is everything one inverse root needs: a host snapshot of the factor F taken
-at the root step, the bias-correction divisor, the exponent and the epsilon. :func:`solve` turns
-it into X = (F/bc + εI)^(−1/r); it is the *only* code that computes roots, and it always runs
-with the same number of intra-op threads (the pool's ``threads``), so roots are bitwise the
-same whether they are waited for at once (synchronous roots) or installed later.
+A :class:`RootJob` is everything the inverse roots of a stack of equal-size factors need (a
+parameter's factors of one bucket and dim): a host snapshot of the stack taken at the root step,
+the bias-correction divisor, the exponent and the epsilon. :func:`solve` turns it into
+X = (F/bc + εI)^(−1/r) per factor (one batched eigendecomposition); it is the *only* code that
+computes roots, and it always runs with the same number of intra-op threads (the pool's
+``threads``), so roots are bitwise the same whether they are waited for at once (synchronous
+roots) or installed later.
 
 :class:`RootPool` runs jobs on daemon threads fed by a queue and returns a :class:`Ticket` the
 optimizer waits on when the root is due. :meth:`RootPool.close` returns at once: it cancels the
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from . import device
-from .matrix_roots import inverse_root
+from .matrix_roots import inverse_roots
 
 __all__ = [
     "RootCancelled",
@@ -42,12 +44,13 @@ __all__ = [
 
 @dataclass
 class RootJob:
-    """One inverse root to compute from a host snapshot of a factor."""
+    """The inverse roots of a (k, d, d) stack of factors, from a host snapshot."""
 
     snapshot: torch.Tensor
-    """Host copy of F (pinned on CUDA); read only after ``snapshot_ready``."""
+    """Host copy of the factors (pinned on CUDA); read only after ``snapshot_ready``."""
     result: torch.Tensor
-    """Host buffer the root is written into (pinned on CUDA), in the factor's dtype."""
+    """Host buffer the roots are written into (pinned on CUDA), in the factors' dtype; a
+    factor whose root fails keeps what its row held."""
     snapshot_ready: device.CopyDone
     result_free: device.CopyDone
     """The previous upload out of ``result``; it must finish before ``result`` is overwritten."""
@@ -59,7 +62,8 @@ class RootJob:
 
 @dataclass(frozen=True)
 class RootOutcome:
-    """What a job produced: ``ok`` tells whether ``job.result`` holds a usable root."""
+    """What a job produced for one factor: ``ok`` tells whether its row of ``job.result``
+    holds a usable root."""
 
     ok: bool
     error: float
@@ -71,17 +75,27 @@ class RootCancelled(RuntimeError):
     """The job's pool was closed (or the process forked) before the root was written."""
 
 
-def solve(job: RootJob) -> tuple[RootOutcome, torch.Tensor | None]:
-    """Compute the job's root in float64; returns the outcome and the root (None if not ok).
-    The caller writes the root into ``job.result`` (see :meth:`Ticket._run`)."""
+def solve(job: RootJob) -> tuple[list[RootOutcome], torch.Tensor]:
+    """Compute the job's roots in float64; returns one outcome per factor and the roots (rows
+    whose outcome is not ok must not be used). The caller writes the usable rows into
+    ``job.result`` (see :meth:`Ticket._run`)."""
     device.wait(job.snapshot_ready)
     start = time.perf_counter()
-    matrix = job.snapshot.to(torch.float64) / job.scale
-    found = inverse_root(matrix, job.exponent, job.epsilon, job.method)
-    ok = found.ok and bool(torch.isfinite(found.root).all())
-    reason = found.reason or ("non-finite root" if not ok else "")
-    outcome = RootOutcome(ok, found.error, reason, time.perf_counter() - start)
-    return outcome, found.root if ok else None
+    matrices = job.snapshot.to(torch.float64) / job.scale
+    found = inverse_roots(matrices, job.exponent, job.epsilon, job.method)
+    roots = torch.stack([f.root for f in found]) if found else matrices
+    finite = torch.isfinite(roots).flatten(1).all(1).tolist() if found else []
+    seconds = (time.perf_counter() - start) / max(1, len(found))
+    outcomes = [
+        RootOutcome(
+            f.ok and fine,
+            f.error,
+            f.reason or ("non-finite root" if not (f.ok and fine) else ""),
+            seconds,
+        )
+        for f, fine in zip(found, finite)
+    ]
+    return outcomes, roots
 
 
 class Ticket:
@@ -94,16 +108,16 @@ class Ticket:
     def __init__(self) -> None:
         self._done = threading.Event()
         self._lock = threading.Lock()
-        self._outcome: RootOutcome | None = None
+        self._outcome: list[RootOutcome] | None = None
         self._error: BaseException | None = None
         self.finished_at = 0.0
         """``time.perf_counter()`` when the ticket ended."""
 
     @classmethod
-    def resolved(cls, outcome: RootOutcome) -> Ticket:
-        """A ticket whose outcome is already known (restored from a state dict)."""
+    def resolved(cls, outcomes: list[RootOutcome]) -> Ticket:
+        """A ticket whose outcomes are already known (restored from a state dict)."""
         ticket = cls()
-        ticket._outcome = outcome
+        ticket._outcome = outcomes
         ticket._done.set()
         return ticket
 
@@ -124,7 +138,7 @@ class Ticket:
     def wait(self) -> None:
         self._done.wait()
 
-    def _end(self, outcome: RootOutcome | None, error: BaseException | None) -> None:
+    def _end(self, outcome: list[RootOutcome] | None, error: BaseException | None) -> None:
         self._outcome, self._error = outcome, error
         self.finished_at = time.perf_counter()
         self._done.set()
@@ -143,20 +157,25 @@ class Ticket:
         if self.done():  # cancelled while queued
             return
         try:
-            outcome, root = solve(job)
-            if root is not None:
+            outcomes, roots = solve(job)
+            ok = [o.ok for o in outcomes]
+            if any(ok):
                 device.wait(job.result_free)
             with self._lock:
                 if self.done():
-                    return  # cancelled meanwhile: discard the root
-                if root is not None:
-                    job.result.copy_(root)
-                self._end(outcome, None)
+                    return  # cancelled meanwhile: discard the roots
+                if all(ok):
+                    job.result.copy_(roots)
+                else:
+                    for row in (i for i, fine in enumerate(ok) if fine):
+                        job.result[row].copy_(roots[row])
+                self._end(outcomes, None)
         except BaseException as exc:  # handed to the main thread by outcome()
             self._fail(exc)
 
-    def outcome(self) -> RootOutcome:
-        """The job's outcome; re-raises (on the caller's thread) whatever the job raised."""
+    def outcome(self) -> list[RootOutcome]:
+        """The job's outcome per factor; re-raises (on the caller's thread) whatever the job
+        raised."""
         self._done.wait()
         if self._error is not None:
             raise self._error

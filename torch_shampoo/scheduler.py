@@ -34,7 +34,7 @@ import torch
 from . import device
 from .root_pool import RootJob, RootOutcome, RootPool, Ticket, default_threads, run_here
 
-__all__ = ["FITTED", "RootScheduler", "StalenessFit"]
+__all__ = ["FITTED", "RootScheduler", "Slot", "StalenessFit", "outcomes_of"]
 
 FITTED = "fitted_staleness"
 """The param-group key of an ``"auto"`` staleness once it is fitted (absent before)."""
@@ -42,14 +42,26 @@ FITTED = "fitted_staleness"
 
 @dataclass
 class Staging:
-    """The host buffers a root job reads its factor from and writes its root into. For roots
-    that run off the step (or any root of a CUDA parameter) these are buffers of their own,
-    reused for every root of that factor; a root of a CPU parameter installed in the step that
-    computes it reads the factor and writes the root in place (the step waits for it)."""
+    """The host buffers a root job reads its (k, d, d) factors from and writes their roots
+    into. For roots that run off the step (or any root of a CUDA parameter) these are buffers
+    of their own, reused at every cycle; roots of a CPU parameter installed in the step that
+    computes them read the factors and write the roots in place, in the bucket's stacks (the
+    step waits for them)."""
 
     snapshot: torch.Tensor
     result: torch.Tensor
     uploaded: device.CopyDone = None
+    in_place: bool = False
+
+
+@dataclass
+class Slot:
+    """One root job's share of a parameter: its factor indices (in state order) and the rows
+    of the bucket's factor and root stacks they are."""
+
+    indices: list[int]
+    factors: torch.Tensor
+    roots: torch.Tensor
 
 
 @dataclass
@@ -60,9 +72,12 @@ class Pending:
     due: int
     jobs: list[RootJob]
     tickets: list[Ticket]
-    """Empty until the jobs are handed to the pool (at the end of the step that made them)."""
+    """One per job; empty until the jobs are handed to the pool (at the end of the step that
+    made them)."""
+    factors: list[list[int]]
+    """Per job (ticket), the indices of its factors."""
     buffers: list[Staging] = field(default_factory=list)
-    """Per factor, where its job reads and writes (empty when no job was made)."""
+    """Per job, where it reads and writes (empty when no job was made)."""
     sent_at: float = 0.0
 
 
@@ -200,29 +215,29 @@ class RootScheduler:
     def submit(
         self,
         p: torch.Tensor,
-        factors: list[torch.Tensor],
-        roots: list[torch.Tensor],
+        slots: list[Slot],
         jobs: Callable[[list[Staging]], list[RootJob]] | BaseException,
         t: int,
         due: int,
     ) -> bool:
-        """Register the root jobs of ``p`` made at step ``t``, due at ``due``; jobs due now are
-        handed to the pool at once, later ones at :meth:`send`. ``jobs`` is an exception when
-        the jobs could not be made (a failing damping schedule): the roots then fail.
-        Returns whether they are due in this step."""
+        """Register the root jobs of ``p`` made at step ``t`` (one per slot), due at ``due``;
+        jobs due now are handed to the pool at once, later ones at :meth:`send`. ``jobs`` is an
+        exception when the jobs could not be made (a failing damping schedule): the roots then
+        fail. Returns whether they are due in this step."""
+        indices = [slot.indices for slot in slots]
         if isinstance(jobs, BaseException):
-            failed = [Ticket() for _ in factors]
+            failed = [Ticket() for _ in slots]
             for ticket in failed:
                 ticket._fail(jobs)
-            self.pending[p] = Pending(submitted=t, due=due, jobs=[], tickets=failed)
+            self.pending[p] = Pending(t, due, jobs=[], tickets=failed, factors=indices)
             return due <= t
-        if due <= t and not any(f.is_cuda for f in factors):
-            buffers = [Staging(f, r) for f, r in zip(factors, roots)]  # in place: no copies
+        if due <= t and not any(slot.factors.is_cuda for slot in slots):
+            buffers = [Staging(s.factors, s.roots, in_place=True) for s in slots]  # no copies
         else:
-            buffers = self._staging_of(p, factors)
+            buffers = self._staging_of(p, [slot.factors for slot in slots])
         made = jobs(buffers)
         pending = self.pending[p] = Pending(
-            submitted=t, due=due, jobs=made, tickets=[], buffers=buffers
+            t, due, jobs=made, tickets=[], factors=indices, buffers=buffers
         )
         if due > t:
             self.unsent.append(pending)
@@ -334,15 +349,14 @@ class RootScheduler:
         self.revive(here=True)
         entries = {}
         for p, pending in self.pending.items():
-            roots, ok, reasons = [], [], []
-            for j, ticket in enumerate(pending.tickets):
-                try:
-                    outcome = ticket.outcome()
-                except Exception as exc:
-                    outcome = RootOutcome(False, math.nan, f"{type(exc).__name__}: {exc}", 0.0)
-                roots.append(pending.buffers[j].result.clone() if outcome.ok else torch.zeros(0))
-                ok.append(outcome.ok)
-                reasons.append(outcome.reason)
+            count = sum(len(indices) for indices in pending.factors)
+            roots: list[torch.Tensor] = [torch.zeros(0)] * count
+            ok, reasons = [False] * count, [""] * count
+            for i, (ticket, indices) in enumerate(zip(pending.tickets, pending.factors)):
+                for row, (j, outcome) in enumerate(zip(indices, outcomes_of(ticket, indices))):
+                    if outcome.ok:
+                        roots[j] = pending.buffers[i].result[row].clone()
+                    ok[j], reasons[j] = outcome.ok, outcome.reason
             entries[p] = {
                 "pending_due": torch.tensor(pending.due),
                 "pending_submitted": torch.tensor(pending.submitted),
@@ -352,21 +366,26 @@ class RootScheduler:
             }
         return entries
 
-    def adopt(self, p: torch.Tensor, state: dict[str, Any]) -> None:
-        """Turn the pending entries of a loaded ``state`` into resolved tickets."""
+    def adopt(self, p: torch.Tensor, state: dict[str, Any], groups: list[list[int]]) -> None:
+        """Turn the pending entries of a loaded ``state`` into resolved tickets, one per job
+        (``groups``: the factor indices of each of the parameter's jobs)."""
+        roots, oks = state.pop("pending_roots"), state.pop("pending_ok").tolist()
+        reasons = state.pop("pending_reasons")
+        factors = state["factors"]
+        staging = self._staging_of(p, [torch.stack([factors[j] for j in g]) for g in groups])
         tickets = []
-        staging = self._staging_of(p, state["factors"])
-        for j, (root, ok, reason) in enumerate(
-            zip(state.pop("pending_roots"), state.pop("pending_ok"), state.pop("pending_reasons"))
-        ):
-            if bool(ok):
-                staging[j].result.copy_(root)
-            tickets.append(Ticket.resolved(RootOutcome(bool(ok), math.nan, reason, 0.0)))
+        for buffers, indices in zip(staging, groups):
+            for row, j in enumerate(indices):
+                if oks[j]:
+                    buffers.result[row].copy_(roots[j])
+            outcomes = [RootOutcome(bool(oks[j]), math.nan, reasons[j], 0.0) for j in indices]
+            tickets.append(Ticket.resolved(outcomes))
         self.pending[p] = Pending(
             submitted=int(state.pop("pending_submitted")),
             due=int(state.pop("pending_due")),
             jobs=[],
             tickets=tickets,
+            factors=groups,
             buffers=staging,
         )
 
@@ -374,3 +393,11 @@ class RootScheduler:
         self.pending.clear()
         self.staging.clear()
         self.unsent.clear()
+
+
+def outcomes_of(ticket: Ticket, indices: list[int]) -> list[RootOutcome]:
+    """A job's outcome per factor; an exception it raised fails each of them with its text."""
+    try:
+        return ticket.outcome()
+    except Exception as exc:
+        return [RootOutcome(False, math.nan, f"{type(exc).__name__}: {exc}", 0.0)] * len(indices)

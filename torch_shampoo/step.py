@@ -22,7 +22,16 @@ from .buckets import Bucket
 from .config import EngineConfig
 from .grafting import graft_direction, update_graft_state
 
-__all__ = ["Unit", "Work", "accumulate", "directions", "update_parameters"]
+__all__ = [
+    "Unit",
+    "Work",
+    "accumulate",
+    "directions",
+    "precondition",
+    "statistics",
+    "units_of",
+    "update_parameters",
+]
 
 
 @dataclass
@@ -210,3 +219,109 @@ def update_parameters(u: Unit, preconditioned: torch.Tensor | None) -> None:
 
 def _rows(stack: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
     return [row.view(p.shape) for row, p in zip(stack.unbind(), params)]
+
+
+# ------------------------------------------------------------------- per bucket
+
+
+def units_of(work: list[Work], buckets: list[Bucket]) -> tuple[list[Unit], dict[int, Unit]]:
+    """The step's units: each bucket with stacked moments whose parameters all step now (at
+    the same step count) as one unit, every other parameter on its own. Also returns the
+    stacked units by bucket (``id``)."""
+    by_param = {w.p: w for w in work}
+    units: list[Unit] = []
+    stacked: dict[int, Unit] = {}
+    covered: set[int] = set()
+    for bucket in buckets:
+        if not bucket.moments:
+            continue
+        found = [by_param.get(m.p) for m in bucket.members]
+        works = [w for w in found if w is not None and w.curvature is None]
+        if len(works) == len(found) and all(w.t == works[0].t for w in works):
+            unit = stacked[id(bucket)] = make_unit(works, bucket)
+            units.append(unit)
+            covered.update(id(m.p) for m in bucket.members)
+    units += [make_unit([w], None) for w in work if id(w.p) not in covered]
+    return units, stacked
+
+
+def statistics(units: list[Unit], buckets: list[Bucket], stacked: dict[int, Unit]) -> None:
+    """F ← β₂F + w·G Gᵀ per bucket and factored dim: one batched product each."""
+    single = {u.works[0].p: u for u in units if u.bucket is None and u.g is not None}
+    for bucket in buckets:
+        if not bucket.factors:
+            continue
+        unit = stacked.get(id(bucket))
+        if unit is not None:
+            assert unit.g is not None
+            rows, blocks, flags = None, unit.g, unit.cells
+        else:
+            members = [m for m in bucket.members if m.p in single]
+            if not members:
+                continue
+            parts = [single[m.p] for m in members]
+            rows = bucket.rows(members)
+            blocks = bucket.gather([u.g for u in parts], members)  # type: ignore[misc]
+            flags = None
+            if parts[0].cells is not None:
+                flags = torch.cat([m.flags(u.cells) for m, u in zip(members, parts)])  # type: ignore[arg-type]
+        factors = bucket.factors if rows is None else [f[rows] for f in bucket.factors]
+        beta2 = (unit or parts[0]).config.beta2
+        kernels.accumulate_statistics(factors, blocks, bucket.factored, beta2, flags)
+        if rows is not None:
+            for whole, part in zip(bucket.factors, factors):
+                whole.index_copy_(0, rows, part)
+    for u in units:
+        u.g = None  # the gradient copies are not needed any more
+
+
+def precondition(
+    units: list[Unit], buckets: list[Bucket], stacked: dict[int, Unit]
+) -> dict[int, torch.Tensor]:
+    """Shampoo's grafted direction per bucket, for the parameters that use their roots in
+    this step; returned per unit (``id``) in the unit's shape."""
+    single = {u.works[0].p: u for u in units if u.bucket is None}
+    updates: dict[int, torch.Tensor] = {}
+    targets: dict[torch.Tensor, torch.Tensor] = {}
+    for bucket in buckets:
+        unit = stacked.get(id(bucket))
+        if unit is not None:
+            parts, members = [unit], bucket.members
+            if not unit.works[0].preconditioned:
+                continue
+            m_hat, direction = unit.m_hat, unit.direction
+        else:
+            members = [
+                m for m in bucket.members if m.p in single and single[m.p].works[0].uses_roots
+            ]
+            if not members:
+                continue
+            parts = [single[m.p] for m in members]
+            m_hat = bucket.gather([u.m_hat for u in parts], members)  # type: ignore[misc]
+            direction = None
+            if parts[0].direction is not None:
+                same = all(u.direction is u.m_hat for u in parts)
+                direction = m_hat if same else bucket.gather([u.direction for u in parts], members)  # type: ignore[misc]
+        assert m_hat is not None
+        works = [w for u in parts for w in u.works]
+        rooted, some = None, True
+        if any(w.rooted is not None for w in works):
+            flags = [
+                w.rooted is None or w.rooted[b] for m, w in zip(members, works) for b in m.blocks
+            ]
+            rooted, some = torch.tensor(flags, device=m_hat.device), any(flags)
+        if not some:  # the graft's direction (m̂ without one) for all of them
+            if unit is not None:
+                continue
+            result = m_hat if direction is None else direction
+        else:
+            rows = bucket.rows(members)
+            roots = bucket.roots if rows is None else [r[rows] for r in bucket.roots]
+            result = kernels.precondition_stack(roots, m_hat, direction, bucket.factored, rooted)
+        if unit is not None:
+            updates[id(unit)] = result
+        else:
+            bucket.scatter(result, members, targets)
+    for p, target in targets.items():
+        updates[id(single[p])] = target
+    return updates
