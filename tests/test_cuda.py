@@ -169,12 +169,13 @@ def test_host_buffers_are_pinned_and_copies_are_ordered_on_the_current_stream(
         params = [p for p in model.parameters() if opt.state[p]["factors"]]
         assert len(params) >= 4
         for p in params:
-            assert len(staging[p]) == len(opt.state[p]["factors"])
-            for buffers, factor in zip(staging[p], opt.state[p]["factors"]):
-                assert factor.is_cuda
+            slots = opt._slots[id(p)]  # one job per bucket and factored dim
+            assert len(staging[p]) == len(slots)
+            for buffers, slot in zip(staging[p], slots):
+                assert slot.factors.is_cuda and slot.roots.is_cuda
                 for host in (buffers.snapshot, buffers.result):
                     assert host.device.type == "cpu" and host.is_pinned()
-                    assert host.shape == factor.shape and host.dtype == factor.dtype
+                    assert host.shape == slot.factors.shape and host.dtype == slot.factors.dtype
                 assert isinstance(buffers.uploaded, torch.cuda.Event)
             assert bool(opt.state[p]["has_root"].all())
 
@@ -195,13 +196,11 @@ def test_host_buffers_are_pinned_and_copies_are_ordered_on_the_current_stream(
             assert not any(t.done() for t in pending[p].tickets), "a root ended before its copy"
         side.synchronize()
         for p in params:
-            for job, ticket, factor in zip(
-                pending[p].jobs, pending[p].tickets, opt.state[p]["factors"]
-            ):
+            for job, ticket, slot in zip(pending[p].jobs, pending[p].tickets, opt._slots[id(p)]):
                 ready = job.snapshot_ready
                 assert isinstance(ready, torch.cuda.Event) and ready.query()
-                assert torch.equal(job.snapshot, factor.cpu())  # unchanged since step 6
-                assert ticket.outcome().ok
+                assert torch.equal(job.snapshot, slot.factors.cpu())  # unchanged since step 6
+                assert all(outcome.ok for outcome in ticket.outcome())
 
         # Step 8 installs them: uploads queued behind the GPU's work, then the roots arrive.
         train_lagging(model, opt, batches[6:7], LAG)
@@ -216,10 +215,12 @@ def test_host_buffers_are_pinned_and_copies_are_ordered_on_the_current_stream(
                 assert not buffers.uploaded.query(), "the upload's event is on another stream"
         side.synchronize()
         for p in params:
-            for buffers, root in zip(staging[p], opt.state[p]["roots"]):
+            for buffers, slot in zip(staging[p], opt._slots[id(p)]):
                 uploaded = buffers.uploaded
                 assert isinstance(uploaded, torch.cuda.Event) and uploaded.query()
-                assert torch.equal(root.cpu(), buffers.result)
+                assert torch.equal(slot.roots.cpu(), buffers.result)
+                for row, j in enumerate(slot.indices):  # the state's roots are the stack's rows
+                    assert torch.equal(opt.state[p]["roots"][j].cpu(), buffers.result[row])
         assert opt.root_stats()["roots_computed"] == 2 * sum(
             len(s["factors"]) for s in opt.state.values()
         )

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from . import device
 from .blocking import BlockLayout
 from .scheduler import Slot
 
@@ -104,7 +105,8 @@ class Bucket:
         if len(members) == len(self.members):
             return None
         index = [m.offset + i for m in members for i in range(len(m.blocks))]
-        return torch.tensor(index, device=self.factors[0].device if self.factors else "cpu")
+        where = self.factors[0].device if self.factors else torch.device("cpu")
+        return device.small_tensor(index, where)
 
     def gather(self, tensors: Sequence[torch.Tensor], members: Sequence[Member]) -> torch.Tensor:
         """The blocks of parameter-shaped ``tensors`` (one per member) as an (n, *block) stack."""

@@ -13,7 +13,8 @@ the device on the main thread):
 * ``to_device``: ``X.copy_(host, non_blocking=True)`` on the current stream, before the kernels
   that read X. The event recorded after it guards ``host``: a worker must :func:`wait` on it
   before writing the next result into the same buffer.
-* Host buffers are pinned (page-locked), which is what makes the copies asynchronous.
+* Host buffers are pinned (page-locked), which is what makes the copies asynchronous; so are
+  the small host-made tensors a step needs on the device (:func:`small_tensor`).
 
 On a CPU-only machine the very same calls run with ordinary buffers: copies are plain copies that
 are complete when they return, so no event is needed and :func:`wait` does nothing.
@@ -21,9 +22,19 @@ are complete when they return, so no event is needed and :func:`wait` does nothi
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-__all__ = ["CopyDone", "host_buffer", "to_device", "to_host", "wait"]
+__all__ = [
+    "CopyDone",
+    "host_buffer",
+    "known_all_true",
+    "small_tensor",
+    "to_device",
+    "to_host",
+    "wait",
+]
 
 CopyDone = torch.cuda.Event | None
 """Marks the completion of an asynchronous copy; ``None`` when the copy was synchronous."""
@@ -32,6 +43,23 @@ CopyDone = torch.cuda.Event | None
 def host_buffer(like: torch.Tensor) -> torch.Tensor:
     """A CPU buffer shaped like ``like``: pinned when ``like`` lives on a CUDA device."""
     return torch.zeros(like.shape, dtype=like.dtype, pin_memory=like.is_cuda)
+
+
+def small_tensor(values: list[Any], device: torch.device) -> torch.Tensor:
+    """A small tensor of host values (row indices, per-block flags) on ``device``: staged in
+    pinned memory and copied without blocking on CUDA, since a copy from pageable memory would
+    wait for the work queued on the stream."""
+    tensor = torch.tensor(values)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def known_all_true(flags: torch.Tensor) -> bool:
+    """Are all ``flags`` known to be True without waiting for the device? On the CPU they are
+    read (the values exist already); on CUDA the answer is always "not known", since reading
+    them would wait for the stream."""
+    return flags.device.type == "cpu" and bool(flags.all())
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor, cuda_device: torch.device | None) -> CopyDone:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from . import kernels
+from . import device, kernels
 from .blocking import BlockLayout, expand_grid
 from .buckets import Bucket
 from .config import EngineConfig
@@ -123,7 +123,9 @@ def make_unit(works: Sequence[Work], bucket: Bucket | None) -> Unit:
 def _gradient(u: Unit) -> torch.Tensor:
     """This step's gradient in the state dtype (a copy: p.grad is never modified), with the
     non-finite guard applied: blocks whose gradient is not finite are zeroed and flagged in
-    ``u.cells``; every state update is then masked with the flags (no host sync)."""
+    ``u.cells``; every state update is then masked with the flags (no host sync). Flags known
+    to be all True (on the CPU, where reading them costs nothing) leave ``u.cells`` None: the
+    masked arithmetic equals the unmasked one there, so the masks are skipped."""
     config, dtype = u.config, u.state["exp_avg"].dtype
     if u.bucket is None:
         grad = u.works[0].p.grad
@@ -139,14 +141,16 @@ def _gradient(u: Unit) -> torch.Tensor:
         g.add_(u.params(g.dtype), alpha=config.weight_decay)
     if config.skip_nonfinite:
         if u.bucket is None:
-            u.cells, bad = kernels.finite_blocks(g, u.works[0].layout)
+            cells, bad = kernels.finite_blocks(g, u.works[0].layout)
         else:
-            u.cells = torch.isfinite(g.flatten(1).sum(1, dtype=torch.float64))
-            bad = u.cells.logical_not()
+            cells = torch.isfinite(g.flatten(1).sum(1, dtype=torch.float64))
+            bad = cells.logical_not()
         u.state["skipped_blocks"] += bad
-        keep = u.keep()
-        assert keep is not None
-        g.masked_fill_(keep.logical_not(), 0.0)
+        if not device.known_all_true(cells):  # else the unguarded path is the same, bitwise
+            u.cells = cells
+            keep = u.keep()
+            assert keep is not None
+            g.masked_fill_(keep.logical_not(), 0.0)
     return g
 
 
@@ -309,7 +313,7 @@ def precondition(
             flags = [
                 w.rooted is None or w.rooted[b] for m, w in zip(members, works) for b in m.blocks
             ]
-            rooted, some = torch.tensor(flags, device=m_hat.device), any(flags)
+            rooted, some = device.small_tensor(flags, m_hat.device), any(flags)
         if not some:  # the graft's direction (m̂ without one) for all of them
             if unit is not None:
                 continue

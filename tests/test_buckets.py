@@ -1,0 +1,184 @@
+"""Buckets: equal-shape blocks stacked (``torch_shampoo.buckets``), the stacked step and the
+batched roots.
+
+Claims:
+
+* gathering a parameter-shaped tensor into a bucket gives exactly its blocks of that shape, in
+  block order, and scattering gives them back (every element, bit for bit);
+* the state's per-block factors and roots are rows of the bucket stacks (one storage);
+* a bucket of single-block parameters steps as one unit bitwise as its parameters would one at a
+  time, and parameters without a gradient in a step are left alone by their bucket;
+* batching changes a parameter's trajectory only by rounding (float64, 1e-12);
+* ``inverse_roots`` on a stack agrees with ``inverse_root`` per matrix, failures included.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import torch_shampoo.step as step_module
+from torch_shampoo import Shampoo
+from torch_shampoo.blocking import block_layout, split_blocks
+from torch_shampoo.buckets import factor_groups, plan_buckets
+from torch_shampoo.matrix_roots import inverse_root, inverse_roots
+from torch_shampoo.state import init_state
+
+shapes = st.lists(st.integers(1, 23), min_size=1, max_size=3).map(tuple)
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=shapes, block_size=st.integers(2, 9), seed=st.integers(0, 2**16))
+def test_gather_gives_the_blocks_of_each_shape_and_scatter_gives_them_back(
+    shape: tuple[int, ...], block_size: int, seed: int
+) -> None:
+    p = torch.zeros(shape)
+    layout = block_layout(shape, block_size, 8192)
+    state: dict[str, Any] = {}
+    init_state(p, state, layout)
+    _, placements = plan_buckets([(0, p, layout, state)])
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    blocks = split_blocks(x, layout)
+    targets: dict[torch.Tensor, torch.Tensor] = {}
+    assert sorted(b for bucket, m in placements[id(p)] for b in m.blocks) == list(
+        range(layout.num_blocks)
+    )
+    for bucket, member in placements[id(p)]:
+        stack = bucket.gather([x], [member])
+        assert stack.shape == (len(member.blocks), *bucket.block_shape)
+        for row, b in enumerate(member.blocks):
+            assert torch.equal(stack[row], blocks[b])
+        bucket.scatter(stack, [member], targets)
+    assert torch.equal(targets[p], x)
+    # one job per bucket and factored dim, covering every factor once
+    groups = factor_groups(layout)
+    assert sorted(j for g in groups for j in g) == list(range(len(state["factors"])))
+
+
+def test_the_state_factors_and_roots_are_rows_of_the_bucket_stacks() -> None:
+    params = [torch.nn.Parameter(torch.randn(16, 16)) for _ in range(3)]
+    opt = Shampoo(params, lr=0.01, block_size=8, precondition_frequency=2, async_roots=False)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(16, 16)
+        opt.step()
+    buckets = opt._buckets
+    assert buckets is not None and len(buckets) == 1  # 3 × 4 blocks of 8×8
+    bucket = buckets[0]
+    assert bucket.factors[0].shape == (12, 8, 8)
+    storages = {bucket.factors[0].untyped_storage().data_ptr()}
+    for p in params:
+        for j in range(0, 8, 2):  # dim 0 of every block
+            factor = opt.state[p]["factors"][j]
+            assert factor.untyped_storage().data_ptr() in storages
+    assert torch.equal(opt.state[params[1]]["factors"][0], bucket.factors[0][4])
+    assert torch.equal(opt.state[params[1]]["roots"][1], bucket.roots[1][4])
+    opt.close()
+
+
+def _many(seed: int, dtype: torch.dtype = torch.float32) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        torch.nn.Parameter(torch.randn(shape, generator=gen, dtype=dtype))
+        for shape in [(6, 6), (6, 6), (6,), (6,), (6, 6), (13, 6)]
+    ]
+
+
+def _run(
+    params: list[torch.nn.Parameter], steps: int, seed: int, skip: int | None = None, **kw: Any
+) -> Shampoo:
+    gen = torch.Generator().manual_seed(seed + 1)
+    kwargs: dict[str, Any] = dict(lr=0.02, block_size=8, precondition_frequency=3)
+    opt = Shampoo(params, **{**kwargs, "async_roots": False, "momentum": 0.5, **kw})
+    for t in range(steps):
+        for i, p in enumerate(params):
+            g = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+            p.grad = None if i == skip and t % 2 else g
+        opt.step()
+    opt.close()
+    return opt
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_a_stacked_bucket_steps_bitwise_as_its_parameters_one_at_a_time(
+    monkeypatch: pytest.MonkeyPatch, weight_decay: float
+) -> None:
+    """The stacked elementwise step (one unit per bucket) against the per-parameter step (every
+    parameter its own unit, the same buckets for the matrix work)."""
+    stacked = _many(0)
+    _run(stacked, 8, 0, weight_decay=weight_decay)
+    original = step_module.units_of
+
+    def one_at_a_time(work: Any, buckets: Any) -> Any:
+        return original(work, [])  # no stacked units: every parameter alone
+
+    monkeypatch.setattr(step_module, "units_of", one_at_a_time)
+    alone = _many(0)
+    _run(alone, 8, 0, weight_decay=weight_decay)
+    for a, b in zip(stacked, alone):
+        assert torch.equal(a, b)
+
+
+def test_a_parameter_without_a_gradient_is_left_alone_by_its_bucket() -> None:
+    """Its bucket steps the others (rows gathered and written back); its own rows, moments and
+    values do not change, and it resumes with its own step count."""
+    params = _many(1, torch.float64)
+    opt = _run(params, 6, 1, skip=1)
+    assert int(opt.state[params[1]]["step"]) == 3  # stepped at t = 0, 2, 4 only
+    keys = ("exp_avg", "graft_v", "momentum_buffer")
+    before = {k: opt.state[params[1]][k].clone() for k in keys}
+    factors = [f.clone() for f in opt.state[params[1]]["factors"]]
+    value = params[1].detach().clone()
+    others = [p.detach().clone() for p in params]
+    for i, p in enumerate(params):
+        p.grad = None if i == 1 else torch.randn(p.shape, dtype=p.dtype)
+    opt.step()
+    assert torch.equal(params[1], value)
+    assert all(torch.equal(opt.state[params[1]][k], before[k]) for k in keys)
+    assert all(map(torch.equal, opt.state[params[1]]["factors"], factors))
+    assert all(not torch.equal(p, q) for i, (p, q) in enumerate(zip(params, others)) if i != 1)
+    opt.close()
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16))
+def test_batching_changes_a_trajectory_only_by_rounding(seed: int) -> None:
+    """Each parameter trained in a bucket with others equals it trained alone (float64)."""
+    together = _many(seed, torch.float64)
+    _run(together, 7, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    grads = [
+        [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in together] for _ in range(7)
+    ]
+    for i, p in enumerate(_many(seed, torch.float64)):
+        opt = Shampoo(
+            [p], lr=0.02, block_size=8, precondition_frequency=3, async_roots=False, momentum=0.5
+        )
+        for step_grads in grads:
+            p.grad = step_grads[i]
+            opt.step()
+        opt.close()
+        torch.testing.assert_close(p, together[i], rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(k=st.integers(1, 6), n=st.integers(1, 12), seed=st.integers(0, 2**16), bad=st.booleans())
+def test_inverse_roots_of_a_stack_agree_with_inverse_root_per_matrix(
+    k: int, n: int, seed: int, bad: bool
+) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(k, n, 2 * n, generator=gen, dtype=torch.float64)
+    stack = w @ w.mT  # well conditioned: rounding is not amplified (rank-deficient ones are)
+    if bad:
+        stack[k // 2, 0, 0] = math.nan
+    batched = inverse_roots(stack, 4.0, 1e-3)
+    for matrix, found in zip(stack, batched):
+        alone = inverse_root(matrix, 4.0, 1e-3)
+        assert found.ok == alone.ok
+        if alone.ok:
+            torch.testing.assert_close(found.root, alone.root, rtol=1e-10, atol=1e-12)
