@@ -58,8 +58,11 @@ def small_tensor(values: list[Any], device: torch.device) -> torch.Tensor:
 def known_all_true(flags: torch.Tensor) -> bool:
     """Are all ``flags`` known to be True without waiting for the device? On the CPU they are
     read (the values exist already); on CUDA the answer is always "not known", since reading
-    them would wait for the stream."""
-    return flags.device.type == "cpu" and bool(flags.all())
+    them would wait for the stream; under ``torch.compile`` too, so the traced graph does not
+    branch on data."""
+    if flags.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    return bool(flags.all())
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor, cuda_device: torch.device | None) -> CopyDone:
