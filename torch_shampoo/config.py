@@ -50,6 +50,8 @@ class EngineConfig:
     """Steps between a later root cycle's snapshot and its use; None: auto."""
     max_root_failures: int
     skip_nonfinite: bool
+    relative_epsilon: bool = False
+    """ε is a multiple of each factor's mean eigenvalue tr(F)/d at the root step."""
 
     def epsilon_at(self, step: int) -> float:
         """ε at ``step``; a schedule (NG+'s ``damping``) must give a positive finite number."""

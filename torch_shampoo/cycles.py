@@ -110,6 +110,7 @@ class RootCycles:
                     exponent=exponent,
                     epsilon=epsilon,
                     method=config.root_method,
+                    relative=config.relative_epsilon,
                 )
                 for slot, buffers in zip(slots, staging)
             ]

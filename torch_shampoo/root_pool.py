@@ -3,7 +3,8 @@
 A :class:`RootJob` is everything the inverse roots of a stack of equal-size factors need (a
 parameter's factors of one bucket and dim): a host snapshot of the stack taken at the root step,
 the bias-correction divisor, the exponent and the epsilon. :func:`solve` turns it into
-X = (F/bc + εI)^(−1/r) per factor (one batched eigendecomposition); it is the *only* code that
+X = (F/bc + εI)^(−1/r) per factor (one batched eigendecomposition), or with a relative epsilon
+X = (F/bc + ε·τ I)^(−1/r), τ = tr(F/bc)/d its mean eigenvalue; it is the *only* code that
 computes roots, and it always runs with the same number of intra-op threads (the pool's
 ``threads``), so roots are bitwise the same whether they are waited for at once (synchronous
 roots) or installed later.
@@ -58,6 +59,8 @@ class RootJob:
     exponent: float
     epsilon: float
     method: str
+    relative: bool = False
+    """ε is relative to each factor's mean eigenvalue τ = tr(F)/d (τ ≤ 0: absolute)."""
 
 
 @dataclass(frozen=True)
@@ -82,8 +85,16 @@ def solve(job: RootJob) -> tuple[list[RootOutcome], torch.Tensor]:
     device.wait(job.snapshot_ready)
     start = time.perf_counter()
     matrices = job.snapshot.to(torch.float64) / job.scale
+    level = None
+    if job.relative and len(matrices):
+        # (F + ετI)^(−1/r) = τ^(−1/r) (F/τ + εI)^(−1/r): the batch solves the normalized factors
+        level = matrices.diagonal(dim1=-2, dim2=-1).mean(-1)
+        level = torch.where(level > 0, level, 1.0).nan_to_num_(1.0, 1.0, 1.0)[:, None, None]
+        matrices = matrices / level
     found = inverse_roots(matrices, job.exponent, job.epsilon, job.method)
     roots = torch.stack([f.root for f in found]) if found else matrices
+    if level is not None:
+        roots = roots * level.pow(-1.0 / job.exponent)
     finite = torch.isfinite(roots).flatten(1).all(1).tolist() if found else []
     seconds = (time.perf_counter() - start) / max(1, len(found))
     outcomes = [
