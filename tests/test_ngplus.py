@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from models import make_batches, mixed_model, train
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
@@ -51,25 +53,48 @@ def outer(g: Tensor) -> Tensor:
 
 
 def solve_blocks(
-    fisher: Tensor, g: Tensor, damping: float, block_size: int | None = None
+    fisher: Tensor,
+    g: Tensor,
+    damping: float,
+    block_size: int | None = None,
+    relative: bool = False,
 ) -> Tensor:
-    """D = (F_b + λI)⁻¹ G_b per diagonal block b of ``block_size`` rows (one block if None)."""
+    """D = (F_b + λ_b I)⁻¹ G_b per diagonal block b of ``block_size`` rows (one block if None);
+    λ_b = λ, or λ·tr(F_b)/m_b with ``relative`` damping."""
     gm = as_matrix(g).to(F64)
     m = gm.shape[0]
     size = block_size or m
     out = torch.empty_like(gm)
     for lo in range(0, m, size):
         hi = min(m, lo + size)
+        block = fisher[lo:hi, lo:hi]
+        level = damping * block.trace() / (hi - lo) if relative else damping
         eye = torch.eye(hi - lo, dtype=F64)
-        out[lo:hi] = torch.linalg.solve(fisher[lo:hi, lo:hi] + damping * eye, gm[lo:hi])
+        out[lo:hi] = torch.linalg.solve(block + level * eye, gm[lo:hi])
     return out.reshape(g.shape)
 
 
-class PlainNGPlus:
-    """NG+ with T = 1 written out: per step and parameter (``block_size`` rows per block)
+def graft_blocks(d: Tensor, size: Tensor, block_size: int | None) -> Tensor:
+    """D_b·‖A_b‖/‖D_b‖ per block of ``block_size`` rows: NG+'s direction with the graft's size."""
+    dm, am = as_matrix(d).clone(), as_matrix(size)
+    step = block_size or dm.shape[0]
+    for lo in range(0, dm.shape[0], step):
+        dm[lo : lo + step] *= am[lo : lo + step].norm() / dm[lo : lo + step].norm()
+    return dm.reshape(d.shape)
 
-    F ← βF + (1 − β) G Gᵀ;  D = (F + λI)⁻¹ G  (D = G for a non-matrix);  D ← D + wd·W;
-    b ← μ b + D;  D ← D + μ b (Nesterov) or b;  W ← W − lr·D.
+
+# The paper's rule: absolute damping, no bias correction of F, the step's size NG+'s own.
+PAPER: dict[str, Any] = dict(relative_damping=False, bias_correction=False, grafting="none")
+
+
+class PlainNGPlus:
+    """NG+ with T = 1 written out: per step t and parameter (``block_size`` rows per block)
+
+    F ← βF + (1 − β) G Gᵀ;  F̂ = F / (1 − βᵗ) (``bias_correction``) or F;
+    D = (F̂_b + λ_b I)⁻¹ G_b per block, λ_b = λ or λ·tr(F̂_b)/m_b (``relative``);
+    the graft's direction A = G ("sgd") or G / (√(v / (1 − β₂ᵗ)) + ε) with v ← β₂v + (1 − β₂)G²
+    ("adam"), and D_b ← D_b·‖A_b‖/‖D_b‖ (a non-matrix: D = G·‖A‖/‖G‖, one block);
+    D ← D + wd·W;  b ← μ b + D;  D ← D + μ b (Nesterov) or b;  W ← W − lr·D.
     """
 
     def __init__(
@@ -82,24 +107,49 @@ class PlainNGPlus:
         beta: float,
         nesterov: bool = False,
         block_size: int | None = None,
+        relative: bool = False,
+        bias_correction: bool = False,
+        graft: str = "none",
+        graft_beta2: float = 0.999,
+        graft_epsilon: float = 1e-8,
     ) -> None:
         self.weights = [p.detach().to(F64, copy=True) for p in params]
         self.fishers = [
             torch.zeros(p.shape[0], p.shape[0], dtype=F64) if p.dim() >= 2 else None for p in params
         ]
         self.buffers = [torch.zeros_like(w) for w in self.weights]
+        self.second = [torch.zeros_like(w) for w in self.weights]
         self.lr, self.mu, self.wd, self.damping = lr, momentum, weight_decay, damping
         self.beta, self.nesterov, self.block_size = beta, nesterov, block_size
+        self.relative, self.bias_correction = relative, bias_correction
+        self.graft, self.graft_beta2, self.graft_epsilon = graft, graft_beta2, graft_epsilon
+        self.t = 0
+
+    def graft_direction(self, i: int, g: Tensor) -> Tensor | None:
+        if self.graft == "sgd":
+            return g
+        if self.graft == "adam":
+            b2 = self.graft_beta2
+            self.second[i] = b2 * self.second[i] + (1 - b2) * g * g
+            v = self.second[i] / (1 - b2**self.t) if self.bias_correction else self.second[i]
+            return g / (v.sqrt() + self.graft_epsilon)
+        return None
 
     def step(self, grads: list[Tensor]) -> None:
+        self.t += 1
         for i, (w, g) in enumerate(zip(self.weights, grads)):
             g = g.to(F64)
+            size = self.graft_direction(i, g)
             fisher = self.fishers[i]
-            if fisher is None:
-                d = g
+            if fisher is None:  # the identity as preconditioner: one block, grafted
+                d = g if size is None else g * (size.norm() / g.norm())
             else:
                 fisher = self.fishers[i] = self.beta * fisher + (1 - self.beta) * outer(g)
-                d = solve_blocks(fisher, g, self.damping, self.block_size)
+                if self.bias_correction:
+                    fisher = fisher / (1 - self.beta**self.t)
+                d = solve_blocks(fisher, g, self.damping, self.block_size, self.relative)
+                if size is not None:
+                    d = graft_blocks(d, size, self.block_size)
             d = d + self.wd * w
             if self.mu != 0:
                 self.buffers[i] = self.mu * self.buffers[i] + d
@@ -207,6 +257,7 @@ def test_direction_solves_the_damped_moving_average_fisher(
         curvature_beta=beta,
         inverse_frequency=1,
         root_method=root_method,
+        **PAPER,
         **SYNC,
     ) as opt:
         for grads in random_grads(MATRICES, 5):
@@ -231,7 +282,13 @@ def test_weight_decay_and_momentum_follow_the_plain_reference(nesterov: bool) ->
     params = leaves(shapes)
     reference = PlainNGPlus(params, beta=0.7, nesterov=nesterov, **hyper)
     with NGPlus(
-        params, curvature_beta=0.7, inverse_frequency=1, nesterov=nesterov, **hyper, **SYNC
+        params,
+        curvature_beta=0.7,
+        inverse_frequency=1,
+        nesterov=nesterov,
+        **hyper,
+        **PAPER,
+        **SYNC,
     ) as opt:
         for grads in random_grads(shapes, 6):
             step_with(opt, params, grads)
@@ -259,6 +316,7 @@ def test_the_inverse_is_refreshed_every_t_steps(staleness: int) -> None:
         inverse_frequency=frequency,
         async_roots=False,
         root_staleness=staleness,
+        **PAPER,
     ) as opt:
         for t, g in enumerate(grads, start=1):
             before = param.detach().clone()
@@ -287,6 +345,7 @@ def test_an_output_dim_above_block_size_uses_diagonal_blocks_of_f(shape: tuple[i
         curvature_beta=beta,
         inverse_frequency=1,
         block_size=block_size,
+        **PAPER,
         **SYNC,
     ) as opt:
         for grads in random_grads([shape], 4):
@@ -322,7 +381,7 @@ def test_non_matrix_parameters_take_sgd_momentum_steps(
         lr=0.1, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov
     )
     sgd = torch.optim.SGD(theirs, **hyper)
-    with NGPlus(ours, damping=1e-3, inverse_frequency=1, **hyper) as opt:
+    with NGPlus(ours, damping=1e-3, inverse_frequency=1, **hyper, **PAPER) as opt:
         for grads in random_grads(shapes, 6):
             step_with(opt, ours, grads)
             step_with(sgd, theirs, grads)
@@ -333,6 +392,134 @@ def test_non_matrix_parameters_take_sgd_momentum_steps(
                     assert torch.equal(a, b), (a - b).abs().max()
         assert all(opt.state[p]["factors"] == [] for p in ours)
     assert not torch.equal(ours[0], leaves(shapes, dtype=torch.float32)[0])
+
+
+# ----------------------------------------------------------------------- the size of the step
+
+
+@pytest.mark.parametrize("grafting", ["none", "sgd", "adam"])
+@pytest.mark.parametrize(
+    ("relative", "bias_correction", "nesterov"),
+    [(False, True, True), (True, False, False), (True, True, True)],
+)
+def test_relative_damping_bias_correction_and_the_graft_follow_the_plain_reference(
+    grafting: str, relative: bool, bias_correction: bool, nesterov: bool
+) -> None:
+    shapes = [(10, 3), (6, 2, 2), (5,), ()]
+    hyper: dict[str, Any] = dict(lr=0.1, momentum=0.8, weight_decay=0.01, damping=0.1)
+    params = leaves(shapes)
+    reference = PlainNGPlus(
+        params,
+        beta=0.7,
+        block_size=4,
+        relative=relative,
+        bias_correction=bias_correction,
+        graft=grafting,
+        graft_beta2=0.9,
+        graft_epsilon=1e-3,
+        nesterov=nesterov,
+        **hyper,
+    )
+    with NGPlus(
+        params,
+        curvature_beta=0.7,
+        inverse_frequency=1,
+        block_size=4,
+        relative_damping=relative,
+        bias_correction=bias_correction,
+        grafting=grafting,
+        grafting_beta2=0.9,
+        grafting_epsilon=1e-3,
+        nesterov=nesterov,
+        **hyper,
+        **SYNC,
+    ) as opt:
+        for grads in random_grads(shapes, 5):
+            step_with(opt, params, grads)
+            reference.step(grads)
+            for p, w in zip(params, reference.weights):
+                assert_close(p.detach(), w)
+
+
+def one_step(params: list[Tensor], grads: list[Tensor], **kwargs: Any) -> list[Tensor]:
+    """The update W_before − W_after of NG+'s first step on copies of ``params``."""
+    copies = [p.detach().clone().requires_grad_() for p in params]
+    with NGPlus(copies, inverse_frequency=1, **kwargs, **SYNC) as opt:
+        step_with(opt, copies, grads)
+    return [p.detach() - q.detach() for p, q in zip(params, copies)]
+
+
+@settings(max_examples=25, deadline=None)
+@given(log_c=st.floats(-3.0, 3.0), seed=st.integers(0, 2**16), relative=st.booleans())
+def test_scaling_the_loss_by_c_scales_the_natural_gradient_by_one_over_c(
+    log_c: float, seed: int, relative: bool
+) -> None:
+    """D = (F + λI)⁻¹ G: loss × c makes G → cG and F → c²F, so with relative damping (or an
+    absolute λ → c²λ, its counterpart) D → D/c: the direction is unchanged."""
+    c = 10.0**log_c
+    shapes = [(6, 4), (9, 3)]
+    params, grads = leaves(shapes, seed), random_grads(shapes, 1, seed)[0]
+    kwargs: dict[str, Any] = dict(
+        lr=1.0, momentum=0.0, block_size=4, grafting="none", relative_damping=relative
+    )
+    plain = one_step(params, grads, damping=0.1, **kwargs)
+    scaled = one_step(
+        params, [c * g for g in grads], damping=0.1 if relative else 0.1 * c * c, **kwargs
+    )
+    for a, b in zip(plain, scaled):
+        torch.testing.assert_close(b * c, a, rtol=1e-9, atol=0.0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(log_c=st.floats(-3.0, 3.0), seed=st.integers(0, 2**16))
+def test_with_relative_damping_and_the_adam_graft_the_step_ignores_the_loss_scale(
+    log_c: float, seed: int
+) -> None:
+    """The defaults: relative damping and the Adam graft (ε = 0 here) make every step, momentum
+    and all, independent of a constant factor on the loss."""
+    c = 10.0**log_c
+    shapes = [(6, 4), (9, 3), (5,)]
+    kwargs: dict[str, Any] = dict(
+        lr=0.1, block_size=4, inverse_frequency=2, grafting="adam", grafting_epsilon=0.0, **SYNC
+    )
+    a, b = leaves(shapes, seed), leaves(shapes, seed)
+    with NGPlus(a, **kwargs) as plain, NGPlus(b, **kwargs) as scaled:
+        for grads in random_grads(shapes, 4, seed):
+            step_with(plain, a, grads)
+            step_with(scaled, b, [c * g for g in grads])
+    for x, y in zip(a, b):
+        torch.testing.assert_close(y, x, rtol=1e-9, atol=1e-12)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**16), lr=st.floats(1e-3, 10.0))
+def test_the_adam_graft_gives_every_block_the_size_of_adams_step(seed: int, lr: float) -> None:
+    """Per block of F (``block_size`` output rows) the step's norm is Adam's (torch.optim.Adam
+    with β₁ = 0), whatever the curvature, so no block steps further than Adam would."""
+    shapes, block_size = [(10, 3), (6, 2, 2)], 4
+    ours = leaves(shapes, seed)
+    theirs = snapshot(ours)
+    for p in theirs:
+        p.requires_grad_()
+    adam = torch.optim.Adam(theirs, lr=lr, betas=(0.0, 0.99), eps=1e-8)
+    kwargs: dict[str, Any] = dict(lr=lr, momentum=0.0, grafting="adam", grafting_beta2=0.99, **SYNC)
+    with NGPlus(ours, block_size=block_size, inverse_frequency=2, **kwargs) as opt:
+        for grads in random_grads(shapes, 4, seed):
+            ours_before, theirs_before = snapshot(ours), snapshot(theirs)
+            step_with(opt, ours, grads)
+            step_with(adam, theirs, grads)
+            for i in range(len(shapes)):
+                mine = as_matrix(ours_before[i] - ours[i].detach())
+                adams = as_matrix(theirs_before[i] - theirs[i].detach())
+                for lo in range(0, mine.shape[0], block_size):
+                    expected = adams[lo : lo + block_size].norm()
+                    actual = mine[lo : lo + block_size].norm()
+                    torch.testing.assert_close(actual, expected, rtol=1e-9, atol=0.0)
+                # Not vacuous: the direction is NG+'s, not Adam's.
+                cosine = torch.nn.functional.cosine_similarity(
+                    mine.flatten(), adams.flatten(), dim=0
+                )
+                assert cosine < 0.999
 
 
 # ------------------------------------------------------------------------------------- damping
@@ -359,6 +546,7 @@ def test_a_damping_schedule_is_called_at_inverse_steps_and_used() -> None:
         damping=recorded,
         curvature_beta=beta,
         inverse_frequency=frequency,
+        **PAPER,
         **SYNC,
     ) as opt:
         for t, g in enumerate(grads, start=1):
@@ -466,7 +654,13 @@ def test_per_sample_factor_is_the_brute_force_fisher_with_the_bias_folded(
     expected = {layer: per_sample_fisher(model, x, y, layer) for layer in layers}
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     kwargs: dict[str, Any] = dict(
-        lr=1.0, momentum=0.0, damping=damping, curvature_beta=beta, inverse_frequency=1, **SYNC
+        lr=1.0,
+        momentum=0.0,
+        damping=damping,
+        curvature_beta=beta,
+        inverse_frequency=1,
+        **PAPER,
+        **SYNC,
     )
     if how == "model=":
         opt = NGPlus(model.parameters(), statistics="per_sample", model=model, **kwargs)
@@ -721,10 +915,18 @@ def test_an_unknown_choice_lists_the_valid_ones(name: str, choices: tuple[str, .
         NGPlus([p], **{name: choice}).close()
 
 
-def test_nesterov_needs_momentum() -> None:
-    p = torch.zeros(4, 3, requires_grad=True)
-    with pytest.raises(ValueError, match="nesterov"):
-        NGPlus([p], momentum=0.0, nesterov=True)
+def test_without_momentum_nesterov_changes_nothing() -> None:
+    """Nesterov is the default; momentum=0 alone then gives the plain step (no error)."""
+    shapes = [(6, 4), (5,)]
+    runs = []
+    for nesterov in (True, False):
+        params = leaves(shapes)
+        with NGPlus(params, momentum=0.0, nesterov=nesterov, inverse_frequency=2, **SYNC) as opt:
+            for grads in random_grads(shapes, 4):
+                step_with(opt, params, grads)
+        runs.append(snapshot(params))
+    assert_bitwise_equal(runs[0], runs[1])
+    assert not torch.equal(runs[0][0], leaves(shapes)[0])
 
 
 @pytest.mark.parametrize("split", [5, 6])
