@@ -1,10 +1,12 @@
 """Convergence benchmark: tasks x optimizers x a small learning-rate grid.
 
-For every task (digits CNN, character LM; built by the example scripts) and optimizer, each lr
-in the grid (the example's default lr times --lr-scales) trains from the same initialization on
-the same batches. The target is Adam's best final (EMA-smoothed) training loss; for every
-optimizer's best lr the benchmark reports the final losses and the steps and training wall time
-it took to reach that target. Results go to convergence.json and convergence.png in --out-dir.
+For every task (digits CNN, character LM, teacher regression; built by the example scripts) and
+optimizer, each lr in the grid (the example's default lr times --lr-scales) trains from the same
+initialization on the same batches. The targets are Adam's and SGD-momentum's best final
+(EMA-smoothed) training losses; for every optimizer's best lr the benchmark reports the final
+losses, the steps (and their ratio to SGD-momentum's own) and training wall time it took to reach
+them, and which lrs of the grid diverged. Results go to convergence.json and convergence.png in
+--out-dir.
 
     python benchmarks/convergence.py            # full run (~5 minutes on an idle 2-core CPU)
     python benchmarks/convergence.py --quick    # smoke run (seconds)
@@ -29,6 +31,7 @@ sys.path.insert(0, str(EXAMPLES))
 import _common  # noqa: E402
 import train_charlm  # noqa: E402
 import train_digits  # noqa: E402
+import train_regression  # noqa: E402
 from _common import RunResult, Task  # noqa: E402
 
 METHODS = ("sgd", "adam", "shampoo-async", "ngplus", "ngplus-ps")
@@ -40,7 +43,7 @@ class TaskSpec:
 
     build: Callable[[bool], Task]
     lrs: dict[str, float]
-    ngplus_damping: float
+    ngplus_damping: float | None
     steps: int
     quick_steps: int
 
@@ -63,6 +66,13 @@ TASKS = {
         train_charlm.NGPLUS_DAMPING,
         steps=train_charlm.DEFAULT_STEPS,
         quick_steps=20,
+    ),
+    "regression": TaskSpec(
+        lambda quick: train_regression.build_task(train_size=512 if quick else 4096),
+        train_regression.DEFAULT_LRS,
+        train_regression.NGPLUS_DAMPING,
+        steps=train_regression.DEFAULT_STEPS,
+        quick_steps=30,
     ),
 }
 
@@ -91,6 +101,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+SGD = "SGD-momentum"
+
+
 def summarize(runs: Sequence[RunResult]) -> tuple[float, dict[str, RunResult]]:
     """Adam's best final train loss (the target) and each method's best-lr run."""
     best: dict[str, RunResult] = {}
@@ -101,7 +114,15 @@ def summarize(runs: Sequence[RunResult]) -> tuple[float, dict[str, RunResult]]:
     return target, best
 
 
-def run_record(run: RunResult, target: float) -> dict[str, Any]:
+def sgd_target(best: dict[str, RunResult]) -> tuple[float, int | None]:
+    """SGD-momentum's best final train loss and the steps its best run took to reach it."""
+    if SGD not in best or best[SGD].diverged:
+        return math.inf, None
+    run = best[SGD]
+    return run.final_train, run.steps_to(run.final_train)
+
+
+def run_record(run: RunResult, target: float, sgd_loss: float = math.inf) -> dict[str, Any]:
     """JSON-serializable summary and curves of one run (non-finite numbers become null)."""
 
     def num(x: float | None) -> float | None:
@@ -115,6 +136,7 @@ def run_record(run: RunResult, target: float) -> dict[str, Any]:
         "final_eval_loss": num(run.final_eval),
         "final_eval_acc": run.eval_accs[-1] if run.eval_accs and not run.diverged else None,
         "steps_to_target": run.steps_to(target),
+        "steps_to_sgd_best": run.steps_to(sgd_loss) if math.isfinite(sgd_loss) else None,
         "wall_to_target": run.wall_to(target),
         "wall": run.wall,
         "ms_per_step": run.ms_per_step,
@@ -134,12 +156,17 @@ def grid_table(runs: Sequence[RunResult]) -> str:
     return _common.format_table(["method", "lr", "final train loss"], rows)
 
 
-def summary_table(best: dict[str, RunResult], target: float) -> str:
-    """Best-lr results with steps and wall time to the target loss."""
+def summary_table(best: dict[str, RunResult], target: float, runs: Sequence[RunResult]) -> str:
+    """Best-lr results with steps and wall time to the target loss, steps to SGD-momentum's
+    best loss (and their ratio to SGD-momentum's own), and the diverged lrs of the grid."""
+    sgd_loss, sgd_steps = sgd_target(best)
     rows = []
     for r in best.values():
         wall = r.wall_to(target)
         steps = r.steps_to(target)
+        to_sgd = r.steps_to(sgd_loss) if math.isfinite(sgd_loss) else None
+        ratio = "-" if to_sgd is None or not sgd_steps else f"{to_sgd / sgd_steps:.2f}"
+        diverged = [f"{x.lr:g}" for x in runs if x.method == r.method and x.diverged]
         rows.append(
             [
                 r.method,
@@ -148,6 +175,9 @@ def summary_table(best: dict[str, RunResult], target: float) -> str:
                 f"{r.final_eval:.4f}" if math.isfinite(r.final_eval) else "-",
                 "-" if steps is None else str(steps),
                 "-" if wall is None else f"{wall:.1f}",
+                "-" if to_sgd is None else str(to_sgd),
+                ratio,
+                ",".join(diverged) or "none",
                 f"{r.ms_per_step:.1f}",
             ]
         )
@@ -158,6 +188,9 @@ def summary_table(best: dict[str, RunResult], target: float) -> str:
         "eval loss",
         "steps to target",
         "wall to target (s)",
+        "steps to SGD's",
+        "/ SGD's",
+        "diverged lrs",
     ]
     return _common.format_table([*headers, "ms/step"], rows)
 
@@ -234,12 +267,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         summaries[name] = (target, best)
         print(f"\n{name}: final train loss over the lr grid\n{grid_table(runs)}")
         print(f"\n{name}: best lr per method; target = Adam's best final train loss {target:.4f}")
-        print(summary_table(best, target))
+        sgd_loss = sgd_target(best)[0]
+        print(f"(SGD-momentum's best final train loss {sgd_loss:.4f})")
+        print(summary_table(best, target, runs))
         report["tasks"][name] = {
             "steps": steps,
             "target": target if math.isfinite(target) else None,
             "best_lr": {m: r.lr for m, r in best.items()},
-            "runs": [run_record(r, target) for r in runs],
+            "sgd_best": sgd_loss if math.isfinite(sgd_loss) else None,
+            "runs": [run_record(r, target, sgd_loss) for r in runs],
         }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     json_path = args.out_dir / "convergence.json"

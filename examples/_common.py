@@ -99,14 +99,17 @@ class Method:
 
 
 def make_method(
-    key: str, lrs: Mapping[str, float], weight_decay: float = 0.01, ngplus_damping: float = 1e-3
+    key: str,
+    lrs: Mapping[str, float],
+    weight_decay: float = 0.01,
+    ngplus_damping: float | None = None,
 ) -> Method:
     """Build a Method for registry `key`, taking its lr from `lrs` (indexed by lr group)."""
     group = _REGISTRY[key].lr_group
     kwargs: dict[str, Any] = {}
     if group == "adamw":
         kwargs["weight_decay"] = weight_decay
-    if group == "ngplus":
+    if group == "ngplus" and ngplus_damping is not None:
         kwargs["damping"] = ngplus_damping
     return Method(key, lrs[group], kwargs)
 
@@ -132,15 +135,24 @@ def available(methods: Sequence[Method]) -> list[Method]:
     return kept
 
 
+def classification_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy for (..., classes) logits against (...) integer targets."""
+    return F.cross_entropy(logits.flatten(0, -2), targets.flatten())
+
+
 @dataclass
 class Task:
-    """A classification problem: model factory, deterministic batch stream and held-out data."""
+    """A training problem: model factory, deterministic batch stream, held-out data, loss."""
 
     name: str
     build_model: Callable[[], nn.Module]
     batches: Callable[[int], Iterator[Batch]]
     eval_batches: list[Batch]
     eval_name: str = "val"
+    loss: Callable[[Tensor, Tensor], Tensor] = classification_loss
+    """The training and evaluation loss (cross-entropy unless the task says otherwise)."""
+    classification: bool = True
+    """Whether evaluation reports an accuracy."""
 
 
 class Interrupted(KeyboardInterrupt):
@@ -163,23 +175,20 @@ def warmup_cosine(steps: int, warmup: int) -> Callable[[int], float]:
     return factor
 
 
-def classification_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """Cross-entropy for (..., classes) logits against (...) integer targets."""
-    return F.cross_entropy(logits.flatten(0, -2), targets.flatten())
-
-
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Sequence[Batch]) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of `model` over `batches`."""
+def evaluate(model: nn.Module, task: Task) -> tuple[float, float]:
+    """Mean loss and accuracy (NaN for a regression task) of `model` on the task's eval data."""
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
-    for x, y in batches:
-        logits = model(x)
-        loss_sum += classification_loss(logits, y).item() * y.numel()
-        correct += int((logits.argmax(-1) == y).sum())
-        count += y.numel()
+    for x, y in task.eval_batches:
+        out = model(x)
+        n = y.shape[0] if not task.classification else y.numel()
+        loss_sum += task.loss(out, y).item() * n
+        if task.classification:
+            correct += int((out.argmax(-1) == y).sum())
+        count += n
     model.train()
-    return loss_sum / count, correct / count
+    return loss_sum / count, correct / count if task.classification else math.nan
 
 
 def warm_up(task: Task, iterations: int = 3) -> None:
@@ -187,7 +196,7 @@ def warm_up(task: Task, iterations: int = 3) -> None:
     model = task.build_model()
     x, y = next(task.batches(0))
     for _ in range(iterations):
-        classification_loss(model(x), y).backward()
+        task.loss(model(x), y).backward()
 
 
 def train(
@@ -217,7 +226,7 @@ def train(
             x, y = next(batches)
             start = time.perf_counter()
             opt.zero_grad(set_to_none=True)
-            loss = classification_loss(model(x), y)
+            loss = task.loss(model(x), y)
             loss.backward()
             opt.step()
             sched.step()
@@ -228,7 +237,7 @@ def train(
                 break
             result.train_losses.append(value)
             if (step + 1) % eval_every == 0 or step + 1 == steps:
-                eval_loss, eval_acc = evaluate(model, task.eval_batches)
+                eval_loss, eval_acc = evaluate(model, task)
                 result.eval_steps.append(step + 1)
                 result.eval_losses.append(eval_loss)
                 result.eval_accs.append(eval_acc)
@@ -307,7 +316,7 @@ def add_comparison_args(
     *,
     steps: int,
     lrs: Mapping[str, float],
-    ngplus_damping: float,
+    ngplus_damping: float | None,
     out: str,
 ) -> None:
     """Flags shared by the example scripts: steps, seed, per-optimizer lrs, output, verbosity."""
@@ -324,7 +333,9 @@ def add_comparison_args(
             f"--lr-{group}", type=float, default=lrs[group], help=f"peak lr of {group}"
         )
     parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    parser.add_argument("--ngplus-damping", type=float, default=ngplus_damping, help="NG+ damping")
+    parser.add_argument(
+        "--ngplus-damping", type=float, default=ngplus_damping, help="NG+ damping (None: default)"
+    )
     choices = ", ".join(METHOD_KEYS)
     parser.add_argument("--methods", default=None, help=f"comma-separated subset of {choices}")
     parser.add_argument(

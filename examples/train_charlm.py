@@ -40,8 +40,8 @@ CORPUS_FILES = (
     "textwrap.py",
 )
 VAL_FRACTION = 0.1
-DEFAULT_LRS = {"sgd": 0.3, "adam": 1e-2, "adamw": 1e-2, "shampoo": 1e-2, "ngplus": 0.05}
-NGPLUS_DAMPING = 0.1
+DEFAULT_LRS = {"sgd": 0.3, "adam": 1e-2, "adamw": 1e-2, "shampoo": 1e-2, "ngplus": 1e-3}
+NGPLUS_DAMPING = None  # the library's default
 DEFAULT_STEPS = 300
 METHODS = ("adam", "adamw", "shampoo-sync", "shampoo-async", "ngplus")
 

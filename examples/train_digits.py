@@ -18,8 +18,8 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 TEST_FRACTION = 0.2
-DEFAULT_LRS = {"sgd": 0.1, "adam": 2e-2, "adamw": 2e-2, "shampoo": 2e-2, "ngplus": 2e-2}
-NGPLUS_DAMPING = 0.1
+DEFAULT_LRS = {"sgd": 0.1, "adam": 2e-2, "adamw": 2e-2, "shampoo": 2e-2, "ngplus": 3e-3}
+NGPLUS_DAMPING = None  # the library's default
 DEFAULT_STEPS = 150
 METHODS = ("sgd", "adam", "adamw", "shampoo-sync", "shampoo-async", "ngplus", "ngplus-ps")
 

@@ -103,6 +103,25 @@ def test_train_charlm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.usefixtures("example_deps")
+def test_train_regression(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    module = load("examples/train_regression.py", monkeypatch)
+    out = tmp_path / "regression.png"
+    results = module.main(["--steps", "30", "--quiet", "--out", str(out)])
+    check_comparison(results, out)
+    assert all(math.isnan(acc) for r in results for acc in r.eval_accs)  # no accuracy
+
+
+def test_ngplus_grid_quick(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    module = load("benchmarks/ngplus_grid.py", monkeypatch)
+    module.main(["--tasks", "regression", "--steps", "5"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert len(rows) == len(module.DAMPINGS) * len(module.SCALES) + len(module.ABLATIONS)
+    assert all("steps to SGD's" in row or "diverged" in row for row in rows)
+
+
+@pytest.mark.usefixtures("example_deps")
 def test_train_digits_prints_progress_lines_when_not_on_a_terminal(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -199,9 +218,11 @@ def test_convergence_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert (tmp_path / "convergence.png").stat().st_size > 0
     saved = json.loads((tmp_path / "convergence.json").read_text())
     assert saved["environment"]["threads"] >= 1
-    assert set(saved["tasks"]) == {"digits", "charlm"}
+    assert set(saved["tasks"]) == {"digits", "charlm", "regression"}
     for name, task in report["tasks"].items():
         assert task["target"] is not None, name
+        assert task["sgd_best"] is not None, name
+        assert all("steps_to_sgd_best" in run for run in task["runs"]), name
         assert {"Adam", "Shampoo async"} <= set(task["best_lr"]), name
         for run in task["runs"]:
             if run["lr"] == task["best_lr"][run["method"]]:
