@@ -522,6 +522,32 @@ def test_the_adam_graft_gives_every_block_the_size_of_adams_step(seed: int, lr: 
                 assert cosine < 0.999
 
 
+def test_no_first_moment_buffer_is_kept_and_an_old_one_is_dropped_on_load() -> None:
+    """NG+ has β₁ = 0: the first moment is the gradient, so no parameter-sized buffer holds it;
+    a checkpoint of an earlier release that has one loads and continues as if it had none."""
+    batches = make_batches(8)
+    kwargs: dict[str, Any] = dict(lr=0.02, block_size=16, inverse_frequency=2, **SYNC)
+    model = mixed_model()
+    with NGPlus(model.parameters(), **kwargs) as opt:
+        train(model, opt, batches[:4])
+        assert all("exp_avg" not in opt.state[p] for p in model.parameters())
+        checkpoint = roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
+    runs = []
+    for garbage in (False, True):
+        resumed_model = mixed_model(seed=1)
+        resumed_model.load_state_dict(checkpoint["model"])
+        saved = roundtrip(checkpoint["opt"])
+        if garbage:  # the earlier layout: an exp_avg per parameter (its value is never read)
+            for i, p in enumerate(resumed_model.parameters()):
+                saved["state"][i]["exp_avg"] = torch.full_like(p, 7.0)
+        with NGPlus(resumed_model.parameters(), **kwargs) as resumed:
+            resumed.load_state_dict(saved)
+            train(resumed_model, resumed, batches[4:])
+            assert all("exp_avg" not in resumed.state[p] for p in resumed_model.parameters())
+        runs.append(snapshot(resumed_model.parameters()))
+    assert_bitwise_equal(runs[0], runs[1])
+
+
 # ------------------------------------------------------------------------------------- damping
 
 

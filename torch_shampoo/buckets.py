@@ -32,6 +32,7 @@ import torch
 from . import device
 from .blocking import BlockLayout
 from .scheduler import Slot
+from .state import state_dtype
 
 __all__ = ["Bucket", "Member", "factor_groups", "plan_buckets", "slots_of"]
 
@@ -197,10 +198,10 @@ def plan_buckets(
     entries = list(entries)
     buckets: dict[tuple[Any, ...], Bucket] = {}
     placements: dict[int, list[tuple[Bucket, Member]]] = {}
-    for group, p, layout, state in entries:
+    for group, p, layout, _ in entries:
         if math.prod(layout.shape) == 0:
             continue
-        dtype, device = state["exp_avg"].dtype, state["exp_avg"].device
+        dtype, device = state_dtype(p), p.device
         per_block = sum(layout.factored)
         for shape, (blocks, starts, counts, chunks) in _sub_grids(layout).items():
             key = (group, shape, layout.factored, p.dtype, dtype, device)

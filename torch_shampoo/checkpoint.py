@@ -6,7 +6,7 @@ changes, and older checkpoints are migrated.
 tensors and string-keyed dicts of tensors (so ``torch.distributed.checkpoint`` can flatten it and
 a fresh optimizer's template has every slot a checkpoint fills)::
 
-    step, exp_avg, [graft_v], [momentum_buffer], root_failures, has_root, skipped_blocks,
+    step, [exp_avg], [graft_v], [momentum_buffer], root_failures, has_root, skipped_blocks,
     factors {"0": F_0, ...}, roots {"0": X_0, ...}, schema (2),
     pending_due (-1: no roots in flight), pending_submitted, pending_ok (per factor),
     pending_roots {"0": (d, d), ...} (zeros where none or failed)

@@ -27,7 +27,7 @@ from .checkpoint import Checkpointing
 from .config import EngineConfig
 from .cycles import RootCycles
 from .scheduler import RootScheduler, Slot
-from .state import check_state, init_state
+from .state import check_state, init_state, state_dtype
 from .step import Work
 
 __all__ = ["EngineConfig", "PreconditionerEngine"]
@@ -179,12 +179,16 @@ class PreconditionerEngine(RootCycles, Checkpointing):
             self._checked[p] = (layout, state)
             self._buckets = None  # a new parameter, or new state: stack again
         for key, used in (
+            ("exp_avg", config.beta1 != 0),  # with β₁ = 0 the first moment is the gradient
             ("momentum_buffer", config.momentum != 0),
             ("graft_v", config.grafting in ("adam", "adagrad", "rmsprop")),
         ):
             if used and key not in state:
-                state[key] = torch.zeros_like(state["exp_avg"])
+                state[key] = torch.zeros(p.shape, dtype=state_dtype(p), device=p.device)
                 self._buckets = None  # stack it with the others
+            elif key == "exp_avg" and not used and key in state:
+                del state[key]  # (a checkpoint's): unused, and overwritten before any read
+                self._buckets = None
         return layout
 
     def _work_of(

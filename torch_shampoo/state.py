@@ -1,7 +1,8 @@
 """The per-parameter state: what it holds, how it is made, checked, migrated and restored.
 
 Per parameter: ``step`` (CPU), ``exp_avg``, ``graft_v``, ``momentum_buffer`` (parameter-shaped,
-float32, or float64 for float64 parameters), ``factors`` / ``roots`` (lists of d×d tensors in
+float32, or float64 for float64 parameters; each only if the group uses it: no ``exp_avg`` with
+β₁ = 0), ``factors`` / ``roots`` (lists of d×d tensors in
 block order), ``root_failures`` and ``has_root`` (CPU, one entry per factor),
 ``skipped_blocks``, and the slots ``state_dict()`` fills with roots in flight: ``schema``,
 ``pending_due`` (-1: none), ``pending_submitted``, ``pending_ok``, ``pending_roots`` (kept empty
@@ -55,7 +56,6 @@ def init_state(p: torch.Tensor, state: dict[str, Any], layout: BlockLayout) -> N
     dtype = state_dtype(p)
     sizes = _factor_sizes(layout)
     state["step"] = torch.tensor(0.0)
-    state["exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
     state["factors"] = [torch.zeros(d, d, dtype=dtype, device=p.device) for d in sizes]
     state["roots"] = [torch.eye(d, dtype=dtype, device=p.device) for d in sizes]
     state["root_failures"] = torch.zeros(len(sizes), dtype=torch.int64)
@@ -88,7 +88,7 @@ def check_state(
 ) -> None:
     """Refuse state that does not fit the parameter's layout instead of misusing it (``name``
     describes the parameter in the error)."""
-    missing = {"step", "exp_avg", "factors", "roots", "root_failures", "skipped_blocks"}
+    missing = {"step", "factors", "roots", "root_failures", "skipped_blocks"}
     missing -= set(state)
     if missing:
         raise ValueError(
@@ -122,6 +122,8 @@ def check_moments(owner: str, name: str, state: dict[str, Any], config: EngineCo
     """Loaded state of a parameter that has stepped must hold the moments its group uses."""
     needed = []
     if float(state["step"]) > 0:
+        if config.beta1 != 0:
+            needed.append("exp_avg")
         if config.grafting in ("adam", "adagrad", "rmsprop"):
             needed.append("graft_v")
         if config.momentum != 0:

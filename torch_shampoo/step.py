@@ -21,6 +21,7 @@ from .blocking import BlockLayout, expand_grid
 from .buckets import Bucket
 from .config import EngineConfig
 from .grafting import graft_direction, update_graft_state
+from .state import state_dtype
 
 __all__ = [
     "Unit",
@@ -109,7 +110,7 @@ def make_unit(works: Sequence[Work], bucket: Bucket | None) -> Unit:
     w = works[0]
     config, t = w.config, w.t
     state = w.state if bucket is None else bucket.moments
-    dtype = state["exp_avg"].dtype
+    dtype = state_dtype(w.p)
     corrected = config.bias_correction
     return Unit(
         works=list(works),
@@ -126,7 +127,7 @@ def _gradient(u: Unit) -> torch.Tensor:
     ``u.cells``; every state update is then masked with the flags (no host sync). Flags known
     to be all True (on the CPU, where reading them costs nothing) leave ``u.cells`` None: the
     masked arithmetic equals the unmasked one there, so the masks are skipped."""
-    config, dtype = u.config, u.state["exp_avg"].dtype
+    config, dtype = u.config, state_dtype(u.works[0].p)
     if u.bucket is None:
         grad = u.works[0].p.grad
         assert grad is not None
@@ -160,8 +161,10 @@ def accumulate(u: Unit) -> None:
     gradient for the bucket statistics."""
     g = u.g = _gradient(u)
     state, config, keep = u.state, u.config, u.keep()
-    exp_avg = state["exp_avg"]
-    if keep is None:
+    exp_avg = state.get("exp_avg")
+    if exp_avg is None:  # β₁ = 0: m̂ is the gradient itself
+        u.m_hat = g
+    elif keep is None:
         exp_avg.lerp_(g, 1.0 - config.beta1)
     else:
         torch.where(keep, exp_avg.lerp(g, 1.0 - config.beta1), exp_avg, out=exp_avg)
@@ -176,8 +179,9 @@ def accumulate(u: Unit) -> None:
 
 def directions(u: Unit) -> None:
     """3. The bias-corrected first moment m̂ and 5. the graft's direction."""
-    exp_avg = u.state["exp_avg"]
-    u.m_hat = exp_avg if u.bias1 is None else exp_avg / u.bias1
+    if u.m_hat is None:
+        exp_avg = u.state["exp_avg"]
+        u.m_hat = exp_avg if u.bias1 is None else exp_avg / u.bias1
     config = u.config
     u.direction = graft_direction(
         config.grafting, u.state, u.m_hat, epsilon=config.grafting_epsilon, correction=u.bias2
