@@ -311,15 +311,20 @@ def compare(
     return results, False
 
 
-def add_comparison_args(
-    parser: argparse.ArgumentParser,
+def comparison_parser(
+    doc: str,
     *,
     steps: int,
     lrs: Mapping[str, float],
     ngplus_damping: float | None,
     out: str,
-) -> None:
-    """Flags shared by the example scripts: steps, seed, per-optimizer lrs, output, verbosity."""
+) -> argparse.ArgumentParser:
+    """An example script's parser (described by the first paragraph of its ``doc``) with the
+    flags they share: steps, seed, per-optimizer lrs, output, verbosity."""
+    parser = argparse.ArgumentParser(
+        description=doc.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--steps", type=int, default=steps, help="training steps per optimizer")
     parser.add_argument("--seed", type=int, default=0, help="seed for init and batch order")
     parser.add_argument(
@@ -345,6 +350,7 @@ def add_comparison_args(
     parser.add_argument(
         "--quiet", action="store_true", help="no progress bars (or lines, when not a terminal)"
     )
+    return parser
 
 
 def run_comparison(

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import Batch, RunResult, Task, add_comparison_args, run_comparison
+from _common import Batch, RunResult, Task, comparison_parser, run_comparison
 from torch import Tensor, nn
 
 CORPUS_FILES = (
@@ -148,12 +148,8 @@ def corpus_summary() -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    add_comparison_args(
-        parser,
+    parser = comparison_parser(
+        __doc__,
         steps=DEFAULT_STEPS,
         lrs=DEFAULT_LRS,
         ngplus_damping=NGPLUS_DAMPING,

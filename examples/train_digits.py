@@ -13,7 +13,7 @@ import argparse
 from collections.abc import Iterator
 
 import torch
-from _common import Batch, RunResult, Task, add_comparison_args, run_comparison
+from _common import Batch, RunResult, Task, comparison_parser, run_comparison
 from sklearn.datasets import load_digits
 from torch import nn
 
@@ -67,12 +67,8 @@ def build_task(batch: int = 64, channels: int = 16, hidden: int = 64) -> Task:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    add_comparison_args(
-        parser,
+    parser = comparison_parser(
+        __doc__,
         steps=DEFAULT_STEPS,
         lrs=DEFAULT_LRS,
         ngplus_damping=NGPLUS_DAMPING,

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from _common import Batch, RunResult, Task, add_comparison_args, run_comparison
+from _common import Batch, RunResult, Task, comparison_parser, run_comparison
 from torch import Tensor, nn
 
 DEFAULT_LRS = {"sgd": 0.1, "adam": 3e-2, "adamw": 3e-2, "shampoo": 1e-2, "ngplus": 3e-3}
@@ -83,12 +83,8 @@ def build_task(
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    add_comparison_args(
-        parser,
+    parser = comparison_parser(
+        __doc__,
         steps=DEFAULT_STEPS,
         lrs=DEFAULT_LRS,
         ngplus_damping=NGPLUS_DAMPING,
