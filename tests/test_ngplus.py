@@ -719,6 +719,75 @@ def test_per_sample_factor_is_the_brute_force_fisher_with_the_bias_folded(
             assert (expected[layer] - g_tilde @ g_tilde.T).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("async_roots", [False, True])
+def test_a_bias_shares_its_layers_inverse_instead_of_computing_it_again(
+    async_roots: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With per-sample statistics W and b of a layer have one F (b is W̃'s last column), so b
+    takes W's installed inverse: no job of its own, and the same steps as an optimizer that
+    computes b's inverse separately."""
+    kwargs: dict[str, Any] = dict(
+        lr=0.05, inverse_frequency=2, root_staleness=1, async_roots=async_roots
+    )
+
+    def run(share: bool) -> tuple[list[Tensor], NGPlus, nn.Module]:
+        model = mlp()
+        opt = NGPlus(model.parameters(), statistics="per_sample", model=model, **kwargs)
+        if not share:  # the same optimizer, every parameter on its own
+            monkeypatch.setattr(opt, "_leader_of", lambda p: None)
+            monkeypatch.setattr(opt, "_followers_of", lambda p: [])
+        for seed in range(7):
+            mean_loss_step(model, opt, *data((4,), 5, seed))
+        opt.close()
+        return snapshot(model.parameters()), opt, model
+
+    shared, opt, model = run(True)
+    apart, separate, _ = run(False)
+    for a, b in zip(shared, apart):
+        assert_close(a, b, tol=1e-12)
+    for layer in ("0", "2"):
+        weight, bias = (model.get_parameter(f"{layer}.{k}") for k in ("weight", "bias"))
+        assert opt._leader_of(bias) is weight
+        for x, y in zip(opt.state[weight]["roots"], opt.state[bias]["roots"]):
+            assert torch.equal(x, y)
+        assert torch.equal(opt.state[bias]["has_root"], opt.state[weight]["has_root"])
+    # Roots of steps 1 (at once), 2 and 4 (installed a step later), 6 (at 7): four cycles,
+    # each one root per factor of the weights only; separately, the biases' too.
+    weights = sum(len(opt.state[p]["factors"]) for p in model.parameters() if p.dim() > 1)
+    biases = sum(len(opt.state[p]["factors"]) for p in model.parameters() if p.dim() == 1)
+    assert opt.root_stats()["roots_computed"] == 4 * weights
+    assert separate.root_stats()["roots_computed"] == 4 * (weights + biases)
+
+
+def test_a_shared_inverse_in_flight_survives_a_checkpoint_bitwise() -> None:
+    """Saved after step 4, whose weight inverse is due at 5 (the bias has none in flight of
+    its own): the resumed run copies it into the bias at 5, as the uninterrupted run does."""
+    kwargs: dict[str, Any] = dict(
+        lr=0.05, inverse_frequency=2, root_staleness=1, statistics="per_sample"
+    )
+    batches = [data((4,), 5, seed) for seed in range(8)]
+    model = mlp()
+    with NGPlus(model.parameters(), model=model, **kwargs) as opt:
+        for x, y in batches:
+            mean_loss_step(model, opt, x, y)
+    uninterrupted = snapshot(model.parameters())
+
+    model = mlp()
+    with NGPlus(model.parameters(), model=model, **kwargs) as opt:
+        for x, y in batches[:4]:
+            mean_loss_step(model, opt, x, y)
+        checkpoint = roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
+    saved = checkpoint["opt"]["state"]
+    assert int(saved[0]["pending_due"]) == 5 and int(saved[1]["pending_due"]) == -1
+    resumed_model = mlp()
+    resumed_model.load_state_dict(checkpoint["model"])
+    with NGPlus(resumed_model.parameters(), model=resumed_model, **kwargs) as resumed:
+        resumed.load_state_dict(checkpoint["opt"])
+        for x, y in batches[4:]:
+            mean_loss_step(resumed_model, resumed, x, y)
+    assert_bitwise_equal(snapshot(resumed_model.parameters()), uninterrupted)
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_per_sample_fisher_undoes_the_batch_mean(name: str) -> None:
     """Doubling the batch with duplicated samples leaves F unchanged (it does not shrink)."""

@@ -48,6 +48,15 @@ class RootCycles:
     ) -> tuple[bool, ...] | None:
         raise NotImplementedError
 
+    def _leader_of(self, p: torch.Tensor) -> torch.Tensor | None:
+        """The parameter whose roots ``p`` uses instead of computing its own (NG+: a hooked
+        layer's bias shares its weight's F, hence its inverse); None: its own."""
+        return None
+
+    def _followers_of(self, p: torch.Tensor) -> list[torch.Tensor]:
+        """The parameters whose leader is ``p``."""
+        return []
+
     @torch.compiler.disable
     def _roots_of_this_step(self, work: list[Work]) -> None:
         """At a root step: snapshot the factors (after this step's statistics) for the pool.
@@ -57,14 +66,20 @@ class RootCycles:
         due_now, first = [], False
         for w in work:
             config, t = w.config, w.t
+            if self._leader_of(w.p) is not None:
+                continue  # its leader's roots are copied in when they are installed
             if t == config.start or (t > config.start and t % config.frequency == 0):
                 is_first = w.rooted is not None and not any(w.rooted)
                 if self._submit_roots(w, is_first):
                     due_now.append(w)
                     first = first or is_first
+        by_param = {w.p: w for w in work}
         for w in due_now:
             self._install_due_roots(w.p, w.state, w.config, w.group, w.t)
-            w.rooted = self._rooted_blocks(w.p, w.state, w.layout)
+            for x in (w.p, *self._followers_of(w.p)):
+                if x in by_param:
+                    follower = by_param[x]
+                    follower.rooted = self._rooted_blocks(x, follower.state, follower.layout)
         if first and self._async_roots:
             self._roots.waited_first_cycle(time.perf_counter() - began)
             for group in self.param_groups:  # fix "auto" now that a cycle was measured
@@ -187,6 +202,19 @@ class RootCycles:
                 RuntimeWarning,
                 stacklevel=user_stacklevel(),
             )
+        self._share_roots(p, state)
+
+    def _share_roots(self, p: torch.Tensor, state: dict[str, Any]) -> None:
+        """Copy the roots of ``p`` just installed (and their flags) into its followers."""
+        for f in self._followers_of(p):
+            mine = self.state.get(f)  # type: ignore[attr-defined]
+            if not mine or len(mine["roots"]) != len(state["roots"]):
+                continue  # not stepped yet: it gets them at the next install
+            for src, dst in zip(state["roots"], mine["roots"]):
+                dst.copy_(src)
+            mine["has_root"].copy_(state["has_root"])
+            mine["root_failures"].copy_(state["root_failures"])
+            self._rooted.pop(f, None)
 
     # ------------------------------------------------------------------- names and stats
 

@@ -61,7 +61,8 @@ class NGPlus(PreconditionerEngine):
     An output dim larger than ``block_size`` is split into diagonal blocks of F. Parameters that
     are not matrices (biases, norm scales) take the grafted gradient (the identity as their
     preconditioner) with minibatch statistics; with per-sample statistics a bias shares the F of
-    its layer (the bias is the extra input column ã = [a; 1]), and any other vector uses its
+    its layer (the bias is the extra input column ã = [a; 1]) and the inverse computed for the
+    weight (copied in when it is installed; none of its own), and any other vector uses its
     minibatch g gᵀ.
 
     Args:
@@ -138,6 +139,8 @@ class NGPlus(PreconditionerEngine):
             )
         self.statistics = statistics
         self._fisher: PerSampleFisher | None = None
+        self._leaders: dict[torch.Tensor, torch.Tensor] = {}
+        self._followers: dict[torch.Tensor, list[torch.Tensor]] = {}
         defaults = group_defaults(arguments)
         super().__init__(params, defaults, async_roots=async_roots, root_workers=root_workers)
         if model is not None:
@@ -190,6 +193,28 @@ class NGPlus(PreconditionerEngine):
     def _take_curvature(self, p: torch.Tensor) -> torch.Tensor | None:
         return self._fisher.pop(p) if self._fisher is not None else None
 
+    def _leader_of(self, p: torch.Tensor) -> torch.Tensor | None:
+        return self._leaders.get(p)
+
+    def _followers_of(self, p: torch.Tensor) -> list[torch.Tensor]:
+        return self._followers.get(p, [])
+
+    def _share_inverses(self, fisher: PerSampleFisher) -> None:
+        """A hooked layer's bias gets its weight's F, so it uses the weight's inverse instead
+        of computing it again, when both are in one group (the same blocks of F)."""
+        self._leaders, self._followers = {}, {}
+        for weight, bias in fisher.pairs():
+            (_, group), (_, other) = self._locate(weight), self._locate(bias)
+            if group is not other:
+                continue
+            config = self._config(group)
+            layouts = [self._layout_of(q, config) for q in (weight, bias)]
+            dims = [[x.factor_dims(b) for b in range(x.num_blocks)] for x in layouts]
+            if dims[0] != dims[1]:
+                continue
+            self._leaders[bias] = weight
+            self._followers.setdefault(weight, []).append(bias)
+
     def _validate(self, group: dict[str, Any]) -> None:
         check = Checks(group)
         check.lr()
@@ -228,6 +253,7 @@ class NGPlus(PreconditionerEngine):
         ours = {id(p) for p in self._all_params()}
         tracked = [p for p in model.parameters() if id(p) in ours]
         self._fisher = PerSampleFisher(model, tracked)
+        self._share_inverses(self._fisher)
         unsupported = self._fisher.unsupported()
         if unsupported:
             warnings.warn(
@@ -243,6 +269,7 @@ class NGPlus(PreconditionerEngine):
         if self._fisher is not None:
             self._fisher.remove()
             self._fisher = None
+        self._leaders, self._followers = {}, {}
 
     # ------------------------------------------------------------------ state dicts
 
@@ -270,5 +297,8 @@ class NGPlus(PreconditionerEngine):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        fresh = getattr(self, "_loading", None) is None  # else: load_state_dict's last stage
         super().__setstate__(state)
-        self._fisher = None
+        if fresh:  # an unpickled copy: the hooks belong to the original's model
+            self._fisher = None
+            self._leaders, self._followers = {}, {}

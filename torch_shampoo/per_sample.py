@@ -230,6 +230,16 @@ class PerSampleFisher:
                     param.register_post_accumulate_grad_hook(partial(self._on_accumulated, layer))
                 )
 
+    def pairs(self) -> list[tuple[Tensor, Tensor]]:
+        """(weight, bias) of every handled layer whose weight and bias are both tracked: the
+        two get the same F."""
+        layers = {id(layer): layer for layer in self._layers.values()}.values()
+        return [
+            (layer.weight, layer.bias)
+            for layer in layers
+            if layer.weight is not None and layer.bias is not None
+        ]
+
     def remove(self) -> None:
         """Remove every hook and drop captured statistics; idempotent. Output hooks of forwards
         that ran before ``remove`` become no-ops."""
