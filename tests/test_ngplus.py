@@ -13,6 +13,7 @@ import io
 import re
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -1189,3 +1190,46 @@ def test_training_a_small_model_reduces_the_loss(statistics: str) -> None:
             opt.step()
             losses.append(loss.item())
     assert sum(losses[-5:]) < 0.1 * sum(losses[:5])
+
+
+# ------------------------------------------------------------------------ multi-process training
+
+
+def _two_rank_step(rank: int, store: str, out: str, statistics: str) -> None:
+    """One NG+ step in a 2-process gloo group; writes what happened to ``out``.rank."""
+    import os
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        model = mlp()
+        hooked = model if statistics == "per_sample" else None
+        opt = NGPlus(model.parameters(), statistics=statistics, model=hooked, **SYNC)
+        mean_loss_step(model, opt, *data((4,), 5, seed=rank))
+        outcome = "stepped"
+    except RuntimeError as exc:
+        outcome = f"refused: {exc}"
+    with open(f"{out}.{rank}", "w") as f:
+        f.write(outcome)
+    dist.destroy_process_group()
+    os._exit(0)  # gloo's atexit teardown sometimes aborts spawned processes
+
+
+@pytest.mark.parametrize("statistics", ["per_sample", "minibatch"])
+def test_per_sample_statistics_refuse_multi_process_training_instead_of_drifting(
+    statistics: str, tmp_path: Path
+) -> None:
+    """Each rank's hooks see only its own samples: rather than let the ranks' F (and weights)
+    drift apart silently, per-sample NG+ refuses to step in a group of 2; minibatch NG+ steps."""
+    import torch.multiprocessing as mp
+
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    out = str(tmp_path / "outcome")
+    mp.spawn(_two_rank_step, args=(str(tmp_path / "store"), out, statistics), nprocs=2, join=True)
+    outcomes = [Path(f"{out}.{rank}").read_text() for rank in range(2)]
+    if statistics == "per_sample":
+        assert all(o.startswith("refused") and "world size 2" in o for o in outcomes), outcomes
+    else:
+        assert outcomes == ["stepped", "stepped"]

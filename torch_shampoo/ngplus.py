@@ -31,6 +31,12 @@ STATISTICS: tuple[str, ...] = ("minibatch", "per_sample")
 Damping = float | Callable[[int], float]
 
 
+def _world_size() -> int:
+    """Processes in the default group of ``torch.distributed`` (1 when there is none)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 @lru_cache(maxsize=1024)
 def _layout(shape: tuple[int, ...], block_size: int, vectors: bool) -> BlockLayout:
     return output_side_layout(shape, block_size, vectors)
@@ -75,7 +81,8 @@ class NGPlus(PreconditionerEngine):
             is not saved by ``state_dict()`` and is kept from the loading optimizer.
         curvature_beta: β of the moving average of F.
         inverse_frequency: T, the steps between inverses.
-        statistics: ``"minibatch"`` or ``"per_sample"`` (needs ``model=`` or :meth:`attach`).
+        statistics: ``"minibatch"`` or ``"per_sample"`` (needs ``model=`` or :meth:`attach`;
+            refused under multi-process training, where each rank would see only its samples).
         block_size: largest diagonal block of F.
         maximize: maximize the objective.
         root_method: ``"eigh"`` or ``"cholesky"`` (``"newton"`` also works: exponent 1).
@@ -155,6 +162,13 @@ class NGPlus(PreconditionerEngine):
             raise RuntimeError(
                 "NGPlus(statistics='per_sample') needs the model: pass model=... or call "
                 "optimizer.attach(model) before the first step"
+            )
+        if self.statistics == "per_sample" and _world_size() > 1:
+            raise RuntimeError(
+                f"NGPlus(statistics='per_sample') does not support multi-process training yet "
+                f"(world size {_world_size()}): the hooks see only this process's samples, so "
+                f"every rank would build a different F and the ranks would drift apart; use "
+                f"statistics='minibatch' (F from the gradient that DDP already averages)"
             )
         return super().step(closure)
 
