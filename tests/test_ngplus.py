@@ -967,6 +967,11 @@ BAD_VALUES: list[tuple[str, Any, type[Exception]]] = [
     ("nesterov", "yes", TypeError),
     ("root_staleness", -1, ValueError),
     ("max_root_failures", 0, ValueError),
+    ("relative_damping", "yes", TypeError),
+    ("bias_correction", 1, TypeError),
+    ("grafting", "lamb", ValueError),
+    ("grafting_beta2", 1.0, ValueError),
+    ("grafting_epsilon", -1e-8, ValueError),
 ]
 GOOD_VALUES: dict[str, Any] = dict(
     lr=0.1,
@@ -979,6 +984,11 @@ GOOD_VALUES: dict[str, Any] = dict(
     nesterov=False,
     root_staleness=0,
     max_root_failures=1,
+    relative_damping=False,
+    bias_correction=False,
+    grafting="none",
+    grafting_beta2=0.0,
+    grafting_epsilon=0.0,
 )
 
 
