@@ -1204,42 +1204,58 @@ def test_training_a_small_model_reduces_the_loss(statistics: str) -> None:
 
 # ------------------------------------------------------------------------ multi-process training
 
+DDP_STEPS, DDP_BATCH = 4, 6
 
-def _two_rank_step(rank: int, store: str, out: str, statistics: str) -> None:
-    """One NG+ step in a 2-process gloo group; writes what happened to ``out``.rank."""
+
+def _ddp_batches() -> list[tuple[Tensor, Tensor]]:
+    return [data((4,), DDP_BATCH, seed) for seed in range(DDP_STEPS)]
+
+
+def _ddp_run(rank: int, store: str, out: str, statistics: str) -> None:
+    """NG+ on a DDP-wrapped MLP in a 2-process gloo group, each rank on its half of every
+    batch; saves the rank's final parameters to ``out``.rank."""
     import os
 
     import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    try:
-        model = mlp()
-        hooked = model if statistics == "per_sample" else None
-        opt = NGPlus(model.parameters(), statistics=statistics, model=hooked, **SYNC)
-        mean_loss_step(model, opt, *data((4,), 5, seed=rank))
-        outcome = "stepped"
-    except RuntimeError as exc:
-        outcome = f"refused: {exc}"
-    with open(f"{out}.{rank}", "w") as f:
-        f.write(outcome)
+    torch.set_num_threads(1)
+    model = DistributedDataParallel(mlp())
+    hooked = model if statistics == "per_sample" else None
+    kwargs: dict[str, Any] = dict(lr=0.05, inverse_frequency=2, root_staleness=1)
+    with NGPlus(model.parameters(), statistics=statistics, model=hooked, **kwargs) as opt:
+        half = DDP_BATCH // 2
+        for x, y in _ddp_batches():
+            lo = rank * half
+            mean_loss_step(model, opt, x[lo : lo + half], y[lo : lo + half])
+    torch.save([p.detach() for p in model.module.parameters()], f"{out}.{rank}")
     dist.destroy_process_group()
     os._exit(0)  # gloo's atexit teardown sometimes aborts spawned processes
 
 
 @pytest.mark.parametrize("statistics", ["per_sample", "minibatch"])
-def test_per_sample_statistics_refuse_multi_process_training_instead_of_drifting(
+def test_under_ddp_ranks_agree_and_equal_one_process_on_the_combined_batch(
     statistics: str, tmp_path: Path
 ) -> None:
-    """Each rank's hooks see only its own samples: rather than let the ranks' F (and weights)
-    drift apart silently, per-sample NG+ refuses to step in a group of 2; minibatch NG+ steps."""
+    """Each rank's hooks see only its own samples; NG+ sums the per-sample statistics over the
+    processes, so both ranks build the global batch's F: they stay bitwise identical and equal
+    one process that sees every sample (gradients averaged by DDP, F summed by NG+)."""
     import torch.multiprocessing as mp
 
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
-    out = str(tmp_path / "outcome")
-    mp.spawn(_two_rank_step, args=(str(tmp_path / "store"), out, statistics), nprocs=2, join=True)
-    outcomes = [Path(f"{out}.{rank}").read_text() for rank in range(2)]
-    if statistics == "per_sample":
-        assert all(o.startswith("refused") and "world size 2" in o for o in outcomes), outcomes
-    else:
-        assert outcomes == ["stepped", "stepped"]
+    out = str(tmp_path / "params")
+    mp.spawn(_ddp_run, args=(str(tmp_path / "store"), out, statistics), nprocs=2, join=True)
+    ranks = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
+    assert_bitwise_equal(ranks[0], ranks[1])
+    model = mlp()
+    hooked = {"model": model} if statistics == "per_sample" else {}
+    kwargs: dict[str, Any] = dict(lr=0.05, inverse_frequency=2, root_staleness=1)
+    with NGPlus(model.parameters(), statistics=statistics, **hooked, **kwargs) as opt:
+        for x, y in _ddp_batches():
+            mean_loss_step(model, opt, x, y)
+    for a, b in zip(ranks[0], model.parameters()):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-9, atol=1e-12)
+    # Not vacuous: the ranks' own halves give different statistics than the whole batch.
+    assert not torch.equal(ranks[0][0], mlp().get_parameter("0.weight").detach())

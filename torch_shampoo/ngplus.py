@@ -82,7 +82,8 @@ class NGPlus(PreconditionerEngine):
         curvature_beta: β of the moving average of F.
         inverse_frequency: T, the steps between inverses.
         statistics: ``"minibatch"`` or ``"per_sample"`` (needs ``model=`` or :meth:`attach`;
-            refused under multi-process training, where each rank would see only its samples).
+            under ``torch.distributed`` each process's hooks see only its own samples, so the
+            step sums the statistics over the processes first: one all-reduce per step).
         block_size: largest diagonal block of F.
         maximize: maximize the objective.
         root_method: ``"eigh"`` or ``"cholesky"`` (``"newton"`` also works: exponent 1).
@@ -163,14 +164,18 @@ class NGPlus(PreconditionerEngine):
                 "NGPlus(statistics='per_sample') needs the model: pass model=... or call "
                 "optimizer.attach(model) before the first step"
             )
-        if self.statistics == "per_sample" and _world_size() > 1:
-            raise RuntimeError(
-                f"NGPlus(statistics='per_sample') does not support multi-process training yet "
-                f"(world size {_world_size()}): the hooks see only this process's samples, so "
-                f"every rank would build a different F and the ranks would drift apart; use "
-                f"statistics='minibatch' (F from the gradient that DDP already averages)"
-            )
-        return super().step(closure)
+        if self.statistics != "per_sample" or _world_size() == 1:
+            return super().step(closure)
+        loss = None
+        if closure is not None:  # its backward's statistics must be in the sum below
+            with torch.enable_grad():
+                loss = closure()
+        # The hooks saw only this process's samples: sum S and N over the processes, so every
+        # rank builds the global batch's F (else the ranks' F and weights would drift apart).
+        assert self._fisher is not None
+        self._fisher.all_reduce()
+        super().step()
+        return loss
 
     # ------------------------------------------------------------------ the engine mapping
 

@@ -240,6 +240,34 @@ class PerSampleFisher:
             if layer.weight is not None and layer.bias is not None
         ]
 
+    def all_reduce(self) -> None:
+        """Sum every layer's S and N over the processes of ``torch.distributed``'s default
+        group, so each process's F is the whole (global) batch's. One collective, in float64,
+        over all layers in a fixed order (a layer without statistics here sends zeros); the
+        summed counts are read on the host. Every process must call it at the same point of
+        its step (the optimizer's ``step`` does, before any statistics are used)."""
+        layers = list({id(layer): layer for layer in self._layers.values()}.values())
+        if not layers:
+            return
+        where = layers[0].tracked[0].device
+        parts = [
+            torch.zeros(layer.m * layer.m, dtype=torch.float64, device=where)
+            if layer.total is None
+            else layer.total.reshape(-1).to(torch.float64).to(where)
+            for layer in layers
+        ]
+        counts = torch.tensor([float(layer.count) for layer in layers], dtype=torch.float64)
+        flat = torch.cat([*parts, counts.to(where)])
+        torch.distributed.all_reduce(flat)
+        totals = flat[: -len(layers)].split([layer.m * layer.m for layer in layers])
+        for layer, total, count in zip(layers, totals, flat[-len(layers) :].tolist()):
+            layer.count = int(count)
+            layer.total = (
+                None
+                if layer.count == 0
+                else total.view(layer.m, layer.m).to(layer.dtype).to(layer.tracked[0].device)
+            )
+
     def remove(self) -> None:
         """Remove every hook and drop captured statistics; idempotent. Output hooks of forwards
         that ran before ``remove`` become no-ops."""
