@@ -14,7 +14,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["Checks", "EngineConfig", "group_defaults", "reject_unknown", "staleness_setting"]
+__all__ = [
+    "Checks",
+    "EngineConfig",
+    "group_defaults",
+    "reject_unknown",
+    "staleness_setting",
+    "world_size",
+]
 
 _NOT_PER_GROUP = frozenset(
     {"self", "params", "async_roots", "root_workers", "model", "statistics", "unknown"}
@@ -68,6 +75,12 @@ class EngineConfig:
                 f"Invalid damping: {self.epsilon!r} (gave {value} at step {step}; must be > 0)"
             )
         return value
+
+
+def world_size() -> int:
+    """Processes in ``torch.distributed``'s default group (1 when there is none)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def staleness_setting(value: int | str | None) -> int | None:

@@ -18,7 +18,14 @@ import torch
 from torch import nn
 
 from .blocking import BlockLayout, output_side_layout
-from .config import Checks, EngineConfig, group_defaults, reject_unknown, staleness_setting
+from .config import (
+    Checks,
+    EngineConfig,
+    group_defaults,
+    reject_unknown,
+    staleness_setting,
+    world_size,
+)
 from .engine import PreconditionerEngine
 from .grafting import GRAFTS
 from .matrix_roots import ROOT_METHODS
@@ -29,12 +36,6 @@ __all__ = ["STATISTICS", "NGPlus"]
 STATISTICS: tuple[str, ...] = ("minibatch", "per_sample")
 
 Damping = float | Callable[[int], float]
-
-
-def _world_size() -> int:
-    """Processes in the default group of ``torch.distributed`` (1 when there is none)."""
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 @lru_cache(maxsize=1024)
@@ -164,7 +165,7 @@ class NGPlus(PreconditionerEngine):
                 "NGPlus(statistics='per_sample') needs the model: pass model=... or call "
                 "optimizer.attach(model) before the first step"
             )
-        if self.statistics != "per_sample" or _world_size() == 1:
+        if self.statistics != "per_sample" or world_size() == 1:
             return super().step(closure)
         loss = None
         if closure is not None:  # its backward's statistics must be in the sum below

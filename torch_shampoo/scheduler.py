@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from . import device
+from .config import world_size
 from .root_pool import RootJob, RootOutcome, RootPool, Ticket, default_threads, run_here
 
 __all__ = ["FITTED", "RootScheduler", "Slot", "StalenessFit", "outcomes_of"]
@@ -207,7 +208,9 @@ class RootScheduler:
             return 0
         fitted = group.get(FITTED)
         if fitted is None and self.fit.cycle_seconds is not None:
-            steps = self.fit.steps_for(self.fit.cycle_seconds)
+            # Several processes (DDP): each would fit its own timings and the ranks could
+            # install roots at different steps and drift apart, so all take the frequency.
+            steps = frequency if world_size() > 1 else self.fit.steps_for(self.fit.cycle_seconds)
             if steps is not None:
                 fitted = group[FITTED] = min(frequency, steps)
         return frequency if fitted is None else int(fitted)
