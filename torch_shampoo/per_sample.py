@@ -84,6 +84,9 @@ class _Layer:
         self.total: Tensor | None = None
         self.count = 0
         self.popped: set[int] = set()
+        self.reduced = False
+        """S and N are already the sum over the processes (:meth:`PerSampleFisher.all_reduce`):
+        the next pass starts afresh rather than adding local samples to a global sum."""
 
     @property
     def dtype(self) -> torch.dtype:
@@ -93,7 +96,7 @@ class _Layer:
 
     def clear(self) -> None:
         """Drop the accumulated statistics."""
-        self.total, self.count, self.popped = None, 0, set()
+        self.total, self.count, self.popped, self.reduced = None, 0, set(), False
 
     def positions(
         self, x: Tensor | None, delta: Tensor, lo: int, hi: int
@@ -250,18 +253,25 @@ class PerSampleFisher:
         if not layers:
             return
         where = layers[0].tracked[0].device
+        # A layer still holding an earlier sum (none of its params stepped since) sends zeros.
+        fresh = [layer.total is not None and not layer.reduced for layer in layers]
         parts = [
-            torch.zeros(layer.m * layer.m, dtype=torch.float64, device=where)
-            if layer.total is None
-            else layer.total.reshape(-1).to(torch.float64).to(where)
-            for layer in layers
+            layer.total.reshape(-1).to(torch.float64).to(where)  # type: ignore[union-attr]
+            if new
+            else torch.zeros(layer.m * layer.m, dtype=torch.float64, device=where)
+            for layer, new in zip(layers, fresh)
         ]
-        counts = torch.tensor([float(layer.count) for layer in layers], dtype=torch.float64)
+        counts = torch.tensor(
+            [float(layer.count) if new else 0.0 for layer, new in zip(layers, fresh)],
+            dtype=torch.float64,
+        )
         flat = torch.cat([*parts, counts.to(where)])
         torch.distributed.all_reduce(flat)
         totals = flat[: -len(layers)].split([layer.m * layer.m for layer in layers])
         for layer, total, count in zip(layers, totals, flat[-len(layers) :].tolist()):
-            layer.count = int(count)
+            if layer.reduced:
+                continue
+            layer.count, layer.reduced = int(count), count > 0
             layer.total = (
                 None
                 if layer.count == 0
@@ -327,7 +337,7 @@ class PerSampleFisher:
         ):
             return
         layer.pending.clear()
-        if layer.popped:
+        if layer.popped or layer.reduced:
             layer.clear()
         x = (args[0] if args else kwargs["input"]).detach() if layer.weight is not None else None
         output.register_hook(partial(self._on_grad, layer, x))
@@ -346,7 +356,7 @@ class PerSampleFisher:
         if not layer.pending:
             return
         pending, layer.pending = layer.pending, []
-        if layer.popped:
+        if layer.popped or layer.reduced:
             layer.clear()
         groups: dict[int, list[tuple[Tensor | None, Tensor]]] = {}
         for x, delta in pending:
