@@ -18,6 +18,7 @@ __all__ = [
     "Checks",
     "EngineConfig",
     "group_defaults",
+    "is_dtensor",
     "reject_unknown",
     "staleness_setting",
     "world_size",
@@ -81,6 +82,15 @@ def world_size() -> int:
     """Processes in ``torch.distributed``'s default group (1 when there is none)."""
     dist = torch.distributed
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    """Is ``t`` a ``torch.distributed`` DTensor (FSDP2's ``fully_shard``, tensor parallelism)?"""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 def staleness_setting(value: int | str | None) -> int | None:

@@ -24,7 +24,7 @@ from . import step
 from .blocking import BlockLayout, block_layout
 from .buckets import Bucket, plan_buckets, slots_of
 from .checkpoint import Checkpointing
-from .config import EngineConfig
+from .config import EngineConfig, is_dtensor
 from .cycles import RootCycles
 from .scheduler import RootScheduler, Slot
 from .state import check_state, init_state, state_dtype
@@ -104,6 +104,12 @@ class PreconditionerEngine(RootCycles, Checkpointing):
                     raise ValueError(
                         f"{type(self).__name__} optimizes real floating-point parameters, "
                         f"got dtype {p.dtype}"
+                    )
+                if isinstance(p, torch.Tensor) and is_dtensor(p):
+                    raise NotImplementedError(
+                        f"{type(self).__name__} does not support DTensor parameters yet (FSDP2's "
+                        f"fully_shard, tensor parallelism): got one of shape {tuple(p.shape)} "
+                        f"with placements {p.placements}; DDP works (see the README)"  # type: ignore[attr-defined]
                     )
         super().add_param_group(param_group)
         if hasattr(self, "_index"):
