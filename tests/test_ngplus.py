@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from torch_shampoo import NGPlus
+from torch_shampoo.ngplus import EARLIER_RULE
 
 F64 = torch.float64
 SYNC: dict[str, Any] = dict(async_roots=False, root_staleness=0)
@@ -1259,3 +1260,32 @@ def test_under_ddp_ranks_agree_and_equal_one_process_on_the_combined_batch(
         torch.testing.assert_close(a, b.detach(), rtol=1e-9, atol=1e-12)
     # Not vacuous: the ranks' own halves give different statistics than the whole batch.
     assert not torch.equal(ranks[0][0], mlp().get_parameter("0.weight").detach())
+
+
+def test_a_checkpoint_from_before_the_step_size_settings_continues_with_its_own_rule() -> None:
+    """A checkpoint of the release before relative damping and the graft has no such keys in
+    its groups (and an exp_avg per parameter): it loads into today's defaults and continues
+    bitwise as the paper's rule it was trained with, not as the new defaults."""
+    batches = make_batches(8)
+    kwargs: dict[str, Any] = dict(lr=0.02, block_size=16, inverse_frequency=2, **SYNC)
+    model = mixed_model()
+    with NGPlus(model.parameters(), **kwargs, **PAPER) as opt:
+        train(model, opt, batches)
+    uninterrupted = snapshot(model.parameters())
+
+    model = mixed_model()
+    with NGPlus(model.parameters(), **kwargs, **PAPER) as opt:
+        train(model, opt, batches[:4])
+        old = roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
+    for group in old["opt"]["param_groups"]:
+        for key in EARLIER_RULE:
+            del group[key]
+    for i, p in enumerate(model.parameters()):
+        old["opt"]["state"][i]["exp_avg"] = torch.zeros_like(p)
+    resumed_model = mixed_model(seed=1)
+    resumed_model.load_state_dict(old["model"])
+    with NGPlus(resumed_model.parameters(), **kwargs) as resumed:  # today's defaults
+        resumed.load_state_dict(old["opt"])
+        assert {k: resumed.param_groups[0][k] for k in EARLIER_RULE} == EARLIER_RULE
+        train(resumed_model, resumed, batches[4:])
+    assert_bitwise_equal(snapshot(resumed_model.parameters()), uninterrupted)

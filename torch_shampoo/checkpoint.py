@@ -161,9 +161,15 @@ class Checkpointing(Optimizer):
             # Registered last, so it sees the state dict the user's pre-hooks settled on.
             loading["params"] = self._saved_id_map(final)
             loading["state"] = {}
+            # The settings the state was saved with (they replace the groups' on loading).
+            settings = {
+                i: {k: v for k, v in group.items() if k != "params"}
+                for group in final["param_groups"]
+                for i in group["params"]
+            }
             for saved_id, p in loading["params"].items():
                 if saved_id in final["state"]:
-                    config = self._config(self._group_of(p))
+                    config = self._config({**self._group_of(p), **settings[saved_id]})
                     owner, name = type(self).__name__, self._describe(p)
                     saved = from_saved(owner, name, final["state"][saved_id])
                     check_state(owner, name, p, saved, self._layout_of(p, config))

@@ -31,11 +31,20 @@ from .grafting import GRAFTS
 from .matrix_roots import ROOT_METHODS
 from .per_sample import PerSampleFisher
 
-__all__ = ["STATISTICS", "NGPlus"]
+__all__ = ["EARLIER_RULE", "STATISTICS", "NGPlus"]
 
 STATISTICS: tuple[str, ...] = ("minibatch", "per_sample")
 
 Damping = float | Callable[[int], float]
+
+EARLIER_RULE: dict[str, Any] = {
+    "relative_damping": False,
+    "bias_correction": False,
+    "grafting": "none",
+    "grafting_beta2": 0.999,
+    "grafting_epsilon": 1e-8,
+}
+"""The settings a checkpoint saved by a release without them trained with."""
 
 
 @lru_cache(maxsize=1024)
@@ -303,10 +312,12 @@ class NGPlus(PreconditionerEngine):
         return packed
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As the engine's; a damping saved as ``None`` keeps this optimizer's damping."""
+        """As the engine's; a damping saved as ``None`` keeps this optimizer's damping. A group
+        saved before the step-size settings existed continues with the rule it trained with
+        (the paper's: :data:`EARLIER_RULE`)."""
         current = [g["damping"] for g in self.param_groups]
         groups = [
-            {**g, "damping": here if g["damping"] is None else g["damping"]}
+            {**EARLIER_RULE, **g, "damping": here if g["damping"] is None else g["damping"]}
             for g, here in zip(state_dict["param_groups"], current)
         ]
         super().load_state_dict({**state_dict, "param_groups": groups})
