@@ -1289,3 +1289,37 @@ def test_a_checkpoint_from_before_the_step_size_settings_continues_with_its_own_
         assert {k: resumed.param_groups[0][k] for k in EARLIER_RULE} == EARLIER_RULE
         train(resumed_model, resumed, batches[4:])
     assert_bitwise_equal(snapshot(resumed_model.parameters()), uninterrupted)
+
+
+def test_with_per_sample_statistics_only_a_hooked_layers_bias_gets_a_factor() -> None:
+    """A hooked layer's bias is W̃'s last column and shares its F; a vector the hooks do not
+    see (a LayerNorm's scale and shift) has no Fisher estimate and takes the grafted gradient,
+    exactly as with minibatch statistics."""
+
+    def net(frozen: bool) -> nn.Module:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3))
+        for layer in (model[0], model[3]):
+            layer.requires_grad_(not frozen)
+        return model.to(F64)
+
+    for frozen in (False, True):
+        model, twin = net(frozen), net(frozen)
+        params = [p for p in model.parameters() if p.requires_grad]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the LayerNorm has no per-sample statistics
+            per_sample = NGPlus(params, statistics="per_sample", model=model, **SYNC)
+        minibatch = NGPlus([p for p in twin.parameters() if p.requires_grad], **SYNC)
+        with per_sample, minibatch:
+            for seed in range(4):
+                x, y = data((4,), 5, seed)
+                mean_loss_step(model, per_sample, x, y)
+                mean_loss_step(twin, minibatch, x, y)
+            norm = model[1]
+            assert all(per_sample.state[p]["factors"] == [] for p in norm.parameters())
+            if not frozen:
+                assert per_sample.state[model[0].bias]["factors"]  # shares the layer's F
+            else:  # only the LayerNorm trains: its steps are the minibatch optimizer's
+                for p, q in zip(norm.parameters(), twin[1].parameters()):
+                    assert torch.equal(p, q)
+                assert not torch.equal(norm.weight, torch.ones(6, dtype=F64))

@@ -76,10 +76,10 @@ class NGPlus(PreconditionerEngine):
 
     An output dim larger than ``block_size`` is split into diagonal blocks of F. Parameters that
     are not matrices (biases, norm scales) take the grafted gradient (the identity as their
-    preconditioner) with minibatch statistics; with per-sample statistics a bias shares the F of
-    its layer (the bias is the extra input column ã = [a; 1]) and the inverse computed for the
-    weight (copied in when it is installed; none of its own), and any other vector uses its
-    minibatch g gᵀ.
+    preconditioner); with per-sample statistics a hooked layer's bias shares the F of its layer
+    (the bias is the extra input column ã = [a; 1]) and the inverse computed for the weight
+    (copied in when it is installed; none of its own), and any other vector still takes the
+    grafted gradient.
 
     Args:
         params: parameters or parameter groups.
@@ -217,7 +217,13 @@ class NGPlus(PreconditionerEngine):
         )
 
     def _layout_of(self, p: torch.Tensor, config: EngineConfig) -> BlockLayout:
-        return _layout(tuple(p.shape), config.block_size, self.statistics == "per_sample")
+        # A vector gets a factor only as a hooked layer's bias (W̃'s last column); any other
+        # (norm scales, a lone bias) takes the grafted gradient, as with minibatch statistics:
+        # its g gᵀ is no Fisher estimate (preconditioning LayerNorms by it cost the char-LM
+        # 194 steps to SGD's loss against 150).
+        fisher = getattr(self, "_fisher", None)  # (None while unpickling)
+        vector = fisher is not None and fisher.handles(p)
+        return _layout(tuple(p.shape), config.block_size, vector)
 
     def _take_curvature(self, p: torch.Tensor) -> torch.Tensor | None:
         return self._fisher.pop(p) if self._fisher is not None else None

@@ -233,6 +233,10 @@ class PerSampleFisher:
                     param.register_post_accumulate_grad_hook(partial(self._on_accumulated, layer))
                 )
 
+    def handles(self, param: Tensor) -> bool:
+        """Is ``param`` (a weight or bias of a handled layer) given per-sample statistics?"""
+        return id(param) in self._layers
+
     def pairs(self) -> list[tuple[Tensor, Tensor]]:
         """(weight, bias) of every handled layer whose weight and bias are both tracked: the
         two get the same F."""
