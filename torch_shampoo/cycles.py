@@ -73,7 +73,7 @@ class RootCycles:
                 if self._submit_roots(w, is_first):
                     due_now.append(w)
                     first = first or is_first
-        by_param = {w.p: w for w in work}
+        by_param = {w.p: w for w in work} if due_now else {}
         for w in due_now:
             self._install_due_roots(w.p, w.state, w.config, w.group, w.t)
             for x in (w.p, *self._followers_of(w.p)):
