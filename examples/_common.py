@@ -6,6 +6,7 @@ its names are re-exported here, so scripts keep importing everything from `_comm
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import sys
 import time
@@ -43,7 +44,8 @@ Batch = tuple[Tensor, Tensor]
 
 class _Entry(NamedTuple):
     label: str
-    module: ModuleType
+    module: ModuleType | str
+    """The module, or the name of an optional one (a published reference, imported if there)."""
     class_name: str
     lr_group: str
     kwargs: dict[str, Any]
@@ -62,6 +64,14 @@ _REGISTRY = {
     "ngplus": _Entry("NG+", torch_shampoo, "NGPlus", "ngplus", {"statistics": "minibatch"}),
     "ngplus-ps": _Entry(
         "NG+ per-sample", torch_shampoo, "NGPlus", "ngplus", {"statistics": "per_sample"}
+    ),
+    # SOAP takes Adam's lr (its step is Adam's, in a rotated basis)
+    "soap": _Entry("SOAP async", torch_shampoo, "SOAP", "adam", {}),
+    "soap-sync": _Entry("SOAP sync", torch_shampoo, "SOAP", "adam", {"async_roots": False}),
+    "soap-stale": _Entry("SOAP stale=f", torch_shampoo, "SOAP", "adam", {"root_staleness": 10}),
+    # pytorch-optimizer's SOAP (pip install pytorch-optimizer), as a published reference
+    "soap-ref": _Entry(
+        "SOAP (pytorch-optimizer)", "pytorch_optimizer", "SOAP", "adam", {"weight_decay": 0.0}
     ),
 }
 METHOD_KEYS = tuple(_REGISTRY)
@@ -84,7 +94,13 @@ class Method:
     def optimizer_class(self) -> Callable[..., torch.optim.Optimizer] | None:
         """The optimizer class, or None if this version of the library does not provide it."""
         entry = _REGISTRY[self.key]
-        return getattr(entry.module, entry.class_name, None)
+        module = entry.module
+        if isinstance(module, str):
+            try:
+                module = importlib.import_module(module)
+            except ImportError:
+                return None
+        return getattr(module, entry.class_name, None)
 
     def build(self, model: nn.Module) -> torch.optim.Optimizer:
         """Construct the optimizer for `model` (attaching hooks for per-sample statistics)."""
@@ -128,8 +144,9 @@ def available(methods: Sequence[Method]) -> list[Method]:
     kept = []
     for method in methods:
         if method.optimizer_class() is None:
-            name = _REGISTRY[method.key].class_name
-            print(f"note: skipping {method.label}: torch_shampoo has no {name} yet")
+            entry = _REGISTRY[method.key]
+            where = entry.module if isinstance(entry.module, str) else entry.module.__name__
+            print(f"note: skipping {method.label}: {where} has no {entry.class_name} here")
         else:
             kept.append(method)
     return kept

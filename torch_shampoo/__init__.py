@@ -1,8 +1,9 @@
-"""Shampoo and NG+ second-order optimizers for PyTorch, with inverse roots on CPU threads."""
+"""Shampoo, SOAP and NG+ second-order optimizers for PyTorch, with inverse roots on CPU threads."""
 
 from .ngplus import NGPlus
 from .optimizer import Shampoo
+from .soap import SOAP
 
-__all__ = ["NGPlus", "Shampoo", "__version__"]
+__all__ = ["SOAP", "NGPlus", "Shampoo", "__version__"]
 
 __version__ = "0.1.0"

@@ -62,13 +62,16 @@ class BlockLayout:
         return [d for d, f in zip(self.block_shapes[block], self.factored) if f]
 
 
-def merged_shape(shape: Sequence[int], block_size: int) -> tuple[int, ...]:
-    """Drop size-1 dims, then merge neighbours from the right while the product is ≤ block_size."""
+def merged_shape(shape: Sequence[int], block_size: int, merge: bool = True) -> tuple[int, ...]:
+    """Drop size-1 dims, then (``merge``) merge neighbours from the right while the product is
+    ≤ block_size."""
     if 0 in shape:
         return (0,)
     dims = [d for d in shape if d != 1]
     if not dims:
         return (1,)
+    if not merge:
+        return tuple(dims)
     merged: list[int] = [dims[-1]]
     for d in reversed(dims[:-1]):
         if merged[0] * d <= block_size:
@@ -82,13 +85,16 @@ def _chunks(size: int, block_size: int) -> list[tuple[int, int]]:
     return [(start, min(block_size, size - start)) for start in range(0, size, block_size)]
 
 
-def block_layout(shape: Sequence[int], block_size: int, max_factor_dim: int) -> BlockLayout:
-    """The block grid of a parameter of ``shape`` (see the module docstring)."""
+def block_layout(
+    shape: Sequence[int], block_size: int, max_factor_dim: int, merge: bool = True
+) -> BlockLayout:
+    """The block grid of a parameter of ``shape`` (see the module docstring); ``merge=False``
+    keeps every dim of size > 1 as a dim of its own."""
     if block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     if max_factor_dim < 1:
         raise ValueError(f"max_factor_dim must be a positive integer, got {max_factor_dim!r}")
-    merged = merged_shape(shape, block_size)
+    merged = merged_shape(shape, block_size, merge)
     factored = tuple(0 < d <= max_factor_dim for d in merged)
     per_dim = [_chunks(d, block_size) if f else [(0, d)] for d, f in zip(merged, factored)]
     cells = list(itertools.product(*per_dim))

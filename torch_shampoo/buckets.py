@@ -182,9 +182,11 @@ def slots_of(placements: list[tuple[Bucket, Member]]) -> list[Slot]:
     slots = []
     for bucket, m in placements:
         rows = slice(m.offset, m.offset + len(m.blocks))
+        dims = [d for d, factored in enumerate(bucket.factored) if factored]
         for dim in range(bucket.per_block):
             indices = [b * bucket.per_block + dim for b in m.blocks]
-            slots.append(Slot(indices, bucket.factors[dim][rows], bucket.roots[dim][rows]))
+            place = (bucket, m, dims[dim])
+            slots.append(Slot(indices, bucket.factors[dim][rows], bucket.roots[dim][rows], place))
     return slots
 
 

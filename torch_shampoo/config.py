@@ -60,6 +60,9 @@ class EngineConfig:
     skip_nonfinite: bool
     relative_epsilon: bool = False
     """ε is a multiple of each factor's mean eigenvalue tr(F)/d at the root step."""
+    eigenbasis: bool = False
+    """The pool computes each factor's eigenvectors, and the step runs Adam in that basis
+    (eigenvalue-corrected Shampoo, :mod:`torch_shampoo.eigenbasis`); roots are not used."""
 
     def epsilon_at(self, step: int) -> float:
         """ε at ``step``; a schedule (NG+'s ``damping``) must give a positive finite number."""

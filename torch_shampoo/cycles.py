@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from . import device, telemetry
+from . import device, eigenbasis, telemetry
 from .blocking import BlockLayout
 from .config import EngineConfig
 from .root_pool import RootJob
@@ -44,7 +44,7 @@ class RootCycles:
         raise NotImplementedError
 
     def _rooted_blocks(
-        self, p: torch.Tensor, state: dict[str, Any], layout: BlockLayout
+        self, p: torch.Tensor, state: dict[str, Any], layout: BlockLayout, config: EngineConfig
     ) -> tuple[bool, ...] | None:
         raise NotImplementedError
 
@@ -79,7 +79,9 @@ class RootCycles:
             for x in (w.p, *self._followers_of(w.p)):
                 if x in by_param:
                     follower = by_param[x]
-                    follower.rooted = self._rooted_blocks(x, follower.state, follower.layout)
+                    follower.rooted = self._rooted_blocks(
+                        x, follower.state, follower.layout, follower.config
+                    )
         if first and self._async_roots:
             self._roots.waited_first_cycle(time.perf_counter() - began)
             for group in self.param_groups:  # fix "auto" now that a cycle was measured
@@ -126,11 +128,13 @@ class RootCycles:
                     epsilon=epsilon,
                     method=config.root_method,
                     relative=config.relative_epsilon,
+                    eigenbasis=config.eigenbasis,
                 )
                 for slot, buffers in zip(slots, staging)
             ]
 
-        return self._roots.submit(w.p, slots, jobs, t, due)
+        # an eigenbasis is installed next to the previous one (the moments move between them)
+        return self._roots.submit(w.p, slots, jobs, t, due, in_place=not config.eigenbasis)
 
     def _install_due_roots(
         self,
@@ -167,6 +171,11 @@ class RootCycles:
             ok = [o.ok for o in outcomes]
             if pending.buffers and not pending.buffers[i].in_place and any(ok):
                 buffers = pending.buffers[i]
+                previous = slots[i].roots.clone() if config.eigenbasis else None
+                first = None
+                if previous is not None:  # blocks whose previous basis is the identity
+                    had = [not bool(state["has_root"][j]) for j in indices]
+                    first = device.small_tensor(had, previous.device) if any(had) else None
                 if all(ok):
                     buffers.uploaded = device.to_device(slots[i].roots, buffers.result)
                 else:
@@ -174,6 +183,11 @@ class RootCycles:
                         buffers.uploaded = device.to_device(
                             slots[i].roots[row], buffers.result[row]
                         )
+                if previous is not None:
+                    bucket, member, dim = slots[i].place
+                    eigenbasis.change_basis(
+                        state, member, bucket.block_shape, dim, previous, slots[i].roots, first
+                    )
             for j, outcome in zip(indices, outcomes):
                 stats.root_seconds += outcome.seconds
                 stats.last_error[index, j] = outcome.error

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from . import step
+from . import eigenbasis, step
 from .blocking import BlockLayout, block_layout
 from .buckets import Bucket, plan_buckets, slots_of
 from .checkpoint import Checkpointing
@@ -134,6 +134,10 @@ class PreconditionerEngine(RootCycles, Checkpointing):
     def _step_parameters(self) -> None:
         work, buckets = self._begin_step()
         units, stacked = step.units_of(work, buckets)
+        if any(w.config.eigenbasis for w in work):
+            eigenbasis.step_units(units, buckets, stacked, lambda: self._roots_of_this_step(work))
+            self._send_roots()
+            return
         for u in units:
             step.accumulate(u)
         step.statistics(units, buckets, stacked)
@@ -210,7 +214,7 @@ class PreconditionerEngine(RootCycles, Checkpointing):
             layout=layout,
             t=t,
             group=group,
-            rooted=self._rooted_blocks(p, state, layout),
+            rooted=self._rooted_blocks(p, state, layout, config),
             curvature=self._take_curvature(p),
         )
 
@@ -230,13 +234,15 @@ class PreconditionerEngine(RootCycles, Checkpointing):
         return self._buckets
 
     def _rooted_blocks(
-        self, p: torch.Tensor, state: dict[str, Any], layout: BlockLayout
+        self, p: torch.Tensor, state: dict[str, Any], layout: BlockLayout, config: EngineConfig
     ) -> tuple[bool, ...] | None:
-        """Per block, are all its roots installed (cached; None when every block's are)?"""
+        """Per block, are all its roots installed (an eigenbasis: any of its factors' bases,
+        the others being I)? Cached; None when every block's are."""
         if p not in self._rooted:
             has_root = state["has_root"].tolist()
             k = len(has_root) // layout.num_blocks if layout.num_blocks else 0
-            blocks = tuple(all(has_root[b * k : (b + 1) * k]) for b in range(layout.num_blocks))
+            enough = any if config.eigenbasis else all
+            blocks = tuple(enough(has_root[b * k : (b + 1) * k]) for b in range(layout.num_blocks))
             self._rooted[p] = None if all(blocks) else blocks
         return self._rooted[p]
 

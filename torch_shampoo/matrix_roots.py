@@ -128,6 +128,42 @@ def inverse_roots(
     ]
 
 
+def eigenbases(matrices: torch.Tensor) -> list[RootResult]:
+    """The eigenvectors Q (columns, eigenvalues ascending) of every symmetric matrix of a stack
+    (k, n, n), in float64: one batched ``eigh`` of the symmetrized stack. A matrix with a
+    non-finite entry, or one the batched call cannot decompose (then each is tried alone),
+    fails; the caller keeps its previous basis. ``RootResult.root`` holds Q."""
+    if matrices.dim() != 3:
+        raise ValueError(f"matrices must be a (k, n, n) stack, got shape {tuple(matrices.shape)}")
+    k, n = matrices.shape[0], matrices.shape[-1]
+    if k == 0:
+        return []
+    a = matrices.to(device="cpu", dtype=torch.float64)
+    usable = torch.isfinite(a).flatten(1).all(1)
+    eye = torch.eye(n, dtype=torch.float64)
+    symmetric = torch.where(usable.view(-1, 1, 1), _symmetrized(a), eye)
+    try:
+        bases = torch.linalg.eigh(symmetric).eigenvectors
+    except RuntimeError:  # includes torch.linalg.LinAlgError: each alone
+        found = []
+        for i, matrix in enumerate(symmetric):
+            try:
+                found.append(torch.linalg.eigh(matrix).eigenvectors)
+            except RuntimeError:
+                found.append(torch.full((n, n), math.nan, dtype=torch.float64))
+                usable[i] = False
+        bases = torch.stack(found)
+    usable &= torch.isfinite(bases).flatten(1).all(1)
+    return [
+        RootResult(root=bases[i], ok=True, error=0.0, reason="", method="eigh")
+        if fine
+        else RootResult(
+            root=bases[i], ok=False, error=math.nan, reason="non-finite statistics", method="eigh"
+        )
+        for i, fine in enumerate(usable.tolist())
+    ]
+
+
 def _check_arguments(
     matrix: torch.Tensor, exponent: float, epsilon: float, method: str, failure_threshold: float
 ) -> None:

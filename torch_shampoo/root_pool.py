@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from . import device
-from .matrix_roots import inverse_roots
+from .matrix_roots import RootResult, eigenbases, inverse_roots
 
 __all__ = [
     "RootCancelled",
@@ -61,6 +61,8 @@ class RootJob:
     method: str
     relative: bool = False
     """ε is relative to each factor's mean eigenvalue τ = tr(F)/d (τ ≤ 0: absolute)."""
+    eigenbasis: bool = False
+    """Compute each factor's eigenvectors Q instead of a root (eigenvalue-corrected Shampoo)."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,10 @@ def solve(job: RootJob) -> tuple[list[RootOutcome], torch.Tensor]:
     ``job.result`` (see :meth:`Ticket._run`)."""
     device.wait(job.snapshot_ready)
     start = time.perf_counter()
+    if job.eigenbasis:  # F's eigenvectors do not depend on its scale or on ε
+        found = eigenbases(job.snapshot)
+        bases = torch.stack([f.root for f in found]) if found else job.snapshot.double()
+        return _outcomes(found, start), bases
     matrices = job.snapshot.to(torch.float64) / job.scale
     level = None
     if job.relative and len(matrices):
@@ -96,17 +102,22 @@ def solve(job: RootJob) -> tuple[list[RootOutcome], torch.Tensor]:
     if level is not None:
         roots = roots * level.pow(-1.0 / job.exponent)
     finite = torch.isfinite(roots).flatten(1).all(1).tolist() if found else []
+    return _outcomes(found, start, finite), roots
+
+
+def _outcomes(
+    found: list[RootResult], start: float, finite: list[bool] | None = None
+) -> list[RootOutcome]:
     seconds = (time.perf_counter() - start) / max(1, len(found))
-    outcomes = [
+    return [
         RootOutcome(
             f.ok and fine,
             f.error,
             f.reason or ("non-finite root" if not (f.ok and fine) else ""),
             seconds,
         )
-        for f, fine in zip(found, finite)
+        for f, fine in zip(found, finite or [True] * len(found))
     ]
-    return outcomes, roots
 
 
 class Ticket:

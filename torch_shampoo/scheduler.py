@@ -63,6 +63,8 @@ class Slot:
     indices: list[int]
     factors: torch.Tensor
     roots: torch.Tensor
+    place: Any = None
+    """(bucket, member, block dim) of these rows, for what installs must touch besides."""
 
 
 @dataclass
@@ -222,11 +224,14 @@ class RootScheduler:
         jobs: Callable[[list[Staging]], list[RootJob]] | BaseException,
         t: int,
         due: int,
+        in_place: bool = True,
     ) -> bool:
         """Register the root jobs of ``p`` made at step ``t`` (one per slot), due at ``due``;
         jobs due now are handed to the pool at once, later ones at :meth:`send`. ``jobs`` is an
         exception when the jobs could not be made (a failing damping schedule): the roots then
-        fail. Returns whether they are due in this step."""
+        fail. ``in_place=False``: a root due now is written into a buffer of its own, not
+        into the root stack (the installer needs the previous one). Returns whether they are
+        due in this step."""
         indices = [slot.indices for slot in slots]
         if isinstance(jobs, BaseException):
             failed = [Ticket() for _ in slots]
@@ -234,8 +239,13 @@ class RootScheduler:
                 ticket._fail(jobs)
             self.pending[p] = Pending(t, due, jobs=[], tickets=failed, factors=indices)
             return due <= t
-        if due <= t and not any(slot.factors.is_cuda for slot in slots):
-            buffers = [Staging(s.factors, s.roots, in_place=True) for s in slots]  # no copies
+        if due <= t and not any(slot.factors.is_cuda for slot in slots):  # no host copies
+            buffers = [
+                Staging(
+                    s.factors, s.roots if in_place else torch.empty_like(s.roots), in_place=in_place
+                )
+                for s in slots
+            ]
         else:
             buffers = self._staging_of(p, [slot.factors for slot in slots])
         made = jobs(buffers)

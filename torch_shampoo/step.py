@@ -28,9 +28,11 @@ __all__ = [
     "Work",
     "accumulate",
     "directions",
+    "gradient",
     "precondition",
     "statistics",
     "units_of",
+    "update_moments",
     "update_parameters",
 ]
 
@@ -121,7 +123,7 @@ def make_unit(works: Sequence[Work], bucket: Bucket | None) -> Unit:
     )
 
 
-def _gradient(u: Unit) -> torch.Tensor:
+def gradient(u: Unit) -> torch.Tensor:
     """This step's gradient in the state dtype (a copy: p.grad is never modified), with the
     non-finite guard applied: blocks whose gradient is not finite are zeroed and flagged in
     ``u.cells``; every state update is then masked with the flags (no host sync). Flags known
@@ -159,7 +161,18 @@ def accumulate(u: Unit) -> None:
     """The gradient and the moments it feeds: the first moment and the graft's second moment;
     with statistics prepared outside the step (NG+), the factors too. ``u.g`` keeps the
     gradient for the bucket statistics."""
-    g = u.g = _gradient(u)
+    g = u.g = gradient(u)
+    update_moments(u, g)
+    w = u.works[0]
+    if u.bucket is None and w.curvature is not None:
+        kernels.curvature_statistics(
+            w.state["factors"], w.curvature, w.layout, u.config.beta2, u.cells
+        )
+        u.g = None
+
+
+def update_moments(u: Unit, g: torch.Tensor) -> None:
+    """The first moment and the graft's second moment from ``g`` (masked by the guard)."""
     state, config, keep = u.state, u.config, u.keep()
     exp_avg = state.get("exp_avg")
     if exp_avg is None:  # β₁ = 0: m̂ is the gradient itself
@@ -169,12 +182,6 @@ def accumulate(u: Unit) -> None:
     else:
         torch.where(keep, exp_avg.lerp(g, 1.0 - config.beta1), exp_avg, out=exp_avg)
     update_graft_state(config.grafting, state, g, config.grafting_beta2, keep)
-    w = u.works[0]
-    if u.bucket is None and w.curvature is not None:
-        kernels.curvature_statistics(
-            w.state["factors"], w.curvature, w.layout, config.beta2, u.cells
-        )
-        u.g = None
 
 
 def directions(u: Unit) -> None:
@@ -253,8 +260,14 @@ def units_of(work: list[Work], buckets: list[Bucket]) -> tuple[list[Unit], dict[
     return units, stacked
 
 
-def statistics(units: list[Unit], buckets: list[Bucket], stacked: dict[int, Unit]) -> None:
-    """F ← β₂F + w·G Gᵀ per bucket and factored dim: one batched product each."""
+def statistics(
+    units: list[Unit],
+    buckets: list[Bucket],
+    stacked: dict[int, Unit],
+    keep_gradients: bool = False,
+) -> None:
+    """F ← β₂F + w·G Gᵀ per bucket and factored dim: one batched product each. The gradient
+    copies are dropped after, unless ``keep_gradients``."""
     single = {u.works[0].p: u for u in units if u.bucket is None and u.g is not None}
     for bucket in buckets:
         if not bucket.factors:
@@ -279,8 +292,9 @@ def statistics(units: list[Unit], buckets: list[Bucket], stacked: dict[int, Unit
         if rows is not None:
             for whole, part in zip(bucket.factors, factors):
                 whole.index_copy_(0, rows, part)
-    for u in units:
-        u.g = None  # the gradient copies are not needed any more
+    if not keep_gradients:
+        for u in units:
+            u.g = None
 
 
 def precondition(
