@@ -5,13 +5,17 @@ the first moment M in the *original* coordinates, as the SOAP paper writes it, a
 at every step; the optimizer keeps it in the basis and moves it at basis changes. Agreement
 checks that the two are the same rule. It imports only the (shapes-only) block layout.
 
-Per block, at step t = 1, 2, ... (bases installed with staleness 0):
+Per block, at step t = 1, 2, ... (bases computed at step t installed at t + s, s =
+``root_staleness``, never later than the next root step; a parameter's first ones at once):
 
 0. g = grad (-grad if maximize); with coupled weight decay, g <- g + wd * W.
 1. For each factored dim i: F_i <- beta * F_i + (1 - beta) * G_(i) G_(i)^T.
 2. At t == start, and at t > start with t % frequency == 0: Q_i~ = eigenvectors(F_i). At the
    first one (Q_i = I before) the second moment moves into the basis as a diagonal: with
-   O_i = Q_i^T Q_i~, V <- V x_i (O_i o O_i)^T; later, V is kept entry by entry.
+   O_i = Q_i^T Q_i~, V <- V x_i (O_i o O_i)^T; later, V is kept entry by entry. At a root step
+   whose bases come later (s > 0) the installed Q_i (not the identity) take one power
+   iteration with the current F_i: the columns of F_i Q_i, Gram-Schmidt from the largest
+   eigenvalue's down.
 3. G' = G x_1 Q_1^T x_2 Q_2^T ...; M <- b1 M + (1 - b1) g; M' = M x_1 Q_1^T ...;
    V <- b2 V + (1 - b2) G'^2.
 4. N' = (M' / (1 - b1^t)) / (sqrt(V / (1 - b2^t)) + eps); N = N' x_1 Q_1 x_2 Q_2 ...
@@ -74,8 +78,11 @@ class ReferenceSOAP:
         momentum: float = 0.0,
         nesterov: bool = False,
         maximize: bool = False,
+        root_staleness: int = 0,
+        basis_refresh: bool = True,
     ) -> None:
         self.params = list(params)
+        self.staleness, self.refresh = root_staleness, basis_refresh
         self.lr, (self.b1, self.b2), self.eps = lr, betas, eps
         self.wd, self.decoupled = weight_decay, decoupled_weight_decay
         self.beta = betas[1] if shampoo_beta is None else shampoo_beta
@@ -85,6 +92,7 @@ class ReferenceSOAP:
         self.maximize = maximize
         self.t = 0
         self.layouts, self.blocks = [], []
+        self.pending: list[tuple[int, list[list[torch.Tensor]]] | None] = [None] * len(self.params)
         for p in self.params:
             shape = tuple(p.shape)
             if len(shape) == 1 and not precondition_1d:
@@ -117,27 +125,52 @@ class ReferenceSOAP:
     @torch.no_grad()
     def step(self, grads: Sequence[torch.Tensor]) -> None:
         self.t += 1
-        for p, grad, layout, blocks in zip(self.params, grads, self.layouts, self.blocks):
+        t = self.t
+        for i, (p, grad, layout, blocks) in enumerate(
+            zip(self.params, grads, self.layouts, self.blocks)
+        ):
+            pending = self.pending[i]
+            if pending is not None and pending[0] <= t:  # bases of an earlier root step
+                self.install(blocks, pending[1])
+                self.pending[i] = None
             w = p.double()
             g = -grad.double() if self.maximize else grad.double()
             if self.wd != 0 and not self.decoupled:
                 g = g + self.wd * w
-            pieces = zip(blocks, split_blocks(g.contiguous(), layout), split_blocks(w, layout))
+            g_blocks = split_blocks(g.contiguous(), layout)
+            for s, gb in zip(blocks, g_blocks):
+                for k, dim in enumerate(s.dims):
+                    rows = unfold(gb, dim)
+                    s.factors[k] = self.beta * s.factors[k] + (1 - self.beta) * rows @ rows.T
+            if self.is_root_step() and any(s.dims for s in blocks):
+                new = [[torch.linalg.eigh(f).eigenvectors for f in s.factors] for s in blocks]
+                first = all(all(s.first) for s in blocks)  # no basis anywhere yet: at once
+                f = self.frequency
+                due = t if first else min(t + self.staleness, (t // f + 1) * f)
+                if due == t:
+                    self.install(blocks, new)
+                else:
+                    self.pending[i] = (due, new)
+                    if self.refresh:
+                        for s in blocks:
+                            for k in range(len(s.dims)):
+                                if not s.first[k]:
+                                    s.bases[k] = power_iteration(s.factors[k], s.bases[k])
+            pieces = zip(blocks, g_blocks, split_blocks(w, layout))
             update = merge_blocks([self.block_step(s, gb, wb) for s, gb, wb in pieces], layout)
             p.copy_(w - self.lr * update)
 
+    @staticmethod
+    def install(blocks: list[Block], new: list[list[torch.Tensor]]) -> None:
+        for s, bases in zip(blocks, new):
+            for k, (dim, basis) in enumerate(zip(s.dims, bases)):
+                if s.first[k]:  # V is Adam's, in the original coordinates: moved as a diagonal
+                    overlap = s.bases[k].T @ basis
+                    s.v = mode_product(s.v, (overlap * overlap).T, dim)
+                s.bases[k], s.first[k] = basis, False
+
     def block_step(self, s: Block, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         t = self.t
-        for k, dim in enumerate(s.dims):
-            rows = unfold(g, dim)
-            s.factors[k] = self.beta * s.factors[k] + (1 - self.beta) * rows @ rows.T
-        if self.is_root_step():
-            for k, dim in enumerate(s.dims):
-                new = torch.linalg.eigh(s.factors[k]).eigenvectors
-                if s.first[k]:  # V is Adam's, in the original coordinates: moved as a diagonal
-                    overlap = s.bases[k].T @ new
-                    s.v = mode_product(s.v, (overlap * overlap).T, dim)
-                s.bases[k], s.first[k] = new, False
         rotated = g
         s.m = self.b1 * s.m + (1 - self.b1) * g
         m_rotated = s.m
@@ -156,3 +189,16 @@ class ReferenceSOAP:
             s.b = self.mu * s.b + n
             n = n + self.mu * s.b if self.nesterov else s.b
         return n
+
+
+def power_iteration(factor: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """One step: the columns of F Q, Gram-Schmidt orthonormalized from the largest
+    eigenvalue's column down (``basis`` holds them in ascending order), each keeping its
+    direction."""
+    columns = list((factor @ basis).T)[::-1]
+    done: list[torch.Tensor] = []
+    for a in columns:
+        for q in done:
+            a = a - (q @ a) * q
+        done.append(a / a.norm())
+    return torch.stack(done[::-1], dim=1)

@@ -41,7 +41,7 @@ def _against_reference(
     gen = torch.Generator().manual_seed(1)
     params = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
     mirror = [p.clone() for p in params]
-    opt = SOAP(params, async_roots=False, root_staleness=0, **options)
+    opt = SOAP(params, async_roots=False, **{"root_staleness": 0, **options})
     reference = ReferenceSOAP(mirror, **{**options, **(reference_changes or {})})
     worst = 0.0
     for grads in _grads(steps, shapes):
@@ -64,6 +64,9 @@ OPTION_SETS: list[dict[str, Any]] = [
     {"weight_decay": 0.05, "bias_correction": False, "momentum": 0.3},
     {"precondition_1d": True, "merge_dims": True, "eps": 1e-6},
     {"max_factor_dim": 3, "precondition_frequency": 2, "betas": (0.0, 0.99)},
+    {"root_staleness": 2, "momentum": 0.9},
+    {"root_staleness": 3, "basis_refresh": False, "precondition_1d": True},
+    {"root_staleness": 1, "precondition_frequency": 4, "weight_decay": 0.01},
 ]
 
 
@@ -89,9 +92,12 @@ def test_equals_the_reference_from_a_first_basis_at_step_one() -> None:
 
 
 def test_the_reference_comparison_can_fail() -> None:
-    """The comparison is sensitive: the same rule with another factor β is caught."""
+    """The comparison is sensitive: another factor β, or stale bases without the refresh,
+    are caught."""
     kwargs = dict(lr=0.01, block_size=4, precondition_frequency=3, start_preconditioning_step=6)
     assert _against_reference(14, SHAPES, {"shampoo_beta": 0.95}, **kwargs) > 1e-6
+    stale = _against_reference(14, SHAPES, {"basis_refresh": False}, root_staleness=2, **kwargs)
+    assert stale > 1e-6
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
@@ -375,3 +381,25 @@ def test_a_shampoo_kwarg_says_what_soap_calls_it() -> None:
         SOAP([torch.zeros(2, 2)], epsilon=1e-8)
     with pytest.raises(TypeError, match="grafting"):
         SOAP([torch.zeros(2, 2)], grafting="adam")
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**16))
+def test_a_refresh_leaves_an_exact_eigenbasis_in_place(seed: int) -> None:
+    """F Q = Q Λ: one power iteration from F's own eigenvectors returns them, column by column
+    with their signs (to rounding); from a perturbed basis it moves towards them."""
+    from torch_shampoo.eigenbasis import refresh
+
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    factor = a @ a.T + 0.1 * torch.eye(6, dtype=torch.float64)
+    exact = torch.linalg.eigh(factor).eigenvectors
+    bases = exact.clone()[None]
+    refresh(bases, factor[None])
+    torch.testing.assert_close(bases[0], exact, rtol=0, atol=1e-10)
+    perturbed = torch.linalg.qr(exact + 0.05 * torch.randn(6, 6, generator=gen).double())[0]
+    perturbed = perturbed * torch.sign((perturbed * exact).sum(0))  # the same orientation
+    moved = perturbed.clone()[None]
+    refresh(moved, factor[None])
+    off = lambda q: (q.T @ factor @ q).triu(1).norm()  # noqa: E731
+    assert off(moved[0]) < off(perturbed)

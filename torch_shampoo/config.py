@@ -60,6 +60,8 @@ class EngineConfig:
     skip_nonfinite: bool
     relative_epsilon: bool = False
     """ε is a multiple of each factor's mean eigenvalue tr(F)/d at the root step."""
+    basis_refresh: bool = False
+    """At a stale basis's install, one power iteration with the current factors."""
     eigenbasis: bool = False
     """The pool computes each factor's eigenvectors, and the step runs Adam in that basis
     (eigenvalue-corrected Shampoo, :mod:`torch_shampoo.eigenbasis`); roots are not used."""

@@ -110,6 +110,8 @@ class RootCycles:
         beta2 = config.beta2
         scale = 1.0 - beta2**t if config.bias_correction and beta2 < 1.0 else 1.0
         slots = self._slots.get(id(w.p), [])
+        if config.eigenbasis and config.basis_refresh and due > t:
+            self._refresh_bases(w.state, slots)
         try:
             epsilon = config.epsilon_at(t)
         except (TypeError, ValueError) as exc:  # a broken damping schedule: failed roots
@@ -135,6 +137,22 @@ class RootCycles:
 
         # an eigenbasis is installed next to the previous one (the moments move between them)
         return self._roots.submit(w.p, slots, jobs, t, due, in_place=not config.eigenbasis)
+
+    def _refresh_bases(self, state: dict[str, Any], slots: list[Slot]) -> None:
+        """While new bases are computed off the step, the installed ones take one power
+        iteration with the current factors (:func:`~torch_shampoo.eigenbasis.refresh`), the
+        moments moving with them; blocks without a basis yet keep the identity."""
+        for slot in slots:
+            installed = [bool(state["has_root"][j]) for j in slot.indices]
+            if not any(installed):
+                continue
+            previous = slot.roots.clone()
+            eigenbasis.refresh(slot.roots, slot.factors)
+            if not all(installed):
+                keep = device.small_tensor(installed, previous.device).view(-1, 1, 1)
+                slot.roots.copy_(torch.where(keep, slot.roots, previous))
+            bucket, member, dim = slot.place
+            eigenbasis.change_basis(state, member, bucket.block_shape, dim, previous, slot.roots)
 
     def _install_due_roots(
         self,

@@ -98,6 +98,19 @@ def change_basis(
         view.copy_(_along(blocks, dim, matrix.to(moment.dtype)).reshape(view.shape))
 
 
+def refresh(bases: torch.Tensor, factors: torch.Tensor) -> None:
+    """One power iteration warm-started at the installed (possibly stale) ``bases`` with the
+    *current* ``factors`` (n, d, d): Q ← orth(F Q), orthonormalized from the largest
+    eigenvalue's column down (the columns come in ascending order), each column keeping its
+    direction. On the device, in the state dtype; a row that turns non-finite keeps its basis."""
+    descending = bases.flip(-1)
+    q, r = torch.linalg.qr(torch.matmul(factors.to(bases.dtype), descending))
+    signs = torch.where(torch.diagonal(r, dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(q.dtype)
+    q = (q * signs.unsqueeze(-2)).flip(-1)
+    finite = torch.isfinite(q).flatten(1).all(1).view(-1, 1, 1)
+    bases.copy_(torch.where(finite, q, bases))
+
+
 def rotate(
     units: list[Unit], buckets: list[Bucket], stacked: dict[int, Unit], attr: str, back: bool
 ) -> None:

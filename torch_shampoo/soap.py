@@ -107,6 +107,7 @@ class SOAP(PreconditionerEngine):
         root_staleness: int | str | None = "auto",
         max_root_failures: int = 3,
         skip_nonfinite: bool = True,
+        basis_refresh: bool = True,
         *,
         async_roots: bool = True,
         root_workers: int | None = None,
@@ -143,6 +144,7 @@ class SOAP(PreconditionerEngine):
             max_root_failures=group["max_root_failures"],
             skip_nonfinite=group["skip_nonfinite"],
             eigenbasis=True,
+            basis_refresh=group["basis_refresh"],
         )
 
     def _layout_of(self, p: torch.Tensor, config: EngineConfig) -> BlockLayout:
@@ -170,7 +172,7 @@ class SOAP(PreconditionerEngine):
         check.real("weight_decay", low=0.0)
         mu = check.real("momentum", low=0.0, high=1.0, high_open=True)
         flags = ("decoupled_weight_decay", "nesterov", "bias_correction", "maximize")
-        for name in (*flags, "precondition_1d", "merge_dims", "skip_nonfinite"):
+        for name in (*flags, "precondition_1d", "merge_dims", "skip_nonfinite", "basis_refresh"):
             check.flag(name)
         if group["nesterov"] and mu == 0:
             raise check.bad("nesterov", "Nesterov momentum needs momentum > 0")
