@@ -34,7 +34,17 @@ import train_digits  # noqa: E402
 import train_regression  # noqa: E402
 from _common import RunResult, Task  # noqa: E402
 
-METHODS = ("sgd", "adam", "shampoo-async", "ngplus", "ngplus-ps")
+METHODS = (
+    "sgd",
+    "adam",
+    "shampoo-async",
+    "soap",
+    "soap-sync",
+    "soap-stale",
+    "soap-ref",
+    "ngplus",
+    "ngplus-ps",
+)
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ VAL_FRACTION = 0.1
 DEFAULT_LRS = {"sgd": 0.3, "adam": 1e-2, "adamw": 1e-2, "shampoo": 1e-2, "ngplus": 1e-3}
 NGPLUS_DAMPING = None  # the library's default
 DEFAULT_STEPS = 300
-METHODS = ("adam", "adamw", "shampoo-sync", "shampoo-async", "ngplus")
+METHODS = ("adam", "adamw", "shampoo-sync", "shampoo-async", "soap", "ngplus")
 
 
 def load_corpus() -> tuple[str, str]:

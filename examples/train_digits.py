@@ -21,7 +21,7 @@ TEST_FRACTION = 0.2
 DEFAULT_LRS = {"sgd": 0.1, "adam": 2e-2, "adamw": 2e-2, "shampoo": 2e-2, "ngplus": 3e-3}
 NGPLUS_DAMPING = None  # the library's default
 DEFAULT_STEPS = 150
-METHODS = ("sgd", "adam", "adamw", "shampoo-sync", "shampoo-async", "ngplus", "ngplus-ps")
+METHODS = ("sgd", "adam", "adamw", "shampoo-sync", "shampoo-async", "soap", "ngplus", "ngplus-ps")
 
 
 def build_model(channels: int = 16, hidden: int = 64) -> nn.Module:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 DEFAULT_LRS = {"sgd": 0.1, "adam": 3e-2, "adamw": 3e-2, "shampoo": 1e-2, "ngplus": 3e-3}
 NGPLUS_DAMPING = None  # the library's default
 DEFAULT_STEPS = 300
-METHODS = ("sgd", "adam", "shampoo-sync", "shampoo-async", "ngplus", "ngplus-ps")
+METHODS = ("sgd", "adam", "shampoo-sync", "shampoo-async", "soap", "ngplus", "ngplus-ps")
 
 
 def regression_loss(out: Tensor, target: Tensor) -> Tensor:
