@@ -24,7 +24,7 @@ import pytest
 import torch
 from models import Batch, make_batches, mixed_model
 
-from torch_shampoo import Shampoo
+from torch_shampoo import SOAP, Shampoo
 
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
@@ -96,7 +96,7 @@ def train_lagging(
 @dataclass
 class Run:
     model: torch.nn.Module
-    opt: Shampoo
+    opt: Any
     params: list[torch.Tensor]
     losses: list[float]
     stats: dict[str, Any]
@@ -112,10 +112,12 @@ def train_fresh(
     lag: float = 0.0,
     dtype: torch.dtype = torch.float32,
     device: torch.device = CUDA,
+    optimizer: type[torch.optim.Optimizer] = Shampoo,
 ) -> Run:
-    """A fresh ``mixed_model`` and Shampoo on ``device``, trained on ``batches``, closed."""
+    """A fresh ``mixed_model`` and Shampoo (or ``optimizer``) on ``device``, trained on
+    ``batches``, closed."""
     model = mixed_model(dtype=dtype).to(device)
-    opt = Shampoo(model.parameters(), **kwargs)
+    opt = optimizer(model.parameters(), **kwargs)
     losses = train_lagging(model, opt, batches, lag if device.type == "cuda" else 0.0)
     opt.close()
     params = [p.detach().clone() for p in model.parameters()]
@@ -359,3 +361,29 @@ def test_close_with_roots_in_flight_then_continuing_equals_an_uninterrupted_run(
     torch.cuda.synchronize()
     assert opt.root_stats()["roots_computed"] == plain.stats["roots_computed"]
     assert_bitwise_equal([p.detach() for p in model.parameters()], plain.params)
+
+
+# ------------------------------------------------------------------------------- (f) SOAP
+
+
+def test_soap_async_bases_equal_sync_bases_with_the_same_staleness_on_cuda() -> None:
+    """Eigenbases from the pool, rotations and the power-iteration refresh (QR on the device)
+    in both modes: bitwise the same, with the device lagging behind the host."""
+    kwargs = dict(lr=0.01, block_size=16, precondition_frequency=3, root_staleness=2)
+    batches = cuda_batches(14)
+    asynchronous = train_fresh(batches, {**kwargs, "async_roots": True}, lag=LAG, optimizer=SOAP)
+    synchronous = train_fresh(batches, {**kwargs, "async_roots": False}, lag=LAG, optimizer=SOAP)
+    assert asynchronous.stats["roots_computed"] > 0 and asynchronous.stats["root_failures"] == 0
+    assert_bitwise_equal(asynchronous.params, synchronous.params)
+
+
+def test_soap_on_cuda_matches_the_same_run_on_cpu() -> None:
+    """ε = 1e-4: the first bases come from one gradient, and a tiny ε would amplify float32
+    rounding in the directions no gradient has reached yet."""
+    kwargs = dict(lr=0.01, block_size=16, precondition_frequency=2, root_staleness=1, eps=1e-4)
+    batches = make_batches(8)
+    on_cpu = train_fresh(batches, kwargs, device=torch.device("cpu"), optimizer=SOAP)
+    on_cuda = train_fresh(to_cuda(batches), kwargs, optimizer=SOAP)
+    assert on_cuda.stats["roots_computed"] == on_cpu.stats["roots_computed"] > 0
+    for a, b in zip(on_cuda.params, on_cpu.params):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-5)
