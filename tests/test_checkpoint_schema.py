@@ -17,7 +17,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from torch_shampoo import NGPlus, Shampoo
+from torch_shampoo import SOAP, NGPlus, Shampoo
 from torch_shampoo.checkpoint import SCHEMA
 
 # dcp.save / dcp.load without a process group say once that they run in a single process.
@@ -57,18 +57,23 @@ def test_every_entry_exists_from_the_first_step_with_a_fixed_shape() -> None:
 
 
 @pytest.mark.parametrize("flatten", [False, True], ids=["nested", "flattened"])
-@pytest.mark.parametrize("front", ["shampoo", "ngplus"])
+@pytest.mark.parametrize("front", ["shampoo", "ngplus", "soap"])
 def test_dcp_save_and_load_into_a_fresh_optimizer_continues_bitwise(
     front: str, flatten: bool
 ) -> None:
     """get_optimizer_state_dict + dcp.save with roots in flight; a fresh optimizer that has not
     stepped loads it with dcp.load + set_optimizer_state_dict and continues exactly as the
     uninterrupted run."""
-    make = (
-        (lambda ps: Shampoo(ps, **KWARGS))
-        if front == "shampoo"
-        else (lambda ps: NGPlus(ps, lr=0.02, damping=0.1, inverse_frequency=4, root_staleness=3))
-    )
+    fronts = {
+        "shampoo": lambda ps: Shampoo(ps, **KWARGS),
+        "ngplus": lambda ps: NGPlus(
+            ps, lr=0.02, damping=0.1, inverse_frequency=4, root_staleness=3
+        ),
+        "soap": lambda ps: SOAP(
+            ps, lr=0.01, block_size=16, precondition_frequency=4, root_staleness=3
+        ),
+    }
+    make = fronts[front]
     options = StateDictOptions(flatten_optimizer_state_dict=flatten)
     batches = make_batches(16)
     whole = mixed_model()
