@@ -156,6 +156,22 @@ class Checks:
         if self.group[name] not in choices:
             raise self.bad(name, f"valid choices: {', '.join(choices)}")
 
+    def momentum(self) -> None:
+        """``momentum`` in [0, 1) and ``nesterov`` (a bool) only with momentum > 0."""
+        self.flag("nesterov")
+        mu = self.real("momentum", low=0.0, high=1.0, high_open=True)
+        if self.group["nesterov"] and mu == 0:
+            raise self.bad("nesterov", "Nesterov momentum needs momentum > 0")
+
+    def blocks_and_schedule(self) -> None:
+        """Shampoo's and SOAP's block sizes and root schedule."""
+        self.integer("block_size", 1)
+        self.integer("max_factor_dim", 1)
+        self.integer("precondition_frequency", 1)
+        self.integer("max_root_failures", 1)
+        self.integer("start_preconditioning_step", 1, optional=True)
+        self.staleness()
+
     def lr(self) -> None:
         lr = self.group["lr"]
         if isinstance(lr, torch.Tensor) and (lr.dim() != 0 or not lr.is_floating_point()):

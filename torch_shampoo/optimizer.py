@@ -186,18 +186,10 @@ class Shampoo(PreconditionerEngine):
             raise check.bad("betas", "beta2 must be > 0")
         check.real("epsilon", low=0.0)
         check.real("weight_decay", low=0.0)
-        mu = check.real("momentum", low=0.0, high=1.0, high_open=True)
-        flags = ("decoupled_weight_decay", "nesterov", "bias_correction", "maximize")
-        for name in (*flags, "skip_nonfinite"):
+        for name in ("decoupled_weight_decay", "bias_correction", "maximize", "skip_nonfinite"):
             check.flag(name)
-        if group["nesterov"] and mu == 0:
-            raise check.bad("nesterov", "Nesterov momentum needs momentum > 0")
-        check.integer("block_size", 1)
-        check.integer("max_factor_dim", 1)
-        check.integer("precondition_frequency", 1)
-        check.integer("max_root_failures", 1)
-        check.integer("start_preconditioning_step", 1, optional=True)
-        check.staleness()
+        check.momentum()
+        check.blocks_and_schedule()
         check.choice("grafting", GRAFTS)
         check.real("grafting_beta2", low=0.0, high=1.0, low_open=True, high_open=True)
         check.real("grafting_epsilon", low=0.0, low_open=True)

@@ -170,15 +170,8 @@ class SOAP(PreconditionerEngine):
             check.real("shampoo_beta", low=0.0, high=1.0, high_open=True)
         check.real("eps", low=0.0, low_open=True)
         check.real("weight_decay", low=0.0)
-        mu = check.real("momentum", low=0.0, high=1.0, high_open=True)
-        flags = ("decoupled_weight_decay", "nesterov", "bias_correction", "maximize")
-        for name in (*flags, "precondition_1d", "merge_dims", "skip_nonfinite", "basis_refresh"):
+        flags = ("decoupled_weight_decay", "bias_correction", "maximize", "skip_nonfinite")
+        for name in (*flags, "precondition_1d", "merge_dims", "basis_refresh"):
             check.flag(name)
-        if group["nesterov"] and mu == 0:
-            raise check.bad("nesterov", "Nesterov momentum needs momentum > 0")
-        check.integer("block_size", 1)
-        check.integer("max_factor_dim", 1)
-        check.integer("precondition_frequency", 1)
-        check.integer("max_root_failures", 1)
-        check.integer("start_preconditioning_step", 1, optional=True)
-        check.staleness()
+        check.momentum()
+        check.blocks_and_schedule()
