@@ -403,3 +403,36 @@ def test_a_refresh_leaves_an_exact_eigenbasis_in_place(seed: int) -> None:
     refresh(moved, factor[None])
     off = lambda q: (q.T @ factor @ q).triu(1).norm()  # noqa: E731
     assert off(moved[0]) < off(perturbed)
+
+
+def test_a_block_whose_first_basis_failed_stays_adam_beside_rotated_blocks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A (10, 4) parameter at block 4 has blocks in two buckets: rows 0-7 (two 4×4 blocks) and
+    rows 8-9 (one 2×4 block). When only the second bucket's first bases fail, its block keeps
+    Adam's step (bitwise what it would be with no basis at all) while the others rotate."""
+    real = root_pool.eigenbases
+
+    def fail_single_rows(matrices: torch.Tensor) -> Any:
+        found = real(matrices)
+        if len(matrices) == 1:  # the 2×4 bucket's jobs (the 4×4 bucket's have 2 rows)
+            return [r.__class__(r.root, False, math.nan, "injected", "eigh") for r in found]
+        return found
+
+    monkeypatch.setattr(root_pool, "eigenbases", fail_single_rows)
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(10, 4, generator=gen, dtype=torch.float64)
+    plain = w.clone()
+    kwargs = dict(lr=0.01, block_size=4, async_roots=False, max_root_failures=10)
+    soap = SOAP([w], **kwargs)
+    adam_like = SOAP([plain], **kwargs, start_preconditioning_step=10**6)
+    with pytest.warns(RuntimeWarning, match="injected"):
+        for _ in range(3):
+            g = torch.randn(10, 4, generator=gen, dtype=torch.float64)
+            w.grad, plain.grad = g.clone(), g.clone()
+            soap.step()
+            adam_like.step()
+    assert torch.equal(w[8:], plain[8:])
+    assert not torch.equal(w[:8], plain[:8])  # the other blocks did rotate
+    soap.close()
+    adam_like.close()

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from . import device, step
+from . import step
 from .buckets import Bucket, Member
 from .step import Unit
 
@@ -117,46 +117,22 @@ def rotate(
     """Replace the tensor ``attr`` (``"g"``, ``"direction"``) of every unit that has a basis
     in this step by its rotation into the basis (``back``: out of it), computed per bucket.
     Blocks that have no basis yet keep their values."""
-    single = {u.works[0].p: u for u in units if u.bucket is None}
-    targets: dict[torch.Tensor, torch.Tensor] = {}
-    for bucket in buckets:
-        if not bucket.roots:
+    shares = step.PerBucket(units, buckets, stacked)
+    for share in shares:
+        if not share.bucket.roots:
+            continue  # no factored dim: nothing to rotate
+        x = share.stack(lambda u: getattr(u, attr))
+        if share.flags is not None and not any(share.flags):
+            if share.unit is None:  # a single unit's other buckets may rotate theirs
+                shares.put(share, x)
             continue
-        unit = stacked.get(id(bucket))
-        if unit is not None:
-            if not any(w.uses_roots for w in unit.works):
-                continue
-            parts, members, x = [unit], bucket.members, getattr(unit, attr)
-        else:
-            members = [
-                m for m in bucket.members if m.p in single and single[m.p].works[0].uses_roots
-            ]
-            if not members:
-                continue
-            parts = [single[m.p] for m in members]
-            x = bucket.gather([getattr(u, attr) for u in parts], members)
-        works = [w for u in parts for w in u.works]
-        rooted = None
-        if any(w.rooted is not None or not w.preconditioned for w in works):
-            flags = [
-                w.preconditioned and (w.rooted is None or w.rooted[b])
-                for m, w in zip(members, works)
-                for b in m.blocks
-            ]
-            if not any(flags):
-                continue
-            rooted = device.small_tensor(flags, x.device)
-        rows = bucket.rows(members)
-        bases = bucket.roots if rows is None else [r[rows] for r in bucket.roots]
-        result = rotate_stack(x, bases, bucket.factored, back)
+        result = rotate_stack(x, share.roots(), share.bucket.factored, back)
+        rooted = share.rooted(x.device)
         if rooted is not None:
             result = torch.where(rooted.view(-1, *(1,) * (x.dim() - 1)), result, x)
-        if unit is not None:
-            setattr(unit, attr, result)
-        else:  # set once all of its buckets have read the parameter's tensor
-            bucket.scatter(result, members, targets)
-    for p, target in targets.items():
-        setattr(single[p], attr, target)
+        shares.put(share, result)
+    for unit, result in shares.results():  # after every bucket has read the units' tensors
+        setattr(unit, attr, result)
 
 
 def step_units(

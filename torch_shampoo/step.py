@@ -10,7 +10,7 @@ computes bitwise what its parameters would one at a time.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +18,7 @@ import torch
 
 from . import device, kernels
 from .blocking import BlockLayout, expand_grid
-from .buckets import Bucket
+from .buckets import Bucket, Member
 from .config import EngineConfig
 from .grafting import graft_direction, update_graft_state
 from .state import state_dtype
@@ -297,53 +297,96 @@ def statistics(
             u.g = None
 
 
+@dataclass
+class Share:
+    """One bucket's rows of the units that use their roots (Shampoo) or bases (SOAP) in this
+    step: a stacked unit's whole bucket, or the members of the single units that do."""
+
+    bucket: Bucket
+    unit: Unit | None
+    """The bucket's stacked unit (None: ``parts`` are single units)."""
+    parts: list[Unit]
+    members: list[Member]
+    flags: list[bool] | None
+    """Per stack row: does the block have its roots? (None: every block does.)"""
+
+    def stack(self, tensor_of: Callable[[Unit], torch.Tensor]) -> torch.Tensor:
+        """The parts' tensors as this bucket's (n, *block) stack (gathered for single units)."""
+        if self.unit is not None:
+            return tensor_of(self.unit)
+        return self.bucket.gather([tensor_of(u) for u in self.parts], self.members)
+
+    def roots(self) -> list[torch.Tensor]:
+        """The root (or basis) stacks of these rows, per factored dim."""
+        rows = self.bucket.rows(self.members)
+        return self.bucket.roots if rows is None else [r[rows] for r in self.bucket.roots]
+
+    def rooted(self, where: torch.device) -> torch.Tensor | None:
+        return None if self.flags is None else device.small_tensor(self.flags, where)
+
+
+class PerBucket:
+    """The buckets of a step, shared out to the units that use their roots; results come back
+    per unit (a single unit's from all of its buckets, written into one tensor)."""
+
+    def __init__(self, units: list[Unit], buckets: list[Bucket], stacked: dict[int, Unit]):
+        self.single = {u.works[0].p: u for u in units if u.bucket is None}
+        self.buckets, self.stacked = buckets, stacked
+        self.done: list[tuple[Unit, torch.Tensor]] = []
+        self.targets: dict[torch.Tensor, torch.Tensor] = {}
+
+    def __iter__(self) -> Iterator[Share]:
+        for bucket in self.buckets:
+            unit = self.stacked.get(id(bucket))
+            if unit is not None:
+                if not unit.works[0].preconditioned:
+                    continue
+                parts, members = [unit], bucket.members
+            else:
+                single = self.single
+                members = [m for m in bucket.members if m.p in single]
+                members = [m for m in members if single[m.p].works[0].uses_roots]
+                if not members:
+                    continue
+                parts = [single[m.p] for m in members]
+            works = [w for u in parts for w in u.works]
+            flags = None
+            if any(w.rooted is not None for w in works):
+                flags = [
+                    w.rooted is None or w.rooted[b]
+                    for m, w in zip(members, works)
+                    for b in m.blocks
+                ]
+            yield Share(bucket, unit, parts, members, flags)
+
+    def put(self, share: Share, result: torch.Tensor) -> None:
+        if share.unit is not None:
+            self.done.append((share.unit, result))
+        else:
+            share.bucket.scatter(result, share.members, self.targets)
+
+    def results(self) -> list[tuple[Unit, torch.Tensor]]:
+        return self.done + [(self.single[p], t) for p, t in self.targets.items()]
+
+
 def precondition(
     units: list[Unit], buckets: list[Bucket], stacked: dict[int, Unit]
 ) -> dict[int, torch.Tensor]:
     """Shampoo's grafted direction per bucket, for the parameters that use their roots in
     this step; returned per unit (``id``) in the unit's shape."""
-    single = {u.works[0].p: u for u in units if u.bucket is None}
-    updates: dict[int, torch.Tensor] = {}
-    targets: dict[torch.Tensor, torch.Tensor] = {}
-    for bucket in buckets:
-        unit = stacked.get(id(bucket))
-        if unit is not None:
-            parts, members = [unit], bucket.members
-            if not unit.works[0].preconditioned:
-                continue
-            m_hat, direction = unit.m_hat, unit.direction
-        else:
-            members = [
-                m for m in bucket.members if m.p in single and single[m.p].works[0].uses_roots
-            ]
-            if not members:
-                continue
-            parts = [single[m.p] for m in members]
-            m_hat = bucket.gather([u.m_hat for u in parts], members)  # type: ignore[misc]
-            direction = None
-            if parts[0].direction is not None:
-                same = all(u.direction is u.m_hat for u in parts)
-                direction = m_hat if same else bucket.gather([u.direction for u in parts], members)  # type: ignore[misc]
-        assert m_hat is not None
-        works = [w for u in parts for w in u.works]
-        rooted, some = None, True
-        if any(w.rooted is not None for w in works):
-            flags = [
-                w.rooted is None or w.rooted[b] for m, w in zip(members, works) for b in m.blocks
-            ]
-            rooted, some = device.small_tensor(flags, m_hat.device), any(flags)
-        if not some:  # the graft's direction (m̂ without one) for all of them
-            if unit is not None:
-                continue
-            result = m_hat if direction is None else direction
-        else:
-            rows = bucket.rows(members)
-            roots = bucket.roots if rows is None else [r[rows] for r in bucket.roots]
-            result = kernels.precondition_stack(roots, m_hat, direction, bucket.factored, rooted)
-        if unit is not None:
-            updates[id(unit)] = result
-        else:
-            bucket.scatter(result, members, targets)
-    for p, target in targets.items():
-        updates[id(single[p])] = target
-    return updates
+    shares = PerBucket(units, buckets, stacked)
+    for share in shares:
+        m_hat = share.stack(lambda u: u.m_hat)  # type: ignore[arg-type,return-value]
+        direction = None
+        if share.parts[0].direction is not None:
+            same = all(u.direction is u.m_hat for u in share.parts)
+            direction = m_hat if same else share.stack(lambda u: u.direction)  # type: ignore[arg-type,return-value]
+        if share.flags is not None and not any(share.flags):
+            if share.unit is None:  # the graft's direction (m̂ without one) for all of them
+                shares.put(share, m_hat if direction is None else direction)
+            continue
+        rooted = share.rooted(m_hat.device)
+        factored = share.bucket.factored
+        result = kernels.precondition_stack(share.roots(), m_hat, direction, factored, rooted)
+        shares.put(share, result)
+    return {id(u): result for u, result in shares.results()}
