@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check: torch_shampoo's CUDA tests, then the step-time benchmark on the GPU.
+# The GPU check: torch_shampoo's CUDA tests (Shampoo and SOAP), then the step-time benchmarks
+# (SOAP's quick one, Shampoo's core sections) on the GPU.
 #
 #   bash benchmarks/gpu_check.sh          # from anywhere; it runs from the repository root
 #
@@ -103,6 +104,7 @@ part versions 60 "$PY" -c "$VERSIONS"
 part cuda_tests 150 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py
 part step_time_quick 100 "$PY" benchmarks/step_time.py --device cuda --quick \
     --json "$LOGS/step_time_quick.json"
+part soap_step_quick 60 "$PY" benchmarks/soap_step.py --device cuda --quick
 part step_time_core 300 "$PY" benchmarks/step_time.py --device cuda --sections core \
     --json "$LOGS/step_time_core.json"
 part cpu_root_tests 90 --optional "$PY" -m pytest -q -p no:cacheprovider \

@@ -7,8 +7,10 @@ this run: the median step (no root work on the step) and the mean step over whol
 (amortized: the root steps and any wait for a late root included). Async contenders start each
 block with one untimed cycle and drain their roots in flight (untimed) at its end.
 
-    python benchmarks/soap_step.py              # ~2 minutes on a 2-core CPU
+    python benchmarks/soap_step.py              # ~4 minutes on a 2-core CPU
     python benchmarks/soap_step.py --quick      # seconds
+    python benchmarks/soap_step.py --device cuda --quick    # on the GPU (each timed step()
+                                                            # between two synchronizations)
 """
 
 from __future__ import annotations
@@ -34,17 +36,17 @@ import _common
 import torch_shampoo
 
 
-def mlp(quick: bool) -> tuple[nn.Module, Callable[[], torch.Tensor]]:
+def mlp(quick: bool, where: torch.device) -> tuple[nn.Module, Callable[[], torch.Tensor]]:
     widths = [64, 128, 128, 64] if quick else [512, 1024, 1024, 512]
     layers: list[nn.Module] = []
     for a, b in itertools.pairwise(widths):
         layers += [nn.Linear(a, b), nn.Tanh()]
-    model = nn.Sequential(*layers[:-1])
-    x = torch.randn(64, widths[0])
+    model = nn.Sequential(*layers[:-1]).to(where)
+    x = torch.randn(64, widths[0]).to(where)
     return model, lambda: model(x).pow(2).mean()
 
 
-def charlm(quick: bool) -> tuple[nn.Module, Callable[[], torch.Tensor]]:
+def charlm(quick: bool, where: torch.device) -> tuple[nn.Module, Callable[[], torch.Tensor]]:
     import train_charlm
 
     task = (
@@ -52,9 +54,9 @@ def charlm(quick: bool) -> tuple[nn.Module, Callable[[], torch.Tensor]]:
         if quick
         else (train_charlm.build_task())
     )
-    batch = next(iter(task.batches(0)))
-    model = task.build_model()
-    return model, lambda: task.loss(model(batch[0]), batch[1])
+    x, y = (t.to(where) for t in next(iter(task.batches(0))))
+    model = task.build_model().to(where)
+    return model, lambda: task.loss(model(x), y)
 
 
 def contenders(block_size: int) -> dict[str, Callable[[Any], torch.optim.Optimizer]]:
@@ -93,7 +95,8 @@ def drain(opt: torch.optim.Optimizer) -> None:
 
 def measure(build: Callable[[bool], Any], args: argparse.Namespace) -> list[list[str]]:
     torch.manual_seed(0)
-    model, loss = build(args.quick)
+    model, loss = build(args.quick, torch.device(args.device))
+    cuda = args.device == "cuda"
     params = [p for p in model.parameters() if p.requires_grad]
     grads = []
     for _ in range(3):
@@ -113,8 +116,12 @@ def measure(build: Callable[[bool], Any], args: argparse.Namespace) -> list[list
             for step in range(cycle * (args.cycles + 1)):
                 for p, g in zip(params, grads[step % len(grads)]):
                     p.grad = g.clone()
+                if cuda:
+                    torch.cuda.synchronize()
                 began = time.perf_counter()
                 opt.step()
+                if cuda:
+                    torch.cuda.synchronize()
                 if step >= cycle:
                     times[name].append(time.perf_counter() - began)
             drain(opt)
@@ -145,11 +152,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cycles", type=int, default=2, help="timed 20-step cycles per block")
     parser.add_argument("--block-size", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.cycles = 1, 1
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no usable GPU here")
     print(_common.environment_header(), flush=True)
     headers = ["optimizer", "median ms", "mean ms", "mean / Adam", "mean / Shampoo async f=10"]
     for label, build in (("MLP 512-1024-1024-512", mlp), ("char-LM demo", charlm)):

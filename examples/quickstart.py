@@ -1,4 +1,4 @@
-"""Quickstart: Shampoo is a drop-in replacement for Adam (tiny regression, runs in seconds)."""
+"""Quickstart: Shampoo (or SOAP) is a drop-in replacement for Adam (tiny regression, seconds)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,14 @@ def main(argv: list[str] | None = None) -> list[float]:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--optimizer", choices=("shampoo", "soap"), default="shampoo")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     x = torch.randn(512, 8)
     y = torch.sin(x @ torch.randn(8, 1))
     model = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 1))
-    opt = torch_shampoo.Shampoo(model.parameters(), lr=args.lr)  # was: torch.optim.Adam(...)
+    make = torch_shampoo.SOAP if args.optimizer == "soap" else torch_shampoo.Shampoo
+    opt = make(model.parameters(), lr=args.lr)  # was: torch.optim.Adam(model.parameters(), ...)
     losses = []
     for step in range(args.steps):
         opt.zero_grad()
