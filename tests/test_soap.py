@@ -436,3 +436,24 @@ def test_a_block_whose_first_basis_failed_stays_adam_beside_rotated_blocks(
     assert not torch.equal(w[:8], plain[:8])  # the other blocks did rotate
     soap.close()
     adam_like.close()
+
+
+def test_vectors_without_a_basis_leave_the_root_statistics_alone() -> None:
+    """A bias has no factor (plain Adam): it makes no root cycle, so the staleness statistics
+    count the weight's bases only (first at step 1, age 0; then steps 4 and 8, age 3), and no
+    later root step counts as a first cycle."""
+    torch.manual_seed(0)
+    layer = nn.Linear(5, 4)
+    opt = SOAP(layer.parameters(), lr=0.01, precondition_frequency=4, root_staleness=3)
+    gen = torch.Generator().manual_seed(0)
+    first = None
+    for step in range(13):
+        opt.zero_grad()
+        layer(torch.randn(8, 5, generator=gen)).pow(2).mean().backward()
+        opt.step()
+        if step == 0:
+            first = opt.root_stats()["first_root_seconds"]
+    stats = opt.root_stats()
+    opt.close()
+    assert stats["mean_staleness"] == 2 and stats["max_staleness"] == 3
+    assert stats["first_root_seconds"] == first

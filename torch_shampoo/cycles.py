@@ -68,6 +68,8 @@ class RootCycles:
             config, t = w.config, w.t
             if self._leader_of(w.p) is not None:
                 continue  # its leader's roots are copied in when they are installed
+            if not self._slots.get(id(w.p)):
+                continue  # no factor: nothing to compute (nor to count in the statistics)
             if t == config.start or (t > config.start and t % config.frequency == 0):
                 is_first = w.rooted is not None and not any(w.rooted)
                 if self._submit_roots(w, is_first):

@@ -241,7 +241,7 @@ class PreconditionerEngine(RootCycles, Checkpointing):
         if p not in self._rooted:
             has_root = state["has_root"].tolist()
             k = len(has_root) // layout.num_blocks if layout.num_blocks else 0
-            enough = any if config.eigenbasis else all
+            enough = any if config.eigenbasis and k else all  # no factor: nothing missing
             blocks = tuple(enough(has_root[b * k : (b + 1) * k]) for b in range(layout.num_blocks))
             self._rooted[p] = None if all(blocks) else blocks
         return self._rooted[p]
