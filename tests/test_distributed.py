@@ -19,18 +19,20 @@ from torch_shampoo import Shampoo
 FREQUENCY = 8
 
 
-def _ddp_shampoo(rank: int, store: str, out: str) -> None:
-    """Async Shampoo with the defaults (``"auto"`` staleness) on a DDP model, each rank on its
-    half of every batch; saves the parameters and the fitted staleness to ``out``.rank."""
+def _ddp_shampoo(rank: int, store: str, out: str, front: str) -> None:
+    """Async Shampoo (or SOAP) with the defaults (``"auto"`` staleness) on a DDP model, each
+    rank on its half of every batch; saves the parameters and the fitted staleness to
+    ``out``.rank."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
+
+    from torch_shampoo import SOAP
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     torch.set_num_threads(1)
     model = DistributedDataParallel(mixed_model())
-    with Shampoo(
-        model.parameters(), lr=0.01, block_size=16, precondition_frequency=FREQUENCY
-    ) as opt:
+    make = Shampoo if front == "shampoo" else SOAP
+    with make(model.parameters(), lr=0.01, block_size=16, precondition_frequency=FREQUENCY) as opt:
         for x, y in make_batches(20):
             half = x.shape[0] // 2
             lo = rank * half
@@ -44,7 +46,8 @@ def _ddp_shampoo(rank: int, store: str, out: str) -> None:
     os._exit(0)  # gloo's atexit teardown sometimes aborts spawned processes
 
 
-def test_under_ddp_auto_staleness_is_the_same_on_every_rank(tmp_path: Path) -> None:
+@pytest.mark.parametrize("front", ["shampoo", "soap"])
+def test_under_ddp_auto_staleness_is_the_same_on_every_rank(tmp_path: Path, front: str) -> None:
     """Each process would fit "auto" from its own timings (without this rule two ranks fitted
     6 and 4, then 3 and 4, and drifted apart); with several processes every rank takes the
     frequency, so all install their roots at the same steps and stay bitwise identical."""
@@ -53,7 +56,7 @@ def test_under_ddp_auto_staleness_is_the_same_on_every_rank(tmp_path: Path) -> N
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
     out = str(tmp_path / "rank")
-    mp.spawn(_ddp_shampoo, args=(str(tmp_path / "store"), out), nprocs=2, join=True)
+    mp.spawn(_ddp_shampoo, args=(str(tmp_path / "store"), out, front), nprocs=2, join=True)
     ranks = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
     assert [r["fitted"] for r in ranks] == [FREQUENCY, FREQUENCY]
     for a, b in zip(ranks[0]["params"], ranks[1]["params"]):
@@ -67,13 +70,13 @@ def _dtensor_params(rank: int, store: str, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from torch_shampoo import NGPlus
+    from torch_shampoo import SOAP, NGPlus
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=1)
     mesh = init_device_mesh("cpu", (1,))
     param = torch.nn.Parameter(distribute_tensor(torch.randn(6, 4), mesh, [Shard(0)]))
     errors = []
-    for front in (Shampoo, NGPlus):
+    for front in (Shampoo, NGPlus, SOAP):
         try:
             front([param]).close()
             errors.append("accepted")
@@ -95,7 +98,7 @@ def test_dtensor_parameters_are_refused_with_a_clear_error(tmp_path: Path) -> No
     out = tmp_path / "errors"
     mp.spawn(_dtensor_params, args=(str(tmp_path / "store"), str(out)), nprocs=1, join=True)
     errors = out.read_text().splitlines()
-    assert len(errors) == 2
-    for error, name in zip(errors, ("Shampoo", "NGPlus")):
+    assert len(errors) == 3
+    for error, name in zip(errors, ("Shampoo", "NGPlus", "SOAP")):
         assert error.startswith(f"{name} does not support DTensor"), error
         assert "(6, 4)" in error and "Shard(dim=0)" in error, error
