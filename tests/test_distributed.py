@@ -102,3 +102,113 @@ def test_dtensor_parameters_are_refused_with_a_clear_error(tmp_path: Path) -> No
     for error, name in zip(errors, ("Shampoo", "NGPlus", "SOAP")):
         assert error.startswith(f"{name} does not support DTensor"), error
         assert "(6, 4)" in error and "Shard(dim=0)" in error, error
+
+
+# ----------------------------------------------------------------- partitioned root work
+
+
+def _partitioned(rank: int, world: int, store: str, out: str) -> None:
+    """Per front end: the same DDP run with and without ``partition_roots``; then a partitioned
+    run checkpointed by rank 0 alone with roots in flight and resumed by every rank."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from torch_shampoo import SOAP, NGPlus
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    fronts = {
+        "shampoo": lambda ps, **kw: Shampoo(ps, lr=0.01, block_size=16, **kw),
+        "soap": lambda ps, **kw: SOAP(ps, lr=0.01, block_size=16, **kw),
+        "ngplus": lambda ps, **kw: NGPlus(ps, lr=0.01, block_size=16, **kw),
+    }
+    batches = make_batches(12)
+
+    def run(make, model, opt, part):  # type: ignore[no-untyped-def]
+        for x, y in part:
+            share = x.shape[0] // world
+            lo = rank * share
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x[lo : lo + share]), y[lo : lo + share]).backward()
+            opt.step()
+
+    results: dict[str, object] = {}
+    for name, make in fronts.items():
+        common = dict(precondition_frequency=4, root_staleness=3)
+        if name == "ngplus":
+            common = dict(inverse_frequency=4, root_staleness=3)
+        for partition in (False, True):
+            model = DistributedDataParallel(mixed_model())
+            with make(model.parameters(), partition_roots=partition, **common) as opt:
+                run(make, model, opt, batches)
+                solved = opt.root_stats()["roots_solved_here"]
+                computed = opt.root_stats()["roots_computed"]
+            params = [p.detach().clone() for p in model.module.parameters()]
+            results[f"{name}.{partition}"] = (params, solved, computed)
+        # rank 0 alone saves at step 6 (the roots of step 4 are due at 7), everyone resumes
+        model = DistributedDataParallel(mixed_model())
+        opt = make(model.parameters(), partition_roots=True, **common)
+        run(make, model, opt, batches[:6])
+        path = f"{out}.{name}.ckpt"
+        if rank == 0:
+            torch.save(opt.state_dict(), path)
+        dist.barrier()
+        opt.close()
+        resumed = make(model.parameters(), partition_roots=True, **common)
+        resumed.load_state_dict(torch.load(path, weights_only=True))
+        run(make, model, resumed, batches[6:])
+        resumed.close()
+        results[f"{name}.resumed"] = [p.detach().clone() for p in model.module.parameters()]
+    torch.save(results, f"{out}.{rank}")
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_partitioned_root_work_is_bitwise_the_replicated_run(tmp_path: Path, world: int) -> None:
+    """``partition_roots=True``: each root job solved by one rank, its roots broadcast at the
+    install step. Every rank ends bitwise where the replicated run ends (Shampoo async, SOAP,
+    NG+), each rank solving about 1/world of the roots; a checkpoint taken by rank 0 alone
+    with roots in flight (it solves the other ranks' share itself) resumes bitwise."""
+    import torch.multiprocessing as mp
+
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    out = str(tmp_path / "rank")
+    mp.spawn(_partitioned, args=(world, str(tmp_path / "store"), out), nprocs=world, join=True)
+    ranks = [torch.load(f"{out}.{r}", weights_only=False) for r in range(world)]
+    for name in ("shampoo", "soap", "ngplus"):
+        replicated, solved_all, computed = ranks[0][f"{name}.False"]
+        assert solved_all == computed > 0
+        shares = []
+        for r in ranks:
+            params, solved, computed_here = r[f"{name}.True"]
+            assert computed_here == computed  # every rank installs every root
+            for a, b in zip(params, replicated):
+                assert torch.equal(a, b), (name, (a - b).abs().max())
+            for a, b in zip(r[f"{name}.resumed"], replicated):
+                assert torch.equal(a, b), (name, "resumed", (a - b).abs().max())
+            shares.append(solved)
+        assert sum(shares) == computed and max(shares) < computed, (name, shares)
+
+
+def test_partition_roots_is_a_bool_and_a_no_op_in_one_process() -> None:
+    from torch_shampoo import SOAP, NGPlus
+
+    for front in (Shampoo, SOAP, NGPlus):
+        with pytest.raises(TypeError, match="Invalid partition_roots: 1"):
+            front([torch.nn.Parameter(torch.zeros(2, 2))], partition_roots=1)
+    runs = []
+    for partition in (False, True):
+        model = mixed_model()
+        kwargs = dict(lr=0.01, block_size=16, root_staleness=3, partition_roots=partition)
+        with Shampoo(model.parameters(), **kwargs) as opt:
+            for x, y in make_batches(25):
+                opt.zero_grad()
+                torch.nn.functional.mse_loss(model(x), y).backward()
+                opt.step()
+            assert opt.root_stats()["roots_solved_here"] == opt.root_stats()["roots_computed"] > 0
+        runs.append([p.detach() for p in model.parameters()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

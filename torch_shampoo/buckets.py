@@ -186,7 +186,9 @@ def slots_of(placements: list[tuple[Bucket, Member]]) -> list[Slot]:
         for dim in range(bucket.per_block):
             indices = [b * bucket.per_block + dim for b in m.blocks]
             place = (bucket, m, dims[dim])
-            slots.append(Slot(indices, bucket.factors[dim][rows], bucket.roots[dim][rows], place))
+            slots.append(
+                Slot(indices, bucket.factors[dim][rows], bucket.roots[dim][rows], place=place)
+            )
     return slots
 
 

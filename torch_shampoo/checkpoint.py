@@ -200,6 +200,7 @@ class Checkpointing(Optimizer):
         )
         state["_async_roots"] = self._async_roots
         state["_root_workers"] = self._root_workers
+        state["_partition_roots"] = getattr(self, "_partition_roots", False)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -25,7 +25,16 @@ __all__ = [
 ]
 
 _NOT_PER_GROUP = frozenset(
-    {"self", "params", "async_roots", "root_workers", "model", "statistics", "unknown"}
+    {
+        "self",
+        "params",
+        "async_roots",
+        "root_workers",
+        "partition_roots",
+        "model",
+        "statistics",
+        "unknown",
+    }
 )
 
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)

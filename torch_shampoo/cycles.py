@@ -138,7 +138,10 @@ class RootCycles:
             ]
 
         # an eigenbasis is installed next to the previous one (the moments move between them)
-        return self._roots.submit(w.p, slots, jobs, t, due, in_place=not config.eigenbasis)
+        owners = [s.owner for s in slots] if self._roots.partition is not None else None
+        return self._roots.submit(
+            w.p, slots, jobs, t, due, in_place=not config.eigenbasis, owners=owners
+        )
 
     def _refresh_bases(self, state: dict[str, Any], slots: list[Slot]) -> None:
         """While new bases are computed off the step, the installed ones take one power
@@ -210,6 +213,7 @@ class RootCycles:
                     )
             for j, outcome in zip(indices, outcomes):
                 stats.root_seconds += outcome.seconds
+                stats.roots_solved += outcome.seconds > 0  # (another rank's, or loaded: 0)
                 stats.last_error[index, j] = outcome.error
                 if outcome.ok:
                     stats.roots_computed += 1
@@ -265,7 +269,9 @@ class RootCycles:
         """Plain numbers about the inverse roots since this optimizer object was created.
 
         ``roots_computed`` / ``root_failures``: roots installed / rejected (non-finite or failed
-        solves; the previous root stays). ``stalls`` / ``stall_seconds``: steps that waited for
+        solves; the previous root stays). ``roots_solved_here``: those this process solved
+        itself (with ``partition_roots``, its share; roots loaded from a checkpoint: none).
+        ``stalls`` / ``stall_seconds``: steps that waited for
         a late root of a later cycle, and how long. ``first_root_seconds``: time spent waiting
         for first root cycles, which are installed in the step that computes them.
         ``root_staleness``: the staleness each group's later cycles use (an ``"auto"`` group's

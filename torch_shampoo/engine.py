@@ -24,8 +24,9 @@ from . import eigenbasis, step
 from .blocking import BlockLayout, block_layout
 from .buckets import Bucket, plan_buckets, slots_of
 from .checkpoint import Checkpointing
-from .config import EngineConfig, is_dtensor
+from .config import EngineConfig, is_dtensor, world_size
 from .cycles import RootCycles
+from .partition import Partition, assign
 from .scheduler import RootScheduler, Slot
 from .state import check_state, init_state, state_dtype
 from .step import Work
@@ -58,9 +59,13 @@ class PreconditionerEngine(RootCycles, Checkpointing):
         *,
         async_roots: bool,
         root_workers: int | None,
+        partition_roots: bool = False,
     ) -> None:
         if not isinstance(async_roots, bool):
             raise TypeError(f"Invalid async_roots: {async_roots!r} (must be a bool)")
+        if not isinstance(partition_roots, bool):
+            raise TypeError(f"Invalid partition_roots: {partition_roots!r} (must be a bool)")
+        self._partition_roots = partition_roots
         if root_workers is None:
             root_workers = max(1, (os.cpu_count() or 2) // 2)
         if isinstance(root_workers, bool) or not isinstance(root_workers, int) or root_workers < 1:
@@ -155,6 +160,10 @@ class PreconditionerEngine(RootCycles, Checkpointing):
         again when a parameter or its state is new), its roots due now; then the step
         counters advance."""
         roots = self._roots
+        wanted = getattr(self, "_partition_roots", False)  # (absent from earlier pickles)
+        if wanted and roots.partition is None and world_size() > 1:
+            roots.partition = Partition()  # every rank at its first step (collective)
+            self._buckets = None  # plan again, with owners
         roots.fit.tick()
         roots.send()  # left over if the previous step raised
         roots.revive(here=False)  # roots cancelled by close() or a fork
@@ -231,6 +240,12 @@ class PreconditionerEngine(RootCycles, Checkpointing):
                         entries.append((index, p, self._layout_of(p, config), state))
             self._buckets, placements = plan_buckets(entries)
             self._slots = {i: slots_of(places) for i, places in placements.items()}
+            partition = self._roots.partition
+            if partition is not None:  # from the global shapes: the same on every rank
+                slots = [s for group in self._slots.values() for s in group]
+                jobs = [(len(s.indices), s.factors.shape[-1]) for s in slots]
+                for slot, owner in zip(slots, assign(jobs, partition.size)):
+                    slot.owner = owner
         return self._buckets
 
     def _rooted_blocks(

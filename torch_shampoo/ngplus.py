@@ -140,6 +140,7 @@ class NGPlus(PreconditionerEngine):
         *,
         async_roots: bool = True,
         root_workers: int | None = None,
+        partition_roots: bool = False,
         model: nn.Module | None = None,
         **unknown: Any,
     ) -> None:
@@ -160,7 +161,13 @@ class NGPlus(PreconditionerEngine):
         self._leaders: dict[torch.Tensor, torch.Tensor] = {}
         self._followers: dict[torch.Tensor, list[torch.Tensor]] = {}
         defaults = group_defaults(arguments)
-        super().__init__(params, defaults, async_roots=async_roots, root_workers=root_workers)
+        super().__init__(
+            params,
+            defaults,
+            async_roots=async_roots,
+            root_workers=root_workers,
+            partition_roots=partition_roots,
+        )
         if model is not None:
             if not isinstance(model, nn.Module):
                 raise TypeError(f"Invalid model: {model!r} (must be a torch.nn.Module)")

@@ -138,11 +138,18 @@ class Shampoo(PreconditionerEngine):
         *,
         async_roots: bool = True,
         root_workers: int | None = None,
+        partition_roots: bool = False,
         **unknown: Any,
     ) -> None:
         reject_unknown("Shampoo", unknown, inspect.signature(Shampoo).parameters, _HINTS)
         defaults = group_defaults(locals())
-        super().__init__(params, defaults, async_roots=async_roots, root_workers=root_workers)
+        super().__init__(
+            params,
+            defaults,
+            async_roots=async_roots,
+            root_workers=root_workers,
+            partition_roots=partition_roots,
+        )
 
     def _config(self, group: dict[str, Any]) -> EngineConfig:
         """Shampoo's kwargs are the engine's settings, one to one."""

@@ -33,6 +33,7 @@ import torch
 
 from . import device
 from .config import world_size
+from .partition import Partition
 from .root_pool import RootJob, RootOutcome, RootPool, Ticket, default_threads, run_here
 
 __all__ = ["FITTED", "RootScheduler", "Slot", "StalenessFit", "outcomes_of"]
@@ -63,6 +64,8 @@ class Slot:
     indices: list[int]
     factors: torch.Tensor
     roots: torch.Tensor
+    owner: int = 0
+    """The rank that solves this job when root work is partitioned."""
     place: Any = None
     """(bucket, member, block dim) of these rows, for what installs must touch besides."""
 
@@ -82,11 +85,15 @@ class Pending:
     buffers: list[Staging] = field(default_factory=list)
     """Per job, where it reads and writes (empty when no job was made)."""
     sent_at: float = 0.0
+    owners: list[int] | None = None
+    """Per job, the rank that solves it (``partition_roots``); None: this process solves all."""
 
 
 @dataclass
 class Stats:
     roots_computed: int = 0
+    roots_solved: int = 0
+    """Roots this process solved itself (with ``partition_roots``, about 1/world of them)."""
     root_failures: int = 0
     stalls: int = 0
     stall_seconds: float = 0.0
@@ -148,6 +155,8 @@ class RootScheduler:
         self.pid = os.getpid()
         self.cancelled = False
         """Whether a ticket may have been cancelled since the last :meth:`revive`."""
+        self.partition: Partition | None = None
+        """Set when root work is shared out among the processes (``partition_roots``)."""
         self.capped_stalls = 0
         """Install steps that stalled with an auto staleness already at the frequency."""
         self.warned_capped = False
@@ -225,6 +234,7 @@ class RootScheduler:
         t: int,
         due: int,
         in_place: bool = True,
+        owners: list[int] | None = None,
     ) -> bool:
         """Register the root jobs of ``p`` made at step ``t`` (one per slot), due at ``due``;
         jobs due now are handed to the pool at once, later ones at :meth:`send`. ``jobs`` is an
@@ -250,14 +260,29 @@ class RootScheduler:
             buffers = self._staging_of(p, [slot.factors for slot in slots])
         made = jobs(buffers)
         pending = self.pending[p] = Pending(
-            t, due, jobs=made, tickets=[], factors=indices, buffers=buffers
+            t, due, jobs=made, tickets=[], factors=indices, buffers=buffers, owners=owners
         )
         if due > t:
             self.unsent.append(pending)
         else:
             pending.sent_at = time.perf_counter()
-            pending.tickets = [self._now(job) for job in made]
+            pending.tickets = self._hand_over(pending, self._now)
         return due <= t
+
+    def _hand_over(self, pending: Pending, start: Callable[[RootJob], Ticket]) -> list[Ticket]:
+        """Tickets for a pending's jobs: started with ``start`` where this process solves them,
+        open ones (filled by :meth:`Partition.exchange`) where another rank does."""
+        if pending.owners is None or self.partition is None:
+            return [start(job) for job in pending.jobs]
+        mine = self.partition.mine
+        return [start(job) if mine(o) else Ticket() for job, o in zip(pending.jobs, pending.owners)]
+
+    def _own(self, pending: Pending) -> list[Ticket]:
+        """The tickets this process solves itself."""
+        if pending.owners is None or self.partition is None:
+            return pending.tickets
+        mine = self.partition.mine
+        return [ticket for ticket, o in zip(pending.tickets, pending.owners) if mine(o)]
 
     def _now(self, job: RootJob) -> Ticket:
         """A job the step waits for at once. Synchronous roots run on this thread when it
@@ -275,15 +300,15 @@ class RootScheduler:
         now = time.perf_counter()
         if not self.async_roots:  # computed (and waited for) before step() returns
             for pending in self.unsent:
-                pending.tickets = [self._now(job) for job in pending.jobs]
+                pending.tickets = self._hand_over(pending, self._now)
                 pending.sent_at = now
             for pending in self.unsent:
-                for ticket in pending.tickets:
+                for ticket in self._own(pending):
                     ticket.wait()
         else:
             pool = self._pool()
             for pending in self.unsent:
-                pending.tickets = [pool.submit(job) for job in pending.jobs]
+                pending.tickets = self._hand_over(pending, pool.submit)
                 pending.sent_at = now
         self.unsent = []
 
@@ -301,16 +326,19 @@ class RootScheduler:
         stats.staleness_total += age
         stats.staleness_count += 1
         stats.staleness_max = max(stats.staleness_max, age)
-        if self.async_roots and age > 0 and not all(ticket.done() for ticket in pending.tickets):
+        own = self._own(pending)
+        if self.async_roots and age > 0 and not all(ticket.done() for ticket in own):
             began = time.perf_counter()
-            for ticket in pending.tickets:
+            for ticket in own:
                 ticket.wait()
             stats.stalls += 1
             stats.stall_seconds += time.perf_counter() - began
             if auto:
                 self._grow(group, t, frequency, pending)
-        for ticket in pending.tickets:
+        for ticket in own:
             ticket.wait()
+        if pending.owners is not None and self.partition is not None:
+            self.partition.exchange(pending)  # the same install step on every rank
         return pending
 
     def _grow(self, group: dict[str, Any], t: int, frequency: int, pending: Pending) -> None:
@@ -362,6 +390,10 @@ class RootScheduler:
         self.revive(here=True)
         entries = {}
         for p, pending in self.pending.items():
+            for i, (job, ticket) in enumerate(zip(pending.jobs, pending.tickets)):
+                if not ticket.done() and ticket not in self._own(pending):
+                    # another rank's job: solve this process's own snapshot (the same bits)
+                    pending.tickets[i] = run_here(job, self.threads())
             count = sum(len(indices) for indices in pending.factors)
             roots: list[torch.Tensor] = [torch.zeros(0)] * count
             ok, reasons = [False] * count, [""] * count

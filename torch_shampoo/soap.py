@@ -111,11 +111,18 @@ class SOAP(PreconditionerEngine):
         *,
         async_roots: bool = True,
         root_workers: int | None = None,
+        partition_roots: bool = False,
         **unknown: Any,
     ) -> None:
         reject_unknown("SOAP", unknown, inspect.signature(SOAP).parameters, _HINTS)
         defaults = group_defaults(locals())
-        super().__init__(params, defaults, async_roots=async_roots, root_workers=root_workers)
+        super().__init__(
+            params,
+            defaults,
+            async_roots=async_roots,
+            root_workers=root_workers,
+            partition_roots=partition_roots,
+        )
 
     def _config(self, group: dict[str, Any]) -> EngineConfig:
         beta1, beta2 = group["betas"]

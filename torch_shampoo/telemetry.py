@@ -20,6 +20,7 @@ def root_stats(engine: PreconditionerEngine) -> dict[str, Any]:
     staleness = [engine._resolved_staleness(group) for group in engine.param_groups]
     return {
         "roots_computed": stats.roots_computed,
+        "roots_solved_here": stats.roots_solved,
         "root_failures": stats.root_failures,
         "stalls": stats.stalls,
         "stall_seconds": stats.stall_seconds,
