@@ -110,7 +110,7 @@ class NGPlus(PreconditionerEngine):
             ``"sgd"`` (the gradient's norm) or ``"none"`` (NG+'s own, the paper's).
         grafting_beta2, grafting_epsilon: β₂ and ε of the graft's second moment.
         bias_correction: divide F by 1 − βᵗ (and the graft's second moment by 1 − β₂ᵗ).
-        async_roots, root_workers: as for :class:`~torch_shampoo.Shampoo`.
+        async_roots, root_workers, partition_roots: as for :class:`~torch_shampoo.Shampoo`.
         model: with ``statistics="per_sample"``, the model whose layers are hooked.
     """
 

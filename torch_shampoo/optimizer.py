@@ -109,6 +109,9 @@ class Shampoo(PreconditionerEngine):
             least 1; fixed when the workers start): the workers take at most half of torch's
             threads, the training thread keeps the rest (on 2 cores, a 2-thread worker made
             every step of a small model 4x slower). Synchronous roots use the same count.
+        partition_roots: under DDP (several processes in ``torch.distributed``), solve each
+            root on one rank and broadcast it at the install step (:mod:`torch_shampoo.partition`;
+            bitwise the replicated result); without a process group it changes nothing.
     """
 
     def __init__(

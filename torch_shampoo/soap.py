@@ -82,7 +82,7 @@ class SOAP(PreconditionerEngine):
             kernel as 64×9; default: one factor per dim of size > 1, as the SOAP paper).
         bias_correction: Adam's bias corrections.
         momentum, nesterov, maximize, root_staleness, max_root_failures, skip_nonfinite,
-        async_roots, root_workers: as in :class:`Shampoo`.
+        async_roots, root_workers, partition_roots: as in :class:`Shampoo`.
     """
 
     def __init__(
