@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -108,6 +109,8 @@ class Method:
         if cls is None:
             raise RuntimeError(f"{self.label} is not available in this torch_shampoo version")
         kwargs = {**_REGISTRY[self.key].kwargs, **self.kwargs}
+        if world() > 1 and _REGISTRY[self.key].module is torch_shampoo:
+            kwargs["partition_roots"] = True  # each root solved by one process (DDP)
         opt = cls(model.parameters(), lr=self.lr, **kwargs)
         if kwargs.get("statistics") == "per_sample":
             opt.attach(model)  # type: ignore[attr-defined]
@@ -233,6 +236,9 @@ def train(
     run_start = time.perf_counter()
     torch.manual_seed(seed)
     model = task.build_model()
+    processes, rank = world(), rank_of()
+    if processes > 1:  # torchrun: DDP, each process on its share of every batch
+        model = nn.parallel.DistributedDataParallel(model)
     opt = method.build(model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, warmup))
     batches = task.batches(seed)
@@ -241,12 +247,18 @@ def train(
     try:
         for step in bar:
             x, y = next(batches)
+            if processes > 1:
+                x, y = x.chunk(processes)[rank], y.chunk(processes)[rank]
             start = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             loss = task.loss(model(x), y)
             loss.backward()
             opt.step()
             sched.step()
+            if processes > 1:  # report the whole batch's loss
+                loss = loss.detach().clone()
+                torch.distributed.all_reduce(loss)
+                loss /= processes
             value = loss.item()
             result.step_times.append(time.perf_counter() - start)
             if not math.isfinite(value):
@@ -370,13 +382,44 @@ def comparison_parser(
     return parser
 
 
+def world() -> int:
+    """Processes in torch.distributed's default group (1 without one)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank_of() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def run_comparison(
     args: argparse.Namespace, task: Task, keys: Sequence[str], show_accuracy: bool, title: str
 ) -> list[RunResult]:
     """Run the comparison configured by `args`, print the table and save the plot and JSON.
 
     Progress shows as tqdm bars on a terminal, else as plain lines (about ten per run). After
-    Ctrl-C the finished runs and the partial one are reported and saved, then SystemExit(130)."""
+    Ctrl-C the finished runs and the partial one are reported and saved, then SystemExit(130).
+    Under ``torchrun --nproc_per_node N`` every run is DDP over N processes (gloo), each on its
+    share of every batch, with ``partition_roots=True``; only rank 0 prints and writes."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world()))
+        if rank_of() != 0:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+            args.quiet = True
+    try:
+        return _run_comparison(args, task, keys, show_accuracy, title)
+    finally:
+        if world() > 1:
+            torch.distributed.barrier()
+            if rank_of() == 0:
+                sys.stdout.flush()
+
+
+def _run_comparison(
+    args: argparse.Namespace, task: Task, keys: Sequence[str], show_accuracy: bool, title: str
+) -> list[RunResult]:
     if args.methods:
         keys = parse_keys(args.methods, METHOD_KEYS)
     lrs = {group: getattr(args, f"lr_{group}") for group in LR_GROUPS}
@@ -399,9 +442,11 @@ def run_comparison(
     print(results_table(results, task, show_accuracy))
     for line in root_stats_lines(results):
         print(line)
-    plot_results(results, task, args.out, title)
     json_path = args.out.with_suffix(".json")
-    save_json(results, json_path, {**vars(args), "task": task.name, "interrupted": interrupted})
+    if rank_of() == 0:
+        plot_results(results, task, args.out, title)
+        meta = {**vars(args), "task": task.name, "interrupted": interrupted, "processes": world()}
+        save_json(results, json_path, meta)
     elapsed = time.perf_counter() - start
     print(f"plot saved to {args.out}, results to {json_path}; total time {elapsed:.0f} s")
     warn_if_loaded()

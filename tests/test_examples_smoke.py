@@ -236,3 +236,42 @@ def test_scaling_quick(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFi
     rows = [line.split() for line in out.splitlines() if line.strip()[:2] in ("64", "12")]
     assert [row[0] for row in rows] == ["64", "128"]
     assert all(row[3].endswith("x") and float(row[3][:-1]) > 0 for row in rows)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_train_charlm_under_torchrun_matches_one_process(tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node 2 examples/train_charlm.py``: DDP over two processes, each
+    on half of every batch, our optimizers with partition_roots; only rank 0 writes. Adam's
+    losses equal the one-process run's to float32 rounding (the same averaged gradients)."""
+    import subprocess
+
+    argv = ["--steps", "6", "--d-model", "32", "--layers", "1", "--seq-len", "32"]
+    argv += ["--batch", "8", "--quiet", "--methods", "adam,soap"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    outs = {}
+    for name, launcher in (
+        ("ddp", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]),
+        ("one", [sys.executable]),
+    ):
+        out = tmp_path / f"{name}.png"
+        done = subprocess.run(
+            [*launcher, str(ROOT / "examples" / "train_charlm.py"), *argv, "--out", str(out)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        outs[name] = json.loads(out.with_suffix(".json").read_text())
+    assert outs["ddp"]["config"]["processes"] == 2
+    runs = {name: {r["method"]: r for r in report["runs"]} for name, report in outs.items()}
+    assert (
+        runs["ddp"]["SOAP async"]["root_stats"]["roots_solved_here"]
+        < (runs["ddp"]["SOAP async"]["root_stats"]["roots_computed"])
+    )
+    torch.testing.assert_close(
+        runs["ddp"]["Adam"]["train_losses"],
+        runs["one"]["Adam"]["train_losses"],
+        rtol=1e-5,
+        atol=1e-6,
+    )
