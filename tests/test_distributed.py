@@ -159,6 +159,21 @@ def _partitioned(rank: int, world: int, store: str, out: str) -> None:
         run(make, model, resumed, batches[6:])
         resumed.close()
         results[f"{name}.resumed"] = [p.detach().clone() for p in model.module.parameters()]
+    # one process on the combined batch, against partitioned DDP (Shampoo, ε = 1e-4; SOAP's
+    # eigenbases of nearly degenerate factors turn rounding differences into O(lr) ones)
+    common = dict(precondition_frequency=4, root_staleness=3, epsilon=1e-4)
+    for combined in (False, True):
+        model = mixed_model() if combined else DistributedDataParallel(mixed_model())
+        with fronts["shampoo"](model.parameters(), partition_roots=not combined, **common) as opt:
+            if combined:
+                for x, y in batches:
+                    opt.zero_grad()
+                    torch.nn.functional.mse_loss(model(x), y).backward()
+                    opt.step()
+            else:
+                run(fronts["shampoo"], model, opt, batches)
+        module = model if combined else model.module
+        results[f"combined.{combined}"] = [p.detach().clone() for p in module.parameters()]
     torch.save(results, f"{out}.{rank}")
     dist.barrier()
     dist.destroy_process_group()
@@ -170,7 +185,8 @@ def test_partitioned_root_work_is_bitwise_the_replicated_run(tmp_path: Path, wor
     """``partition_roots=True``: each root job solved by one rank, its roots broadcast at the
     install step. Every rank ends bitwise where the replicated run ends (Shampoo async, SOAP,
     NG+), each rank solving about 1/world of the roots; a checkpoint taken by rank 0 alone
-    with roots in flight (it solves the other ranks' share itself) resumes bitwise."""
+    with roots in flight (it solves the other ranks' share itself) resumes bitwise; and
+    partitioned DDP Shampoo equals one process on the combined batch to 1e-6 (ε = 1e-4)."""
     import torch.multiprocessing as mp
 
     if not torch.distributed.is_available():
@@ -191,6 +207,8 @@ def test_partitioned_root_work_is_bitwise_the_replicated_run(tmp_path: Path, wor
                 assert torch.equal(a, b), (name, "resumed", (a - b).abs().max())
             shares.append(solved)
         assert sum(shares) == computed and max(shares) < computed, (name, shares)
+    for a, b in zip(ranks[0]["combined.False"], ranks[0]["combined.True"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # DDP's mean gradient = combined
 
 
 def test_partition_roots_is_a_bool_and_a_no_op_in_one_process() -> None:
