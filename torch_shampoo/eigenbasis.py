@@ -31,7 +31,7 @@ from . import step
 from .buckets import Bucket, Member
 from .step import Unit
 
-__all__ = ["change_basis", "rotate", "rotate_stack", "step_units"]
+__all__ = ["change_basis", "refresh", "rotate", "rotate_stack", "step_units"]
 
 
 def rotate_stack(
