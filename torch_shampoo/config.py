@@ -42,7 +42,7 @@ _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """The engine's view of one parameter group (Shampoo and NG+ each map their own kwargs)."""
+    """The engine's view of one parameter group (Shampoo, SOAP and NG+ map their own kwargs)."""
 
     lr: float | torch.Tensor
     beta1: float

@@ -1,4 +1,4 @@
-"""The engine Shampoo and NG+ share: Kronecker-factored statistics, CPU roots, the step.
+"""The engine Shampoo, SOAP and NG+ share: Kronecker-factored statistics, CPU roots, the step.
 
 Per block of a parameter (:mod:`torch_shampoo.blocking`), the engine keeps one statistics factor
 F_i per *factored* dim, computes X_i = (F_i/bc + εI)^(−1/r) through :mod:`torch_shampoo.root_pool`
