@@ -84,7 +84,7 @@ def change_basis(
     )
     count = len(member.blocks)
     pairs = [("exp_avg", overlap)]
-    if first is not None and bool(first.any()):
+    if first is not None:  # (the caller passes None when no row is a first basis: no sync)
         # a first basis: Adam's second moment, a diagonal in the original coordinates
         squared = overlap * overlap
         eye = torch.eye(old.shape[-1], dtype=old.dtype, device=old.device)
