@@ -55,8 +55,10 @@ for task_name, spec in convergence.TASKS.items():
             best = min(rs, key=lambda r: r.final_train if not r.diverged else float("inf"))
             n = best.steps_to(target)
             div = [r.lr for r in rs if r.diverged]
+            ratio = "-" if n is None else f"{n / sgd_steps:.3f}"
             print(
-                f"{task_name:10s} {key:10s} damping {damping}: best lr {best.lr:g} to SGD's {n} ({'-' if n is None else round(n / sgd_steps, 3)}) diverged {div}",
+                f"{task_name:10s} {key:10s} damping {damping}: best lr {best.lr:g}, "
+                f"to SGD's loss {n} ({ratio}), diverged lrs {div}",
                 flush=True,
             )
 print(os.getloadavg())
