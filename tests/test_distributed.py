@@ -64,46 +64,6 @@ def test_under_ddp_auto_staleness_is_the_same_on_every_rank(tmp_path: Path, fron
     assert not torch.equal(ranks[0]["params"][0], mixed_model().conv.weight.detach())
 
 
-def _dtensor_params(rank: int, store: str, out: str) -> None:
-    """Both front ends given a DTensor parameter in a 1-process group; writes their errors."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
-
-    from torch_shampoo import SOAP, NGPlus
-
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=1)
-    mesh = init_device_mesh("cpu", (1,))
-    param = torch.nn.Parameter(distribute_tensor(torch.randn(6, 4), mesh, [Shard(0)]))
-    errors = []
-    for front in (Shampoo, NGPlus, SOAP):
-        try:
-            front([param]).close()
-            errors.append("accepted")
-        except NotImplementedError as exc:
-            errors.append(str(exc))
-    Path(out).write_text("\n".join(errors))
-    dist.destroy_process_group()
-    os._exit(0)
-
-
-def test_dtensor_parameters_are_refused_with_a_clear_error(tmp_path: Path) -> None:
-    """FSDP2 (fully_shard) hands the optimizer DTensors, which the engine cannot step yet (it
-    failed deep inside the first step); both front ends refuse them at construction, naming
-    the parameter's shape and placements."""
-    import torch.multiprocessing as mp
-
-    if not torch.distributed.is_available():
-        pytest.skip("torch.distributed is not available")
-    out = tmp_path / "errors"
-    mp.spawn(_dtensor_params, args=(str(tmp_path / "store"), str(out)), nprocs=1, join=True)
-    errors = out.read_text().splitlines()
-    assert len(errors) == 3
-    for error, name in zip(errors, ("Shampoo", "NGPlus", "SOAP")):
-        assert error.startswith(f"{name} does not support DTensor"), error
-        assert "(6, 4)" in error and "Shard(dim=0)" in error, error
-
-
 # ----------------------------------------------------------------- partitioned root work
 
 

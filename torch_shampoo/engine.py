@@ -20,11 +20,11 @@ from typing import Any, TypeVar
 
 import torch
 
-from . import eigenbasis, step
+from . import eigenbasis, sharded, step
 from .blocking import BlockLayout, block_layout
 from .buckets import Bucket, plan_buckets, slots_of
 from .checkpoint import Checkpointing
-from .config import EngineConfig, is_dtensor, world_size
+from .config import EngineConfig, world_size
 from .cycles import RootCycles
 from .partition import Partition, assign
 from .scheduler import RootScheduler, Slot
@@ -110,12 +110,8 @@ class PreconditionerEngine(RootCycles, Checkpointing):
                         f"{type(self).__name__} optimizes real floating-point parameters, "
                         f"got dtype {p.dtype}"
                     )
-                if isinstance(p, torch.Tensor) and is_dtensor(p):
-                    raise NotImplementedError(
-                        f"{type(self).__name__} does not support DTensor parameters yet (FSDP2's "
-                        f"fully_shard, tensor parallelism): got one of shape {tuple(p.shape)} "
-                        f"with placements {p.placements}; DDP works (see the README)"  # type: ignore[attr-defined]
-                    )
+                if isinstance(p, torch.Tensor):
+                    sharded.check_placements(p, type(self).__name__)
         super().add_param_group(param_group)
         if hasattr(self, "_index"):
             self._index.clear()
@@ -141,7 +137,7 @@ class PreconditionerEngine(RootCycles, Checkpointing):
         units, stacked = step.units_of(work, buckets)
         if any(w.config.eigenbasis for w in work):
             eigenbasis.step_units(units, buckets, stacked, lambda: self._roots_of_this_step(work))
-            self._send_roots()
+            self._finish_step(work)
             return
         for u in units:
             step.accumulate(u)
@@ -152,6 +148,13 @@ class PreconditionerEngine(RootCycles, Checkpointing):
         updates = step.precondition(units, buckets, stacked)
         for u in units:
             step.update_parameters(u, updates.get(id(u)))
+        self._finish_step(work)
+
+    @torch.compiler.disable
+    def _finish_step(self, work: list[Work]) -> None:
+        """Sharded parameters take their rows of the stepped whole; roots go to the pool."""
+        for w in work:
+            sharded.write_back(w.p, w.param)
         self._send_roots()
 
     @torch.compiler.disable
@@ -225,6 +228,7 @@ class PreconditionerEngine(RootCycles, Checkpointing):
             group=group,
             rooted=self._rooted_blocks(p, state, layout, config),
             curvature=self._take_curvature(p),
+            param=sharded.gathered(p),
         )
 
     def _plan(self) -> list[Bucket]:

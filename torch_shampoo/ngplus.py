@@ -22,6 +22,7 @@ from .config import (
     Checks,
     EngineConfig,
     group_defaults,
+    is_dtensor,
     reject_unknown,
     staleness_setting,
     world_size,
@@ -296,6 +297,11 @@ class NGPlus(PreconditionerEngine):
         self.detach()
         ours = {id(p) for p in self._all_params()}
         tracked = [p for p in model.parameters() if id(p) in ours]
+        if any(is_dtensor(p) for p in tracked):
+            raise NotImplementedError(
+                "NGPlus(statistics='per_sample') does not support DTensor parameters (FSDP2's "
+                "fully_shard): use statistics='minibatch' there, or DDP"
+            )
         self._fisher = PerSampleFisher(model, tracked)
         self._share_inverses(self._fisher)
         unsupported = self._fisher.unsupported()

@@ -42,6 +42,7 @@ class Work:
     """One parameter's share of a step: set up by the eager bookkeeping, used by the math."""
 
     p: torch.Tensor
+    """The parameter: the key of its state, buckets and roots."""
     state: dict[str, Any]
     config: EngineConfig
     layout: BlockLayout
@@ -51,6 +52,9 @@ class Work:
     """Per block: are all its roots installed? (None: every block's are.)"""
     curvature: torch.Tensor | None
     """Statistics prepared outside the step (NG+'s per-sample Ĝ); None: G Gᵀ."""
+    param: torch.Tensor
+    """The tensor the math reads (with its ``.grad``) and writes: ``p``, or for a DTensor
+    parameter the gathered whole (:mod:`torch_shampoo.sharded`)."""
 
     @property
     def preconditioned(self) -> bool:
@@ -100,10 +104,10 @@ class Unit:
     def params(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The parameter, or the stack of the bucket's parameters (a copy), in ``dtype``."""
         if self.bucket is None:
-            p = self.works[0].p.detach()
+            p = self.works[0].param.detach()
         else:
             shape = self.bucket.block_shape
-            p = torch.stack([w.p.detach().reshape(shape) for w in self.works])
+            p = torch.stack([w.param.detach().reshape(shape) for w in self.works])
         return p if dtype is None else p.to(dtype)
 
 
@@ -131,12 +135,12 @@ def gradient(u: Unit) -> torch.Tensor:
     masked arithmetic equals the unmasked one there, so the masks are skipped."""
     config, dtype = u.config, state_dtype(u.works[0].p)
     if u.bucket is None:
-        grad = u.works[0].p.grad
+        grad = u.works[0].param.grad
         assert grad is not None
         g = grad.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
     else:
         shape = u.bucket.block_shape
-        g = torch.stack([w.p.grad.reshape(shape) for w in u.works])  # type: ignore[union-attr]
+        g = torch.stack([w.param.grad.reshape(shape) for w in u.works])  # type: ignore[union-attr]
         g = g.to(dtype).contiguous()  # a strided gradient's stack may not be
     if config.maximize:
         g.neg_()
@@ -215,7 +219,7 @@ def update_parameters(u: Unit, preconditioned: torch.Tensor | None) -> None:
             torch.where(keep, buffer * mu + update, buffer, out=buffer)
         update = update + mu * buffer if config.nesterov else buffer
     lr = config.lr
-    params = [w.p for w in u.works]
+    params = [w.param for w in u.works]
     dtype = params[0].dtype
     step = (update * lr).to(dtype) if isinstance(lr, torch.Tensor) else update.to(dtype)
     alpha = -1.0 if isinstance(lr, torch.Tensor) else -lr

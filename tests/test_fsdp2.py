@@ -1,0 +1,275 @@
+"""FSDP2 (``fully_shard``: DTensor parameters sharded on dim 0) on CPU with gloo, spawned.
+
+The engine steps a sharded parameter as one process steps the whole tensor
+(:mod:`torch_shampoo.sharded`), so the claims are single-process ones: the update equals one
+process's on the combined batch, whatever the shard boundaries. The model's ``mix`` (3 rows),
+``out`` (3 rows) and ``out.bias`` do not split evenly over 2 ranks.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from models import make_batches, mixed_model
+from torch import nn
+
+from torch_shampoo import SOAP, NGPlus, Shampoo
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+STEPS = 12
+KWARGS: dict[str, dict[str, Any]] = {
+    # ε = 1e-4 keeps rounding differences of the mean gradient at rounding size
+    "shampoo": dict(
+        lr=0.01, block_size=16, precondition_frequency=4, root_staleness=3, epsilon=1e-4
+    ),
+    "ngplus": dict(lr=0.01, block_size=16, inverse_frequency=4, root_staleness=3),
+    "soap": dict(lr=0.01, block_size=16, precondition_frequency=4, root_staleness=3, eps=1e-4),
+}
+FRONTS = {"shampoo": Shampoo, "ngplus": NGPlus, "soap": SOAP}
+
+
+def _model() -> nn.Module:
+    model = mixed_model()
+    model.gain = nn.Parameter(torch.ones(1))  # fully_shard refuses 0-d parameters
+    return model
+
+
+def _train(
+    model: nn.Module, opt: torch.optim.Optimizer, batches: Any, rank: int, world: int
+) -> None:
+    for x, y in batches:
+        share = x.shape[0] // world
+        lo = rank * share
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x[lo : lo + share]), y[lo : lo + share]).backward()
+        opt.step()
+
+
+def _whole(model: nn.Module) -> list[torch.Tensor]:
+    return [getattr(p, "full_tensor", p.detach)().detach() for p in model.parameters()]
+
+
+def _init(rank: int, world: int, store: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+
+
+def _sharded_model() -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model()
+    fully_shard(model.fc)
+    fully_shard(model)
+    return model
+
+
+def _scenarios(rank: int, store: str, out: str) -> None:
+    """Each front end under FSDP2; Shampoo with partitioned roots; SOAP under DDP."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    _init(rank, 2, store)
+    batches = make_batches(STEPS)
+    results: dict[str, Any] = {}
+    for name, front in FRONTS.items():
+        model = _sharded_model()
+        with front(model.parameters(), **KWARGS[name]) as opt:
+            _train(model, opt, batches, rank, 2)
+            results[f"{name} local rows"] = [p.to_local().shape[0] for p in model.parameters()]
+        results[name] = _whole(model)
+    model = _sharded_model()
+    with Shampoo(model.parameters(), partition_roots=True, **KWARGS["shampoo"]) as opt:
+        _train(model, opt, batches, rank, 2)
+        results["shampoo partitioned solved here"] = opt.root_stats()["roots_solved_here"]
+    results["shampoo partitioned"] = _whole(model)
+    plain = _model()
+    ddp = DistributedDataParallel(plain)
+    with SOAP(ddp.parameters(), **KWARGS["soap"]) as opt:
+        _train(ddp, opt, batches, rank, 2)
+    results["soap ddp"] = _whole(plain)
+    torch.save(results, f"{out}.{rank}")
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)  # gloo's atexit teardown sometimes aborts spawned processes
+
+
+@pytest.fixture(scope="module")
+def fsdp2_runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    import torch.multiprocessing as mp
+
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    folder = tmp_path_factory.mktemp("fsdp2")
+    out = str(folder / "rank")
+    mp.spawn(_scenarios, args=(str(folder / "store"), out), nprocs=2, join=True)
+    return [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
+
+
+def _one_process(name: str) -> list[torch.Tensor]:
+    model = _model()
+    with FRONTS[name](model.parameters(), **KWARGS[name]) as opt:
+        _train(model, opt, make_batches(STEPS), 0, 1)
+    return _whole(model)
+
+
+@pytest.mark.parametrize("name", ["shampoo", "ngplus"])
+def test_fsdp2_equals_one_process_on_the_combined_batch(
+    fsdp2_runs: list[dict[str, Any]], name: str
+) -> None:
+    """Uneven shards included (3 rows over 2 ranks: 2 + 1); the ranks are bitwise identical."""
+    assert fsdp2_runs[0][f"{name} local rows"][0] == 2  # mix: 3 rows, split 2 + 1
+    assert fsdp2_runs[1][f"{name} local rows"][0] == 1
+    reference = _one_process(name)
+    assert not torch.equal(reference[0], _model().mix.detach())  # it trained
+    for a, b, ref in zip(fsdp2_runs[0][name], fsdp2_runs[1][name], reference):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, ref, rtol=0, atol=1e-6)
+
+
+def test_fsdp2_soap_is_bitwise_soap_under_ddp(fsdp2_runs: list[dict[str, Any]]) -> None:
+    """SOAP's bases of nearly degenerate factors turn rounding differences of the mean gradient
+    into O(lr) ones, so against one process it is compared through DDP: at 2 ranks both
+    average the same two gradients, and the sharded step must then equal the replicated one."""
+    for rank in fsdp2_runs:
+        for a, b in zip(rank["soap"], rank["soap ddp"]):
+            assert torch.equal(a, b)
+    for a, b in zip(fsdp2_runs[0]["soap"], fsdp2_runs[1]["soap"]):
+        assert torch.equal(a, b)
+
+
+def test_fsdp2_with_partitioned_roots_is_bitwise_the_replicated_run(
+    fsdp2_runs: list[dict[str, Any]],
+) -> None:
+    solved = [rank["shampoo partitioned solved here"] for rank in fsdp2_runs]
+    assert all(s > 0 for s in solved), solved  # each rank solved a share
+    for rank in fsdp2_runs:
+        for a, b in zip(rank["shampoo partitioned"], rank["shampoo"]):
+            assert torch.equal(a, b)
+
+
+def _placements(rank: int, store: str, out: str) -> None:
+    """A parameter sharded on dim 1 (tensor parallelism's colwise) is refused by name."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    _init(rank, 1, store)
+    mesh = init_device_mesh("cpu", (1,))
+    param = nn.Parameter(distribute_tensor(torch.randn(6, 4), mesh, [Shard(1)]))
+    errors = []
+    for front in (Shampoo, NGPlus, SOAP):
+        try:
+            front([param]).close()
+            errors.append("accepted")
+        except NotImplementedError as exc:
+            errors.append(str(exc))
+    model = nn.Sequential(nn.Linear(4, 3))
+    model[0].weight = nn.Parameter(distribute_tensor(torch.randn(3, 4), mesh, [Shard(0)]))
+    try:
+        NGPlus(model.parameters(), statistics="per_sample", model=model).close()
+        errors.append("accepted")
+    except NotImplementedError as exc:
+        errors.append(str(exc))
+    Path(out).write_text("\n".join(errors))
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+def test_other_placements_and_per_sample_ngplus_are_refused_by_name(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    out = tmp_path / "errors"
+    mp.spawn(_placements, args=(str(tmp_path / "store"), str(out)), nprocs=1, join=True)
+    errors = out.read_text().splitlines()
+    assert len(errors) == 4
+    for error, name in zip(errors, ("Shampoo", "NGPlus", "SOAP")):
+        assert error.startswith(f"{name}: DTensor parameters sharded on dim 0"), error
+        assert "(6, 4)" in error and "Shard(dim=1)" in error, error
+    assert errors[3].startswith("NGPlus(statistics='per_sample') does not support DTensor")
+
+
+# ------------------------------------------------------------------------------------- DCP
+
+
+def _dcp_phase(rank: int, world: int, store: str, folder: str, phase: str) -> None:
+    """``save``: FSDP2 on 2 processes, 9 steps (the roots of step 8 due at 11: in flight),
+    saved with DCP flattened and nested, then on to step 12 (the uninterrupted run);
+    ``load``: ``world`` processes (FSDP2 on 2, a plain model on 1) load each checkpoint into a
+    fresh model and an optimizer that has not stepped, and train steps 10-12."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    _init(rank, world, store)
+    batches = make_batches(STEPS)
+    results = {}
+    for flatten in (True, False):
+        options = StateDictOptions(flatten_optimizer_state_dict=flatten)
+        torch.manual_seed(1)
+        model = _sharded_model() if world > 1 else _model()
+        if phase == "load":
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(1.0)  # a different start: the load must overwrite it
+        opt = Shampoo(model.parameters(), **KWARGS["shampoo"])
+        checkpoint = f"{folder}/ckpt.{flatten}"
+        if phase == "save":
+            _train(model, opt, batches[:9], rank, world)
+            state = {
+                "model": get_model_state_dict(model),
+                "optim": get_optimizer_state_dict(model, opt, options=options),
+            }
+            dcp.save(state, checkpoint_id=checkpoint)
+        else:
+            state = {
+                "model": get_model_state_dict(model),
+                "optim": get_optimizer_state_dict(model, opt, options=options),
+            }
+            dcp.load(state, checkpoint_id=checkpoint)
+            set_model_state_dict(model, state["model"])
+            set_optimizer_state_dict(model, opt, state["optim"], options=options)
+            assert opt.root_stats()["pending_parameters"] > 0  # the saved roots in flight
+        _train(model, opt, batches[9:], rank, world)
+        opt.close()
+        results[flatten] = _whole(model)
+    if rank == 0:
+        torch.save(results, f"{folder}/{phase}.{world}")
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+def test_a_dcp_checkpoint_of_fsdp2_resumes_on_2_bitwise_and_on_1(tmp_path: Path) -> None:
+    """Roots in flight, flattened and nested. On 2 FSDP2 processes the continuation is bitwise
+    the uninterrupted run's; on 1 plain process it equals it to 1e-6 at ε = 1e-4 (the mean
+    gradient of the whole batch rounds differently from the mean of two halves)."""
+    import torch.multiprocessing as mp
+
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    folder = str(tmp_path)
+    for world, phase in ((2, "save"), (2, "load"), (1, "load")):
+        store = str(tmp_path / f"store.{phase}.{world}")
+        mp.spawn(_dcp_phase, args=(world, store, folder, phase), nprocs=world, join=True)
+    uninterrupted = torch.load(f"{folder}/save.2", weights_only=True)
+    on_two = torch.load(f"{folder}/load.2", weights_only=True)
+    on_one = torch.load(f"{folder}/load.1", weights_only=True)
+    for flatten in (True, False):
+        for a, b, c in zip(on_two[flatten], on_one[flatten], uninterrupted[flatten]):
+            assert torch.equal(a, c)
+            torch.testing.assert_close(b, c, rtol=0, atol=1e-6)

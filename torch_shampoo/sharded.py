@@ -1,0 +1,89 @@
+"""DTensor parameters (FSDP2's ``fully_shard``): single-process math on gathered tensors.
+
+A parameter sharded on dim 0 (``Shard(0)``, possibly beside ``Replicate`` mesh dims, as
+FSDP2 and HSDP make them) is stepped as one process would step the whole tensor: at each step
+every rank all-gathers the gradient and the parameter (``full_tensor()``), runs the engine's
+math on those plain tensors, and writes the rows it holds back into its local shard. Blocks,
+statistics, roots and elementwise state are therefore the single-process ones, whatever the
+shard boundaries (uneven ones included), and every rank holds them all: this mode trades
+memory and two all-gathers of the parameter's size per step for exact equivalence. Roots may
+still be partitioned across ranks (``partition_roots=True``).
+
+Other placements (tensor parallelism's ``Shard(1)``, ``Partial``, two sharded mesh dims) are
+refused with the placements named.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .config import is_dtensor
+
+__all__ = ["check_placements", "gathered", "write_back"]
+
+
+def _shard_dims(p: Any, owner: str = "torch_shampoo") -> list[int]:
+    """The mesh dims along which ``p`` is sharded on dim 0; raises for any other placement."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    sharded = []
+    for mesh_dim, placement in enumerate(p.placements):
+        if isinstance(placement, Shard) and placement.dim == 0:
+            sharded.append(mesh_dim)
+        elif not isinstance(placement, Replicate):
+            sharded = [-1]
+            break
+    if len(sharded) > 1 or sharded == [-1]:
+        raise NotImplementedError(
+            f"{owner}: DTensor parameters sharded on dim 0 (FSDP2's fully_shard) are supported, "
+            f"got one of shape {tuple(p.shape)} with placements {p.placements}"
+        )
+    return sharded
+
+
+def check_placements(p: torch.Tensor, owner: str) -> None:
+    """Raise NotImplementedError naming the placements of a DTensor this module cannot step."""
+    if is_dtensor(p):
+        _shard_dims(p, owner)
+
+
+def gathered(p: torch.Tensor) -> torch.Tensor:
+    """The tensor the step's math reads and writes for ``p``: ``p`` itself, or for a DTensor a
+    plain copy of the whole parameter whose ``.grad`` is the whole gradient (two all-gathers,
+    collective: every rank calls it for the same parameters in the same order)."""
+    if not is_dtensor(p):
+        return p
+    whole = p.detach().full_tensor()  # type: ignore[attr-defined]
+    if p.grad is not None:
+        whole.grad = p.grad.full_tensor()  # type: ignore[attr-defined]
+    return whole
+
+
+def _local_rows(p: Any) -> slice:
+    """The rows of the whole parameter that this rank's shard holds (``torch.chunk``'s split,
+    which DTensor's ``Shard(0)`` uses)."""
+    sharded = _shard_dims(p)
+    rows = p.shape[0]
+    if not sharded:
+        return slice(0, rows)
+    mesh_dim = sharded[0]
+    parts, index = p.device_mesh.size(mesh_dim), p.device_mesh.get_local_rank(mesh_dim)
+    chunk = -(-rows // parts) if rows else 0
+    start = min(rows, index * chunk)
+    return slice(start, min(rows, start + chunk))
+
+
+def write_back(p: torch.Tensor, whole: torch.Tensor) -> None:
+    """Copy this rank's rows of the stepped ``whole`` into the DTensor ``p``'s local shard."""
+    if whole is p:
+        return
+    local = p.to_local()  # type: ignore[attr-defined]
+    rows = _local_rows(p)
+    if local.shape[0] != rows.stop - rows.start:
+        raise RuntimeError(
+            f"the local shard of a parameter of shape {tuple(p.shape)} holds {local.shape[0]} "
+            f"rows, not the {rows.stop - rows.start} of torch.chunk's split ({p.placements})"  # type: ignore[attr-defined]
+        )
+    local.copy_(whole[rows])
