@@ -150,6 +150,7 @@ def run_record(run: RunResult, target: float, sgd_loss: float = math.inf) -> dic
         "wall_to_target": run.wall_to(target),
         "wall": run.wall,
         "ms_per_step": run.ms_per_step,
+        "mean_ms_per_step": run.mean_ms_per_step,
         "root_stats": run.root_stats,
         "train_losses": run.train_losses,
         "step_times": run.step_times,
@@ -189,6 +190,7 @@ def summary_table(best: dict[str, RunResult], target: float, runs: Sequence[RunR
                 ratio,
                 ",".join(diverged) or "none",
                 f"{r.ms_per_step:.1f}",
+                f"{r.mean_ms_per_step:.1f}",
             ]
         )
     headers = [
@@ -202,7 +204,11 @@ def summary_table(best: dict[str, RunResult], target: float, runs: Sequence[RunR
         "/ SGD's",
         "diverged lrs",
     ]
-    return _common.format_table([*headers, "ms/step"], rows)
+    table = _common.format_table([*headers, "ms/step", "mean ms/step"], rows)
+    return table + (
+        "\nms/step: median training step (forward, backward, step); mean ms/step: training "
+        "wall time / steps (root steps and waits for roots included)"
+    )
 
 
 def plot(summaries: dict[str, tuple[float, dict[str, RunResult]]], path: Path) -> None:

@@ -68,6 +68,13 @@ class RunResult:
         no step ran. The median ignores the slow first steps and bursts of load from elsewhere."""
         return 1000.0 * statistics.median(self.step_times) if self.step_times else math.nan
 
+    @property
+    def mean_ms_per_step(self) -> float:
+        """Mean wall time of one training iteration in ms (training wall time / steps; nan if
+        no step ran): what a run pays per step, the root steps and any wait for a root
+        included, which the median leaves out."""
+        return 1000.0 * statistics.mean(self.step_times) if self.step_times else math.nan
+
     def steps_to(self, target: float) -> int | None:
         """First step (1-based) at which the smoothed training loss is <= target."""
         return next((i + 1 for i, v in enumerate(self.smoothed) if v <= target), None)
@@ -255,6 +262,7 @@ def save_json(results: Sequence[RunResult], path: Path, config: Mapping[str, Any
             "steps_to_adam": r.steps_to(target),
             "wall": r.wall,
             "median_ms_per_step": num(r.ms_per_step),
+            "mean_ms_per_step": num(r.mean_ms_per_step),
             "step_time_vs_adam": step_time_ratio(r, results),
         }
         for r in results
