@@ -1,12 +1,15 @@
-"""Root work per rank under DDP, replicated against ``partition_roots=True`` (CPU, gloo).
+"""Root work and state memory per rank under DDP: replicated, ``partition_roots=True`` and
+``partition_state=True`` (CPU, gloo).
 
-Spawns 2 and 4 processes (1 torch thread each); each trains the same DDP MLP with synchronous
-Shampoo (the roots inside the step, so their time is on the step) for a few root cycles, once
-replicated and once partitioned, and reports per rank: the seconds spent solving roots
-(``root_stats()``), that as a fraction of the replicated rank's, the roots it solved, and the
-median step and mean step time (root steps included) against DDP + Adam in the same process.
+Spawns 2 and 4 processes (1 torch thread each); each trains the same DDP MLP (``--depth``
+hidden layers of ``--width``) with synchronous Shampoo (the roots inside the step, so their
+time is on the step) for a few root cycles, replicated and with each partition, and reports
+per rank: the seconds spent solving roots (``root_stats()``) and the optimizer's state bytes
+(moments, factors, roots: ``root_stats()["state_bytes"]``), each as a fraction of the
+replicated rank's, and the median and mean step time (root steps included) against DDP + Adam
+in the same process.
 
-    python benchmarks/distributed_roots.py            # ~1 minute on 2 cores
+    python benchmarks/distributed_roots.py            # ~2 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -26,7 +29,12 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 
-def _worker(rank: int, world: int, store: str, out: str, steps: int, width: int) -> None:
+MODES = ("replicated", "roots", "state")
+
+
+def _worker(
+    rank: int, world: int, store: str, out: str, steps: int, width: int, depth: int
+) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -37,11 +45,12 @@ def _worker(rank: int, world: int, store: str, out: str, steps: int, width: int)
     gen = torch.Generator().manual_seed(0)
     data = [(torch.randn(32, width, generator=gen), torch.randn(32, 16, generator=gen))] * 4
     results = {}
-    for name in ("adam", "replicated", "partitioned"):
+    for name in ("adam", *MODES):
         torch.manual_seed(0)
-        model = DistributedDataParallel(
-            nn.Sequential(nn.Linear(width, 2 * width), nn.Tanh(), nn.Linear(2 * width, 16))
-        )
+        layers: list[nn.Module] = []
+        for _ in range(depth):
+            layers += [nn.Linear(width, width), nn.Tanh()]
+        model = DistributedDataParallel(nn.Sequential(*layers, nn.Linear(width, 16)))
         if name == "adam":
             opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         else:
@@ -51,7 +60,8 @@ def _worker(rank: int, world: int, store: str, out: str, steps: int, width: int)
                 block_size=128,
                 precondition_frequency=5,
                 async_roots=False,
-                partition_roots=name == "partitioned",
+                partition_roots=name == "roots",
+                partition_state=name == "state",
             )
         times = []
         for step in range(steps):
@@ -67,7 +77,8 @@ def _worker(rank: int, world: int, store: str, out: str, steps: int, width: int)
             opt.close()
         solved = stats.get("roots_solved_here", 0)
         seconds = stats.get("mean_root_seconds", 0.0) * stats.get("roots_computed", 0)
-        results[name] = (statistics.median(times), statistics.mean(times), solved, seconds)
+        held = stats.get("state_bytes", 0)
+        results[name] = (statistics.median(times), statistics.mean(times), solved, seconds, held)
     torch.save(results, f"{out}.{rank}")
     dist.barrier()
     dist.destroy_process_group()
@@ -78,32 +89,42 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=21)
     parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--depth", type=int, default=6)
     args = parser.parse_args(argv)
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, loadavg {os.getloadavg()}")
     for world in (2, 4):
         folder = Path(tempfile.mkdtemp())
         mp.spawn(
             _worker,
-            args=(world, str(folder / "store"), str(folder / "rank"), args.steps, args.width),
+            args=(
+                world,
+                str(folder / "store"),
+                str(folder / "rank"),
+                args.steps,
+                args.width,
+                args.depth,
+            ),
             nprocs=world,
             join=True,
         )
         ranks = [torch.load(folder / f"rank.{r}", weights_only=False) for r in range(world)]
         print(
-            f"\n== {world} processes: MLP {args.width}-{2 * args.width}-16, block 128, "
+            f"\n== {world} processes: MLP {args.depth} x {args.width} + head 16, block 128, "
             f"sync roots every 5 steps, {args.steps} steps"
         )
         print(
-            "rank  root s replicated  root s partitioned  fraction  roots solved  "
-            "median/Adam repl  part  mean/Adam repl  part"
+            "rank  mode        root s  fraction  roots solved  state MB  fraction  "
+            "median/Adam  mean/Adam"
         )
         for r, res in enumerate(ranks):
-            adam, repl, part = res["adam"], res["replicated"], res["partitioned"]
-            print(
-                f"{r:>4}  {repl[3]:>17.3f}  {part[3]:>18.3f}  {part[3] / repl[3]:>8.2f}  "
-                f"{part[2]:>5} / {repl[2]:<5}  {repl[0] / adam[0]:>16.1f}  "
-                f"{part[0] / adam[0]:>4.1f}  {repl[1] / adam[1]:>14.1f}  {part[1] / adam[1]:>4.1f}"
-            )
+            adam, repl = res["adam"], res["replicated"]
+            for mode in MODES:
+                m = res[mode]
+                print(
+                    f"{r:>4}  {mode:<10}  {m[3]:>6.3f}  {m[3] / repl[3]:>8.2f}  "
+                    f"{m[2]:>5} / {repl[2]:<5}  {m[4] / 2**20:>8.2f}  {m[4] / repl[4]:>8.2f}  "
+                    f"{m[0] / adam[0]:>11.1f}  {m[1] / adam[1]:>9.1f}"
+                )
         print(f"(1 / world size = {1 / world:.2f}; loadavg {os.getloadavg()})")
 
 

@@ -24,8 +24,9 @@ from torch.optim import Optimizer
 
 from .blocking import BlockLayout
 from .buckets import factor_groups
-from .config import EngineConfig
+from .config import EngineConfig, world_size
 from .scheduler import RootScheduler
+from .shares import StateShares
 from .state import SCHEMA, check_moments, check_state, in_flight, migrate, no_pending, restore
 
 __all__ = ["SCHEMA", "Checkpointing", "from_saved", "to_saved"]
@@ -105,6 +106,9 @@ class Checkpointing(Optimizer):
     _rooted: dict[torch.Tensor, tuple[bool, ...] | None]
     _index: dict[int, tuple[int, dict[str, Any], torch.Tensor]]
     _buckets: list[Any] | None
+    _consolidated: dict[str, Any] | None
+    _spread: bool
+    _shares: StateShares | None
 
     def _config(self, group: dict[str, Any]) -> EngineConfig:
         raise NotImplementedError
@@ -120,6 +124,15 @@ class Checkpointing(Optimizer):
 
     def _init_runtime(self) -> None:
         raise NotImplementedError
+
+    def _state_shares(self) -> StateShares | None:
+        """The owner of each parameter (``partition_state`` with several processes), made from
+        the global shapes alone when first needed; None: this process steps every parameter."""
+        if self._shares is None and getattr(self, "_partition_state", False) and world_size() > 1:
+            params = self._all_params()
+            layouts = [self._layout_of(p, self._config(self._group_of(p))) for p in params]
+            self._shares = StateShares(params, layouts)
+        return self._shares
 
     def _all_params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
@@ -140,7 +153,31 @@ class Checkpointing(Optimizer):
                 migrate(state)
 
     def state_dict(self) -> dict[str, Any]:
-        """The state, with roots still in flight waited for and included, so it can resume."""
+        """The state, with roots still in flight waited for and included, so it can resume.
+        With ``partition_state`` under DDP, the whole state gathered by the last
+        :meth:`consolidate_state_dict`; after a step without one, a RuntimeError (this rank
+        holds only its share: saved alone, the others' parameters would restart)."""
+        if self._state_shares() is None or not self._spread:
+            return self._local_state_dict()
+        if self._consolidated is None:
+            raise RuntimeError(
+                f"{type(self).__name__}(partition_state=True): each rank holds only its share of "
+                "the state; call optimizer.consolidate_state_dict() on every rank first (after "
+                "the last step), then state_dict() on any of them"
+            )
+        return self._consolidated
+
+    def consolidate_state_dict(self) -> None:
+        """Gather every rank's share of the state (``partition_state``; collective: call it on
+        every rank), so that ``state_dict()`` returns the whole until the next step. Without
+        shares it does nothing."""
+        shares = self._state_shares()
+        if shares is not None:
+            packed = self._local_state_dict()
+            packed["state"] = shares.gather(packed["state"])
+            self._consolidated = packed
+
+    def _local_state_dict(self) -> dict[str, Any]:
         packed = super().state_dict()
         pending = self._pending_as_state()
         index = {id(p): i for i, p in enumerate(self._all_params())}
@@ -201,6 +238,7 @@ class Checkpointing(Optimizer):
         state["_async_roots"] = self._async_roots
         state["_root_workers"] = self._root_workers
         state["_partition_roots"] = getattr(self, "_partition_roots", False)
+        state["_partition_state"] = getattr(self, "_partition_state", False)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -209,6 +247,7 @@ class Checkpointing(Optimizer):
         super().__setstate__(state)
         if loading is None:
             self._init_runtime()
+            self._spread = bool(self.state) and self._state_shares() is not None
         else:  # replace the base class's dtype-cast copies by the saved tensors
             self._roots.clear()
             self._checked.clear()
@@ -219,4 +258,9 @@ class Checkpointing(Optimizer):
                 saved = loading["state"].get(saved_id)
                 if saved is not None:
                     self.state[p] = {k: restore(k, v, p.device) for k, v in saved.items()}
+            shares = self._state_shares()
+            if shares is not None:  # keep this rank's share of a whole state
+                for p in [p for p in self.state if not shares.mine(p)]:
+                    del self.state[p]
+                self._spread = True
         self._adopt_pending_state()

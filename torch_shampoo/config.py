@@ -31,6 +31,7 @@ _NOT_PER_GROUP = frozenset(
         "async_roots",
         "root_workers",
         "partition_roots",
+        "partition_state",
         "model",
         "statistics",
         "unknown",

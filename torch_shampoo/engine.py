@@ -4,11 +4,9 @@ Per block of a parameter (:mod:`torch_shampoo.blocking`), the engine keeps one s
 F_i per *factored* dim, computes X_i = (F_i/bc + εI)^(−1/r) through :mod:`torch_shampoo.root_pool`
 and applies the step written in :class:`PreconditionerEngine`. Equal-shape blocks are stacked
 into buckets (:mod:`~torch_shampoo.buckets`): statistics, preconditioning and root jobs work on
-whole stacks. A front end (Shampoo, NG+) maps its own constructor kwargs onto an
-:class:`EngineConfig` per parameter group and picks the layout. This class is glue: the step's
-math is :mod:`~torch_shampoo.step` and :mod:`~torch_shampoo.kernels`, root cycles
-:mod:`~torch_shampoo.cycles` and :mod:`~torch_shampoo.scheduler`, the state's layout
-:mod:`~torch_shampoo.state`, state dicts :mod:`~torch_shampoo.checkpoint`.
+whole stacks. A front end (Shampoo, SOAP, NG+) maps its kwargs onto an :class:`EngineConfig`
+per group and picks the layout. This class is glue: the math is :mod:`~torch_shampoo.step`,
+root cycles :mod:`~torch_shampoo.cycles`, state :mod:`~torch_shampoo.state`, ``checkpoint``.
 """
 
 from __future__ import annotations
@@ -28,6 +26,7 @@ from .config import EngineConfig, world_size
 from .cycles import RootCycles
 from .partition import Partition, assign
 from .scheduler import RootScheduler, Slot
+from .shares import StateShares
 from .state import check_state, init_state, state_dtype
 from .step import Work
 
@@ -60,12 +59,13 @@ class PreconditionerEngine(RootCycles, Checkpointing):
         async_roots: bool,
         root_workers: int | None,
         partition_roots: bool = False,
+        partition_state: bool = False,
     ) -> None:
-        if not isinstance(async_roots, bool):
-            raise TypeError(f"Invalid async_roots: {async_roots!r} (must be a bool)")
-        if not isinstance(partition_roots, bool):
-            raise TypeError(f"Invalid partition_roots: {partition_roots!r} (must be a bool)")
-        self._partition_roots = partition_roots
+        for name, flag in (("async_roots", async_roots), ("partition_roots", partition_roots),
+                           ("partition_state", partition_state)):  # fmt: skip
+            if not isinstance(flag, bool):
+                raise TypeError(f"Invalid {name}: {flag!r} (must be a bool)")
+        self._partition_roots, self._partition_state = partition_roots, partition_state
         if root_workers is None:
             root_workers = max(1, (os.cpu_count() or 2) // 2)
         if isinstance(root_workers, bool) or not isinstance(root_workers, int) or root_workers < 1:
@@ -93,6 +93,8 @@ class PreconditionerEngine(RootCycles, Checkpointing):
         self._buckets: list[Bucket] | None = None
         self._slots: dict[int, list[Slot]] = {}
         self._loading: dict[str, Any] | None = None
+        self._shares: StateShares | None = None  # partition_state: the owners
+        self._consolidated, self._spread = None, False  # spread: this rank's is a share
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Validate a group (with the defaults filled in) before adding it: a rejected group
@@ -105,13 +107,9 @@ class PreconditionerEngine(RootCycles, Checkpointing):
             self._validate({**self.defaults, **param_group})
             for item in [params] if isinstance(params, torch.Tensor) else params:
                 p = item[1] if isinstance(item, tuple) else item
-                if isinstance(p, torch.Tensor) and (p.is_complex() or not p.is_floating_point()):
-                    raise ValueError(
-                        f"{type(self).__name__} optimizes real floating-point parameters, "
-                        f"got dtype {p.dtype}"
-                    )
-                if isinstance(p, torch.Tensor):
-                    sharded.check_placements(p, type(self).__name__)
+                sharded.check_parameter(p, type(self).__name__)
+        if getattr(self, "_shares", None) is not None:
+            raise RuntimeError("partition_state: add parameter groups before the first step")
         super().add_param_group(param_group)
         if hasattr(self, "_index"):
             self._index.clear()
@@ -137,17 +135,16 @@ class PreconditionerEngine(RootCycles, Checkpointing):
         units, stacked = step.units_of(work, buckets)
         if any(w.config.eigenbasis for w in work):
             eigenbasis.step_units(units, buckets, stacked, lambda: self._roots_of_this_step(work))
-            self._finish_step(work)
-            return
-        for u in units:
-            step.accumulate(u)
-        step.statistics(units, buckets, stacked)
-        self._roots_of_this_step(work)
-        for u in units:
-            step.directions(u)
-        updates = step.precondition(units, buckets, stacked)
-        for u in units:
-            step.update_parameters(u, updates.get(id(u)))
+        else:
+            for u in units:
+                step.accumulate(u)
+            step.statistics(units, buckets, stacked)
+            self._roots_of_this_step(work)
+            for u in units:
+                step.directions(u)
+            updates = step.precondition(units, buckets, stacked)
+            for u in units:
+                step.update_parameters(u, updates.get(id(u)))
         self._finish_step(work)
 
     @torch.compiler.disable
@@ -155,6 +152,8 @@ class PreconditionerEngine(RootCycles, Checkpointing):
         """Sharded parameters take their rows of the stepped whole; roots go to the pool."""
         for w in work:
             sharded.write_back(w.p, w.param)
+        if self._shares is not None:  # every stepped parameter from its owner
+            self._shares.broadcast([p for p in self._all_params() if p.grad is not None])
         self._send_roots()
 
     @torch.compiler.disable
@@ -162,11 +161,12 @@ class PreconditionerEngine(RootCycles, Checkpointing):
         """Per parameter with a gradient: its state (created or checked), the buckets (planned
         again when a parameter or its state is new), its roots due now; then the step
         counters advance."""
-        roots = self._roots
+        roots, shares = self._roots, self._state_shares()
         wanted = getattr(self, "_partition_roots", False)  # (absent from earlier pickles)
-        if wanted and roots.partition is None and world_size() > 1:
+        if wanted and shares is None and roots.partition is None and world_size() > 1:
             roots.partition = Partition()  # every rank at its first step (collective)
             self._buckets = None  # plan again, with owners
+        self._spread, self._consolidated = shares is not None, None
         roots.fit.tick()
         roots.send()  # left over if the previous step raised
         roots.revive(here=False)  # roots cancelled by close() or a fork
@@ -174,7 +174,7 @@ class PreconditionerEngine(RootCycles, Checkpointing):
         for group in self.param_groups:
             config = self._config(group)
             for p in group["params"]:
-                if p.grad is not None:
+                if p.grad is not None and (shares is None or shares.mine(p)):
                     ready.append((p, config, group, self._state_of(p, config)))
         buckets = self._plan()
         work = [self._work_of(p, config, group, layout) for p, config, group, layout in ready]

@@ -113,7 +113,8 @@ class NGPlus(PreconditionerEngine):
             ``"sgd"`` (the gradient's norm) or ``"none"`` (NG+'s own, the paper's).
         grafting_beta2, grafting_epsilon: β₂ and ε of the graft's second moment.
         bias_correction: divide F by 1 − βᵗ (and the graft's second moment by 1 − β₂ᵗ).
-        async_roots, root_workers, partition_roots: as for :class:`~torch_shampoo.Shampoo`.
+        async_roots, root_workers, partition_roots, partition_state: as for
+            :class:`~torch_shampoo.Shampoo`.
         model: with ``statistics="per_sample"``, the model whose layers are hooked.
     """
 
@@ -144,6 +145,7 @@ class NGPlus(PreconditionerEngine):
         async_roots: bool = True,
         root_workers: int | None = None,
         partition_roots: bool = False,
+        partition_state: bool = False,
         model: nn.Module | None = None,
         **unknown: Any,
     ) -> None:
@@ -159,6 +161,11 @@ class NGPlus(PreconditionerEngine):
             raise ValueError(
                 f"Invalid statistics: {statistics!r} (valid choices: {', '.join(STATISTICS)})"
             )
+        if statistics == "per_sample" and partition_state is True:
+            raise NotImplementedError(
+                "NGPlus(statistics='per_sample') does not support partition_state yet (a "
+                "bias shares its weight's inverse, which another rank may own)"
+            )
         self.statistics = statistics
         self._fisher: PerSampleFisher | None = None
         self._leaders: dict[torch.Tensor, torch.Tensor] = {}
@@ -170,6 +177,7 @@ class NGPlus(PreconditionerEngine):
             async_roots=async_roots,
             root_workers=root_workers,
             partition_roots=partition_roots,
+            partition_state=partition_state,
         )
         if model is not None:
             if not isinstance(model, nn.Module):

@@ -112,6 +112,10 @@ class Shampoo(PreconditionerEngine):
         partition_roots: under DDP (several processes in ``torch.distributed``), solve each
             root on one rank and broadcast it at the install step (:mod:`torch_shampoo.partition`;
             bitwise the replicated result); without a process group it changes nothing.
+        partition_state: under DDP, each parameter is kept (state, factors, roots) and stepped
+            by one rank, then broadcast from it (:mod:`torch_shampoo.shares`; bitwise the
+            replicated result, about 1/world of its memory and work per rank); checkpoint with
+            :meth:`consolidate_state_dict` on every rank, then ``state_dict()``.
     """
 
     def __init__(
@@ -142,6 +146,7 @@ class Shampoo(PreconditionerEngine):
         async_roots: bool = True,
         root_workers: int | None = None,
         partition_roots: bool = False,
+        partition_state: bool = False,
         **unknown: Any,
     ) -> None:
         reject_unknown("Shampoo", unknown, inspect.signature(Shampoo).parameters, _HINTS)
@@ -152,6 +157,7 @@ class Shampoo(PreconditionerEngine):
             async_roots=async_roots,
             root_workers=root_workers,
             partition_roots=partition_roots,
+            partition_state=partition_state,
         )
 
     def _config(self, group: dict[str, Any]) -> EngineConfig:

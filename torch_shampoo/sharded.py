@@ -21,7 +21,7 @@ import torch
 
 from .config import is_dtensor
 
-__all__ = ["check_placements", "gathered", "write_back"]
+__all__ = ["check_parameter", "gathered", "write_back"]
 
 
 def _shard_dims(p: Any, owner: str = "torch_shampoo") -> list[int]:
@@ -43,8 +43,13 @@ def _shard_dims(p: Any, owner: str = "torch_shampoo") -> list[int]:
     return sharded
 
 
-def check_placements(p: torch.Tensor, owner: str) -> None:
-    """Raise NotImplementedError naming the placements of a DTensor this module cannot step."""
+def check_parameter(p: Any, owner: str) -> None:
+    """Refuse a parameter the engine cannot step: not real floating point (ValueError), or a
+    DTensor with placements other than dim-0 shards (NotImplementedError, naming them)."""
+    if not isinstance(p, torch.Tensor):
+        return  # the base class names the bad type
+    if p.is_complex() or not p.is_floating_point():
+        raise ValueError(f"{owner} optimizes real floating-point parameters, got dtype {p.dtype}")
     if is_dtensor(p):
         _shard_dims(p, owner)
 

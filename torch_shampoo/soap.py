@@ -83,7 +83,7 @@ class SOAP(PreconditionerEngine):
             kernel as 64×9; default: one factor per dim of size > 1, as the SOAP paper).
         bias_correction: Adam's bias corrections.
         momentum, nesterov, maximize, root_staleness, max_root_failures, skip_nonfinite,
-        async_roots, root_workers, partition_roots: as in :class:`Shampoo`.
+        async_roots, root_workers, partition_roots, partition_state: as in :class:`Shampoo`.
     """
 
     def __init__(
@@ -113,6 +113,7 @@ class SOAP(PreconditionerEngine):
         async_roots: bool = True,
         root_workers: int | None = None,
         partition_roots: bool = False,
+        partition_state: bool = False,
         **unknown: Any,
     ) -> None:
         reject_unknown("SOAP", unknown, inspect.signature(SOAP).parameters, _HINTS)
@@ -123,6 +124,7 @@ class SOAP(PreconditionerEngine):
             async_roots=async_roots,
             root_workers=root_workers,
             partition_roots=partition_roots,
+            partition_state=partition_state,
         )
 
     def _config(self, group: dict[str, Any]) -> EngineConfig:

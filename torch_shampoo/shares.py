@@ -1,0 +1,93 @@
+"""Optimizer state shared out among DDP ranks (``partition_state=True``): one owner per parameter.
+
+Under DDP every rank holds the same averaged gradients, so the step of a parameter is the same
+computation on every rank. With ``partition_state=True`` each parameter has one owner, chosen by
+:func:`~torch_shampoo.partition.assign` from the global shapes alone (largest estimated state
+first, to the least-loaded rank), so every rank computes the same assignment without talking.
+The owner alone keeps the parameter's state (moments, factors, roots, roots in flight, host
+buffers) and steps it; then every parameter is broadcast from its owner (one broadcast per
+owner, dtype and device, coalesced), so every rank ends the step with the same bits the
+replicated run computes. Memory and work per rank are about 1/world of the replicated run's;
+communication is one broadcast of the parameters per step.
+
+The state is then spread over the ranks: :meth:`consolidate_state_dict` (every rank) gathers
+it so that ``state_dict()`` returns the whole, which loads at any world size (each rank keeps
+its own parameters' entries).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from .blocking import BlockLayout
+from .config import is_dtensor
+from .partition import assign
+
+__all__ = ["StateShares", "state_cost"]
+
+
+def state_cost(layout: BlockLayout, elements: int) -> int:
+    """Floats of a parameter's state: three elementwise moments, a factor and a root per
+    factored dim of every block."""
+    factors = sum(d * d for b in range(layout.num_blocks) for d in layout.factor_dims(b))
+    return 3 * elements + 2 * factors
+
+
+class StateShares:
+    """Which rank keeps and steps each parameter, and the broadcast that ends a step."""
+
+    def __init__(self, params: Sequence[torch.Tensor], layouts: Sequence[BlockLayout]) -> None:
+        if any(is_dtensor(p) for p in params):
+            raise NotImplementedError(
+                "partition_state is for DDP; FSDP2's DTensor parameters are sharded already"
+            )
+        dist = torch.distributed
+        self.rank, self.size = dist.get_rank(), dist.get_world_size()
+        costs = [state_cost(layout, p.numel()) for p, layout in zip(params, layouts)]
+        owners = assign([(c, 1) for c in costs], self.size)  # cost × 1³
+        self.owner = {id(p): o for p, o in zip(params, owners)}
+
+    def mine(self, p: torch.Tensor) -> bool:
+        return self.owner[id(p)] == self.rank
+
+    def broadcast(self, params: Sequence[torch.Tensor]) -> None:
+        """Every parameter in ``params`` (the same list on every rank) from its owner."""
+        dist = torch.distributed
+        for owner in range(self.size):
+            groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+            for p in params:
+                if self.owner[id(p)] == owner:
+                    groups.setdefault((p.device, p.dtype), []).append(p.detach())
+            for (device, dtype), tensors in groups.items():
+                if owner == self.rank:
+                    flat = _flatten_dense_tensors(tensors)
+                else:
+                    flat = torch.empty(sum(t.numel() for t in tensors), dtype=dtype, device=device)
+                dist.broadcast(flat, src=owner)
+                if owner != self.rank:
+                    for t, value in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
+                        t.copy_(value)
+
+    def gather(self, share: dict[int, Any]) -> dict[int, Any]:
+        """The union of every rank's ``share`` (state entries by parameter index), on every
+        rank; tensors travel through the host."""
+        dist = torch.distributed
+        on_host = {i: {k: _to_host(v) for k, v in entry.items()} for i, entry in share.items()}
+        shares: list[Any] = [None] * self.size
+        dist.all_gather_object(shares, on_host)
+        merged: dict[int, Any] = {}
+        for other in shares:
+            merged.update(other)
+        return dict(sorted(merged.items()))
+
+
+def _to_host(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_host(v) for k, v in value.items()}
+    return value
