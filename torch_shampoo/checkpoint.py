@@ -163,7 +163,8 @@ class Checkpointing(Optimizer):
             raise RuntimeError(
                 f"{type(self).__name__}(partition_state=True): each rank holds only its share of "
                 "the state; call optimizer.consolidate_state_dict() on every rank first (after "
-                "the last step), then state_dict() on any of them"
+                "the last step), then state_dict() on any of them (torch.distributed.checkpoint "
+                "cannot load into such an optimizer yet: save the consolidated dict instead)"
             )
         return self._consolidated
 
