@@ -110,7 +110,10 @@ class Method:
             raise RuntimeError(f"{self.label} is not available in this torch_shampoo version")
         kwargs = {**_REGISTRY[self.key].kwargs, **self.kwargs}
         if world() > 1 and _REGISTRY[self.key].module is torch_shampoo:
-            kwargs["partition_roots"] = True  # each root solved by one process (DDP)
+            # DDP: each parameter kept and stepped by one process (per-sample NG+: each root
+            # solved by one process)
+            per_sample = kwargs.get("statistics") == "per_sample"
+            kwargs["partition_roots" if per_sample else "partition_state"] = True
         opt = cls(model.parameters(), lr=self.lr, **kwargs)
         if kwargs.get("statistics") == "per_sample":
             opt.attach(model)  # type: ignore[attr-defined]
@@ -401,7 +404,7 @@ def run_comparison(
     Progress shows as tqdm bars on a terminal, else as plain lines (about ten per run). After
     Ctrl-C the finished runs and the partial one are reported and saved, then SystemExit(130).
     Under ``torchrun --nproc_per_node N`` every run is DDP over N processes (gloo), each on its
-    share of every batch, with ``partition_roots=True``; only rank 0 prints and writes."""
+    share of every batch, with ``partition_state=True``; only rank 0 prints and writes."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("gloo")
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world()))
