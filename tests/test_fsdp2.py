@@ -71,7 +71,8 @@ def _sharded_model() -> nn.Module:
 
 
 def _scenarios(rank: int, store: str, out: str) -> None:
-    """Each front end under FSDP2; Shampoo with partitioned roots; SOAP under DDP."""
+    """Each front end under FSDP2; Shampoo with partitioned roots and state; the refusals;
+    a DCP checkpoint saved and loaded on 2 processes; SOAP under DDP."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -89,6 +90,19 @@ def _scenarios(rank: int, store: str, out: str) -> None:
         _train(model, opt, batches, rank, 2)
         results["shampoo partitioned solved here"] = opt.root_stats()["roots_solved_here"]
     results["shampoo partitioned"] = _whole(model)
+    for partitioned in (False, True):
+        model = _sharded_model()
+        with Shampoo(model.parameters(), partition_state=partitioned, **KWARGS["shampoo"]) as opt:
+            _train(model, opt, batches, rank, 2)
+            results[f"state bytes {partitioned}"] = opt.root_stats()["state_bytes"]
+        results[f"shampoo state {partitioned}"] = _whole(model)
+    results["refusals"] = _refusals()
+    folder = str(Path(out).parent)
+    results["dcp"] = {flatten: _dcp(rank, 2, folder, "save", flatten) for flatten in (True, False)}
+    dist.barrier()
+    results["dcp on 2"] = {
+        flatten: _dcp(rank, 2, folder, "load", flatten) for flatten in (True, False)
+    }
     plain = _model()
     ddp = DistributedDataParallel(plain)
     with SOAP(ddp.parameters(), **KWARGS["soap"]) as opt:
@@ -109,7 +123,9 @@ def fsdp2_runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]
     folder = tmp_path_factory.mktemp("fsdp2")
     out = str(folder / "rank")
     mp.spawn(_scenarios, args=(str(folder / "store"), out), nprocs=2, join=True)
-    return [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
+    runs = [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
+    runs[0]["folder"] = str(folder)
+    return runs
 
 
 def _one_process(name: str) -> list[torch.Tensor]:
@@ -154,14 +170,13 @@ def test_fsdp2_with_partitioned_roots_is_bitwise_the_replicated_run(
             assert torch.equal(a, b)
 
 
-def _placements(rank: int, store: str, out: str) -> None:
-    """A parameter sharded on dim 1 (tensor parallelism's colwise) is refused by name."""
-    import torch.distributed as dist
+def _refusals() -> list[str]:
+    """A parameter sharded on dim 1 (tensor parallelism's colwise) for every front end, and
+    per-sample NG+ on a sharded one: the errors."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    _init(rank, 1, store)
-    mesh = init_device_mesh("cpu", (1,))
+    mesh = init_device_mesh("cpu", (2,))
     param = nn.Parameter(distribute_tensor(torch.randn(6, 4), mesh, [Shard(1)]))
     errors = []
     for front in (Shampoo, NGPlus, SOAP):
@@ -177,19 +192,13 @@ def _placements(rank: int, store: str, out: str) -> None:
         errors.append("accepted")
     except NotImplementedError as exc:
         errors.append(str(exc))
-    Path(out).write_text("\n".join(errors))
-    dist.destroy_process_group()
-    os._exit(0)
+    return errors
 
 
-def test_other_placements_and_per_sample_ngplus_are_refused_by_name(tmp_path: Path) -> None:
-    import torch.multiprocessing as mp
-
-    if not torch.distributed.is_available():
-        pytest.skip("torch.distributed is not available")
-    out = tmp_path / "errors"
-    mp.spawn(_placements, args=(str(tmp_path / "store"), str(out)), nprocs=1, join=True)
-    errors = out.read_text().splitlines()
+def test_other_placements_and_per_sample_ngplus_are_refused_by_name(
+    fsdp2_runs: list[dict[str, Any]],
+) -> None:
+    errors = fsdp2_runs[0]["refusals"]
     assert len(errors) == 4
     for error, name in zip(errors, ("Shampoo", "NGPlus", "SOAP")):
         assert error.startswith(f"{name}: DTensor parameters sharded on dim 0"), error
@@ -197,15 +206,28 @@ def test_other_placements_and_per_sample_ngplus_are_refused_by_name(tmp_path: Pa
     assert errors[3].startswith("NGPlus(statistics='per_sample') does not support DTensor")
 
 
+def test_fsdp2_with_partitioned_state_is_bitwise_and_holds_a_share(
+    fsdp2_runs: list[dict[str, Any]],
+) -> None:
+    """Each parameter kept and stepped by one rank, its whole broadcast, each rank writing its
+    rows: the run is bitwise the replicated one, and each rank holds part of the state."""
+    whole = fsdp2_runs[0]["state bytes False"]
+    shares = [rank["state bytes True"] for rank in fsdp2_runs]
+    assert all(0 < share < whole for share in shares), (shares, whole)
+    assert sum(shares) >= 0.99 * whole
+    for rank in fsdp2_runs:
+        for a, b in zip(rank["shampoo state True"], rank["shampoo state False"]):
+            assert torch.equal(a, b)
+
+
 # ------------------------------------------------------------------------------------- DCP
 
 
-def _dcp_phase(rank: int, world: int, store: str, folder: str, phase: str) -> None:
+def _dcp(rank: int, world: int, folder: str, phase: str, flatten: bool) -> list[torch.Tensor]:
     """``save``: FSDP2 on 2 processes, 9 steps (the roots of step 8 due at 11: in flight),
-    saved with DCP flattened and nested, then on to step 12 (the uninterrupted run);
-    ``load``: ``world`` processes (FSDP2 on 2, a plain model on 1) load each checkpoint into a
-    fresh model and an optimizer that has not stepped, and train steps 10-12."""
-    import torch.distributed as dist
+    saved with DCP, then on to step 12 (the uninterrupted run); ``load``: a fresh model (FSDP2
+    on 2 processes, a plain one on 1) and an optimizer that has not stepped load it and train
+    steps 10-12. Returns the whole parameters at the end."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -215,61 +237,60 @@ def _dcp_phase(rank: int, world: int, store: str, folder: str, phase: str) -> No
         set_optimizer_state_dict,
     )
 
-    _init(rank, world, store)
     batches = make_batches(STEPS)
-    results = {}
-    for flatten in (True, False):
-        options = StateDictOptions(flatten_optimizer_state_dict=flatten)
-        torch.manual_seed(1)
-        model = _sharded_model() if world > 1 else _model()
-        if phase == "load":
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.add_(1.0)  # a different start: the load must overwrite it
-        opt = Shampoo(model.parameters(), **KWARGS["shampoo"])
-        checkpoint = f"{folder}/ckpt.{flatten}"
-        if phase == "save":
-            _train(model, opt, batches[:9], rank, world)
-            state = {
-                "model": get_model_state_dict(model),
-                "optim": get_optimizer_state_dict(model, opt, options=options),
-            }
-            dcp.save(state, checkpoint_id=checkpoint)
-        else:
-            state = {
-                "model": get_model_state_dict(model),
-                "optim": get_optimizer_state_dict(model, opt, options=options),
-            }
-            dcp.load(state, checkpoint_id=checkpoint)
-            set_model_state_dict(model, state["model"])
-            set_optimizer_state_dict(model, opt, state["optim"], options=options)
-            assert opt.root_stats()["pending_parameters"] > 0  # the saved roots in flight
-        _train(model, opt, batches[9:], rank, world)
-        opt.close()
-        results[flatten] = _whole(model)
-    if rank == 0:
-        torch.save(results, f"{folder}/{phase}.{world}")
-    dist.barrier()
+    options = StateDictOptions(flatten_optimizer_state_dict=flatten)
+    model = _sharded_model() if world > 1 else _model()
+    if phase == "load":
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)  # a different start: the load must overwrite it
+    opt = Shampoo(model.parameters(), **KWARGS["shampoo"])
+    checkpoint = f"{folder}/ckpt.{flatten}"
+    if phase == "save":
+        _train(model, opt, batches[:9], rank, world)
+        state = {
+            "model": get_model_state_dict(model),
+            "optim": get_optimizer_state_dict(model, opt, options=options),
+        }
+        dcp.save(state, checkpoint_id=checkpoint)
+    else:  # the template (DCP makes it with a zero-lr step when the state is empty)
+        state = {
+            "model": get_model_state_dict(model),
+            "optim": get_optimizer_state_dict(model, opt, options=options),
+        }
+        dcp.load(state, checkpoint_id=checkpoint)
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, opt, state["optim"], options=options)
+        assert opt.root_stats()["pending_parameters"] > 0  # the saved roots in flight
+    _train(model, opt, batches[9:], rank, world)
+    opt.close()
+    return _whole(model)
+
+
+def _load_on_one(rank: int, store: str, folder: str) -> None:
+    import torch.distributed as dist
+
+    _init(rank, 1, store)
+    results = {flatten: _dcp(rank, 1, folder, "load", flatten) for flatten in (True, False)}
+    torch.save(results, f"{folder}/load.1")
     dist.destroy_process_group()
     os._exit(0)
 
 
-def test_a_dcp_checkpoint_of_fsdp2_resumes_on_2_bitwise_and_on_1(tmp_path: Path) -> None:
+def test_a_dcp_checkpoint_of_fsdp2_resumes_on_2_bitwise_and_on_1(
+    fsdp2_runs: list[dict[str, Any]],
+) -> None:
     """Roots in flight, flattened and nested. On 2 FSDP2 processes the continuation is bitwise
     the uninterrupted run's; on 1 plain process it equals it to 1e-6 at ε = 1e-4 (the mean
     gradient of the whole batch rounds differently from the mean of two halves)."""
     import torch.multiprocessing as mp
 
-    if not torch.distributed.is_available():
-        pytest.skip("torch.distributed is not available")
-    folder = str(tmp_path)
-    for world, phase in ((2, "save"), (2, "load"), (1, "load")):
-        store = str(tmp_path / f"store.{phase}.{world}")
-        mp.spawn(_dcp_phase, args=(world, store, folder, phase), nprocs=world, join=True)
-    uninterrupted = torch.load(f"{folder}/save.2", weights_only=True)
-    on_two = torch.load(f"{folder}/load.2", weights_only=True)
+    folder = fsdp2_runs[0]["folder"]
+    mp.spawn(_load_on_one, args=(f"{folder}/store.1", folder), nprocs=1, join=True)
     on_one = torch.load(f"{folder}/load.1", weights_only=True)
     for flatten in (True, False):
-        for a, b, c in zip(on_two[flatten], on_one[flatten], uninterrupted[flatten]):
-            assert torch.equal(a, c)
-            torch.testing.assert_close(b, c, rtol=0, atol=1e-6)
+        for rank in fsdp2_runs:
+            for a, b in zip(rank["dcp on 2"][flatten], rank["dcp"][flatten]):
+                assert torch.equal(a, b)
+        for a, b in zip(on_one[flatten], fsdp2_runs[0]["dcp"][flatten]):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

@@ -114,7 +114,18 @@ class Checkpointing(Optimizer):
         raise NotImplementedError
 
     def _group_of(self, p: torch.Tensor) -> dict[str, Any]:
-        raise NotImplementedError
+        return self._locate(p)[1]
+
+    def _locate(self, p: torch.Tensor) -> tuple[int, dict[str, Any]]:
+        """The parameter's index (over all groups) and its group, in O(1)."""
+        found = self._index.get(id(p))
+        if found is None or found[2] is not p:
+            pairs = ((q, g) for g in self.param_groups for q in g["params"])
+            self._index = {id(q): (i, g, q) for i, (q, g) in enumerate(pairs)}
+            found = self._index.get(id(p))
+            if found is None:
+                raise KeyError("parameter not in this optimizer")
+        return found[0], found[1]
 
     def _layout_of(self, p: torch.Tensor, config: EngineConfig) -> BlockLayout:
         raise NotImplementedError

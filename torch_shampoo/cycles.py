@@ -10,6 +10,7 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -40,8 +41,7 @@ class RootCycles:
     def _layout_of(self, p: torch.Tensor, config: EngineConfig) -> BlockLayout:
         raise NotImplementedError
 
-    def _locate(self, p: torch.Tensor) -> tuple[int, dict[str, Any]]:
-        raise NotImplementedError
+    _locate: Callable[[torch.Tensor], tuple[int, dict[str, Any]]]  # (Checkpointing's)
 
     def _rooted_blocks(
         self, p: torch.Tensor, state: dict[str, Any], layout: BlockLayout, config: EngineConfig

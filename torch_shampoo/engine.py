@@ -131,7 +131,7 @@ class PreconditionerEngine(RootCycles, Checkpointing):
     # hand-offs) runs eagerly even under torch.compile; the tensor math between it reads no
     # Python value that changes from step to step, so a compiled step does not recompile.
     def _step_parameters(self) -> None:
-        work, buckets = self._begin_step()
+        work, buckets, stepped = self._begin_step()
         units, stacked = step.units_of(work, buckets)
         if any(w.config.eigenbasis for w in work):
             eigenbasis.step_units(units, buckets, stacked, lambda: self._roots_of_this_step(work))
@@ -145,19 +145,20 @@ class PreconditionerEngine(RootCycles, Checkpointing):
             updates = step.precondition(units, buckets, stacked)
             for u in units:
                 step.update_parameters(u, updates.get(id(u)))
-        self._finish_step(work)
+        self._finish_step(stepped)
 
     @torch.compiler.disable
-    def _finish_step(self, work: list[Work]) -> None:
-        """Sharded parameters take their rows of the stepped whole; roots go to the pool."""
-        for w in work:
-            sharded.write_back(w.p, w.param)
-        if self._shares is not None:  # every stepped parameter from its owner
-            self._shares.broadcast([p for p in self._all_params() if p.grad is not None])
+    def _finish_step(self, stepped: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Every stepped parameter from its owner (``partition_state``), sharded ones' rows of
+        the whole written back; then the roots go to the pool."""
+        if self._shares is not None:
+            self._shares.broadcast(stepped)
+        for p, whole in stepped:
+            sharded.write_back(p, whole)
         self._send_roots()
 
     @torch.compiler.disable
-    def _begin_step(self) -> tuple[list[Work], list[Bucket]]:
+    def _begin_step(self) -> tuple[list[Work], list[Bucket], list[tuple[torch.Tensor, Any]]]:
         """Per parameter with a gradient: its state (created or checked), the buckets (planned
         again when a parameter or its state is new), its roots due now; then the step
         counters advance."""
@@ -170,17 +171,18 @@ class PreconditionerEngine(RootCycles, Checkpointing):
         roots.fit.tick()
         roots.send()  # left over if the previous step raised
         roots.revive(here=False)  # roots cancelled by close() or a fork
-        ready = []
+        ready, stepped = [], []  # stepped: (p, the whole p) of every p with a gradient
         for group in self.param_groups:
             config = self._config(group)
-            for p in group["params"]:
-                if p.grad is not None and (shares is None or shares.mine(p)):
-                    ready.append((p, config, group, self._state_of(p, config)))
+            for p in (p for p in group["params"] if p.grad is not None):
+                stepped.append((p, sharded.gathered(p)))  # (a collective for a DTensor)
+                if shares is None or shares.mine(p):
+                    ready.append((p, config, group, self._state_of(p, config), stepped[-1][1]))
         buckets = self._plan()
-        work = [self._work_of(p, config, group, layout) for p, config, group, layout in ready]
+        work = [self._work_of(*args) for args in ready]
         for w in work:
             w.state["step"] += 1
-        return work, buckets
+        return work, buckets, stepped
 
     def _state_of(self, p: torch.Tensor, config: EngineConfig) -> BlockLayout:
         """Create or check the state of ``p``; returns its layout."""
@@ -214,7 +216,12 @@ class PreconditionerEngine(RootCycles, Checkpointing):
         return layout
 
     def _work_of(
-        self, p: torch.Tensor, config: EngineConfig, group: dict[str, Any], layout: BlockLayout
+        self,
+        p: torch.Tensor,
+        config: EngineConfig,
+        group: dict[str, Any],
+        layout: BlockLayout,
+        whole: torch.Tensor,
     ) -> Work:
         state = self.state[p]
         t = int(state["step"]) + 1
@@ -228,7 +235,7 @@ class PreconditionerEngine(RootCycles, Checkpointing):
             group=group,
             rooted=self._rooted_blocks(p, state, layout, config),
             curvature=self._take_curvature(p),
-            param=sharded.gathered(p),
+            param=whole,
         )
 
     def _plan(self) -> list[Bucket]:
@@ -271,20 +278,6 @@ class PreconditionerEngine(RootCycles, Checkpointing):
 
     def _layout_of(self, p: torch.Tensor, config: EngineConfig) -> BlockLayout:
         return _layout(tuple(p.shape), config.block_size, config.max_factor_dim)
-
-    def _group_of(self, p: torch.Tensor) -> dict[str, Any]:
-        return self._locate(p)[1]
-
-    def _locate(self, p: torch.Tensor) -> tuple[int, dict[str, Any]]:
-        """The parameter's index (over all groups) and its group, in O(1)."""
-        found = self._index.get(id(p))
-        if found is None or found[2] is not p:
-            pairs = ((q, g) for g in self.param_groups for q in g["params"])
-            self._index = {id(q): (i, g, q) for i, (q, g) in enumerate(pairs)}
-            found = self._index.get(id(p))
-            if found is None:
-                raise KeyError("parameter not in this optimizer")
-        return found[0], found[1]
 
     # ----------------------------------------------------------------------- lifecycle
 

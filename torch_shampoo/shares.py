@@ -1,12 +1,14 @@
-"""Optimizer state shared out among DDP ranks (``partition_state=True``): one owner per parameter.
+"""Optimizer state shared out among ranks (``partition_state=True``): one owner per parameter.
 
-Under DDP every rank holds the same averaged gradients, so the step of a parameter is the same
-computation on every rank. With ``partition_state=True`` each parameter has one owner, chosen by
-:func:`~torch_shampoo.partition.assign` from the global shapes alone (largest estimated state
-first, to the least-loaded rank), so every rank computes the same assignment without talking.
-The owner alone keeps the parameter's state (moments, factors, roots, roots in flight, host
-buffers) and steps it; then every parameter is broadcast from its owner (one broadcast per
-owner, dtype and device, coalesced), so every rank ends the step with the same bits the
+Under DDP every rank holds the same averaged gradients (under FSDP2 every rank gathers the
+whole of each sharded parameter and gradient, :mod:`torch_shampoo.sharded`), so the step of a
+parameter is the same computation on every rank. With ``partition_state=True`` each parameter
+has one owner, chosen by :func:`~torch_shampoo.partition.assign` from the global shapes alone
+(largest estimated state first, to the least-loaded rank), so every rank computes the same
+assignment without talking. The owner alone keeps the parameter's state (moments, factors,
+roots, roots in flight, host buffers) and steps it; then every parameter is broadcast from its
+owner (one broadcast per owner, dtype and device, coalesced; for a sharded parameter its
+whole, of which each rank keeps its rows), so every rank ends the step with the same bits the
 replicated run computes. Memory and work per rank are about 1/world of the replicated run's;
 communication is one broadcast of the parameters per step.
 
@@ -24,7 +26,6 @@ import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from .blocking import BlockLayout
-from .config import is_dtensor
 from .partition import assign
 
 __all__ = ["StateShares", "state_cost"]
@@ -41,10 +42,6 @@ class StateShares:
     """Which rank keeps and steps each parameter, and the broadcast that ends a step."""
 
     def __init__(self, params: Sequence[torch.Tensor], layouts: Sequence[BlockLayout]) -> None:
-        if any(is_dtensor(p) for p in params):
-            raise NotImplementedError(
-                "partition_state is for DDP; FSDP2's DTensor parameters are sharded already"
-            )
         dist = torch.distributed
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
         costs = [state_cost(layout, p.numel()) for p, layout in zip(params, layouts)]
@@ -54,14 +51,16 @@ class StateShares:
     def mine(self, p: torch.Tensor) -> bool:
         return self.owner[id(p)] == self.rank
 
-    def broadcast(self, params: Sequence[torch.Tensor]) -> None:
-        """Every parameter in ``params`` (the same list on every rank) from its owner."""
+    def broadcast(self, stepped: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Every stepped parameter from its owner: ``stepped`` holds (parameter, the tensor
+        its step wrote: itself, or the gathered whole of a DTensor), the same parameters on
+        every rank."""
         dist = torch.distributed
         for owner in range(self.size):
             groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-            for p in params:
+            for p, whole in stepped:
                 if self.owner[id(p)] == owner:
-                    groups.setdefault((p.device, p.dtype), []).append(p.detach())
+                    groups.setdefault((whole.device, whole.dtype), []).append(whole.detach())
             for (device, dtype), tensors in groups.items():
                 if owner == self.rank:
                     flat = _flatten_dense_tensors(tensors)
