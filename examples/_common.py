@@ -110,10 +110,7 @@ class Method:
             raise RuntimeError(f"{self.label} is not available in this torch_shampoo version")
         kwargs = {**_REGISTRY[self.key].kwargs, **self.kwargs}
         if world() > 1 and _REGISTRY[self.key].module is torch_shampoo:
-            # DDP: each parameter kept and stepped by one process (per-sample NG+: each root
-            # solved by one process)
-            per_sample = kwargs.get("statistics") == "per_sample"
-            kwargs["partition_roots" if per_sample else "partition_state"] = True
+            kwargs["partition_state"] = True  # DDP: each parameter kept by one process
         opt = cls(model.parameters(), lr=self.lr, **kwargs)
         if kwargs.get("statistics") == "per_sample":
             opt.attach(model)  # type: ignore[attr-defined]

@@ -28,7 +28,8 @@ KWARGS: dict[str, dict[str, Any]] = {
     "ngplus": dict(lr=0.01, block_size=16, inverse_frequency=4, root_staleness=3),
     "soap": dict(lr=0.01, block_size=16, precondition_frequency=4, root_staleness=3),
 }
-FRONTS = {"shampoo": Shampoo, "ngplus": NGPlus, "soap": SOAP}
+KWARGS["ngplus-ps"] = KWARGS["ngplus"]
+FRONTS = {"shampoo": Shampoo, "ngplus": NGPlus, "ngplus-ps": NGPlus, "soap": SOAP}
 
 
 def _train(model: nn.Module, opt: Any, batches: Any, rank: int, world: int) -> None:
@@ -58,11 +59,13 @@ def _scenarios(rank: int, world: int, store: str, folder: str) -> None:
     torch.set_num_threads(1)
     batches = make_batches(STEPS)
     results: dict[str, Any] = {}
-    fronts = FRONTS if world == 2 else {"shampoo": Shampoo}
-    for name, front in fronts.items():
+    for name in FRONTS if world == 2 else ["shampoo"]:
         for partitioned in (False, True):
             model = DDP(mixed_model())
-            with front(model.parameters(), partition_state=partitioned, **KWARGS[name]) as opt:
+            kwargs = dict(KWARGS[name], partition_state=partitioned)
+            if name == "ngplus-ps":  # hooks on the layers: a bias shares its weight's owner
+                kwargs.update(statistics="per_sample", model=model.module)
+            with FRONTS[name](model.parameters(), **kwargs) as opt:
                 _train(model, opt, batches, rank, world)
             results[f"{name} {partitioned}"] = _params(model.module)
     # state bytes per rank on eight equal layers, against the replicated run
@@ -138,7 +141,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict[str, A
 
 
 @pytest.mark.parametrize(
-    "world, name", [(2, "shampoo"), (2, "soap"), (2, "ngplus"), (4, "shampoo")]
+    "world, name",
+    [(2, "shampoo"), (2, "soap"), (2, "ngplus"), (2, "ngplus-ps"), (4, "shampoo")],
 )
 def test_partitioned_state_is_bitwise_the_replicated_run(
     runs: dict[int, list[dict[str, Any]]], world: int, name: str
@@ -188,11 +192,9 @@ def test_a_consolidated_checkpoint_resumes_in_one_process(
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
-def test_partition_state_is_a_bool_and_refused_with_per_sample_ngplus() -> None:
+def test_partition_state_is_a_bool_and_a_no_op_in_one_process() -> None:
     with pytest.raises(TypeError, match="Invalid partition_state: 1"):
         Shampoo([nn.Parameter(torch.ones(2, 2))], partition_state=1)  # type: ignore[arg-type]
-    with pytest.raises(NotImplementedError, match="partition_state"):
-        NGPlus([nn.Parameter(torch.ones(2, 2))], statistics="per_sample", partition_state=True)
     # one process: nothing to share, state_dict() as usual
     p = nn.Parameter(torch.ones(3, 2))
     with Shampoo([p], partition_state=True) as opt:

@@ -142,7 +142,8 @@ class Checkpointing(Optimizer):
         if self._shares is None and getattr(self, "_partition_state", False) and world_size() > 1:
             params = self._all_params()
             layouts = [self._layout_of(p, self._config(self._group_of(p))) for p in params]
-            self._shares = StateShares(params, layouts)
+            leader = getattr(self, "_leader_of", lambda p: None)
+            self._shares = StateShares(params, layouts, leader)
         return self._shares
 
     def _all_params(self) -> list[torch.Tensor]:
@@ -175,7 +176,7 @@ class Checkpointing(Optimizer):
                 f"{type(self).__name__}(partition_state=True): each rank holds only its share of "
                 "the state; call optimizer.consolidate_state_dict() on every rank first (after "
                 "the last step), then state_dict() on any of them (torch.distributed.checkpoint "
-                "cannot load into such an optimizer yet: save the consolidated dict instead)"
+                "is not supported with partition_state yet: torch.save the consolidated dict)"
             )
         return self._consolidated
 

@@ -161,11 +161,6 @@ class NGPlus(PreconditionerEngine):
             raise ValueError(
                 f"Invalid statistics: {statistics!r} (valid choices: {', '.join(STATISTICS)})"
             )
-        if statistics == "per_sample" and partition_state is True:
-            raise NotImplementedError(
-                "NGPlus(statistics='per_sample') does not support partition_state yet (a "
-                "bias shares its weight's inverse, which another rank may own)"
-            )
         self.statistics = statistics
         self._fisher: PerSampleFisher | None = None
         self._leaders: dict[torch.Tensor, torch.Tensor] = {}
@@ -312,6 +307,7 @@ class NGPlus(PreconditionerEngine):
             )
         self._fisher = PerSampleFisher(model, tracked)
         self._share_inverses(self._fisher)
+        self._shares = None  # (partition_state) owners again: a bias goes with its weight
         unsupported = self._fisher.unsupported()
         if unsupported:
             warnings.warn(

@@ -19,7 +19,7 @@ its own parameters' entries).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -41,12 +41,28 @@ def state_cost(layout: BlockLayout, elements: int) -> int:
 class StateShares:
     """Which rank keeps and steps each parameter, and the broadcast that ends a step."""
 
-    def __init__(self, params: Sequence[torch.Tensor], layouts: Sequence[BlockLayout]) -> None:
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        layouts: Sequence[BlockLayout],
+        leader_of: Callable[[torch.Tensor], torch.Tensor | None] = lambda p: None,
+    ) -> None:
+        """``leader_of(p)``: a parameter that must have ``p``'s owner (NG+'s bias uses its
+        weight's inverse), or None."""
         dist = torch.distributed
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
-        costs = [state_cost(layout, p.numel()) for p, layout in zip(params, layouts)]
-        owners = assign([(c, 1) for c in costs], self.size)  # cost × 1³
-        self.owner = {id(p): o for p, o in zip(params, owners)}
+        known = {id(p) for p in params}
+
+        def head(p: torch.Tensor) -> int:  # the parameter whose owner p takes
+            leader = leader_of(p)
+            return id(leader) if leader is not None and id(leader) in known else id(p)
+
+        costs: dict[int, int] = {}
+        for p, layout in zip(params, layouts):
+            costs[head(p)] = costs.get(head(p), 0) + state_cost(layout, p.numel())
+        keys = list(costs)  # the heads, in parameter order
+        owners = dict(zip(keys, assign([(costs[k], 1) for k in keys], self.size)))  # cost × 1³
+        self.owner = {id(p): owners[head(p)] for p in params}
 
     def mine(self, p: torch.Tensor) -> bool:
         return self.owner[id(p)] == self.rank
