@@ -80,6 +80,8 @@ def _scenarios(rank: int, world: int, store: str, folder: str) -> None:
             results[f"bytes {partitioned}"] = opt.root_stats()["state_bytes"]
     if world == 2:
         results.update(_checkpoint(rank, world, folder, batches))
+    else:  # the DCP checkpoint of the 2-process run, on 4
+        results["dcp on 4"] = {f: _dcp_resume(rank, world, folder, f) for f in (True, False)}
     torch.save(results, f"{folder}/rank.{world}.{rank}")
     dist.barrier()
     dist.destroy_process_group()
@@ -101,6 +103,8 @@ def _checkpoint(rank: int, world: int, folder: str, batches: Any) -> dict[str, A
         results["unconsolidated"] = "returned"
     except RuntimeError as exc:
         results["unconsolidated"] = str(exc)
+    for flatten in (True, False):  # DCP: every rank saves its share
+        _dcp_save(model, opt, f"{folder}/dcp.{flatten}", flatten)
     opt.consolidate_state_dict()
     if rank == 0:
         torch.save({"model": model.module.state_dict(), "opt": opt.state_dict()}, f"{folder}/ckpt")
@@ -119,7 +123,65 @@ def _checkpoint(rank: int, world: int, folder: str, batches: Any) -> dict[str, A
     _train(model, opt, batches[9:], rank, world)
     opt.close()
     results["resumed"] = _params(model.module)
+    results["dcp on 2"] = {
+        flatten: _dcp_resume(rank, world, folder, flatten) for flatten in (True, False)
+    }
     return results
+
+
+def _dcp_save(model: nn.Module, opt: Any, checkpoint: str, flatten: bool) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(flatten_optimizer_state_dict=flatten)
+    state = {
+        "model": get_model_state_dict(model),
+        "optim": get_optimizer_state_dict(model, opt, options=options),
+    }
+    dcp.save(state, checkpoint_id=checkpoint)
+
+
+def _dcp_resume(rank: int, world: int, folder: str, flatten: bool) -> list[torch.Tensor]:
+    """A fresh DDP model (a plain one in one process) and optimizer (partition_state) load the
+    DCP checkpoint saved at step 9 and train steps 10-12."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    options = StateDictOptions(flatten_optimizer_state_dict=flatten)
+    model = DDP(mixed_model(seed=1)) if world > 1 else mixed_model(seed=1)
+    opt = Shampoo(model.parameters(), partition_state=True, **KWARGS["shampoo"])
+    state = {  # the template (DCP makes it with a zero-lr step)
+        "model": get_model_state_dict(model),
+        "optim": get_optimizer_state_dict(model, opt, options=options),
+    }
+    dcp.load(state, checkpoint_id=f"{folder}/dcp.{flatten}")
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"], options=options)
+    assert opt.root_stats()["state_bytes"] > 0
+    _train(model, opt, make_batches(STEPS)[9:], rank, world)
+    opt.close()
+    return _params(getattr(model, "module", model))
+
+
+def _dcp_on_one(rank: int, store: str, folder: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=1)
+    results = {flatten: _dcp_resume(0, 1, folder, flatten) for flatten in (True, False)}
+    torch.save(results, f"{folder}/dcp on 1")
+    dist.destroy_process_group()
+    os._exit(0)
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +198,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict[str, A
         found[world] = [
             torch.load(f"{folder}/rank.{world}.{r}", weights_only=True) for r in range(world)
         ]
+    mp.spawn(_dcp_on_one, args=(str(folder / "store.1"), str(folder)), nprocs=1, join=True)
+    found[1] = [torch.load(f"{folder}/dcp on 1", weights_only=True)]
     found[0] = [{"folder": str(folder)}]
     return found
 
@@ -201,3 +265,20 @@ def test_partition_state_is_a_bool_and_a_no_op_in_one_process() -> None:
         p.grad = torch.ones(3, 2)
         opt.step()
         assert opt.state_dict()["state"][0]["step"] == 1
+
+
+def test_a_dcp_checkpoint_of_shares_resumes_on_2_bitwise_and_on_4_and_1(
+    runs: dict[int, list[dict[str, Any]]],
+) -> None:
+    """Saved with ``torch.distributed.checkpoint`` without consolidating (every rank its share,
+    roots in flight), flattened and nested; each rank of the new world loads its own
+    parameters' entries. On 2 processes the continuation is bitwise the uninterrupted run's; on
+    4 (other owners) and 1 it equals it to 1e-6 (the mean gradient rounds differently)."""
+    uninterrupted = runs[2][0]["uninterrupted"]
+    for flatten in (True, False):
+        for rank in runs[2]:
+            for a, b in zip(rank["dcp on 2"][flatten], uninterrupted):
+                assert torch.equal(a, b)
+        for resumed in [r["dcp on 4"][flatten] for r in runs[4]] + [runs[1][0][flatten]]:
+            for a, b in zip(resumed, uninterrupted):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

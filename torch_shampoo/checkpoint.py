@@ -17,6 +17,7 @@ while in flight, failure reasons as strings).
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -94,6 +95,17 @@ def from_saved(owner: str, name: str, saved: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
+def _called_by_dcp() -> bool:
+    """Is ``state_dict()`` being called by ``torch.distributed.checkpoint`` (which calls it on
+    every rank, saves the union of what they return and loads each rank its own keys)?"""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").startswith("torch.distributed.checkpoint"):
+            return True
+        frame = frame.f_back  # type: ignore[assignment]
+    return False
+
+
 class Checkpointing(Optimizer):
     """The state-dict and pickling half of :class:`~torch_shampoo.engine.PreconditionerEngine`
     (which provides the methods declared here)."""
@@ -167,16 +179,24 @@ class Checkpointing(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The state, with roots still in flight waited for and included, so it can resume.
         With ``partition_state`` under DDP, the whole state gathered by the last
-        :meth:`consolidate_state_dict`; after a step without one, a RuntimeError (this rank
-        holds only its share: saved alone, the others' parameters would restart)."""
-        if self._state_shares() is None or not self._spread:
+        :meth:`consolidate_state_dict`, or this rank's share when ``torch.distributed.
+        checkpoint`` asks (it saves every rank's); otherwise, after a step, a RuntimeError
+        (this rank holds only its share: saved alone, the others' parameters would restart)."""
+        shares = self._state_shares()
+        if shares is None or not self._spread:
             return self._local_state_dict()
+        if self._consolidated is None and _called_by_dcp():
+            share = self._local_state_dict()  # DCP: every rank saves its share, loads its own
+            for i, p in enumerate(self._all_params()):
+                if not shares.mine(p):  # (DCP requires an entry per parameter)
+                    share["state"].setdefault(i, {})
+            return share
         if self._consolidated is None:
             raise RuntimeError(
                 f"{type(self).__name__}(partition_state=True): each rank holds only its share of "
                 "the state; call optimizer.consolidate_state_dict() on every rank first (after "
-                "the last step), then state_dict() on any of them (torch.distributed.checkpoint "
-                "is not supported with partition_state yet: torch.save the consolidated dict)"
+                "the last step), then state_dict() on any of them (or save with "
+                "torch.distributed.checkpoint, where every rank saves its share)"
             )
         return self._consolidated
 
@@ -217,8 +237,11 @@ class Checkpointing(Optimizer):
                 for group in final["param_groups"]
                 for i in group["params"]
             }
+            shares = self._state_shares()
             for saved_id, p in loading["params"].items():
-                if saved_id in final["state"]:
+                if shares is not None and not shares.mine(p):
+                    continue  # another rank's (DCP's unflattening gives every parameter {})
+                if final["state"].get(saved_id):
                     config = self._config({**self._group_of(p), **settings[saved_id]})
                     owner, name = type(self).__name__, self._describe(p)
                     saved = from_saved(owner, name, final["state"][saved_id])

@@ -61,6 +61,11 @@ class StateShares:
         for p, layout in zip(params, layouts):
             costs[head(p)] = costs.get(head(p), 0) + state_cost(layout, p.numel())
         keys = list(costs)  # the heads, in parameter order
+        if len(keys) < self.size:  # a rank without parameters could not take part in DCP
+            raise ValueError(
+                f"partition_state needs at least as many parameters ({len(keys)}, a bias with "
+                f"its weight counted once) as processes ({self.size})"
+            )
         owners = dict(zip(keys, assign([(costs[k], 1) for k in keys], self.size)))  # cost × 1³
         self.owner = {id(p): owners[head(p)] for p in params}
 
