@@ -180,6 +180,46 @@ def test_a_non_finite_block_is_skipped_and_every_other_block_steps(
     opt.close()
 
 
+@pytest.mark.parametrize("case", ["finite", "norm overflows", "nan"])
+def test_the_all_finite_shortcut_equals_the_per_block_guard_bitwise(
+    case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One norm per gradient decides on the CPU whether the per-block guard can be skipped; it
+    must never change a result: with it and without it (monkeypatched away) the runs are
+    bitwise equal, including a finite gradient whose norm overflows (the per-block check then
+    runs and steps it) and a NaN (that block skipped either way)."""
+    import torch_shampoo.step as step_module
+
+    def run() -> tuple[list[torch.Tensor], int]:
+        model = mixed_model()
+        with Shampoo(model.parameters(), lr=0.01, block_size=16, precondition_frequency=4,
+                     async_roots=False) as opt:  # fmt: skip
+            for i, (x, y) in enumerate(make_batches(6)):
+                opt.zero_grad()
+                nn.functional.mse_loss(model(x), y).backward()
+                if i == 4 and case != "finite":
+                    grad = model.fc.weight.grad
+                    assert grad is not None
+                    grad[0, 0] = NAN if case == "nan" else 1e30  # its norm overflows to inf
+                opt.step()
+            return [p.detach().clone() for p in model.parameters()], opt.root_stats()[
+                "skipped_blocks"
+            ]
+
+    checks = []
+    per_block = step_module.kernels.finite_blocks
+    monkeypatch.setattr(
+        step_module.kernels, "finite_blocks", lambda *a: checks.append(1) or per_block(*a)
+    )
+    with_shortcut, skipped = run()
+    assert (len(checks) == 0) == (case == "finite")  # the shortcut was taken, or not
+    monkeypatch.setattr(step_module, "mark_finite", lambda units: None)
+    without, skipped_without = run()
+    assert skipped == skipped_without == (1 if case == "nan" else 0)
+    for a, b in zip(with_shortcut, without):
+        assert torch.equal(a, b)
+
+
 @FRONTS
 def test_without_the_guard_a_nan_gradient_propagates(front: str) -> None:
     """The counterpart of the test above: the guard is what keeps the NaN out."""

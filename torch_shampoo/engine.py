@@ -133,6 +133,7 @@ class PreconditionerEngine(RootCycles, Checkpointing):
     def _step_parameters(self) -> None:
         work, buckets, stepped = self._begin_step()
         units, stacked = step.units_of(work, buckets)
+        step.mark_finite(units)
         if any(w.config.eigenbasis for w in work):
             eigenbasis.step_units(units, buckets, stacked, lambda: self._roots_of_this_step(work))
         else:

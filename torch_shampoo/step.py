@@ -29,6 +29,7 @@ __all__ = [
     "accumulate",
     "directions",
     "gradient",
+    "mark_finite",
     "precondition",
     "statistics",
     "units_of",
@@ -81,6 +82,8 @@ class Unit:
     """The graft's 1 − β₂ᵗ, likewise."""
     g: torch.Tensor | None = None
     cells: torch.Tensor | None = None
+    finite: bool = False
+    """This step's gradients are known to be finite (:func:`mark_finite`): no guard needed."""
     """Per block, is this step's gradient finite? The parameter's grid of flags (0-d for one
     block), or (n,) for a stack; None when the guard is off."""
     m_hat: torch.Tensor | None = None
@@ -146,7 +149,7 @@ def gradient(u: Unit) -> torch.Tensor:
         g.neg_()
     if config.weight_decay != 0 and not config.decoupled_weight_decay:
         g.add_(u.params(g.dtype), alpha=config.weight_decay)
-    if config.skip_nonfinite:
+    if config.skip_nonfinite and not u.finite:
         if u.bucket is None:
             cells, bad = kernels.finite_blocks(g, u.works[0].layout)
         else:
@@ -241,6 +244,23 @@ def _rows(stack: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]
 
 
 # ------------------------------------------------------------------- per bucket
+
+
+def mark_finite(units: list[Unit]) -> None:
+    """On the CPU, one check of every guarded gradient at once (one norm per gradient: a
+    non-finite entry makes it non-finite; an overflowing one only costs the per-block check);
+    when all are finite the units skip the per-block guard, whose flags would all be True
+    (the unguarded arithmetic is then the same, bitwise). Not on CUDA (reading the answer would
+    wait for the stream) nor under torch.compile (no branching on data)."""
+    grads = [w.param.grad for u in units if u.config.skip_nonfinite for w in u.works]
+    if not grads or torch.compiler.is_compiling():
+        return
+    if any(g is None or g.device.type != "cpu" or g.is_sparse for g in grads):
+        return
+    norms = torch._foreach_norm(grads)  # type: ignore[arg-type]
+    if bool(torch.stack([n.float() for n in norms]).isfinite().all()):
+        for u in units:
+            u.finite = True
 
 
 def units_of(work: list[Work], buckets: list[Bucket]) -> tuple[list[Unit], dict[int, Unit]]:
