@@ -63,6 +63,30 @@ def train(
     return losses
 
 
+def train_share(
+    model: nn.Module, opt: torch.optim.Optimizer, batches: list[Batch], rank: int, world: int
+) -> None:
+    """Train on this rank's share of every batch (rank r of world w: the r-th w-th)."""
+    for x, y in batches:
+        share = x.shape[0] // world
+        lo = rank * share
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x[lo : lo + share]), y[lo : lo + share]).backward()
+        opt.step()
+
+
+DISTRIBUTED_KWARGS: dict[str, dict[str, Any]] = {
+    # short cycles, fixed staleness (roots in flight at most steps); ε = 1e-4 keeps rounding
+    # differences of the mean gradient at rounding size
+    "shampoo": dict(
+        lr=0.01, block_size=16, precondition_frequency=4, root_staleness=3, epsilon=1e-4
+    ),
+    "ngplus": dict(lr=0.01, block_size=16, inverse_frequency=4, root_staleness=3),
+    "soap": dict(lr=0.01, block_size=16, precondition_frequency=4, root_staleness=3, eps=1e-4),
+}
+"""Each front end's kwargs in the multi-process tests."""
+
+
 def mixed_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> MixedShapes:
     torch.manual_seed(seed)
     return MixedShapes(dtype)

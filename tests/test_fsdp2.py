@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from models import make_batches, mixed_model
+from models import DISTRIBUTED_KWARGS, make_batches, mixed_model, train_share
 from torch import nn
 
 from torch_shampoo import SOAP, NGPlus, Shampoo
@@ -22,14 +22,7 @@ from torch_shampoo import SOAP, NGPlus, Shampoo
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 STEPS = 12
-KWARGS: dict[str, dict[str, Any]] = {
-    # ε = 1e-4 keeps rounding differences of the mean gradient at rounding size
-    "shampoo": dict(
-        lr=0.01, block_size=16, precondition_frequency=4, root_staleness=3, epsilon=1e-4
-    ),
-    "ngplus": dict(lr=0.01, block_size=16, inverse_frequency=4, root_staleness=3),
-    "soap": dict(lr=0.01, block_size=16, precondition_frequency=4, root_staleness=3, eps=1e-4),
-}
+KWARGS = DISTRIBUTED_KWARGS
 FRONTS = {"shampoo": Shampoo, "ngplus": NGPlus, "soap": SOAP}
 
 
@@ -37,17 +30,6 @@ def _model() -> nn.Module:
     model = mixed_model()
     model.gain = nn.Parameter(torch.ones(1))  # fully_shard refuses 0-d parameters
     return model
-
-
-def _train(
-    model: nn.Module, opt: torch.optim.Optimizer, batches: Any, rank: int, world: int
-) -> None:
-    for x, y in batches:
-        share = x.shape[0] // world
-        lo = rank * share
-        opt.zero_grad()
-        nn.functional.mse_loss(model(x[lo : lo + share]), y[lo : lo + share]).backward()
-        opt.step()
 
 
 def _whole(model: nn.Module) -> list[torch.Tensor]:
@@ -82,18 +64,18 @@ def _scenarios(rank: int, store: str, out: str) -> None:
     for name, front in FRONTS.items():
         model = _sharded_model()
         with front(model.parameters(), **KWARGS[name]) as opt:
-            _train(model, opt, batches, rank, 2)
+            train_share(model, opt, batches, rank, 2)
             results[f"{name} local rows"] = [p.to_local().shape[0] for p in model.parameters()]
         results[name] = _whole(model)
     model = _sharded_model()
     with Shampoo(model.parameters(), partition_roots=True, **KWARGS["shampoo"]) as opt:
-        _train(model, opt, batches, rank, 2)
+        train_share(model, opt, batches, rank, 2)
         results["shampoo partitioned solved here"] = opt.root_stats()["roots_solved_here"]
     results["shampoo partitioned"] = _whole(model)
     for partitioned in (False, True):
         model = _sharded_model()
         with Shampoo(model.parameters(), partition_state=partitioned, **KWARGS["shampoo"]) as opt:
-            _train(model, opt, batches, rank, 2)
+            train_share(model, opt, batches, rank, 2)
             results[f"state bytes {partitioned}"] = opt.root_stats()["state_bytes"]
         results[f"shampoo state {partitioned}"] = _whole(model)
     results["refusals"] = _refusals()
@@ -106,7 +88,7 @@ def _scenarios(rank: int, store: str, out: str) -> None:
     plain = _model()
     ddp = DistributedDataParallel(plain)
     with SOAP(ddp.parameters(), **KWARGS["soap"]) as opt:
-        _train(ddp, opt, batches, rank, 2)
+        train_share(ddp, opt, batches, rank, 2)
     results["soap ddp"] = _whole(plain)
     torch.save(results, f"{out}.{rank}")
     dist.barrier()
@@ -131,7 +113,7 @@ def fsdp2_runs(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]
 def _one_process(name: str) -> list[torch.Tensor]:
     model = _model()
     with FRONTS[name](model.parameters(), **KWARGS[name]) as opt:
-        _train(model, opt, make_batches(STEPS), 0, 1)
+        train_share(model, opt, make_batches(STEPS), 0, 1)
     return _whole(model)
 
 
@@ -247,7 +229,7 @@ def _dcp(rank: int, world: int, folder: str, phase: str, flatten: bool) -> list[
     opt = Shampoo(model.parameters(), **KWARGS["shampoo"])
     checkpoint = f"{folder}/ckpt.{flatten}"
     if phase == "save":
-        _train(model, opt, batches[:9], rank, world)
+        train_share(model, opt, batches[:9], rank, world)
         state = {
             "model": get_model_state_dict(model),
             "optim": get_optimizer_state_dict(model, opt, options=options),
@@ -262,7 +244,7 @@ def _dcp(rank: int, world: int, folder: str, phase: str, flatten: bool) -> list[
         set_model_state_dict(model, state["model"])
         set_optimizer_state_dict(model, opt, state["optim"], options=options)
         assert opt.root_stats()["pending_parameters"] > 0  # the saved roots in flight
-    _train(model, opt, batches[9:], rank, world)
+    train_share(model, opt, batches[9:], rank, world)
     opt.close()
     return _whole(model)
 

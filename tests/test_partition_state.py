@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from models import make_batches, mixed_model
+from models import DISTRIBUTED_KWARGS, make_batches, mixed_model, train_share
 from torch import nn
 
 from torch_shampoo import SOAP, NGPlus, Shampoo
@@ -21,24 +21,8 @@ from torch_shampoo import SOAP, NGPlus, Shampoo
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 STEPS = 12
-KWARGS: dict[str, dict[str, Any]] = {
-    "shampoo": dict(
-        lr=0.01, block_size=16, precondition_frequency=4, root_staleness=3, epsilon=1e-4
-    ),
-    "ngplus": dict(lr=0.01, block_size=16, inverse_frequency=4, root_staleness=3),
-    "soap": dict(lr=0.01, block_size=16, precondition_frequency=4, root_staleness=3),
-}
-KWARGS["ngplus-ps"] = KWARGS["ngplus"]
+KWARGS = {**DISTRIBUTED_KWARGS, "ngplus-ps": DISTRIBUTED_KWARGS["ngplus"]}
 FRONTS = {"shampoo": Shampoo, "ngplus": NGPlus, "ngplus-ps": NGPlus, "soap": SOAP}
-
-
-def _train(model: nn.Module, opt: Any, batches: Any, rank: int, world: int) -> None:
-    for x, y in batches:
-        share = x.shape[0] // world
-        lo = rank * share
-        opt.zero_grad()
-        nn.functional.mse_loss(model(x[lo : lo + share]), y[lo : lo + share]).backward()
-        opt.step()
 
 
 def _params(model: nn.Module) -> list[torch.Tensor]:
@@ -66,7 +50,7 @@ def _scenarios(rank: int, world: int, store: str, folder: str) -> None:
             if name == "ngplus-ps":  # hooks on the layers: a bias shares its weight's owner
                 kwargs.update(statistics="per_sample", model=model.module)
             with FRONTS[name](model.parameters(), **kwargs) as opt:
-                _train(model, opt, batches, rank, world)
+                train_share(model, opt, batches, rank, world)
             results[f"{name} {partitioned}"] = _params(model.module)
     # state bytes per rank on eight equal layers, against the replicated run
     x, y = torch.randn(16, 32), torch.randn(16, 32)
@@ -97,7 +81,7 @@ def _checkpoint(rank: int, world: int, folder: str, batches: Any) -> dict[str, A
     results: dict[str, Any] = {}
     model = DDP(mixed_model())
     opt = Shampoo(model.parameters(), partition_state=True, **KWARGS["shampoo"])
-    _train(model, opt, batches[:9], rank, world)
+    train_share(model, opt, batches[:9], rank, world)
     try:
         opt.state_dict()
         results["unconsolidated"] = "returned"
@@ -109,7 +93,7 @@ def _checkpoint(rank: int, world: int, folder: str, batches: Any) -> dict[str, A
     if rank == 0:
         torch.save({"model": model.module.state_dict(), "opt": opt.state_dict()}, f"{folder}/ckpt")
     results["bytes at save"] = opt.root_stats()["state_bytes"]
-    _train(model, opt, batches[9:], rank, world)
+    train_share(model, opt, batches[9:], rank, world)
     opt.close()
     results["uninterrupted"] = _params(model.module)
     dist.barrier()
@@ -120,7 +104,7 @@ def _checkpoint(rank: int, world: int, folder: str, batches: Any) -> dict[str, A
     opt.load_state_dict(saved["opt"])
     results["bytes after load"] = opt.root_stats()["state_bytes"]
     results["pending after load"] = opt.root_stats()["pending_parameters"]
-    _train(model, opt, batches[9:], rank, world)
+    train_share(model, opt, batches[9:], rank, world)
     opt.close()
     results["resumed"] = _params(model.module)
     results["dcp on 2"] = {
@@ -169,7 +153,7 @@ def _dcp_resume(rank: int, world: int, folder: str, flatten: bool) -> list[torch
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, opt, state["optim"], options=options)
     assert opt.root_stats()["state_bytes"] > 0
-    _train(model, opt, make_batches(STEPS)[9:], rank, world)
+    train_share(model, opt, make_batches(STEPS)[9:], rank, world)
     opt.close()
     return _params(getattr(model, "module", model))
 
@@ -251,7 +235,7 @@ def test_a_consolidated_checkpoint_resumes_in_one_process(
     with Shampoo(model.parameters(), **KWARGS["shampoo"]) as opt:
         opt.load_state_dict(saved["opt"])
         assert opt.root_stats()["pending_parameters"] > 0  # the roots in flight at the save
-        _train(model, opt, make_batches(STEPS)[9:], 0, 1)
+        train_share(model, opt, make_batches(STEPS)[9:], 0, 1)
     for a, b in zip(_params(model), runs[2][0]["uninterrupted"]):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
