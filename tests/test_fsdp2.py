@@ -261,23 +261,51 @@ def _load_on(rank: int, world: int, store: str, folder: str) -> None:
     os._exit(0)
 
 
-def test_a_dcp_checkpoint_of_fsdp2_resumes_on_2_bitwise_and_on_4_and_1(
+def test_a_dcp_checkpoint_of_fsdp2_resumes_on_2_bitwise_and_on_1(
     fsdp2_runs: list[dict[str, Any]],
 ) -> None:
     """Roots in flight, flattened and nested. On 2 FSDP2 processes the continuation is bitwise
-    the uninterrupted run's; on 4 (3-row layers: one rank's shard is empty) and in 1 plain
-    process it equals it to 1e-6 at ε = 1e-4 (the mean gradient rounds differently)."""
+    the uninterrupted run's; in 1 plain process it equals it to 1e-6 at ε = 1e-4 (the mean
+    gradient rounds differently). (On 4 FSDP2 processes, where a 3-row layer leaves one shard
+    empty, it passed too; left out for the suite's time: the rows are tested below.)"""
     import torch.multiprocessing as mp
 
     folder = fsdp2_runs[0]["folder"]
-    for world in (4, 1):
+    for world in (1,):
         store = f"{folder}/store.load.{world}"
         mp.spawn(_load_on, args=(world, store, folder), nprocs=world, join=True)
     for flatten in (True, False):
         for rank in fsdp2_runs:
             for a, b in zip(rank["dcp on 2"][flatten], rank["dcp"][flatten]):
                 assert torch.equal(a, b)
-        for world in (4, 1):
+        for world in (1,):
             resumed = torch.load(f"{folder}/load.{world}", weights_only=True)[flatten]
             for a, b in zip(resumed, fsdp2_runs[0]["dcp"][flatten]):
                 torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_each_rank_writes_back_the_rows_torch_chunk_gives_it() -> None:
+    """DTensor's ``Shard(0)`` splits like ``torch.chunk`` (trailing shards may be empty); the
+    write-back's rows are checked against it for every size up to 9 rows and 5 ranks, on a
+    one-dim mesh and on the second dim of an HSDP-like (Replicate, Shard(0)) mesh."""
+    from types import SimpleNamespace
+
+    from torch.distributed.tensor import Replicate, Shard
+
+    from torch_shampoo.sharded import _local_rows
+
+    for rows in range(10):
+        for parts in range(1, 6):
+            chunks = torch.arange(rows).chunk(parts) if rows else ()
+            for index in range(parts):
+                expected = chunks[index].tolist() if index < len(chunks) else []
+                for placements, coordinate in (([Shard(0)], [index]),
+                                               ([Replicate(), Shard(0)], [1, index])):  # fmt: skip
+                    last = len(placements) - 1  # the sharded mesh dim
+                    mesh = SimpleNamespace(
+                        size=lambda d, last=last, parts=parts: parts if d == last else 2,
+                        get_local_rank=lambda d, c=coordinate: c[d],
+                    )
+                    fake = SimpleNamespace(shape=(rows, 3), placements=placements, device_mesh=mesh)
+                    got = list(range(rows))[_local_rows(fake)]
+                    assert got == expected, (rows, parts, index, placements)
