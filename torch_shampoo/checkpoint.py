@@ -98,7 +98,7 @@ def from_saved(owner: str, name: str, saved: dict[str, Any]) -> dict[str, Any]:
 def _called_by_dcp() -> bool:
     """Is ``state_dict()`` being called by ``torch.distributed.checkpoint`` (which calls it on
     every rank, saves the union of what they return and loads each rank its own keys)?"""
-    frame = sys._getframe(2)
+    frame = sys._getframe(1)
     while frame is not None:
         if frame.f_globals.get("__name__", "").startswith("torch.distributed.checkpoint"):
             return True

@@ -6,8 +6,9 @@ every rank all-gathers the gradient and the parameter (``full_tensor()``), runs 
 math on those plain tensors, and writes the rows it holds back into its local shard. Blocks,
 statistics, roots and elementwise state are therefore the single-process ones, whatever the
 shard boundaries (uneven ones included), and every rank holds them all: this mode trades
-memory and two all-gathers of the parameter's size per step for exact equivalence. Roots may
-still be partitioned across ranks (``partition_roots=True``).
+memory and two all-gathers of the parameter's size per step for exact equivalence, unless
+``partition_state=True`` (:mod:`torch_shampoo.shares`) leaves each parameter's state with one
+owner.
 
 Other placements (tensor parallelism's ``Shard(1)``, ``Partial``, two sharded mesh dims) are
 refused with the placements named.
@@ -28,14 +29,10 @@ def _shard_dims(p: Any, owner: str = "torch_shampoo") -> list[int]:
     """The mesh dims along which ``p`` is sharded on dim 0; raises for any other placement."""
     from torch.distributed.tensor import Replicate, Shard
 
-    sharded = []
-    for mesh_dim, placement in enumerate(p.placements):
-        if isinstance(placement, Shard) and placement.dim == 0:
-            sharded.append(mesh_dim)
-        elif not isinstance(placement, Replicate):
-            sharded = [-1]
-            break
-    if len(sharded) > 1 or sharded == [-1]:
+    sharded = [d for d, x in enumerate(p.placements) if isinstance(x, Shard) and x.dim == 0]
+    others = [x for x in p.placements if not isinstance(x, (Shard, Replicate))]
+    others += [x for x in p.placements if isinstance(x, Shard) and x.dim != 0]
+    if len(sharded) > 1 or others:
         raise NotImplementedError(
             f"{owner}: DTensor parameters sharded on dim 0 (FSDP2's fully_shard) are supported, "
             f"got one of shape {tuple(p.shape)} with placements {p.placements}"
