@@ -7,8 +7,10 @@ Printed per demo: the median step and the mean step (training wall time / steps:
 and waits for roots included, what a run pays per step), both as ratios to Shampoo async's.
 On a CPU-only machine the root pool shares the cores with training, so an async run's median
 holds the pool's contention while a sync run's leaves out its root steps; the mean counts both.
+"SOAP async e=1" is SOAP with ``eigh_every=1`` (the pool's eigh at every root step, the
+default before 2026-12-01's ``eigh_every=5``).
 
-    python benchmarks/soap_train_step.py                 # ~6 minutes on 2 cores
+    python benchmarks/soap_train_step.py                 # ~7 minutes on 2 cores
     python benchmarks/soap_train_step.py --quick         # seconds
 """
 
@@ -41,6 +43,9 @@ CONTENDERS: dict[str, Callable[[Any, float, float], torch.optim.Optimizer]] = {
     "SOAP async": lambda p, adam_lr, shampoo_lr: torch_shampoo.SOAP(p, lr=adam_lr),
     "SOAP sync": lambda p, adam_lr, shampoo_lr: torch_shampoo.SOAP(
         p, lr=adam_lr, async_roots=False
+    ),
+    "SOAP async e=1": lambda p, adam_lr, shampoo_lr: torch_shampoo.SOAP(
+        p, lr=adam_lr, eigh_every=1
     ),
 }
 

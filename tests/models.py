@@ -82,7 +82,9 @@ DISTRIBUTED_KWARGS: dict[str, dict[str, Any]] = {
         lr=0.01, block_size=16, precondition_frequency=4, root_staleness=3, epsilon=1e-4
     ),
     "ngplus": dict(lr=0.01, block_size=16, inverse_frequency=4, root_staleness=3),
-    "soap": dict(lr=0.01, block_size=16, precondition_frequency=4, root_staleness=3, eps=1e-4),
+    "soap": dict(
+        lr=0.01, block_size=16, precondition_frequency=4, root_staleness=3, eps=1e-4, eigh_every=2
+    ),
 }
 """Each front end's kwargs in the multi-process tests."""
 

@@ -10,12 +10,14 @@ Per block, at step t = 1, 2, ... (bases computed at step t installed at t + s, s
 
 0. g = grad (-grad if maximize); with coupled weight decay, g <- g + wd * W.
 1. For each factored dim i: F_i <- beta * F_i + (1 - beta) * G_(i) G_(i)^T.
-2. At t == start, and at t > start with t % frequency == 0: Q_i~ = eigenvectors(F_i). At the
-   first one (Q_i = I before) the second moment moves into the basis as a diagonal: with
-   O_i = Q_i^T Q_i~, V <- V x_i (O_i o O_i)^T; later, V is kept entry by entry. At a root step
-   whose bases come later (s > 0) the installed Q_i (not the identity) take one power
-   iteration with the current F_i: the columns of F_i Q_i, Gram-Schmidt from the largest
-   eigenvalue's down.
+2. At t == start, and at t > start with t % frequency == 0 (a root step): if a basis exists
+   and (t // frequency) % eigh_every != 0, every installed Q_i takes one power iteration
+   (below) and that is all; else Q_i~ = eigenvectors(F_i). At the first one (Q_i = I before)
+   the second moment moves into the basis as a diagonal: with O_i = Q_i^T Q_i~,
+   V <- V x_i (O_i o O_i)^T; later, V is kept entry by entry. At a root step whose
+   eigenvectors come later (s > 0) the installed Q_i (not the identity) take one power
+   iteration with the current F_i (if basis_refresh): the columns of F_i Q_i, Gram-Schmidt
+   from the largest eigenvalue's down.
 3. G' = G x_1 Q_1^T x_2 Q_2^T ...; M <- b1 M + (1 - b1) g; M' = M x_1 Q_1^T ...;
    V <- b2 V + (1 - b2) G'^2.
 4. N' = (M' / (1 - b1^t)) / (sqrt(V / (1 - b2^t)) + eps); N = N' x_1 Q_1 x_2 Q_2 ...
@@ -80,9 +82,11 @@ class ReferenceSOAP:
         maximize: bool = False,
         root_staleness: int = 0,
         basis_refresh: bool = True,
+        eigh_every: int = 5,
     ) -> None:
         self.params = list(params)
         self.staleness, self.refresh = root_staleness, basis_refresh
+        self.eigh_every = eigh_every
         self.lr, (self.b1, self.b2), self.eps = lr, betas, eps
         self.wd, self.decoupled = weight_decay, decoupled_weight_decay
         self.beta = betas[1] if shampoo_beta is None else shampoo_beta
@@ -142,10 +146,15 @@ class ReferenceSOAP:
                 for k, dim in enumerate(s.dims):
                     rows = unfold(gb, dim)
                     s.factors[k] = self.beta * s.factors[k] + (1 - self.beta) * rows @ rows.T
-            if self.is_root_step() and any(s.dims for s in blocks):
+            first = all(all(s.first) for s in blocks)  # no basis anywhere yet: at once
+            f = self.frequency
+            if self.is_root_step() and not first and (t // f) % self.eigh_every != 0:
+                for s in blocks:  # no eigendecomposition at this root step: a power iteration
+                    for k in range(len(s.dims)):
+                        if not s.first[k]:
+                            s.bases[k] = power_iteration(s.factors[k], s.bases[k])
+            elif self.is_root_step() and any(s.dims for s in blocks):
                 new = [[torch.linalg.eigh(f).eigenvectors for f in s.factors] for s in blocks]
-                first = all(all(s.first) for s in blocks)  # no basis anywhere yet: at once
-                f = self.frequency
                 due = t if first else min(t + self.staleness, (t // f + 1) * f)
                 if due == t:
                     self.install(blocks, new)

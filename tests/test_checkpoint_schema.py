@@ -70,7 +70,7 @@ def test_dcp_save_and_load_into_a_fresh_optimizer_continues_bitwise(
             ps, lr=0.02, damping=0.1, inverse_frequency=4, root_staleness=3
         ),
         "soap": lambda ps: SOAP(
-            ps, lr=0.01, block_size=16, precondition_frequency=4, root_staleness=3
+            ps, lr=0.01, block_size=16, precondition_frequency=4, root_staleness=3, eigh_every=2
         ),
     }
     make = fronts[front]

@@ -369,7 +369,7 @@ def test_close_with_roots_in_flight_then_continuing_equals_an_uninterrupted_run(
 def test_soap_async_bases_equal_sync_bases_with_the_same_staleness_on_cuda() -> None:
     """Eigenbases from the pool, rotations and the power-iteration refresh (QR on the device)
     in both modes: bitwise the same, with the device lagging behind the host."""
-    kwargs = dict(lr=0.01, block_size=16, precondition_frequency=3, root_staleness=2)
+    kwargs = dict(lr=0.01, block_size=16, precondition_frequency=3, root_staleness=2, eigh_every=2)
     batches = cuda_batches(14)
     asynchronous = train_fresh(batches, {**kwargs, "async_roots": True}, lag=LAG, optimizer=SOAP)
     synchronous = train_fresh(batches, {**kwargs, "async_roots": False}, lag=LAG, optimizer=SOAP)
@@ -381,7 +381,9 @@ def test_soap_on_cuda_matches_the_same_run_on_cpu() -> None:
     """In float64: the first bases come from one gradient, and float32 rounding differences
     in the directions no gradient has reached yet part two correct SOAP runs by O(lr) (1.8e-2
     between 1 and 2 CPU threads in float32, 0 in float64)."""
-    kwargs = dict(lr=0.01, block_size=16, precondition_frequency=2, root_staleness=1, eps=1e-4)
+    kwargs = dict(
+        lr=0.01, block_size=16, precondition_frequency=2, root_staleness=1, eps=1e-4, eigh_every=2
+    )
     batches = make_batches(8, dtype=torch.float64)
     f64 = torch.float64
     on_cpu = train_fresh(batches, kwargs, dtype=f64, device=torch.device("cpu"), optimizer=SOAP)

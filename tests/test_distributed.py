@@ -85,7 +85,7 @@ def _partitioned(rank: int, world: int, store: str, out: str) -> None:
     torch.set_num_threads(1)
     fronts = {
         "shampoo": lambda ps, **kw: Shampoo(ps, lr=0.01, block_size=16, **kw),
-        "soap": lambda ps, **kw: SOAP(ps, lr=0.01, block_size=16, **kw),
+        "soap": lambda ps, **kw: SOAP(ps, lr=0.01, block_size=16, eigh_every=2, **kw),
         "ngplus": lambda ps, **kw: NGPlus(ps, lr=0.01, block_size=16, **kw),
     }
     batches = make_batches(12)

@@ -64,9 +64,12 @@ OPTION_SETS: list[dict[str, Any]] = [
     {"weight_decay": 0.05, "bias_correction": False, "momentum": 0.3},
     {"precondition_1d": True, "merge_dims": True, "eps": 1e-6},
     {"max_factor_dim": 3, "precondition_frequency": 2, "betas": (0.0, 0.99)},
-    {"root_staleness": 2, "momentum": 0.9},
-    {"root_staleness": 3, "basis_refresh": False, "precondition_1d": True},
+    {"root_staleness": 2, "momentum": 0.9, "eigh_every": 1},
+    {"root_staleness": 3, "basis_refresh": False, "precondition_1d": True, "eigh_every": 1},
     {"root_staleness": 1, "precondition_frequency": 4, "weight_decay": 0.01},
+    {"eigh_every": 2, "root_staleness": 2, "nesterov": True, "momentum": 0.5},
+    {"eigh_every": 3, "basis_refresh": False, "merge_dims": True, "precondition_frequency": 2},
+    {"eigh_every": 1, "betas": (0.9, 0.99)},
 ]
 
 
@@ -96,8 +99,12 @@ def test_the_reference_comparison_can_fail() -> None:
     are caught."""
     kwargs = dict(lr=0.01, block_size=4, precondition_frequency=3, start_preconditioning_step=6)
     assert _against_reference(14, SHAPES, {"shampoo_beta": 0.95}, **kwargs) > 1e-6
-    stale = _against_reference(14, SHAPES, {"basis_refresh": False}, root_staleness=2, **kwargs)
+    stale = _against_reference(
+        14, SHAPES, {"basis_refresh": False}, root_staleness=2, eigh_every=1, **kwargs
+    )
     assert stale > 1e-6
+    every = _against_reference(14, SHAPES, {"eigh_every": 1}, eigh_every=2, **kwargs)
+    assert every > 1e-6
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
@@ -234,7 +241,9 @@ def _train_mixed(steps: int, **kwargs: Any) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("frequency", [1, 4])
 def test_async_bases_equal_sync_bases_delayed_by_the_same_staleness(frequency: int) -> None:
-    common = dict(precondition_frequency=frequency, root_staleness=frequency, momentum=0.5)
+    common = dict(
+        precondition_frequency=frequency, root_staleness=frequency, momentum=0.5, eigh_every=2
+    )
     asynchronous = _train_mixed(24, async_roots=True, **common)
     synchronous = _train_mixed(24, async_roots=False, **common)
     for a, b in zip(asynchronous, synchronous):
@@ -246,7 +255,12 @@ def test_async_bases_equal_sync_bases_delayed_by_the_same_staleness(frequency: i
 @pytest.mark.parametrize("async_roots", [True, False])
 def test_resume_with_bases_in_flight_is_bitwise_identical(async_roots: bool) -> None:
     kwargs: dict[str, Any] = dict(
-        lr=0.01, block_size=16, precondition_frequency=5, root_staleness=4, async_roots=async_roots
+        lr=0.01,
+        block_size=16,
+        precondition_frequency=5,
+        root_staleness=4,
+        eigh_every=2,
+        async_roots=async_roots,
     )
     uninterrupted = _train_mixed(
         24, **{k: v for k, v in kwargs.items() if k not in ("lr", "block_size")}
@@ -271,7 +285,14 @@ def test_a_failed_eigendecomposition_keeps_the_previous_basis_and_the_moments(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     w = torch.randn(4, 4, dtype=torch.float64)
-    opt = SOAP([w], lr=0.01, async_roots=False, precondition_frequency=2, max_root_failures=2)
+    opt = SOAP(
+        [w],
+        lr=0.01,
+        async_roots=False,
+        precondition_frequency=2,
+        max_root_failures=2,
+        eigh_every=1,
+    )
     gen = torch.Generator().manual_seed(0)
     for _ in range(2):
         w.grad = torch.randn(4, 4, generator=gen, dtype=torch.float64)
@@ -366,6 +387,8 @@ def test_a_compiled_step_matches_eager_and_stops_recompiling() -> None:
         ("precondition_1d", 1),
         ("merge_dims", "yes"),
         ("precondition_frequency", 0),
+        ("eigh_every", 0),
+        ("eigh_every", 2.0),
     ],
 )
 def test_a_bad_argument_is_refused_with_its_name_and_value(name: str, value: Any) -> None:
@@ -444,7 +467,9 @@ def test_vectors_without_a_basis_leave_the_root_statistics_alone() -> None:
     later root step counts as a first cycle."""
     torch.manual_seed(0)
     layer = nn.Linear(5, 4)
-    opt = SOAP(layer.parameters(), lr=0.01, precondition_frequency=4, root_staleness=3)
+    opt = SOAP(
+        layer.parameters(), lr=0.01, precondition_frequency=4, root_staleness=3, eigh_every=1
+    )
     gen = torch.Generator().manual_seed(0)
     first = None
     for step in range(13):
@@ -457,3 +482,31 @@ def test_vectors_without_a_basis_leave_the_root_statistics_alone() -> None:
     opt.close()
     assert stats["mean_staleness"] == 2 and stats["max_staleness"] == 3
     assert stats["first_root_seconds"] == first
+
+
+@pytest.mark.parametrize("async_roots", [True, False])
+def test_the_pool_computes_eigenvectors_only_every_eigh_every_th_root_step(
+    async_roots: bool,
+) -> None:
+    """Root steps 1, 2, 4, …, 12 (frequency 2): exact bases at the first and where (t // 2) is
+    a multiple of 3 (steps 6 and 12); every other root step moves the bases by a power
+    iteration on the device (its math: the reference tests with ``eigh_every`` 2 and 3)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(5, 4, dtype=torch.float64)
+    opt = SOAP(
+        layer.parameters(), lr=0.01, precondition_frequency=2, root_staleness=0,
+        eigh_every=3, async_roots=async_roots,
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    computed = []
+    for _ in range(14):
+        opt.zero_grad()
+        layer(torch.randn(8, 5, generator=gen, dtype=torch.float64)).pow(2).mean().backward()
+        opt.step()
+        computed.append(opt.root_stats()["roots_computed"])
+    opt.close()
+    per_cycle = 2  # the weight's two factors; the bias has none
+    expected = [
+        per_cycle * sum(t == 1 or t in (6, 12) for t in range(1, s + 1)) for s in range(1, 15)
+    ]
+    assert computed == expected

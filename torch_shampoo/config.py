@@ -72,6 +72,9 @@ class EngineConfig:
     """ε is a multiple of each factor's mean eigenvalue tr(F)/d at the root step."""
     basis_refresh: bool = False
     """At a stale basis's install, one power iteration with the current factors."""
+    eigh_every: int = 1
+    """Eigenbasis only: every ``eigh_every``-th root step (and a first) has the pool compute
+    exact bases; the root steps between update the installed ones by one power iteration."""
     eigenbasis: bool = False
     """The pool computes each factor's eigenvectors, and the step runs Adam in that basis
     (eigenvalue-corrected Shampoo, :mod:`torch_shampoo.eigenbasis`); roots are not used."""

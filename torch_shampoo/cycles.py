@@ -101,7 +101,9 @@ class RootCycles:
     def _submit_roots(self, w: Work, first: bool) -> bool:
         """Snapshot every factor of ``w.p`` for the pool (one job per bucket and factored dim),
         due at a fixed step: this one for a first cycle, else after the group's staleness
-        (capped at the next root step). Returns whether the roots are due in this step."""
+        (capped at the next root step). Returns whether the roots are due in this step.
+        Eigenbases: only every ``eigh_every``-th root step (and a first) makes jobs; the others
+        refresh the installed bases by a power iteration instead."""
         config, t = w.config, w.t
         frequency = config.frequency
         if first:
@@ -112,6 +114,9 @@ class RootCycles:
         beta2 = config.beta2
         scale = 1.0 - beta2**t if config.bias_correction and beta2 < 1.0 else 1.0
         slots = self._slots.get(id(w.p), [])
+        if config.eigenbasis and not first and (t // frequency) % config.eigh_every:
+            self._refresh_bases(w.state, slots)  # this root step's update, on the device
+            return False
         if config.eigenbasis and config.basis_refresh and due > t:
             self._refresh_bases(w.state, slots)
         try:
@@ -144,9 +149,10 @@ class RootCycles:
         )
 
     def _refresh_bases(self, state: dict[str, Any], slots: list[Slot]) -> None:
-        """While new bases are computed off the step, the installed ones take one power
-        iteration with the current factors (:func:`~torch_shampoo.eigenbasis.refresh`), the
-        moments moving with them; blocks without a basis yet keep the identity."""
+        """At a root step without exact bases, or while they are computed off the step, the
+        installed bases take one power iteration with the current factors
+        (:func:`~torch_shampoo.eigenbasis.refresh`), the moments moving with them; blocks
+        without a basis yet keep the identity."""
         for slot in slots:
             installed = [bool(state["has_root"][j]) for j in slot.indices]
             if not any(installed):
