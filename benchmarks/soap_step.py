@@ -75,6 +75,9 @@ def contenders(block_size: int) -> dict[str, Callable[[Any], torch.optim.Optimiz
             p, lr=1e-3, block_size=block_size, async_roots=False
         ),
         "SOAP async": lambda p: torch_shampoo.SOAP(p, lr=1e-3, block_size=block_size),
+        "SOAP async eigh_every=1": lambda p: torch_shampoo.SOAP(
+            p, lr=1e-3, block_size=block_size, eigh_every=1
+        ),
     }
     try:
         reference = importlib.import_module("pytorch_optimizer").SOAP

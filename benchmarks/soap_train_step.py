@@ -10,7 +10,7 @@ holds the pool's contention while a sync run's leaves out its root steps; the me
 "SOAP async e=1" is SOAP with ``eigh_every=1`` (the pool's eigh at every root step, the
 default before 2026-12-01's ``eigh_every=5``).
 
-    python benchmarks/soap_train_step.py                 # ~7 minutes on 2 cores
+    python benchmarks/soap_train_step.py                 # ~8 minutes on 2 cores
     python benchmarks/soap_train_step.py --quick         # seconds
 """
 
