@@ -8,7 +8,7 @@ losses, the steps (and their ratio to SGD-momentum's own) and training wall time
 them, and which lrs of the grid diverged. Results go to convergence.json and convergence.png in
 --out-dir.
 
-    python benchmarks/convergence.py            # full run (~5 minutes on an idle 2-core CPU)
+    python benchmarks/convergence.py            # full run (~11 minutes on a 2-core CPU)
     python benchmarks/convergence.py --quick    # smoke run (seconds)
 """
 
