@@ -4,6 +4,7 @@ before any basis, rotation equivariance, basis changes, async ≡ sync-delayed, 
 from __future__ import annotations
 
 import math
+import pickle
 import warnings
 from typing import Any
 
@@ -510,3 +511,36 @@ def test_the_pool_computes_eigenvectors_only_every_eigh_every_th_root_step(
         per_cycle * sum(t == 1 or t in (6, 12) for t in range(1, s + 1)) for s in range(1, 15)
     ]
     assert computed == expected
+
+
+@pytest.mark.parametrize("how", ["state_dict", "pickle"])
+def test_a_state_saved_before_eigh_every_resumes_with_eigh_at_every_root_step(how: str) -> None:
+    """A state dict (or pickle) from before ``eigh_every`` existed has no such group key: it
+    loads, and goes on as it was trained (an eigh at every root step), bitwise."""
+    kwargs: dict[str, Any] = dict(
+        lr=0.01, block_size=16, precondition_frequency=2, async_roots=False
+    )
+    batches = make_batches(14)
+    whole = mixed_model()
+    with SOAP(whole.parameters(), eigh_every=1, **kwargs) as opt:
+        train(whole, opt, batches)
+    model = mixed_model()
+    opt = SOAP(model.parameters(), eigh_every=1, **kwargs)
+    train(model, opt, batches[:5])
+    if how == "state_dict":
+        saved = opt.state_dict()
+        for group in saved["param_groups"]:
+            del group["eigh_every"]
+        resumed = SOAP(model.parameters(), **kwargs)  # the default, 5, is not what it ran
+        resumed.load_state_dict(saved)
+    else:
+        for group in opt.param_groups:
+            del group["eigh_every"]
+        del opt.defaults["eigh_every"]
+        model, resumed = pickle.loads(pickle.dumps((model, opt)))
+    opt.close()
+    assert resumed.param_groups[0]["eigh_every"] == 1
+    train(model, resumed, batches[5:])
+    resumed.close()
+    for a, b in zip(model.parameters(), whole.parameters()):
+        assert torch.equal(a, b), (a - b).abs().max()

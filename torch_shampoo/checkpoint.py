@@ -18,7 +18,9 @@ while in flight, failure reasons as strings).
 from __future__ import annotations
 
 import sys
-from typing import Any
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 import torch
 from torch.optim import Optimizer
@@ -109,6 +111,10 @@ def _called_by_dcp() -> bool:
 class Checkpointing(Optimizer):
     """The state-dict and pickling half of :class:`~torch_shampoo.engine.PreconditionerEngine`
     (which provides the methods declared here)."""
+
+    _ADDED_GROUP_KEYS: ClassVar[Mapping[str, Any]] = MappingProxyType({})
+    """Group settings added after a front end's first release, with the value that keeps the
+    behaviour a state dict or pickle without them was saved with (filled in on loading)."""
 
     _roots: RootScheduler
     _loading: dict[str, Any] | None
@@ -281,6 +287,10 @@ class Checkpointing(Optimizer):
         """Unpickling (a fresh object) or the last stage of :meth:`load_state_dict`."""
         loading = getattr(self, "_loading", None)
         super().__setstate__(state)
+        for key, value in self._ADDED_GROUP_KEYS.items():
+            self.defaults.setdefault(key, value)
+            for group in self.param_groups:
+                group.setdefault(key, value)
         if loading is None:
             self._init_runtime()
             self._spread = bool(self.state) and self._state_shares() is not None

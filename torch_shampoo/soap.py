@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from functools import lru_cache
-from typing import Any
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 import torch
 
@@ -81,8 +82,9 @@ class SOAP(PreconditionerEngine):
         eigh_every: root steps per exact eigendecomposition (the pool's float64 ``eigh``);
             1: at every root step. The default 5 (every 50 steps) left the steps to Adam's
             loss unchanged against 1 on the char-LM and digits demos (140 and 113 vs 140 and
-            114) and took SOAP's mean training step on this 2-core CPU from 1.16× Shampoo's
-            to 0.80-0.90× (the pool's eigh competes with training for the cores).
+            114) and took SOAP's mean training step on a 2-core CPU from 1.12-1.24× Shampoo's
+            to 0.78-0.90× (the pool's eigh competes with training for the cores). A state
+            dict saved before this setting existed loads with 1, as it was trained.
         basis_refresh: at an eigh root step whose bases come later (staleness > 0), refresh
             the installed ones by a power iteration meanwhile.
         start_preconditioning_step: first root step (``None``: 1, as the SOAP paper: the first
@@ -97,6 +99,9 @@ class SOAP(PreconditionerEngine):
         momentum, nesterov, maximize, root_staleness, max_root_failures, skip_nonfinite,
         async_roots, root_workers, partition_roots, partition_state: as in :class:`Shampoo`.
     """
+
+    # (2026-12-01; before, an eigh at every root step)
+    _ADDED_GROUP_KEYS: ClassVar[Mapping[str, Any]] = MappingProxyType({"eigh_every": 1})
 
     def __init__(
         self,
