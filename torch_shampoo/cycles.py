@@ -106,6 +106,10 @@ class RootCycles:
         refresh the installed bases by a power iteration instead."""
         config, t = w.config, w.t
         frequency = config.frequency
+        slots = self._slots.get(id(w.p), [])
+        if config.eigenbasis and not first and (t // frequency) % config.eigh_every:
+            self._refresh_bases(w.state, slots)  # this root step's update, on the device
+            return False
         if first:
             due = t
         else:
@@ -113,10 +117,6 @@ class RootCycles:
             due = min(t + staleness, (t // frequency + 1) * frequency)
         beta2 = config.beta2
         scale = 1.0 - beta2**t if config.bias_correction and beta2 < 1.0 else 1.0
-        slots = self._slots.get(id(w.p), [])
-        if config.eigenbasis and not first and (t // frequency) % config.eigh_every:
-            self._refresh_bases(w.state, slots)  # this root step's update, on the device
-            return False
         if config.eigenbasis and config.basis_refresh and due > t:
             self._refresh_bases(w.state, slots)
         try:
