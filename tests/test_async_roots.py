@@ -25,8 +25,8 @@ from models import (
     train,
 )
 
+import torch_shampoo.elementwise
 import torch_shampoo.root_pool as root_pool
-import torch_shampoo.step
 from torch_shampoo import Shampoo
 from torch_shampoo.matrix_roots import RootResult
 
@@ -327,11 +327,11 @@ def test_root_jobs_of_a_step_that_raised_are_still_computed(
     batches = make_batches(9)
     train(model, opt, batches[:5])
 
-    def broken_update(unit: Any, update: Any) -> None:
+    def broken_update(units: Any, updates: Any) -> None:
         raise KeyboardInterrupt("interrupted mid-step")
 
     with monkeypatch.context() as patch:
-        patch.setattr(torch_shampoo.step, "update_parameters", broken_update)
+        patch.setattr(torch_shampoo.elementwise, "update_parameters", broken_update)
         with pytest.raises(KeyboardInterrupt):
             train(model, opt, batches[5:6])  # step 6: a root step, jobs due at step 8
     saved = opt.state_dict()

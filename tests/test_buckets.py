@@ -8,6 +8,8 @@ Claims:
 * the state's per-block factors and roots are rows of the bucket stacks (one storage);
 * a bucket of single-block parameters steps as one unit bitwise as its parameters would one at a
   time, and parameters without a gradient in a step are left alone by their bucket;
+* the units of a step taking each elementwise line together (``_foreach_`` ops) step bitwise as
+  each unit alone (every option that changes those lines, non-finite steps included);
 * batching changes a parameter's trajectory only by rounding (float64, 1e-12);
 * ``inverse_roots`` on a stack agrees with ``inverse_root`` per matrix, failures included.
 """
@@ -22,6 +24,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import torch_shampoo.elementwise as elementwise_module
 import torch_shampoo.step as step_module
 from torch_shampoo import Shampoo
 from torch_shampoo.blocking import block_layout, split_blocks
@@ -121,6 +124,59 @@ def test_a_stacked_bucket_steps_bitwise_as_its_parameters_one_at_a_time(
     alone = _many(0)
     _run(alone, 8, 0, weight_decay=weight_decay)
     for a, b in zip(stacked, alone):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"momentum": 0.9, "nesterov": True, "weight_decay": 0.1},
+        {"betas": (0.0, 0.99), "grafting": "sgd", "weight_decay": 0.1},
+        {"grafting": "adagrad", "weight_decay": 0.01, "decoupled_weight_decay": False},
+        {"grafting": "rmsprop", "bias_correction": False, "maximize": True},
+        {"grafting": "none", "momentum": 0.5},
+    ],
+    ids=["defaults", "nesterov-wd", "beta1-0-sgd", "adagrad-coupled", "rmsprop-max", "none"],
+)
+def test_the_units_of_a_step_take_each_elementwise_line_together_bitwise_as_alone(
+    monkeypatch: pytest.MonkeyPatch, options: dict[str, Any]
+) -> None:
+    """One ``_foreach_`` call per elementwise line for all units of a group (here: a multi-block
+    parameter, stacked buckets and single parameters) against every unit on its own; step 4's
+    gradients are non-finite in one parameter, whose unit then takes the per-unit, masked line."""
+
+    def run() -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(5)
+        params = [
+            torch.nn.Parameter(torch.randn(shape, generator=gen))
+            for shape in [(6, 6), (6, 6), (6,), (13, 6), (3, 4, 5), (7,)]
+        ]
+        opt = Shampoo(params, lr=0.02, block_size=8, precondition_frequency=3,
+                      async_roots=False, **options)  # fmt: skip
+        for t in range(7):
+            for i, p in enumerate(params):
+                p.grad = torch.randn(p.shape, generator=gen)
+                if t == 4 and i == 3:
+                    p.grad[2, 1] = float("nan")
+            opt.step()
+        opt.close()
+        return [p.detach().clone() for p in params]
+
+    together = run()
+    calls = 0
+    original = elementwise_module._batches
+
+    def alone(units: Any) -> Any:
+        nonlocal calls
+        batches, rest = original(units)
+        calls += len(batches)
+        return [], rest + [u for b in batches for u in b]
+
+    monkeypatch.setattr(elementwise_module, "_batches", alone)
+    apart = run()
+    assert calls > 0  # the same units formed batches in the first run
+    for a, b in zip(together, apart):
         assert torch.equal(a, b)
 
 

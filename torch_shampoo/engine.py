@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from . import eigenbasis, sharded, step
+from . import eigenbasis, elementwise, sharded, step
 from .blocking import BlockLayout, block_layout
 from .buckets import Bucket, plan_buckets, slots_of
 from .checkpoint import Checkpointing
@@ -137,15 +137,12 @@ class PreconditionerEngine(RootCycles, Checkpointing):
         if any(w.config.eigenbasis for w in work):
             eigenbasis.step_units(units, buckets, stacked, lambda: self._roots_of_this_step(work))
         else:
-            for u in units:
-                step.accumulate(u)
+            elementwise.accumulate(units)
             step.statistics(units, buckets, stacked)
             self._roots_of_this_step(work)
-            for u in units:
-                step.directions(u)
+            elementwise.directions(units)
             updates = step.precondition(units, buckets, stacked)
-            for u in units:
-                step.update_parameters(u, updates.get(id(u)))
+            elementwise.update_parameters(units, [updates.get(id(u)) for u in units])
         self._finish_step(stepped)
 
     @torch.compiler.disable

@@ -14,9 +14,10 @@ __all__ = [
     "accumulate_statistics",
     "curvature_statistics",
     "finite_blocks",
+    "graft_stacks",
     "mode_products",
+    "mode_products_stack",
     "precondition",
-    "precondition_stack",
     "scalar",
 ]
 
@@ -131,7 +132,9 @@ def mode_products_stack(
 ) -> torch.Tensor:
     """:func:`mode_products` of every block of a stack (n, *block) with its own roots."""
     if blocks.dim() == 3 and all(factored):
-        return torch.matmul(torch.matmul(roots[0], blocks), roots[1])
+        return torch.bmm(torch.bmm(roots[0], blocks), roots[1])
+    if blocks.dim() == 2 and factored[0]:  # vectors: gᵀX per block
+        return torch.bmm(blocks.unsqueeze(1), roots[0]).squeeze(1)
     n, out, remaining = blocks.shape[0], blocks, iter(roots)
     for is_factored in factored:
         moved = out.movedim(1, -1)
@@ -143,25 +146,32 @@ def mode_products_stack(
     return out
 
 
-def precondition_stack(
-    roots: Sequence[torch.Tensor],
-    m_hat: torch.Tensor,
-    direction: torch.Tensor | None,
-    factored: tuple[bool, ...],
-    rooted: torch.Tensor | None,
-) -> torch.Tensor:
-    """:func:`precondition` on stacks (n, *block): P = m̂ ×₁ X_1 ×₂ X_2 … per block, rescaled
-    to the graft direction's norm per block; rows whose ``rooted`` flag is False take the graft's
-    direction (m̂ without a graft). Returns a new tensor."""
-    out = mode_products_stack(m_hat, roots, factored)
-    ones = (1,) * (m_hat.dim() - 1)
-    if direction is not None:
-        norms = torch.linalg.vector_norm(out.flatten(1), dim=1).add_(GRAFT_NORM_EPS)
-        scale = torch.linalg.vector_norm(direction.flatten(1), dim=1).div_(norms)
-        out = out * scale.view(-1, *ones)
-    if rooted is not None:
-        fallback = m_hat if direction is None else direction
-        out = torch.where(rooted.view(-1, *ones), out, fallback)
+def graft_stacks(
+    stacks: Sequence[torch.Tensor], directions: Sequence[torch.Tensor | None]
+) -> list[torch.Tensor]:
+    """P·‖D‖/(‖P‖ + eps) per block of every stack (n, *block) of Shampoo's directions P, with
+    the graft's directions D stacked alike (None: no graft, P as it is). Returns new tensors.
+    The norms of all single-block stacks (a small model's many parameters) take one
+    ``_foreach_norm`` each for P and D; a stack of many blocks takes one batched norm each."""
+    out = list(stacks)
+    singles, single_directions, rows = [], [], []
+    for i, (p, d) in enumerate(zip(stacks, directions)):
+        if d is None:
+            continue
+        if p.shape[0] == 1:
+            singles.append(p)
+            single_directions.append(d)
+            rows.append(i)
+        else:
+            norms = torch.linalg.vector_norm(p.flatten(1), dim=1).add_(GRAFT_NORM_EPS)
+            scale = torch.linalg.vector_norm(d.flatten(1), dim=1).div_(norms)
+            out[i] = p * scale.view(-1, *(1,) * (p.dim() - 1))
+    if singles:
+        norms = torch._foreach_norm(singles)
+        torch._foreach_add_(norms, GRAFT_NORM_EPS)
+        scales = torch._foreach_div(torch._foreach_norm(single_directions), norms)
+        for i, scaled in zip(rows, torch._foreach_mul(singles, scales)):
+            out[i] = scaled
     return out
 
 

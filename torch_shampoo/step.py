@@ -28,9 +28,11 @@ __all__ = [
     "Work",
     "accumulate",
     "directions",
+    "feed",
     "gradient",
     "mark_finite",
     "precondition",
+    "rows_of",
     "statistics",
     "units_of",
     "update_moments",
@@ -114,37 +116,63 @@ class Unit:
         return p if dtype is None else p.to(dtype)
 
 
-def make_unit(works: Sequence[Work], bucket: Bucket | None) -> Unit:
-    """A unit of one parameter's work, or of a whole bucket's (all at the same step)."""
+def make_unit(
+    works: Sequence[Work],
+    bucket: Bucket | None,
+    scalars: dict[tuple[float, torch.dtype], torch.Tensor] | None = None,
+) -> Unit:
+    """A unit of one parameter's work, or of a whole bucket's (all at the same step);
+    ``scalars`` keeps the bias corrections' tensors for the units made after it."""
     w = works[0]
     config, t = w.config, w.t
     state = w.state if bucket is None else bucket.moments
     dtype = state_dtype(w.p)
-    corrected = config.bias_correction
+    bias1 = bias2 = None
+    if config.bias_correction:
+        made = {} if scalars is None else scalars
+        bias1 = _scalar(made, 1.0 - config.beta1**t, dtype)
+        bias2 = _scalar(made, 1.0 - config.grafting_beta2**t, dtype)
     return Unit(
         works=list(works),
         state=state,
         bucket=bucket,
-        bias1=kernels.scalar(1.0 - config.beta1**t, dtype) if corrected else None,
-        bias2=kernels.scalar(1.0 - config.grafting_beta2**t, dtype) if corrected else None,
+        bias1=bias1,
+        bias2=bias2,
     )
 
 
+def _scalar(
+    made: dict[tuple[float, torch.dtype], torch.Tensor], value: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """``kernels.scalar(value, dtype)``, made once per step for all units."""
+    found = made.get((value, dtype))
+    if found is None:
+        found = made[(value, dtype)] = kernels.scalar(value, dtype)
+    return found
+
+
 def gradient(u: Unit) -> torch.Tensor:
-    """This step's gradient in the state dtype (a copy: p.grad is never modified), with the
-    non-finite guard applied: blocks whose gradient is not finite are zeroed and flagged in
-    ``u.cells``; every state update is then masked with the flags (no host sync). Flags known
-    to be all True (on the CPU, where reading them costs nothing) leave ``u.cells`` None: the
-    masked arithmetic equals the unmasked one there, so the masks are skipped."""
+    """This step's gradient in the state dtype (p.grad itself where nothing writes to it: p.grad
+    is never modified), with the non-finite guard applied: blocks whose gradient is not finite
+    are zeroed and flagged in ``u.cells``; every state update is then masked with the flags (no
+    host sync). Flags known to be all True (on the CPU, where reading them costs nothing) leave
+    ``u.cells`` None: the masked arithmetic equals the unmasked one there, so the masks are
+    skipped."""
     config, dtype = u.config, state_dtype(u.works[0].p)
+    # Only read from here on unless negated, decayed or masked: then it needs a copy.
+    writes = config.maximize or (config.weight_decay != 0 and not config.decoupled_weight_decay)
+    writes = writes or (config.skip_nonfinite and not u.finite)
     if u.bucket is None:
         grad = u.works[0].param.grad
         assert grad is not None
-        g = grad.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+        g = grad.to(dtype=dtype, memory_format=torch.contiguous_format, copy=writes).contiguous()
     else:
         shape = u.bucket.block_shape
-        g = torch.stack([w.param.grad.reshape(shape) for w in u.works])  # type: ignore[union-attr]
-        g = g.to(dtype).contiguous()  # a strided gradient's stack may not be
+        grads = [w.param.grad.reshape(shape) for w in u.works]  # type: ignore[union-attr]
+        if len(grads) == 1 and not writes:
+            g = grads[0].unsqueeze(0).to(dtype).contiguous()  # (to() keeps a view's strides)
+        else:
+            g = torch.stack(grads).to(dtype).contiguous()  # a strided gradient's may not be
     if config.maximize:
         g.neg_()
     if config.weight_decay != 0 and not config.decoupled_weight_decay:
@@ -168,8 +196,14 @@ def accumulate(u: Unit) -> None:
     """The gradient and the moments it feeds: the first moment and the graft's second moment;
     with statistics prepared outside the step (NG+), the factors too. ``u.g`` keeps the
     gradient for the bucket statistics."""
-    g = u.g = gradient(u)
-    update_moments(u, g)
+    u.g = gradient(u)
+    feed(u)
+
+
+def feed(u: Unit) -> None:
+    """:func:`accumulate` after the gradient ``u.g``."""
+    assert u.g is not None
+    update_moments(u, u.g)
     w = u.works[0]
     if u.bucket is None and w.curvature is not None:
         kernels.curvature_statistics(
@@ -232,14 +266,14 @@ def update_parameters(u: Unit, preconditioned: torch.Tensor | None) -> None:
         if u.bucket is None:
             torch.where(keep, moved, p, out=params[0])
             return
-        torch._foreach_copy_(params, _rows(torch.where(keep, moved, p), params))
+        torch._foreach_copy_(params, rows_of(torch.where(keep, moved, p), params))
     elif u.bucket is None:
         params[0].add_(step, alpha=alpha)
     else:
-        torch._foreach_add_(params, _rows(step, params), alpha=alpha)
+        torch._foreach_add_(params, rows_of(step, params), alpha=alpha)
 
 
-def _rows(stack: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+def rows_of(stack: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
     return [row.view(p.shape) for row, p in zip(stack.unbind(), params)]
 
 
@@ -257,8 +291,10 @@ def mark_finite(units: list[Unit]) -> None:
         return
     if any(g is None or g.device.type != "cpu" or g.is_sparse for g in grads):
         return
-    norms = torch._foreach_norm(grads)  # type: ignore[arg-type]
-    if bool(torch.stack([n.float() for n in norms]).isfinite().all()):
+    norms = list(torch._foreach_norm(grads))  # type: ignore[arg-type]
+    if any(n.dtype != norms[0].dtype for n in norms):
+        norms = [n.float() for n in norms]
+    if bool(torch.stack(norms).isfinite().all()):
         for u in units:
             u.finite = True
 
@@ -268,6 +304,7 @@ def units_of(work: list[Work], buckets: list[Bucket]) -> tuple[list[Unit], dict[
     the same step count) as one unit, every other parameter on its own. Also returns the
     stacked units by bucket (``id``)."""
     by_param = {w.p: w for w in work}
+    scalars: dict[tuple[float, torch.dtype], torch.Tensor] = {}
     units: list[Unit] = []
     stacked: dict[int, Unit] = {}
     covered: set[int] = set()
@@ -277,10 +314,10 @@ def units_of(work: list[Work], buckets: list[Bucket]) -> tuple[list[Unit], dict[
         found = [by_param.get(m.p) for m in bucket.members]
         works = [w for w in found if w is not None and w.curvature is None]
         if len(works) == len(found) and all(w.t == works[0].t for w in works):
-            unit = stacked[id(bucket)] = make_unit(works, bucket)
+            unit = stacked[id(bucket)] = make_unit(works, bucket, scalars)
             units.append(unit)
             covered.update(id(m.p) for m in bucket.members)
-    units += [make_unit([w], None) for w in work if id(w.p) not in covered]
+    units += [make_unit([w], None, scalars) for w in work if id(w.p) not in covered]
     return units, stacked
 
 
@@ -397,8 +434,12 @@ def precondition(
     units: list[Unit], buckets: list[Bucket], stacked: dict[int, Unit]
 ) -> dict[int, torch.Tensor]:
     """Shampoo's grafted direction per bucket, for the parameters that use their roots in
-    this step; returned per unit (``id``) in the unit's shape."""
+    this step: P = m̂ ×₁ X_1 ×₂ X_2 … per block, rescaled to the graft direction's norm per
+    block (the rescaling of all buckets at once); rows whose blocks have no roots yet take the
+    graft's direction (m̂ without a graft). Returned per unit (``id``) in the unit's shape."""
     shares = PerBucket(units, buckets, stacked)
+    found: list[tuple[Share, torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
+    products = []
     for share in shares:
         m_hat = share.stack(lambda u: u.m_hat)  # type: ignore[arg-type,return-value]
         direction = None
@@ -409,8 +450,12 @@ def precondition(
             if share.unit is None:  # the graft's direction (m̂ without one) for all of them
                 shares.put(share, m_hat if direction is None else direction)
             continue
-        rooted = share.rooted(m_hat.device)
-        factored = share.bucket.factored
-        result = kernels.precondition_stack(share.roots(), m_hat, direction, factored, rooted)
+        products.append(kernels.mode_products_stack(m_hat, share.roots(), share.bucket.factored))
+        found.append((share, m_hat, direction, share.rooted(m_hat.device)))
+    grafted = kernels.graft_stacks(products, [direction for _, _, direction, _ in found])
+    for (share, m_hat, direction, rooted), result in zip(found, grafted):
+        if rooted is not None:
+            fallback = m_hat if direction is None else direction
+            result = torch.where(rooted.view(-1, *(1,) * (m_hat.dim() - 1)), result, fallback)
         shares.put(share, result)
     return {id(u): result for u, result in shares.results()}

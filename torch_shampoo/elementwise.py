@@ -1,0 +1,153 @@
+"""The step's elementwise lines for many units at once: one ``torch._foreach_*`` call per line
+instead of one kernel per unit (a small model's step is otherwise mostly per-tensor dispatch).
+
+Units run together when nothing tells them apart: the same parameter group and step count,
+the same state and parameter dtype and device, no non-finite flags to mask with, no statistics
+prepared outside the step. Every other unit takes :mod:`torch_shampoo.step`'s per-unit line.
+Each ``_foreach_`` call applies the same operation, with the same scalars, as the per-unit line
+does to each of its tensors, so a batched unit computes what it would alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import step
+from .state import state_dtype
+from .step import Unit
+
+__all__ = ["accumulate", "directions", "update_parameters"]
+
+
+def _batches(units: list[Unit]) -> tuple[list[list[int]], list[int]]:
+    """The units that can share ``_foreach_`` calls, in batches of two or more, and the rest
+    (as indices into ``units``)."""
+    keyed: dict[tuple, list[int]] = {}
+    alone = []
+    for i, u in enumerate(units):
+        w = u.works[0]
+        dtype = state_dtype(w.p)
+        if u.cells is not None or w.curvature is not None or w.p.dtype != dtype:
+            alone.append(i)
+            continue
+        key = (id(w.group), w.t, dtype, w.p.device, "exp_avg" in u.state)
+        keyed.setdefault(key, []).append(i)
+    batches = [b for b in keyed.values() if len(b) > 1]
+    alone += [b[0] for b in keyed.values() if len(b) == 1]
+    return batches, alone
+
+
+def accumulate(units: list[Unit]) -> None:
+    """:func:`torch_shampoo.step.accumulate` of every unit: the gradients (per unit, with the
+    guard), then the first moment and the graft's second moment per batch."""
+    for u in units:
+        u.g = step.gradient(u)
+    batches, alone = _batches(units)
+    for i in alone:
+        step.feed(units[i])
+    for indices in batches:
+        batch = [units[i] for i in indices]
+        config, states = batch[0].config, [u.state for u in batch]
+        grads = []
+        for u in batch:
+            assert u.g is not None
+            grads.append(u.g)
+        if "exp_avg" not in states[0]:  # β₁ = 0: m̂ is the gradient itself
+            for u in batch:
+                u.m_hat = u.g
+        else:
+            torch._foreach_lerp_([s["exp_avg"] for s in states], grads, 1.0 - config.beta1)
+        if config.grafting in ("adam", "adagrad", "rmsprop"):
+            v = [s["graft_v"] for s in states]
+            if config.grafting == "adagrad":
+                torch._foreach_addcmul_(v, grads, grads)
+            else:
+                torch._foreach_mul_(v, config.grafting_beta2)
+                torch._foreach_addcmul_(v, grads, grads, value=1.0 - config.grafting_beta2)
+
+
+def _divide(tensors: list[torch.Tensor], by: torch.Tensor) -> list[torch.Tensor]:
+    """x / ``by`` for every x, ``by`` a host 0-d tensor (one call on the CPU; elsewhere per
+    tensor, as the per-unit line does, since a fused kernel may want ``by`` on the device)."""
+    if tensors[0].device.type == "cpu":
+        return list(torch._foreach_div(tensors, by))
+    return [x / by for x in tensors]
+
+
+def directions(units: list[Unit]) -> None:
+    """:func:`torch_shampoo.step.directions` of every unit: m̂ and the graft's direction."""
+    batches, alone = _batches(units)
+    for i in alone:
+        step.directions(units[i])
+    for indices in batches:
+        batch = [units[i] for i in indices]
+        first, config = batch[0], batch[0].config
+        if first.m_hat is None:
+            avgs = [u.state["exp_avg"] for u in batch]
+            m_hats = avgs if first.bias1 is None else _divide(avgs, first.bias1)
+            for u, m_hat in zip(batch, m_hats):
+                u.m_hat = m_hat
+        if config.grafting in ("none", "sgd"):
+            for u in batch:
+                u.direction = None if config.grafting == "none" else u.m_hat
+            continue
+        v = [u.state["graft_v"] for u in batch]
+        if config.grafting == "adam" and first.bias2 is not None:
+            denoms = _divide(v, first.bias2)
+            torch._foreach_sqrt_(denoms)
+        else:
+            denoms = list(torch._foreach_sqrt(v))
+        torch._foreach_add_(denoms, config.grafting_epsilon)
+        m_hats = []
+        for u in batch:
+            assert u.m_hat is not None
+            m_hats.append(u.m_hat)
+        found = torch._foreach_div(m_hats, denoms)
+        for u, direction in zip(batch, found):
+            u.direction = direction
+
+
+def update_parameters(units: list[Unit], preconditioned: Sequence[torch.Tensor | None]) -> None:
+    """:func:`torch_shampoo.step.update_parameters` of every unit, with Shampoo's direction
+    ``preconditioned[i]`` for ``units[i]`` where it has one (None: the graft's)."""
+    batches, alone = _batches(units)
+    for i in alone:
+        step.update_parameters(units[i], preconditioned[i])
+    for indices in batches:
+        batch = [units[i] for i in indices]
+        config = batch[0].config
+        if isinstance(config.lr, torch.Tensor):
+            for i in indices:
+                step.update_parameters(units[i], preconditioned[i])
+            continue
+        updates = []
+        for i in indices:
+            u, update = units[i], preconditioned[i]
+            if update is None:
+                update = u.m_hat if u.direction is None else u.direction
+            assert update is not None
+            updates.append(update)
+        if config.weight_decay != 0 and config.decoupled_weight_decay:
+            decay = torch._foreach_mul([u.params() for u in batch], config.weight_decay)
+            updates = list(torch._foreach_add(updates, decay))
+        mu = config.momentum
+        if mu != 0:
+            buffers = [u.state["momentum_buffer"] for u in batch]
+            torch._foreach_mul_(buffers, mu)
+            torch._foreach_add_(buffers, updates)
+            if config.nesterov:
+                updates = list(torch._foreach_add(updates, torch._foreach_mul(buffers, mu)))
+            else:
+                updates = buffers
+        params, steps = [], []
+        for u, update in zip(batch, updates):
+            if u.bucket is None:
+                params.append(u.works[0].param)
+                steps.append(update)
+            else:
+                rows = [w.param for w in u.works]
+                params += rows
+                steps += step.rows_of(update, rows)
+        torch._foreach_add_(params, steps, alpha=-config.lr)
