@@ -1,6 +1,7 @@
 """optimizer.step() time of synchronous Shampoo on small and medium models, relative to Adam,
-for comparing two versions of the package side by side (run this file from each checkout, in
-alternation; ``--compare OTHER_CHECKOUT`` does that and prints new/old ratios).
+for comparing two versions of the package side by side: ``--compare OTHER_CHECKOUT`` imports
+both packages into one process and interleaves their steps (and Adam's) step by step, then
+prints new/old ratios (medians over rounds).
 
 Per model: median non-root step and mean step over whole precondition cycles (frequency 10,
 roots computed synchronously, so their cost is in the mean), both against torch.optim.Adam
@@ -14,13 +15,12 @@ bytes against Adam's. 1 intra-op thread unless --threads.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -82,27 +82,40 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
     return total
 
 
-def run_one(steps: int) -> dict[str, dict[str, float]]:
-    sys.path.insert(0, str(ROOT))
-    from torch_shampoo import Shampoo
+def load_package(root: Path, name: str) -> Any:
+    """The ``torch_shampoo`` package of the checkout ``root`` imported as module ``name`` (a
+    copy under a temporary directory: the package imports itself relatively), so that two
+    versions step side by side in one process."""
+    import importlib
+    import shutil
+    import tempfile
 
-    out = {}
+    where = Path(tempfile.mkdtemp(prefix="bucket_ab_"))
+    shutil.copytree(root / "torch_shampoo", where / name)
+    sys.path.insert(0, str(where))
+    return importlib.import_module(name)
+
+
+def run(steps: int, packages: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per model and package: Shampoo's steps interleaved with every other contender's
+    (Adam, and each other package), the order alternating per step."""
+    out: dict[str, dict[str, dict[str, float]]] = {label: {} for label in packages}
     for name, (model, shape, block) in models().items():
         sets = grads(model, shape)
-        shampoo_params = [p.detach().clone() for p in model.parameters()]
-        adam_params = [p.detach().clone() for p in model.parameters()]
-        opts = {
-            "shampoo": Shampoo(
-                shampoo_params, lr=1e-3, block_size=block, precondition_frequency=FREQUENCY,
+        params = {k: [p.detach().clone() for p in model.parameters()] for k in [*packages, "adam"]}
+        opts: dict[str, torch.optim.Optimizer] = {
+            label: package.Shampoo(
+                params[label], lr=1e-3, block_size=block, precondition_frequency=FREQUENCY,
                 async_roots=False,
-            ),
-            "adam": torch.optim.Adam(adam_params, lr=1e-3, foreach=False),
+            )
+            for label, package in packages.items()
         }  # fmt: skip
-        params = {"shampoo": shampoo_params, "adam": adam_params}
+        opts["adam"] = torch.optim.Adam(params["adam"], lr=1e-3, foreach=False)
+        keys = list(opts)
         times: dict[str, list[tuple[int, float]]] = {k: [] for k in opts}
         total = 2 * FREQUENCY + FREQUENCY * max(1, steps // FREQUENCY)
         for t in range(1, total + 1):
-            for key in ("adam", "shampoo") if t % 2 else ("shampoo", "adam"):
+            for key in keys if t % 2 else keys[::-1]:
                 for p, g in zip(params[key], sets[t % len(sets)]):
                     p.grad = g
                 begin = time.perf_counter()
@@ -110,17 +123,18 @@ def run_one(steps: int) -> dict[str, dict[str, float]]:
                 times[key].append((t, time.perf_counter() - begin))
         timed = {k: [(t, s) for t, s in v if t > 2 * FREQUENCY] for k, v in times.items()}
         adam = statistics.median(s for _, s in timed["adam"])
-        nonroot = statistics.median(s for t, s in timed["shampoo"] if t % FREQUENCY)
-        mean = statistics.fmean(s for _, s in timed["shampoo"])
-        out[name] = {
-            "adam_ms": adam * 1e3,
-            "nonroot_ms": nonroot * 1e3,
-            "mean_ms": mean * 1e3,
-            "nonroot_vs_adam": nonroot / adam,
-            "mean_vs_adam": mean / adam,
-            "state_vs_adam": state_bytes(opts["shampoo"]) / state_bytes(opts["adam"]),
-        }
-        opts["shampoo"].close()  # type: ignore[attr-defined]
+        for label in packages:
+            nonroot = statistics.median(s for t, s in timed[label] if t % FREQUENCY)
+            mean = statistics.fmean(s for _, s in timed[label])
+            out[label][name] = {
+                "adam_ms": adam * 1e3,
+                "nonroot_ms": nonroot * 1e3,
+                "mean_ms": mean * 1e3,
+                "nonroot_vs_adam": nonroot / adam,
+                "mean_vs_adam": mean / adam,
+                "state_vs_adam": state_bytes(opts[label]) / state_bytes(opts["adam"]),
+            }
+            opts[label].close()  # type: ignore[attr-defined]
     return out
 
 
@@ -130,33 +144,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--compare", type=Path, default=None, help="another checkout")
-    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.one or args.compare is None:
-        result = run_one(args.steps)
-        if args.one:
-            print(json.dumps(result))
-            return
-        for name, r in result.items():
+    packages = {"new": load_package(ROOT, "torch_shampoo_new")}
+    if args.compare is not None:
+        packages["old"] = load_package(args.compare.resolve(), "torch_shampoo_old")
+    print(f"load average {os.getloadavg()}, threads {args.threads}, {args.steps} steps")
+    runs = [run(args.steps, packages) for _ in range(args.rounds)]
+    if args.compare is None:
+        for name, r in runs[0]["new"].items():
             print(f"{name:28s} " + " ".join(f"{k}={v:.3g}" for k, v in r.items()))
         return
-    print(f"load average {os.getloadavg()}, threads {args.threads}, {args.steps} steps")
-    runs: dict[str, list[dict[str, dict[str, float]]]] = {"old": [], "new": []}
-    for _ in range(args.rounds):
-        for label, root in (("old", args.compare), ("new", ROOT)):
-            script = Path(root) / "benchmarks" / "bucket_ab.py"
-            if not script.exists():
-                script.write_text(Path(__file__).read_text())
-            command = [sys.executable, str(script), "--one", "--steps", str(args.steps)]
-            command += ["--threads", str(args.threads)]
-            done = subprocess.run(command, capture_output=True, text=True, check=True)
-            runs[label].append(json.loads(done.stdout.strip().splitlines()[-1]))
-    for name in runs["new"][0]:
+    for name in runs[0]["new"]:
         print(name)
-        for key in runs["new"][0][name]:
-            old = statistics.median(r[name][key] for r in runs["old"])
-            new = statistics.median(r[name][key] for r in runs["new"])
+        for key in runs[0]["new"][name]:
+            old = statistics.median(r["old"][name][key] for r in runs)
+            new = statistics.median(r["new"][name][key] for r in runs)
             print(f"  {key:16s} old {old:9.3f}  new {new:9.3f}  new/old {new / old:6.3f}")
     print(f"load average after: {os.getloadavg()}")
 
