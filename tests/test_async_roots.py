@@ -327,7 +327,7 @@ def test_root_jobs_of_a_step_that_raised_are_still_computed(
     batches = make_batches(9)
     train(model, opt, batches[:5])
 
-    def broken_update(units: Any, updates: Any) -> None:
+    def broken_update(units: Any, updates: Any, plan: Any) -> None:
         raise KeyboardInterrupt("interrupted mid-step")
 
     with monkeypatch.context() as patch:

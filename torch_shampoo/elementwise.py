@@ -28,7 +28,11 @@ Linear(64, 64) (two stacked units of 409,600 and 6,400 elements) stepped up to ~
 batched in interleaved runs on the CPU, and as before with this limit."""
 
 
-def _batches(units: list[Unit]) -> tuple[list[list[int]], list[int]]:
+Plan = tuple[list[list[int]], list[int]]
+"""Batches of two or more units (indices into the step's units), and the units alone."""
+
+
+def _batches(units: list[Unit]) -> Plan:
     """The units that can share ``_foreach_`` calls, in batches of two or more, and the rest
     (as indices into ``units``)."""
     keyed: dict[tuple, list[int]] = {}
@@ -47,12 +51,13 @@ def _batches(units: list[Unit]) -> tuple[list[list[int]], list[int]]:
     return batches, alone
 
 
-def accumulate(units: list[Unit]) -> None:
+def accumulate(units: list[Unit]) -> Plan:
     """:func:`torch_shampoo.step.accumulate` of every unit: the gradients (per unit, with the
-    guard), then the first moment and the graft's second moment per batch."""
+    guard), then the first moment and the graft's second moment per batch. Returns the
+    batches, for the step's other elementwise lines."""
     for u in units:
         u.g = step.gradient(u)
-    batches, alone = _batches(units)
+    plan = batches, alone = _batches(units)
     for i in alone:
         step.feed(units[i])
     for indices in batches:
@@ -74,6 +79,7 @@ def accumulate(units: list[Unit]) -> None:
             else:
                 torch._foreach_mul_(v, config.grafting_beta2)
                 torch._foreach_addcmul_(v, grads, grads, value=1.0 - config.grafting_beta2)
+    return plan
 
 
 def _divide(tensors: list[torch.Tensor], by: torch.Tensor) -> list[torch.Tensor]:
@@ -84,9 +90,10 @@ def _divide(tensors: list[torch.Tensor], by: torch.Tensor) -> list[torch.Tensor]
     return [x / by for x in tensors]
 
 
-def directions(units: list[Unit]) -> None:
-    """:func:`torch_shampoo.step.directions` of every unit: m̂ and the graft's direction."""
-    batches, alone = _batches(units)
+def directions(units: list[Unit], plan: Plan) -> None:
+    """:func:`torch_shampoo.step.directions` of every unit (batched as ``plan``, from
+    :func:`accumulate`): m̂ and the graft's direction."""
+    batches, alone = plan
     for i in alone:
         step.directions(units[i])
     for indices in batches:
@@ -117,10 +124,13 @@ def directions(units: list[Unit]) -> None:
             u.direction = direction
 
 
-def update_parameters(units: list[Unit], preconditioned: Sequence[torch.Tensor | None]) -> None:
-    """:func:`torch_shampoo.step.update_parameters` of every unit, with Shampoo's direction
-    ``preconditioned[i]`` for ``units[i]`` where it has one (None: the graft's)."""
-    batches, alone = _batches(units)
+def update_parameters(
+    units: list[Unit], preconditioned: Sequence[torch.Tensor | None], plan: Plan
+) -> None:
+    """:func:`torch_shampoo.step.update_parameters` of every unit (batched as ``plan``), with
+    Shampoo's direction ``preconditioned[i]`` for ``units[i]`` where it has one (None: the
+    graft's)."""
+    batches, alone = plan
     for i in alone:
         step.update_parameters(units[i], preconditioned[i])
     for indices in batches:

@@ -137,12 +137,12 @@ class PreconditionerEngine(RootCycles, Checkpointing):
         if any(w.config.eigenbasis for w in work):
             eigenbasis.step_units(units, buckets, stacked, lambda: self._roots_of_this_step(work))
         else:
-            elementwise.accumulate(units)
+            plan = elementwise.accumulate(units)
             step.statistics(units, buckets, stacked)
             self._roots_of_this_step(work)
-            elementwise.directions(units)
+            elementwise.directions(units, plan)
             updates = step.precondition(units, buckets, stacked)
-            elementwise.update_parameters(units, [updates.get(id(u)) for u in units])
+            elementwise.update_parameters(units, [updates.get(id(u)) for u in units], plan)
         self._finish_step(stepped)
 
     @torch.compiler.disable
