@@ -274,6 +274,7 @@ def update_parameters(u: Unit, preconditioned: torch.Tensor | None) -> None:
 
 
 def rows_of(stack: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The rows of a stacked unit's tensor, each viewed in its parameter's shape."""
     return [row.view(p.shape) for row, p in zip(stack.unbind(), params)]
 
 
