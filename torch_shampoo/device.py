@@ -28,6 +28,7 @@ import torch
 
 __all__ = [
     "CopyDone",
+    "divide",
     "host_buffer",
     "known_all_true",
     "small_tensor",
@@ -53,6 +54,15 @@ def small_tensor(values: list[Any], device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def divide(tensors: list[torch.Tensor], by: torch.Tensor) -> list[torch.Tensor]:
+    """x / ``by`` for every x, ``by`` a host 0-d tensor: one ``_foreach_div`` on the CPU; on a
+    device per tensor (a host scalar is a valid operand there, while a fused kernel may want
+    ``by`` on the device)."""
+    if tensors[0].device.type == "cpu":
+        return list(torch._foreach_div(tensors, by))
+    return [x / by for x in tensors]
 
 
 def known_all_true(flags: torch.Tensor) -> bool:

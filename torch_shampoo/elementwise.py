@@ -15,7 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
-from . import step
+from . import device, step
+from .grafting import SECOND_MOMENT, graft_directions, update_graft_states
 from .state import state_dtype
 from .step import Unit
 
@@ -72,22 +73,10 @@ def accumulate(units: list[Unit]) -> Plan:
                 u.m_hat = u.g
         else:
             torch._foreach_lerp_([s["exp_avg"] for s in states], grads, 1.0 - config.beta1)
-        if config.grafting in ("adam", "adagrad", "rmsprop"):
+        if config.grafting in SECOND_MOMENT:
             v = [s["graft_v"] for s in states]
-            if config.grafting == "adagrad":
-                torch._foreach_addcmul_(v, grads, grads)
-            else:
-                torch._foreach_mul_(v, config.grafting_beta2)
-                torch._foreach_addcmul_(v, grads, grads, value=1.0 - config.grafting_beta2)
+            update_graft_states(config.grafting, v, grads, config.grafting_beta2)
     return plan
-
-
-def _divide(tensors: list[torch.Tensor], by: torch.Tensor) -> list[torch.Tensor]:
-    """x / ``by`` for every x, ``by`` a host 0-d tensor (one call on the CPU; elsewhere per
-    tensor, as the per-unit line does, since a fused kernel may want ``by`` on the device)."""
-    if tensors[0].device.type == "cpu":
-        return list(torch._foreach_div(tensors, by))
-    return [x / by for x in tensors]
 
 
 def directions(units: list[Unit], plan: Plan) -> None:
@@ -101,25 +90,17 @@ def directions(units: list[Unit], plan: Plan) -> None:
         first, config = batch[0], batch[0].config
         if first.m_hat is None:
             avgs = [u.state["exp_avg"] for u in batch]
-            m_hats = avgs if first.bias1 is None else _divide(avgs, first.bias1)
+            m_hats = avgs if first.bias1 is None else device.divide(avgs, first.bias1)
             for u, m_hat in zip(batch, m_hats):
                 u.m_hat = m_hat
-        if config.grafting in ("none", "sgd"):
-            for u in batch:
-                u.direction = None if config.grafting == "none" else u.m_hat
-            continue
-        v = [u.state["graft_v"] for u in batch]
-        if config.grafting == "adam" and first.bias2 is not None:
-            denoms = _divide(v, first.bias2)
-            torch._foreach_sqrt_(denoms)
-        else:
-            denoms = list(torch._foreach_sqrt(v))
-        torch._foreach_add_(denoms, config.grafting_epsilon)
         m_hats = []
         for u in batch:
             assert u.m_hat is not None
             m_hats.append(u.m_hat)
-        found = torch._foreach_div(m_hats, denoms)
+        v = [u.state["graft_v"] for u in batch] if config.grafting in SECOND_MOMENT else []
+        found = graft_directions(
+            config.grafting, v, m_hats, epsilon=config.grafting_epsilon, correction=first.bias2
+        )
         for u, direction in zip(batch, found):
             u.direction = direction
 

@@ -24,6 +24,7 @@ from .buckets import Bucket, plan_buckets, slots_of
 from .checkpoint import Checkpointing
 from .config import EngineConfig, world_size
 from .cycles import RootCycles
+from .grafting import SECOND_MOMENT
 from .partition import Partition, assign
 from .scheduler import RootScheduler, Slot
 from .shares import StateShares
@@ -203,7 +204,7 @@ class PreconditionerEngine(RootCycles, Checkpointing):
         for key, used in (
             ("exp_avg", config.beta1 != 0),  # with β₁ = 0 the first moment is the gradient
             ("momentum_buffer", config.momentum != 0),
-            ("graft_v", config.grafting in ("adam", "adagrad", "rmsprop")),
+            ("graft_v", config.grafting in SECOND_MOMENT),
         ):
             if used and key not in state:
                 state[key] = torch.zeros(p.shape, dtype=state_dtype(p), device=p.device)

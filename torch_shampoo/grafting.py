@@ -22,9 +22,20 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["GRAFTS", "graft_direction", "update_graft_state"]
+from . import device
+
+__all__ = [
+    "GRAFTS",
+    "SECOND_MOMENT",
+    "graft_direction",
+    "graft_directions",
+    "update_graft_state",
+    "update_graft_states",
+]
 
 GRAFTS: tuple[str, ...] = ("adam", "adagrad", "rmsprop", "sgd", "none")
+SECOND_MOMENT: tuple[str, ...] = ("adam", "adagrad", "rmsprop")
+"""The grafts that keep a second moment ``graft_v``."""
 
 
 def update_graft_state(
@@ -36,17 +47,27 @@ def update_graft_state(
 ) -> None:
     """Fold this step's gradient into the second moment ``state["graft_v"]``, only where
     ``keep`` is True when a mask is given."""
-    if graft not in ("adam", "adagrad", "rmsprop"):
+    if graft not in SECOND_MOMENT:
         return
     v = state["graft_v"]
     if keep is not None:
         decay = 1.0 if graft == "adagrad" else beta2
         weight = 1.0 if graft == "adagrad" else 1.0 - beta2
         torch.where(keep, (v * decay).addcmul_(grad, grad, value=weight), v, out=v)
-    elif graft == "adagrad":
-        v.addcmul_(grad, grad)
     else:
-        v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        update_graft_states(graft, [v], [grad], beta2)
+
+
+def update_graft_states(
+    graft: str, v: list[torch.Tensor], grads: list[torch.Tensor], beta2: float
+) -> None:
+    """:func:`update_graft_state` of many second moments ``v`` at once, unmasked: one
+    ``_foreach_`` call per operation."""
+    if graft == "adagrad":
+        torch._foreach_addcmul_(v, grads, grads)
+    elif graft in ("adam", "rmsprop"):
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, grads, grads, value=1.0 - beta2)
 
 
 def graft_direction(
@@ -59,13 +80,28 @@ def graft_direction(
 ) -> torch.Tensor | None:
     """The graft's direction D for the whole parameter, or ``None`` for ``graft="none"``;
     ``correction`` is Adam's 1 − β₂ᵗ (None: no bias correction)."""
-    if graft == "none":
-        return None
-    if graft == "sgd":
-        return m_hat
+    if graft in ("none", "sgd"):
+        return None if graft == "none" else m_hat
     v = state["graft_v"]
+    return graft_directions(graft, [v], [m_hat], epsilon=epsilon, correction=correction)[0]
+
+
+def graft_directions(
+    graft: str,
+    v: list[torch.Tensor],
+    m_hats: list[torch.Tensor],
+    *,
+    epsilon: float,
+    correction: torch.Tensor | None,
+) -> list[torch.Tensor | None]:
+    """:func:`graft_direction` of many tensors at once (their second moments ``v``, all of one
+    step: one ``correction``), one ``_foreach_`` call per operation."""
+    if graft in ("none", "sgd"):
+        return [None if graft == "none" else m for m in m_hats]
     if graft == "adam" and correction is not None:
-        denom = (v / correction).sqrt_()
+        denoms = device.divide(v, correction)
+        torch._foreach_sqrt_(denoms)
     else:
-        denom = v.sqrt()
-    return m_hat / denom.add_(epsilon)
+        denoms = list(torch._foreach_sqrt(v))
+    torch._foreach_add_(denoms, epsilon)
+    return list(torch._foreach_div(m_hats, denoms))

@@ -17,6 +17,7 @@ import torch
 
 from .blocking import BlockLayout
 from .config import EngineConfig
+from .grafting import SECOND_MOMENT
 
 __all__ = [
     "HOST_KEYS",
@@ -124,7 +125,7 @@ def check_moments(owner: str, name: str, state: dict[str, Any], config: EngineCo
     if float(state["step"]) > 0:
         if config.beta1 != 0:
             needed.append("exp_avg")
-        if config.grafting in ("adam", "adagrad", "rmsprop"):
+        if config.grafting in SECOND_MOMENT:
             needed.append("graft_v")
         if config.momentum != 0:
             needed.append("momentum_buffer")
