@@ -57,7 +57,7 @@ def test_every_entry_exists_from_the_first_step_with_a_fixed_shape() -> None:
 
 
 @pytest.mark.parametrize("flatten", [False, True], ids=["nested", "flattened"])
-@pytest.mark.parametrize("front", ["shampoo", "ngplus", "soap"])
+@pytest.mark.parametrize("front", ["shampoo", "shampoo compact", "ngplus", "soap"])
 def test_dcp_save_and_load_into_a_fresh_optimizer_continues_bitwise(
     front: str, flatten: bool
 ) -> None:
@@ -66,6 +66,7 @@ def test_dcp_save_and_load_into_a_fresh_optimizer_continues_bitwise(
     uninterrupted run."""
     fronts = {
         "shampoo": lambda ps: Shampoo(ps, **KWARGS),
+        "shampoo compact": lambda ps: Shampoo(ps, **KWARGS, compact_state=True),
         "ngplus": lambda ps: NGPlus(
             ps, lr=0.02, damping=0.1, inverse_frequency=4, root_staleness=3
         ),

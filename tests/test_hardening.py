@@ -968,7 +968,11 @@ def _small_net() -> nn.Module:
 
 
 def _compiled_training(
-    backend: str | None, compile_step: str | None, steps: int, after: Callable[[int], None]
+    backend: str | None,
+    compile_step: str | None,
+    steps: int,
+    after: Callable[[int], None],
+    compact_state: bool = False,
 ) -> list[torch.Tensor]:
     model = _small_net()
     forward = model if backend is None else torch.compile(model, backend=backend)
@@ -983,6 +987,7 @@ def _compiled_training(
         async_roots=True,
         root_staleness=1,
         root_workers=1,
+        compact_state=compact_state,
     )
     step = opt.step if compile_step is None else torch.compile(opt.step, backend=compile_step)
     for i, (x, y) in enumerate(_compile_data(steps)):
@@ -1007,7 +1012,8 @@ def test_a_compiled_model_trains_like_the_eager_model() -> None:
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_a_compiled_step_matches_eager_and_stops_recompiling() -> None:
+@pytest.mark.parametrize("compact_state", [False, True], ids=["full", "compact"])
+def test_a_compiled_step_matches_eager_and_stops_recompiling(compact_state: bool) -> None:
     """``torch.compile(opt.step)`` on a 3-parameter model: after a warm-up of one root cycle
     (the first step, a root step, an install step, a plain step) no step recompiles, the
     recompile limit is never hit (hitting it silently falls back to eager), and the result
@@ -1015,7 +1021,7 @@ def test_a_compiled_step_matches_eager_and_stops_recompiling() -> None:
     from torch._dynamo.exc import FailOnRecompileLimitHit, RecompileError
 
     torch._dynamo.reset()
-    eager = _compiled_training(None, None, 6, lambda i: None)
+    eager = _compiled_training(None, None, 6, lambda i: None, compact_state)
 
     def forbid_recompiles_after_warm_up(i: int) -> None:
         if i == 3:
@@ -1023,7 +1029,9 @@ def test_a_compiled_step_matches_eager_and_stops_recompiling() -> None:
 
     try:
         with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-            compiled = _compiled_training(None, "eager", 6, forbid_recompiles_after_warm_up)
+            compiled = _compiled_training(
+                None, "eager", 6, forbid_recompiles_after_warm_up, compact_state
+            )
     except (FailOnRecompileLimitHit, RecompileError) as error:
         # Report the cause in a few lines, not dynamo's stack.
         pytest.fail(f"compiled opt.step keeps recompiling: {type(error).__name__}: {error}")

@@ -29,8 +29,9 @@ from typing import Any
 
 import torch
 
-from . import device
+from . import device, packing
 from .blocking import BlockLayout
+from .packing import Triangles
 from .scheduler import Slot
 from .state import state_dtype
 
@@ -93,6 +94,9 @@ class Bucket:
     factors: list[torch.Tensor] = field(default_factory=list)
     """Per factored dim, the (n, d, d) stack of every block's factor."""
     roots: list[torch.Tensor] = field(default_factory=list)
+    triangles: list[Triangles] | None = None
+    """Compact state (:mod:`torch_shampoo.packing`): per factored dim, the masks of the
+    factors' and the roots' triangles (the two stacks are views of one); None: full matrices."""
     moments: dict[str, torch.Tensor] = field(default_factory=dict)
     """When every member is a single block: its moments (exp_avg, graft_v, momentum_buffer as
     (n, *block) stacks, skipped_blocks as (n,)), whose rows the members' states view."""
@@ -186,18 +190,20 @@ def slots_of(placements: list[tuple[Bucket, Member]]) -> list[Slot]:
         for dim in range(bucket.per_block):
             indices = [b * bucket.per_block + dim for b in m.blocks]
             place = (bucket, m, dims[dim])
-            slots.append(
-                Slot(indices, bucket.factors[dim][rows], bucket.roots[dim][rows], place=place)
-            )
+            triangles = None if bucket.triangles is None else bucket.triangles[dim]
+            factors, roots = bucket.factors[dim][rows], bucket.roots[dim][rows]
+            slots.append(Slot(indices, factors, roots, place=place, triangles=triangles))
     return slots
 
 
 def plan_buckets(
     entries: Iterable[tuple[int, torch.Tensor, BlockLayout, dict[str, Any]]],
+    packed: bool = False,
 ) -> tuple[list[Bucket], dict[int, list[tuple[Bucket, Member]]]]:
     """Stack the blocks of every ``(group index, parameter, layout, state)``; each state's
     ``factors`` and ``roots`` entries are replaced by views of the new stacks (their values
-    copied in). Parameters without elements are left out (they have no blocks to precondition).
+    copied in; ``packed``: compact state, each factor and its root as two triangles of one
+    stack). Parameters without elements are left out (they have no blocks to precondition).
     Also returns, per parameter (``id``), its buckets and its members there, in sub-grid order."""
     entries = list(entries)
     buckets: dict[tuple[Any, ...], Bucket] = {}
@@ -217,16 +223,18 @@ def plan_buckets(
             placements.setdefault(id(p), []).append((bucket, member))
     states = {id(p): state for _, p, _, state in entries}
     for bucket in buckets.values():
-        _stack_state(bucket, [states[id(m.p)] for m in bucket.members])
+        _stack_state(bucket, [states[id(m.p)] for m in bucket.members], packed)
     return list(buckets.values()), placements
 
 
 MOMENTS = ("exp_avg", "graft_v", "momentum_buffer", "skipped_blocks")
 
 
-def _stack_state(bucket: Bucket, states: list[dict[str, Any]]) -> None:
+def _stack_state(bucket: Bucket, states: list[dict[str, Any]], packed: bool) -> None:
     """Copy the members' factors and roots into stacks and bind the states to their rows; the
-    same for the moments of a bucket of single-block parameters."""
+    same for the moments of a bucket of single-block parameters. ``packed``: a factor is read
+    from its lower triangle, a root from its upper one (so a compact state planned again reads
+    its own triangles), and both are stored in one stack."""
     keys = [key for key in MOMENTS if key in states[0]]
     if all(m.whole for m in bucket.members) and all(
         [key for key in MOMENTS if key in s] == keys for s in states
@@ -241,12 +249,23 @@ def _stack_state(bucket: Bucket, states: list[dict[str, Any]]) -> None:
                 shape = () if key == "skipped_blocks" else m.layout.param_shape
                 s[key] = stack[row].view(shape)
     k = bucket.per_block
+    bucket.triangles = [] if packed else None
     for dim in range(k):
-        for key, stacks in (("factors", bucket.factors), ("roots", bucket.roots)):
+        found = {}
+        for key in ("factors", "roots"):
             pairs = [
                 (s[key], b * k + dim) for m, s in zip(bucket.members, states) for b in m.blocks
             ]
-            stack = torch.stack([entries[j] for entries, j in pairs])
+            found[key] = (pairs, torch.stack([entries[j] for entries, j in pairs]))
+        (factor_pairs, factors), (root_pairs, roots) = found["factors"], found["roots"]
+        if bucket.triangles is not None:
+            triangles = packing.Triangles(factors.shape[-1], factors.device)
+            factors, roots = packing.pack(factors, roots, triangles)
+            bucket.triangles.append(triangles)
+        for pairs, stack, stacks in (
+            (factor_pairs, factors, bucket.factors),
+            (root_pairs, roots, bucket.roots),
+        ):
             stacks.append(stack)
             for row, (entries, j) in enumerate(pairs):
                 entries[j] = stack[row]

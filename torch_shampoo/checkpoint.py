@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch.optim import Optimizer
 
+from . import packing
 from .blocking import BlockLayout
 from .buckets import factor_groups
 from .config import EngineConfig, world_size
@@ -38,12 +39,19 @@ _LISTS = ("factors", "roots", "pending_roots")
 _PENDING = ("pending_due", "pending_submitted", "pending_ok", "pending_roots", "pending_reasons")
 
 
-def to_saved(state: dict[str, Any], pending: dict[str, Any] | None) -> dict[str, Any]:
+def to_saved(
+    state: dict[str, Any], pending: dict[str, Any] | None, compact: bool = False
+) -> dict[str, Any]:
     """A parameter's runtime state (and its roots in flight) as schema 2; no tensor is copied
-    except the zero slots of absent pending roots."""
+    except the zero slots of absent pending roots and, with ``compact`` state
+    (:mod:`torch_shampoo.packing`), the factors and roots: saved as full symmetric matrices."""
     saved = {k: v for k, v in state.items() if k not in _LISTS}
-    saved["factors"] = {str(j): f for j, f in enumerate(state["factors"])}
-    saved["roots"] = {str(j): r for j, r in enumerate(state["roots"])}
+    factors, roots = state["factors"], state["roots"]
+    if compact:
+        factors = [packing.full(f, f.new_ones(f.shape, dtype=torch.bool).tril()) for f in factors]
+        roots = [packing.full(r, r.new_ones(r.shape, dtype=torch.bool).triu()) for r in roots]
+    saved["factors"] = {str(j): f for j, f in enumerate(factors)}
+    saved["roots"] = {str(j): r for j, r in enumerate(roots)}
     saved["schema"] = torch.tensor(SCHEMA)
     n = len(state["factors"])
 
@@ -119,6 +127,7 @@ class Checkpointing(Optimizer):
     _roots: RootScheduler
     _loading: dict[str, Any] | None
     _async_roots: bool
+    _compact_state: bool
     _root_workers: int
     _checked: dict[torch.Tensor, tuple[BlockLayout, dict[str, Any]]]
     _rooted: dict[torch.Tensor, tuple[bool, ...] | None]
@@ -223,7 +232,7 @@ class Checkpointing(Optimizer):
         for p, state in self.state.items():
             if isinstance(state, dict) and "factors" in state:
                 i = index[id(p)]
-                packed["state"][i] = to_saved(state, pending.get(p))
+                packed["state"][i] = to_saved(state, pending.get(p), self._compact_state)
         return packed
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -281,12 +290,14 @@ class Checkpointing(Optimizer):
         state["_root_workers"] = self._root_workers
         state["_partition_roots"] = getattr(self, "_partition_roots", False)
         state["_partition_state"] = getattr(self, "_partition_state", False)
+        state["_compact_state"] = getattr(self, "_compact_state", False)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Unpickling (a fresh object) or the last stage of :meth:`load_state_dict`."""
         loading = getattr(self, "_loading", None)
         super().__setstate__(state)
+        self.__dict__.setdefault("_compact_state", False)  # pickled before it existed
         for key, value in self._ADDED_GROUP_KEYS.items():
             self.defaults.setdefault(key, value)
             for group in self.param_groups:

@@ -32,6 +32,7 @@ _NOT_PER_GROUP = frozenset(
         "root_workers",
         "partition_roots",
         "partition_state",
+        "compact_state",
         "model",
         "statistics",
         "unknown",

@@ -130,7 +130,7 @@ class RootCycles:
                 RootJob(
                     snapshot=buffers.snapshot,
                     result=buffers.result,
-                    snapshot_ready=device.to_host(buffers.snapshot, slot.factors),
+                    snapshot_ready=device.to_host(buffers.snapshot, slot.snapshot()),
                     result_free=buffers.uploaded,
                     scale=scale,
                     exponent=exponent,
@@ -206,12 +206,10 @@ class RootCycles:
                     had = [not bool(state["has_root"][j]) for j in indices]
                     first = device.small_tensor(had, previous.device) if any(had) else None
                 if all(ok):
-                    buffers.uploaded = device.to_device(slots[i].roots, buffers.result)
+                    buffers.uploaded = slots[i].install(buffers.result)
                 else:
                     for row in (r for r, fine in enumerate(ok) if fine):
-                        buffers.uploaded = device.to_device(
-                            slots[i].roots[row], buffers.result[row]
-                        )
+                        buffers.uploaded = slots[i].install(buffers.result[row], row)
                 if previous is not None:
                     bucket, member, dim = slots[i].place
                     eigenbasis.change_basis(

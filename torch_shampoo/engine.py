@@ -61,12 +61,15 @@ class PreconditionerEngine(RootCycles, Checkpointing):
         root_workers: int | None,
         partition_roots: bool = False,
         partition_state: bool = False,
+        compact_state: bool = False,
     ) -> None:
-        for name, flag in (("async_roots", async_roots), ("partition_roots", partition_roots),
-                           ("partition_state", partition_state)):  # fmt: skip
+        flags = dict(async_roots=async_roots, partition_roots=partition_roots,
+                     partition_state=partition_state, compact_state=compact_state)  # fmt: skip
+        for name, flag in flags.items():
             if not isinstance(flag, bool):
                 raise TypeError(f"Invalid {name}: {flag!r} (must be a bool)")
         self._partition_roots, self._partition_state = partition_roots, partition_state
+        self._compact_state = compact_state
         if root_workers is None:
             root_workers = max(1, (os.cpu_count() or 2) // 2)
         if isinstance(root_workers, bool) or not isinstance(root_workers, int) or root_workers < 1:
@@ -248,7 +251,7 @@ class PreconditionerEngine(RootCycles, Checkpointing):
                     state = self.state.get(p)
                     if state and "factors" in state:
                         entries.append((index, p, self._layout_of(p, config), state))
-            self._buckets, placements = plan_buckets(entries)
+            self._buckets, placements = plan_buckets(entries, packed=self._compact_state)
             self._slots = {i: slots_of(places) for i, places in placements.items()}
             partition = self._roots.partition
             if partition is not None:  # from the global shapes: the same on every rank

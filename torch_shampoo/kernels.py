@@ -109,22 +109,33 @@ def accumulate_statistics(
     factored: tuple[bool, ...],
     beta2: float,
     flags: torch.Tensor | None,
+    lower: Sequence[torch.Tensor] | None = None,
 ) -> None:
     """F_k ← β₂F_k + w·G_(k)G_(k)ᵀ for every factored dim k of a stack of blocks (n, *block),
     one batched matmul per dim (w = 1 − β₂, or 1 for β₂ = 1: AdaGrad-style sums). ``flags``
-    (n,): a block whose flag is False keeps its factors (the same arithmetic, then a select)."""
+    (n,): a block whose flag is False keeps its factors (the same arithmetic, then a select).
+    ``lower`` (compact state), per factored dim a (d, d) mask: only that triangle of each
+    factor is written (the rest is its root's)."""
     weight = 1.0 if beta2 == 1.0 else 1.0 - beta2
     remaining = iter(factors)
+    masks = iter(lower) if lower is not None else None
     for dim, is_factored in enumerate(factored):
         if not is_factored:
             continue
         unfolded = _unfold(blocks, dim)
         factor = next(remaining)
-        if flags is None:
+        mask = next(masks) if masks is not None else None
+        if flags is None and mask is None:
             factor.baddbmm_(unfolded, unfolded.mT, beta=beta2, alpha=weight)
-        else:
-            new = torch.baddbmm(factor, unfolded, unfolded.mT, beta=beta2, alpha=weight)
-            torch.where(flags.view(-1, 1, 1), new, factor, out=factor)
+            continue
+        new = torch.baddbmm(factor, unfolded, unfolded.mT, beta=beta2, alpha=weight)
+        if flags is not None:
+            mask = flags.view(-1, 1, 1) if mask is None else mask & flags.view(-1, 1, 1)
+        assert mask is not None
+        if factor.is_contiguous():
+            torch.where(mask, new, factor, out=factor)
+        else:  # a view of a compact stack
+            factor.copy_(torch.where(mask, new, factor))
 
 
 def mode_products_stack(

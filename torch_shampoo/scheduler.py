@@ -31,8 +31,9 @@ from typing import Any
 
 import torch
 
-from . import device
+from . import device, packing
 from .config import world_size
+from .packing import Triangles
 from .partition import Partition
 from .root_pool import RootJob, RootOutcome, RootPool, Ticket, default_threads, run_here
 
@@ -68,6 +69,29 @@ class Slot:
     """The rank that solves this job when root work is partitioned."""
     place: Any = None
     """(bucket, member, block dim) of these rows, for what installs must touch besides."""
+    triangles: Triangles | None = None
+    """Compact state: the factors and roots are two triangles of one stack
+    (:mod:`torch_shampoo.packing`); None: full matrices."""
+
+    def snapshot(self) -> torch.Tensor:
+        """The factors as full matrices (a new tensor for compact state)."""
+        if self.triangles is None:
+            return self.factors
+        return packing.full(self.factors, self.triangles.lower)
+
+    def install(self, result: torch.Tensor, row: int | None = None) -> device.CopyDone:
+        """Enqueue roots ← ``result`` (host), all rows or one: a copy, or for compact state a
+        copy to the device and the roots' triangle taken from it."""
+        roots = self.roots if row is None else self.roots[row]
+        if self.triangles is None:
+            return device.to_device(roots, result)
+        if result.device == roots.device:
+            packing.write(roots, result, self.triangles.upper)
+            return None
+        uploaded = torch.empty_like(roots)
+        done = device.to_device(uploaded, result)
+        packing.write(roots, uploaded, self.triangles.upper)
+        return done
 
 
 @dataclass
@@ -250,12 +274,13 @@ class RootScheduler:
             self.pending[p] = Pending(t, due, jobs=[], tickets=failed, factors=indices)
             return due <= t
         if due <= t and not any(slot.factors.is_cuda for slot in slots):  # no host copies
-            buffers = [
-                Staging(
-                    s.factors, s.roots if in_place else torch.empty_like(s.roots), in_place=in_place
-                )
-                for s in slots
-            ]
+            buffers = []
+            for s in slots:
+                if s.triangles is not None:  # compact: full matrices of their own
+                    buffers.append(Staging(torch.empty_like(s.factors), torch.empty_like(s.roots)))
+                    continue
+                result = s.roots if in_place else torch.empty_like(s.roots)
+                buffers.append(Staging(s.factors, result, in_place=in_place))
         else:
             buffers = self._staging_of(p, [slot.factors for slot in slots])
         made = jobs(buffers)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from . import device, kernels
+from . import device, kernels, packing
 from .blocking import BlockLayout, expand_grid
 from .buckets import Bucket, Member
 from .config import EngineConfig
@@ -350,7 +350,8 @@ def statistics(
                 flags = torch.cat([m.flags(u.cells) for m, u in zip(members, parts)])  # type: ignore[arg-type]
         factors = bucket.factors if rows is None else [f[rows] for f in bucket.factors]
         beta2 = (unit or parts[0]).config.beta2
-        kernels.accumulate_statistics(factors, blocks, bucket.factored, beta2, flags)
+        lower = None if bucket.triangles is None else [m.lower for m in bucket.triangles]
+        kernels.accumulate_statistics(factors, blocks, bucket.factored, beta2, flags, lower)
         if rows is not None:
             for whole, part in zip(bucket.factors, factors):
                 whole.index_copy_(0, rows, part)
@@ -379,9 +380,13 @@ class Share:
         return self.bucket.gather([tensor_of(u) for u in self.parts], self.members)
 
     def roots(self) -> list[torch.Tensor]:
-        """The root (or basis) stacks of these rows, per factored dim."""
+        """The root (or basis) stacks of these rows, per factored dim (compact state: made
+        full from their triangles)."""
         rows = self.bucket.rows(self.members)
-        return self.bucket.roots if rows is None else [r[rows] for r in self.bucket.roots]
+        roots = self.bucket.roots if rows is None else [r[rows] for r in self.bucket.roots]
+        if self.bucket.triangles is None:
+            return roots
+        return [packing.full(r, m.upper) for r, m in zip(roots, self.bucket.triangles)]
 
     def rooted(self, where: torch.device) -> torch.Tensor | None:
         return None if self.flags is None else device.small_tensor(self.flags, where)

@@ -9,7 +9,7 @@ import torch
 if TYPE_CHECKING:
     from .engine import PreconditionerEngine
 
-__all__ = ["memory", "nbytes", "root_stats"]
+__all__ = ["held_bytes", "memory", "nbytes", "root_stats"]
 
 
 def root_stats(engine: PreconditionerEngine) -> dict[str, Any]:
@@ -50,7 +50,7 @@ def root_stats(engine: PreconditionerEngine) -> dict[str, Any]:
 def memory(engine: PreconditionerEngine) -> dict[str, float]:
     """Bytes of the optimizer state, of the host buffers of roots in flight, and the state's
     bytes per parameter element (Adam's float32 moments: 8)."""
-    state = sum(nbytes(s) for s in engine.state.values())
+    state = held_bytes(engine.state.values())
     host = sum(
         b.snapshot.nbytes + b.result.nbytes
         for buffers in engine._roots.staging.values()
@@ -62,6 +62,33 @@ def memory(engine: PreconditionerEngine) -> dict[str, float]:
         "host_buffer_bytes": host,
         "state_bytes_per_element": state / max(1, elements),
     }
+
+
+def held_bytes(value: Any) -> int:
+    """Bytes of the memory that the tensors in ``value`` (nested lists, tuples and dicts) hold:
+    each storage once, however many views of it there are (the state's per-block views of a
+    bucket's stacks; compact state's two views of one stack)."""
+    storages: dict[tuple[int, str], int] = {}
+    alone = 0
+
+    def visit(v: Any) -> None:
+        nonlocal alone
+        if isinstance(v, torch.Tensor):
+            try:
+                storage = v.untyped_storage()
+            except (RuntimeError, NotImplementedError, TypeError):  # no storage of its own
+                alone += v.nbytes
+                return
+            storages[storage.data_ptr(), str(v.device)] = storage.nbytes()
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                visit(x)
+        elif isinstance(v, dict):
+            for x in v.values():
+                visit(x)
+
+    visit(list(value) if not isinstance(value, (torch.Tensor, dict, list, tuple)) else value)
+    return sum(storages.values()) + alone
 
 
 def nbytes(value: Any) -> int:

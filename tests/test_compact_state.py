@@ -1,0 +1,158 @@
+"""compact_state=True: each block's factor and root, both symmetric, kept as the two triangles of
+one (d + 1, d) tensor. The rule is the same (the float64 reference covers it pairwise with the
+other options in test_reference.py); here: the memory it holds, bitwise equivalences
+(async ≡ sync, resume, the guard, full matrices' lower triangles), checkpoints both ways."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from models import make_batches, mixed_model, saved_and_loaded, train
+
+from torch_shampoo import SOAP, NGPlus, Shampoo
+from torch_shampoo.telemetry import held_bytes
+
+BASE: dict[str, Any] = dict(
+    lr=0.01, block_size=4, momentum=0.5, precondition_frequency=3, epsilon=1e-4
+)
+
+
+def params_of(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def run(steps: int, **kwargs: Any) -> list[torch.Tensor]:
+    model = mixed_model()
+    with Shampoo(model.parameters(), **{**BASE, **kwargs}) as opt:
+        train(model, opt, make_batches(steps))
+    return params_of(model)
+
+
+def assert_bitwise(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y), (x - y).abs().max()
+
+
+def test_a_factor_and_its_root_take_d_plus_one_rows_of_d() -> None:
+    """A (8, 6) parameter at block 8 (one block, two factors): exp_avg and graft_v (48 floats
+    each), one (9, 8) and one (7, 6) tensor for the two factors and their roots, and the same
+    small entries as with full matrices (test_root_schedule's closed form)."""
+    param = torch.nn.Parameter(torch.randn(8, 6))
+    with Shampoo([param], block_size=8, async_roots=False, compact_state=True) as opt:
+        param.grad = torch.randn(8, 6)
+        opt.step()
+        stats = opt.root_stats()
+    expected = 4 * (2 * 48 + 9 * 8 + 7 * 6) + 4 + 2 * 8 + 2 + 8 + 3 * 8 + 2
+    assert stats["state_bytes"] == expected
+
+
+def test_the_held_bytes_count_each_storage_once() -> None:
+    stack = torch.zeros(3, 5, 4)
+    views = {"a": [stack[0], stack[1]], "b": (stack[:, 1:, :], stack[:, :4, :])}
+    assert held_bytes(views) == stack.nbytes
+    assert held_bytes([stack, torch.zeros(2)]) == stack.nbytes + 8
+
+
+@pytest.mark.parametrize("beta2", [0.99, 1.0])
+def test_the_factors_lower_triangles_are_those_of_full_matrices_bitwise(beta2: float) -> None:
+    """Before the first root step (only statistics accumulate), a compact factor's lower
+    triangle is bitwise the full-matrix factor's: the same product, its triangle kept."""
+    kwargs = dict(betas=(0.9, beta2), precondition_frequency=50, async_roots=False)
+    models, states = [], []
+    for compact in (False, True):
+        model = mixed_model()
+        opt = Shampoo(model.parameters(), **{**BASE, **kwargs}, compact_state=compact)
+        train(model, opt, make_batches(6))
+        models.append(params_of(model))
+        states.append(opt.state_dict()["state"])
+        opt.close()
+    assert_bitwise(*models)
+    for full, compact in zip(states[0].values(), states[1].values()):
+        for j, factor in full["factors"].items():
+            assert torch.equal(compact["factors"][j].tril(), factor.tril())
+            assert torch.equal(compact["factors"][j], compact["factors"][j].mT)  # symmetric
+
+
+@pytest.mark.parametrize("frequency", [1, 3])
+def test_async_roots_equal_sync_roots_delayed_by_the_same_staleness(frequency: int) -> None:
+    common = dict(precondition_frequency=frequency, root_staleness=frequency, compact_state=True)
+    assert_bitwise(run(20, async_roots=True, **common), run(20, async_roots=False, **common))
+
+
+@pytest.mark.parametrize("async_roots", [False, True])
+def test_a_state_dict_with_roots_in_flight_resumes_bitwise(async_roots: bool) -> None:
+    kwargs = {**BASE, "root_staleness": 2, "async_roots": async_roots, "compact_state": True}
+    batches = make_batches(14)
+    whole = mixed_model()
+    with Shampoo(whole.parameters(), **kwargs) as opt:
+        train(whole, opt, batches)
+    model = mixed_model()
+    with Shampoo(model.parameters(), **kwargs) as opt:
+        train(model, opt, batches[:7])  # roots of step 6 in flight until step 8
+        saved = saved_and_loaded(model, opt)  # (torch.save, torch.load(weights_only=True))
+    assert any(int(s["pending_due"]) == 8 for s in saved["opt"]["state"].values())
+    resumed_model = mixed_model(seed=1)
+    resumed_model.load_state_dict(saved["model"])
+    with Shampoo(resumed_model.parameters(), **kwargs) as resumed:
+        resumed.load_state_dict(saved["opt"])
+        train(resumed_model, resumed, batches[7:])
+    assert_bitwise(params_of(resumed_model), params_of(whole))
+
+
+def test_checkpoints_load_across_the_two_layouts() -> None:
+    """A compact checkpoint holds full symmetric matrices: an optimizer with full matrices loads
+    it and saves the same tensors; a full-matrix checkpoint loads into a compact optimizer,
+    which keeps each factor's lower and each root's upper triangle (mirrored when saved). In
+    between, one step with zero gradients (β₂ = 1: the factors add exact zeros; not a root
+    step), so that the loaded matrices are stacked and packed."""
+    kwargs = {**BASE, "betas": (0.9, 1.0), "async_roots": False}
+    batches = make_batches(7)
+    saved = {}
+    for compact in (False, True):
+        model = mixed_model()
+        with Shampoo(model.parameters(), **kwargs, compact_state=compact) as opt:
+            train(model, opt, batches)
+            saved[compact] = opt.state_dict()
+    for compact in (False, True):
+        model = mixed_model()
+        with Shampoo(model.parameters(), **kwargs, compact_state=not compact) as opt:
+            opt.load_state_dict(saved[compact])
+            for p in model.parameters():
+                p.grad = torch.zeros_like(p)
+            opt.step()
+            again = opt.state_dict()["state"]
+        for before, after in zip(saved[compact]["state"].values(), again.values()):
+            for key, keep in (("factors", torch.tril), ("roots", torch.triu)):
+                for j, x in before[key].items():
+                    mask = keep(torch.ones_like(x, dtype=torch.bool))
+                    expected = x if compact else torch.where(mask, x, x.mT)
+                    assert torch.equal(after[key][j], expected), (key, j)
+
+
+def test_a_nonfinite_step_leaves_the_triangles_and_the_weights_as_they_were() -> None:
+    model = mixed_model()
+    with Shampoo(model.parameters(), **BASE, async_roots=False, compact_state=True) as opt:
+        train(model, opt, make_batches(7))
+        before = opt.state_dict()
+        weights = params_of(model)
+        for p in model.parameters():
+            p.grad = torch.full_like(p, float("nan"))
+        opt.step()
+        after = opt.state_dict()
+    assert_bitwise(params_of(model), weights)
+    for s, t in zip(before["state"].values(), after["state"].values()):
+        for key in ("factors", "roots"):
+            assert_bitwise(list(s[key].values()), list(t[key].values()))
+
+
+@pytest.mark.parametrize("front", [SOAP, NGPlus])
+def test_fronts_without_symmetric_roots_refuse_it(front: type) -> None:
+    with pytest.raises(TypeError, match="compact_state"):
+        front(mixed_model().parameters(), compact_state=True)
+
+
+def test_a_flag_that_is_not_a_bool_is_refused_naming_it() -> None:
+    with pytest.raises(TypeError, match="Invalid compact_state: 'yes'"):
+        Shampoo(mixed_model().parameters(), compact_state="yes")  # type: ignore[arg-type]
