@@ -10,6 +10,7 @@ bytes against Adam's. 1 intra-op thread unless --threads.
 
     python benchmarks/bucket_ab.py                       # this checkout only
     python benchmarks/bucket_ab.py --compare ../baseline --rounds 3
+    python benchmarks/bucket_ab.py --compact      # compact_state=True against full matrices
 """
 
 from __future__ import annotations
@@ -96,9 +97,12 @@ def load_package(root: Path, name: str) -> Any:
     return importlib.import_module(name)
 
 
-def run(steps: int, packages: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
-    """Per model and package: Shampoo's steps interleaved with every other contender's
-    (Adam, and each other package), the order alternating per step."""
+def run(
+    steps: int, packages: dict[str, tuple[Any, dict[str, Any]]]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Per model and contender (a package and extra Shampoo kwargs): Shampoo's steps
+    interleaved with every other contender's (Adam, and each other one), the order alternating
+    per step."""
     out: dict[str, dict[str, dict[str, float]]] = {label: {} for label in packages}
     for name, (model, shape, block) in models().items():
         sets = grads(model, shape)
@@ -106,9 +110,9 @@ def run(steps: int, packages: dict[str, Any]) -> dict[str, dict[str, dict[str, f
         opts: dict[str, torch.optim.Optimizer] = {
             label: package.Shampoo(
                 params[label], lr=1e-3, block_size=block, precondition_frequency=FREQUENCY,
-                async_roots=False,
+                async_roots=False, **extra,
             )
-            for label, package in packages.items()
+            for label, (package, extra) in packages.items()
         }  # fmt: skip
         opts["adam"] = torch.optim.Adam(params["adam"], lr=1e-3, foreach=False)
         keys = list(opts)
@@ -144,23 +148,33 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--compare", type=Path, default=None, help="another checkout")
+    parser.add_argument(
+        "--compact", action="store_true", help="compact_state=True against full matrices"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    packages = {"new": load_package(ROOT, "torch_shampoo_new")}
+    package = load_package(ROOT, "torch_shampoo_new")
+    packages: dict[str, tuple[Any, dict[str, Any]]] = {"new": (package, {})}
     if args.compare is not None:
-        packages["old"] = load_package(args.compare.resolve(), "torch_shampoo_old")
+        packages["old"] = (load_package(args.compare.resolve(), "torch_shampoo_old"), {})
+    if args.compact:  # "old": full matrices, "new": compact state, both of this checkout
+        packages = {"new": (package, {"compact_state": True}), "old": (package, {})}
     print(f"load average {os.getloadavg()}, threads {args.threads}, {args.steps} steps")
     runs = [run(args.steps, packages) for _ in range(args.rounds)]
-    if args.compare is None:
+    if len(packages) == 1:
         for name, r in runs[0]["new"].items():
             print(f"{name:28s} " + " ".join(f"{k}={v:.3g}" for k, v in r.items()))
         return
+    old_label, new_label = ("full", "compact") if args.compact else ("old", "new")
     for name in runs[0]["new"]:
         print(name)
         for key in runs[0]["new"][name]:
             old = statistics.median(r["old"][name][key] for r in runs)
             new = statistics.median(r["new"][name][key] for r in runs)
-            print(f"  {key:16s} old {old:9.3f}  new {new:9.3f}  new/old {new / old:6.3f}")
+            print(
+                f"  {key:16s} {old_label} {old:9.3f}  {new_label} {new:9.3f}  "
+                f"{new_label}/{old_label} {new / old:6.3f}"
+            )
     print(f"load average after: {os.getloadavg()}")
 
 

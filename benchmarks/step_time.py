@@ -66,6 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from torch_shampoo import Shampoo
 from torch_shampoo.blocking import block_layout
+from torch_shampoo.telemetry import held_bytes
 
 FREQUENCY = 10
 MAX_FACTOR_DIM = 8192  # Shampoo's default
@@ -200,7 +201,8 @@ class Contender:
     """One timed thing: an optimizer on its own copy of the parameters, or a GEMM floor."""
 
     name: str
-    kind: str  # "adam", "floor", "sync", "noguard" (sync, skip_nonfinite=False), "async", "noroot"
+    kind: str  # "adam", "floor", "sync", "noguard" (sync, skip_nonfinite=False), "async", "noroot",
+    # "compact" (sync, compact_state=True)
     block_size: int | None
     step_fn: Callable[[], Any]
     params: list[torch.Tensor] = field(default_factory=list)
@@ -222,7 +224,7 @@ class Contender:
         return isinstance(self.opt, Shampoo)
 
     def is_root_step(self, t: int) -> bool:
-        if self.kind in ("sync", "noguard", "async"):
+        if self.kind in ("sync", "noguard", "compact", "async"):
             return t >= FREQUENCY and t % FREQUENCY == 0
         return self.kind == "noroot" and t == 1
 
@@ -302,8 +304,13 @@ def make_contender(
             async_roots=kind == "async",
             root_workers=root_workers,
             skip_nonfinite=kind != "noguard",
+            compact_state=kind == "compact",
         )
-        labels = {"noroot": "sync, no roots after step 1", "noguard": "sync, guard off"}
+        labels = {
+            "noroot": "sync, no roots after step 1",
+            "noguard": "sync, guard off",
+            "compact": "sync, compact_state",
+        }
         label = labels.get(kind, kind)
         name = f"Shampoo b{block_size} {label}"
     return Contender(
@@ -350,7 +357,8 @@ def tensor_bytes(obj: Any) -> int:
 
 
 def state_bytes(c: Contender) -> int:
-    return sum(tensor_bytes(s) for s in c.opt.state.values()) if c.opt is not None else 0
+    """The memory the state holds: each storage once (per-block views of a bucket's stacks)."""
+    return held_bytes(list(c.opt.state.values())) if c.opt is not None else 0
 
 
 def staging_bytes(c: Contender) -> int:
@@ -444,11 +452,11 @@ def model_suite(
     device: torch.device = CPU,
 ) -> tuple[list[Summary], float]:
     """Adam, the GEMM floors, sync and async Shampoo per block size (and, with ``guard_off``,
-    sync with the non-finite guard off), interleaved."""
+    sync with the non-finite guard off and sync with compact state), interleaved."""
     contenders = [make_contender("adam", spec, grads, device=device)]
     contenders += [make_contender("floor", spec, grads, b, device=device) for b in block_sizes]
     for b in block_sizes:
-        for kind in ("sync", "noguard", "async") if guard_off else ("sync", "async"):
+        for kind in ("sync", "noguard", "compact", "async") if guard_off else ("sync", "async"):
             contenders.append(make_contender(kind, spec, grads, b, root_workers, device))
     try:
         wall = run_interleaved(contenders, rounds, cycles, label)
@@ -481,7 +489,7 @@ def core_table(spec: ModelSpec, summaries: list[Summary], rounds: int, cycles: i
     ]
     rows = []
     for s in summaries:
-        shampoo = s.kind in ("sync", "noguard", "async")
+        shampoo = s.kind in ("sync", "noguard", "compact", "async")
         floor = floors.get(s.block_size) if shampoo else None
         rows.append(
             [
