@@ -234,11 +234,18 @@ def test_host_buffers_are_pinned_and_copies_are_ordered_on_the_current_stream(
 # ---------------------------------------------------------------------- (b) a side stream
 
 
+@pytest.mark.parametrize("compact_state", [False, True], ids=["full", "compact"])
 @pytest.mark.parametrize("async_roots", [True, False], ids=["async", "sync"])
 def test_training_on_a_side_stream_equals_training_on_the_default_stream(
-    async_roots: bool,
+    async_roots: bool, compact_state: bool
 ) -> None:
-    kwargs = dict(BASE, precondition_frequency=3, root_staleness=1, async_roots=async_roots)
+    kwargs = dict(
+        BASE,
+        precondition_frequency=3,
+        root_staleness=1,
+        async_roots=async_roots,
+        compact_state=compact_state,
+    )
     batches = cuda_batches(12)
     default = train_fresh(batches, kwargs)
     side = torch.cuda.Stream()
@@ -254,8 +261,9 @@ def test_training_on_a_side_stream_equals_training_on_the_default_stream(
 # ------------------------------------------------------------------- (c) async = sync roots
 
 
-def test_async_roots_equal_sync_roots_with_the_same_staleness_on_cuda() -> None:
-    kwargs = dict(BASE, precondition_frequency=3, root_staleness=2)
+@pytest.mark.parametrize("compact_state", [False, True], ids=["full", "compact"])
+def test_async_roots_equal_sync_roots_with_the_same_staleness_on_cuda(compact_state: bool) -> None:
+    kwargs = dict(BASE, precondition_frequency=3, root_staleness=2, compact_state=compact_state)
     batches = cuda_batches(14)  # root steps 3, 6, 9, 12: installed at 3, 8, 11 and 14
     asynchronous = train_fresh(batches, {**kwargs, "async_roots": True}, lag=LAG)
     synchronous = train_fresh(batches, {**kwargs, "async_roots": False}, lag=LAG)
