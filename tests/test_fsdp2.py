@@ -72,6 +72,11 @@ def _scenarios(rank: int, store: str, out: str) -> None:
         train_share(model, opt, batches, rank, 2)
         results["shampoo partitioned solved here"] = opt.root_stats()["roots_solved_here"]
     results["shampoo partitioned"] = _whole(model)
+    model = _sharded_model()
+    compact = dict(partition_roots=True, compact_state=True)
+    with Shampoo(model.parameters(), **compact, **KWARGS["shampoo"]) as opt:
+        train_share(model, opt, batches, rank, 2)
+    results["shampoo compact partitioned"] = _whole(model)
     for partitioned in (False, True):
         model = _sharded_model()
         with Shampoo(model.parameters(), partition_state=partitioned, **KWARGS["shampoo"]) as opt:
@@ -150,6 +155,21 @@ def test_fsdp2_with_partitioned_roots_is_bitwise_the_replicated_run(
     for rank in fsdp2_runs:
         for a, b in zip(rank["shampoo partitioned"], rank["shampoo"]):
             assert torch.equal(a, b)
+
+
+def test_fsdp2_with_compact_state_and_partitioned_roots_equals_one_process(
+    fsdp2_runs: list[dict[str, Any]],
+) -> None:
+    """Compact state under FSDP2, each root solved on one rank and broadcast as a full matrix,
+    then installed as its triangle: one process's compact run on the combined batch."""
+    model = _model()
+    with Shampoo(model.parameters(), compact_state=True, **KWARGS["shampoo"]) as opt:
+        train_share(model, opt, make_batches(STEPS), 0, 1)
+    reference = _whole(model)
+    runs = [rank["shampoo compact partitioned"] for rank in fsdp2_runs]
+    for a, b, ref in zip(*runs, reference):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, ref, rtol=0, atol=1e-6)
 
 
 def _refusals() -> list[str]:
