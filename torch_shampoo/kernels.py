@@ -134,8 +134,8 @@ def accumulate_statistics(
         assert mask is not None
         if factor.is_contiguous():
             torch.where(mask, new, factor, out=factor)
-        else:  # a view of a compact stack
-            factor.copy_(torch.where(mask, new, factor))
+        else:  # a view of a compact stack: the select into the product's buffer, then a copy
+            factor.copy_(torch.where(mask, new, factor, out=new))
 
 
 def mode_products_stack(
