@@ -9,9 +9,9 @@ two overlapping ``(n, d, d)`` views of it::
 
 The two triangles are disjoint and together fill ``S``: the factor and the root of a block take
 d(d + 1) numbers instead of 2d². The rest of the library sees the same ``(n, d, d)`` stacks as
-without packing, through four functions: what reads a factor or a root takes its full matrix
-(:func:`full`: one ``torch.where`` with the mirrored view), and what writes one writes its own
-triangle only (:func:`write`). The statistics' product is computed as before and its lower
+without packing and goes through two functions: what reads a factor or a root takes its full
+matrix (:func:`full`: one ``torch.where`` with the mirrored view), and what writes one writes
+its own triangle only (:func:`write`). The statistics' product is computed as before and its lower
 triangle kept, so a factor's lower triangle holds the same numbers as an unpacked factor's.
 """
 
