@@ -155,6 +155,7 @@ class NGPlus(PreconditionerEngine):
             "epsilon": "'damping' (λ in (F + λI)⁻¹)",
             "precondition_frequency": "'inverse_frequency'",
             "betas": "'curvature_beta' (β of the moving average of F) and 'momentum'",
+            "compact_state": "nothing: it is Shampoo's (NG+ keeps one factor per weight)",
         }
         reject_unknown("NGPlus", unknown, inspect.signature(NGPlus).parameters, hints)
         if statistics not in STATISTICS:

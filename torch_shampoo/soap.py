@@ -25,6 +25,7 @@ _HINTS = {
     "max_precond_dim": "'max_factor_dim'",
     "grafting": "nothing: SOAP's step has Adam's size by construction (use Shampoo to graft)",
     "root_exponent": "nothing: SOAP uses eigenvectors, not roots",
+    "compact_state": "nothing: it packs Shampoo's symmetric roots (SOAP's bases are not)",
     "use_nesterov": "'nesterov'",
 }
 
