@@ -251,21 +251,17 @@ def _stack_state(bucket: Bucket, states: list[dict[str, Any]], packed: bool) -> 
     k = bucket.per_block
     bucket.triangles = [] if packed else None
     for dim in range(k):
-        found = {}
-        for key in ("factors", "roots"):
-            pairs = [
-                (s[key], b * k + dim) for m, s in zip(bucket.members, states) for b in m.blocks
-            ]
-            found[key] = (pairs, torch.stack([entries[j] for entries, j in pairs]))
-        (factor_pairs, factors), (root_pairs, roots) = found["factors"], found["roots"]
-        if bucket.triangles is not None:
-            triangles = packing.Triangles(factors.shape[-1], factors.device)
-            factors, roots = packing.pack(factors, roots, triangles)
+        rows = [(s, b * k + dim) for m, s in zip(bucket.members, states) for b in m.blocks]
+        factors = [s["factors"][j] for s, j in rows]
+        roots = [s["roots"][j] for s, j in rows]
+        if bucket.triangles is None:
+            factor_stack, root_stack = torch.stack(factors), torch.stack(roots)
+        else:  # row by row: no full (n, d, d) copies on the way
+            triangles = packing.Triangles(factors[0].shape[-1], factors[0].device)
+            factor_stack, root_stack = packing.pack(factors, roots, triangles)
             bucket.triangles.append(triangles)
-        for pairs, stack, stacks in (
-            (factor_pairs, factors, bucket.factors),
-            (root_pairs, roots, bucket.roots),
-        ):
-            stacks.append(stack)
-            for row, (entries, j) in enumerate(pairs):
-                entries[j] = stack[row]
+        bucket.factors.append(factor_stack)
+        bucket.roots.append(root_stack)
+        for row, (s, j) in enumerate(rows):
+            s["factors"][j] = factor_stack[row]
+            s["roots"][j] = root_stack[row]

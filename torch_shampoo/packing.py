@@ -17,6 +17,8 @@ triangle kept, so a factor's lower triangle holds the same numbers as an unpacke
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 __all__ = ["Triangles", "full", "pack", "write"]
@@ -33,15 +35,17 @@ class Triangles:
 
 
 def pack(
-    factors: torch.Tensor, roots: torch.Tensor, triangles: Triangles
+    factors: Sequence[torch.Tensor], roots: Sequence[torch.Tensor], triangles: Triangles
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The factor and root views of a new ``(n, d + 1, d)`` stack that holds the lower
-    triangles of ``factors`` and the upper triangles of ``roots`` (both ``(n, d, d)``)."""
-    n, d = factors.shape[0], factors.shape[-1]
-    stack = factors.new_zeros((n, d + 1, d))
+    triangles of the n ``factors`` and the upper triangles of the n ``roots`` (each (d, d));
+    written row by row, so that no full copy of either exists on the way."""
+    n, d = len(factors), factors[0].shape[-1]
+    stack = factors[0].new_zeros((n, d + 1, d))
     lower, upper = stack[:, 1:, :], stack[:, :d, :]
-    write(lower, factors, triangles.lower)
-    write(upper, roots, triangles.upper)
+    for row, (factor, root) in enumerate(zip(factors, roots)):
+        write(lower[row], factor, triangles.lower)
+        write(upper[row], root, triangles.upper)
     return lower, upper
 
 

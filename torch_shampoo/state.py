@@ -57,8 +57,13 @@ def init_state(p: torch.Tensor, state: dict[str, Any], layout: BlockLayout) -> N
     dtype = state_dtype(p)
     sizes = _factor_sizes(layout)
     state["step"] = torch.tensor(0.0)
-    state["factors"] = [torch.zeros(d, d, dtype=dtype, device=p.device) for d in sizes]
-    state["roots"] = [torch.eye(d, dtype=dtype, device=p.device) for d in sizes]
+    # One zero factor and one identity root per size, shared by the blocks until the bucket
+    # plan (which follows at once) copies them into its stacks: no per-block matrices at the
+    # first step, whose peak memory would otherwise hold every factor and root twice.
+    zeros = {d: torch.zeros(d, d, dtype=dtype, device=p.device) for d in set(sizes)}
+    eyes = {d: torch.eye(d, dtype=dtype, device=p.device) for d in set(sizes)}
+    state["factors"] = [zeros[d] for d in sizes]
+    state["roots"] = [eyes[d] for d in sizes]
     state["root_failures"] = torch.zeros(len(sizes), dtype=torch.int64)
     state["has_root"] = torch.zeros(len(sizes), dtype=torch.bool)
     state["skipped_blocks"] = torch.zeros((), dtype=torch.int64, device=p.device)
