@@ -17,12 +17,14 @@ Claims:
 from __future__ import annotations
 
 import math
+import pickle
 from typing import Any
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 import torch_shampoo.elementwise as elementwise_module
 import torch_shampoo.step as step_module
@@ -238,3 +240,23 @@ def test_inverse_roots_of_a_stack_agree_with_inverse_root_per_matrix(
         assert found.ok == alone.ok
         if alone.ok:
             torch.testing.assert_close(found.root, alone.root, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("compact_state", [False, True], ids=["full", "compact"])
+def test_pickling_writes_each_tensor_once_not_each_rows_whole_bucket(compact_state: bool) -> None:
+    """A parameter's factors, roots and (single-block buckets) moments are views of its
+    buckets' stacks; pickle writes a view's whole storage, so they are pickled as tensors of
+    their own: the pickle is about the state plus the parameters, not n times the buckets."""
+    model = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 256), nn.Linear(16, 16))
+    params = list(model.parameters())
+    with Shampoo(params, block_size=64, async_roots=False, compact_state=compact_state) as opt:
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        held = opt.root_stats()["state_bytes"]
+        size = len(pickle.dumps(opt))
+        twin = pickle.loads(pickle.dumps(opt))
+        twin.close()
+    weights = sum(p.nbytes for p in params)
+    # (compact state is pickled as full matrices: up to twice its factors' and roots' bytes)
+    assert size < (2.0 if compact_state else 1.2) * (held + weights), (size, held, weights)

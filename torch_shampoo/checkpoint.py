@@ -46,10 +46,7 @@ def to_saved(
     except the zero slots of absent pending roots and, with ``compact`` state
     (:mod:`torch_shampoo.packing`), the factors and roots: saved as full symmetric matrices."""
     saved = {k: v for k, v in state.items() if k not in _LISTS}
-    factors, roots = state["factors"], state["roots"]
-    if compact:
-        factors = [packing.full(f, f.new_ones(f.shape, dtype=torch.bool).tril()) for f in factors]
-        roots = [packing.full(r, r.new_ones(r.shape, dtype=torch.bool).triu()) for r in roots]
+    factors, roots = _full_matrices(state) if compact else (state["factors"], state["roots"])
     saved["factors"] = {str(j): f for j, f in enumerate(factors)}
     saved["roots"] = {str(j): r for j, r in enumerate(roots)}
     saved["schema"] = torch.tensor(SCHEMA)
@@ -73,6 +70,27 @@ def to_saved(
             for j, root in enumerate(pending["pending_roots"])
         }
     return saved
+
+
+def _full_matrices(state: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A compact state's factors and roots as full symmetric matrices (new tensors)."""
+    factors = [
+        packing.full(f, torch.ones_like(f, dtype=torch.bool).tril()) for f in state["factors"]
+    ]
+    roots = [packing.full(r, torch.ones_like(r, dtype=torch.bool).triu()) for r in state["roots"]]
+    return factors, roots
+
+
+def _owned(value: Any) -> Any:
+    """``value`` (nested lists and dicts) with every tensor that views a larger storage (a
+    bucket's stacks) cloned: pickle writes a tensor's whole storage, once per tensor."""
+    if isinstance(value, torch.Tensor):
+        return value.clone() if value.untyped_storage().nbytes() > value.nbytes else value
+    if isinstance(value, list):
+        return [_owned(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _owned(v) for k, v in value.items()}
+    return value
 
 
 def from_saved(owner: str, name: str, saved: dict[str, Any]) -> dict[str, Any]:
@@ -279,13 +297,14 @@ class Checkpointing(Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         pending = self._pending_as_state()
-        state["state"] = type(self.state)(
-            dict,
-            {
-                p: {**s, **pending.get(p, {})} if isinstance(s, dict) else s
-                for p, s in self.state.items()
-            },
-        )
+        compact = getattr(self, "_compact_state", False)
+        pickled = {}
+        for p, s in self.state.items():
+            if isinstance(s, dict) and compact and "factors" in s:
+                factors, roots = _full_matrices(s)
+                s = {**s, "factors": factors, "roots": roots}
+            pickled[p] = _owned({**s, **pending.get(p, {})}) if isinstance(s, dict) else s
+        state["state"] = type(self.state)(dict, pickled)
         state["_async_roots"] = self._async_roots
         state["_root_workers"] = self._root_workers
         state["_partition_roots"] = getattr(self, "_partition_roots", False)
