@@ -21,8 +21,18 @@ from torch_shampoo import SOAP, NGPlus, Shampoo
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 STEPS = 12
-KWARGS = {**DISTRIBUTED_KWARGS, "ngplus-ps": DISTRIBUTED_KWARGS["ngplus"]}
-FRONTS = {"shampoo": Shampoo, "ngplus": NGPlus, "ngplus-ps": NGPlus, "soap": SOAP}
+KWARGS = {
+    **DISTRIBUTED_KWARGS,
+    "ngplus-ps": DISTRIBUTED_KWARGS["ngplus"],
+    "shampoo-compact": {**DISTRIBUTED_KWARGS["shampoo"], "compact_state": True},
+}
+FRONTS = {
+    "shampoo": Shampoo,
+    "shampoo-compact": Shampoo,
+    "ngplus": NGPlus,
+    "ngplus-ps": NGPlus,
+    "soap": SOAP,
+}
 
 
 def _params(model: nn.Module) -> list[torch.Tensor]:
@@ -190,7 +200,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict[str, A
 
 @pytest.mark.parametrize(
     "world, name",
-    [(2, "shampoo"), (2, "soap"), (2, "ngplus"), (2, "ngplus-ps"), (4, "shampoo")],
+    [
+        (2, "shampoo"),
+        (2, "shampoo-compact"),
+        (2, "soap"),
+        (2, "ngplus"),
+        (2, "ngplus-ps"),
+        (4, "shampoo"),
+    ],
 )
 def test_partitioned_state_is_bitwise_the_replicated_run(
     runs: dict[int, list[dict[str, Any]]], world: int, name: str
