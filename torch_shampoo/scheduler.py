@@ -85,11 +85,10 @@ class Slot:
         roots = self.roots if row is None else self.roots[row]
         if self.triangles is None:
             return device.to_device(roots, result)
-        if result.device == roots.device:
-            packing.write(roots, result, self.triangles.upper)
-            return None
-        uploaded = torch.empty_like(roots)
-        done = device.to_device(uploaded, result)
+        uploaded, done = result, None
+        if result.device != roots.device:
+            uploaded = torch.empty_like(roots)
+            done = device.to_device(uploaded, result)
         packing.write(roots, uploaded, self.triangles.upper)
         return done
 
