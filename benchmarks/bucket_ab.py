@@ -4,13 +4,15 @@ both packages into one process and interleaves their steps (and Adam's) step by 
 prints new/old ratios (medians over rounds).
 
 Per model: median non-root step and mean step over whole precondition cycles (frequency 10,
-roots computed synchronously, so their cost is in the mean), both against torch.optim.Adam
+roots computed synchronously, so their cost is in the mean; ``--async-roots``: the default,
+roots on a worker thread, so the mean is the training thread's cost), both against torch.optim.Adam
 (foreach=False, the CPU default) timed in the same process, interleaved; and the optimizer state
 bytes against Adam's. 1 intra-op thread unless --threads.
 
     python benchmarks/bucket_ab.py                       # this checkout only
     python benchmarks/bucket_ab.py --compare ../baseline --rounds 3
     python benchmarks/bucket_ab.py --compact      # compact_state=True against full matrices
+    python benchmarks/bucket_ab.py --async-roots  # the default async roots instead
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ def load_package(root: Path, name: str) -> Any:
 
 
 def run(
-    steps: int, packages: dict[str, tuple[Any, dict[str, Any]]]
+    steps: int, packages: dict[str, tuple[Any, dict[str, Any]]], async_roots: bool = False
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Per model and contender (a package and extra Shampoo kwargs): Shampoo's steps
     interleaved with every other contender's (Adam, and each other one), the order alternating
@@ -110,7 +112,7 @@ def run(
         opts: dict[str, torch.optim.Optimizer] = {
             label: package.Shampoo(
                 params[label], lr=1e-3, block_size=block, precondition_frequency=FREQUENCY,
-                async_roots=False, **extra,
+                async_roots=async_roots, **extra,
             )
             for label, (package, extra) in packages.items()
         }  # fmt: skip
@@ -151,6 +153,12 @@ def main() -> None:
     parser.add_argument(
         "--compact", action="store_true", help="compact_state=True against full matrices"
     )
+    parser.add_argument(
+        "--async-roots",
+        action="store_true",
+        help="the default asynchronous roots (staleness 'auto'): the root work runs on a "
+        "worker thread, so the mean step is what the training thread pays",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     package = load_package(ROOT, "torch_shampoo_new")
@@ -159,8 +167,9 @@ def main() -> None:
         packages["old"] = (load_package(args.compare.resolve(), "torch_shampoo_old"), {})
     if args.compact:  # "old": full matrices, "new": compact state, both of this checkout
         packages = {"new": (package, {"compact_state": True}), "old": (package, {})}
-    print(f"load average {os.getloadavg()}, threads {args.threads}, {args.steps} steps")
-    runs = [run(args.steps, packages) for _ in range(args.rounds)]
+    mode = "async roots" if args.async_roots else "synchronous roots"
+    print(f"load average {os.getloadavg()}, threads {args.threads}, {args.steps} steps, {mode}")
+    runs = [run(args.steps, packages, args.async_roots) for _ in range(args.rounds)]
     if len(packages) == 1:
         for name, r in runs[0]["new"].items():
             print(f"{name:28s} " + " ".join(f"{k}={v:.3g}" for k, v in r.items()))

@@ -279,9 +279,11 @@ class _SpyRunner:
         self.seen: list[list[torch.Tensor]] = []
         self.threads = 1
 
-    def submit(self, job: root_pool.RootJob) -> root_pool.Ticket:
-        self.seen.append([p.detach().clone() for p in self.params])
-        return root_pool.run_here(job, self.threads)
+    def submit(
+        self, jobs: list[root_pool.RootJob], tickets: list[root_pool.Ticket] | None = None
+    ) -> list[root_pool.Ticket]:
+        self.seen += [[p.detach().clone() for p in self.params]] * len(jobs)  # per job
+        return root_pool.run_here(jobs, self.threads, tickets)
 
     def close(self) -> None:
         pass

@@ -438,10 +438,14 @@ def test_a_block_whose_first_basis_failed_stays_adam_beside_rotated_blocks(
     real = root_pool.eigenbases
 
     def fail_single_rows(matrices: torch.Tensor) -> Any:
+        # The 2×4 block's factors: its 2×2 one, and the last row of the 4×4 batch (jobs are
+        # batched in slot order: the 4×4 bucket's two jobs of two rows, then the 2×4 one's).
         found = real(matrices)
-        if len(matrices) == 1:  # the 2×4 bucket's jobs (the 4×4 bucket's have 2 rows)
-            return [r.__class__(r.root, False, math.nan, "injected", "eigh") for r in found]
-        return found
+        failed = range(len(found)) if matrices.shape[-1] == 2 else range(4, len(found))
+        return [
+            r.__class__(r.root, False, math.nan, "injected", "eigh") if i in failed else r
+            for i, r in enumerate(found)
+        ]
 
     monkeypatch.setattr(root_pool, "eigenbases", fail_single_rows)
     gen = torch.Generator().manual_seed(0)

@@ -75,6 +75,7 @@ class RootCycles:
                 if self._submit_roots(w, is_first):
                     due_now.append(w)
                     first = first or is_first
+        self._roots.start_due()  # every parameter's jobs due now, in batches
         by_param = {w.p: w for w in work} if due_now else {}
         for w in due_now:
             self._install_due_roots(w.p, w.state, w.config, w.group, w.t)
@@ -143,10 +144,7 @@ class RootCycles:
             ]
 
         # an eigenbasis is installed next to the previous one (the moments move between them)
-        owners = [s.owner for s in slots] if self._roots.partition is not None else None
-        return self._roots.submit(
-            w.p, slots, jobs, t, due, in_place=not config.eigenbasis, owners=owners
-        )
+        return self._roots.submit(w.p, slots, jobs, t, due, in_place=not config.eigenbasis)
 
     def _refresh_bases(self, state: dict[str, Any], slots: list[Slot]) -> None:
         """At a root step without exact bases, or while they are computed off the step, the

@@ -25,7 +25,7 @@ from .checkpoint import Checkpointing
 from .config import EngineConfig, world_size
 from .cycles import RootCycles
 from .grafting import SECOND_MOMENT
-from .partition import Partition, assign
+from .partition import Partition
 from .scheduler import RootScheduler, Slot
 from .shares import StateShares
 from .state import check_state, init_state, state_dtype
@@ -168,7 +168,6 @@ class PreconditionerEngine(RootCycles, Checkpointing):
         wanted = getattr(self, "_partition_roots", False)  # (absent from earlier pickles)
         if wanted and shares is None and roots.partition is None and world_size() > 1:
             roots.partition = Partition()  # every rank at its first step (collective)
-            self._buckets = None  # plan again, with owners
         self._spread, self._consolidated = shares is not None, None
         roots.fit.tick()
         roots.send()  # left over if the previous step raised
@@ -253,12 +252,6 @@ class PreconditionerEngine(RootCycles, Checkpointing):
                         entries.append((index, p, self._layout_of(p, config), state))
             self._buckets, placements = plan_buckets(entries, packed=self._compact_state)
             self._slots = {i: slots_of(places) for i, places in placements.items()}
-            partition = self._roots.partition
-            if partition is not None:  # from the global shapes: the same on every rank
-                slots = [s for group in self._slots.values() for s in group]
-                jobs = [(len(s.indices), s.factors.shape[-1]) for s in slots]
-                for slot, owner in zip(slots, assign(jobs, partition.size)):
-                    slot.owner = owner
         return self._buckets
 
     def _rooted_blocks(

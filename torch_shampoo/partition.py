@@ -1,16 +1,16 @@
 """Root work shared out among the processes of a ``torch.distributed`` group (DDP).
 
 Under DDP every rank holds the same factors (the gradients are averaged before the step), so
-every rank would compute the same roots. With ``partition_roots=True`` each root job (a
-parameter's rows of one bucket and dim) has one owner, chosen by :func:`assign` from the global
-shapes alone, so every rank computes the same assignment. Every rank still snapshots every
-factor at a root step (a host copy), but only the owner solves it; at the install step, which
-is the same on every rank, each job's roots and outcome flags are broadcast from its owner
-over a gloo group of the optimizer's own (:class:`Partition`), so the roots are bitwise the
-ones one process would compute, and no rank runs any of this code alone. A rank that needs a
-root before that (``state_dict()`` with roots in flight, on rank 0 only, say) solves its own
-snapshot: the same bits, since :func:`~torch_shampoo.root_pool.solve` is deterministic at the
-pool's thread count.
+every rank would compute the same roots. With ``partition_roots=True`` each batch of root jobs
+(:func:`~torch_shampoo.root_pool.batches`: jobs of equal size and settings, solved together)
+has one owner, chosen by :func:`assign` from the global shapes alone, so every rank computes
+the same assignment. Every rank still snapshots every factor at a root step (a host copy), but
+only the owner solves it; at the install step, which is the same on every rank, each job's
+roots and outcome flags are broadcast from its owner over a gloo group of the optimizer's own
+(:class:`Partition`), so the roots are bitwise the ones one process would compute, and no rank
+runs any of this code alone. A rank that needs a root before that (``state_dict()`` with roots
+in flight, on rank 0 only, say) solves its own snapshots (of the job's whole batch): the same
+bits, since :func:`~torch_shampoo.root_pool.solve` is deterministic at the pool's thread count.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ __all__ = ["Partition", "assign"]
 
 
 def assign(jobs: Sequence[tuple[int, int]], ranks: int) -> list[int]:
-    """An owner per job ``(rows, d)``, balancing the estimated root work rows × d³: largest
-    first (ties in job order), each to the least-loaded rank (ties: the lowest)."""
+    """An owner per job (a batch) ``(rows, d)``, balancing the estimated root work rows × d³:
+    largest first (ties in job order), each to the least-loaded rank (ties: the lowest)."""
     load = [0.0] * ranks
     owners = [0] * len(jobs)
     order = sorted(range(len(jobs)), key=lambda i: (-jobs[i][0] * float(jobs[i][1]) ** 3, i))

@@ -2,18 +2,21 @@
 
 A :class:`RootJob` is everything the inverse roots of a stack of equal-size factors need (a
 parameter's factors of one bucket and dim): a host snapshot of the stack taken at the root step,
-the bias-correction divisor, the exponent and the epsilon. :func:`solve` turns it into
-X = (F/bc + εI)^(−1/r) per factor (one batched eigendecomposition), or with a relative epsilon
-X = (F/bc + ε·τ I)^(−1/r), τ = tr(F/bc)/d its mean eigenvalue; it is the *only* code that
-computes roots, and it always runs with the same number of intra-op threads (the pool's
-``threads``), so roots are bitwise the same whether they are waited for at once (synchronous
-roots) or installed later.
+the bias-correction divisor, the exponent and the epsilon. Jobs with equal settings and size are
+solved together (:func:`batches`: a model of many small parameters pays one job's fixed cost per
+batch, not per parameter). :func:`solve` turns a batch into X = (F/bc + εI)^(−1/r) per factor
+(one batched eigendecomposition), or with a relative epsilon X = (F/bc + ε·τ I)^(−1/r),
+τ = tr(F/bc)/d its mean eigenvalue; it is the *only* code that computes roots, and it always
+runs with the same number of intra-op threads (the pool's ``threads``) on the same batches, so
+roots are bitwise the same whether they are waited for at once (synchronous roots) or
+installed later.
 
-:class:`RootPool` runs jobs on daemon threads fed by a queue and returns a :class:`Ticket` the
-optimizer waits on when the root is due. :meth:`RootPool.close` returns at once: it cancels the
-tickets still outstanding, and a worker that finishes a cancelled job discards its root instead
-of writing it, so no thread writes into a buffer after ``close()``. :func:`run_here` computes a
-job on the calling thread (a state dict that needs a cancelled root).
+:class:`RootPool` runs batches on daemon threads fed by a queue and returns a :class:`Ticket`
+per job, which the optimizer waits on when the root is due. :meth:`RootPool.close` returns at
+once: it cancels the tickets still outstanding, and a worker that finishes a cancelled job
+discards its root instead of writing it, so no thread writes into a buffer after ``close()``.
+:func:`run_here` solves a batch on the calling thread (synchronous roots; a state dict that
+needs a cancelled root).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import queue
 import threading
 import time
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +41,7 @@ __all__ = [
     "RootOutcome",
     "RootPool",
     "Ticket",
+    "batches",
     "default_threads",
     "run_here",
     "solve",
@@ -80,29 +85,70 @@ class RootCancelled(RuntimeError):
     """The job's pool was closed (or the process forked) before the root was written."""
 
 
-def solve(job: RootJob) -> tuple[list[RootOutcome], torch.Tensor]:
-    """Compute the job's roots in float64; returns one outcome per factor and the roots (rows
-    whose outcome is not ok must not be used). The caller writes the usable rows into
-    ``job.result`` (see :meth:`Ticket._run`)."""
-    device.wait(job.snapshot_ready)
+def solve(jobs: Sequence[RootJob]) -> list[tuple[list[RootOutcome], torch.Tensor]]:
+    """Compute the roots of jobs solved together (one batch of :func:`batches`: equal
+    settings, size and dtype) in float64, as one stack; returns per job one outcome per factor
+    and its roots (rows whose outcome is not ok must not be used). The caller writes the usable
+    rows into ``job.result`` (see :meth:`Ticket._write`). A root depends on the batch it is
+    solved in (LAPACK's last bits follow a matrix's alignment in the stack), so every path
+    that solves a job solves its whole batch."""
+    for job in jobs:
+        device.wait(job.snapshot_ready)
     start = time.perf_counter()
-    if job.eigenbasis:  # F's eigenvectors do not depend on its scale or on ε
-        found = eigenbases(job.snapshot)
-        bases = torch.stack([f.root for f in found]) if found else job.snapshot.double()
-        return _outcomes(found, start), bases
-    matrices = job.snapshot.to(torch.float64) / job.scale
-    level = None
-    if job.relative and len(matrices):
-        # (F + ετI)^(−1/r) = τ^(−1/r) (F/τ + εI)^(−1/r): the batch solves the normalized factors
-        level = matrices.diagonal(dim1=-2, dim2=-1).mean(-1)
-        level = torch.where(level > 0, level, 1.0).nan_to_num_(1.0, 1.0, 1.0)[:, None, None]
-        matrices = matrices / level
-    found = inverse_roots(matrices, job.exponent, job.epsilon, job.method)
-    roots = torch.stack([f.root for f in found]) if found else matrices
-    if level is not None:
-        roots = roots * level.pow(-1.0 / job.exponent)
-    finite = torch.isfinite(roots).flatten(1).all(1).tolist() if found else []
-    return _outcomes(found, start, finite), roots
+    first = jobs[0]
+    snapshot = first.snapshot if len(jobs) == 1 else torch.cat([j.snapshot for j in jobs])
+    if first.eigenbasis:  # F's eigenvectors do not depend on its scale or on ε
+        found = eigenbases(snapshot)
+        roots = torch.stack([f.root for f in found]) if found else snapshot.double()
+        outcomes = _outcomes(found, start)
+    else:
+        matrices = snapshot.to(torch.float64) / first.scale
+        level = None
+        if first.relative and len(matrices):
+            # (F + ετI)^(−1/r) = τ^(−1/r) (F/τ + εI)^(−1/r): the batch solves normalized factors
+            level = matrices.diagonal(dim1=-2, dim2=-1).mean(-1)
+            level = torch.where(level > 0, level, 1.0).nan_to_num_(1.0, 1.0, 1.0)[:, None, None]
+            matrices = matrices / level
+        found = inverse_roots(matrices, first.exponent, first.epsilon, first.method)
+        roots = torch.stack([f.root for f in found]) if found else matrices
+        if level is not None:
+            roots = roots * level.pow(-1.0 / first.exponent)
+        finite = torch.isfinite(roots).flatten(1).all(1).tolist() if found else []
+        outcomes = _outcomes(found, start, finite)
+    out, row = [], 0
+    for job in jobs:
+        k = job.snapshot.shape[0]
+        out.append((outcomes[row : row + k], roots[row : row + k]))
+        row += k
+    return out
+
+
+MERGED_WORK = 2**22
+"""How much root work (rows × d³) one batch of small jobs gathers at most: 16 factors of
+64 x 64, 2 of 128 x 128. Below it a job's fixed cost (a ticket, a hand-over, a dozen small
+torch calls: ~0.3-0.7 ms) is not small against its eigendecompositions; beyond it batches stay
+apart, so that several workers share the work."""
+
+
+def batches(jobs: Sequence[RootJob]) -> list[list[int]]:
+    """Which of ``jobs`` are solved together: those with equal settings, factor size and dtype,
+    in order, gathered while their work stays within :data:`MERGED_WORK` (a job that alone
+    exceeds it is a batch of its own). A pure function of the jobs' shapes and settings, so
+    every mode, rank and retry forms the same batches (and so computes the same bits)."""
+    open_: dict[tuple[object, ...], tuple[list[int], list[float]]] = {}
+    out: list[list[int]] = []
+    for i, job in enumerate(jobs):
+        k, d = job.snapshot.shape[0], job.snapshot.shape[-1]
+        key = (d, job.snapshot.dtype, job.scale, job.exponent, job.epsilon, job.method,
+               job.relative, job.eigenbasis)  # fmt: skip
+        work = k * float(d) ** 3
+        current = open_.get(key)
+        if current is None or current[1][0] + work > MERGED_WORK:
+            current = open_[key] = ([], [0.0])
+            out.append(current[0])
+        current[0].append(i)
+        current[1][0] += work
+    return out
 
 
 def _outcomes(
@@ -175,25 +221,23 @@ class Ticket:
         job's result buffer is not written by this ticket."""
         self._fail(RootCancelled(why))
 
-    def _run(self, job: RootJob) -> None:
-        if self.done():  # cancelled while queued
+    def _write(self, job: RootJob, outcomes: list[RootOutcome], roots: torch.Tensor) -> None:
+        """Write the usable rows of ``roots`` into ``job.result`` and end as solved, unless
+        the ticket has already ended (cancelled: the roots are discarded)."""
+        if self.done():
             return
-        try:
-            outcomes, roots = solve(job)
-            ok = [o.ok for o in outcomes]
-            if any(ok):
-                device.wait(job.result_free)
-            with self._lock:
-                if self.done():
-                    return  # cancelled meanwhile: discard the roots
-                if all(ok):
-                    job.result.copy_(roots)
-                else:
-                    for row in (i for i, fine in enumerate(ok) if fine):
-                        job.result[row].copy_(roots[row])
-                self._end(outcomes, None)
-        except BaseException as exc:  # handed to the main thread by outcome()
-            self._fail(exc)
+        ok = [o.ok for o in outcomes]
+        if any(ok):
+            device.wait(job.result_free)
+        with self._lock:
+            if self.done():
+                return  # cancelled meanwhile: discard the roots
+            if all(ok):
+                job.result.copy_(roots)
+            else:
+                for row in (i for i, fine in enumerate(ok) if fine):
+                    job.result[row].copy_(roots[row])
+            self._end(outcomes, None)
 
     def outcome(self) -> list[RootOutcome]:
         """The job's outcome per factor; re-raises (on the caller's thread) whatever the job
@@ -214,22 +258,38 @@ def default_threads(workers: int) -> int:
     return max(1, torch.get_num_threads() // (2 * workers))
 
 
-def run_here(job: RootJob, threads: int) -> Ticket:
-    """Compute ``job`` on the calling thread with ``threads`` intra-op threads (as a worker
-    would, so the root is bitwise the same) and return its ended ticket."""
+def run_here(
+    jobs: Sequence[RootJob], threads: int, tickets: Sequence[Ticket] | None = None
+) -> list[Ticket]:
+    """Solve the batch ``jobs`` on the calling thread with ``threads`` intra-op threads (as a
+    worker would, so the roots are bitwise the same) and return their ended tickets (or end
+    the given ``tickets``: one that has already ended is left as it is, its job not written)."""
     before = torch.get_num_threads()
     if before != threads:
         torch.set_num_threads(threads)
     try:
-        ticket = Ticket()
-        ticket._run(job)
+        ended = list(tickets) if tickets is not None else [Ticket() for _ in jobs]
+        _run(ended, list(jobs))
     finally:
         if before != threads:
             torch.set_num_threads(before)
-    return ticket
+    return ended
 
 
-_Work = tuple[Ticket, RootJob] | None
+def _run(tickets: list[Ticket], jobs: list[RootJob]) -> None:
+    """Solve a batch and end each of its tickets (what the batch raised fails every one)."""
+    if all(ticket.done() for ticket in tickets):  # cancelled while queued
+        return
+    try:
+        solved = solve(jobs)
+        for ticket, job, (outcomes, roots) in zip(tickets, jobs, solved):
+            ticket._write(job, outcomes, roots)
+    except BaseException as exc:  # handed to the main thread by outcome()
+        for ticket in tickets:
+            ticket._fail(exc)
+
+
+_Work = tuple[list[Ticket], list[RootJob]] | None
 _THREAD_NAME = "torch_shampoo-root-"
 _LIVE_POOLS: weakref.WeakSet[RootPool] = weakref.WeakSet()
 
@@ -278,13 +338,18 @@ class RootPool:
             self, _stop, self._queue, len(self._threads), self._outstanding, self._lock
         )
 
-    def submit(self, job: RootJob) -> Ticket:
+    def submit(
+        self, jobs: Sequence[RootJob], tickets: Sequence[Ticket] | None = None
+    ) -> list[Ticket]:
+        """Queue the batch ``jobs`` (solved together by one worker); returns a ticket per job
+        (or uses the given ones: one that has already ended is not written)."""
         self._start()
-        ticket = Ticket()
+        queued = list(tickets) if tickets is not None else [Ticket() for _ in jobs]
         with self._lock:
-            self._outstanding.add(ticket)
-        self._queue.put((ticket, job))
-        return ticket
+            for ticket in queued:
+                self._outstanding.add(ticket)
+        self._queue.put((queued, list(jobs)))
+        return queued
 
     def close(self) -> None:
         """Cancel the jobs not yet solved and let the workers exit; returns at once."""
@@ -298,8 +363,7 @@ class RootPool:
 def _work(jobs: queue.SimpleQueue[_Work], threads: int) -> None:
     torch.set_num_threads(threads)
     while (item := jobs.get()) is not None:
-        ticket, job = item
-        ticket._run(job)
+        _run(*item)
 
 
 def _stop(

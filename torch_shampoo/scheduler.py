@@ -19,12 +19,9 @@ same integer staleness bitwise.
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
-import statistics
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,13 +31,19 @@ import torch
 from . import device, packing
 from .config import world_size
 from .packing import Triangles
-from .partition import Partition
-from .root_pool import RootJob, RootOutcome, RootPool, Ticket, default_threads, run_here
+from .partition import Partition, assign
+from .root_pool import (
+    RootJob,
+    RootOutcome,
+    RootPool,
+    Ticket,
+    batches,
+    default_threads,
+    run_here,
+)
+from .staleness import FITTED, StalenessFit
 
 __all__ = ["FITTED", "RootScheduler", "Slot", "StalenessFit", "outcomes_of"]
-
-FITTED = "fitted_staleness"
-"""The param-group key of an ``"auto"`` staleness once it is fitted (absent before)."""
 
 
 @dataclass
@@ -65,8 +68,6 @@ class Slot:
     indices: list[int]
     factors: torch.Tensor
     roots: torch.Tensor
-    owner: int = 0
-    """The rank that solves this job when root work is partitioned."""
     place: Any = None
     """(bucket, member, block dim) of these rows, for what installs must touch besides."""
     triangles: Triangles | None = None
@@ -93,7 +94,7 @@ class Slot:
         return done
 
 
-@dataclass
+@dataclass(eq=False)
 class Pending:
     """The roots of one parameter that are being computed and when they are due."""
 
@@ -110,6 +111,36 @@ class Pending:
     sent_at: float = 0.0
     owners: list[int] | None = None
     """Per job, the rank that solves it (``partition_roots``); None: this process solves all."""
+    batches: list[Batch] = field(default_factory=list)
+    """Per job, the batch it is solved in (empty until handed over; and for loaded roots)."""
+
+
+@dataclass(eq=False)
+class Batch:
+    """Jobs solved together (:func:`~torch_shampoo.root_pool.batches`), as (pending, job
+    index) pairs: whatever solves one of them again solves them all (the same bits)."""
+
+    members: list[tuple[Pending, int]]
+
+    def jobs(self) -> list[RootJob]:
+        return [pending.jobs[i] for pending, i in self.members]
+
+    def work(self) -> tuple[int, int]:
+        """(rows, d): what :func:`~torch_shampoo.partition.assign` balances."""
+        jobs = self.jobs()
+        return sum(job.snapshot.shape[0] for job in jobs), jobs[0].snapshot.shape[-1]
+
+    def tickets(self, fresh: Callable[[Ticket], bool]) -> list[Ticket]:
+        """Per member, a new ticket where ``fresh(its ticket)``, else its own (which has ended,
+        so solving the batch again leaves that member's result alone)."""
+        return [
+            Ticket() if fresh(pending.tickets[i]) else pending.tickets[i]
+            for pending, i in self.members
+        ]
+
+    def adopt(self, tickets: list[Ticket]) -> None:
+        for (pending, i), ticket in zip(self.members, tickets):
+            pending.tickets[i] = ticket
 
 
 @dataclass
@@ -130,39 +161,6 @@ class Stats:
     """(parameter index, factor index) → the solver's residual of its last root."""
 
 
-class StalenessFit:
-    """Fits ``"auto"`` staleness: the smallest s (1 ≤ s ≤ frequency) such that a root cycle's
-    measured wall time, times ``MARGIN``, fits into s training steps (the median interval
-    between ``step()`` calls: forward, backward and the step itself)."""
-
-    MARGIN = 2.0
-
-    def __init__(self) -> None:
-        self._clock: deque[float] = deque(maxlen=65)
-        self.first_tick: float | None = None
-        self.cycle_seconds: float | None = None
-        """Wall time of the latest root cycle that was waited for (with the given workers)."""
-        self.grown_at = -1
-
-    def tick(self) -> None:
-        now = time.perf_counter()
-        self._clock.append(now)
-        if self.first_tick is None:
-            self.first_tick = now
-
-    def step_seconds(self) -> float | None:
-        times = list(self._clock)
-        gaps = [b - a for a, b in itertools.pairwise(times)]
-        return statistics.median(gaps) if gaps else None
-
-    def steps_for(self, seconds: float) -> int | None:
-        """Training steps that ``seconds`` of root work needs, with the margin."""
-        period = self.step_seconds()
-        if period is None or period <= 0:
-            return None
-        return max(1, math.ceil(self.MARGIN * seconds / period))
-
-
 class RootScheduler:
     """Pending roots, host staging, the worker pool and the statistics of one optimizer."""
 
@@ -173,6 +171,8 @@ class RootScheduler:
         self.staging: dict[torch.Tensor, list[Staging]] = {}
         self.pending: dict[torch.Tensor, Pending] = {}
         self.unsent: list[Pending] = []
+        self.due_now: list[Pending] = []
+        """Pendings due in this step, handed over together by :meth:`start_due`."""
         self.stats = Stats()
         self.fit = StalenessFit()
         self.pid = os.getpid()
@@ -222,15 +222,18 @@ class RootScheduler:
         if not self.cancelled:
             return
         self.cancelled = False
+        again: dict[int, Batch] = {}
         for pending in self.pending.values():
-            if not any(t.cancelled for t in pending.tickets) or not pending.jobs:
-                continue
-            pending.tickets = [
-                (run_here(job, self.threads()) if here else self._pool().submit(job))
-                if ticket.cancelled
-                else ticket
-                for job, ticket in zip(pending.jobs, pending.tickets)
-            ]
+            for ticket, batch in zip(pending.tickets, pending.batches):
+                if ticket.cancelled:
+                    again[id(batch)] = batch
+        for batch in again.values():
+            tickets = batch.tickets(lambda ticket: ticket.cancelled)
+            if here:
+                run_here(batch.jobs(), self.threads(), tickets)
+            else:
+                self._pool().submit(batch.jobs(), tickets)
+            batch.adopt(tickets)
 
     # -------------------------------------------------------------------- the schedule
 
@@ -257,12 +260,11 @@ class RootScheduler:
         t: int,
         due: int,
         in_place: bool = True,
-        owners: list[int] | None = None,
     ) -> bool:
         """Register the root jobs of ``p`` made at step ``t`` (one per slot), due at ``due``;
-        jobs due now are handed to the pool at once, later ones at :meth:`send`. ``jobs`` is an
-        exception when the jobs could not be made (a failing damping schedule): the roots then
-        fail. ``in_place=False``: a root due now is written into a buffer of its own, not
+        jobs due now are handed over by :meth:`start_due`, later ones by :meth:`send`. ``jobs``
+        is an exception when the jobs could not be made (a failing damping schedule): the roots
+        then fail. ``in_place=False``: a root due now is written into a buffer of its own, not
         into the root stack (the installer needs the previous one). Returns whether they are
         due in this step."""
         indices = [slot.indices for slot in slots]
@@ -284,22 +286,46 @@ class RootScheduler:
             buffers = self._staging_of(p, [slot.factors for slot in slots])
         made = jobs(buffers)
         pending = self.pending[p] = Pending(
-            t, due, jobs=made, tickets=[], factors=indices, buffers=buffers, owners=owners
+            t, due, jobs=made, tickets=[], factors=indices, buffers=buffers
         )
-        if due > t:
-            self.unsent.append(pending)
-        else:
-            pending.sent_at = time.perf_counter()
-            pending.tickets = self._hand_over(pending, self._now)
+        (self.unsent if due > t else self.due_now).append(pending)
         return due <= t
 
-    def _hand_over(self, pending: Pending, start: Callable[[RootJob], Ticket]) -> list[Ticket]:
-        """Tickets for a pending's jobs: started with ``start`` where this process solves them,
-        open ones (filled by :meth:`Partition.exchange`) where another rank does."""
-        if pending.owners is None or self.partition is None:
-            return [start(job) for job in pending.jobs]
-        mine = self.partition.mine
-        return [start(job) if mine(o) else Ticket() for job, o in zip(pending.jobs, pending.owners)]
+    def start_due(self) -> None:
+        """Hand over this step's jobs due in it, together (so that equal small jobs of many
+        parameters are solved as one batch, and several batches in parallel)."""
+        if self.due_now:
+            now = time.perf_counter()
+            for pending in self.due_now:
+                pending.sent_at = now
+            self._hand_over(self.due_now, self._now)
+            self.due_now = []
+
+    def _hand_over(
+        self, pendings: list[Pending], start: Callable[[list[RootJob]], list[Ticket]]
+    ) -> None:
+        """Form the batches of these pendings' jobs and start them with ``start`` where this
+        process solves them; where another rank does (``partition_roots``: one owner per
+        batch, balanced by :func:`assign`), open tickets that :meth:`Partition.exchange`
+        fills. The batches, hence the roots' bits, do not depend on the partition."""
+        members = [(pending, i) for pending in pendings for i in range(len(pending.jobs))]
+        groups = batches([pending.jobs[i] for pending, i in members])
+        formed = [Batch([members[k] for k in group]) for group in groups]
+        owners = [0] * len(formed)
+        if self.partition is not None:
+            owners = assign([batch.work() for batch in formed], self.partition.size)
+        started: dict[tuple[int, int], tuple[Ticket, Batch, int]] = {}
+        for batch, owner in zip(formed, owners):
+            mine = self.partition is None or self.partition.mine(owner)
+            tickets = start(batch.jobs()) if mine else [Ticket() for _ in batch.members]
+            for (pending, i), ticket in zip(batch.members, tickets):
+                started[id(pending), i] = (ticket, batch, owner)
+        for pending in pendings:
+            rows = [started[id(pending), i] for i in range(len(pending.jobs))]
+            pending.tickets = [ticket for ticket, _, _ in rows]
+            pending.batches = [batch for _, batch, _ in rows]
+            if self.partition is not None:
+                pending.owners = [owner for _, _, owner in rows]
 
     def _own(self, pending: Pending) -> list[Ticket]:
         """The tickets this process solves itself."""
@@ -308,32 +334,30 @@ class RootScheduler:
         mine = self.partition.mine
         return [ticket for ticket, o in zip(pending.tickets, pending.owners) if mine(o)]
 
-    def _now(self, job: RootJob) -> Ticket:
-        """A job the step waits for at once. Synchronous roots run on this thread when it
+    def _now(self, jobs: list[RootJob]) -> list[Ticket]:
+        """A batch the step waits for at once. Synchronous roots run on this thread when it
         already computes with the workers' thread count (its warm OpenMP team made them about
         twice as fast as a worker's on 2 cores); otherwise on the pool, in parallel."""
         if not self.async_roots and torch.get_num_threads() == self.threads():
-            return run_here(job, self.threads())
-        return self._pool().submit(job)
+            return run_here(jobs, self.threads())
+        return self._pool().submit(jobs)
 
     def send(self) -> None:
         """Hand the jobs due in later steps to the pool (at the end of a step, so that workers
         never compete with the rest of the step); synchronous roots are waited for here."""
+        self.start_due()  # left over if a step raised between its submits and their start
         if not self.unsent:
             return
         now = time.perf_counter()
+        for pending in self.unsent:
+            pending.sent_at = now
         if not self.async_roots:  # computed (and waited for) before step() returns
-            for pending in self.unsent:
-                pending.tickets = self._hand_over(pending, self._now)
-                pending.sent_at = now
+            self._hand_over(self.unsent, self._now)
             for pending in self.unsent:
                 for ticket in self._own(pending):
                     ticket.wait()
         else:
-            pool = self._pool()
-            for pending in self.unsent:
-                pending.tickets = self._hand_over(pending, pool.submit)
-                pending.sent_at = now
+            self._hand_over(self.unsent, self._pool().submit)
         self.unsent = []
 
     def take_due(
@@ -414,10 +438,13 @@ class RootScheduler:
         self.revive(here=True)
         entries = {}
         for p, pending in self.pending.items():
-            for i, (job, ticket) in enumerate(zip(pending.jobs, pending.tickets)):
+            for i, ticket in enumerate(pending.tickets):
                 if not ticket.done() and ticket not in self._own(pending):
-                    # another rank's job: solve this process's own snapshot (the same bits)
-                    pending.tickets[i] = run_here(job, self.threads())
+                    # another rank's batch: solve this process's own snapshots (the same bits)
+                    batch = pending.batches[i]
+                    tickets = batch.tickets(lambda ticket: not ticket.done())
+                    run_here(batch.jobs(), self.threads(), tickets)
+                    batch.adopt(tickets)
             count = sum(len(indices) for indices in pending.factors)
             roots: list[torch.Tensor] = [torch.zeros(0)] * count
             ok, reasons = [False] * count, [""] * count
@@ -462,6 +489,7 @@ class RootScheduler:
         self.pending.clear()
         self.staging.clear()
         self.unsent.clear()
+        self.due_now.clear()
 
 
 def outcomes_of(ticket: Ticket, indices: list[int]) -> list[RootOutcome]:

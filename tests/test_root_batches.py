@@ -1,0 +1,152 @@
+"""Root jobs solved together: equal small jobs of many parameters form one batch
+(``root_pool.batches``), and every path that solves a job again (after ``close()``, in a
+state dict, on another rank) solves its whole batch, so the roots keep their bits.
+
+The model here has many parameters whose factors are all 9 x 9: odd sizes are where a
+matrix's place in a batched eigendecomposition changes its last bits (its alignment in the
+stack), so a job solved alone would not reproduce the batch's roots."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import torch_shampoo.root_pool as root_pool
+import torch_shampoo.scheduler as scheduler
+from torch_shampoo import Shampoo
+from torch_shampoo.root_pool import MERGED_WORK, RootJob, batches
+
+KWARGS: dict[str, Any] = dict(
+    lr=0.01, block_size=16, precondition_frequency=3, root_staleness=2, root_workers=1
+)
+
+
+def nines(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(9, 9), nn.Tanh())])
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, steps: range) -> None:
+    for t in steps:
+        gen = torch.Generator().manual_seed(t)
+        x = torch.randn(32, 9, generator=gen)
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+
+
+def params_of(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def job(k: int, d: int, epsilon: float = 1e-12, dtype: torch.dtype = torch.float32) -> RootJob:
+    x = torch.zeros(k, d, d, dtype=dtype)
+    return RootJob(x, x, None, None, scale=1.0, exponent=4.0, epsilon=epsilon, method="eigh")
+
+
+def test_batches_gather_equal_jobs_in_order_up_to_the_work_cap() -> None:
+    cap = round(MERGED_WORK ** (1 / 3))  # one cap-size factor is the whole budget
+    jobs = [
+        job(1, 9), job(2, 16), job(3, 9), job(1, 9, epsilon=1e-6), job(1, 9, dtype=torch.float64),
+        job(1, cap), job(1, cap), job(2, cap), job(1, 16),
+    ]  # fmt: skip
+    assert batches(jobs) == [[0, 2], [1, 8], [3], [4], [5], [6], [7]]
+    assert batches([]) == []
+    many = [job(1, 64) for _ in range(40)]  # 16 factors of 64 fill a batch
+    assert [len(b) for b in batches(many)] == [16, 16, 8]
+
+
+class _CountingPool:
+    """Runs each handed-over batch inline, recording how many jobs it held."""
+
+    def __init__(self, sizes: list[int]) -> None:
+        self.sizes = sizes
+        self.threads = 1
+
+    def submit(
+        self, jobs: list[RootJob], tickets: list[root_pool.Ticket] | None = None
+    ) -> list[root_pool.Ticket]:
+        self.sizes.append(len(jobs))
+        return root_pool.run_here(jobs, self.threads, tickets)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("async_roots", [True, False])
+def test_a_root_step_hands_the_small_jobs_of_every_parameter_over_as_one_batch(
+    monkeypatch: pytest.MonkeyPatch, async_roots: bool
+) -> None:
+    """6 weights (two 9 x 9 factors each, exponent 4) and 6 biases (one, exponent 2): 18 jobs,
+    two batches per cycle (one per exponent), in either mode and for the first cycle (due at
+    once) as for later ones."""
+    sizes: list[int] = []
+
+    def counted(jobs: list[RootJob], *args: Any) -> list[root_pool.Ticket]:
+        sizes.append(len(jobs))
+        return root_pool.run_here(jobs, *args)
+
+    monkeypatch.setattr(scheduler, "run_here", counted)  # synchronous roots: this thread
+    model = nines()
+    kwargs = dict(KWARGS, root_staleness=2 if async_roots else 0)
+    with Shampoo(model.parameters(), async_roots=async_roots, **kwargs) as opt:
+        opt._roots.pool = _CountingPool(sizes)  # type: ignore[assignment]
+        train(model, opt, range(1, 9))  # root steps 3 and 6 (async: installed at 8)
+        assert sizes == [12, 6, 12, 6]
+        assert opt.root_stats()["roots_computed"] == 2 * 18
+
+
+def _held_solve() -> tuple[Any, threading.Event, threading.Event, threading.Event]:
+    """``root_pool.solve`` that, while ``blocking`` is set, waits for ``release`` first."""
+    real = root_pool.solve
+    blocking, release, entered = threading.Event(), threading.Event(), threading.Event()
+
+    def held(jobs: list[RootJob]) -> Any:
+        if blocking.is_set():
+            entered.set()
+            release.wait(30)
+        return real(jobs)
+
+    return held, blocking, release, entered
+
+
+@pytest.mark.parametrize("resume_by", ["step", "state_dict"])
+def test_roots_cancelled_by_close_are_solved_again_in_their_batch_bitwise(
+    monkeypatch: pytest.MonkeyPatch, resume_by: str
+) -> None:
+    """close() while a later cycle's batches are being solved cancels their 18 roots; the next step
+    (or a state dict, on its own thread) solves the batch again: bitwise the roots and the
+    weights of the uninterrupted run. (On x86 a job solved alone would differ in the last
+    bits here: the factors' size is odd.)"""
+    held, blocking, release, entered = _held_solve()
+    monkeypatch.setattr(root_pool, "solve", held)
+    plain = nines()
+    with Shampoo(plain.parameters(), **KWARGS) as opt:
+        train(plain, opt, range(1, 7))
+        expected = opt.state_dict()["state"]  # step 6's roots, due at step 8
+        train(plain, opt, range(7, 10))
+    model = nines()
+    opt = Shampoo(model.parameters(), **KWARGS)
+    train(model, opt, range(1, 6))
+    blocking.set()
+    train(model, opt, range(6, 7))  # step 6: the batch goes to the worker and is held there
+    assert entered.wait(30)
+    opt.close()
+    blocking.clear()
+    release.set()
+    if resume_by == "state_dict":
+        saved = opt.state_dict()["state"]  # solves the cancelled batch on this thread
+        for i, s in saved.items():
+            assert int(s["pending_due"]) == 8
+            roots, twins = s["pending_roots"], expected[i]["pending_roots"]
+            assert roots.keys() == twins.keys()
+            for key in roots:
+                assert torch.equal(roots[key], twins[key]), key
+    train(model, opt, range(7, 10))
+    opt.close()
+    for a, b in zip(params_of(model), params_of(plain)):
+        assert torch.equal(a, b), (a - b).abs().max()
