@@ -8,7 +8,9 @@ stack), so a job solved alone would not reproduce the batch's roots."""
 
 from __future__ import annotations
 
+import gc
 import threading
+import weakref
 from typing import Any
 
 import pytest
@@ -150,3 +152,58 @@ def test_roots_cancelled_by_close_are_solved_again_in_their_batch_bitwise(
     opt.close()
     for a, b in zip(params_of(model), params_of(plain)):
         assert torch.equal(a, b), (a - b).abs().max()
+
+
+def test_a_root_that_fails_in_a_batch_fails_alone() -> None:
+    """Two equal weights share their batches; a non-finite factor of the first fails its own
+    root (a warning, the previous root kept) and leaves the second's roots, hence its
+    weights, bitwise what they are when nothing fails."""
+
+    def run(corrupt: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        layers = [nn.Linear(8, 8, bias=False) for _ in range(2)]
+        params = [layer.weight for layer in layers]
+        with Shampoo(params, lr=0.01, precondition_frequency=2, async_roots=False) as opt:
+            for t in range(1, 6):
+                gen = torch.Generator().manual_seed(t)
+                for p in params:
+                    p.grad = torch.randn(8, 8, generator=gen)
+                if corrupt and t == 4:  # before the root step 4's statistics
+                    opt.state[params[0]]["factors"][0].fill_(float("nan"))
+                opt.step()
+            if corrupt:
+                assert opt.root_stats()["root_failures"] >= 1
+        return params_of(nn.ModuleList(layers))
+
+    with pytest.warns(RuntimeWarning, match="failed"):
+        corrupted = run(corrupt=True)
+    clean = run(corrupt=False)
+    assert torch.equal(corrupted[1], clean[1])
+    assert not torch.equal(corrupted[0], clean[0])
+
+
+def test_installed_roots_leave_no_reference_cycles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch refers to its pendings and a pending to its batches: once installed, a pending
+    is freed by reference counting alone (compact state's host buffers are allocated per
+    cycle and must not wait for the garbage collector)."""
+    model = nines()
+    opt = Shampoo(model.parameters(), **dict(KWARGS, root_staleness=0), async_roots=False)
+    taken: list[weakref.ref[Any]] = []
+    take_due = opt._roots.take_due
+
+    def recording(*args: Any) -> Any:
+        pending = take_due(*args)
+        if pending is not None:
+            taken.append(weakref.ref(pending))
+        return pending
+
+    monkeypatch.setattr(opt._roots, "take_due", recording)
+    gc.collect()
+    gc.disable()
+    try:
+        train(model, opt, range(1, 7))  # root steps 3 and 6, installed in the same step
+        assert len(taken) == 2 * 12
+        assert all(ref() is None for ref in taken)
+    finally:
+        gc.enable()
+        opt.close()

@@ -369,6 +369,7 @@ class RootScheduler:
         if pending is None or pending.due > t:
             return None
         del self.pending[p]
+        pending.batches = []  # (a batch refers to its pendings: no reference cycle left)
         stats = self.stats
         age = t - pending.submitted
         stats.staleness_total += age
