@@ -487,6 +487,8 @@ class RootScheduler:
         )
 
     def clear(self) -> None:
+        for pending in self.pending.values():
+            pending.batches = []
         self.pending.clear()
         self.staging.clear()
         self.unsent.clear()
