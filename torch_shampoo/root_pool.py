@@ -135,19 +135,18 @@ def batches(jobs: Sequence[RootJob]) -> list[list[int]]:
     in order, gathered while their work stays within :data:`MERGED_WORK` (a job that alone
     exceeds it is a batch of its own). A pure function of the jobs' shapes and settings, so
     every mode, rank and retry forms the same batches (and so computes the same bits)."""
-    open_: dict[tuple[object, ...], tuple[list[int], list[float]]] = {}
+    gathering: dict[tuple[object, ...], list[int]] = {}
+    work: dict[tuple[object, ...], float] = {}
     out: list[list[int]] = []
     for i, job in enumerate(jobs):
         k, d = job.snapshot.shape[0], job.snapshot.shape[-1]
         key = (d, job.snapshot.dtype, job.scale, job.exponent, job.epsilon, job.method,
                job.relative, job.eigenbasis)  # fmt: skip
-        work = k * float(d) ** 3
-        current = open_.get(key)
-        if current is None or current[1][0] + work > MERGED_WORK:
-            current = open_[key] = ([], [0.0])
-            out.append(current[0])
-        current[0].append(i)
-        current[1][0] += work
+        if key not in gathering or work[key] + k * float(d) ** 3 > MERGED_WORK:
+            gathering[key], work[key] = [], 0.0
+            out.append(gathering[key])
+        gathering[key].append(i)
+        work[key] += k * float(d) ** 3
     return out
 
 
