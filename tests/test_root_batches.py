@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import torch_shampoo.root_pool as root_pool
@@ -60,6 +62,65 @@ def test_batches_gather_equal_jobs_in_order_up_to_the_work_cap() -> None:
     assert batches([]) == []
     many = [job(1, 64) for _ in range(40)]  # 16 factors of 64 fill a batch
     assert [len(b) for b in batches(many)] == [16, 16, 8]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(1, 40),  # rows
+            st.sampled_from([3, 8, 64, 128, 200]),  # d
+            st.sampled_from([1e-12, 1e-6]),  # epsilon
+            st.sampled_from([2.0, 4.0]),  # exponent
+        ),
+        max_size=30,
+    )
+)
+def test_batches_partition_the_jobs_into_homogeneous_ordered_groups_within_the_cap(
+    specs: list[tuple[int, int, float, float]],
+) -> None:
+    jobs = []
+    for k, d, epsilon, exponent in specs:
+        x = torch.empty(k, d, d)
+        jobs.append(RootJob(x, x, None, None, 1.0, exponent, epsilon, "eigh"))
+    groups = batches(jobs)
+    assert sorted(i for g in groups for i in g) == list(range(len(jobs)))
+    for group in groups:
+        assert group == sorted(group)
+        keys = {(jobs[i].snapshot.shape[-1], jobs[i].epsilon, jobs[i].exponent) for i in group}
+        assert len(keys) == 1
+        work = sum(jobs[i].snapshot.shape[0] * jobs[i].snapshot.shape[-1] ** 3 for i in group)
+        assert len(group) == 1 or work <= MERGED_WORK
+    # gathering is greedy: a job starts a new batch of its kind only when the last one is full
+    last: dict[tuple[object, ...], list[int]] = {}
+    for group in sorted(groups, key=lambda g: g[0]):
+        key = (jobs[group[0]].snapshot.shape[-1], jobs[group[0]].epsilon, jobs[group[0]].exponent)
+        if key in last:
+            previous = sum(
+                jobs[i].snapshot.shape[0] * jobs[i].snapshot.shape[-1] ** 3 for i in last[key]
+            )
+            first = jobs[group[0]].snapshot
+            assert previous + first.shape[0] * first.shape[-1] ** 3 > MERGED_WORK
+        last[key] = group
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.integers(1, 4), min_size=1, max_size=5), st.sampled_from([5, 8, 9]))
+def test_a_batch_solves_each_job_as_the_job_alone_would_to_rounding(
+    rows: list[int], d: int
+) -> None:
+    """Solving jobs together changes nothing but (for odd d) the last bits."""
+    gen = torch.Generator().manual_seed(sum(rows) * d)
+    jobs = []
+    for k in rows:
+        g = torch.randn(k, d, 2 * d, generator=gen, dtype=torch.float64)
+        x = g @ g.mT
+        jobs.append(RootJob(x, torch.empty_like(x), None, None, 1.0, 4.0, 1e-10, "eigh"))
+    together = root_pool.solve(jobs)
+    for job, (outcomes, roots) in zip(jobs, together):
+        ((alone_outcomes, alone),) = root_pool.solve([job])
+        assert [o.ok for o in outcomes] == [o.ok for o in alone_outcomes]
+        torch.testing.assert_close(roots, alone, rtol=1e-9, atol=1e-12)
 
 
 class _CountingPool:
