@@ -19,7 +19,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torch_shampoo.matrix_roots import ROOT_METHODS, RootResult, inverse_root
+from torch_shampoo.matrix_roots import ROOT_METHODS, RootResult, finite_rows, inverse_root
 
 UNIT_ROUNDOFF = 2.0**-53
 EXPONENTS = (1, 2, 4, 6, 8)
@@ -527,3 +527,29 @@ def test_concurrent_calls_are_bitwise_identical_on_a_larger_matrix(
     generator = torch.Generator().manual_seed(p)
     gaussian = torch.randn(300, 300, dtype=torch.float64, generator=generator)
     assert_bitwise_reproducible(gaussian @ gaussian.mT / 300, p, 1e-6, ["eigh"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    k=st.integers(1, 5),
+    n=st.integers(1, 6),
+    entries=st.lists(
+        st.sampled_from([0.0, 1.0, -2.5, 1e308, -1e308, math.nan, math.inf, -math.inf]),
+        min_size=1,
+        max_size=8,
+    ),
+    seed=st.integers(0, 2**16),
+)
+def test_finite_rows_is_the_entrywise_check_even_when_a_sum_overflows(
+    k: int, n: int, entries: list[float], seed: int
+) -> None:
+    """The one-sum-per-matrix check answers as torch.isfinite on every entry would, also for
+    finite entries whose sum overflows (±1e308 twice) and for +inf beside -inf."""
+    gen = torch.Generator().manual_seed(seed)
+    stack = torch.randn(k, n, n, generator=gen, dtype=torch.float64)
+    flat = stack.view(-1)
+    where = torch.randint(0, flat.numel(), (len(entries),), generator=gen)
+    for i, value in zip(where.tolist(), entries):
+        flat[i] = value
+    expected = [bool(torch.isfinite(matrix).all()) for matrix in stack]
+    assert finite_rows(stack) == expected

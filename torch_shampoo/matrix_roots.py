@@ -100,32 +100,39 @@ def inverse_roots(
         return [inverse_root(m, exponent, epsilon, method, failure_threshold) for m in matrices]
     _check_arguments(matrices[0], exponent, epsilon, method, failure_threshold)
     a = matrices.to(device="cpu", dtype=torch.float64)
-    regularized = a.mT.clone(memory_format=torch.contiguous_format).mul_(0.5).add_(a, alpha=0.5)
+    regularized = _symmetrized(a)
     regularized.diagonal(dim1=-2, dim2=-1).add_(epsilon)
-    usable = torch.isfinite(a).flatten(1).all(1)
+    usable = finite_rows(a)
+    if not all(usable):  # solved as I here, then again alone (with the fallbacks)
+        eye = torch.eye(n, dtype=torch.float64)
+        regularized = torch.where(torch.tensor(usable).view(-1, 1, 1), regularized, eye)
     try:
-        eigenvalues, eigenvectors = torch.linalg.eigh(
-            torch.where(usable.view(-1, 1, 1), regularized, torch.eye(n, dtype=torch.float64))
-        )
+        eigenvalues, eigenvectors = torch.linalg.eigh(regularized)
     except RuntimeError:  # includes torch.linalg.LinAlgError: each alone, with its fallbacks
         return [inverse_root(m, exponent, epsilon, method, failure_threshold) for m in a]
     smallest = eigenvalues[:, :1]
     eigenvalues = torch.where(smallest < epsilon, (eigenvalues - smallest) + epsilon, eigenvalues)
-    smallest = eigenvalues[:, 0]
-    usable &= torch.isfinite(eigenvalues).all(1) & (smallest > 0)
-    usable &= -torch.log(smallest) / exponent <= MAX_LOG_ROOT
     scaled = eigenvectors.mul_(eigenvalues.pow(-0.5 / exponent).unsqueeze(1))
-    usable &= torch.isfinite(scaled).flatten(1).all(1)
-    product = scaled @ scaled.mT
-    roots = (
-        product.mT.clone(memory_format=torch.contiguous_format).mul_(0.5).add_(product, alpha=0.5)
-    )
+    checks = zip(usable, eigenvalues[:, 0].tolist(), finite_rows(eigenvalues), finite_rows(scaled))
+    usable = [  # as inverse_root's checks: finite, positive, no overflowing root
+        fine and spectrum and low > 0 and -math.log(low) / exponent <= MAX_LOG_ROOT and powers
+        for fine, low, spectrum, powers in checks
+    ]
+    roots = _symmetrized(scaled @ scaled.mT)
     return [
         RootResult(root=roots[i], ok=True, error=0.0, reason="", method="eigh")
         if fine
         else inverse_root(a[i], exponent, epsilon, method, failure_threshold)
-        for i, fine in enumerate(usable.tolist())
+        for i, fine in enumerate(usable)
     ]
+
+
+def finite_rows(stack: torch.Tensor) -> list[bool]:
+    """Per matrix of a stack (k, ...): are all its entries finite? One sum per matrix answers
+    (it is finite unless an entry is not, or it overflows: then each entry is checked)."""
+    if all(math.isfinite(total) for total in stack.flatten(1).sum(1).tolist()):
+        return [True] * len(stack)
+    return torch.isfinite(stack).flatten(1).all(1).tolist()
 
 
 def eigenbases(matrices: torch.Tensor) -> list[RootResult]:
@@ -139,9 +146,11 @@ def eigenbases(matrices: torch.Tensor) -> list[RootResult]:
     if k == 0:
         return []
     a = matrices.to(device="cpu", dtype=torch.float64)
-    usable = torch.isfinite(a).flatten(1).all(1)
-    eye = torch.eye(n, dtype=torch.float64)
-    symmetric = torch.where(usable.view(-1, 1, 1), _symmetrized(a), eye)
+    usable = finite_rows(a)
+    symmetric = _symmetrized(a)
+    if not all(usable):
+        eye = torch.eye(n, dtype=torch.float64)
+        symmetric = torch.where(torch.tensor(usable).view(-1, 1, 1), symmetric, eye)
     try:
         bases = torch.linalg.eigh(symmetric).eigenvectors
     except RuntimeError:  # includes torch.linalg.LinAlgError: each alone
@@ -153,14 +162,14 @@ def eigenbases(matrices: torch.Tensor) -> list[RootResult]:
                 found.append(torch.full((n, n), math.nan, dtype=torch.float64))
                 usable[i] = False
         bases = torch.stack(found)
-    usable &= torch.isfinite(bases).flatten(1).all(1)
+    usable = [fine and finite for fine, finite in zip(usable, finite_rows(bases))]
     return [
         RootResult(root=bases[i], ok=True, error=0.0, reason="", method="eigh")
         if fine
         else RootResult(
             root=bases[i], ok=False, error=math.nan, reason="non-finite statistics", method="eigh"
         )
-        for i, fine in enumerate(usable.tolist())
+        for i, fine in enumerate(usable)
     ]
 
 
@@ -203,7 +212,8 @@ def _symmetrized(x: torch.Tensor) -> torch.Tensor:
     Always row-major, whatever the layout of X: the layout selects the BLAS code path, hence
     the bits of everything computed from it.
     """
-    return x.mT.clone(memory_format=torch.contiguous_format).mul_(0.5).add_(x, alpha=0.5)
+    halved = torch.mul(x.mT, 0.5, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
+    return halved.add_(x, alpha=0.5)
 
 
 def _gram(w: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from . import device
-from .matrix_roots import RootResult, eigenbases, inverse_roots
+from .matrix_roots import RootResult, eigenbases, finite_rows, inverse_roots
 
 __all__ = [
     "RootCancelled",
@@ -113,7 +113,7 @@ def solve(jobs: Sequence[RootJob]) -> list[tuple[list[RootOutcome], torch.Tensor
         roots = torch.stack([f.root for f in found]) if found else matrices
         if level is not None:
             roots = roots * level.pow(-1.0 / first.exponent)
-        finite = torch.isfinite(roots).flatten(1).all(1).tolist() if found else []
+        finite = finite_rows(roots) if found else []
         outcomes = _outcomes(found, start, finite)
     out, row = [], 0
     for job in jobs:
