@@ -331,6 +331,45 @@ def test_installing_roots_names_no_factor(monkeypatch: pytest.MonkeyPatch) -> No
     assert len(names) == 50 and "parameter 49 (shape (4, 3)) block 0 dim 0" in names
 
 
+def test_a_worker_keeps_its_thread_count_when_another_thread_sets_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """torch gives a thread its intra-op count lazily, from the process-wide count that every
+    ``torch.set_num_threads`` writes: a worker whose first op came after the training thread
+    set a count would compute with the training thread's count (and other bits)."""
+    real = torch.set_num_threads
+    worker_set, main_set = threading.Event(), threading.Event()
+
+    def set_then_wait(n: int) -> None:
+        real(n)
+        if threading.current_thread().name.startswith(root_pool._THREAD_NAME):
+            worker_set.set()
+            assert main_set.wait(10)
+
+    seen: set[int] = set()
+
+    def counting(*args: Any, **kwargs: Any) -> RootResult:
+        seen.add(torch.get_num_threads())
+        return inverse_root(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "set_num_threads", set_then_wait)
+    monkeypatch.setattr(root_pool, "inverse_roots", per_matrix(counting))
+    before = torch.get_num_threads()
+    x = torch.eye(3).unsqueeze(0)
+    job = root_pool.RootJob(x, x.clone(), None, None, 1.0, 4.0, 1e-12, "eigh")
+    pool = root_pool.RootPool(1, 1)
+    try:
+        (ticket,) = pool.submit([job])
+        assert worker_set.wait(10)
+        real(3)  # the training thread, while the worker has not run an op yet
+        main_set.set()
+        assert ticket.outcome()[0].ok
+    finally:
+        real(before)
+        pool.close()
+    assert seen == {1}
+
+
 def test_default_workers_take_at_most_half_of_the_threads(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -338,9 +377,12 @@ def test_default_workers_take_at_most_half_of_the_threads(
     thread keeps the other 4), not 4 of 8 nor 4 of 2."""
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
     seen: set[int] = set()
+    earlier = set(threading.enumerate())  # (an earlier test's worker may still end a root)
 
     def counting(*args: Any, **kwargs: Any) -> RootResult:
-        seen.add(torch.get_num_threads())
+        here = threading.current_thread()
+        if here is threading.main_thread() or here not in earlier:
+            seen.add(torch.get_num_threads())
         return inverse_root(*args, **kwargs)
 
     monkeypatch.setattr(root_pool, "inverse_roots", per_matrix(counting))

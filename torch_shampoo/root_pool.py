@@ -360,6 +360,10 @@ class RootPool:
 
 
 def _work(jobs: queue.SimpleQueue[_Work], threads: int) -> None:
+    # torch gives a thread its count lazily, at its first call, from the process-wide count,
+    # which every set_num_threads writes: had another thread set one between our set and our
+    # first op, the worker would compute with that count (other roots' bits). Init first.
+    torch.get_num_threads()
     torch.set_num_threads(threads)
     while (item := jobs.get()) is not None:
         _run(*item)
