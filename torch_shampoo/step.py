@@ -10,6 +10,7 @@ computes bitwise what its parameters would one at a time.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -292,10 +293,7 @@ def mark_finite(units: list[Unit]) -> None:
         return
     if any(g is None or g.device.type != "cpu" or g.is_sparse for g in grads):
         return
-    norms = list(torch._foreach_norm(grads))  # type: ignore[arg-type]
-    if any(n.dtype != norms[0].dtype for n in norms):
-        norms = [n.float() for n in norms]
-    if bool(torch.stack(norms).isfinite().all()):
+    if all(math.isfinite(n.item()) for n in torch._foreach_norm(grads)):  # type: ignore[arg-type]
         for u in units:
             u.finite = True
 
