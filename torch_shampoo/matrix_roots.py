@@ -112,25 +112,25 @@ def inverse_roots(
         return [inverse_root(m, exponent, epsilon, method, failure_threshold) for m in a]
     smallest = eigenvalues[:, :1]
     eigenvalues = torch.where(smallest < epsilon, (eigenvalues - smallest) + epsilon, eigenvalues)
+    smallest = eigenvalues[:, 0]
+    bounded = (smallest > 0) & (-torch.log(smallest) / exponent <= MAX_LOG_ROOT)
     scaled = eigenvectors.mul_(eigenvalues.pow(-0.5 / exponent).unsqueeze(1))
-    checks = zip(usable, eigenvalues[:, 0].tolist(), finite_rows(eigenvalues), finite_rows(scaled))
-    usable = [  # as inverse_root's checks: finite, positive, no overflowing root
-        fine and spectrum and low > 0 and -math.log(low) / exponent <= MAX_LOG_ROOT and powers
-        for fine, low, spectrum, powers in checks
-    ]
-    roots = _symmetrized(scaled @ scaled.mT)
+    checks = (usable, finite_rows(eigenvalues), finite_rows(scaled))
+    if not (all(usable) and bool(bounded.all()) and all(checks[1]) and all(checks[2])):
+        usable = [all(row) for row in zip(bounded.tolist(), *checks)]
+    roots = _symmetrized(scaled @ scaled.mT).unbind()
     return [
-        RootResult(root=roots[i], ok=True, error=0.0, reason="", method="eigh")
+        RootResult(root=root, ok=True, error=0.0, reason="", method="eigh")
         if fine
         else inverse_root(a[i], exponent, epsilon, method, failure_threshold)
-        for i, fine in enumerate(usable)
+        for i, (root, fine) in enumerate(zip(roots, usable))
     ]
 
 
 def finite_rows(stack: torch.Tensor) -> list[bool]:
     """Per matrix of a stack (k, ...): are all its entries finite? One sum per matrix answers
     (it is finite unless an entry is not, or it overflows: then each entry is checked)."""
-    if all(math.isfinite(total) for total in stack.flatten(1).sum(1).tolist()):
+    if bool(torch.isfinite(stack.flatten(1).sum(1)).all()):
         return [True] * len(stack)
     return torch.isfinite(stack).flatten(1).all(1).tolist()
 
@@ -164,12 +164,12 @@ def eigenbases(matrices: torch.Tensor) -> list[RootResult]:
         bases = torch.stack(found)
     usable = [fine and finite for fine, finite in zip(usable, finite_rows(bases))]
     return [
-        RootResult(root=bases[i], ok=True, error=0.0, reason="", method="eigh")
+        RootResult(root=basis, ok=True, error=0.0, reason="", method="eigh")
         if fine
         else RootResult(
-            root=bases[i], ok=False, error=math.nan, reason="non-finite statistics", method="eigh"
+            root=basis, ok=False, error=math.nan, reason="non-finite statistics", method="eigh"
         )
-        for i, fine in enumerate(usable)
+        for basis, fine in zip(bases.unbind(), usable)
     ]
 
 
