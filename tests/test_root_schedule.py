@@ -18,11 +18,14 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from models import make_batches, mixed_model, per_matrix, saved_and_loaded, train
 
 import torch_shampoo.root_pool as root_pool
 import torch_shampoo.scheduler as scheduler
 from torch_shampoo import NGPlus, Shampoo
+from torch_shampoo.cycles import _as_index
 from torch_shampoo.matrix_roots import RootResult, inverse_root
 
 BASE: dict[str, Any] = dict(lr=0.01, block_size=16, betas=(0.9, 0.99))
@@ -500,3 +503,15 @@ def test_root_stats_report_the_state_bytes() -> None:
     assert stats["state_bytes"] == expected
     assert stats["state_bytes_per_element"] == expected / 48
     assert stats["host_buffer_bytes"] == 0  # synchronous roots of a CPU parameter: in place
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 40), min_size=1, max_size=12, unique=True))
+def test_installed_factor_indices_address_the_same_flags_as_a_slice_or_a_list(
+    indices: list[int],
+) -> None:
+    """An install writes a job's flags at once, through a slice where the factor indices are
+    evenly spaced (a job of a many-block parameter: every k-th factor), else the list."""
+    indices = sorted(indices)
+    flags = torch.arange(41)
+    assert flags[_as_index(indices)].tolist() == indices

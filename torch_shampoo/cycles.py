@@ -213,16 +213,20 @@ class RootCycles:
                     eigenbasis.change_basis(
                         state, member, bucket.block_shape, dim, previous, slots[i].roots, first
                     )
+            installed = []
             for j, outcome in zip(indices, outcomes):
                 stats.root_seconds += outcome.seconds
                 stats.roots_solved += outcome.seconds > 0  # (another rank's, or loaded: 0)
                 stats.last_error[index, j] = outcome.error
                 if outcome.ok:
-                    stats.roots_computed += 1
-                    state["root_failures"][j] = 0
-                    state["has_root"][j] = True
+                    installed.append(j)
                 else:
                     failed.append((j, outcome.reason, _cause(ticket)))
+            if installed:  # one write per flag tensor (a job of a many-block parameter has
+                stats.roots_computed += len(installed)  # thousands of factors)
+                where = _as_index(installed)
+                state["root_failures"][where] = 0
+                state["has_root"][where] = True
         for j, reason, cause in failed:
             stats.root_failures += 1
             state["root_failures"][j] += 1
@@ -315,3 +319,13 @@ def user_stacklevel() -> int:
     while frame.f_back is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
         level, frame = level + 1, frame.f_back
     return level
+
+
+def _as_index(indices: list[int]) -> slice | list[int]:
+    """Factor indices as a slice where they are evenly spaced, as a job's usually are (a view:
+    no index tensor to build)."""
+    first, last = indices[0], indices[-1]
+    step = indices[1] - first if len(indices) > 1 else 1
+    if step > 0 and indices == list(range(first, last + 1, step)):
+        return slice(first, last + 1, step)
+    return indices
