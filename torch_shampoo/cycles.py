@@ -193,6 +193,7 @@ class RootCycles:
         self._rooted.pop(p, None)
         slots = self._slots.get(id(p), [])
         failed: list[tuple[int, str, BaseException | None]] = []
+        installed: list[int] = []
         for i, (ticket, indices) in enumerate(zip(pending.tickets, pending.factors)):
             outcomes = outcomes_of(ticket, indices)
             ok = [o.ok for o in outcomes]
@@ -213,7 +214,6 @@ class RootCycles:
                     eigenbasis.change_basis(
                         state, member, bucket.block_shape, dim, previous, slots[i].roots, first
                     )
-            installed = []
             for j, outcome in zip(indices, outcomes):
                 stats.root_seconds += outcome.seconds
                 stats.roots_solved += outcome.seconds > 0  # (another rank's, or loaded: 0)
@@ -222,11 +222,11 @@ class RootCycles:
                     installed.append(j)
                 else:
                     failed.append((j, outcome.reason, _cause(ticket)))
-            if installed:  # one write per flag tensor (a job of a many-block parameter has
-                stats.roots_computed += len(installed)  # thousands of factors)
-                where = _as_index(installed)
-                state["root_failures"][where] = 0
-                state["has_root"][where] = True
+        if installed:  # one write per flag tensor, not one per factor (thousands at block 8)
+            stats.roots_computed += len(installed)
+            where = _as_index(sorted(installed))
+            state["root_failures"][where] = 0
+            state["has_root"][where] = True
         for j, reason, cause in failed:
             stats.root_failures += 1
             state["root_failures"][j] += 1
@@ -322,8 +322,8 @@ def user_stacklevel() -> int:
 
 
 def _as_index(indices: list[int]) -> slice | list[int]:
-    """Factor indices as a slice where they are evenly spaced, as a job's usually are (a view:
-    no index tensor to build)."""
+    """Sorted factor indices as a slice where they are evenly spaced, as a parameter's usually
+    are (a view: no index tensor to build)."""
     first, last = indices[0], indices[-1]
     step = indices[1] - first if len(indices) > 1 else 1
     if step > 0 and indices == list(range(first, last + 1, step)):
