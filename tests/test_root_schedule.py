@@ -287,6 +287,33 @@ def test_a_forked_child_can_save_pickle_and_copy_before_its_first_step() -> None
     assert "child 0" in done.stdout
 
 
+def test_exit_does_not_wait_for_the_workers_of_another_copy_of_the_package() -> None:
+    """Two copies of the package in one process (as the benchmarks' A/B runs load them): the
+    exit hook of one stops and waits for its own workers, not for the other's, which only the
+    other's hook stops (waiting for them, by their thread name, hung at exit)."""
+    done = _run_script(
+        """
+        import importlib.util, pathlib, shutil, sys, tempfile, torch
+        import torch_shampoo
+        where = pathlib.Path(tempfile.mkdtemp())
+        shutil.copytree(pathlib.Path(torch_shampoo.__file__).parent, where / "other_copy")
+        sys.path.insert(0, str(where))
+        other = importlib.import_module("other_copy")  # its exit hook runs first
+        kept = []  # both optimizers alive at exit, their workers waiting for work
+        for package in (torch_shampoo, other):
+            param = torch.nn.Parameter(torch.randn(6, 6))
+            kept.append(package.Shampoo([param], precondition_frequency=2))
+            for _ in range(3):
+                param.grad = torch.randn(6, 6)
+                kept[-1].step()
+        shutil.rmtree(where)
+        print("exiting", flush=True)
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    assert "exiting" in done.stdout
+
+
 def test_state_dict_after_a_failing_damping_schedule_with_roots_in_flight() -> None:
     """A resumed NG+ (no host buffers yet) whose damping schedule fails at an inverse step:
     the failed roots are in flight when state_dict() runs (this raised KeyError)."""

@@ -291,6 +291,8 @@ def _run(tickets: list[Ticket], jobs: list[RootJob]) -> None:
 _Work = tuple[list[Ticket], list[RootJob]] | None
 _THREAD_NAME = "torch_shampoo-root-"
 _LIVE_POOLS: weakref.WeakSet[RootPool] = weakref.WeakSet()
+_WORKERS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+"""Every worker thread this module started (a running thread is referenced by ``threading``)."""
 
 
 class RootPool:
@@ -333,6 +335,7 @@ class RootPool:
             )
             thread.start()
             self._threads.append(thread)
+            _WORKERS.add(thread)
         self._finalizer = weakref.finalize(
             self, _stop, self._queue, len(self._threads), self._outstanding, self._lock
         )
@@ -396,6 +399,6 @@ def _close_all() -> None:
     tears torch down aborts the process."""
     for pool in list(_LIVE_POOLS):
         pool.close()
-    for thread in threading.enumerate():
-        if thread.name.startswith(_THREAD_NAME) and thread is not threading.current_thread():
+    for thread in list(_WORKERS):  # (not a thread of another copy of this module: it waits
+        if thread is not threading.current_thread():  # for its own module's exit hook)
             thread.join()
