@@ -3,8 +3,8 @@
 The *floor* is the digits CNN's step written by hand as the tensor operations it needs and
 nothing else: the graft's moments and direction as ``_foreach_`` calls over all parameters,
 F ← β₂F + (1−β₂)·G Gᵀ as one batched matmul per block stack and factored dim, P = X_L M X_R
-by batched matmuls, the per-block graft rescale, one update. No state checks, no guard, no
-bookkeeping: what an eager step cannot go below without fusing kernels. It is timed
+by the package's own batched kernels, the per-block graft rescale, one update. No state checks,
+no guard, no bookkeeping: what an eager step cannot go below without fusing kernels. It is timed
 interleaved with this checkout's non-root steps (and Adam's), at the same block size (128),
 on the same fixed gradients, 1 intra-op thread; ``--compare OTHER`` adds another checkout.
 
@@ -15,6 +15,7 @@ on the same fixed gradients, 1 intra-op thread; ``--compare OTHER`` adds another
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import statistics
 import sys
@@ -55,32 +56,12 @@ def stack_of(i: int, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(shape)
 
 
-def unfold(blocks: torch.Tensor, dim: int) -> torch.Tensor:
-    n, d = blocks.shape[0], blocks.shape[1 + dim]
-    if dim == 0:
-        return blocks.reshape(n, d, -1)
-    if dim == blocks.dim() - 2:
-        return blocks.reshape(n, -1, d).mT
-    return blocks.movedim(1 + dim, 1).reshape(n, d, -1)
-
-
-def times_roots(blocks: torch.Tensor, roots: list[torch.Tensor]) -> torch.Tensor:
-    if blocks.dim() == 2:
-        return torch.bmm(blocks.unsqueeze(1), roots[0]).squeeze(1)
-    if blocks.dim() == 3:
-        return torch.bmm(torch.bmm(roots[0], blocks), roots[1])
-    n, out = blocks.shape[0], blocks
-    for root in roots:
-        moved = out.movedim(1, -1)
-        out = torch.matmul(moved.reshape(n, -1, moved.shape[-1]), root).view(moved.shape)
-    return out.movedim(1, -1)
-
-
 class Floor:
-    """The bare step (Adam-grafted Shampoo, β = (0.9, 0.999), roots fixed)."""
+    """The bare step (Adam-grafted Shampoo, β = (0.9, 0.999), roots fixed), with the package's
+    own matrix kernels (``kernels``: its pure tensor functions)."""
 
-    def __init__(self, params: list[torch.Tensor]) -> None:
-        self.params = params
+    def __init__(self, params: list[torch.Tensor], kernels: Any) -> None:
+        self.params, self.kernels = params, kernels
         self.exp_avg = [torch.zeros_like(p) for p in params]
         self.v = [torch.zeros_like(p) for p in params]
         self.factors, self.roots = [], []
@@ -105,12 +86,14 @@ class Floor:
         for i, g in enumerate(grads):
             blocks = stack_of(i, g)  # type: ignore[arg-type]
             for dim, factor in enumerate(self.factors[i]):
-                unfolded = unfold(blocks, dim)
+                unfolded = self.kernels._unfold(blocks, dim)
                 factor.baddbmm_(unfolded, unfolded.mT, beta=0.999, alpha=0.001)
         updates: list[torch.Tensor | None] = []
         singles, single_directions = [], []
         for i, p in enumerate(self.params):
-            shampoo = times_roots(stack_of(i, m_hat[i]), self.roots[i])
+            blocks = stack_of(i, m_hat[i])
+            factored = (True,) * (blocks.dim() - 1)
+            shampoo = self.kernels.mode_products_stack(blocks, self.roots[i], factored)
             if STACKS[i] is None:  # several blocks: a norm per block, then back in place
                 d = stack_of(i, direction[i])
                 norms = torch.linalg.vector_norm(shampoo.flatten(1), dim=1).add_(1e-30)
@@ -155,7 +138,8 @@ def main() -> None:
                                precondition_frequency=FREQUENCY, async_roots=False)
         for label, package in packages.items()
     }  # fmt: skip
-    steps: dict[str, Callable[[], object]] = {"floor": Floor(params()).step}
+    kernels = importlib.import_module("torch_shampoo_new.kernels")
+    steps: dict[str, Callable[[], object]] = {"floor": Floor(params(), kernels).step}
     steps.update({label: opt.step for label, opt in shampoos.items()})
     steps["adam"] = torch.optim.Adam(params(), lr=1e-3, foreach=False).step
     times: dict[str, list[float]] = {k: [] for k in steps}
