@@ -115,9 +115,9 @@ def inverse_roots(
     smallest = eigenvalues[:, 0]
     bounded = (smallest > 0) & (-torch.log(smallest) / exponent <= MAX_LOG_ROOT)
     scaled = eigenvectors.mul_(eigenvalues.pow(-0.5 / exponent).unsqueeze(1))
-    checks = (usable, finite_rows(eigenvalues), finite_rows(scaled))
-    if not (all(usable) and bool(bounded.all()) and all(checks[1]) and all(checks[2])):
-        usable = [all(row) for row in zip(bounded.tolist(), *checks)]
+    spectrum, powers = finite_rows(eigenvalues), finite_rows(scaled)
+    if not (all(usable) and all(spectrum) and all(powers) and bool(bounded.all())):
+        usable = [all(row) for row in zip(usable, bounded.tolist(), spectrum, powers)]
     roots = _symmetrized(scaled @ scaled.mT).unbind()
     return [
         RootResult(root=root, ok=True, error=0.0, reason="", method="eigh")
