@@ -103,6 +103,19 @@ def _unfold(blocks: torch.Tensor, dim: int) -> torch.Tensor:
     return blocks.movedim(1 + dim, 1).reshape(n, d, -1)
 
 
+OUTER_PRODUCT_MIN = 64
+"""Vector blocks of at least this length accumulate g gᵀ elementwise (a scale and an
+``addcmul``): on the CPU a batched matmul of inner dimension 1 ran 3–7× slower than that for
+stacks of two or more such vectors (2 × 512: 0.71 ms against 0.11 ms, 1 thread), and the biases
+and norm weights of wide layers are such stacks. Decided by the block's length alone, so a block's bits do not
+depend on which other blocks share its stack."""
+
+
+def _scaled(factor: torch.Tensor, beta2: float) -> torch.Tensor:
+    """``factor`` × β₂ in place (nothing to do for β₂ = 1: the same bits)."""
+    return factor if beta2 == 1.0 else factor.mul_(beta2)
+
+
 def accumulate_statistics(
     factors: Sequence[torch.Tensor],
     blocks: torch.Tensor,
@@ -125,10 +138,17 @@ def accumulate_statistics(
         unfolded = _unfold(blocks, dim)
         factor = next(remaining)
         mask = next(masks) if masks is not None else None
+        outer = blocks.dim() == 2 and blocks.shape[1] >= OUTER_PRODUCT_MIN
         if flags is None and mask is None:
-            factor.baddbmm_(unfolded, unfolded.mT, beta=beta2, alpha=weight)
+            if outer:
+                _scaled(factor, beta2).addcmul_(unfolded, unfolded.mT, value=weight)
+            else:
+                factor.baddbmm_(unfolded, unfolded.mT, beta=beta2, alpha=weight)
             continue
-        new = torch.baddbmm(factor, unfolded, unfolded.mT, beta=beta2, alpha=weight)
+        if outer:
+            new = torch.addcmul(factor * beta2, unfolded, unfolded.mT, value=weight)
+        else:
+            new = torch.baddbmm(factor, unfolded, unfolded.mT, beta=beta2, alpha=weight)
         if flags is not None:
             mask = flags.view(-1, 1, 1) if mask is None else mask & flags.view(-1, 1, 1)
         assert mask is not None
