@@ -107,8 +107,8 @@ OUTER_PRODUCT_MIN = 64
 """Vector blocks of at least this length accumulate g gᵀ elementwise (a scale and an
 ``addcmul``): on the CPU a batched matmul of inner dimension 1 ran 3–7× slower than that for
 stacks of two or more such vectors (2 × 512: 0.71 ms against 0.11 ms, 1 thread), and the biases
-and norm weights of wide layers are such stacks. Decided by the block's length alone, so a block's bits do not
-depend on which other blocks share its stack."""
+and norm weights of wide layers are such stacks. Decided by the block's length alone, so a
+block's bits do not depend on which other blocks share its stack."""
 
 
 def _scaled(factor: torch.Tensor, beta2: float) -> torch.Tensor:
