@@ -1080,14 +1080,30 @@ def test_a_compiled_step_traces_the_math_and_breaks_only_at_the_bookkeeping() ->
     assert breaks and all("torch.compiler.disable" in reason for reason in breaks), breaks
 
 
-def test_a_full_training_step_under_inductor_matches_eager() -> None:
+def test_a_full_training_step_under_inductor_matches_eager_and_stops_recompiling() -> None:
     """CPU inductor compiles the model and ``opt.step`` (statistics and updates become its
-    kernels; roots stay on the pool); the result agrees with eager to float32 tolerance."""
+    kernels; roots stay on the pool); after the warm-up cycle nothing recompiles (inductor
+    specializes a float made into a tensor: the bias corrections, which change every step,
+    are made in the eager bookkeeping), and the result agrees with eager to float32
+    tolerance."""
+    from torch._dynamo.exc import FailOnRecompileLimitHit, RecompileError
+
     torch._dynamo.reset()
-    eager = _compiled_training(None, None, 4, lambda i: None)
+    eager = _compiled_training(None, None, 6, lambda i: None)
+
+    def forbid_recompiles_after_warm_up(i: int) -> None:
+        if i == 3:
+            torch._dynamo.config.error_on_recompile = True
+
     try:
-        compiled = _compiled_training("inductor", "inductor", 4, lambda i: None)
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            compiled = _compiled_training(
+                "inductor", "inductor", 6, forbid_recompiles_after_warm_up
+            )
+    except (FailOnRecompileLimitHit, RecompileError) as error:
+        pytest.fail(f"inductor's opt.step keeps recompiling: {type(error).__name__}: {error}")
     finally:
+        torch._dynamo.config.error_on_recompile = False
         torch._dynamo.reset()
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -28,6 +28,7 @@ __all__ = [
     "Unit",
     "Work",
     "accumulate",
+    "bias_corrections",
     "directions",
     "feed",
     "gradient",
@@ -59,6 +60,9 @@ class Work:
     param: torch.Tensor
     """The tensor the math reads (with its ``.grad``) and writes: ``p``, or for a DTensor
     parameter the gathered whole (:mod:`torch_shampoo.sharded`)."""
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None
+    """1 − β₁ᵗ and the graft's 1 − β₂ᵗ as 0-d tensors (:func:`bias_corrections`); None without
+    bias correction."""
 
     @property
     def preconditioned(self) -> bool:
@@ -117,39 +121,30 @@ class Unit:
         return p if dtype is None else p.to(dtype)
 
 
-def make_unit(
-    works: Sequence[Work],
-    bucket: Bucket | None,
-    scalars: dict[tuple[float, torch.dtype], torch.Tensor] | None = None,
-) -> Unit:
-    """A unit of one parameter's work, or of a whole bucket's (all at the same step);
-    ``scalars`` keeps the bias corrections' tensors for the units made after it."""
+def make_unit(works: Sequence[Work], bucket: Bucket | None) -> Unit:
+    """A unit of one parameter's work, or of a whole bucket's (all at the same step)."""
     w = works[0]
-    config, t = w.config, w.t
+    bias1, bias2 = (None, None) if w.bias is None else w.bias
     state = w.state if bucket is None else bucket.moments
-    dtype = state_dtype(w.p)
-    bias1 = bias2 = None
-    if config.bias_correction:
-        made = {} if scalars is None else scalars
-        bias1 = _scalar(made, 1.0 - config.beta1**t, dtype)
-        bias2 = _scalar(made, 1.0 - config.grafting_beta2**t, dtype)
-    return Unit(
-        works=list(works),
-        state=state,
-        bucket=bucket,
-        bias1=bias1,
-        bias2=bias2,
-    )
+    return Unit(works=list(works), state=state, bucket=bucket, bias1=bias1, bias2=bias2)
 
 
-def _scalar(
-    made: dict[tuple[float, torch.dtype], torch.Tensor], value: float, dtype: torch.dtype
-) -> torch.Tensor:
-    """``kernels.scalar(value, dtype)``, made once per step for all units."""
-    found = made.get((value, dtype))
-    if found is None:
-        found = made[(value, dtype)] = kernels.scalar(value, dtype)
-    return found
+def bias_corrections(work: Sequence[Work]) -> None:
+    """Set each work's ``bias``: its 1 − β₁ᵗ and 1 − β₂ᵗ as host 0-d tensors of its state
+    dtype, one tensor per value and dtype for the whole step. Part of the eager bookkeeping:
+    under ``torch.compile`` a tensor made from a float that changes every step would be
+    compiled again at every step (inductor specializes the float)."""
+    made: dict[tuple[float, torch.dtype], torch.Tensor] = {}
+    for w in work:
+        config = w.config
+        if not config.bias_correction:
+            continue
+        dtype = state_dtype(w.p)
+        values = (1.0 - config.beta1**w.t, 1.0 - config.grafting_beta2**w.t)
+        for value in values:
+            if (value, dtype) not in made:
+                made[(value, dtype)] = kernels.scalar(value, dtype)
+        w.bias = (made[(values[0], dtype)], made[(values[1], dtype)])
 
 
 def gradient(u: Unit) -> torch.Tensor:
@@ -303,7 +298,6 @@ def units_of(work: list[Work], buckets: list[Bucket]) -> tuple[list[Unit], dict[
     the same step count) as one unit, every other parameter on its own. Also returns the
     stacked units by bucket (``id``)."""
     by_param = {w.p: w for w in work}
-    scalars: dict[tuple[float, torch.dtype], torch.Tensor] = {}
     units: list[Unit] = []
     stacked: dict[int, Unit] = {}
     covered: set[int] = set()
@@ -313,10 +307,10 @@ def units_of(work: list[Work], buckets: list[Bucket]) -> tuple[list[Unit], dict[
         found = [by_param.get(m.p) for m in bucket.members]
         works = [w for w in found if w is not None and w.curvature is None]
         if len(works) == len(found) and all(w.t == works[0].t for w in works):
-            unit = stacked[id(bucket)] = make_unit(works, bucket, scalars)
+            unit = stacked[id(bucket)] = make_unit(works, bucket)
             units.append(unit)
             covered.update(id(m.p) for m in bucket.members)
-    units += [make_unit([w], None, scalars) for w in work if id(w.p) not in covered]
+    units += [make_unit([w], None) for w in work if id(w.p) not in covered]
     return units, stacked
 
 
