@@ -973,6 +973,7 @@ def _compiled_training(
     steps: int,
     after: Callable[[int], None],
     compact_state: bool = False,
+    schedule: bool = False,
 ) -> list[torch.Tensor]:
     model = _small_net()
     forward = model if backend is None else torch.compile(model, backend=backend)
@@ -990,10 +991,13 @@ def _compiled_training(
         compact_state=compact_state,
     )
     step = opt.step if compile_step is None else torch.compile(opt.step, backend=compile_step)
+    lrs = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.9**s) if schedule else None
     for i, (x, y) in enumerate(_compile_data(steps)):
         opt.zero_grad()
         nn.functional.mse_loss(forward(x), y).backward()
         step()
+        if lrs is not None:
+            lrs.step()
         after(i)
     opt.close()
     return [p.detach().clone() for p in model.parameters()]
@@ -1082,14 +1086,14 @@ def test_a_compiled_step_traces_the_math_and_breaks_only_at_the_bookkeeping() ->
 
 def test_a_full_training_step_under_inductor_matches_eager_and_stops_recompiling() -> None:
     """CPU inductor compiles the model and ``opt.step`` (statistics and updates become its
-    kernels; roots stay on the pool); after the warm-up cycle nothing recompiles (inductor
-    specializes a float made into a tensor: the bias corrections, which change every step,
-    are made in the eager bookkeeping), and the result agrees with eager to float32
-    tolerance."""
+    kernels; roots stay on the pool); after the warm-up cycle nothing recompiles although an
+    lr scheduler changes the float lr at every step (inductor specializes the floats traced
+    code reads: the bias corrections and the lr come as 0-d tensors made in the eager
+    bookkeeping), and the result agrees with eager to float32 tolerance."""
     from torch._dynamo.exc import FailOnRecompileLimitHit, RecompileError
 
     torch._dynamo.reset()
-    eager = _compiled_training(None, None, 6, lambda i: None)
+    eager = _compiled_training(None, None, 6, lambda i: None, schedule=True)
 
     def forbid_recompiles_after_warm_up(i: int) -> None:
         if i == 3:
@@ -1098,7 +1102,7 @@ def test_a_full_training_step_under_inductor_matches_eager_and_stops_recompiling
     try:
         with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
             compiled = _compiled_training(
-                "inductor", "inductor", 6, forbid_recompiles_after_warm_up
+                "inductor", "inductor", 6, forbid_recompiles_after_warm_up, schedule=True
             )
     except (FailOnRecompileLimitHit, RecompileError) as error:
         pytest.fail(f"inductor's opt.step keeps recompiling: {type(error).__name__}: {error}")

@@ -117,7 +117,8 @@ def update_parameters(
     for indices in batches:
         batch = [units[i] for i in indices]
         config = batch[0].config
-        if isinstance(config.lr, torch.Tensor):
+        lr = step.learning_rate(batch[0])
+        if isinstance(lr, torch.Tensor):
             for i in indices:
                 step.update_parameters(units[i], preconditioned[i])
             continue
@@ -149,4 +150,4 @@ def update_parameters(
                 rows = [w.param for w in u.works]
                 params += rows
                 steps += step.rows_of(update, rows)
-        torch._foreach_add_(params, steps, alpha=-config.lr)
+        torch._foreach_add_(params, steps, alpha=-lr)

@@ -183,7 +183,7 @@ class PreconditionerEngine(RootCycles, Checkpointing):
         work = [self._work_of(*args) for args in ready]
         for w in work:
             w.state["step"] += 1
-        step.bias_corrections(work)
+        step.step_scalars(work)
         return work, buckets, stepped
 
     def _state_of(self, p: torch.Tensor, config: EngineConfig) -> BlockLayout:

@@ -28,14 +28,15 @@ __all__ = [
     "Unit",
     "Work",
     "accumulate",
-    "bias_corrections",
     "directions",
     "feed",
     "gradient",
+    "learning_rate",
     "mark_finite",
     "precondition",
     "rows_of",
     "statistics",
+    "step_scalars",
     "units_of",
     "update_moments",
     "update_parameters",
@@ -61,8 +62,10 @@ class Work:
     """The tensor the math reads (with its ``.grad``) and writes: ``p``, or for a DTensor
     parameter the gathered whole (:mod:`torch_shampoo.sharded`)."""
     bias: tuple[torch.Tensor, torch.Tensor] | None = None
-    """1 − β₁ᵗ and the graft's 1 − β₂ᵗ as 0-d tensors (:func:`bias_corrections`); None without
+    """1 − β₁ᵗ and the graft's 1 − β₂ᵗ as 0-d tensors (:func:`step_scalars`); None without
     bias correction."""
+    lr: torch.Tensor | None = None
+    """A float lr as a 0-d tensor (:func:`step_scalars`), for the traced update."""
 
     @property
     def preconditioned(self) -> bool:
@@ -129,22 +132,38 @@ def make_unit(works: Sequence[Work], bucket: Bucket | None) -> Unit:
     return Unit(works=list(works), state=state, bucket=bucket, bias1=bias1, bias2=bias2)
 
 
-def bias_corrections(work: Sequence[Work]) -> None:
-    """Set each work's ``bias``: its 1 − β₁ᵗ and 1 − β₂ᵗ as host 0-d tensors of its state
-    dtype, one tensor per value and dtype for the whole step. Part of the eager bookkeeping:
-    under ``torch.compile`` a tensor made from a float that changes every step would be
-    compiled again at every step (inductor specializes the float)."""
+def step_scalars(work: Sequence[Work]) -> None:
+    """Set each work's ``bias`` (its 1 − β₁ᵗ and 1 − β₂ᵗ) and, for a float lr, its ``lr`` as
+    host 0-d tensors of its state dtype, one tensor per value and dtype for the whole step.
+    Part of the eager bookkeeping: traced code reading a float that changes from step to step
+    (the bias corrections; the lr under a scheduler) would be compiled again for every value
+    (inductor specializes such floats)."""
     made: dict[tuple[float, torch.dtype], torch.Tensor] = {}
+
+    def scalar(value: float, dtype: torch.dtype) -> torch.Tensor:
+        found = made.get((value, dtype))
+        if found is None:
+            found = made[(value, dtype)] = kernels.scalar(value, dtype)
+        return found
+
     for w in work:
-        config = w.config
-        if not config.bias_correction:
-            continue
-        dtype = state_dtype(w.p)
-        values = (1.0 - config.beta1**w.t, 1.0 - config.grafting_beta2**w.t)
-        for value in values:
-            if (value, dtype) not in made:
-                made[(value, dtype)] = kernels.scalar(value, dtype)
-        w.bias = (made[(values[0], dtype)], made[(values[1], dtype)])
+        config, dtype = w.config, state_dtype(w.p)
+        if config.bias_correction:
+            t = w.t
+            w.bias = (
+                scalar(1.0 - config.beta1**t, dtype),
+                scalar(1.0 - config.grafting_beta2**t, dtype),
+            )
+        if not isinstance(config.lr, torch.Tensor):
+            w.lr = scalar(config.lr, dtype)
+
+
+def learning_rate(u: Unit) -> float | torch.Tensor:
+    """The lr of ``u``'s update: the group's, or under ``torch.compile`` a float one as the
+    0-d tensor the bookkeeping made (so that a scheduler's new lr compiles nothing new)."""
+    if torch.compiler.is_compiling() and u.works[0].lr is not None:
+        return u.works[0].lr
+    return u.config.lr
 
 
 def gradient(u: Unit) -> torch.Tensor:
@@ -251,7 +270,7 @@ def update_parameters(u: Unit, preconditioned: torch.Tensor | None) -> None:
         else:
             torch.where(keep, buffer * mu + update, buffer, out=buffer)
         update = update + mu * buffer if config.nesterov else buffer
-    lr = config.lr
+    lr = learning_rate(u)
     params = [w.param for w in u.works]
     dtype = params[0].dtype
     step = (update * lr).to(dtype) if isinstance(lr, torch.Tensor) else update.to(dtype)
