@@ -990,8 +990,9 @@ def _compiled_training(
         root_workers=1,
         compact_state=compact_state,
     )
-    step = opt.step if compile_step is None else torch.compile(opt.step, backend=compile_step)
+    # (the scheduler first: it wraps opt.step, which is then what gets compiled)
     lrs = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.9**s) if schedule else None
+    step = opt.step if compile_step is None else torch.compile(opt.step, backend=compile_step)
     for i, (x, y) in enumerate(_compile_data(steps)):
         opt.zero_grad()
         nn.functional.mse_loss(forward(x), y).backward()

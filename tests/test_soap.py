@@ -374,8 +374,10 @@ def test_a_compiled_step_matches_eager_and_stops_recompiling() -> None:
     finally:
         torch._dynamo.config.error_on_recompile = False
         torch._dynamo.reset()
+    # The compiled update takes the float lr as a 0-d tensor (no recompile when it changes):
+    # one rounding more per step than eager's ``add_(alpha=-lr)``, amplified by the small ε.
     for a, b in zip(compiled, run(False)):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
