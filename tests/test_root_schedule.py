@@ -430,6 +430,28 @@ def test_default_workers_take_at_most_half_of_the_threads(
     assert workers == 4 and seen == {1}
 
 
+def test_a_thread_started_after_the_workers_begins_with_the_callers_thread_count() -> None:
+    """torch gives a new thread the process-wide count, which a worker's own
+    ``set_num_threads`` writes: after the pool starts, the caller's count is put back, so a
+    thread the user starts later does not begin with the workers' (here 2 against 4)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    seen: list[int] = []
+    try:
+        param = torch.nn.Parameter(torch.randn(6, 6))
+        with Shampoo([param], precondition_frequency=1, root_workers=1) as opt:
+            for _ in range(3):
+                param.grad = torch.randn(6, 6)
+                opt.step()
+            later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+            later.start()
+            later.join()
+            assert opt._roots.pool.threads == 2  # (half of 4 for the one worker)
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == [4]
+
+
 def test_close_returns_at_once_with_a_root_running_and_that_root_is_never_written(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

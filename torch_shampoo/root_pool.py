@@ -289,6 +289,7 @@ def _run(tickets: list[Ticket], jobs: list[RootJob]) -> None:
 
 
 _Work = tuple[list[Ticket], list[RootJob]] | None
+_READY_SECONDS = 5.0
 _THREAD_NAME = "torch_shampoo-root-"
 _LIVE_POOLS: weakref.WeakSet[RootPool] = weakref.WeakSet()
 _WORKERS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
@@ -326,16 +327,23 @@ class RootPool:
             self._outstanding, self._lock = weakref.WeakSet(), threading.Lock()
         if self._threads:
             return
+        before, ready = torch.get_num_threads(), []
         for i in range(self.num_workers):
+            ready.append(threading.Event())
             thread = threading.Thread(
                 target=_work,
-                args=(self._queue, self.threads),
+                args=(self._queue, self.threads, ready[-1]),
                 name=f"{_THREAD_NAME}{i}",
                 daemon=True,
             )
             thread.start()
             self._threads.append(thread)
             _WORKERS.add(thread)
+        # A worker's set_num_threads also wrote torch's process-wide count, the one a thread
+        # started later begins with: once the workers have set theirs, put the caller's back.
+        for event in ready:
+            event.wait(_READY_SECONDS)  # (bounded: a worker slow to start costs only this)
+        torch.set_num_threads(before)
         self._finalizer = weakref.finalize(
             self, _stop, self._queue, len(self._threads), self._outstanding, self._lock
         )
@@ -362,12 +370,13 @@ class RootPool:
         self._outstanding, self._lock = weakref.WeakSet(), threading.Lock()
 
 
-def _work(jobs: queue.SimpleQueue[_Work], threads: int) -> None:
+def _work(jobs: queue.SimpleQueue[_Work], threads: int, ready: threading.Event) -> None:
     # torch gives a thread its count lazily, at its first call, from the process-wide count,
     # which every set_num_threads writes: had another thread set one between our set and our
     # first op, the worker would compute with that count (other roots' bits). Init first.
     torch.get_num_threads()
     torch.set_num_threads(threads)
+    ready.set()
     while (item := jobs.get()) is not None:
         _run(*item)
 
