@@ -1,23 +1,21 @@
-"""Pure tensor functions of the step: the non-finite guard's flags, the mode products and the
-grafted preconditioning of a parameter's blocks. No state, no Python value that changes from
-step to step: the part of a step that ``torch.compile`` traces."""
+"""Pure tensor functions of the step on stacks of blocks (n, *block): the non-finite guard's
+flags, the statistics, the mode products and the graft's rescaling. No state, no Python value
+that changes from step to step: the part of a step that ``torch.compile`` traces."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from .blocking import BlockLayout, block_sums, split_blocks
+from .blocking import BlockLayout, block_sums
 
 __all__ = [
     "accumulate_statistics",
     "curvature_statistics",
     "finite_blocks",
     "graft_stacks",
-    "mode_products",
     "mode_products_stack",
-    "precondition",
     "scalar",
 ]
 
@@ -42,54 +40,6 @@ def finite_blocks(g: torch.Tensor, layout: BlockLayout) -> tuple[torch.Tensor, t
         return cells, cells.logical_not()
     cells = torch.isfinite(block_sums(g, layout, torch.float64))
     return cells, cells.logical_not().sum()
-
-
-def mode_products(
-    block: torch.Tensor, roots: Iterator[torch.Tensor], factored: tuple[bool, ...]
-) -> torch.Tensor:
-    """block ×₁ X_1 ×₂ X_2 … over the factored dims (each X symmetric)."""
-    if block.dim() == 2 and all(factored):
-        return next(roots) @ block @ next(roots)
-    out = block
-    for is_factored in factored:
-        # Contract the leading dim and append the result as the last dim: after one pass over
-        # all dims the order is restored.
-        out = (
-            torch.tensordot(out, next(roots), dims=([0], [0]))
-            if is_factored
-            else out.movedim(0, -1)
-        )
-    return out
-
-
-def precondition(
-    roots: Sequence[torch.Tensor],
-    m_hat: torch.Tensor,
-    direction: torch.Tensor | None,
-    layout: BlockLayout,
-    rooted: tuple[bool, ...] | None,
-) -> torch.Tensor:
-    """P = m̂ ×₁ X_1 ×₂ X_2 … per block, rescaled to the graft's norm per block; a block
-    without its roots takes the graft's direction (m̂ without a graft)."""
-    update = torch.empty_like(m_hat)
-    remaining = iter(roots)
-    per_block = sum(layout.factored)
-    targets = split_blocks(update, layout)
-    grafts = split_blocks(direction, layout) if direction is not None else None
-    for b, block in enumerate(split_blocks(m_hat, layout)):
-        if rooted is not None and not rooted[b]:
-            for _ in range(per_block):
-                next(remaining)
-            targets[b].copy_(block if grafts is None else grafts[b])
-            continue
-        preconditioned = mode_products(block, remaining, layout.factored)
-        if grafts is not None:
-            scale = torch.linalg.vector_norm(grafts[b]) / (
-                torch.linalg.vector_norm(preconditioned) + GRAFT_NORM_EPS
-            )
-            preconditioned = preconditioned * scale
-        targets[b].copy_(preconditioned)
-    return update
 
 
 def _unfold(blocks: torch.Tensor, dim: int) -> torch.Tensor:
@@ -161,7 +111,8 @@ def accumulate_statistics(
 def mode_products_stack(
     blocks: torch.Tensor, roots: Sequence[torch.Tensor], factored: tuple[bool, ...]
 ) -> torch.Tensor:
-    """:func:`mode_products` of every block of a stack (n, *block) with its own roots."""
+    """block ×₁ X_1 ×₂ X_2 … over the factored dims, for every block of a stack (n, *block)
+    with its own roots (each X symmetric)."""
     if blocks.dim() == 3 and all(factored):
         return torch.bmm(torch.bmm(roots[0], blocks), roots[1])
     if blocks.dim() == 2 and factored[0]:  # vectors: gᵀX per block
