@@ -1047,6 +1047,40 @@ def test_a_compiled_step_matches_eager_and_stops_recompiling(compact_state: bool
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_a_compiled_ngplus_step_stops_recompiling_and_matches_eager() -> None:
+    """``torch.compile(opt.step)`` of NG+ (whose statistics make the preconditioning a frame
+    of its own): after a warm-up cycle no step recompiles (the step's per-unit results are
+    matched by parameter, not by ``id`` of a unit made anew at every step, which dynamo would
+    guard on), and the result matches eager."""
+    from torch._dynamo.exc import FailOnRecompileLimitHit, RecompileError
+
+    def run(compiled: bool) -> list[torch.Tensor]:
+        model = _small_net()
+        opt = make_optimizer("ngplus", model.parameters())
+        step = torch.compile(opt.step, backend="eager") if compiled else opt.step
+        for i, (x, y) in enumerate(_compile_data(8)):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            step()
+            if compiled and i == 3:
+                torch._dynamo.config.error_on_recompile = True
+        opt.close()
+        return [p.detach().clone() for p in model.parameters()]
+
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            compiled = run(True)
+    except (FailOnRecompileLimitHit, RecompileError) as error:
+        pytest.fail(f"compiled NG+ step keeps recompiling: {type(error).__name__}: {error}")
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+        torch._dynamo.reset()
+    # (the compiled update takes the float lr as a 0-d tensor: one rounding more per step)
+    for a, b in zip(compiled, run(False)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_a_compiled_step_traces_the_math_and_breaks_only_at_the_bookkeeping() -> None:
     """Under ``torch.compile(opt.step)`` the statistics and the parameter updates are traced
     into graphs; the only graph breaks are the eager host bookkeeping (counters, root schedules,

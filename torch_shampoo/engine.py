@@ -146,7 +146,7 @@ class PreconditionerEngine(RootCycles, Checkpointing):
             self._roots_of_this_step(work)
             elementwise.directions(units, plan)
             updates = step.precondition(units, buckets, stacked)
-            elementwise.update_parameters(units, [updates.get(id(u)) for u in units], plan)
+            elementwise.update_parameters(units, updates, plan)
         self._finish_step(stepped)
 
     @torch.compiler.disable

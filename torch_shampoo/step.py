@@ -449,11 +449,12 @@ class PerBucket:
 
 def precondition(
     units: list[Unit], buckets: list[Bucket], stacked: dict[int, Unit]
-) -> dict[int, torch.Tensor]:
+) -> list[torch.Tensor | None]:
     """Shampoo's grafted direction per bucket, for the parameters that use their roots in
     this step: P = m̂ ×₁ X_1 ×₂ X_2 … per block, rescaled to the graft direction's norm per
     block (the rescaling of all buckets at once); rows whose blocks have no roots yet take the
-    graft's direction (m̂ without a graft). Returned per unit (``id``) in the unit's shape."""
+    graft's direction (m̂ without a graft). Returned per unit, in the unit's shape (None for a
+    unit that uses no roots in this step)."""
     shares = PerBucket(units, buckets, stacked)
     found: list[tuple[Share, torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
     products = []
@@ -475,4 +476,10 @@ def precondition(
             fallback = m_hat if direction is None else direction
             result = torch.where(rooted.view(-1, *(1,) * (m_hat.dim() - 1)), result, fallback)
         shares.put(share, result)
-    return {id(u): result for u, result in shares.results()}
+    # Matched by parameter, not by ``id(unit)``: a unit is new at every step, and under
+    # torch.compile its id would be a constant of the graph (a recompile per step).
+    position = {u.works[0].p: i for i, u in enumerate(units)}
+    out: list[torch.Tensor | None] = [None] * len(units)
+    for u, result in shares.results():
+        out[position[u.works[0].p]] = result
+    return out
