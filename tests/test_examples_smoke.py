@@ -238,6 +238,21 @@ def test_scaling_quick(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFi
     assert all(row[3].endswith("x") and float(row[3][:-1]) > 0 for row in rows)
 
 
+def test_ungrafted_eps_quick(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    module = load("benchmarks/ungrafted_eps.py", monkeypatch)
+    module.main(["--quick"])
+    lines = capsys.readouterr().out.splitlines()
+    graft = [line for line in lines if line.startswith("Adam graft")]
+    assert len(graft) == 1 and math.isfinite(float(graft[0].rsplit(":", 1)[1]))
+    rows = [line.split() for line in lines if line.startswith("eps ")]
+    assert [row[1] for row in rows] == ["1e-12", "0.0001"]
+    for row in rows:
+        assert len(row) == 4
+        assert all(cell == "diverged" or math.isfinite(float(cell)) for cell in row[2:]), row
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 def test_train_charlm_under_torchrun_matches_one_process(tmp_path: Path) -> None:
     """``torchrun --nproc_per_node 2 examples/train_charlm.py``: DDP over two processes, each
