@@ -1,4 +1,5 @@
-"""Shared test helpers: a model with mixed parameter shapes and a deterministic training loop."""
+"""Shared test helpers: a model with mixed parameter shapes, a deterministic training loop, and a
+compiled run that fails on a recompile after its warm-up."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ import io
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
+import pytest
 import torch
 from torch import nn
+
+T = TypeVar("T")
 
 
 class MixedShapes(nn.Module):
@@ -135,3 +139,26 @@ def per_matrix(fake: Any) -> Any:
         return [fake(matrix, *args, **kwargs) for matrix in matrices]
 
     return solve_each
+
+
+def without_recompiles(run: Callable[[Callable[[int], None]], T]) -> T:
+    """``run(after)``, which calls ``after(i)`` after its step ``i``, with dynamo failing on a
+    recompile once step 3 is done (the warm-up: a first step, a root step, an install step, a
+    plain step) and on reaching the recompile limit (past which dynamo would run the function
+    eagerly without a word). A recompile fails the test naming what was compiled again."""
+    from torch._dynamo.exc import FailOnRecompileLimitHit, RecompileError
+
+    def after(i: int) -> None:
+        if i == 3:
+            torch._dynamo.config.error_on_recompile = True
+
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            return run(after)
+    except (FailOnRecompileLimitHit, RecompileError) as error:
+        # Report the cause in a few lines, not dynamo's stack.
+        pytest.fail(f"the compiled step keeps recompiling: {type(error).__name__}: {error}")
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+        torch._dynamo.reset()

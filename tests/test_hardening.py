@@ -22,7 +22,14 @@ import pytest
 import torch
 from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
-from models import make_batches, mixed_model, settled, threads_settle_at, train
+from models import (
+    make_batches,
+    mixed_model,
+    settled,
+    threads_settle_at,
+    train,
+    without_recompiles,
+)
 from torch import nn
 
 import torch_shampoo.device
@@ -1023,26 +1030,10 @@ def test_a_compiled_step_matches_eager_and_stops_recompiling(compact_state: bool
     (the first step, a root step, an install step, a plain step) no step recompiles, the
     recompile limit is never hit (hitting it silently falls back to eager), and the result
     matches eager."""
-    from torch._dynamo.exc import FailOnRecompileLimitHit, RecompileError
-
-    torch._dynamo.reset()
     eager = _compiled_training(None, None, 6, lambda i: None, compact_state)
-
-    def forbid_recompiles_after_warm_up(i: int) -> None:
-        if i == 3:
-            torch._dynamo.config.error_on_recompile = True
-
-    try:
-        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-            compiled = _compiled_training(
-                None, "eager", 6, forbid_recompiles_after_warm_up, compact_state
-            )
-    except (FailOnRecompileLimitHit, RecompileError) as error:
-        # Report the cause in a few lines, not dynamo's stack.
-        pytest.fail(f"compiled opt.step keeps recompiling: {type(error).__name__}: {error}")
-    finally:
-        torch._dynamo.config.error_on_recompile = False
-        torch._dynamo.reset()
+    compiled = without_recompiles(
+        lambda after: _compiled_training(None, "eager", 6, after, compact_state)
+    )
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
@@ -1052,32 +1043,23 @@ def test_a_compiled_ngplus_step_stops_recompiling_and_matches_eager() -> None:
     of its own): after a warm-up cycle no step recompiles (the step's per-unit results are
     matched by parameter, not by ``id`` of a unit made anew at every step, which dynamo would
     guard on), and the result matches eager."""
-    from torch._dynamo.exc import FailOnRecompileLimitHit, RecompileError
 
-    def run(compiled: bool) -> list[torch.Tensor]:
+    def run(after: Callable[[int], None] | None) -> list[torch.Tensor]:
         model = _small_net()
         opt = make_optimizer("ngplus", model.parameters())
-        step = torch.compile(opt.step, backend="eager") if compiled else opt.step
+        step = opt.step if after is None else torch.compile(opt.step, backend="eager")
         for i, (x, y) in enumerate(_compile_data(8)):
             opt.zero_grad()
             nn.functional.mse_loss(model(x), y).backward()
             step()
-            if compiled and i == 3:
-                torch._dynamo.config.error_on_recompile = True
+            if after is not None:
+                after(i)
         opt.close()
         return [p.detach().clone() for p in model.parameters()]
 
-    torch._dynamo.reset()
-    try:
-        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-            compiled = run(True)
-    except (FailOnRecompileLimitHit, RecompileError) as error:
-        pytest.fail(f"compiled NG+ step keeps recompiling: {type(error).__name__}: {error}")
-    finally:
-        torch._dynamo.config.error_on_recompile = False
-        torch._dynamo.reset()
+    compiled = without_recompiles(run)
     # (the compiled update takes the float lr as a 0-d tensor: one rounding more per step)
-    for a, b in zip(compiled, run(False)):
+    for a, b in zip(compiled, run(None)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -1125,25 +1107,10 @@ def test_a_full_training_step_under_inductor_matches_eager_and_stops_recompiling
     lr scheduler changes the float lr at every step (inductor specializes the floats traced
     code reads: the bias corrections and the lr come as 0-d tensors made in the eager
     bookkeeping), and the result agrees with eager to float32 tolerance."""
-    from torch._dynamo.exc import FailOnRecompileLimitHit, RecompileError
-
-    torch._dynamo.reset()
     eager = _compiled_training(None, None, 6, lambda i: None, schedule=True)
-
-    def forbid_recompiles_after_warm_up(i: int) -> None:
-        if i == 3:
-            torch._dynamo.config.error_on_recompile = True
-
-    try:
-        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-            compiled = _compiled_training(
-                "inductor", "inductor", 6, forbid_recompiles_after_warm_up, schedule=True
-            )
-    except (FailOnRecompileLimitHit, RecompileError) as error:
-        pytest.fail(f"inductor's opt.step keeps recompiling: {type(error).__name__}: {error}")
-    finally:
-        torch._dynamo.config.error_on_recompile = False
-        torch._dynamo.reset()
+    compiled = without_recompiles(
+        lambda after: _compiled_training("inductor", "inductor", 6, after, schedule=True)
+    )
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 import math
 import pickle
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from models import make_batches, mixed_model, saved_and_loaded, train
+from models import make_batches, mixed_model, saved_and_loaded, train, without_recompiles
 from reference_soap import ReferenceSOAP
 from torch import nn
 
@@ -345,38 +346,29 @@ def test_a_compiled_step_matches_eager_and_stops_recompiling() -> None:
     a plain step) nothing recompiles, and the result agrees with eager. ε = 1e-4: with the
     first basis from one gradient, rounding noise in the directions no gradient has reached yet
     is divided by ε, so a tiny ε turns the two rounding orders into different trajectories."""
-    from torch._dynamo.exc import FailOnRecompileLimitHit, RecompileError
 
-    def run(compiled: bool) -> list[torch.Tensor]:
+    def run(after: Callable[[int], None] | None) -> list[torch.Tensor]:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 3, bias=False))
         opt = SOAP(
             model.parameters(), lr=0.02, precondition_frequency=2, root_staleness=1, eps=1e-4
         )
-        step = torch.compile(opt.step, backend="eager") if compiled else opt.step
+        step = opt.step if after is None else torch.compile(opt.step, backend="eager")
         gen = torch.Generator().manual_seed(8)
         for i in range(7):
             x, y = torch.randn(16, 8, generator=gen), torch.randn(16, 3, generator=gen)
             opt.zero_grad()
             nn.functional.mse_loss(model(x), y).backward()
             step()
-            if compiled and i == 3:
-                torch._dynamo.config.error_on_recompile = True
+            if after is not None:
+                after(i)
         opt.close()
         return [p.detach().clone() for p in model.parameters()]
 
-    torch._dynamo.reset()
-    try:
-        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-            compiled = run(True)
-    except (FailOnRecompileLimitHit, RecompileError) as error:
-        pytest.fail(f"compiled opt.step keeps recompiling: {type(error).__name__}: {error}")
-    finally:
-        torch._dynamo.config.error_on_recompile = False
-        torch._dynamo.reset()
+    compiled = without_recompiles(run)
     # The compiled update takes the float lr as a 0-d tensor (no recompile when it changes):
     # one rounding more per step than eager's ``add_(alpha=-lr)``, amplified by the small ε.
-    for a, b in zip(compiled, run(False)):
+    for a, b in zip(compiled, run(None)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
