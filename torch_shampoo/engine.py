@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from . import eigenbasis, elementwise, sharded, step
+from . import device, eigenbasis, elementwise, sharded, step
 from .blocking import BlockLayout, block_layout
 from .buckets import Bucket, plan_buckets, slots_of
 from .checkpoint import Checkpointing
@@ -128,7 +128,11 @@ class PreconditionerEngine(RootCycles, Checkpointing):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._step_parameters()
+        if torch.compiler.is_compiling():
+            self._step_parameters()  # a traced step keeps the thread's floating-point mode
+        else:
+            with device.subnormals_flushed():
+                self._step_parameters()
         return loss
 
     # Host-side bookkeeping (counters, state checks, bucket plans, root schedules, thread

@@ -94,6 +94,11 @@ def solve(jobs: Sequence[RootJob]) -> list[tuple[list[RootOutcome], torch.Tensor
     that solves a job solves its whole batch."""
     for job in jobs:
         device.wait(job.snapshot_ready)
+    with device.subnormals_flushed():  # as in the step, in whichever thread solves the batch
+        return _solve(jobs)
+
+
+def _solve(jobs: Sequence[RootJob]) -> list[tuple[list[RootOutcome], torch.Tensor]]:
     start = time.perf_counter()
     first = jobs[0]
     snapshot = first.snapshot if len(jobs) == 1 else torch.cat([j.snapshot for j in jobs])
