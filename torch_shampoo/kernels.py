@@ -102,10 +102,7 @@ def accumulate_statistics(
         if flags is not None:
             mask = flags.view(-1, 1, 1) if mask is None else mask & flags.view(-1, 1, 1)
         assert mask is not None
-        if factor.is_contiguous():
-            torch.where(mask, new, factor, out=factor)
-        else:  # a view of a compact stack: the select into the product's buffer, then a copy
-            factor.copy_(torch.where(mask, new, factor, out=new))
+        torch.where(mask, new, factor, out=factor)  # (a compact stack's view: in place too)
 
 
 def mode_products_stack(
