@@ -20,9 +20,10 @@ from torch import nn
 
 import torch_shampoo.root_pool as root_pool
 from torch_shampoo import SOAP, NGPlus, Shampoo
-from torch_shampoo.device import SUBNORMAL, subnormals_flushed
+from torch_shampoo.device import subnormals_flushed
 
 TINY = 2.0**-126  # float32's smallest normal number
+SUBNORMAL = 1e-40  # a float32 subnormal
 
 pytestmark = pytest.mark.skipif(
     not torch.set_flush_denormal(False), reason="this CPU cannot flush subnormals"

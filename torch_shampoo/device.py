@@ -82,8 +82,13 @@ def known_all_true(flags: torch.Tensor) -> bool:
     return bool(flags.all())
 
 
-SUBNORMAL = 1e-40
-"""A float32 subnormal (float32's smallest normal number is about 1.2e-38)."""
+_SMALLEST_DOUBLE, _ONE = 5e-324, 1.0  # (names, so that Python cannot fold the product)
+
+
+def _flushing() -> bool:
+    """Does this thread's CPU flush subnormals now? Python's float arithmetic runs in the same
+    mode: the smallest float64 subnormal times 1 is then 0 (torch has no getter for it)."""
+    return _SMALLEST_DOUBLE * _ONE == 0.0
 
 
 @contextmanager
@@ -95,8 +100,7 @@ def subnormals_flushed() -> Iterator[None]:
     G Gᵀ subnormal, and on 100 × Linear(64, 64) with tanh the whole step took 4× as long.
     Only numbers below 1.2e-38 (float32) or 2.2e-308 (float64) change, to zero: far below any
     ε a root or a graft adds. Not for CUDA kernels (the device has its own rules)."""
-    flushing = torch.tensor(SUBNORMAL).item() == 0.0  # no getter: is 1e-40 stored as 0?
-    changed = not flushing and torch.set_flush_denormal(True)
+    changed = not _flushing() and torch.set_flush_denormal(True)
     try:
         yield
     finally:
