@@ -7,11 +7,15 @@ Claims:
 * a step of every front end leaves the caller's mode as it was, and the statistics of tiny
   gradients hold no subnormal numbers (plain torch computes subnormal ones from the same
   gradient);
-* every root solve runs in that mode too, in whichever thread it runs.
+* every root solve runs in that mode too, in whichever thread it runs;
+* intra-op threads that start during a step (the first parallel region, or more threads after
+  ``torch.set_num_threads``) do not inherit the flushing: they start before it.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -114,3 +118,28 @@ def test_every_root_solve_runs_flushed_in_whichever_thread_solves_it(
     opt.state_dict()  # solves the roots in flight, here
     assert len(seen) > solved and all(seen)
     assert not flushing()
+
+
+LATE_THREADS = """
+import torch
+from torch import nn
+from torch_shampoo import Shampoo
+
+torch.set_num_threads(1)
+layer = nn.Linear(512, 512, bias=False)
+opt = Shampoo(layer.parameters(), lr=0.01, block_size=128, async_roots=False)
+layer(torch.randn(1, 512)).sum().backward()
+torch.set_num_threads(2)  # the second intra-op thread would start within the step
+opt.step()
+opt.close()
+print(int((torch.full((1 << 22,), 1e-40) * 1.0 == 0).sum()))  # half of it on that thread
+"""
+
+
+def test_intra_op_threads_started_by_a_step_do_not_flush_the_callers_later_work() -> None:
+    # A fresh process: the suite's own intra-op threads exist already.
+    done = subprocess.run(
+        [sys.executable, "-c", LATE_THREADS], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "0"

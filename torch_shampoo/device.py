@@ -26,6 +26,7 @@ G Gᵀ of small gradients (a deep net's early layers) is full of them.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -91,6 +92,21 @@ def _flushing() -> bool:
     return _SMALLEST_DOUBLE * _ONE == 0.0
 
 
+_team = threading.local()
+
+
+def _start_intra_op_threads() -> None:
+    """Start all of the calling thread's intra-op (OpenMP) threads, if they may not exist yet,
+    while the mode is still the caller's: a thread started while this one flushes inherits the
+    mode (POSIX threads inherit the floating-point environment) and would then run the caller's
+    later work flushed for good. One parallel fill of 2¹⁶ elements per thread, at the first
+    step and whenever ``torch.set_num_threads`` has raised the count."""
+    n = torch.get_num_threads()
+    if n > getattr(_team, "size", 1):
+        torch.empty(n << 16).fill_(0.0)  # n tasks of 2¹⁶ (a task takes at least 2¹⁵)
+        _team.size = n
+
+
 @contextmanager
 def subnormals_flushed() -> Iterator[None]:
     """Within it, this thread's CPU arithmetic takes subnormal inputs as zero and flushes
@@ -100,7 +116,10 @@ def subnormals_flushed() -> Iterator[None]:
     G Gᵀ subnormal, and on 100 × Linear(64, 64) with tanh the whole step took 4× as long.
     Only numbers below 1.2e-38 (float32) or 2.2e-308 (float64) change, to zero: far below any
     ε a root or a graft adds. Not for CUDA kernels (the device has its own rules)."""
-    changed = not _flushing() and torch.set_flush_denormal(True)
+    changed = False
+    if not _flushing():
+        _start_intra_op_threads()
+        changed = torch.set_flush_denormal(True)
     try:
         yield
     finally:
