@@ -99,11 +99,12 @@ def _start_intra_op_threads() -> None:
     """Start all of the calling thread's intra-op (OpenMP) threads, if they may not exist yet,
     while the mode is still the caller's: a thread started while this one flushes inherits the
     mode (POSIX threads inherit the floating-point environment) and would then run the caller's
-    later work flushed for good. One parallel fill of 2¹⁶ elements per thread, at the first
-    step and whenever ``torch.set_num_threads`` has raised the count."""
+    later work flushed for good. One parallel region starts the whole team (a fill of 2¹⁶
+    elements, two of torch's grains), at the first step and whenever ``torch.set_num_threads``
+    has raised the count."""
     n = torch.get_num_threads()
     if n > getattr(_team, "size", 1):
-        torch.empty(n << 16).fill_(0.0)  # n tasks of 2¹⁶ (a task takes at least 2¹⁵)
+        torch.empty(1 << 16).fill_(0.0)
         _team.size = n
 
 
