@@ -149,3 +149,27 @@ def test_an_unknown_schema_is_refused_naming_it() -> None:
         saved["state"][0] = {**saved["state"][0], "schema": torch.tensor(SCHEMA + 1)}
         with pytest.raises(ValueError, match=f"schema {SCHEMA + 1}"):
             opt.load_state_dict(saved)
+
+
+@pytest.mark.parametrize("kind", [Shampoo, SOAP, NGPlus])
+def test_a_param_group_without_a_setting_is_refused_naming_it(kind: type) -> None:
+    """A saved group that lacks a setting (or Adam's groups) would replace this optimizer's
+    groups and fail at a later step with a KeyError: it is refused on loading, naming what is
+    missing, and the optimizer goes on as it was."""
+    batches = make_batches(4)
+    kwargs = dict(lr=0.01, block_size=16)
+    model, twin = mixed_model(), mixed_model()
+    with kind(model.parameters(), **kwargs) as opt, kind(twin.parameters(), **kwargs) as other:
+        train(model, opt, batches[:2])
+        train(twin, other, batches[:2])
+        saved = opt.state_dict()
+        del saved["param_groups"][0]["block_size"]
+        with pytest.raises(ValueError, match=r"param group 0 lacks \['block_size'\]"):
+            opt.load_state_dict(saved)
+        adam = torch.optim.Adam(mixed_model().parameters())
+        with pytest.raises(ValueError, match=r"lacks .*'max_root_failures'"):
+            opt.load_state_dict(adam.state_dict())
+        train(model, opt, batches[2:])
+        train(twin, other, batches[2:])
+    for a, b in zip(params_after(model), params_after(twin)):
+        assert torch.equal(a, b)

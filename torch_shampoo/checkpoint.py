@@ -17,8 +17,9 @@ while in flight, failure reasons as strings).
 
 from __future__ import annotations
 
+import inspect
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar
 
@@ -28,12 +29,12 @@ from torch.optim import Optimizer
 from . import packing
 from .blocking import BlockLayout
 from .buckets import factor_groups
-from .config import EngineConfig, world_size
+from .config import EngineConfig, group_defaults, world_size
 from .scheduler import RootScheduler
 from .shares import StateShares
 from .state import SCHEMA, check_moments, check_state, in_flight, migrate, no_pending, restore
 
-__all__ = ["SCHEMA", "Checkpointing", "from_saved", "to_saved"]
+__all__ = ["SCHEMA", "Checkpointing", "check_group_keys", "from_saved", "to_saved"]
 
 _LISTS = ("factors", "roots", "pending_roots")
 _PENDING = ("pending_due", "pending_submitted", "pending_ok", "pending_roots", "pending_reasons")
@@ -123,6 +124,18 @@ def from_saved(owner: str, name: str, saved: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
+def check_group_keys(owner: str, groups: list[dict[str, Any]], settings: Iterable[str]) -> None:
+    """Refuse saved parameter groups that lack one of ``settings``: they would replace this
+    optimizer's groups and fail at a later step."""
+    for index, group in enumerate(groups):
+        missing = sorted(k for k in settings if k not in group)
+        if missing:
+            raise ValueError(
+                f"{owner} state dict's param group {index} lacks {missing}: the state dict is "
+                "truncated or not from this optimizer"
+            )
+
+
 def _called_by_dcp() -> bool:
     """Is ``state_dict()`` being called by ``torch.distributed.checkpoint`` (which calls it on
     every rank, saves the union of what they return and loads each rank its own keys)?"""
@@ -157,6 +170,12 @@ class Checkpointing(Optimizer):
 
     def _config(self, group: dict[str, Any]) -> EngineConfig:
         raise NotImplementedError
+
+    def _settings(self) -> list[str]:
+        """The group settings a saved group must have: the front end's per-group kwargs, less
+        those added since its first release (loading fills them in)."""
+        declared = group_defaults(dict.fromkeys(inspect.signature(type(self)).parameters))
+        return [k for k in declared if k in self.defaults and k not in self._ADDED_GROUP_KEYS]
 
     def _group_of(self, p: torch.Tensor) -> dict[str, Any]:
         return self._locate(p)[1]
@@ -264,6 +283,7 @@ class Checkpointing(Optimizer):
             # Registered last, so it sees the state dict the user's pre-hooks settled on.
             loading["params"] = self._saved_id_map(final)
             loading["state"] = {}
+            check_group_keys(type(self).__name__, final["param_groups"], self._settings())
             # The settings the state was saved with (they replace the groups' on loading).
             settings = {
                 i: {k: v for k, v in group.items() if k != "params"}

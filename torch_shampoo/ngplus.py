@@ -343,7 +343,7 @@ class NGPlus(PreconditionerEngine):
         (the paper's: :data:`EARLIER_RULE`)."""
         current = [g["damping"] for g in self.param_groups]
         groups = [
-            {**EARLIER_RULE, **g, "damping": here if g["damping"] is None else g["damping"]}
+            {**EARLIER_RULE, **g, **({"damping": here} if g.get("damping", 0) is None else {})}
             for g, here in zip(state_dict["param_groups"], current)
         ]
         super().load_state_dict({**state_dict, "param_groups": groups})
