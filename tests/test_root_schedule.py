@@ -185,6 +185,27 @@ def test_auto_staleness_is_fitted_saved_restored_and_reported() -> None:
     assert_bitwise_equal(params_after(resumed_model), params_after(whole))
 
 
+@pytest.mark.usefixtures("fitted_three")
+def test_auto_staleness_takes_the_frequency_under_deterministic_algorithms() -> None:
+    """Under ``torch.use_deterministic_algorithms(True)`` "auto" fits nothing (the timings
+    differ from run to run): it takes the frequency, as an explicit integer would, bitwise."""
+    kwargs: dict[str, Any] = dict(BASE, precondition_frequency=5)
+    batches = make_batches(16)
+    explicit = mixed_model()
+    with Shampoo(explicit.parameters(), **kwargs, root_staleness=5) as opt:
+        train(explicit, opt, batches)
+    model = mixed_model()
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with Shampoo(model.parameters(), **kwargs) as opt:
+            train(model, opt, batches)
+            assert opt.root_stats()["root_staleness"] == 5  # 3 when fitted (the fixture)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert_bitwise_equal(params_after(model), params_after(explicit))
+
+
 def test_auto_staleness_is_zero_for_synchronous_roots_and_an_integer_is_kept() -> None:
     model = mixed_model()
     with Shampoo(model.parameters(), **BASE, precondition_frequency=2, async_roots=False) as s:

@@ -72,8 +72,9 @@ class Shampoo(PreconditionerEngine):
     CPU threads in the meantime. s is ``root_staleness``: ``"auto"`` (the default) fits s once,
     after the first root cycle, to the smallest number of training steps that holds the measured
     root work twice over (0 with ``async_roots=False``), and grows it if steps still wait for
-    roots; an integer fixes s, which makes async runs bitwise reproducible and equal to
-    synchronous runs with the same staleness.
+    roots (with several processes, or under ``torch.use_deterministic_algorithms(True)``, it
+    takes the frequency instead); an integer fixes s, which makes async runs bitwise
+    reproducible and equal to synchronous runs with the same staleness.
 
     Args:
         params: parameters or parameter groups; every hyperparameter below except

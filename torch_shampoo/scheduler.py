@@ -246,8 +246,10 @@ class RootScheduler:
         fitted = group.get(FITTED)
         if fitted is None and self.fit.cycle_seconds is not None:
             # Several processes (DDP): each would fit its own timings and the ranks could
-            # install roots at different steps and drift apart, so all take the frequency.
-            steps = frequency if world_size() > 1 else self.fit.steps_for(self.fit.cycle_seconds)
+            # install roots at different steps and drift apart, so all take the frequency; as
+            # does a run under torch.use_deterministic_algorithms (timings differ run to run).
+            fixed = world_size() > 1 or torch.are_deterministic_algorithms_enabled()
+            steps = frequency if fixed else self.fit.steps_for(self.fit.cycle_seconds)
             if steps is not None:
                 fitted = group[FITTED] = min(frequency, steps)
         return frequency if fitted is None else int(fitted)
