@@ -219,17 +219,28 @@ def test_merging_rule_examples() -> None:
     assert merged((), 1024) == (1,)  # a scalar
     assert merged((1, 1, 1), 1024) == (1,)  # all ones
     assert merged((1, 7, 1), 1024) == (7,)
-    assert merged((32, 1, 32, 1), 1024) == (1024,)  # exactly block_size elements → 1-D
-    assert merged((32, 33), 1024) == (32, 33)  # one more element → not merged
+    assert merged((32, 1, 32, 1), 1024) == (32, 32)  # a small matrix keeps its two factors
+    assert merged((16, 1, 3, 3), 1024) == (16, 9)  # ... and a small conv kernel two
+    assert merged((32, 33), 1024) == (32, 33)
     assert merged((3000,), 8) == (3000,)  # a long dim is kept whole; chunking comes later
     assert merged((5, 4, 3, 2), 12) == (5, 4, 6)  # merged from the right, not from the left
     assert merged((4, 0, 3), 1024) == (0,)
 
+    def merged_as(shape: tuple[int, ...], block_size: int, merge: bool | str) -> tuple[int, ...]:
+        return block_layout(shape, block_size, max_factor_dim=10**9, merge=merge).shape
+
+    assert merged_as((32, 1, 32, 1), 1024, "all") == (1024,)  # JAX's and Meta's rule: 1-D
+    assert merged_as((32, 33), 1024, "all") == (32, 33)  # one more element: not merged
+    assert merged_as((64, 3, 3, 3), 1024, "all") == (64, 27)
+    assert merged_as((64, 1, 3, 3), 1024, False) == (64, 3, 3)
+    with pytest.raises(ValueError, match="merge_dims must be one of"):
+        merged_as((4, 4), 1024, "yes")
+
 
 @settings(max_examples=100, deadline=None)
-@given(layouts_of_any_size)
+@given(layouts_of_any_size, st.sampled_from([True, "all", False]))
 def test_merging_drops_size_one_dims_and_merges_greedily_from_the_right(
-    case: tuple[tuple[int, ...], int, int],
+    case: tuple[tuple[int, ...], int, int], merge: bool | str
 ) -> None:
     """The merged shape is the size>1 dims cut into consecutive groups, multiplied out, with:
 
@@ -237,17 +248,26 @@ def test_merging_drops_size_one_dims_and_merges_greedily_from_the_right(
     * a group could not take one more dim from its left: (that dim) × (group) > block_size.
 
     Because every size>1 dim is ≥ 2, these pin down the greedy right-to-left merge uniquely.
+    The exceptions: with ``merge=True`` dims whose product is ≤ block_size become (first dim,
+    the rest), not one dim; with ``merge=False`` nothing merges.
     """
     shape, block_size, max_factor_dim = case
-    merged = block_layout(shape, block_size, max_factor_dim).shape
+    merged = block_layout(shape, block_size, max_factor_dim, merge).shape
     if 0 in shape:
         return  # covered by the zero-size case of the factored-dims test
     dims = [d for d in shape if d != 1]
     if not dims:
         assert merged == (1,)
         return
+    if merge is False:
+        assert merged == tuple(dims)
+        return
     if math.prod(dims) <= block_size:
-        assert merged == (math.prod(dims),), "≤ block_size elements must become 1-D"
+        if merge == "all" or len(dims) == 1:
+            assert merged == (math.prod(dims),), "≤ block_size elements must become 1-D"
+        else:
+            assert merged == (dims[0], math.prod(dims[1:])), "several dims must keep two"
+        return
 
     groups: list[list[int]] = []
     remaining = list(dims)
@@ -398,3 +418,18 @@ def test_expand_grid_fills_each_block_with_its_cell(
     assert full.shape == tuple(shape)
     for b, block in enumerate(split_blocks(full.contiguous(), layout)):
         assert bool((block == b).all())
+
+
+def test_a_small_weight_keeps_its_two_factors_in_the_optimizer() -> None:
+    """At the default block size a 64×16 weight (1024 elements) gets factors of 64² and 16²,
+    not one of 1024² (``merge_dims="all"``, the rule of JAX's and Meta's Shampoo)."""
+    from torch_shampoo import Shampoo
+
+    weight = torch.nn.Parameter(torch.randn(64, 16))
+    shapes = {}
+    for merge in (True, "all"):
+        weight.grad = torch.randn(64, 16)
+        with Shampoo([weight], merge_dims=merge, async_roots=False) as opt:
+            opt.step()
+            shapes[merge] = [tuple(f.shape) for f in opt.state[weight]["factors"]]
+    assert shapes == {True: [(64, 64), (16, 16)], "all": [(1024, 1024)]}

@@ -173,3 +173,46 @@ def test_a_param_group_without_a_setting_is_refused_naming_it(kind: type) -> Non
         train(twin, other, batches[2:])
     for a, b in zip(params_after(model), params_after(twin)):
         assert torch.equal(a, b)
+
+
+def test_a_checkpoint_saved_before_merge_dims_keeps_its_merged_layout_and_continues_bitwise() -> (
+    None
+):
+    """Before ``merge_dims`` (2026-12-06) a tensor of ≤ block_size elements merged into one dim
+    (a 4×4 weight at block 16: one 16² factor). A state dict without the setting loads into a
+    default optimizer (which would give that weight two 4² factors) as ``merge_dims="all"`` and
+    continues bitwise as the run it was saved from."""
+    batches = make_batches(10)
+    kwargs: dict[str, Any] = dict(
+        lr=0.01, block_size=16, precondition_frequency=3, root_staleness=2
+    )
+
+    def small() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+
+    def train_small(model: torch.nn.Module, opt: torch.optim.Optimizer, part: list[Any]) -> None:
+        for x, _ in part:
+            opt.zero_grad()
+            model(x.flatten(1)[:, :4]).square().mean().backward()
+            opt.step()
+
+    whole = small()
+    with Shampoo(whole.parameters(), **kwargs, merge_dims="all") as opt:
+        train_small(whole, opt, batches)
+        assert [tuple(f.shape) for f in opt.state[whole[0].weight]["factors"]] == [(16, 16)]
+    model = small()
+    with Shampoo(model.parameters(), **kwargs, merge_dims="all") as opt:
+        train_small(model, opt, batches[:5])
+        saved = saved_and_loaded(model, opt)
+    for group in saved["opt"]["param_groups"]:
+        del group["merge_dims"]  # as saved before the setting existed
+    resumed_model = small()
+    resumed_model.load_state_dict(saved["model"])
+    with Shampoo(resumed_model.parameters(), **kwargs) as resumed:
+        assert resumed.param_groups[0]["merge_dims"] is True  # the default: (4, 4)
+        resumed.load_state_dict(saved["opt"])
+        assert resumed.param_groups[0]["merge_dims"] == "all"
+        train_small(resumed_model, resumed, batches[5:])
+    for a, b in zip(params_after(resumed_model), params_after(whole)):
+        assert torch.equal(a, b)

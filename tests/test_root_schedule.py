@@ -379,7 +379,7 @@ def test_installing_roots_names_no_factor(monkeypatch: pytest.MonkeyPatch) -> No
         assert not calls  # nothing named while stepping
         assert opt.root_stats()["roots_computed"] > 0
         names = opt.root_stats()["last_error"]
-    assert len(names) == 50 and "parameter 49 (shape (4, 3)) block 0 dim 0" in names
+    assert len(names) == 100 and "parameter 49 (shape (4, 3)) block 0 dim 1" in names
 
 
 def test_a_worker_keeps_its_thread_count_when_another_thread_sets_one(

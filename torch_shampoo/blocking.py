@@ -4,8 +4,12 @@ A parameter of shape ``s`` is viewed as a tensor of a *merged* shape:
 
 1. size-1 dims are dropped (a 0-d or all-ones tensor becomes ``(1,)``);
 2. neighbouring dims are merged from the right while their product stays ≤ ``block_size``
-   (a conv weight ``(64, 3, 3, 3)`` becomes ``(64, 27)``; a tensor with ≤ ``block_size``
-   elements becomes 1-D);
+   (a conv weight ``(64, 3, 3, 3)`` becomes ``(64, 27)``), but a tensor of several dims keeps
+   two: one with ≤ ``block_size`` elements becomes ``(first dim, the rest)`` (a ``(64, 16)``
+   weight stays ``(64, 16)``: two factors of 64² and 16², not one of 1024² whose root costs
+   ~4,000× the flops and which gains rank 1 per step). ``merge="all"`` merges down to one dim
+   (the rule of JAX's ``merge_small_dims`` and Meta's ``merge_dims``, and this package's before
+   2026-12-06); ``merge=False`` merges nothing;
 3. every dim of at most ``max_factor_dim`` is cut into chunks of ``block_size`` (the last one
    smaller). A dim larger than ``max_factor_dim`` is *not factored*: it is left whole and gets no
    preconditioner (one-sided Shampoo; an embedding table's vocabulary side stays affordable).
@@ -27,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "MERGES",
     "BlockLayout",
     "block_layout",
     "block_sums",
@@ -62,15 +67,23 @@ class BlockLayout:
         return [d for d, f in zip(self.block_shapes[block], self.factored) if f]
 
 
-def merged_shape(shape: Sequence[int], block_size: int, merge: bool = True) -> tuple[int, ...]:
+MERGES: tuple[bool | str, ...] = (True, False, "all")
+"""The values of ``merge`` (a group's ``merge_dims``): see the module docstring."""
+
+
+def merged_shape(
+    shape: Sequence[int], block_size: int, merge: bool | str = True
+) -> tuple[int, ...]:
     """Drop size-1 dims, then (``merge``) merge neighbours from the right while the product is
-    ≤ block_size."""
+    ≤ block_size; unless ``merge == "all"``, several dims never become one."""
+    if merge not in MERGES:
+        raise ValueError(f"merge_dims must be one of {MERGES}, got {merge!r}")
     if 0 in shape:
         return (0,)
     dims = [d for d in shape if d != 1]
     if not dims:
         return (1,)
-    if not merge:
+    if merge is False:
         return tuple(dims)
     merged: list[int] = [dims[-1]]
     for d in reversed(dims[:-1]):
@@ -78,6 +91,8 @@ def merged_shape(shape: Sequence[int], block_size: int, merge: bool = True) -> t
             merged[0] *= d
         else:
             merged.insert(0, d)
+    if len(merged) == 1 and len(dims) > 1 and merge != "all":
+        return (dims[0], merged[0] // dims[0])
     return tuple(merged)
 
 
@@ -86,10 +101,10 @@ def _chunks(size: int, block_size: int) -> list[tuple[int, int]]:
 
 
 def block_layout(
-    shape: Sequence[int], block_size: int, max_factor_dim: int, merge: bool = True
+    shape: Sequence[int], block_size: int, max_factor_dim: int, merge: bool | str = True
 ) -> BlockLayout:
     """The block grid of a parameter of ``shape`` (see the module docstring); ``merge=False``
-    keeps every dim of size > 1 as a dim of its own."""
+    keeps every dim of size > 1 as a dim of its own, ``merge="all"`` may merge all into one."""
     if block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     if max_factor_dim < 1:

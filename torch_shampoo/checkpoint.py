@@ -295,7 +295,8 @@ class Checkpointing(Optimizer):
                 if shares is not None and not shares.mine(p):
                     continue  # another rank's (DCP's unflattening gives every parameter {})
                 if final["state"].get(saved_id):
-                    config = self._config({**self._group_of(p), **settings[saved_id]})
+                    added = self._ADDED_GROUP_KEYS  # (what __setstate__ fills in)
+                    config = self._config({**self._group_of(p), **added, **settings[saved_id]})
                     owner, name = type(self).__name__, self._describe(p)
                     saved = from_saved(owner, name, final["state"][saved_id])
                     check_state(owner, name, p, saved, self._layout_of(p, config))

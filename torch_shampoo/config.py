@@ -76,6 +76,8 @@ class EngineConfig:
     eigh_every: int = 1
     """Eigenbasis only: every ``eigh_every``-th root step (and a first) has the pool compute
     exact bases; the root steps between update the installed ones by one power iteration."""
+    merge_dims: bool | str = True
+    """How neighbouring dims merge before blocking (:mod:`torch_shampoo.blocking`)."""
     eigenbasis: bool = False
     """The pool computes each factor's eigenvectors, and the step runs Adam in that basis
     (eigenvalue-corrected Shampoo, :mod:`torch_shampoo.eigenbasis`); roots are not used."""
@@ -165,6 +167,12 @@ class Checks:
     def flag(self, name: str) -> None:
         if not isinstance(self.group[name], bool):
             raise TypeError(f"Invalid {name}: {self.group[name]!r} (must be a bool)")
+
+    def merge(self) -> None:
+        """``merge_dims``: a bool, or ``"all"``."""
+        value = self.group["merge_dims"]
+        if not isinstance(value, bool) and value != "all":
+            raise self.bad("merge_dims", "must be True, False or 'all'")
 
     def choice(self, name: str, choices: tuple[str, ...]) -> None:
         if self.group[name] not in choices:

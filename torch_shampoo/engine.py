@@ -35,8 +35,10 @@ __all__ = ["EngineConfig", "PreconditionerEngine"]
 
 
 @lru_cache(maxsize=1024)
-def _layout(shape: tuple[int, ...], block_size: int, max_factor_dim: int) -> BlockLayout:
-    return block_layout(shape, block_size, max_factor_dim)
+def _layout(
+    shape: tuple[int, ...], block_size: int, max_factor_dim: int, merge: bool | str
+) -> BlockLayout:
+    return block_layout(shape, block_size, max_factor_dim, merge)
 
 
 _Engine = TypeVar("_Engine", bound="PreconditionerEngine")
@@ -277,7 +279,7 @@ class PreconditionerEngine(RootCycles, Checkpointing):
         return None
 
     def _layout_of(self, p: torch.Tensor, config: EngineConfig) -> BlockLayout:
-        return _layout(tuple(p.shape), config.block_size, config.max_factor_dim)
+        return _layout(tuple(p.shape), config.block_size, config.max_factor_dim, config.merge_dims)
 
     # ----------------------------------------------------------------------- lifecycle
 

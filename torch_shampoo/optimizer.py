@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 import torch
 
@@ -104,6 +105,11 @@ class Shampoo(PreconditionerEngine):
         skip_nonfinite: leave a block's statistics, moments, momentum and weights unchanged at a
             step whose gradient holds NaN/Inf in that block (decided on the device, no host
             sync; counted as ``skipped_blocks`` in ``root_stats()``).
+        merge_dims: merge neighbouring small dims from the right while the product stays
+            ≤ ``block_size`` (a 64×3×3×3 conv: 64×27), a tensor of several dims keeping two
+            (``True``, the default: a 64×16 weight keeps factors of 64² and 16²); ``"all"``:
+            also down to one dim (a 64×16 weight: one 1024² factor, as JAX's and Meta's
+            Shampoo do, and this package before 2026-12-06); ``False``: no merging.
         async_roots: compute roots on CPU worker threads (``False``: inside ``step()``).
         root_workers: worker threads (``None``: half the CPU cores, at least 1). Each worker
             computes with ``torch.get_num_threads() // (2 * root_workers)`` intra-op threads (at
@@ -124,6 +130,9 @@ class Shampoo(PreconditionerEngine):
             symmetric to the last bit); ``state_dict()`` saves full matrices, so checkpoints
             load either way.
     """
+
+    # (2026-12-06; before, a tensor of ≤ block_size elements merged into one dim)
+    _ADDED_GROUP_KEYS: ClassVar[Mapping[str, Any]] = MappingProxyType({"merge_dims": "all"})
 
     def __init__(
         self,
@@ -149,6 +158,7 @@ class Shampoo(PreconditionerEngine):
         root_staleness: int | str | None = "auto",
         max_root_failures: int = 3,
         skip_nonfinite: bool = True,
+        merge_dims: bool | str = True,
         *,
         async_roots: bool = True,
         root_workers: int | None = None,
@@ -194,6 +204,7 @@ class Shampoo(PreconditionerEngine):
             staleness=staleness_setting(group["root_staleness"]),
             max_root_failures=group["max_root_failures"],
             skip_nonfinite=group["skip_nonfinite"],
+            merge_dims=group["merge_dims"],
         )
 
     def _validate(self, group: dict[str, Any]) -> None:
@@ -215,6 +226,7 @@ class Shampoo(PreconditionerEngine):
             check.flag(name)
         check.momentum()
         check.blocks_and_schedule()
+        check.merge()
         check.choice("grafting", GRAFTS)
         check.real("grafting_beta2", low=0.0, high=1.0, low_open=True, high_open=True)
         check.real("grafting_epsilon", low=0.0, low_open=True)

@@ -32,7 +32,7 @@ _HINTS = {
 
 @lru_cache(maxsize=1024)
 def _layout(
-    shape: tuple[int, ...], block_size: int, max_factor: int, vectors: bool, merge: bool
+    shape: tuple[int, ...], block_size: int, max_factor: int, vectors: bool, merge: bool | str
 ) -> BlockLayout:
     if len(shape) == 1 and not vectors:
         return output_side_layout(shape, block_size, False)  # no factor: plain Adam
@@ -94,8 +94,9 @@ class SOAP(PreconditionerEngine):
             measured with an earlier second-moment rule).
         block_size, max_factor_dim: as in :class:`Shampoo`.
         precondition_1d: give vectors (biases, norm scales) a basis too (default: plain Adam).
-        merge_dims: merge small neighbouring dims as :class:`Shampoo` does (a 64×3×3 conv
-            kernel as 64×9; default: one factor per dim of size > 1, as the SOAP paper).
+        merge_dims: merge small neighbouring dims as :class:`Shampoo` does (``True``: a 64×3×3
+            conv kernel as 64×9; ``"all"``: also a small matrix into one dim; default: one
+            factor per dim of size > 1, as the SOAP paper).
         bias_correction: Adam's bias corrections.
         momentum, nesterov, maximize, root_staleness, max_root_failures, skip_nonfinite,
         async_roots, root_workers, partition_roots, partition_state: as in :class:`Shampoo`.
@@ -118,7 +119,7 @@ class SOAP(PreconditionerEngine):
         block_size: int = 1024,
         max_factor_dim: int = 8192,
         precondition_1d: bool = False,
-        merge_dims: bool = False,
+        merge_dims: bool | str = False,
         bias_correction: bool = True,
         momentum: float = 0.0,
         nesterov: bool = False,
@@ -201,8 +202,9 @@ class SOAP(PreconditionerEngine):
         check.real("eps", low=0.0, low_open=True)
         check.real("weight_decay", low=0.0)
         flags = ("decoupled_weight_decay", "bias_correction", "maximize", "skip_nonfinite")
-        for name in (*flags, "precondition_1d", "merge_dims", "basis_refresh"):
+        for name in (*flags, "precondition_1d", "basis_refresh"):
             check.flag(name)
+        check.merge()
         check.momentum()
         check.blocks_and_schedule()
         check.integer("eigh_every", 1)
