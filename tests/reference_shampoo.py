@@ -129,6 +129,7 @@ class ReferenceShampoo:
         grafting_epsilon: float = 1e-8,
         root_exponent: float | None = None,
         maximize: bool = False,
+        merge_dims: bool | str = True,
     ) -> None:
         if grafting not in GRAFTINGS:
             raise ValueError(f"unknown grafting {grafting!r}")
@@ -154,7 +155,7 @@ class ReferenceShampoo:
 
         self.states = []
         for param in self.params:
-            layout = block_layout(tuple(param.shape), block_size, max_factor_dim)
+            layout = block_layout(tuple(param.shape), block_size, max_factor_dim, merge_dims)
             state = ParamState(layout)
             for block_shape in layout.block_shapes:
                 factored_dims = [d for d in range(len(block_shape)) if layout.factored[d]]

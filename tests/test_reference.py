@@ -43,6 +43,7 @@ MODEL_SHAPES = {
     "conv": (6, 2, 2, 2),  # merged to (6, 8)
     "embedding": (16, 5),  # 16 > max_factor_dim: one-sided
     "with a size-1 dim": (3, 1, 7),
+    "small 3-d": (2, 2, 2),  # ≤ block_size elements: (2, 4); merge_dims="all": (8,)
 }
 
 
@@ -91,6 +92,9 @@ def test_the_model_has_every_kind_of_block() -> None:
     assert layouts["conv"].shape == (6, 8)
     assert layouts["embedding"].factored == (False, True)
     assert layouts["with a size-1 dim"].shape == (3, 7)
+    assert layouts["small 3-d"].shape == (2, 4)
+    assert block_layout((2, 2, 2), BLOCK_SIZE, MAX_FACTOR_DIM, "all").shape == (8,)
+    assert block_layout((2, 2, 2), BLOCK_SIZE, MAX_FACTOR_DIM, False).shape == (2, 2, 2)
 
 
 # --- the optimizer follows the rule ---------------------------------------------------------------
@@ -163,6 +167,8 @@ EXTRA_CASES = {
     "beta1 = 0": dict(betas=(0.0, 0.99)),
     "no weight decay": dict(weight_decay=0.0),
     "epsilon 1e-6": dict(epsilon=1e-6),  # with β₂ < 1: F/bc2 + εI, not (F + εI)/bc2
+    "merge_dims all": dict(merge_dims="all"),  # the small 3-d as (8,)
+    "merge_dims off": dict(merge_dims=False),  # the conv as (6, 2, 2, 2)
 }
 
 
