@@ -33,7 +33,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from torch_shampoo.blocking import BlockLayout, block_layout, merge_blocks, split_blocks
+from torch_shampoo.blocking import (
+    BlockLayout,
+    block_layout,
+    merge_blocks,
+    output_side_layout,
+    split_blocks,
+)
 
 GRAFTINGS = ("adam", "adagrad", "rmsprop", "sgd", "none")
 NORM_GUARD = 1e-16
@@ -130,6 +136,7 @@ class ReferenceShampoo:
         root_exponent: float | None = None,
         maximize: bool = False,
         merge_dims: bool | str = True,
+        precondition_1d: bool = True,
     ) -> None:
         if grafting not in GRAFTINGS:
             raise ValueError(f"unknown grafting {grafting!r}")
@@ -155,7 +162,10 @@ class ReferenceShampoo:
 
         self.states = []
         for param in self.params:
-            layout = block_layout(tuple(param.shape), block_size, max_factor_dim, merge_dims)
+            if param.dim() == 1 and not precondition_1d:  # no factor: the graft alone
+                layout = output_side_layout(tuple(param.shape), block_size, False)
+            else:
+                layout = block_layout(tuple(param.shape), block_size, max_factor_dim, merge_dims)
             state = ParamState(layout)
             for block_shape in layout.block_shapes:
                 factored_dims = [d for d in range(len(block_shape)) if layout.factored[d]]

@@ -206,13 +206,14 @@ def test_a_checkpoint_saved_before_merge_dims_keeps_its_merged_layout_and_contin
         train_small(model, opt, batches[:5])
         saved = saved_and_loaded(model, opt)
     for group in saved["opt"]["param_groups"]:
-        del group["merge_dims"]  # as saved before the setting existed
+        del group["merge_dims"], group["precondition_1d"]  # as saved before they existed
     resumed_model = small()
     resumed_model.load_state_dict(saved["model"])
-    with Shampoo(resumed_model.parameters(), **kwargs) as resumed:
+    with Shampoo(resumed_model.parameters(), **kwargs, precondition_1d=False) as resumed:
         assert resumed.param_groups[0]["merge_dims"] is True  # the default: (4, 4)
         resumed.load_state_dict(saved["opt"])
         assert resumed.param_groups[0]["merge_dims"] == "all"
+        assert resumed.param_groups[0]["precondition_1d"] is True  # the biases' factors
         train_small(resumed_model, resumed, batches[5:])
     for a, b in zip(params_after(resumed_model), params_after(whole)):
         assert torch.equal(a, b)

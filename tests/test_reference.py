@@ -169,6 +169,7 @@ EXTRA_CASES = {
     "epsilon 1e-6": dict(epsilon=1e-6),  # with β₂ < 1: F/bc2 + εI, not (F + εI)/bc2
     "merge_dims all": dict(merge_dims="all"),  # the small 3-d as (8,)
     "merge_dims off": dict(merge_dims=False),  # the conv as (6, 2, 2, 2)
+    "vectors unfactored": dict(precondition_1d=False),  # the vectors take the graft's step
 }
 
 

@@ -78,6 +78,8 @@ class EngineConfig:
     exact bases; the root steps between update the installed ones by one power iteration."""
     merge_dims: bool | str = True
     """How neighbouring dims merge before blocking (:mod:`torch_shampoo.blocking`)."""
+    vectors: bool = True
+    """Do 1-D parameters get a factor? (Else the graft alone steps them.)"""
     eigenbasis: bool = False
     """The pool computes each factor's eigenvectors, and the step runs Adam in that basis
     (eigenvalue-corrected Shampoo, :mod:`torch_shampoo.eigenbasis`); roots are not used."""

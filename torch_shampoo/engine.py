@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import torch
 
 from . import device, eigenbasis, elementwise, sharded, step
-from .blocking import BlockLayout, block_layout
+from .blocking import BlockLayout, block_layout, output_side_layout
 from .buckets import Bucket, plan_buckets, slots_of
 from .checkpoint import Checkpointing
 from .config import EngineConfig, world_size
@@ -36,8 +36,10 @@ __all__ = ["EngineConfig", "PreconditionerEngine"]
 
 @lru_cache(maxsize=1024)
 def _layout(
-    shape: tuple[int, ...], block_size: int, max_factor_dim: int, merge: bool | str
+    shape: tuple[int, ...], block_size: int, max_factor_dim: int, merge: bool | str, vectors: bool
 ) -> BlockLayout:
+    if len(shape) == 1 and not vectors:
+        return output_side_layout(shape, block_size, False)  # no factor: the graft alone
     return block_layout(shape, block_size, max_factor_dim, merge)
 
 
@@ -279,7 +281,8 @@ class PreconditionerEngine(RootCycles, Checkpointing):
         return None
 
     def _layout_of(self, p: torch.Tensor, config: EngineConfig) -> BlockLayout:
-        return _layout(tuple(p.shape), config.block_size, config.max_factor_dim, config.merge_dims)
+        c = config
+        return _layout(tuple(p.shape), c.block_size, c.max_factor_dim, c.merge_dims, c.vectors)
 
     # ----------------------------------------------------------------------- lifecycle
 

@@ -110,6 +110,9 @@ class Shampoo(PreconditionerEngine):
             (``True``, the default: a 64×16 weight keeps factors of 64² and 16²); ``"all"``:
             also down to one dim (a 64×16 weight: one 1024² factor, as JAX's and Meta's
             Shampoo do, and this package before 2026-12-06); ``False``: no merging.
+        precondition_1d: give 1-D parameters (biases, norm scales) a factor, a d × d block of
+            full-matrix AdaGrad each (the paper's rule); ``False``: the graft alone steps them,
+            which saves their roots (on a transformer, about half of all root work).
         async_roots: compute roots on CPU worker threads (``False``: inside ``step()``).
         root_workers: worker threads (``None``: half the CPU cores, at least 1). Each worker
             computes with ``torch.get_num_threads() // (2 * root_workers)`` intra-op threads (at
@@ -132,7 +135,9 @@ class Shampoo(PreconditionerEngine):
     """
 
     # (2026-12-06; before, a tensor of ≤ block_size elements merged into one dim)
-    _ADDED_GROUP_KEYS: ClassVar[Mapping[str, Any]] = MappingProxyType({"merge_dims": "all"})
+    _ADDED_GROUP_KEYS: ClassVar[Mapping[str, Any]] = MappingProxyType(
+        {"merge_dims": "all", "precondition_1d": True}
+    )
 
     def __init__(
         self,
@@ -159,6 +164,7 @@ class Shampoo(PreconditionerEngine):
         max_root_failures: int = 3,
         skip_nonfinite: bool = True,
         merge_dims: bool | str = True,
+        precondition_1d: bool = True,
         *,
         async_roots: bool = True,
         root_workers: int | None = None,
@@ -205,6 +211,7 @@ class Shampoo(PreconditionerEngine):
             max_root_failures=group["max_root_failures"],
             skip_nonfinite=group["skip_nonfinite"],
             merge_dims=group["merge_dims"],
+            vectors=group["precondition_1d"],
         )
 
     def _validate(self, group: dict[str, Any]) -> None:
@@ -222,7 +229,8 @@ class Shampoo(PreconditionerEngine):
             raise check.bad("betas", "beta2 must be > 0")
         check.real("epsilon", low=0.0)
         check.real("weight_decay", low=0.0)
-        for name in ("decoupled_weight_decay", "bias_correction", "maximize", "skip_nonfinite"):
+        flags = ("decoupled_weight_decay", "bias_correction", "maximize", "skip_nonfinite")
+        for name in (*flags, "precondition_1d"):
             check.flag(name)
         check.momentum()
         check.blocks_and_schedule()

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterable, Mapping
-from functools import lru_cache
 from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
 
-from .blocking import BlockLayout, block_layout, output_side_layout
 from .config import Checks, EngineConfig, group_defaults, reject_unknown, staleness_setting
 from .engine import PreconditionerEngine
 
@@ -28,15 +26,6 @@ _HINTS = {
     "compact_state": "nothing: it packs Shampoo's symmetric roots (SOAP's bases are not)",
     "use_nesterov": "'nesterov'",
 }
-
-
-@lru_cache(maxsize=1024)
-def _layout(
-    shape: tuple[int, ...], block_size: int, max_factor: int, vectors: bool, merge: bool | str
-) -> BlockLayout:
-    if len(shape) == 1 and not vectors:
-        return output_side_layout(shape, block_size, False)  # no factor: plain Adam
-    return block_layout(shape, block_size, max_factor, merge)
 
 
 class SOAP(PreconditionerEngine):
@@ -176,16 +165,8 @@ class SOAP(PreconditionerEngine):
             eigenbasis=True,
             basis_refresh=group["basis_refresh"],
             eigh_every=group["eigh_every"],
-        )
-
-    def _layout_of(self, p: torch.Tensor, config: EngineConfig) -> BlockLayout:
-        group = self._group_of(p)
-        return _layout(
-            tuple(p.shape),
-            config.block_size,
-            config.max_factor_dim,
-            group["precondition_1d"],
-            group["merge_dims"],
+            merge_dims=group["merge_dims"],
+            vectors=group["precondition_1d"],
         )
 
     def _validate(self, group: dict[str, Any]) -> None:
