@@ -53,6 +53,12 @@ def _layout(shape: tuple[int, ...], block_size: int, vectors: bool) -> BlockLayo
     return output_side_layout(shape, block_size, vectors)
 
 
+def _saved_as_none(group: dict[str, Any]) -> bool:
+    """Was this saved group's damping a function (saved as None)? (A group without one is
+    refused by the engine, naming it.)"""
+    return "damping" in group and group["damping"] is None
+
+
 class NGPlus(PreconditionerEngine):
     r"""NG+: the generalized natural gradient with the output-side Fisher matrix, reused T steps.
 
@@ -343,7 +349,7 @@ class NGPlus(PreconditionerEngine):
         (the paper's: :data:`EARLIER_RULE`)."""
         current = [g["damping"] for g in self.param_groups]
         groups = [
-            {**EARLIER_RULE, **g, **({"damping": here} if g.get("damping", 0) is None else {})}
+            {**EARLIER_RULE, **g, **({"damping": here} if _saved_as_none(g) else {})}
             for g, here in zip(state_dict["param_groups"], current)
         ]
         super().load_state_dict({**state_dict, "param_groups": groups})

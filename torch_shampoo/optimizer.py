@@ -134,7 +134,8 @@ class Shampoo(PreconditionerEngine):
             load either way.
     """
 
-    # (2026-12-06; before, a tensor of ≤ block_size elements merged into one dim)
+    # (2026-12-06; before, a tensor of ≤ block_size elements merged into one dim and every
+    # vector had a factor)
     _ADDED_GROUP_KEYS: ClassVar[Mapping[str, Any]] = MappingProxyType(
         {"merge_dims": "all", "precondition_1d": True}
     )
