@@ -7,7 +7,8 @@ Claims:
   block order, and scattering gives them back (every element, bit for bit);
 * the state's per-block factors and roots are rows of the bucket stacks (one storage);
 * a bucket of single-block parameters steps as one unit bitwise as its parameters would one at a
-  time, and parameters without a gradient in a step are left alone by their bucket;
+  time, and parameters without a gradient in a step are left alone by their bucket (their step
+  counts too, which are rows of one tensor);
 * the units of a step taking each elementwise line together (``_foreach_`` ops) step bitwise as
   each unit alone (every option that changes those lines, non-finite steps included);
 * batching changes a parameter's trajectory only by rounding (float64, 1e-12);
@@ -201,6 +202,26 @@ def test_a_parameter_without_a_gradient_is_left_alone_by_its_bucket() -> None:
     assert all(map(torch.equal, opt.state[params[1]]["factors"], factors))
     assert all(not torch.equal(p, q) for i, (p, q) in enumerate(zip(params, others)) if i != 1)
     opt.close()
+
+
+def test_step_counts_are_rows_of_one_stack_and_each_counts_its_own_steps() -> None:
+    """A bucket of single-block parameters keeps their ``step`` as rows of one tensor, advanced
+    by one add when all of them step; a parameter that skips a step, or whose ``step`` was
+    replaced (a hand-edited state), still counts exactly its own steps."""
+    params = _many(2)
+    opt = _run(params, 5, 2, skip=1)  # params[1] has no gradient at t = 1, 3
+    pairs = params[:2]  # (6, 6) and (6, 6): one bucket with params[4]
+    steps = [opt.state[p]["step"] for p in (*pairs, params[4])]
+    assert steps[0].untyped_storage().data_ptr() == steps[1].untyped_storage().data_ptr()
+    assert [int(x) for x in steps] == [5, 3, 5]
+    opt.state[params[0]]["step"] = torch.tensor(10.0)  # replaced: no longer a row
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    counts = [int(opt.state[p]["step"]) for p in params]
+    assert counts == [11, 4, 6, 6, 6, 6], counts
+    opt.step()  # the replaced one joined the stack again? either way, each counts its own
+    assert [int(opt.state[p]["step"]) for p in params] == [12, 5, 7, 7, 7, 7]
 
 
 @settings(max_examples=10, deadline=None)

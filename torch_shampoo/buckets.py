@@ -100,6 +100,10 @@ class Bucket:
     moments: dict[str, torch.Tensor] = field(default_factory=dict)
     """When every member is a single block: its moments (exp_avg, graft_v, momentum_buffer as
     (n, *block) stacks, skipped_blocks as (n,)), whose rows the members' states view."""
+    steps: torch.Tensor | None = None
+    """With ``moments``: the members' step counts as one (n,) host tensor whose rows
+    (``step_rows``) their states' ``step`` are, so that one add advances them all."""
+    step_rows: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def size(self) -> int:
@@ -227,6 +231,30 @@ def plan_buckets(
     return list(buckets.values()), placements
 
 
+def advance_steps(states: Sequence[dict[str, Any]], buckets: Iterable[Bucket]) -> None:
+    """Add 1 to the ``step`` of every state in ``states`` (the parameters stepping now): one add
+    per bucket whose members all step and whose rows are still their ``step``, one per other
+    state."""
+    stepping = {id(s["step"]): s for s in states}
+    for bucket in buckets:
+        if bucket.steps is not None and all(id(x) in stepping for x in bucket.step_rows):
+            bucket.steps.add_(1)
+            for x in bucket.step_rows:
+                del stepping[id(x)]
+    for s in stepping.values():
+        s["step"] += 1
+
+
+def _host_scalar(x: object, first: torch.Tensor) -> bool:
+    """Is ``x`` a 0-d host tensor of ``first``'s dtype (a step count that can join a stack)?"""
+    return (
+        isinstance(x, torch.Tensor)
+        and x.dim() == 0
+        and x.dtype == first.dtype
+        and x.device.type == "cpu"
+    )
+
+
 MOMENTS = ("exp_avg", "graft_v", "momentum_buffer", "skipped_blocks")
 
 
@@ -248,6 +276,12 @@ def _stack_state(bucket: Bucket, states: list[dict[str, Any]], packed: bool) -> 
             for row, (m, s) in enumerate(zip(bucket.members, states)):
                 shape = () if key == "skipped_blocks" else m.layout.param_shape
                 s[key] = stack[row].view(shape)
+        steps = [s["step"] for s in states]
+        if all(_host_scalar(x, steps[0]) for x in steps):
+            bucket.steps = torch.stack(steps)
+            bucket.step_rows = list(bucket.steps.unbind())
+            for count, s in zip(bucket.step_rows, states):
+                s["step"] = count
     k = bucket.per_block
     bucket.triangles = [] if packed else None
     for dim in range(k):

@@ -109,6 +109,8 @@ def world_size() -> int:
 
 def is_dtensor(t: torch.Tensor) -> bool:
     """Is ``t`` a ``torch.distributed`` DTensor (FSDP2's ``fully_shard``, tensor parallelism)?"""
+    if type(t) is torch.Tensor or type(t) is torch.nn.Parameter:
+        return False  # (the common case, asked per parameter per step: no import)
     if not torch.distributed.is_available():
         return False
     from torch.distributed.tensor import DTensor

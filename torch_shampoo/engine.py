@@ -20,7 +20,7 @@ import torch
 
 from . import device, eigenbasis, elementwise, sharded, step
 from .blocking import BlockLayout, block_layout, output_side_layout
-from .buckets import Bucket, plan_buckets, slots_of
+from .buckets import Bucket, advance_steps, plan_buckets, slots_of
 from .checkpoint import Checkpointing
 from .config import EngineConfig, world_size
 from .cycles import RootCycles
@@ -189,8 +189,7 @@ class PreconditionerEngine(RootCycles, Checkpointing):
                     ready.append((p, config, group, self._state_of(p, config), stepped[-1][1]))
         buckets = self._plan()
         work = [self._work_of(*args) for args in ready]
-        for w in work:
-            w.state["step"] += 1
+        advance_steps([w.state for w in work], buckets)
         step.step_scalars(work)
         return work, buckets, stepped
 

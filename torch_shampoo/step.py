@@ -146,16 +146,25 @@ def step_scalars(work: Sequence[Work]) -> None:
             found = made[(value, dtype)] = kernels.scalar(value, dtype)
         return found
 
+    per_group: dict[tuple[int, int, torch.dtype], tuple[Any, Any]] = {}
     for w in work:
         config, dtype = w.config, state_dtype(w.p)
-        if config.bias_correction:
-            t = w.t
-            w.bias = (
-                scalar(1.0 - config.beta1**t, dtype),
-                scalar(1.0 - config.grafting_beta2**t, dtype),
-            )
-        if not isinstance(config.lr, torch.Tensor):
-            w.lr = scalar(config.lr, dtype)
+        key = (id(config), w.t, dtype)
+        found = per_group.get(key)
+        if found is None:
+            bias = lr = None
+            if config.bias_correction:
+                bias = (
+                    scalar(1.0 - config.beta1**w.t, dtype),
+                    scalar(1.0 - config.grafting_beta2**w.t, dtype),
+                )
+            if not isinstance(config.lr, torch.Tensor):
+                lr = scalar(config.lr, dtype)
+            found = per_group[key] = (bias, lr)
+        if found[0] is not None:
+            w.bias = found[0]
+        if found[1] is not None:
+            w.lr = found[1]
 
 
 def learning_rate(u: Unit) -> float | torch.Tensor:
