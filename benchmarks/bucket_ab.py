@@ -12,6 +12,7 @@ bytes against Adam's. 1 intra-op thread unless --threads.
     python benchmarks/bucket_ab.py                       # this checkout only
     python benchmarks/bucket_ab.py --compare ../baseline --rounds 3
     python benchmarks/bucket_ab.py --compact      # compact_state=True against full matrices
+    python benchmarks/bucket_ab.py --models b1024 --compact --compare ../baseline  # both compact
     python benchmarks/bucket_ab.py --async-roots  # the default async roots instead
 """
 
@@ -49,7 +50,13 @@ def models() -> dict[str, tuple[nn.Module, tuple[int, ...], int]]:
         "100x Linear(64,64) b128": (many, (64,), 128),
         "MLP 512-1024-1024-512 b128": (mlp, (512,), 128),
         "MLP 256-256-256 b8": (tiles, (256,), 8),
+        "MLP 512-1024-1024-512 b1024": (mlp, (512,), 1024),
     }
+
+
+MODELS = {"digits": 0, "many": 1, "mlp": 2, "b8": 3, "b1024": 4}
+"""--models keys: the index of each model in :func:`models`."""
+DEFAULT_MODELS = "digits,many,mlp,b8"
 
 
 def grads(model: nn.Module, shape: tuple[int, ...]) -> list[list[torch.Tensor]]:
@@ -100,13 +107,17 @@ def load_package(root: Path, name: str) -> Any:
 
 
 def run(
-    steps: int, packages: dict[str, tuple[Any, dict[str, Any]]], async_roots: bool = False
+    steps: int,
+    packages: dict[str, tuple[Any, dict[str, Any]]],
+    async_roots: bool = False,
+    chosen: str = DEFAULT_MODELS,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """Per model and contender (a package and extra Shampoo kwargs): Shampoo's steps
-    interleaved with every other contender's (Adam, and each other one), the order alternating
-    per step."""
+    """Per model (``chosen``: --models keys) and contender (a package and extra Shampoo
+    kwargs): Shampoo's steps interleaved with every other contender's (Adam, and each other
+    one), the order alternating per step."""
     out: dict[str, dict[str, dict[str, float]]] = {label: {} for label in packages}
-    for name, (model, shape, block) in models().items():
+    every = list(models().items())
+    for name, (model, shape, block) in [every[MODELS[k]] for k in chosen.split(",")]:
         sets = grads(model, shape)
         params = {k: [p.detach().clone() for p in model.parameters()] for k in [*packages, "adam"]}
         opts: dict[str, torch.optim.Optimizer] = {
@@ -151,7 +162,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--compare", type=Path, default=None, help="another checkout")
     parser.add_argument(
-        "--compact", action="store_true", help="compact_state=True against full matrices"
+        "--compact",
+        action="store_true",
+        help="compact_state=True against full matrices (with --compare: compact state in both "
+        "checkouts)",
+    )
+    parser.add_argument(
+        "--models",
+        default=DEFAULT_MODELS,
+        help=f"comma-separated subset of {', '.join(MODELS)} (b1024: the MLP at block 1024)",
     )
     parser.add_argument(
         "--async-roots",
@@ -165,16 +184,22 @@ def main() -> None:
     packages: dict[str, tuple[Any, dict[str, Any]]] = {"new": (package, {})}
     if args.compare is not None:
         packages["old"] = (load_package(args.compare.resolve(), "torch_shampoo_old"), {})
-    if args.compact:  # "old": full matrices, "new": compact state, both of this checkout
-        packages = {"new": (package, {"compact_state": True}), "old": (package, {})}
+    if unknown := set(args.models.split(",")) - set(MODELS):
+        parser.error(f"--models: unknown {sorted(unknown)}; choose from {', '.join(MODELS)}")
+    compact = {"compact_state": True}
+    if args.compact and args.compare is not None:  # compact state, old and new
+        packages = {label: (p, compact) for label, (p, _) in packages.items()}
+    elif args.compact:  # "old": full matrices, "new": compact state, both of this checkout
+        packages = {"new": (package, compact), "old": (package, {})}
     mode = "async roots" if args.async_roots else "synchronous roots"
     print(f"load average {os.getloadavg()}, threads {args.threads}, {args.steps} steps, {mode}")
-    runs = [run(args.steps, packages, args.async_roots) for _ in range(args.rounds)]
+    runs = [run(args.steps, packages, args.async_roots, args.models) for _ in range(args.rounds)]
     if len(packages) == 1:
         for name, r in runs[0]["new"].items():
             print(f"{name:28s} " + " ".join(f"{k}={v:.3g}" for k, v in r.items()))
         return
-    old_label, new_label = ("full", "compact") if args.compact else ("old", "new")
+    full_vs_compact = args.compact and args.compare is None
+    old_label, new_label = ("full", "compact") if full_vs_compact else ("old", "new")
     for name in runs[0]["new"]:
         print(name)
         for key in runs[0]["new"][name]:

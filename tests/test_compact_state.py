@@ -11,7 +11,7 @@ import pytest
 import torch
 from models import make_batches, mixed_model, saved_and_loaded, train
 
-from torch_shampoo import SOAP, NGPlus, Shampoo
+from torch_shampoo import SOAP, NGPlus, Shampoo, packing
 from torch_shampoo.telemetry import held_bytes
 
 BASE: dict[str, Any] = dict(
@@ -53,6 +53,35 @@ def test_the_held_bytes_count_each_storage_once() -> None:
     views = {"a": [stack[0], stack[1]], "b": (stack[:, 1:, :], stack[:, :4, :])}
     assert held_bytes(views) == stack.nbytes
     assert held_bytes([stack, torch.zeros(2)]) == stack.nbytes + 8
+
+
+@pytest.mark.parametrize("upper", [False, True])
+def test_wide_matrices_by_tiles_give_the_same_full_matrices_and_writes(
+    monkeypatch: pytest.MonkeyPatch, upper: bool
+) -> None:
+    """Matrices of TILED rows or more go tile by tile (tiles of 3 here, ragged at 7): the full
+    matrices are the triangle and its mirror, and a write changes that triangle alone."""
+    monkeypatch.setattr(packing, "TILED", 5)
+    monkeypatch.setattr(packing, "TILE", 3)
+    gen = torch.Generator().manual_seed(0)
+    view, new = (torch.randn(2, 7, 7, generator=gen) for _ in range(2))
+    ones = torch.ones(7, 7, dtype=torch.bool)
+    mask = ones.triu() if upper else ones.tril()
+    kept = view.triu() if upper else view.tril()
+    expected = kept + (kept.mT.tril(-1) if upper else kept.mT.triu(1))
+    assert torch.equal(packing.full(view, mask, upper=upper), expected)
+    written = view.clone()
+    packing.write(written, new, mask, upper=upper)
+    assert torch.equal(written, torch.where(mask, new, view))
+
+
+def test_tiled_compact_state_trains_bitwise_as_untiled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same steps, roots and checkpoint with every factor (sizes 1 to 4) tiled (tiles of
+    3, from 2 rows) as with none tiled."""
+    untiled = run(9, compact_state=True, async_roots=False)
+    monkeypatch.setattr(packing, "TILED", 2)
+    monkeypatch.setattr(packing, "TILE", 3)
+    assert_bitwise(run(9, compact_state=True, async_roots=False), untiled)
 
 
 @pytest.mark.parametrize("beta2", [0.99, 1.0])

@@ -76,9 +76,13 @@ def to_saved(
 def _full_matrices(state: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """A compact state's factors and roots as full symmetric matrices (new tensors)."""
     factors = [
-        packing.full(f, torch.ones_like(f, dtype=torch.bool).tril()) for f in state["factors"]
+        packing.full(f, torch.ones_like(f, dtype=torch.bool).tril(), upper=False)
+        for f in state["factors"]
     ]
-    roots = [packing.full(r, torch.ones_like(r, dtype=torch.bool).triu()) for r in state["roots"]]
+    roots = [
+        packing.full(r, torch.ones_like(r, dtype=torch.bool).triu(), upper=True)
+        for r in state["roots"]
+    ]
     return factors, roots
 
 

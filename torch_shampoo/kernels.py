@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
+from . import packing
 from .blocking import BlockLayout, block_sums
 
 __all__ = [
@@ -99,9 +100,11 @@ def accumulate_statistics(
             new = torch.addcmul(factor * beta2, unfolded, unfolded.mT, value=weight)
         else:
             new = torch.baddbmm(factor, unfolded, unfolded.mT, beta=beta2, alpha=weight)
-        if flags is not None:
-            mask = flags.view(-1, 1, 1) if mask is None else mask & flags.view(-1, 1, 1)
-        assert mask is not None
+        if flags is None:
+            assert mask is not None
+            packing.write(factor, new, mask, upper=False)  # its triangle of a compact stack
+            continue
+        mask = flags.view(-1, 1, 1) if mask is None else mask & flags.view(-1, 1, 1)
         torch.where(mask, new, factor, out=factor)  # (a compact stack's view: in place too)
 
 

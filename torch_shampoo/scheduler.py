@@ -78,7 +78,7 @@ class Slot:
         """The factors as full matrices (a new tensor for compact state)."""
         if self.triangles is None:
             return self.factors
-        return packing.full(self.factors, self.triangles.lower)
+        return packing.full(self.factors, self.triangles.lower, upper=False)
 
     def install(self, result: torch.Tensor, row: int | None = None) -> device.CopyDone:
         """Enqueue roots ← ``result`` (host), all rows or one: a copy, or for compact state a
@@ -90,7 +90,7 @@ class Slot:
         if result.device != roots.device:
             uploaded = torch.empty_like(roots)
             done = device.to_device(uploaded, result)
-        packing.write(roots, uploaded, self.triangles.upper)
+        packing.write(roots, uploaded, self.triangles.upper, upper=True)
         return done
 
 

@@ -406,7 +406,7 @@ class Share:
         roots = self.bucket.roots if rows is None else [r[rows] for r in self.bucket.roots]
         if self.bucket.triangles is None:
             return roots
-        return [packing.full(r, m.upper) for r, m in zip(roots, self.bucket.triangles)]
+        return [packing.full(r, m.upper, upper=True) for r, m in zip(roots, self.bucket.triangles)]
 
     def rooted(self, where: torch.device) -> torch.Tensor | None:
         return None if self.flags is None else device.small_tensor(self.flags, where)
