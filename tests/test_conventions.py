@@ -577,6 +577,44 @@ def test_a_state_dict_with_python_number_steps_loads(
     assert_bitwise_equal(snapshot(clone_model.parameters()), snapshot(model.parameters()))
 
 
+@pytest.mark.parametrize("compact_state", [False, True])
+@pytest.mark.parametrize(
+    "saved, loaded", [(torch.float64, torch.float32), (torch.float32, torch.float64)]
+)
+def test_a_checkpoint_loads_into_a_model_of_another_float_dtype(
+    saved: torch.dtype, loaded: torch.dtype, compact_state: bool
+) -> None:
+    """As torch.optim casts state to the parameters' dtype on loading, the moments, factors and
+    roots take the new model's state dtype (values cast; the step counts unchanged) and training
+    goes on, instead of failing at the next step on mixed dtypes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).to(saved)
+    kwargs = dict(block_size=4, precondition_frequency=2, async_roots=False)
+    with Shampoo(model.parameters(), compact_state=compact_state, **kwargs) as opt:
+        for _ in range(3):
+            model.zero_grad()
+            model(torch.randn(8, 6, dtype=saved)).square().sum().backward()
+            opt.step()
+        state = copy.deepcopy(opt.state_dict())
+    twin = copy.deepcopy(model).to(loaded)
+    with Shampoo(twin.parameters(), compact_state=compact_state, **kwargs) as clone:
+        clone.load_state_dict(state)
+        mine = clone.state_dict()["state"]
+        assert mine.keys() == state["state"].keys()
+        for index, entry in state["state"].items():
+            got = mine[index]
+            for key in ("exp_avg", "graft_v"):
+                assert got[key].dtype == loaded and torch.equal(got[key], entry[key].to(loaded))
+            for key in ("factors", "roots"):
+                for j, x in entry[key].items():
+                    assert torch.equal(got[key][j], x.to(loaded)), (key, j)
+            assert float(got["step"]) == float(entry["step"]) == 3
+        twin.zero_grad()
+        twin(torch.randn(8, 6, dtype=loaded)).square().sum().backward()
+        clone.step()
+    assert all(torch.isfinite(p).all() for p in twin.parameters())
+
+
 @MODES
 def test_named_state_dicts_load_into_named_and_unnamed_optimizers(async_roots: bool) -> None:
     batches = make_batches(10)

@@ -277,10 +277,10 @@ class Checkpointing(Optimizer):
         return packed
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load state as the base class does (hooks included), except that every tensor keeps
-        its saved dtype (float32 factors of a bf16 parameter stay float32), host entries stay on
-        the CPU, and state that does not fit a parameter's layout is refused before anything
-        changes."""
+        """Load state as the base class does (hooks included), except that floating-point state
+        takes the parameter's state dtype (float32 factors of a bf16 parameter stay float32),
+        host entries stay on the CPU, and state that does not fit a parameter's layout is
+        refused before anything changes."""
         loading: dict[str, Any] = {}
 
         def capture(optimizer: Optimizer, final: dict[str, Any]) -> None:
@@ -358,7 +358,7 @@ class Checkpointing(Optimizer):
             for saved_id, p in loading["params"].items():
                 saved = loading["state"].get(saved_id)
                 if saved is not None:
-                    self.state[p] = {k: restore(k, v, p.device) for k, v in saved.items()}
+                    self.state[p] = {k: restore(k, v, p) for k, v in saved.items()}
             shares = self._state_shares()
             if shares is not None:  # keep this rank's share of a whole state
                 for p in [p for p in self.state if not shares.mine(p)]:

@@ -86,7 +86,7 @@ def full(view: torch.Tensor, mask: torch.Tensor, upper: bool) -> torch.Tensor:
 def write(view: torch.Tensor, new: torch.Tensor, mask: torch.Tensor, upper: bool) -> None:
     """``view`` takes ``new``'s entries where ``mask`` (broadcast; the ``upper`` or lower
     triangle) is True and keeps the rest (the other matrix's triangle)."""
-    d = view.shape[-1]
+    d, new = view.shape[-1], new.to(view.dtype)  # (as copy_ would: a checkpoint's float64)
     if d < TILED:
         torch.where(mask, new, view, out=view)
         return

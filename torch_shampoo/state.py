@@ -170,10 +170,16 @@ def migrate(state: dict[str, Any]) -> None:
         ).reshape(-1)
 
 
-def restore(key: str, value: Any, param_device: torch.device) -> Any:
-    """A saved state entry as a fresh object on the right device, keeping its dtype."""
+def restore(key: str, value: Any, param: torch.Tensor) -> Any:
+    """A saved state entry as a fresh object on the right device: host entries keep their
+    dtype; floating-point statistics and moments take ``param``'s state dtype (a float64
+    checkpoint loaded into a float32 model, or back, is cast as torch.optim casts; a bf16
+    parameter's float32 state stays float32)."""
     if isinstance(value, torch.Tensor):
-        return value.to("cpu" if key in HOST_KEYS else param_device, copy=True)
+        if key in HOST_KEYS:
+            return value.to("cpu", copy=True)
+        dtype = state_dtype(param) if value.is_floating_point() else value.dtype
+        return value.to(param.device, dtype, copy=True)
     if isinstance(value, list):
-        return [restore(key, v, param_device) for v in value]
+        return [restore(key, v, param) for v in value]
     return value
