@@ -104,6 +104,51 @@ def test_dcp_save_and_load_into_a_fresh_optimizer_continues_bitwise(
         assert torch.equal(a, b), (a - b).abs().max()
 
 
+@pytest.mark.parametrize("flatten", [False, True], ids=["nested", "flattened"])
+def test_dcp_keeps_the_step_counts_of_equal_shape_parameters_that_share_one_tensor(
+    flatten: bool,
+) -> None:
+    """Three Linear(4, 4) layers: their weights' (and biases') step counts are rows of one
+    tensor; DCP saves and loads them (roots in flight) and training continues bitwise."""
+
+    def three_layers(seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(*(torch.nn.Linear(4, 4) for _ in range(3)))
+
+    def run(model: torch.nn.Module, opt: Shampoo, inputs: list[torch.Tensor]) -> None:
+        for x in inputs:
+            model.zero_grad()
+            model(x).square().sum().backward()
+            opt.step()
+
+    kwargs: dict[str, Any] = dict(lr=0.02, block_size=4, precondition_frequency=4, root_staleness=3)
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(8, 4, generator=gen) for _ in range(14)]
+    options = StateDictOptions(flatten_optimizer_state_dict=flatten)
+    whole = three_layers(0)
+    with Shampoo(whole.parameters(), **kwargs) as opt:
+        run(whole, opt, inputs)
+    model = three_layers(0)
+    with Shampoo(model.parameters(), **kwargs) as opt, tempfile.TemporaryDirectory() as folder:
+        run(model, opt, inputs[:9])
+        steps = [opt.state[p]["step"] for p in model.parameters()]
+        assert steps[0].untyped_storage().data_ptr() == steps[2].untyped_storage().data_ptr()
+        saved = get_optimizer_state_dict(model, opt, options=options)
+        dcp.save({"optim": saved}, checkpoint_id=folder)
+        resumed_model = three_layers(1)
+        resumed_model.load_state_dict(model.state_dict())
+        resumed = Shampoo(resumed_model.parameters(), **kwargs)
+        template = {"optim": get_optimizer_state_dict(resumed_model, resumed, options=options)}
+        dcp.load(template, checkpoint_id=folder)
+    set_optimizer_state_dict(resumed_model, resumed, template["optim"], options=options)
+    assert [int(resumed.state[p]["step"]) for p in resumed_model.parameters()] == [9] * 6
+    assert resumed.root_stats()["pending_parameters"] > 0
+    run(resumed_model, resumed, inputs[9:])
+    resumed.close()
+    for a, b in zip(params_after(resumed_model), params_after(whole)):
+        assert torch.equal(a, b), (a - b).abs().max()
+
+
 def _as_earlier_layout(saved: dict[str, Any]) -> dict[str, Any]:
     """Schema 2 rewritten in the layout of the previous release: lists, no schema, pending
     entries only while in flight, reasons as strings."""
