@@ -101,8 +101,8 @@ class Bucket:
     """When every member is a single block: its moments (exp_avg, graft_v, momentum_buffer as
     (n, *block) stacks, skipped_blocks as (n,)), whose rows the members' states view."""
     steps: torch.Tensor | None = None
-    """With ``moments``: the members' step counts as one (n,) host tensor whose rows
-    (``step_rows``) their states' ``step`` are, so that one add advances them all."""
+    """With ``moments`` and several members: their step counts as one (n,) host tensor whose
+    rows (``step_rows``) their states' ``step`` are, so that one add advances them all."""
     step_rows: list[torch.Tensor] = field(default_factory=list)
 
     @property
@@ -277,7 +277,7 @@ def _stack_state(bucket: Bucket, states: list[dict[str, Any]], packed: bool) -> 
                 shape = () if key == "skipped_blocks" else m.layout.param_shape
                 s[key] = stack[row].view(shape)
         steps = [s["step"] for s in states]
-        if all(_host_scalar(x, steps[0]) for x in steps):
+        if len(steps) > 1 and all(_host_scalar(x, steps[0]) for x in steps):
             bucket.steps = torch.stack(steps)
             bucket.step_rows = list(bucket.steps.unbind())
             for count, s in zip(bucket.step_rows, states):
