@@ -33,7 +33,7 @@ from models import (
 from torch import nn
 
 import torch_shampoo.device
-from torch_shampoo import NGPlus, Shampoo
+from torch_shampoo import SOAP, NGPlus, Shampoo
 
 NAN = float("nan")
 INF = float("inf")
@@ -559,6 +559,45 @@ FOUND_BY_FUZZ = [
 @pytest.mark.parametrize(("front", "kwargs"), FOUND_BY_FUZZ, ids=lambda v: repr(v)[:40])
 def test_hostile_kwargs_found_by_the_fuzz(front: str, kwargs: dict[str, Any]) -> None:
     _construct_and_step(front, kwargs)
+
+
+BAD_SETTINGS = {
+    "shampoo": [("precondition_frequency", 0), ("betas", (0.9, 1.5)), ("grafting", "bogus")],
+    "ngplus": [("damping", -1.0), ("inverse_frequency", 0), ("momentum", 2.0)],
+    "soap": [("betas", (1.0, 0.95)), ("eigh_every", 0), ("merge_dims", "x")],
+}
+
+
+@pytest.mark.parametrize(
+    ("front", "key", "value"),
+    [(front, key, value) for front, bad in BAD_SETTINGS.items() for key, value in bad],
+    ids=repr,
+)
+def test_a_bad_setting_written_during_training_is_refused_at_the_next_step(
+    front: str, key: str, value: Any
+) -> None:
+    """A value written into ``param_groups`` after construction is checked like a constructor
+    kwarg at the next step: the error names the group, the setting and the value, the weights
+    and the state stay as they were, and with the setting put back training goes on."""
+    model = mixed_model()
+    batches = make_batches(6)
+    if front == "soap":
+        opt: Any = SOAP(model.parameters(), lr=0.01, block_size=16, precondition_frequency=2)
+    else:
+        opt = make_optimizer(front, model.parameters(), async_roots=False)
+    with opt:
+        train(model, opt, batches[:3])
+        before = [p.detach().clone() for p in model.parameters()]
+        state = copy.deepcopy(opt.state_dict()["state"])
+        good = opt.param_groups[0][key]
+        opt.param_groups[0][key] = value
+        with pytest.raises((ValueError, TypeError), match=rf"param_groups\[0\].*{key}"):
+            train(model, opt, batches[3:4])
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+        assert int(opt.state_dict()["state"][0]["step"]) == int(state[0]["step"]) == 3
+        opt.param_groups[0][key] = good
+        train(model, opt, batches[3:])
+        assert int(opt.state_dict()["state"][0]["step"]) == 6
 
 
 @pytest.mark.parametrize("model", [False, 3, "net", [nn.Linear(4, 3)]], ids=repr)

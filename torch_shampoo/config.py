@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,7 @@ __all__ = [
     "group_defaults",
     "is_dtensor",
     "reject_unknown",
+    "revalidate",
     "staleness_setting",
     "world_size",
 ]
@@ -99,6 +100,29 @@ class EngineConfig:
                 f"Invalid damping: {self.epsilon!r} (gave {value} at step {step}; must be > 0)"
             )
         return value
+
+
+_NOT_RECHECKED = frozenset({"params", "param_names", "lr", "initial_lr"})
+"""Group entries that may change at every step without a new validation (a scheduler's lr)."""
+
+
+def revalidate(
+    groups: Sequence[dict[str, Any]],
+    seen: dict[int, list[Any]],
+    validate: Callable[[dict[str, Any]], None],
+) -> None:
+    """``validate`` each group whose settings changed since they were last seen (``seen``, by
+    group index; an lr aside): a setting written into ``param_groups`` during training is
+    refused at the next step, naming the group and the value, before anything changes."""
+    for index, group in enumerate(groups):
+        settings = [v for k, v in group.items() if k not in _NOT_RECHECKED]
+        if seen.get(index) == settings:
+            continue
+        try:
+            validate(group)
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"param_groups[{index}]: {error}") from None
+        seen[index] = settings
 
 
 def world_size() -> int:

@@ -22,7 +22,7 @@ from . import device, eigenbasis, elementwise, sharded, step
 from .blocking import BlockLayout, block_layout, output_side_layout
 from .buckets import Bucket, advance_steps, plan_buckets, slots_of
 from .checkpoint import Checkpointing
-from .config import EngineConfig, world_size
+from .config import EngineConfig, revalidate, world_size
 from .cycles import RootCycles
 from .grafting import SECOND_MOMENT
 from .partition import Partition
@@ -102,6 +102,7 @@ class PreconditionerEngine(RootCycles, Checkpointing):
         self._slots: dict[int, list[Slot]] = {}
         self._loading: dict[str, Any] | None = None
         self._shares: StateShares | None = None  # partition_state: the owners
+        self._seen_groups: dict[int, list[Any]] = {}  # the settings last validated
         self._consolidated, self._spread = None, False  # spread: this rank's is a share
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -172,6 +173,7 @@ class PreconditionerEngine(RootCycles, Checkpointing):
         """Per parameter with a gradient: its state (created or checked), the buckets (planned
         again when a parameter or its state is new), its roots due now; then the step
         counters advance."""
+        revalidate(self.param_groups, self._seen_groups, self._validate)
         roots, shares = self._roots, self._state_shares()
         wanted = getattr(self, "_partition_roots", False)  # (absent from earlier pickles)
         if wanted and shares is None and roots.partition is None and world_size() > 1:
