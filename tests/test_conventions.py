@@ -19,7 +19,7 @@ import torch
 from models import make_batches, mixed_model, train
 from torch import nn
 
-from torch_shampoo import NGPlus, Shampoo
+from torch_shampoo import SOAP, NGPlus, Shampoo
 
 FAST: dict[str, Any] = dict(block_size=16, precondition_frequency=2, root_workers=1)
 MODES = pytest.mark.parametrize("async_roots", [False, True], ids=["sync", "async"])
@@ -613,6 +613,56 @@ def test_a_checkpoint_loads_into_a_model_of_another_float_dtype(
         twin(torch.randn(8, 6, dtype=loaded)).square().sum().backward()
         clone.step()
     assert all(torch.isfinite(p).all() for p in twin.parameters())
+
+
+@pytest.mark.parametrize(
+    ("front", "kwargs"),
+    [
+        ("shampoo", {"async_roots": False}),
+        ("shampoo", {"async_roots": True, "root_staleness": 2}),
+        ("shampoo", {"async_roots": False, "compact_state": True}),
+        ("soap", {"async_roots": True, "root_staleness": 2}),
+        ("ngplus", {"async_roots": False}),
+    ],
+    ids=repr,
+)
+def test_a_model_whose_dtype_changes_during_training_steps_as_if_its_state_were_reloaded(
+    front: str, kwargs: dict[str, Any]
+) -> None:
+    """``model.double()`` after some steps: the optimizer's state follows the parameters'
+    dtype (roots in flight included) exactly as saving its state dict and loading it into a
+    fresh optimizer for the float64 model would, bitwise, instead of failing on mixed dtypes."""
+    makers: dict[str, Callable[..., Any]] = {
+        "shampoo": lambda ps: Shampoo(
+            ps, lr=0.01, block_size=4, precondition_frequency=3, **kwargs
+        ),
+        "soap": lambda ps: SOAP(ps, lr=0.01, block_size=4, precondition_frequency=3, **kwargs),
+        "ngplus": lambda ps: NGPlus(ps, lr=0.01, inverse_frequency=3, **kwargs),
+    }
+    batches = make_batches(10)
+    later = [(x.double(), y.double()) for x, y in batches[4:]]
+    results = []
+    for reloaded in (False, True):
+        model = mixed_model()
+        opt = makers[front](model.parameters())
+        train(model, opt, batches[:4])
+        if reloaded:
+            saved = copy.deepcopy(opt.state_dict())
+            opt.close()
+            opt = makers[front](model.double().parameters())
+            opt.load_state_dict(saved)
+        else:
+            model.double()
+        train(model, opt, later)
+        assert all(
+            t.dtype == torch.float64
+            for s in opt.state.values()
+            for t in (*s.get("factors", []), s.get("exp_avg", torch.zeros((), dtype=torch.float64)))
+        )
+        opt.close()
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b), (a - b).abs().max()
 
 
 @MODES

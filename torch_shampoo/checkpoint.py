@@ -164,7 +164,7 @@ class Checkpointing(Optimizer):
     _async_roots: bool
     _compact_state: bool
     _root_workers: int
-    _checked: dict[torch.Tensor, tuple[BlockLayout, dict[str, Any]]]
+    _checked: dict[torch.Tensor, tuple[BlockLayout, dict[str, Any], torch.dtype]]
     _rooted: dict[torch.Tensor, tuple[bool, ...] | None]
     _index: dict[int, tuple[int, dict[str, Any], torch.Tensor]]
     _buckets: list[Any] | None

@@ -28,7 +28,7 @@ from .grafting import SECOND_MOMENT
 from .partition import Partition
 from .scheduler import RootScheduler, Slot
 from .shares import StateShares
-from .state import check_state, init_state, state_dtype
+from .state import check_state, init_state, recast, state_dtype
 from .step import Work
 
 __all__ = ["EngineConfig", "PreconditionerEngine"]
@@ -95,7 +95,7 @@ class PreconditionerEngine(RootCycles, Checkpointing):
     def _init_runtime(self) -> None:
         """Runtime objects that are never part of the state: threads, buffers, tickets."""
         self._roots = RootScheduler(self._async_roots, self._root_workers)
-        self._checked: dict[torch.Tensor, tuple[BlockLayout, dict[str, Any]]] = {}
+        self._checked: dict[torch.Tensor, tuple[BlockLayout, dict[str, Any], torch.dtype]] = {}
         self._rooted: dict[torch.Tensor, tuple[bool, ...] | None] = {}
         self._index: dict[int, tuple[int, dict[str, Any], torch.Tensor]] = {}
         self._buckets: list[Bucket] | None = None
@@ -207,11 +207,12 @@ class PreconditionerEngine(RootCycles, Checkpointing):
         state = self.state[p]
         if not state:
             init_state(p, state, layout)
-        checked = self._checked.get(p)
-        if checked is None or checked[0] is not layout or checked[1] is not state:
-            # again after a load or a block-size change
+        checked, mine = self._checked.get(p), (layout, state, p.dtype)
+        if checked is None or any(a is not b for a, b in zip(checked, mine)):
+            # again after a load, a block-size change or a new dtype (model.double())
             check_state(type(self).__name__, self._describe(p), p, state, layout)
-            self._checked[p] = (layout, state)
+            recast(state, p)
+            self._checked[p] = mine
             self._buckets = None  # a new parameter, or new state: stack again
         for key, used in (
             ("exp_avg", config.beta1 != 0),  # with β₁ = 0 the first moment is the gradient

@@ -25,6 +25,7 @@ __all__ = [
     "check_state",
     "init_state",
     "migrate",
+    "recast",
     "restore",
     "state_dtype",
 ]
@@ -170,16 +171,25 @@ def migrate(state: dict[str, Any]) -> None:
         ).reshape(-1)
 
 
-def restore(key: str, value: Any, param: torch.Tensor) -> Any:
-    """A saved state entry as a fresh object on the right device: host entries keep their
-    dtype; floating-point statistics and moments take ``param``'s state dtype (a float64
-    checkpoint loaded into a float32 model, or back, is cast as torch.optim casts; a bf16
-    parameter's float32 state stays float32)."""
+def recast(state: dict[str, Any], param: torch.Tensor) -> None:
+    """Cast the floating-point statistics and moments of ``state`` to ``param``'s state dtype
+    where they differ (the model's dtype changed during training: ``model.double()``), as
+    loading the state dict into the new model would."""
+    for key, value in state.items():
+        if key not in HOST_KEYS and isinstance(value, (torch.Tensor, list)):
+            state[key] = restore(key, value, param, copy=False)
+
+
+def restore(key: str, value: Any, param: torch.Tensor, copy: bool = True) -> Any:
+    """A saved state entry (a fresh object unless not ``copy``) on the right device: host
+    entries keep their dtype; floating-point statistics and moments take ``param``'s state
+    dtype (a float64 checkpoint loaded into a float32 model, or back, is cast as torch.optim
+    casts; a bf16 parameter's float32 state stays float32)."""
     if isinstance(value, torch.Tensor):
         if key in HOST_KEYS:
-            return value.to("cpu", copy=True)
+            return value.to("cpu", copy=copy)
         dtype = state_dtype(param) if value.is_floating_point() else value.dtype
-        return value.to(param.device, dtype, copy=True)
+        return value.to(param.device, dtype, copy=copy)
     if isinstance(value, list):
-        return [restore(key, v, param) for v in value]
+        return [restore(key, v, param, copy) for v in value]
     return value
