@@ -600,6 +600,23 @@ def test_a_bad_setting_written_during_training_is_refused_at_the_next_step(
         assert int(opt.state_dict()["state"][0]["step"]) == 6
 
 
+def test_a_parameter_resized_during_training_is_refused_naming_its_new_shape() -> None:
+    """``p.data = bigger`` after some steps (a resized embedding): the next step raises naming
+    the parameter, its new shape and the likely cause, and changes nothing."""
+    layer = nn.Linear(6, 5)
+    with Shampoo(layer.parameters(), block_size=4, async_roots=False) as opt:
+        for _ in range(2):
+            layer.weight.grad, layer.bias.grad = torch.randn(5, 6), torch.randn(5)
+            opt.step()
+        layer.weight.data = torch.randn(7, 6)
+        layer.weight.grad, layer.bias.grad = torch.randn(7, 6), torch.randn(5)
+        bias = layer.bias.detach().clone()
+        with pytest.raises(ValueError, match=r"parameter 0 \(shape \(7, 6\)\).*parameter's shape"):
+            opt.step()
+        assert torch.equal(layer.bias, bias)
+        assert int(opt.state[layer.bias]["step"]) == 2
+
+
 @pytest.mark.parametrize("model", [False, 3, "net", [nn.Linear(4, 3)]], ids=repr)
 def test_a_model_that_is_not_a_module_is_a_type_error_naming_model(model: Any) -> None:
     layer = nn.Linear(4, 3)

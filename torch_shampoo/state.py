@@ -121,9 +121,9 @@ def check_state(
         raise ValueError(
             f"{owner} state of parameter {name} does not match its block layout "
             f"(factor sizes {found}, expected {expected}): was the state loaded from another "
-            f"model, or did block_size / max_factor_dim / merge_dims change after training "
-            f"started? (merge_dims=True keeps two dims of a small tensor that merge_dims='all' "
-            f"merged into one)"
+            f"model, or did the parameter's shape or block_size / max_factor_dim / merge_dims "
+            f"change after training started? (merge_dims=True keeps two dims of a small tensor "
+            f"that merge_dims='all' merged into one)"
         )
 
 
