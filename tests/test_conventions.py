@@ -577,6 +577,31 @@ def test_a_state_dict_with_python_number_steps_loads(
     assert_bitwise_equal(snapshot(clone_model.parameters()), snapshot(model.parameters()))
 
 
+def test_python_number_steps_shared_by_every_parameter_each_count_their_own_steps() -> None:
+    """A hand-made state dict whose parameters all hold the same Python number as ``step``:
+    every parameter still advances by one per step (the counts are per state, not per
+    object)."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    batches = [(torch.randn(8, 4), torch.randn(8, 4)) for _ in range(4)]
+
+    def run(opt: Shampoo, steps: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for x, y in steps:
+            model.zero_grad()
+            (model(x) - y).square().mean().backward()
+            opt.step()
+
+    with Shampoo(model.parameters(), block_size=4, async_roots=False) as opt:
+        run(opt, batches[:2])
+        saved = roundtrip(opt.state_dict())
+    shared = float(2)
+    for entry in saved["state"].values():
+        entry["step"] = shared
+    with Shampoo(model.parameters(), block_size=4, async_roots=False) as opt:
+        opt.load_state_dict(saved)
+        run(opt, batches[2:])
+        assert [float(s["step"]) for s in opt.state.values()] == [4.0] * 4
+
+
 @pytest.mark.parametrize("compact_state", [False, True])
 @pytest.mark.parametrize(
     "saved, loaded", [(torch.float64, torch.float32), (torch.float32, torch.float64)]

@@ -235,13 +235,14 @@ def advance_steps(states: Sequence[dict[str, Any]], buckets: Iterable[Bucket]) -
     """Add 1 to the ``step`` of every state in ``states`` (the parameters stepping now): one add
     per bucket whose members all step and whose rows are still their ``step``, one per other
     state."""
-    stepping = {id(s["step"]): s for s in states}
+    rest = {id(s): s for s in states}
+    owner = {id(s["step"]): id(s) for s in states if isinstance(s["step"], torch.Tensor)}
     for bucket in buckets:
-        if bucket.steps is not None and all(id(x) in stepping for x in bucket.step_rows):
+        if bucket.steps is not None and all(id(x) in owner for x in bucket.step_rows):
             bucket.steps.add_(1)
             for x in bucket.step_rows:
-                del stepping[id(x)]
-    for s in stepping.values():
+                del rest[owner[id(x)]]
+    for s in rest.values():
         s["step"] += 1
 
 

@@ -207,12 +207,12 @@ class PreconditionerEngine(RootCycles, Checkpointing):
         state = self.state[p]
         if not state:
             init_state(p, state, layout)
-        checked, mine = self._checked.get(p), (layout, state, p.dtype)
-        if checked is None or any(a is not b for a, b in zip(checked, mine)):
+        checked = self._checked.get(p, (None, None, None))
+        if checked[0] is not layout or checked[1] is not state or checked[2] is not p.dtype:
             # again after a load, a block-size change or a new dtype (model.double())
             check_state(type(self).__name__, self._describe(p), p, state, layout)
             recast(state, p)
-            self._checked[p] = mine
+            self._checked[p] = (layout, state, p.dtype)
             self._buckets = None  # a new parameter, or new state: stack again
         for key, used in (
             ("exp_avg", config.beta1 != 0),  # with β₁ = 0 the first moment is the gradient
