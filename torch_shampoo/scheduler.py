@@ -427,8 +427,9 @@ class RootScheduler:
     # ------------------------------------------------------------------- staging, export
 
     def _staging_of(self, p: torch.Tensor, factors: list[torch.Tensor]) -> list[Staging]:
-        staging = self.staging.get(p)
-        if staging is None:
+        """``p``'s host buffers, made anew if its factors' shapes or dtype changed."""
+        staging, wanted = self.staging.get(p), [(f.shape, f.dtype) for f in factors]
+        if staging is None or [(s.snapshot.shape, s.snapshot.dtype) for s in staging] != wanted:
             staging = self.staging[p] = [
                 Staging(device.host_buffer(f), device.host_buffer(f)) for f in factors
             ]
