@@ -342,18 +342,35 @@ def test_a_non_finite_gradient_block_changes_nothing() -> None:
 
 
 def test_a_compiled_step_matches_eager_and_stops_recompiling() -> None:
-    """``torch.compile(opt.step)``: after a warm-up (a first basis, a root step, an install,
-    a plain step) nothing recompiles, and the result agrees with eager. The first basis comes
-    from one gradient, so every factor must have full rank then (square weights, a batch of 16,
-    no biases): a rank-deficient factor's eigenvectors in its null space are arbitrary, the two
-    rounding orders pick different ones, and Adam in two different bases is two different
-    trajectories (the earlier model, with a bias and a 12 × 3 weight, agreed on one CPU and
-    differed by up to 100% on another)."""
+    """``torch.compile(opt.step)``: after a warm-up (Adam before any basis, the first basis, a
+    plain step, a root step whose eigh comes a step later) nothing recompiles, through the
+    install of that eigh's bases and the next root step, and the result agrees with eager.
+
+    The problem is chosen so that rounding cannot steer it. The SOAP paper's first basis, from
+    one gradient (``start_preconditioning_step=1``), makes that gradient diagonal in it: its
+    off-diagonal entries are rounding noise (~1e-9, eps's size), and Adam's first step there
+    divides them by their own size, so entries of ±1 follow the noise's signs. With it, one
+    ulp on the weights moved the result by up to 90% of the weights' size (measured), and a
+    CPU without AVX-512 rounding differently failed here (62 of 64 elements off by up to
+    3.6%). Here the first basis comes at step 2, from two gradients, neither diagonal in it;
+    the factors have full rank (square weights, a batch of 16, no biases: eigenvectors in a
+    null space would be arbitrary) and eigenvalue gaps ≥ 1.4e-3·λ_max (10⁴ float32 ulps) at
+    every basis. Measured against the tolerance below (1 = its edge) with torch's avx512,
+    avx2 and default kernels alike: the compiled step 0.007, the same run in float64 (every
+    rounding different) 0.007, one ulp on the weights 0.009; a compiled step with its lr off
+    by 1e-4 1.07, with eps 10× off 4.6."""
 
     def run(after: Callable[[int], None] | None) -> list[torch.Tensor]:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Tanh(), nn.Linear(8, 8, bias=False))
-        opt = SOAP(model.parameters(), lr=0.02, precondition_frequency=2, root_staleness=1)
+        opt = SOAP(
+            model.parameters(),
+            lr=0.02,
+            precondition_frequency=2,
+            start_preconditioning_step=2,
+            eigh_every=1,
+            root_staleness=1,
+        )
         step = opt.step if after is None else torch.compile(opt.step, backend="eager")
         gen = torch.Generator().manual_seed(8)
         for i in range(7):
