@@ -477,12 +477,12 @@ def test_scaling_the_loss_by_c_scales_the_natural_gradient_by_one_over_c(
 def test_with_relative_damping_and_the_adam_graft_the_step_ignores_the_loss_scale(
     log_c: float, seed: int
 ) -> None:
-    """The defaults: relative damping and the Adam graft (ε = 0 here) make every step, momentum
-    and all, independent of a constant factor on the loss."""
+    """The defaults: relative damping and the Adam graft (ε negligible here: it must be > 0)
+    make every step, momentum and all, independent of a constant factor on the loss."""
     c = 10.0**log_c
     shapes = [(6, 4), (9, 3), (5,)]
     kwargs: dict[str, Any] = dict(
-        lr=0.1, block_size=4, inverse_frequency=2, grafting="adam", grafting_epsilon=0.0, **SYNC
+        lr=0.1, block_size=4, inverse_frequency=2, grafting="adam", grafting_epsilon=1e-30, **SYNC
     )
     a, b = leaves(shapes, seed), leaves(shapes, seed)
     with NGPlus(a, **kwargs) as plain, NGPlus(b, **kwargs) as scaled:
@@ -989,7 +989,7 @@ GOOD_VALUES: dict[str, Any] = dict(
     bias_correction=False,
     grafting="none",
     grafting_beta2=0.0,
-    grafting_epsilon=0.0,
+    grafting_epsilon=1e-30,
 )
 
 

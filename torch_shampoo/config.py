@@ -1,46 +1,21 @@
-"""Per-group settings: the engine's view of a parameter group, and their validation.
+"""Per-group settings: the engine's view of a parameter group (:class:`EngineConfig`).
 
-Front ends (Shampoo, NG+) declare their kwargs, validate each group with :class:`Checks` (every
-error names the argument and its value) and map it onto an :class:`EngineConfig`.
+The front ends' settings, their checks and how each maps onto an :class:`EngineConfig` are
+declared once, in :mod:`torch_shampoo.settings`.
 """
 
 from __future__ import annotations
 
-import difflib
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = [
-    "Checks",
-    "EngineConfig",
-    "group_defaults",
-    "is_dtensor",
-    "reject_unknown",
-    "revalidate",
-    "staleness_setting",
-    "world_size",
-]
+from .settings import declared
 
-_NOT_PER_GROUP = frozenset(
-    {
-        "self",
-        "params",
-        "async_roots",
-        "root_workers",
-        "partition_roots",
-        "partition_state",
-        "compact_state",
-        "model",
-        "statistics",
-        "unknown",
-    }
-)
-
-_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+__all__ = ["EngineConfig", "group_defaults", "is_dtensor", "revalidate", "world_size"]
 
 
 @dataclass(frozen=True)
@@ -142,111 +117,7 @@ def is_dtensor(t: torch.Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
-def staleness_setting(value: int | str | None) -> int | None:
-    """A group's ``root_staleness`` as the engine sees it: an integer, or None for auto."""
-    return None if value is None or isinstance(value, str) else int(value)
-
-
-class Checks:
-    """Validation of one parameter group: each check raises naming the argument and its value."""
-
-    def __init__(self, group: dict[str, Any]) -> None:
-        self.group = group
-
-    def bad(self, name: str, requirement: str) -> ValueError:
-        return ValueError(f"Invalid {name}: {self.group[name]!r} ({requirement})")
-
-    def real(
-        self,
-        name: str,
-        low: float | None = None,
-        high: float | None = None,
-        low_open: bool = False,
-        high_open: bool = False,
-    ) -> float:
-        """A finite real number in the given (closed unless told open) interval."""
-        value = self.group[name]
-        if isinstance(value, torch.Tensor) and value.numel() == 1 and name == "lr":
-            value = float(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"Invalid {name}: {self.group[name]!r} (must be a real number)")
-        if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
-            raise self.bad(name, "must be finite and within float32 range")
-        if low is not None and (value < low or (low_open and value == low)):
-            raise self.bad(name, f"must be {'>' if low_open else '≥'} {low}")
-        if high is not None and (value > high or (high_open and value == high)):
-            raise self.bad(name, f"must be {'<' if high_open else '≤'} {high}")
-        return float(value)
-
-    def integer(self, name: str, minimum: int, optional: bool = False) -> None:
-        value = self.group[name]
-        if optional and value is None:
-            return
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"Invalid {name}: {value!r} (must be an integer)")
-        if value < minimum:
-            raise self.bad(name, f"must be ≥ {minimum}")
-
-    def staleness(self) -> None:
-        """``root_staleness``: ``"auto"`` (or None, the same) or an integer ≥ 0."""
-        if self.group["root_staleness"] not in ("auto", None):
-            self.integer("root_staleness", 0)
-
-    def flag(self, name: str) -> None:
-        if not isinstance(self.group[name], bool):
-            raise TypeError(f"Invalid {name}: {self.group[name]!r} (must be a bool)")
-
-    def merge(self) -> None:
-        """``merge_dims``: a bool, or ``"all"``."""
-        value = self.group["merge_dims"]
-        if not isinstance(value, bool) and value != "all":
-            raise self.bad("merge_dims", "must be True, False or 'all'")
-
-    def choice(self, name: str, choices: tuple[str, ...]) -> None:
-        if self.group[name] not in choices:
-            raise self.bad(name, f"valid choices: {', '.join(choices)}")
-
-    def momentum(self) -> None:
-        """``momentum`` in [0, 1) and ``nesterov`` (a bool) only with momentum > 0."""
-        self.flag("nesterov")
-        mu = self.real("momentum", low=0.0, high=1.0, high_open=True)
-        if self.group["nesterov"] and mu == 0:
-            raise self.bad("nesterov", "Nesterov momentum needs momentum > 0")
-
-    def blocks_and_schedule(self) -> None:
-        """Shampoo's and SOAP's block sizes and root schedule."""
-        self.integer("block_size", 1)
-        self.integer("max_factor_dim", 1)
-        self.integer("precondition_frequency", 1)
-        self.integer("max_root_failures", 1)
-        self.integer("start_preconditioning_step", 1, optional=True)
-        self.staleness()
-
-    def lr(self) -> None:
-        lr = self.group["lr"]
-        if isinstance(lr, torch.Tensor) and (lr.dim() != 0 or not lr.is_floating_point()):
-            raise TypeError(f"Invalid lr: {lr!r} (a tensor lr must be a 0-d real float tensor)")
-        self.real("lr", low=0.0)
-
-
 def group_defaults(arguments: Mapping[str, Any]) -> dict[str, Any]:
-    """The per-group hyperparameters among a constructor's arguments (its ``locals()`` taken
-    first thing), so each front end declares its kwargs once, in its signature."""
-    return {
-        k: v for k, v in arguments.items() if k not in _NOT_PER_GROUP and not k.startswith("__")
-    }
-
-
-def reject_unknown(
-    owner: str, unknown: Mapping[str, Any], known: Iterable[str], hints: Mapping[str, str]
-) -> None:
-    """A TypeError for unknown keyword arguments that says what was probably meant."""
-    if not unknown:
-        return
-    name = sorted(unknown)[0]
-    hint = hints.get(name)
-    if hint is None:
-        close = difflib.get_close_matches(name, list(known), n=2, cutoff=0.6)
-        hint = " or ".join(f"'{c}'" for c in close)
-    meant = f": did you mean {hint}?" if hint else ""
-    raise TypeError(f"{owner} got an unexpected keyword argument '{name}'{meant}")
+    """The per-group settings among a constructor's ``arguments`` (by name: not ``params``, not
+    a constructor-only flag of :data:`torch_shampoo.settings.SPEC`)."""
+    return {k: arguments[k] for k in declared(arguments)}

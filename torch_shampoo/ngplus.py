@@ -8,7 +8,6 @@ graft. The front end below is only that mapping plus the per-sample statistics o
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from collections.abc import Callable, Iterable
 from functools import lru_cache
@@ -17,24 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import settings
 from .blocking import BlockLayout, output_side_layout
-from .config import (
-    Checks,
-    EngineConfig,
-    group_defaults,
-    is_dtensor,
-    reject_unknown,
-    staleness_setting,
-    world_size,
-)
+from .config import EngineConfig, is_dtensor, world_size
 from .engine import PreconditionerEngine
-from .grafting import GRAFTS
-from .matrix_roots import ROOT_METHODS
 from .per_sample import PerSampleFisher
+from .settings import STATISTICS
 
 __all__ = ["EARLIER_RULE", "STATISTICS", "NGPlus"]
-
-STATISTICS: tuple[str, ...] = ("minibatch", "per_sample")
 
 Damping = float | Callable[[int], float]
 
@@ -155,35 +144,22 @@ class NGPlus(PreconditionerEngine):
         model: nn.Module | None = None,
         **unknown: Any,
     ) -> None:
-        arguments = dict(locals())  # first thing: the constructor's arguments, nothing else
-        hints = {
-            "eps": "'damping' (λ in (F + λI)⁻¹)",
-            "epsilon": "'damping' (λ in (F + λI)⁻¹)",
-            "precondition_frequency": "'inverse_frequency'",
-            "betas": "'curvature_beta' (β of the moving average of F) and 'momentum'",
-            "compact_state": "nothing: it is Shampoo's (NG+ keeps one factor per weight)",
-        }
-        reject_unknown("NGPlus", unknown, inspect.signature(NGPlus).parameters, hints)
-        if statistics not in STATISTICS:
-            raise ValueError(
-                f"Invalid statistics: {statistics!r} (valid choices: {', '.join(STATISTICS)})"
-            )
+        arguments = dict(locals())  # first thing: the constructor's arguments
+        settings.reject("NGPlus", unknown)
+        settings.validate("NGPlus", arguments, per_group=False)
         self.statistics = statistics
         self._fisher: PerSampleFisher | None = None
         self._leaders: dict[torch.Tensor, torch.Tensor] = {}
         self._followers: dict[torch.Tensor, list[torch.Tensor]] = {}
-        defaults = group_defaults(arguments)
         super().__init__(
             params,
-            defaults,
+            settings.group_defaults("NGPlus", arguments),
             async_roots=async_roots,
             root_workers=root_workers,
             partition_roots=partition_roots,
             partition_state=partition_state,
         )
         if model is not None:
-            if not isinstance(model, nn.Module):
-                raise TypeError(f"Invalid model: {model!r} (must be a torch.nn.Module)")
             self.attach(model)
 
     @torch.no_grad()
@@ -210,31 +186,8 @@ class NGPlus(PreconditionerEngine):
     # ------------------------------------------------------------------ the engine mapping
 
     def _config(self, group: dict[str, Any]) -> EngineConfig:
-        return EngineConfig(
-            lr=group["lr"],
-            beta1=0.0,
-            beta2=group["curvature_beta"],
-            epsilon=group["damping"],
-            weight_decay=group["weight_decay"],
-            decoupled_weight_decay=True,
-            momentum=group["momentum"],
-            nesterov=group["nesterov"],
-            block_size=group["block_size"],
-            max_factor_dim=group["block_size"],
-            frequency=group["inverse_frequency"],
-            start=group["start_preconditioning_step"] or 1,
-            bias_correction=group["bias_correction"],
-            grafting=group["grafting"],
-            grafting_beta2=group["grafting_beta2"],
-            grafting_epsilon=group["grafting_epsilon"],
-            root_exponent=1.0,
-            root_method=group["root_method"],
-            maximize=group["maximize"],
-            staleness=staleness_setting(group["root_staleness"]),
-            max_root_failures=group["max_root_failures"],
-            skip_nonfinite=group["skip_nonfinite"],
-            relative_epsilon=group["relative_damping"],
-        )
+        """One-sided Shampoo with exponent 1 and the damping as ε (:mod:`.settings`)."""
+        return EngineConfig(**settings.engine_fields("NGPlus", group))
 
     def _layout_of(self, p: torch.Tensor, config: EngineConfig) -> BlockLayout:
         # A vector gets a factor only as a hooked layer's bias (W̃'s last column); any other
@@ -271,30 +224,7 @@ class NGPlus(PreconditionerEngine):
             self._followers.setdefault(weight, []).append(bias)
 
     def _validate(self, group: dict[str, Any]) -> None:
-        check = Checks(group)
-        check.lr()
-        check.real("momentum", low=0.0, high=1.0, high_open=True)
-        check.real("weight_decay", low=0.0)
-        damping = group["damping"]
-        if isinstance(damping, (nn.Module, torch.Tensor)):
-            raise TypeError(f"Invalid damping: {damping!r} (a number or a function of the step)")
-        if not callable(damping):
-            check.real("damping", low=0.0, low_open=True)
-        check.real("curvature_beta", low=0.0, high=1.0, high_open=True)
-        check.integer("inverse_frequency", 1)
-        check.integer("block_size", 1)
-        check.flag("nesterov")
-        check.flag("maximize")
-        check.flag("skip_nonfinite")
-        check.flag("relative_damping")
-        check.flag("bias_correction")
-        check.choice("grafting", GRAFTS)
-        check.real("grafting_beta2", low=0.0, high=1.0, high_open=True)
-        check.real("grafting_epsilon", low=0.0)
-        check.choice("root_method", ROOT_METHODS)
-        check.integer("start_preconditioning_step", 1, optional=True)
-        check.staleness()
-        check.integer("max_root_failures", 1)
+        settings.validate("NGPlus", group)
 
     # ------------------------------------------------------------------ per-sample hooks
 
@@ -347,10 +277,14 @@ class NGPlus(PreconditionerEngine):
         """As the engine's; a damping saved as ``None`` keeps this optimizer's damping. A group
         saved before the step-size settings existed continues with the rule it trained with
         (the paper's: :data:`EARLIER_RULE`)."""
+        # Every saved group goes on: a count that differs is refused, as by Shampoo and SOAP
+        # (zipped with this optimizer's groups, the extra ones were dropped, silently).
+        saved = state_dict["param_groups"]
         current = [g["damping"] for g in self.param_groups]
+        current += [None] * (len(saved) - len(current))
         groups = [
             {**EARLIER_RULE, **g, **({"damping": here} if _saved_as_none(g) else {})}
-            for g, here in zip(state_dict["param_groups"], current)
+            for g, here in zip(saved, current)
         ]
         super().load_state_dict({**state_dict, "param_groups": groups})
 

@@ -2,38 +2,17 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
 
-from .config import Checks, EngineConfig, group_defaults, reject_unknown, staleness_setting
+from . import settings
+from .config import EngineConfig
 from .engine import PreconditionerEngine
-from .grafting import GRAFTS
-from .matrix_roots import ROOT_METHODS
 
 __all__ = ["Shampoo"]
-
-_HINTS = {
-    "eps": "'epsilon' (ε added to each factor before its root, default 1e-12) or "
-    "'grafting_epsilon' (the Adam graft's ε: what Adam calls eps)",
-    "learning_rate": "'lr'",
-    "beta1": "'betas=(beta1, beta2)'",
-    "beta2": "'betas=(beta1, beta2)' (β₂ of the statistics) or 'grafting_beta2' (Adam's β₂)",
-    "max_preconditioner_dim": "'block_size'",
-    "use_nesterov": "'nesterov'",
-    "use_decoupled_weight_decay": "'decoupled_weight_decay'",
-    "use_bias_correction": "'bias_correction'",
-    "matrix_epsilon": "'epsilon'",
-    "diagonal_epsilon": "'grafting_epsilon'",
-    "preconditioning_compute_steps": "'precondition_frequency'",
-    "graft_type": "'grafting'",
-    "grafting_config": "'grafting' (a name: adam, adagrad, rmsprop, sgd, none)",
-    "exponent_override": "'root_exponent'",
-    "inverse_exponent_override": "'root_exponent'",
-}
 
 
 class Shampoo(PreconditionerEngine):
@@ -174,11 +153,12 @@ class Shampoo(PreconditionerEngine):
         compact_state: bool = False,
         **unknown: Any,
     ) -> None:
-        reject_unknown("Shampoo", unknown, inspect.signature(Shampoo).parameters, _HINTS)
-        defaults = group_defaults(locals())
+        arguments = dict(locals())
+        settings.reject("Shampoo", unknown)
+        settings.validate("Shampoo", arguments, per_group=False)
         super().__init__(
             params,
-            defaults,
+            settings.group_defaults("Shampoo", arguments),
             async_roots=async_roots,
             root_workers=root_workers,
             partition_roots=partition_roots,
@@ -187,63 +167,8 @@ class Shampoo(PreconditionerEngine):
         )
 
     def _config(self, group: dict[str, Any]) -> EngineConfig:
-        """Shampoo's kwargs are the engine's settings, one to one."""
-        return EngineConfig(
-            lr=group["lr"],
-            beta1=group["betas"][0],
-            beta2=group["betas"][1],
-            epsilon=group["epsilon"],
-            weight_decay=group["weight_decay"],
-            decoupled_weight_decay=group["decoupled_weight_decay"],
-            momentum=group["momentum"],
-            nesterov=group["nesterov"],
-            block_size=group["block_size"],
-            max_factor_dim=group["max_factor_dim"],
-            frequency=group["precondition_frequency"],
-            start=group["start_preconditioning_step"] or group["precondition_frequency"],
-            bias_correction=group["bias_correction"],
-            grafting=group["grafting"],
-            grafting_beta2=group["grafting_beta2"],
-            grafting_epsilon=group["grafting_epsilon"],
-            root_exponent=group["root_exponent"],
-            root_method=group["root_method"],
-            maximize=group["maximize"],
-            staleness=staleness_setting(group["root_staleness"]),
-            max_root_failures=group["max_root_failures"],
-            skip_nonfinite=group["skip_nonfinite"],
-            merge_dims=group["merge_dims"],
-            vectors=group["precondition_1d"],
-        )
+        """Shampoo's kwargs are the engine's settings, one to one (:mod:`.settings`)."""
+        return EngineConfig(**settings.engine_fields("Shampoo", group))
 
     def _validate(self, group: dict[str, Any]) -> None:
-        check = Checks(group)
-        check.lr()
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise check.bad("betas", "must be a pair (beta1, beta2)")
-        for i, beta in enumerate(betas):
-            if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta <= 1:
-                raise check.bad("betas", f"beta{i + 1} must be a number in [0, 1]")
-        if betas[0] == 1:
-            raise check.bad("betas", "beta1 must be < 1")
-        if betas[1] == 0:
-            raise check.bad("betas", "beta2 must be > 0")
-        check.real("epsilon", low=0.0)
-        check.real("weight_decay", low=0.0)
-        flags = ("decoupled_weight_decay", "bias_correction", "maximize", "skip_nonfinite")
-        for name in (*flags, "precondition_1d"):
-            check.flag(name)
-        check.momentum()
-        check.blocks_and_schedule()
-        check.merge()
-        check.choice("grafting", GRAFTS)
-        check.real("grafting_beta2", low=0.0, high=1.0, low_open=True, high_open=True)
-        check.real("grafting_epsilon", low=0.0, low_open=True)
-        if group["root_exponent"] is not None:
-            check.real("root_exponent", low=0.0, low_open=True)
-        check.choice("root_method", ROOT_METHODS)
-        exponent = group["root_exponent"]
-        if group["root_method"] == "cholesky" and exponent != 1:
-            raise check.bad("root_method", "cholesky computes inverses only: set root_exponent=1")
-        if group["root_method"] == "newton" and exponent is not None and exponent != int(exponent):
-            raise check.bad("root_exponent", "newton needs an integer exponent")
+        settings.validate("Shampoo", group)

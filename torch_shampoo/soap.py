@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
 
-from .config import Checks, EngineConfig, group_defaults, reject_unknown, staleness_setting
+from . import settings
+from .config import EngineConfig
 from .engine import PreconditionerEngine
 
 __all__ = ["SOAP"]
-
-_HINTS = {
-    "epsilon": "'eps' (Adam's ε, in the eigenbasis)",
-    "learning_rate": "'lr'",
-    "beta1": "'betas=(beta1, beta2)'",
-    "beta2": "'betas=(beta1, beta2)' (Adam's β₂) or 'shampoo_beta' (the factors' β)",
-    "precondition_1d": "'precondition_1d'",
-    "max_precond_dim": "'max_factor_dim'",
-    "grafting": "nothing: SOAP's step has Adam's size by construction (use Shampoo to graft)",
-    "root_exponent": "nothing: SOAP uses eigenvectors, not roots",
-    "compact_state": "nothing: it packs Shampoo's symmetric roots (SOAP's bases are not)",
-    "use_nesterov": "'nesterov'",
-}
 
 
 class SOAP(PreconditionerEngine):
@@ -125,11 +112,12 @@ class SOAP(PreconditionerEngine):
         partition_state: bool = False,
         **unknown: Any,
     ) -> None:
-        reject_unknown("SOAP", unknown, inspect.signature(SOAP).parameters, _HINTS)
-        defaults = group_defaults(locals())
+        arguments = dict(locals())
+        settings.reject("SOAP", unknown)
+        settings.validate("SOAP", arguments, per_group=False)
         super().__init__(
             params,
-            defaults,
+            settings.group_defaults("SOAP", arguments),
             async_roots=async_roots,
             root_workers=root_workers,
             partition_roots=partition_roots,
@@ -137,55 +125,8 @@ class SOAP(PreconditionerEngine):
         )
 
     def _config(self, group: dict[str, Any]) -> EngineConfig:
-        beta1, beta2 = group["betas"]
-        shampoo_beta = group["shampoo_beta"]
-        return EngineConfig(
-            lr=group["lr"],
-            beta1=beta1,
-            beta2=beta2 if shampoo_beta is None else shampoo_beta,
-            epsilon=0.0,
-            weight_decay=group["weight_decay"],
-            decoupled_weight_decay=group["decoupled_weight_decay"],
-            momentum=group["momentum"],
-            nesterov=group["nesterov"],
-            block_size=group["block_size"],
-            max_factor_dim=group["max_factor_dim"],
-            frequency=group["precondition_frequency"],
-            start=group["start_preconditioning_step"] or 1,
-            bias_correction=group["bias_correction"],
-            grafting="adam",  # the graft's moments and direction are Adam's, in the basis
-            grafting_beta2=beta2,
-            grafting_epsilon=group["eps"],
-            root_exponent=None,
-            root_method="eigh",
-            maximize=group["maximize"],
-            staleness=staleness_setting(group["root_staleness"]),
-            max_root_failures=group["max_root_failures"],
-            skip_nonfinite=group["skip_nonfinite"],
-            eigenbasis=True,
-            basis_refresh=group["basis_refresh"],
-            eigh_every=group["eigh_every"],
-            merge_dims=group["merge_dims"],
-            vectors=group["precondition_1d"],
-        )
+        """Adam's settings in the eigenbasis, mapped by :mod:`.settings` (the graft is Adam)."""
+        return EngineConfig(**settings.engine_fields("SOAP", group))
 
     def _validate(self, group: dict[str, Any]) -> None:
-        check = Checks(group)
-        check.lr()
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise check.bad("betas", "must be a pair (beta1, beta2)")
-        for i, beta in enumerate(betas):
-            if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 1:
-                raise check.bad("betas", f"beta{i + 1} must be a number in [0, 1)")
-        if group["shampoo_beta"] is not None:
-            check.real("shampoo_beta", low=0.0, high=1.0, high_open=True)
-        check.real("eps", low=0.0, low_open=True)
-        check.real("weight_decay", low=0.0)
-        flags = ("decoupled_weight_decay", "bias_correction", "maximize", "skip_nonfinite")
-        for name in (*flags, "precondition_1d", "basis_refresh"):
-            check.flag(name)
-        check.merge()
-        check.momentum()
-        check.blocks_and_schedule()
-        check.integer("eigh_every", 1)
+        settings.validate("SOAP", group)

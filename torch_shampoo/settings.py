@@ -1,0 +1,328 @@
+"""Every setting of the three front ends, declared once: :data:`SPEC`.
+
+A row names a setting, its default in each front end that has it, its check (a small
+declarative validator whose errors read ``Invalid <name>: <value!r> (<requirement>)``), a
+one-line doc and what it feeds in :class:`~torch_shampoo.config.EngineConfig` (a field, or a
+function of the group for derived fields). Two rows share a name where the front ends give it
+different meanings (Shampoo's ``betas`` are the statistics', SOAP's Adam's). Checks that relate
+several settings are the named :data:`RULES`; each front end's fixed engine fields are
+:data:`FIXED`, its hints for names it does not take :data:`HINTS`. The front ends keep explicit
+signatures; their validation, engine mapping, group defaults and unknown-kwarg errors come
+from here (:func:`validate`, :func:`engine_fields`, :func:`group_defaults`, :func:`reject`).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .checks import (
+    Betas,
+    Check,
+    Choice,
+    Damping,
+    Flag,
+    Integer,
+    Lr,
+    Merge,
+    Model,
+    Real,
+    Staleness,
+    Workers,
+    bad,
+)
+from .grafting import GRAFTS
+from .matrix_roots import ROOT_METHODS
+
+__all__ = [
+    "FIXED", "FRONTS", "HINTS", "RULES", "SPEC", "STATISTICS", "Rule", "Setting",
+    "constructor_only", "declared", "engine_fields", "group_defaults", "kwargs", "reject", "rows",
+    "validate",
+]  # fmt: skip
+
+FRONTS: tuple[str, ...] = ("Shampoo", "SOAP", "NGPlus")
+STATISTICS: tuple[str, ...] = ("minibatch", "per_sample")
+
+
+Feeds = str | Callable[[Mapping[str, Any]], dict[str, Any]] | None
+
+
+# -------------------------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    defaults: Mapping[str, Any]
+    """Front end → default; a front end not named here does not take the setting."""
+    check: Check
+    doc: str
+    feeds: Feeds = None
+    """The EngineConfig field it sets (a name), the fields a function of the group sets, or
+    None: a constructor-only flag (``per_group=False``) or read by the front end itself."""
+    per_group: bool = True
+
+
+def _all(default: Any) -> dict[str, Any]:
+    return dict.fromkeys(FRONTS, default)
+
+
+def _ss(default: Any) -> dict[str, Any]:  # Shampoo and SOAP
+    return {"Shampoo": default, "SOAP": default}
+
+
+def _sn(default: Any) -> dict[str, Any]:  # Shampoo and NG+
+    return {"Shampoo": default, "NGPlus": default}
+
+
+def _staleness(group: Mapping[str, Any]) -> dict[str, Any]:
+    value = group["root_staleness"]
+    return {"staleness": None if value is None or isinstance(value, str) else int(value)}
+
+
+def _start_at_1(group: Mapping[str, Any]) -> dict[str, Any]:
+    return {"start": group["start_preconditioning_step"] or 1}
+
+
+def _soap_beta2(group: Mapping[str, Any]) -> dict[str, Any]:
+    beta = group["shampoo_beta"]
+    return {"beta2": group["betas"][1] if beta is None else beta}
+
+
+_UNIT_OPEN = Real(low=0.0, high=1.0, high_open=True)  # [0, 1)
+_S, _O, _N = "Shampoo", "SOAP", "NGPlus"
+
+SPEC: tuple[Setting, ...] = (
+    Setting("lr", _all(1e-3), Lr(), "learning rate (float or 0-d tensor)", "lr"),
+    Setting("betas", {_S: (0.9, 0.999)}, Betas(), "β₁ of the first moment, β₂ of the statistics",
+            lambda g: {"beta1": g["betas"][0], "beta2": g["betas"][1]}),
+    Setting("betas", {_O: (0.9, 0.999)}, Betas(high_open=True), "Adam's (β₁, β₂)",
+            lambda g: {"beta1": g["betas"][0], "grafting_beta2": g["betas"][1]}),
+    Setting("epsilon", {_S: 1e-12}, Real(low=0.0), "ε added to each factor before its root",
+            "epsilon"),
+    Setting("eps", {_O: 1e-8}, Real(low=0.0, low_open=True), "Adam's ε, in the eigenbasis",
+            "grafting_epsilon"),
+    Setting("damping", {_N: 3.0}, Damping(), "λ in (F̂ + λτI)⁻¹: a float or a function of the step",
+            "epsilon"),
+    Setting("weight_decay", _all(0.0), Real(low=0.0), "weight decay", "weight_decay"),
+    Setting("decoupled_weight_decay", _ss(True), Flag(),
+            "AdamW-style decay on the step (else added to the gradient)", "decoupled_weight_decay"),
+    Setting("shampoo_beta", {_O: None}, Real(low=0.0, high=1.0, high_open=True, optional=True),
+            "β of the factors' moving average (None: β₂)", _soap_beta2),
+    Setting("curvature_beta", {_N: 0.95}, _UNIT_OPEN, "β of the moving average of F", "beta2"),
+    Setting("momentum", {_S: 0.0, _O: 0.0, _N: 0.9}, _UNIT_OPEN, "heavy-ball momentum μ",
+            "momentum"),
+    Setting("nesterov", {_S: False, _O: False, _N: True}, Flag(), "Nesterov's form of momentum",
+            "nesterov"),
+    Setting("block_size", _ss(1024), Integer(1), "largest block side", "block_size"),
+    Setting("block_size", {_N: 1024}, Integer(1), "largest diagonal block of F",
+            lambda g: {"block_size": g["block_size"], "max_factor_dim": g["block_size"]}),
+    Setting("max_factor_dim", _ss(8192), Integer(1), "dims above it get no factor",
+            "max_factor_dim"),
+    Setting("precondition_frequency", {_S: 20, _O: 10}, Integer(1), "steps between root steps",
+            "frequency"),
+    Setting("inverse_frequency", {_N: 20}, Integer(1), "T: steps between inverses", "frequency"),
+    Setting("start_preconditioning_step", {_S: None}, Integer(1, optional=True),
+            "first root step (None: the frequency)",
+            lambda g: {"start": g["start_preconditioning_step"] or g["precondition_frequency"]}),
+    Setting("start_preconditioning_step", {_O: None, _N: None}, Integer(1, optional=True),
+            "first root step (None: 1)", _start_at_1),
+    Setting("bias_correction", _all(True), Flag(), "bias corrections of the moving averages",
+            "bias_correction"),
+    Setting("grafting", _sn("adam"), Choice(GRAFTS), "whose step size each block takes",
+            "grafting"),
+    Setting("grafting_beta2", _sn(0.999), _UNIT_OPEN, "the graft's β₂", "grafting_beta2"),
+    Setting("grafting_epsilon", _sn(1e-8), Real(low=0.0, low_open=True), "the graft's ε",
+            "grafting_epsilon"),
+    Setting("root_exponent", {_S: None}, Real(low=0.0, low_open=True, optional=True),
+            "r in X = F^(−1/r) (None: 2 × the number of factors)", "root_exponent"),
+    Setting("root_method", _sn("eigh"), Choice(ROOT_METHODS), "how roots are computed",
+            "root_method"),
+    Setting("maximize", _all(False), Flag(), "maximize the objective", "maximize"),
+    Setting("root_staleness", _all("auto"), Staleness(),
+            "steps between a later root's snapshot and its use", _staleness),
+    Setting("max_root_failures", _all(3), Integer(1),
+            "consecutive failed roots of one factor that raise", "max_root_failures"),
+    Setting("skip_nonfinite", _all(True), Flag(), "skip a block's update at a NaN/Inf gradient",
+            "skip_nonfinite"),
+    Setting("merge_dims", {_S: True, _O: False}, Merge(), "merge small neighbouring dims",
+            "merge_dims"),
+    Setting("precondition_1d", {_S: True, _O: False}, Flag(), "1-D parameters get a factor",
+            "vectors"),
+    Setting("basis_refresh", {_O: True}, Flag(),
+            "power iteration of the bases at an eigh root step whose bases come later",
+            "basis_refresh"),
+    Setting("eigh_every", {_O: 5}, Integer(1), "root steps per exact eigendecomposition",
+            "eigh_every"),
+    Setting("relative_damping", {_N: True}, Flag(), "λ relative to each block's mean eigenvalue",
+            "relative_epsilon"),
+    Setting("statistics", {_N: "minibatch"}, Choice(STATISTICS), "how F is estimated",
+            per_group=False),
+    Setting("async_roots", _all(True), Flag(), "roots on CPU worker threads", per_group=False),
+    Setting("root_workers", _all(None), Workers(), "worker threads (None: cores / 2)",
+            per_group=False),
+    Setting("partition_roots", _all(False), Flag(), "under DDP, each root solved by one rank",
+            per_group=False),
+    Setting("partition_state", _all(False), Flag(), "under DDP, each parameter on one rank",
+            per_group=False),
+    Setting("compact_state", {_S: False}, Flag(), "factor and root as two triangles of one tensor",
+            per_group=False),
+    Setting("model", {_N: None}, Model(), "the model hooked for per-sample statistics",
+            per_group=False),
+)  # fmt: skip
+
+FIXED: Mapping[str, Mapping[str, Any]] = {
+    _S: dict(relative_epsilon=False, basis_refresh=False, eigh_every=1, eigenbasis=False),
+    _O: dict(epsilon=0.0, grafting="adam", root_exponent=None, root_method="eigh",
+             relative_epsilon=False, eigenbasis=True),
+    _N: dict(beta1=0.0, decoupled_weight_decay=True, root_exponent=1.0, basis_refresh=False,
+             eigh_every=1, merge_dims=True, vectors=True, eigenbasis=False),
+}  # fmt: skip
+"""Each front end's engine fields that no setting feeds."""
+
+
+# ----------------------------------------------------------------------------- named rules
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A check across settings, for the front ends that have all of ``needs``."""
+
+    name: str
+    needs: tuple[str, ...]
+    broken: Callable[[Mapping[str, Any]], bool]
+    blame: str  # the setting the error names
+    requirement: str
+    fronts: tuple[str, ...] = field(default=FRONTS)
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("beta1 < 1", ("betas",), lambda g: g["betas"][0] == 1, "betas", "beta1 must be < 1",
+         fronts=(_S,)),  # (SOAP's betas are Adam's: [0, 1) each, β₂ = 0 allowed)
+    Rule("beta2 > 0", ("betas",), lambda g: g["betas"][1] == 0, "betas", "beta2 must be > 0",
+         fronts=(_S,)),
+    Rule("nesterov needs momentum", ("nesterov", "momentum"),
+         lambda g: g["nesterov"] and g["momentum"] == 0, "nesterov",
+         "Nesterov momentum needs momentum > 0", fronts=(_S, _O)),  # (NG+: μ = 0 is the plain step)
+    Rule("cholesky needs r = 1", ("root_method", "root_exponent"),
+         lambda g: g["root_method"] == "cholesky" and g["root_exponent"] != 1, "root_method",
+         "cholesky computes inverses only: set root_exponent=1"),
+    Rule("newton needs an integer r", ("root_method", "root_exponent"),
+         lambda g: g["root_method"] == "newton" and g["root_exponent"] is not None
+         and g["root_exponent"] != int(g["root_exponent"]), "root_exponent",
+         "newton needs an integer exponent"),
+)  # fmt: skip
+
+HINTS: Mapping[str, Mapping[str, str]] = {
+    _S: {
+        "eps": "'epsilon' (ε added to each factor before its root, default 1e-12) or "
+        "'grafting_epsilon' (the Adam graft's ε: what Adam calls eps)",
+        "learning_rate": "'lr'",
+        "beta1": "'betas=(beta1, beta2)'",
+        "beta2": "'betas=(beta1, beta2)' (β₂ of the statistics) or 'grafting_beta2' (Adam's β₂)",
+        "max_preconditioner_dim": "'block_size'",
+        "use_nesterov": "'nesterov'",
+        "use_decoupled_weight_decay": "'decoupled_weight_decay'",
+        "use_bias_correction": "'bias_correction'",
+        "matrix_epsilon": "'epsilon'",
+        "diagonal_epsilon": "'grafting_epsilon'",
+        "preconditioning_compute_steps": "'precondition_frequency'",
+        "graft_type": "'grafting'",
+        "grafting_config": "'grafting' (a name: adam, adagrad, rmsprop, sgd, none)",
+        "exponent_override": "'root_exponent'",
+        "inverse_exponent_override": "'root_exponent'",
+    },
+    _O: {
+        "epsilon": "'eps' (Adam's ε, in the eigenbasis)",
+        "learning_rate": "'lr'",
+        "beta1": "'betas=(beta1, beta2)'",
+        "beta2": "'betas=(beta1, beta2)' (Adam's β₂) or 'shampoo_beta' (the factors' β)",
+        "correct_bias": "'bias_correction'",
+        "max_precond_dim": "'max_factor_dim'",
+        "grafting": "nothing: SOAP's step has Adam's size by construction (use Shampoo to graft)",
+        "root_exponent": "nothing: SOAP uses eigenvectors, not roots",
+        "compact_state": "nothing: it packs Shampoo's symmetric roots (SOAP's bases are not)",
+        "use_nesterov": "'nesterov'",
+    },
+    _N: {
+        "eps": "'damping' (λ in (F + λI)⁻¹)",
+        "epsilon": "'damping' (λ in (F + λI)⁻¹)",
+        "precondition_frequency": "'inverse_frequency'",
+        "betas": "'curvature_beta' (β of the moving average of F) and 'momentum'",
+        "compact_state": "nothing: it is Shampoo's (NG+ keeps one factor per weight)",
+    },
+}
+"""Per front end: what a caller probably meant by a name that front end does not take."""
+
+
+# ------------------------------------------------------------------------------- derived
+
+
+def rows(front: str) -> list[Setting]:
+    """The settings ``front`` takes, in table order."""
+    return [s for s in SPEC if front in s.defaults]
+
+
+def kwargs(front: str) -> list[str]:
+    """The keyword arguments of ``front`` (every setting, per group or not)."""
+    return [s.name for s in rows(front)]
+
+
+def constructor_only() -> frozenset[str]:
+    """Names that are constructor flags, never group settings, in any front end."""
+    return frozenset(s.name for s in SPEC if not s.per_group)
+
+
+def group_defaults(front: str, arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """``front``'s per-group settings taken from its constructor's ``arguments`` (in their
+    order), exactly the spec's names."""
+    names = {s.name for s in rows(front) if s.per_group}
+    missing = names - set(arguments)
+    if missing:
+        raise AssertionError(f"{front}'s signature lacks the settings {sorted(missing)}")
+    return {k: v for k, v in arguments.items() if k in names}
+
+
+def validate(front: str, group: Mapping[str, Any], per_group: bool = True) -> None:
+    """Check ``group`` (``per_group``: its settings; else: the constructor flags), then the
+    rules: ValueError/TypeError naming the first bad setting and its value."""
+    for s in rows(front):
+        if s.per_group == per_group:
+            s.check(s.name, group[s.name])
+    if not per_group:
+        return
+    for rule in RULES:
+        if front in rule.fronts and all(n in group for n in rule.needs) and rule.broken(group):
+            raise bad(rule.blame, group[rule.blame], rule.requirement)
+
+
+def engine_fields(front: str, group: Mapping[str, Any]) -> dict[str, Any]:
+    """The EngineConfig fields of ``group``: those its settings feed, and ``front``'s fixed."""
+    fields = dict(FIXED[front])
+    for s in rows(front):
+        if isinstance(s.feeds, str):
+            fields[s.feeds] = group[s.name]
+        elif s.feeds is not None:
+            fields.update(s.feeds(group))
+    return fields
+
+
+def reject(front: str, unknown: Mapping[str, Any]) -> None:
+    """A TypeError for unknown keyword arguments that says what was probably meant."""
+    if not unknown:
+        return
+    name = sorted(unknown)[0]
+    hint = HINTS[front].get(name)
+    if hint is None:
+        close = difflib.get_close_matches(name, ["params", *kwargs(front)], n=2, cutoff=0.6)
+        hint = " or ".join(f"'{c}'" for c in close)
+    meant = f": did you mean {hint}?" if hint else ""
+    raise TypeError(f"{front} got an unexpected keyword argument '{name}'{meant}")
+
+
+def declared(names: Iterable[str]) -> list[str]:
+    """The per-group settings among a signature's ``names`` (for config.group_defaults)."""
+    skip = constructor_only() | {"self", "params", "unknown"}
+    return [n for n in names if n not in skip and not n.startswith("__")]
