@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, assume, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from models import (
     make_batches,
@@ -435,27 +435,7 @@ def _anything() -> st.SearchStrategy[Any]:
     )
 
 
-SHAMPOO_KWARGS = (
-    "lr", "betas", "epsilon", "weight_decay", "decoupled_weight_decay", "momentum", "nesterov",
-    "block_size", "max_factor_dim", "precondition_frequency", "start_preconditioning_step",
-    "bias_correction", "grafting", "grafting_beta2", "grafting_epsilon", "root_exponent",
-    "root_method", "maximize", "root_staleness", "max_root_failures", "skip_nonfinite",
-    "async_roots", "root_workers",
-)  # fmt: skip
-NGPLUS_KWARGS = (
-    "lr", "momentum", "weight_decay", "damping", "curvature_beta", "inverse_frequency",
-    "statistics", "block_size", "nesterov", "maximize", "root_method",
-    "start_preconditioning_step", "root_staleness", "max_root_failures", "skip_nonfinite",
-    "async_roots", "root_workers",
-)  # fmt: skip
-# Roots at the first step, so one step exercises the whole pipeline (inline unless the draw
-# asks for async roots: starting a thread per example would dominate the run time).
-FUZZ_BASE = {
-    "shampoo": dict(precondition_frequency=1, block_size=8, root_staleness=0, async_roots=False),
-    "ngplus": dict(inverse_frequency=1, block_size=8, root_staleness=0, async_roots=False),
-}
-
-
+# (The constructor fuzz of every front end, drawn from the settings spec: tests/test_settings.py.)
 # No shrinking: a failing draw is reported as found (the minimal cases found so far are pinned
 # in FOUND_BY_FUZZ below), which keeps a failing run as short as a passing one.
 FUZZ_SETTINGS: dict[str, Any] = dict(
@@ -464,61 +444,6 @@ FUZZ_SETTINGS: dict[str, Any] = dict(
     suppress_health_check=[HealthCheck.too_slow],
     phases=[Phase.explicit, Phase.reuse, Phase.generate],
 )
-
-
-def _plausible_workers(kwargs: dict[str, Any]) -> bool:
-    """A huge valid ``root_workers`` starts that many threads: not something to fuzz here."""
-    n = kwargs.get("root_workers")
-    return not (isinstance(n, int) and n > 8)
-
-
-def _construct_and_step(front: str, kwargs: dict[str, Any]) -> None:
-    """Either a ValueError/TypeError naming one of ``kwargs``, or an optimizer that steps."""
-    gen = torch.Generator().manual_seed(0)
-    params = [
-        nn.Parameter(torch.randn(6, 20, generator=gen)),
-        nn.Parameter(torch.randn(5, generator=gen)),
-        nn.Parameter(torch.tensor(0.5)),
-    ]
-    cls = Shampoo if front == "shampoo" else NGPlus
-    try:
-        opt = cls(params, **{**FUZZ_BASE[front], **kwargs})
-    except (ValueError, TypeError) as error:
-        message = str(error)
-        assert any(name in message for name in kwargs), (kwargs, message)
-        return
-    with opt, warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a failed root may warn
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=gen)
-        if getattr(opt, "statistics", None) == "per_sample":  # documented: no model, no step
-            with pytest.raises(RuntimeError, match=r"attach\(model\)"):
-                opt.step()
-            return
-        opt.step()
-        assert opt.state[params[0]]["step"] == 1
-
-
-@FRONTS
-@settings(**{**FUZZ_SETTINGS, "max_examples": 100})
-@given(data=st.data())
-def test_fuzz_one_constructor_kwarg(front: str, data: st.DataObject) -> None:
-    names = SHAMPOO_KWARGS if front == "shampoo" else NGPLUS_KWARGS
-    name = data.draw(st.sampled_from(names), label="name")
-    kwargs = {name: data.draw(_anything(), label=name)}
-    assume(_plausible_workers(kwargs))
-    _construct_and_step(front, kwargs)
-
-
-@FRONTS
-@settings(**FUZZ_SETTINGS)
-@given(data=st.data())
-def test_fuzz_many_constructor_kwargs(front: str, data: st.DataObject) -> None:
-    names = SHAMPOO_KWARGS if front == "shampoo" else NGPLUS_KWARGS
-    chosen = data.draw(st.lists(st.sampled_from(names), min_size=2, max_size=6, unique=True))
-    kwargs = {name: data.draw(_anything(), label=name) for name in chosen}
-    assume(_plausible_workers(kwargs))
-    _construct_and_step(front, kwargs)
 
 
 @settings(**{**FUZZ_SETTINGS, "max_examples": 40})
@@ -541,24 +466,6 @@ def test_fuzz_ngplus_model_kwarg(model: Any) -> None:
     with opt:
         layer(torch.randn(5, 4)).square().sum().backward()
         opt.step()
-
-
-# Values the fuzz above found slipping through validation, pinned so they are checked on
-# every run (hypothesis may not draw them again on a fresh machine).
-FOUND_BY_FUZZ = [
-    ("shampoo", {"lr": torch.tensor(1 + 1j)}),  # RuntimeError from float() in the validation
-    ("ngplus", {"lr": torch.tensor(1 + 1j)}),
-    ("shampoo", {"lr": torch.tensor([0.1])}),  # accepted; the 0-d parameter's step fails
-    ("ngplus", {"lr": torch.tensor([0.1])}),
-    ("shampoo", {"lr": 1e300}),  # accepted; alpha=-lr overflows float32 in the step
-    ("ngplus", {"lr": 3.5e38}),
-    ("shampoo", {"weight_decay": 1e300, "decoupled_weight_decay": False}),
-]
-
-
-@pytest.mark.parametrize(("front", "kwargs"), FOUND_BY_FUZZ, ids=lambda v: repr(v)[:40])
-def test_hostile_kwargs_found_by_the_fuzz(front: str, kwargs: dict[str, Any]) -> None:
-    _construct_and_step(front, kwargs)
 
 
 BAD_SETTINGS = {

@@ -64,7 +64,8 @@ class Shampoo(PreconditionerEngine):
         epsilon: ε added to every factor before its root.
         weight_decay: weight decay coefficient.
         decoupled_weight_decay: add wd·W to the step (AdamW-style) instead of to the gradient.
-        momentum: heavy-ball momentum μ on the final step; ``nesterov`` selects Nesterov's form.
+        momentum: heavy-ball momentum μ on the final step.
+        nesterov: Nesterov's form of that momentum (needs momentum > 0).
         block_size: largest side of a block; larger dims are cut into blocks.
         max_factor_dim: dims larger than this are not cut and get no factor (one-sided Shampoo;
             the exponent counts only the factored dims, so a matrix with one huge side gets

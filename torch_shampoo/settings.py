@@ -260,9 +260,12 @@ HINTS: Mapping[str, Mapping[str, str]] = {
 # ------------------------------------------------------------------------------- derived
 
 
+_ROWS = {front: tuple(s for s in SPEC if front in s.defaults) for front in FRONTS}
+
+
 def rows(front: str) -> list[Setting]:
     """The settings ``front`` takes, in table order."""
-    return [s for s in SPEC if front in s.defaults]
+    return list(_ROWS[front])
 
 
 def kwargs(front: str) -> list[str]:
@@ -288,7 +291,7 @@ def group_defaults(front: str, arguments: Mapping[str, Any]) -> dict[str, Any]:
 def validate(front: str, group: Mapping[str, Any], per_group: bool = True) -> None:
     """Check ``group`` (``per_group``: its settings; else: the constructor flags), then the
     rules: ValueError/TypeError naming the first bad setting and its value."""
-    for s in rows(front):
+    for s in _ROWS[front]:
         if s.per_group == per_group:
             s.check(s.name, group[s.name])
     if not per_group:
@@ -301,7 +304,7 @@ def validate(front: str, group: Mapping[str, Any], per_group: bool = True) -> No
 def engine_fields(front: str, group: Mapping[str, Any]) -> dict[str, Any]:
     """The EngineConfig fields of ``group``: those its settings feed, and ``front``'s fixed."""
     fields = dict(FIXED[front])
-    for s in rows(front):
+    for s in _ROWS[front]:
         if isinstance(s.feeds, str):
             fields[s.feeds] = group[s.name]
         elif s.feeds is not None:

@@ -54,6 +54,7 @@ class SOAP(PreconditionerEngine):
         params: parameters or parameter groups; every hyperparameter below except
             ``async_roots`` and ``root_workers`` may differ per group.
         lr, betas, eps, weight_decay: Adam's (``decoupled_weight_decay=True``: AdamW's).
+        decoupled_weight_decay: add wd·W to the step (AdamW) instead of to the gradient.
         shampoo_beta: β of the factors' moving average (``None``: β₂).
         precondition_frequency: steps between basis updates (root steps).
         eigh_every: root steps per exact eigendecomposition (the pool's float64 ``eigh``);
