@@ -1,304 +1,180 @@
-"""Convergence benchmark: tasks x optimizers x a small learning-rate grid.
+"""Convergence on the three demos (digits CNN, character LM, teacher regression): steps and wall
+time to Adam's loss over a learning-rate grid, and NG+'s damping x lr grid and ablations.
 
-For every task (digits CNN, character LM, teacher regression; built by the example scripts) and
-optimizer, each lr in the grid (the example's default lr times --lr-scales) trains from the same
-initialization on the same batches. The targets are Adam's and SGD-momentum's best final
-(EMA-smoothed) training losses; for every optimizer's best lr the benchmark reports the final
-losses, the steps (and their ratio to SGD-momentum's own) and training wall time it took to reach
-them, and which lrs of the grid diverged. Results go to convergence.json and convergence.png in
---out-dir.
+Every run trains the example's model from the same initialization on the same batches with the
+example's warm-up and cosine schedule (examples/_common.py's ``train``). Sections:
 
-    python benchmarks/convergence.py            # full run (~11 minutes on a 2-core CPU)
-    python benchmarks/convergence.py --quick    # smoke run (seconds)
+  grid    per task, every method at the example's default lr x --lr-scales: final EMA-smoothed
+          training losses; per method's best lr the steps and wall time to reach Adam's best
+          final loss (the target), the steps to SGD-momentum's best loss and their ratio to
+          SGD's own, the lrs that diverged, the median and mean step; curves in a PNG beside the
+          JSON (README's docs/images/convergence.png).
+  ngplus  NG+: damping x lr (3 x 3), then one change at a time from the defaults, each run's
+          final loss and steps to SGD-momentum's best loss.
+
+    python -m benchmarks.convergence --quick
+    python -m benchmarks.convergence --sections ngplus --tasks digits
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-sys.path.insert(0, str(EXAMPLES))
+from . import harness as h
 
-import _common  # noqa: E402
-import train_charlm  # noqa: E402
-import train_digits  # noqa: E402
-import train_regression  # noqa: E402
-from _common import RunResult, Task  # noqa: E402
-
-METHODS = (
-    "sgd",
-    "adam",
-    "shampoo-async",
-    "soap",
-    "soap-sync",
-    "soap-stale",
-    "soap-ref",
-    "ngplus",
-    "ngplus-ps",
-)
+METHODS = ("sgd", "adam", "shampoo-async", "soap", "soap-sync", "soap-stale", "soap-ref",
+           "ngplus", "ngplus-ps")  # fmt: skip
+TASKS = ("digits", "charlm", "regression")
+ABLATIONS: list[tuple[str, str, dict[str, Any]]] = [
+    ("defaults", "ngplus", {}), ("nesterov=False", "ngplus", {"nesterov": False}),
+    ("inverse_frequency=50", "ngplus", {"inverse_frequency": 50}),
+    ("grafting='sgd'", "ngplus", {"grafting": "sgd"}),
+    ("damping=1000 (~identity)", "ngplus", {"damping": 1000.0}),
+    ("statistics='per_sample'", "ngplus-ps", {}),
+]  # fmt: skip
 
 
-@dataclass(frozen=True)
-class TaskSpec:
-    """How to build one benchmark task, its base lrs and its default step count."""
-
-    build: Callable[[bool], Task]
-    lrs: dict[str, float]
-    ngplus_damping: float | None
-    steps: int
-    quick_steps: int
-
-
-TASKS = {
-    "digits": TaskSpec(
-        lambda quick: train_digits.build_task(batch=32 if quick else 64),
-        train_digits.DEFAULT_LRS,
-        train_digits.NGPLUS_DAMPING,
-        steps=train_digits.DEFAULT_STEPS,
-        quick_steps=40,
-    ),
-    "charlm": TaskSpec(
-        lambda quick: (
-            train_charlm.build_task(d_model=32, layers=1, seq_len=32, batch=8, val_batches=2)
-            if quick
-            else train_charlm.build_task()
-        ),
-        train_charlm.DEFAULT_LRS,
-        train_charlm.NGPLUS_DAMPING,
-        steps=train_charlm.DEFAULT_STEPS,
-        quick_steps=20,
-    ),
-    "regression": TaskSpec(
-        lambda quick: train_regression.build_task(train_size=512 if quick else 4096),
-        train_regression.DEFAULT_LRS,
-        train_regression.NGPLUS_DAMPING,
-        steps=train_regression.DEFAULT_STEPS,
-        quick_steps=30,
-    ),
-}
+def build(name: str, quick: bool) -> tuple[Any, Any, int]:
+    module = h.example(f"train_{name}")
+    small = {"digits": {"batch": 32}, "regression": {"train_size": 512},
+             "charlm": {"d_model": 32, "layers": 1, "seq_len": 32, "batch": 8,
+                        "val_batches": 2}}  # fmt: skip
+    task = module.build_task(**small[name]) if quick else module.build_task()
+    return task, module, {"digits": 40, "charlm": 20, "regression": 30}[name] if quick else (
+        module.DEFAULT_STEPS)  # fmt: skip
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
-    parser.add_argument(
-        "--lr-scales",
-        default=None,
-        help="lr grid as multiples of the default lr (default 0.3,1,3; --quick: 1)",
-    )
-    parser.add_argument("--steps", type=int, default=None, help="override every task's steps")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="tiny models and step counts")
-    parser.add_argument("--out-dir", type=Path, default=Path("outputs"))
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
-    if args.lr_scales is None:
-        args.lr_scales = "1" if args.quick else "0.3,1,3"
-    return args
+def train(task: Any, method: Any, steps: int) -> Any:
+    return h.example("_common").train(task, method, steps, 0, max(steps // 10, 1),
+                                      max(steps // 20, 1), False)  # fmt: skip
 
 
-SGD = "SGD-momentum"
+def num(x: float | None, fmt: str = ".4f") -> str:
+    return "-" if x is None or not math.isfinite(x) else format(x, fmt)
 
 
-def summarize(runs: Sequence[RunResult]) -> tuple[float, dict[str, RunResult]]:
-    """Adam's best final train loss (the target) and each method's best-lr run."""
-    best: dict[str, RunResult] = {}
-    for run in runs:
-        if run.method not in best or run.final_train < best[run.method].final_train:
-            best[run.method] = run
+def grid(report: h.Report, name: str, args: Any, curves: dict[str, Any]) -> None:
+    common = h.example("_common")
+    task, module, steps = build(name, args.quick)
+    scales = [float(s) for s in (args.lr_scales or ("1" if args.quick else "0.3,1,3")).split(",")]
+    keys = common.parse_keys(args.methods, common.METHOD_KEYS)
+    methods = common.available([
+        common.make_method(k, {g: lr * s for g, lr in module.DEFAULT_LRS.items()},
+                           ngplus_damping=module.NGPLUS_DAMPING)
+        for k in keys for s in scales])  # fmt: skip
+    common.warm_up(task)
+    runs = []
+    for method in methods:
+        h.log(f"{name}: {method.label} lr {method.lr:g}")
+        runs.append(train(task, method, steps))
+    best: dict[str, Any] = {}
+    for r in runs:
+        if r.method not in best or r.final_train < best[r.method].final_train:
+            best[r.method] = r
     target = best["Adam"].final_train if "Adam" in best else math.inf
-    return target, best
-
-
-def sgd_target(best: dict[str, RunResult]) -> tuple[float, int | None]:
-    """SGD-momentum's best final train loss and the steps its best run took to reach it."""
-    if SGD not in best or best[SGD].diverged:
-        return math.inf, None
-    run = best[SGD]
-    return run.final_train, run.steps_to(run.final_train)
-
-
-def run_record(run: RunResult, target: float, sgd_loss: float = math.inf) -> dict[str, Any]:
-    """JSON-serializable summary and curves of one run (non-finite numbers become null)."""
-
-    def num(x: float | None) -> float | None:
-        return x if x is not None and math.isfinite(x) else None
-
-    return {
-        "method": run.method,
-        "lr": run.lr,
-        "diverged": run.diverged,
-        "final_train_loss": num(run.final_train),
-        "final_eval_loss": num(run.final_eval),
-        "final_eval_acc": run.eval_accs[-1] if run.eval_accs and not run.diverged else None,
-        "steps_to_target": run.steps_to(target),
-        "steps_to_sgd_best": run.steps_to(sgd_loss) if math.isfinite(sgd_loss) else None,
-        "wall_to_target": run.wall_to(target),
-        "wall": run.wall,
-        "ms_per_step": run.ms_per_step,
-        "mean_ms_per_step": run.mean_ms_per_step,
-        "root_stats": run.root_stats,
-        "train_losses": run.train_losses,
-        "step_times": run.step_times,
-        "eval_steps": run.eval_steps,
-        "eval_losses": run.eval_losses,
-    }
-
-
-def grid_table(runs: Sequence[RunResult]) -> str:
-    """Final smoothed train loss for every (method, lr) in the grid."""
-    rows = [
-        [r.method, f"{r.lr:g}", "diverged" if r.diverged else f"{r.final_train:.4f}"] for r in runs
-    ]
-    return _common.format_table(["method", "lr", "final train loss"], rows)
-
-
-def summary_table(best: dict[str, RunResult], target: float, runs: Sequence[RunResult]) -> str:
-    """Best-lr results with steps and wall time to the target loss, steps to SGD-momentum's
-    best loss (and their ratio to SGD-momentum's own), and the diverged lrs of the grid."""
-    sgd_loss, sgd_steps = sgd_target(best)
-    rows = []
+    sgd = best.get("SGD-momentum")
+    sgd_loss = sgd.final_train if sgd and not sgd.diverged else math.inf
+    sgd_steps = sgd.steps_to(sgd_loss) if math.isfinite(sgd_loss) else None
+    rows, records = [], []
     for r in best.values():
-        wall = r.wall_to(target)
-        steps = r.steps_to(target)
         to_sgd = r.steps_to(sgd_loss) if math.isfinite(sgd_loss) else None
-        ratio = "-" if to_sgd is None or not sgd_steps else f"{to_sgd / sgd_steps:.2f}"
-        diverged = [f"{x.lr:g}" for x in runs if x.method == r.method and x.diverged]
-        rows.append(
-            [
-                r.method,
-                f"{r.lr:g}",
-                "diverged" if r.diverged else f"{r.final_train:.4f}",
-                f"{r.final_eval:.4f}" if math.isfinite(r.final_eval) else "-",
-                "-" if steps is None else str(steps),
-                "-" if wall is None else f"{wall:.1f}",
-                "-" if to_sgd is None else str(to_sgd),
-                ratio,
-                ",".join(diverged) or "none",
-                f"{r.ms_per_step:.1f}",
-                f"{r.mean_ms_per_step:.1f}",
-            ]
-        )
-    headers = [
-        "method",
-        "best lr",
-        "train loss",
-        "eval loss",
-        "steps to target",
-        "wall to target (s)",
-        "steps to SGD's",
-        "/ SGD's",
-        "diverged lrs",
-    ]
-    table = _common.format_table([*headers, "ms/step", "mean ms/step"], rows)
-    return table + (
-        "\nms/step: median training step (forward, backward, step); mean ms/step: training "
-        "wall time / steps (root steps and waits for roots included)"
-    )
+        rows.append([
+            r.method, f"{r.lr:g}", "diverged" if r.diverged else num(r.final_train),
+            num(r.final_eval), r.steps_to(target) or "-", num(r.wall_to(target), ".1f"),
+            to_sgd or "-", f"{to_sgd / sgd_steps:.2f}" if to_sgd and sgd_steps else "-",
+            ",".join(f"{x.lr:g}" for x in runs if x.method == r.method and x.diverged) or "none",
+            f"{r.ms_per_step:.1f}", f"{r.mean_ms_per_step:.1f}",
+        ])  # fmt: skip
+    for r in runs:
+        records.append({"method": r.method, "lr": r.lr, "diverged": r.diverged,
+                        "final_train": num(r.final_train), "train_losses": r.train_losses,
+                        "step_times": r.step_times, "root_stats": r.root_stats})  # fmt: skip
+    curves[name] = (target, best)
+    report.section(
+        f"grid {name}: {steps} steps, lr scales {scales}; target = Adam's best {num(target)}",
+        ["method", "best lr", "train loss", "eval loss", "steps to target", "wall to target s",
+         "steps to SGD's", "/ SGD's", "diverged lrs", "ms/step", "mean ms/step"], rows,
+        f"SGD-momentum's best final loss {num(sgd_loss)}; ms/step: median training step; mean: "
+        "wall / steps (root steps and waits included)", {"target": target, "runs": records},
+    )  # fmt: skip
 
 
-def plot(summaries: dict[str, tuple[float, dict[str, RunResult]]], path: Path) -> None:
+def ngplus(report: h.Report, name: str, args: Any) -> None:
+    common = h.example("_common")
+    task, module, steps = build(name, args.quick)
+    common.warm_up(task)
+    scales = (1.0,) if args.quick else (0.3, 1.0, 3.0)
+    sgd = [train(task, common.Method("sgd", module.DEFAULT_LRS["sgd"] * s), steps) for s in scales]
+    best = min(sgd, key=lambda r: r.final_train if not r.diverged else math.inf)
+    target, sgd_steps = best.final_train, best.steps_to(best.final_train)
+    base = module.DEFAULT_LRS["ngplus"]
+    configs = [(f"damping {d:g}", "ngplus", {"damping": d}, base * s)
+               for d in ((3.0,) if args.quick else (0.3, 1.0, 3.0)) for s in scales]  # fmt: skip
+    configs += [(label, key, kw, best.lr if kw.get("grafting") == "sgd" else base)
+                for label, key, kw in (ABLATIONS[:2] if args.quick else ABLATIONS)]  # fmt: skip
+    rows = []
+    for label, key, kwargs, lr in configs:
+        h.log(f"ngplus {name}: {label} lr {lr:g}")
+        r = train(task, common.Method(key, lr, kwargs), steps)
+        reached = None if r.diverged else r.steps_to(target)
+        rows.append([label, f"{lr:.2g}", "diverged" if r.diverged else num(r.final_train),
+                     reached or "-",
+                     f"{reached / sgd_steps:.2f}" if reached and sgd_steps else "-"])  # fmt: skip
+    report.section(
+        f"ngplus {name}: {steps} steps; SGD-momentum's best (lr {best.lr:g}) {num(target)} at "
+        f"step {sgd_steps}", ["config", "lr", "train loss", "steps to SGD's", "/ SGD's"], rows,
+    )  # fmt: skip
+
+
+def plot(curves: dict[str, Any], path: Any) -> None:
     """Best-lr smoothed training curves per task, against steps (top) and wall time (bottom)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(
-        2, len(summaries), figsize=(6 * len(summaries), 8), squeeze=False, constrained_layout=True
-    )
-    for col, (task, (target, best)) in enumerate(summaries.items()):
+    fig, axes = plt.subplots(2, len(curves), figsize=(6 * len(curves), 8), squeeze=False,
+                             constrained_layout=True)  # fmt: skip
+    for col, (task, (target, best)) in enumerate(curves.items()):
         for r in best.values():
             label = f"{r.method} (lr {r.lr:g})"
             axes[0, col].plot(range(1, len(r.train_losses) + 1), r.smoothed, label=label)
             axes[1, col].plot(r.cumulative_wall, r.smoothed, label=label)
         for row, xlabel in enumerate(["step", "training wall time (s)"]):
-            ax = axes[row, col]
             if math.isfinite(target):
-                ax.axhline(target, color="gray", linestyle="--", linewidth=1)
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel("train loss (EMA)")
-            _common.style_loss_axis(ax)
+                axes[row, col].axhline(target, color="gray", linestyle="--", linewidth=1)
+            axes[row, col].set_xlabel(xlabel)
+            axes[row, col].set_ylabel("train loss (EMA)")
+            h.example("_common").style_loss_axis(axes[row, col])
         axes[0, col].set_title(f"{task} (dashed: Adam's best final loss)")
         axes[0, col].legend(fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the benchmark; returns the JSON report that is also written to --out-dir."""
-    args = parse_args(argv)
-    scales = [float(s) for s in args.lr_scales.split(",")]
-    tasks = _common.parse_keys(args.tasks, tuple(TASKS))
-    keys = _common.parse_keys(args.methods, _common.METHOD_KEYS)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(_common.environment_header(), flush=True)
-    progress = not args.quiet and sys.stderr.isatty()
-    report: dict[str, Any] = {
-        "environment": _common.environment(),
-        "config": {**vars(args), "out_dir": str(args.out_dir)},
-        "tasks": {},
-    }
-    summaries = {}
-    for name in tasks:
-        spec = TASKS[name]
-        task = spec.build(args.quick)
-        steps = args.steps or (spec.quick_steps if args.quick else spec.steps)
-        eval_every = max(steps // 10, 1)
-        warmup = max(steps // 20, 1)
-        methods = _common.available(
-            [
-                _common.make_method(
-                    k, {g: lr * s for g, lr in spec.lrs.items()}, ngplus_damping=spec.ngplus_damping
-                )
-                for k in keys
-                for s in scales
-            ]
-        )
-        print(f"\n== {name}: {steps} steps, lr scales {scales} ==", flush=True)
-        _common.warm_up(task)
-        runs = []
-        for method in methods:
-            run = _common.train(task, method, steps, args.seed, eval_every, warmup, progress)
-            status = "diverged" if run.diverged else f"{run.final_train:.4f}"
-            print(f"{run.method:>14} lr {run.lr:<8g} final train loss {status}", flush=True)
-            runs.append(run)
-        target, best = summarize(runs)
-        summaries[name] = (target, best)
-        print(f"\n{name}: final train loss over the lr grid\n{grid_table(runs)}")
-        print(f"\n{name}: best lr per method; target = Adam's best final train loss {target:.4f}")
-        sgd_loss = sgd_target(best)[0]
-        print(f"(SGD-momentum's best final train loss {sgd_loss:.4f})")
-        print(summary_table(best, target, runs))
-        report["tasks"][name] = {
-            "steps": steps,
-            "target": target if math.isfinite(target) else None,
-            "best_lr": {m: r.lr for m, r in best.items()},
-            "sgd_best": sgd_loss if math.isfinite(sgd_loss) else None,
-            "runs": [run_record(r, target, sgd_loss) for r in runs],
-        }
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = args.out_dir / "convergence.json"
-    json_path.write_text(json.dumps(report, indent=1))
-    plot(summaries, args.out_dir / "convergence.png")
-    print(f"\nwrote {json_path} and {args.out_dir / 'convergence.png'}")
-    return report
+def main(argv: list[str] | None = None) -> None:
+    p = h.parser(__doc__, compare=False)
+    p.add_argument("--sections", default="grid,ngplus", help="subset of grid,ngplus")
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--lr-scales", default=None, help="multiples of the default lr (0.3,1,3)")
+    args = p.parse_args(argv)
+    if args.quick and not args.threads:
+        args.threads = 1
+    report = h.start("convergence", args)
+    curves: dict[str, Any] = {}
+    for name in args.tasks.split(","):
+        if "grid" in args.sections:
+            grid(report, name, args, curves)
+        if "ngplus" in args.sections and (not args.quick or name == "digits"):
+            ngplus(report, name, args)
+    out = report.finish()
+    if curves:
+        plot(curves, out.with_suffix(".png"))
+        print(f"wrote {out.with_suffix('.png')} (threads {torch.get_num_threads()})")
 
 
 if __name__ == "__main__":
