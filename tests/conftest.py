@@ -7,13 +7,29 @@ import pytest
 import torch
 from hypothesis import settings
 
+# torch's intra-op thread count for this process before the suite changed it.
+_PROCESS_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(scope="session")
+def default_thread_count() -> int:
+    """torch's intra-op thread count before the suite set it to one (for a test that needs
+    the threads a user would have, e.g. MKL's multithreaded eigh on a larger matrix)."""
+    return _PROCESS_THREADS
+
 
 @pytest.fixture(autouse=True, scope="session")
-def _one_intra_op_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _restore_thread_count() -> Iterator[None]:
     yield
-    torch.set_num_threads(threads)
+    torch.set_num_threads(_PROCESS_THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread(_restore_thread_count: None) -> None:
+    """Every test starts on one intra-op thread, whatever the one before it left: tiny
+    tensors gain nothing from a second thread, and on a loaded 2-core machine OpenMP's
+    spin-waits multiply the run time."""
+    torch.set_num_threads(1)
 
 
 # The same examples on every run, and no per-example time limit: CI must depend neither on which

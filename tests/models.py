@@ -1,5 +1,5 @@
-"""Shared test helpers: a model with mixed parameter shapes, a deterministic training loop, and a
-compiled run that fails on a recompile after its warm-up."""
+"""Shared test helpers: a model with mixed parameter shapes, a deterministic training loop, a
+compiled run that fails on a recompile after its warm-up, and the one bitwise comparison."""
 
 from __future__ import annotations
 
@@ -162,3 +162,16 @@ def without_recompiles(run: Callable[[Callable[[int], None]], T]) -> T:
     finally:
         torch._dynamo.config.error_on_recompile = False
         torch._dynamo.reset()
+
+
+def assert_bitwise_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    """The same number of tensors, pairwise of the same dtype, device and shape and bitwise
+    equal (``torch.equal``: a NaN equals nothing); a failure names the pair and, for values,
+    the largest difference."""
+    assert len(a) == len(b), f"{len(a)} tensors against {len(b)}"
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert (x.dtype, x.device, x.shape) == (y.dtype, y.device, y.shape), (
+            f"tensor {i}: {x.dtype}, {x.device}, {tuple(x.shape)} against "
+            f"{y.dtype}, {y.device}, {tuple(y.shape)}"
+        )
+        assert torch.equal(x, y), f"tensor {i} differs by {(x.double() - y.double()).abs().max()}"

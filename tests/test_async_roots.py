@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 from models import (
+    assert_bitwise_equal,
     make_batches,
     mixed_model,
     per_matrix,
@@ -38,12 +39,6 @@ def run(steps: int, seed: int = 0, **kwargs: Any) -> list[torch.Tensor]:
     with Shampoo(model.parameters(), **{**BASE, **kwargs}) as opt:
         train(model, opt, make_batches(steps))
     return [p.detach().clone() for p in model.parameters()]
-
-
-def assert_bitwise_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert torch.equal(x, y), (x - y).abs().max()
 
 
 @pytest.mark.parametrize("frequency", [1, 5])

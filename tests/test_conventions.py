@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from models import make_batches, mixed_model, train
+from models import assert_bitwise_equal, make_batches, mixed_model, train
 from torch import nn
 
 from torch_shampoo import SOAP, NGPlus, Shampoo
@@ -25,15 +25,6 @@ FAST: dict[str, Any] = dict(block_size=16, precondition_frequency=2, root_worker
 MODES = pytest.mark.parametrize("async_roots", [False, True], ids=["sync", "async"])
 NAN = float("nan")
 INF = float("inf")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread() -> Iterator[None]:
-    """The tensors here are tiny: intra-op threads only contend with the root workers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -87,13 +78,6 @@ def roundtrip(obj: Any) -> Any:
 
 def snapshot(params: Iterator[torch.Tensor] | list[torch.Tensor]) -> list[torch.Tensor]:
     return [p.detach().clone() for p in params]
-
-
-def assert_bitwise_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
-    assert len(a) == len(b)
-    for i, (x, y) in enumerate(zip(a, b)):
-        assert x.dtype == y.dtype and x.shape == y.shape, i
-        assert torch.equal(x, y), f"tensor {i} differs by {(x - y).abs().max()}"
 
 
 def assert_same_structure(a: Any, b: Any, where: str = "") -> None:

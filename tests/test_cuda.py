@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import torch
-from models import Batch, make_batches, mixed_model
+from models import Batch, assert_bitwise_equal, make_batches, mixed_model
 
 from torch_shampoo import SOAP, Shampoo
 
@@ -124,13 +124,6 @@ def train_fresh(
     if device.type == "cuda":
         torch.cuda.synchronize()
     return Run(model, opt, params, torch.stack(losses).float().tolist(), opt.root_stats())
-
-
-def assert_bitwise_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.dtype == y.dtype and x.device == y.device
-        assert torch.equal(x, y), (x.float() - y.float()).abs().max()
 
 
 def _forbidden(*args: object, **kwargs: object) -> None:

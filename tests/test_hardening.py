@@ -23,6 +23,7 @@ import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from models import (
+    assert_bitwise_equal,
     make_batches,
     mixed_model,
     settled,
@@ -39,15 +40,6 @@ NAN = float("nan")
 INF = float("inf")
 MODES = pytest.mark.parametrize("async_roots", [False, True], ids=["sync", "async"])
 FRONTS = pytest.mark.parametrize("front", ["shampoo", "ngplus"])
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread() -> Iterator[None]:
-    """The tensors here are tiny: intra-op threads only contend with the root workers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -84,13 +76,6 @@ def assert_same_state(a: dict[str, Any], b: dict[str, Any]) -> None:
         for x, y in zip(xs, ys):
             assert x.dtype == y.dtype and x.shape == y.shape, key
             assert torch.equal(x, y), key
-
-
-def assert_bitwise_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
-    assert len(a) == len(b)
-    for i, (x, y) in enumerate(zip(a, b)):
-        assert x.dtype == y.dtype and x.shape == y.shape, i
-        assert torch.equal(x, y), f"tensor {i} differs by {(x.double() - y.double()).abs().max()}"
 
 
 def roundtrip(obj: Any) -> Any:

@@ -10,7 +10,6 @@ u·(1 + p·κ(X)); the tolerances below are that bound times a small size-depend
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -24,19 +23,6 @@ from torch_shampoo.matrix_roots import ROOT_METHODS, RootResult, finite_rows, in
 UNIT_ROUNDOFF = 2.0**-53
 EXPONENTS = (1, 2, 4, 6, 8)
 SPECTRUM_KINDS = ("geometric", "random", "duplicated", "rank_deficient")
-
-
-@pytest.fixture(autouse=True)
-def default_thread_count() -> Iterator[int]:
-    """Run on one intra-op thread, yielding the previous count (restored afterwards).
-
-    Most matrices here are small (n <= 64) and gain nothing from intra-op threads, while on a
-    busy 2-core machine OpenMP spin-waits can multiply the run time.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield previous
-    torch.set_num_threads(previous)
 
 
 @dataclass(frozen=True)

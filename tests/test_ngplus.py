@@ -20,7 +20,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from models import make_batches, mixed_model, train
+from models import assert_bitwise_equal, make_batches, mixed_model, train
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
@@ -29,15 +29,6 @@ from torch_shampoo.ngplus import EARLIER_RULE
 
 F64 = torch.float64
 SYNC: dict[str, Any] = dict(async_roots=False, root_staleness=0)
-
-
-@pytest.fixture(autouse=True)
-def few_threads() -> Iterator[None]:
-    """Tiny float64 problems run fastest on one intra-op thread (the machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------------- references
@@ -211,12 +202,6 @@ def step_with(opt: torch.optim.Optimizer, params: list[Tensor], grads: list[Tens
 
 def assert_close(actual: Tensor, expected: Tensor, tol: float = 1e-10) -> None:
     torch.testing.assert_close(actual.to(F64), expected.to(F64), rtol=tol, atol=tol)
-
-
-def assert_bitwise_equal(a: list[Tensor], b: list[Tensor]) -> None:
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert torch.equal(x, y), (x - y).abs().max()
 
 
 def snapshot(params: Iterator[Tensor] | list[Tensor]) -> list[Tensor]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -14,15 +14,6 @@ from torch.func import functional_call, grad, vmap
 from torch_shampoo.per_sample import PerSampleFisher
 
 SETTINGS = settings(max_examples=12, deadline=None)
-
-
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    """Tiny float64 convs are far faster on one intra-op thread; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def assert_fisher(actual: Tensor | None, expected: Tensor) -> None:

@@ -20,7 +20,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from models import make_batches, mixed_model, per_matrix, saved_and_loaded, train
+from models import (
+    assert_bitwise_equal,
+    make_batches,
+    mixed_model,
+    per_matrix,
+    saved_and_loaded,
+    train,
+)
 
 import torch_shampoo.root_pool as root_pool
 import torch_shampoo.scheduler as scheduler
@@ -34,12 +41,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def params_after(model: torch.nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
-
-
-def assert_bitwise_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert torch.equal(x, y), (x - y).abs().max()
 
 
 def _never(matrix: torch.Tensor, *args: Any, **kwargs: Any) -> RootResult:
