@@ -35,15 +35,6 @@ def load(relpath: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     return module
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: far faster than two when other processes load the 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def example_deps() -> None:
     for name in ("tqdm", "matplotlib", "sklearn"):
@@ -51,9 +42,14 @@ def example_deps() -> None:
 
 
 def test_quickstart(monkeypatch: pytest.MonkeyPatch) -> None:
-    losses = load("examples/quickstart.py", monkeypatch).main(["--steps", "40"])
-    assert len(losses) == 40
-    assert losses[-1] < 0.8 * losses[0]  # rounding-chaotic: 0.74-0.77 seen
+    losses = load("examples/quickstart.py", monkeypatch).main(["--steps", "60"])
+    assert len(losses) == 60
+    # It trains: the last loss over the first was 0.43 (avx512 kernels) and 0.50 (torch's
+    # default ones) at 60 steps, measured, where a step 3× too small (lr 3e-3) gives 0.85-0.87
+    # and no step 1. The bound sits between: 0.2 and 0.15 from them, 2-3× the kernels' spread.
+    # At 40 steps, still before the loss falls fast, the same runs gave 0.68-0.77 against
+    # 0.89 with lr 3e-3: no bound there keeps a margin on both sides.
+    assert losses[-1] < 0.7 * losses[0]
 
 
 def check_comparison(results: list, plot: Path) -> None:
