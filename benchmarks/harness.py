@@ -417,6 +417,7 @@ class Contender:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - began
         if timed:
+            inner = inner if isinstance(inner, float) else None  # (a step's own return value)
             self.records.append((round_index, self.t, seconds, inner))
 
     def summary(self) -> dict[str, Any]:

@@ -1,186 +1,162 @@
-"""Benchmark inverse roots X = (A + εI)^(-1/p): eigh vs newton (vs cholesky for p = 1).
+"""Inverse roots: the solve per method, size, conditioning and thread count; async roots' staleness.
 
-Each method is timed (median of a few interleaved repeats) next to a raw float64
-`torch.linalg.eigh` of the same matrix, the yardstick for the eigh method (target: our eigh
-time <= 1.2 x raw eigh). Accuracy is the relative backward error ‖X^(-p) - B‖_F / ‖B‖_F with
-B = A + εI and X^(-p) evaluated from the eigendecomposition of X; "floor" is u·(1 + p·κ^(1/p)),
-the best any float64 root can reach.
+Sections:
 
-    python benchmarks/roots.py [--quick] [--threads N] [--json PATH]
+  solve      X = (A + εI)^(-1/p) by ``torch_shampoo.matrix_roots.inverse_root`` (eigh, newton;
+             cholesky for p = 1) against a raw float64 ``torch.linalg.eigh`` of the same matrix
+             (interleaved medians), at each thread count of --thread-counts (1 and all; quick: 1). Accuracy: the
+             relative backward error ‖X^(-p) - B‖_F / ‖B‖_F (B = A + εI); "floor" u(1 + p κ^(1/p))
+             is the best any float64 root can reach.
+  staleness  async Shampoo with a fixed "model compute" (time.sleep S before every step, standing
+             for a forward/backward on an accelerator while the CPU is free) against sync Shampoo
+             whose only roots are at step 1, same sleep; S = --coverage x the root work per
+             cycle (a sync root step's median minus a non-root one's) / frequency. Per block
+             size: step medians/means/max, stalls, the staleness "auto" fitted, the root window.
+
+    python -m benchmarks.roots --quick
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import math
-import os
-import platform
-import statistics
-import sys
 import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from torch_shampoo.matrix_roots import inverse_root
 
-SIZES = (64, 128, 256, 512, 1024, 2048)
-QUICK_MAX_SIZE = 512
-CONDITIONS = (1e2, 1e6, 1e10)
+from . import harness as h
+
 EPSILON = 1e-12
-UNIT_ROUNDOFF = 2.0**-53
+FREQUENCY = 10
 
 
 def test_matrix(n: int, condition: float, seed: int) -> torch.Tensor:
     """A = Q diag(d) Qᵀ, Q Haar-orthogonal, d geometric from 1 down to 1/condition."""
-    generator = torch.Generator().manual_seed(seed)
-    q, r = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=generator))
+    gen = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=gen))
     q = q * torch.sign(torch.diagonal(r))
-    d = torch.logspace(0.0, -math.log10(condition), n, dtype=torch.float64)
-    a = (q * d) @ q.mT
-    return 0.5 * a + 0.5 * a.mT
+    a = (q * torch.logspace(0.0, -math.log10(condition), n, dtype=torch.float64)) @ q.mT
+    return 0.5 * (a + a.mT)
 
 
-def backward_error(root: torch.Tensor, regularized: torch.Tensor, p: int) -> float:
-    """‖X^(-p) - B‖_F / ‖B‖_F via X = V diag(μ) Vᵀ (inf if X is not positive definite)."""
+def backward_error(root: torch.Tensor, b: torch.Tensor, p: int) -> float:
     if not bool(torch.isfinite(root).all()):
         return math.inf
     mu, v = torch.linalg.eigh(root)
     if not mu[0] > 0:
         return math.inf
     power = (v * mu.pow(-float(p))) @ v.mT
-    return float(
-        torch.linalg.matrix_norm(power - regularized) / torch.linalg.matrix_norm(regularized)
-    )
+    return float(torch.linalg.matrix_norm(power - b) / torch.linalg.matrix_norm(b))
 
 
-def timings(tasks: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Wall times in seconds of each task, run interleaved after one warm-up round."""
-    for task in tasks.values():
-        task()
-    samples: dict[str, list[float]] = {name: [] for name in tasks}
-    for _ in range(repeats):
-        for name, task in tasks.items():
-            start = time.perf_counter()
-            task()
-            samples[name].append(time.perf_counter() - start)
-    return samples
+def solve(report: h.Report, args: Any) -> None:
+    sizes = (64, 128, 256) if args.quick else (64, 128, 256, 512, 1024, 2048)
+    conditions = (1e2, 1e10) if args.quick else (1e2, 1e6, 1e10)
+    for threads in [int(t) for t in args.thread_counts.split(",")]:
+        torch.set_num_threads(threads)
+        rows, data = [], []
+        for n in sizes:
+            for cond in conditions:
+                for p in (1, 4):
+                    a = test_matrix(n, cond, seed=n)
+                    b = a.clone()
+                    b.diagonal().add_(EPSILON)
+                    methods = ["eigh", "newton"] + (["cholesky"] if p == 1 else [])
+                    cs = [h.Contender("raw eigh", functools.partial(torch.linalg.eigh, a))]
+                    cs += [h.Contender(m, functools.partial(inverse_root, a, p, EPSILON, m))
+                           for m in methods]  # fmt: skip
+                    repeats = 3 if args.quick or n >= 512 else 5
+                    h.interleave(cs, repeats, 1, 1, f"solve {threads} threads n={n}")
+                    med = {c.name: c.summary()["median"] for c in cs}
+                    row = [n, f"{cond:.0e}", p, f"{2.0**-53 * (1 + p * cond ** (1 / p)):.1e}",
+                           h.ms(med["raw eigh"])]  # fmt: skip
+                    for m in ("eigh", "newton", "cholesky"):
+                        if m not in med:
+                            row += ["-", "-", "-"]
+                            continue
+                        result = inverse_root(a, p, EPSILON, m)
+                        err = backward_error(result.root, b, p)
+                        row += [h.ms(med[m]), h.ratio(med[m], med["raw eigh"]),
+                                f"{err:.1e}" + ("" if result.ok else " (not ok)")]  # fmt: skip
+                    rows.append(row)
+                    data.append({"n": n, "condition": cond, "p": p, "medians": med})
+        report.section(
+            f"solve: {threads} threads", ["n", "cond", "p", "floor", "raw eigh ms", "eigh ms",
+            "/raw", "err", "newton ms", "/raw", "err", "cholesky ms", "/raw", "err"], rows,
+            f"ε = {EPSILON:g}; medians of interleaved repeats", data,
+        )  # fmt: skip
 
 
-def run_case(n: int, condition: float, p: int, repeats: int) -> dict[str, Any]:
-    """Time and accuracy of every applicable method on one matrix."""
-    a = test_matrix(n, condition, seed=n)
-    regularized = a.clone()
-    regularized.diagonal().add_(EPSILON)
-    methods = ["eigh", "newton"] + (["cholesky"] if p == 1 else [])
-    tasks: dict[str, Callable[[], object]] = {"raw": lambda: torch.linalg.eigh(a)}
-    for method in methods:
-        tasks[method] = functools.partial(inverse_root, a, p, EPSILON, method)
-    samples = timings(tasks, repeats)
-    times = {name: statistics.median(values) for name, values in samples.items()}
-    fastest = {name: min(values) for name, values in samples.items()}
-    row: dict[str, Any] = {
-        "n": n,
-        "condition": condition,
-        "exponent": p,
-        "floor": UNIT_ROUNDOFF * (1 + p * condition ** (1.0 / p)),
-        "raw_eigh_s": times["raw"],
-    }
-    for method in methods:
-        result = inverse_root(a, p, EPSILON, method)
-        row[f"{method}_s"] = times[method]
-        row[f"{method}_ratio"] = times[method] / times["raw"]
-        row[f"{method}_min_ratio"] = fastest[method] / fastest["raw"]
-        row[f"{method}_ok"] = result.ok
-        row[f"{method}_method"] = result.method
-        row[f"{method}_reported_error"] = result.error
-        row[f"{method}_backward_error"] = backward_error(result.root, regularized, p)
-    return row
+def staleness(report: h.Report, args: Any) -> None:
+    torch.set_num_threads(1)
+    model = h.models(args.quick)[0]
+    net = model.build()
+    sets = h.gradient_sets(net, model.make_input, 4)
+    blocks = (64, 128) if args.quick else (128, 1024)
+    rows, data = [], []
+    for block in blocks:
 
+        def make(key: str, sleep: float, block: int = block, **kw: Any) -> h.Contender:
+            params = [p.detach().clone().requires_grad_(True) for p in net.parameters()]
+            grads = h.fixed_grads(params, sets)
+            opt = h.optimizer(key, params, block=block, root_workers=1, **kw)
 
-def format_row(row: dict[str, Any]) -> str:
-    """One plain-text table line."""
+            def before(t: int) -> None:
+                grads(t)
+                time.sleep(sleep)
 
-    def method_columns(method: str) -> str:
-        if f"{method}_s" not in row:
-            return f"{'-':>9} {'-':>6} {'-':>8}"
-        flag = "" if row[f"{method}_ok"] else "!"
-        return (
-            f"{row[f'{method}_s'] * 1e3:9.1f} {row[f'{method}_ratio']:6.2f} "
-            f"{row[f'{method}_backward_error']:7.1e}{flag or ' '}"
-        )
+            return h.Contender(f"{key} b{block}", opt.step, before, opt, FREQUENCY,
+                               refill=FREQUENCY if key.endswith("async") else 0)  # fmt: skip
 
-    return (
-        f"{row['n']:5d} {row['condition']:6.0e} {row['exponent']:2d} {row['floor']:7.1e} "
-        f"{row['raw_eigh_s'] * 1e3:9.1f} | {method_columns('eigh')} | "
-        f"{method_columns('newton')} | {method_columns('cholesky')}"
-    )
-
-
-HEADER = (
-    f"{'n':>5} {'cond':>6} {'p':>2} {'floor':>7} {'raw_ms':>9} | "
-    f"{'eigh_ms':>9} {'/raw':>6} {'err':>8} | {'newton_ms':>9} {'/raw':>6} {'err':>8} | "
-    f"{'chol_ms':>9} {'/raw':>6} {'err':>8}"
-)
-
-
-def environment() -> dict[str, Any]:
-    """Versions, threads, load and platform of this run."""
-    return {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "loadavg": os.getloadavg(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-    }
+        sync = make("shampoo-sync", 0.0, precondition_frequency=FREQUENCY)
+        h.interleave([sync], 1, 2 * FREQUENCY, FREQUENCY, f"staleness b{block} sync")
+        h.close_all([sync])
+        s = sync.summary()
+        compute = args.coverage * max(0.0, s["median_root"] - s["median_nonroot"]) / FREQUENCY
+        cs = [make("shampoo-noroot", compute),
+              make("shampoo-async", compute, precondition_frequency=FREQUENCY)]  # fmt: skip
+        h.interleave(cs, args.rounds or 1, FREQUENCY * (1 if args.quick else 3), FREQUENCY,
+                     f"staleness b{block}")  # fmt: skip
+        h.close_all(cs)
+        base, asyn = (c.summary() for c in cs)
+        for r in (base, asyn):
+            st = r["root_stats"]
+            stale = st["root_staleness"] if isinstance(st["root_staleness"], int) else FREQUENCY
+            rows.append([
+                r["name"], f"{compute * 1e3:.1f}", h.ms(r["median"]), h.ms(r["mean"]),
+                h.ms(r["max"]), h.ratio(r["max"], r["median"]), h.ratio(r["mean"], base["median"]),
+                st["stalls"], f"{st['stall_seconds']:.2f}", f"{st['mean_root_seconds']:.4f}",
+                st["root_staleness"], f"{st['mean_staleness']:.1f}", st["max_staleness"],
+                f"{stale * (r['median'] + compute):.2f}" if r is asyn else "-",
+            ])  # fmt: skip
+        data.append({"sync": s, "noroot": base, "async": asyn, "compute_seconds": compute})
+    report.section(
+        f"staleness: {model.name}, 1 thread, root_workers=1, frequency {FREQUENCY}",
+        ["contender", "sleep ms", "med ms", "mean ms", "max ms", "max/med", "mean/noroot med",
+         "stalls", "stall s", "mean root s", "staleness", "mean stale", "max stale", "window s"],
+        rows, f"sleep S = {args.coverage} x sync root work per cycle / {FREQUENCY}; window = "
+        "staleness x (median + S): the time the pipeline has to hide a cycle's roots", data,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help=f"sizes up to {QUICK_MAX_SIZE}")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads(N) before timing")
-    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
-    parser.add_argument("--exponents", default="1,4", help="comma-separated p (default 1,4)")
-    parser.add_argument("--repeats", type=int, help="timed repeats (default 5, 3 for n >= 512)")
-    args = parser.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    sizes = [n for n in SIZES if not args.quick or n <= QUICK_MAX_SIZE]
-    exponents = [int(p) for p in args.exponents.split(",")]
-
-    env = environment()
-    print(f"torch {env['torch']} | threads {env['threads']} | python {env['python']}")
-    print(f"platform {env['platform']} ({env['processor']})")
-    print("loadavg at start " + " ".join(f"{x:.2f}" for x in env["loadavg"]))
-    print(f"epsilon {EPSILON:g}; times are medians in ms; /raw = time / raw float64 eigh time;")
-    print("err = ‖X^-p - B‖_F/‖B‖_F; '!' marks ok=False; floor = u(1 + p cond^(1/p))")
-    print(HEADER)
-    print("-" * len(HEADER))
-    rows = []
-    for n in sizes:
-        repeats = args.repeats or (5 if n < 512 else 3)
-        for condition in CONDITIONS:
-            for p in exponents:
-                row = run_case(n, condition, p, repeats)
-                rows.append(row)
-                print(format_row(row), flush=True)
-    for kind in ("ratio", "min_ratio"):
-        ratios = [row[f"eigh_{kind}"] for row in rows]
-        print(
-            f"eigh/raw from {'medians' if kind == 'ratio' else 'fastest runs'}: "
-            f"median {statistics.median(ratios):.2f}, max {max(ratios):.2f} (target <= 1.2)"
-        )
-    print("loadavg at end " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
-    if args.json is not None:
-        args.json.write_text(json.dumps({"environment": env, "results": rows}, indent=2))
-        print(f"wrote {args.json}")
+    p = h.parser(__doc__, compare=False)
+    p.add_argument("--sections", default="solve,staleness", help="subset of solve,staleness")
+    p.add_argument("--thread-counts", default=None, help="solve: torch threads (1,CORES)")
+    p.add_argument("--coverage", type=float, default=2.0, help="staleness: S / root work")
+    args = p.parse_args(argv)
+    cores = torch.get_num_threads()
+    if not args.thread_counts:  # quick: 1 (2 threads of a loaded 2-core machine: seconds)
+        args.thread_counts = "1" if cores == 1 or args.quick else f"1,{cores}"
+    report = h.start("roots", args)
+    if "solve" in args.sections:
+        solve(report, args)
+    if "staleness" in args.sections:
+        staleness(report, args)
+    report.finish()
 
 
 if __name__ == "__main__":
