@@ -5,8 +5,8 @@ Sections:
   solve      X = (A + εI)^(-1/p) by ``torch_shampoo.matrix_roots.inverse_root`` (eigh, newton;
              cholesky for p = 1) against a raw float64 ``torch.linalg.eigh`` of the same matrix
              (interleaved medians), at each of --thread-counts (1 and all; quick: 1). Accuracy:
-             the relative backward error ‖X^(-p) - B‖_F / ‖B‖_F (B = A + εI); "floor" u(1 + p κ^(1/p))
-             is the best any float64 root can reach.
+             the relative backward error ‖X^(-p) - B‖_F / ‖B‖_F (B = A + εI); "floor"
+             u(1 + p κ^(1/p)) is the best any float64 root can reach.
   staleness  async Shampoo with a fixed "model compute" (time.sleep S before every step, standing
              for a forward/backward on an accelerator while the CPU is free) against sync Shampoo
              whose only roots are at step 1, same sleep; S = --coverage x the root work per
