@@ -1,0 +1,153 @@
+"""Optimizer memory: state bytes by method and their ratio to Adam; the peak of the first steps.
+
+The state is measured ONE way for every optimizer (``harness.state_bytes``): the bytes of the
+storages the tensors in ``optimizer.state`` hold, each storage once. Sections:
+
+  state  per model, after 2 precondition cycles of fixed gradients (roots computed): state MB,
+         ratio to Adam, bytes per parameter element (Adam's float32 moments: 8), and for the
+         torch_shampoo optimizers the host buffers of roots in flight (``root_stats()``).
+         ``--compare PATH_OR_REV`` adds the other checkout's rows.
+  peak   each configuration in a fresh process (the peak RSS, VmHWM, reset just before the
+         steps; on --device cuda, ``torch.cuda.max_memory_allocated``): 3 x Linear(d, d) with
+         random gradients, the rise of the peak over the first two steps (state creation,
+         stacking, the first roots) against the state they leave: first-step memory.
+
+    python -m benchmarks.memory --quick
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import torch
+
+from . import harness as h
+
+KEYS = ("adam", "shampoo-sync", "shampoo-compact", "shampoo-async", "soap-sync", "ngplus",
+        "pto-soap", "hb-soap")  # fmt: skip
+PEAK = ("adam", "shampoo-sync", "shampoo-compact", "soap-sync", "ngplus")
+FREQUENCY = 10
+
+
+def state(report: h.Report, args: Any, pkgs: dict[str, Any]) -> None:
+    blocks = (64, 128) if args.quick else (128, 1024)
+    for model in h.models(args.quick):
+        net = model.build()
+        sets = h.gradient_sets(net, model.make_input, 2)
+        elements = sum(p.numel() for p in net.parameters())
+        rows, data, adam = [], [], 0
+        for key in KEYS:
+            if key == "hb-soap" and args.quick:  # compiles for minutes: step_time's quick has it
+                continue
+            tuned = key.startswith(("shampoo", "soap", "ngplus"))
+            for label, pkg in pkgs.items() if tuned else [("", None)]:
+                for block in blocks if key.startswith(("shampoo", "soap")) else [None]:
+                    params = [p.detach().clone().requires_grad_(True) for p in net.parameters()]
+                    kw: dict[str, Any] = {"block": block, "pkg": pkg} if tuned else {}
+                    if key == "ngplus":
+                        kw.update(inverse_frequency=FREQUENCY)
+                    elif tuned:
+                        kw.update(precondition_frequency=FREQUENCY)
+                    opt = h.optimizer(key, params, **kw)
+                    if opt is None:
+                        print(f"note: {h.LABELS[key]} is not installed: no row")
+                        continue
+                    before = h.fixed_grads(params, sets)
+                    for t in range(2 * FREQUENCY + 1):
+                        before(t)
+                        opt.step()
+                    held = h.state_bytes(opt)
+                    host = opt.root_stats()["host_buffer_bytes"] if tuned else None
+                    h.drain(opt)
+                    h.close(opt)
+                    adam = adam or held
+                    name = label + h.LABELS.get(key, key) + (f" b{block}" if block else "")
+                    rows.append([name, f"{held / 2**20:.2f}", h.ratio(held, adam),
+                                 f"{held / elements:.1f}",
+                                 "-" if host is None else f"{host / 2**20:.2f}"])  # fmt: skip
+                    data.append({"name": name, "state_bytes": held, "host_buffer_bytes": host})
+        report.section(
+            f"state: {model.name}, {elements / 1e6:.2f} M params",
+            ["optimizer", "state MB", "/Adam", "bytes/element", "host buffers MB"], rows,
+            f"after {2 * FREQUENCY + 1} steps (frequency {FREQUENCY})", data,
+        )  # fmt: skip
+
+
+def child(key: str, width: int, device: str) -> None:
+    """One peak measurement, printed as JSON (run in a fresh process by ``peak``)."""
+    import contextlib
+    import gc
+    import resource
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(3)]).to(device)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt = h.optimizer(key, model.parameters(), block=128 if key != "adam" else None)
+    gc.collect()
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    else:  # Linux: reset the peak RSS (VmHWM) to the current RSS, so earlier peaks hide nothing
+        with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+    def high(now: bool = False) -> int:
+        if cuda:
+            return torch.cuda.memory_allocated() if now else torch.cuda.max_memory_allocated()
+        with contextlib.suppress(OSError), open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    base = high(now=True)
+    opt.step()
+    opt.step()
+    peak = high()
+    print(json.dumps({"peak_rise": peak - base, "state_bytes": h.state_bytes(opt)}))
+    h.close(opt)
+
+
+def peak(report: h.Report, args: Any) -> None:
+    width = 512 if args.quick else 2048
+    rows, data = [], {}
+    for key in PEAK:
+        run = subprocess.run(
+            [sys.executable, "-m", "benchmarks.memory", "--child", key, str(width), args.device],
+            cwd=h.ROOT, capture_output=True, text=True,
+        )  # fmt: skip
+        if run.returncode:
+            raise SystemExit(f"peak {key}: {run.stderr}")
+        r = json.loads(run.stdout.splitlines()[-1])
+        data[key] = r
+        rows.append([h.LABELS.get(key, key), f"{r['peak_rise'] / 2**20:.0f}",
+                     f"{r['state_bytes'] / 2**20:.0f}",
+                     h.ratio(r["peak_rise"], r["state_bytes"])])  # fmt: skip
+    report.section(
+        f"peak: 3 x Linear({width}, {width}), block 128, first two steps ({args.device})",
+        ["optimizer", "peak rise MB", "state MB", "peak / state"], rows,
+        "peak rise: VmHWM (CPU) or max_memory_allocated (CUDA) after the two steps minus "
+        "before them; a fresh process each", data,
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    if argv is None and sys.argv[1:2] == ["--child"]:
+        return child(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    p = h.parser(__doc__)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="peak: where")
+    p.add_argument("--sections", default="state,peak", help="subset of state,peak")
+    args = p.parse_args(argv)
+    report = h.start("memory", args)
+    if "state" in args.sections:
+        state(report, args, h.packages(args))
+    if "peak" in args.sections:
+        peak(report, args)
+    report.finish()
+
+
+if __name__ == "__main__":
+    main()
