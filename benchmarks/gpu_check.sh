@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check: torch_shampoo's CUDA tests (Shampoo and SOAP), then the step-time benchmarks
-# (SOAP's quick one, Shampoo's core sections) on the GPU.
+# The GPU check: torch_shampoo's CUDA tests (Shampoo and SOAP), then the benchmark suite's
+# step-time entry point on the GPU (quick, then the core section at full size: Shampoo, SOAP,
+# Adam, the floor) and the first-step memory peak on the GPU.
 #
 #   bash benchmarks/gpu_check.sh          # from anywhere; it runs from the repository root
 #
@@ -9,7 +10,7 @@
 # kill grace per part and a 30 s summary), so the whole script ends within 8 minutes. A failing
 # part does not stop the later ones; the script exits 1 at the end if any part failed (the
 # optional last part, the CPU root tests, fails the check only by failing, not by running out of
-# time). Logs and the benchmark's JSON go to $OUT/gpu_check ($OUT: the device machine's output
+# time). Logs and the benchmarks' JSON go to $OUT/gpu_check ($OUT: the device machine's output
 # folder) or else outputs/gpu_check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -75,26 +76,25 @@ for path in map(pathlib.Path, sys.argv[1:]):
         continue
     report = json.loads(path.read_text())
     env = report["environment"]
-    print(f"-- {path.name}: {env.get('gpu')}, torch {env['torch']}, {report['total_seconds']:.0f} s")
-    for model, rows in report["sections"].get("core", {}).items():
-        adam = next(r for r in rows if r["kind"] == "adam")
-        floors = {r["block_size"]: r for r in rows if r["kind"] == "floor"}
-        print(f"   {model}: {adam['name']} median step {1e3 * adam['median_nonroot']:.3f} ms")
+    print(f"-- {path.name}: {env.get('gpu')}, torch {env['torch']}, {report['wall_seconds']:.0f} s")
+    for section in report["sections"]:
+        if not section["title"].startswith("core"):
+            continue
+        rows = section["data"]["rows"]
+        adam = next(r for r in rows if r["name"].startswith("adam"))
+        floors = {r["name"].split()[-1]: r for r in rows if r["name"].startswith("floor")}
+        print(f"   {section['title']}: {adam['name']} median step {1e3 * adam['median_nonroot']:.3f} ms")
         for r in rows:
-            if r["kind"] in ("sync", "noguard", "async"):
-                floor = floors[r["block_size"]]
+            if r["name"].startswith(("shampoo", "soap")):
+                floor = floors.get(r["name"].split()[-1])
                 print(
                     f"     {r['name']:<30}"
                     f"  median/AdamW {r['median_nonroot'] / adam['median_nonroot']:7.2f}"
                     f"  mean/AdamW {r['mean'] / adam['mean']:7.2f}"
-                    f"  median/GEMM floor {r['median_nonroot'] / floor['median_nonroot']:7.2f}"
+                    + (f"  median/floor {r['median_nonroot'] / floor['median_nonroot']:7.2f}"
+                       if floor else "")
+                    + f"  stalls {r.get('root_stats', {}).get('stalls', '-')}"
                 )
-    for block, t in report["sections"].get("defaults", {}).get("targets", {}).items():
-        print(
-            f"   MLP b{block} async: max/median {t['async_max_over_median']:.2f}, "
-            f"mean/sync median {t['async_mean_over_sync_nonroot_median']:.2f}, "
-            f"stalled steps {t['async_stalls']}"
-        )
 PYTHON
 )
 
@@ -102,11 +102,12 @@ echo "== torch_shampoo GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ), logs in $LOGS"
 part nvidia-smi 30 nvidia-smi -L
 part versions 60 "$PY" -c "$VERSIONS"
 part cuda_tests 150 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py
-part step_time_quick 100 "$PY" benchmarks/step_time.py --device cuda --quick \
-    --json "$LOGS/step_time_quick.json"
-part soap_step_quick 60 "$PY" benchmarks/soap_step.py --device cuda --quick
-part step_time_core 300 "$PY" benchmarks/step_time.py --device cuda --sections core \
-    --json "$LOGS/step_time_core.json"
+part step_time_quick 100 "$PY" -m benchmarks.step_time --device cuda --quick \
+    --sections core,threads --out "$LOGS/step_time_quick.json"
+part memory_peak 60 "$PY" -m benchmarks.memory --device cuda --quick --sections peak \
+    --out "$LOGS/memory_peak.json"
+part step_time_core 300 "$PY" -m benchmarks.step_time --device cuda --sections core \
+    --out "$LOGS/step_time_core.json"
 part cpu_root_tests 90 --optional "$PY" -m pytest -q -p no:cacheprovider \
     tests/test_async_roots.py tests/test_root_schedule.py
 
