@@ -13,7 +13,7 @@ after each block. Sections (``--sections``):
   threads  the MLP's Shampoo sync/async/Adam at 1 thread (root_workers=1) and at every core.
   scaling  an MLP of two width x width layers, widths 256..4096: Adam vs Shampoo at blocks
            128/1024, roots only at step 1 (every timed step preconditions).
-  compile  Shampoo's step eager vs torch.compile (inductor), compile time apart.
+  compile  Shampoo's step eager vs torch.compile (inductor), compile time apart (CPU only).
 
 ``--compare PATH_OR_REV`` adds the other checkout's Shampoo sync/async to core and threads.
 ``--device cuda``: models, gradients, optimizers and floor on the GPU (Adam: AdamW fused), each
@@ -89,7 +89,8 @@ def contenders(model: h.Model, args: Any, blocks: tuple[int, ...], pkgs: dict[st
                 before = h.fixed_grads(params, sets)
                 tag = f" b{block}" if block else ""
                 if key == "floor":
-                    out.append(h.Contender(f"floor{tag}", Floor(params, block).step, before))  # type: ignore[arg-type]
+                    floor = Floor(params, block)  # type: ignore[arg-type]
+                    out.append(h.Contender(f"floor{tag}", floor.step, before, cuda=cuda))
                     continue
                 kw: dict[str, Any] = {}
                 if key.startswith(("shampoo", "soap")):
