@@ -156,7 +156,7 @@ def plot(curves: dict[str, Any], path: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = h.parser(__doc__, compare=False)
+    p = h.parser(__doc__, compare=False, rounds=False)
     p.add_argument("--sections", default="grid,ngplus", help="subset of grid,ngplus")
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--methods", default=",".join(METHODS))

@@ -72,7 +72,7 @@ def _worker(rank: int, world: int, folder: str, steps: int, width: int, depth: i
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = h.parser(__doc__, compare=False)
+    p = h.parser(__doc__, compare=False, rounds=False)
     p.add_argument("--steps", type=int, default=None, help="steps per mode (21; quick 11)")
     p.add_argument("--width", type=int, default=None, help="hidden width (256; quick 64)")
     p.add_argument("--depth", type=int, default=None, help="hidden layers (6; quick 3)")

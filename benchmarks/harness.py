@@ -147,7 +147,7 @@ class Report:
         return out
 
 
-def parser(doc: str | None, compare: bool = True) -> argparse.ArgumentParser:
+def parser(doc: str | None, compare: bool = True, rounds: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=(doc or "").split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
@@ -156,7 +156,8 @@ def parser(doc: str | None, compare: bool = True) -> argparse.ArgumentParser:
         "--out", type=Path, default=None, help="JSON path (outputs/benchmarks/NAME.json)"
     )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N) first")
-    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds")
+    if rounds:
+        p.add_argument("--rounds", type=int, default=None, help="interleaved rounds")
     if compare:
         p.add_argument(
             "--compare", default=None, metavar="PATH_OR_REV",

@@ -137,7 +137,7 @@ def peak(report: h.Report, args: Any) -> None:
 def main(argv: list[str] | None = None) -> None:
     if argv is None and sys.argv[1:2] == ["--child"]:
         return child(sys.argv[2], int(sys.argv[3]), sys.argv[4])
-    p = h.parser(__doc__)
+    p = h.parser(__doc__, rounds=False)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="peak: where")
     p.add_argument("--sections", default="state,peak", help="subset of state,peak")
     args = p.parse_args(argv)
