@@ -1,6 +1,6 @@
-"""State dicts and pickling for the engine: roots in flight are waited for and saved as plain
-entries, loads keep every saved dtype and are checked against the layout before anything
-changes, and older checkpoints are migrated.
+"""State dicts and pickling for the engine, as functions of plain data: roots in flight are
+waited for and saved as plain entries, loads keep every saved dtype and are checked against the
+layout before anything changes, and older checkpoints are migrated.
 
 ``state_dict()`` writes schema 2: per parameter a fixed set of keys from its first step, only
 tensors and string-keyed dicts of tensors (so ``torch.distributed.checkpoint`` can flatten it and
@@ -19,22 +19,33 @@ from __future__ import annotations
 
 import inspect
 import sys
-from collections.abc import Iterable, Mapping
-from types import MappingProxyType
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch.optim import Optimizer
 
 from . import packing
 from .blocking import BlockLayout
 from .buckets import factor_groups
-from .config import EngineConfig, group_defaults, world_size
-from .scheduler import RootScheduler
+from .config import EngineConfig, group_defaults
 from .shares import StateShares
 from .state import SCHEMA, check_moments, check_state, in_flight, migrate, no_pending, restore
 
-__all__ = ["SCHEMA", "Checkpointing", "check_group_keys", "from_saved", "to_saved"]
+__all__ = [
+    "SCHEMA",
+    "Codec",
+    "adopt_pending",
+    "capture",
+    "check_group_keys",
+    "from_saved",
+    "local_state_dict",
+    "pickled",
+    "restore_loaded",
+    "settings_of",
+    "shared_state_dict",
+    "to_saved",
+]
 
 _LISTS = ("factors", "roots", "pending_roots")
 _PENDING = ("pending_due", "pending_submitted", "pending_ok", "pending_roots", "pending_reasons")
@@ -151,217 +162,137 @@ def _called_by_dcp() -> bool:
     return False
 
 
-class Checkpointing(Optimizer):
-    """The state-dict and pickling half of :class:`~torch_shampoo.engine.PreconditionerEngine`
-    (which provides the methods declared here)."""
+@dataclass
+class Codec:
+    """What saving and loading ask of the optimizer, as callables."""
 
-    _ADDED_GROUP_KEYS: ClassVar[Mapping[str, Any]] = MappingProxyType({})
-    """Group settings added after a front end's first release, with the value that keeps the
-    behaviour a state dict or pickle without them was saved with (filled in on loading)."""
+    owner: str
+    """The optimizer's class name, for messages."""
+    settings: list[str]
+    """The group settings a saved group must have."""
+    added: Mapping[str, Any]
+    """Group settings added since the front end's first release, with the value that keeps the
+    behaviour a state dict or pickle without them was saved with."""
+    config: Callable[[dict[str, Any]], EngineConfig]
+    group_of: Callable[[torch.Tensor], dict[str, Any]]
+    describe: Callable[[torch.Tensor], str]
+    layout_of: Callable[[torch.Tensor, EngineConfig], BlockLayout]
 
-    _roots: RootScheduler
-    _loading: dict[str, Any] | None
-    _async_roots: bool
-    _compact_state: bool
-    _root_workers: int
-    _checked: dict[torch.Tensor, tuple[BlockLayout, dict[str, Any], torch.dtype]]
-    _rooted: dict[torch.Tensor, tuple[bool, ...] | None]
-    _index: dict[int, tuple[int, dict[str, Any], torch.Tensor]]
-    _buckets: list[Any] | None
-    _consolidated: dict[str, Any] | None
-    _spread: bool
-    _shares: StateShares | None
 
-    def _config(self, group: dict[str, Any]) -> EngineConfig:
-        raise NotImplementedError
+def settings_of(front: type, defaults: Mapping[str, Any], added: Mapping[str, Any]) -> list[str]:
+    """The group settings a saved group must have: the front end's per-group kwargs, less
+    those added since its first release (loading fills them in)."""
+    declared = group_defaults(dict.fromkeys(inspect.signature(front).parameters))
+    return [k for k in declared if k in defaults and k not in added]
 
-    def _settings(self) -> list[str]:
-        """The group settings a saved group must have: the front end's per-group kwargs, less
-        those added since its first release (loading fills them in)."""
-        declared = group_defaults(dict.fromkeys(inspect.signature(type(self)).parameters))
-        return [k for k in declared if k in self.defaults and k not in self._ADDED_GROUP_KEYS]
 
-    def _group_of(self, p: torch.Tensor) -> dict[str, Any]:
-        return self._locate(p)[1]
+def local_state_dict(
+    packed: dict[str, Any],
+    states: Mapping[torch.Tensor, Any],
+    params: list[torch.Tensor],
+    pending: dict[torch.Tensor, dict[str, Any]],
+    compact: bool,
+) -> dict[str, Any]:
+    """The base class's state dict ``packed`` with every parameter's state as schema 2."""
+    index = {id(p): i for i, p in enumerate(params)}
+    for p, state in states.items():
+        if isinstance(state, dict) and "factors" in state:
+            packed["state"][index[id(p)]] = to_saved(state, pending.get(p), compact)
+    return packed
 
-    def _locate(self, p: torch.Tensor) -> tuple[int, dict[str, Any]]:
-        """The parameter's index (over all groups) and its group, in O(1)."""
-        found = self._index.get(id(p))
-        if found is None or found[2] is not p:
-            pairs = ((q, g) for g in self.param_groups for q in g["params"])
-            self._index = {id(q): (i, g, q) for i, (q, g) in enumerate(pairs)}
-            found = self._index.get(id(p))
-            if found is None:
-                raise KeyError("parameter not in this optimizer")
-        return found[0], found[1]
 
-    def _layout_of(self, p: torch.Tensor, config: EngineConfig) -> BlockLayout:
-        raise NotImplementedError
+def shared_state_dict(
+    owner: str,
+    local: Callable[[], dict[str, Any]],
+    shares: StateShares,
+    consolidated: dict[str, Any] | None,
+    params: list[torch.Tensor],
+) -> dict[str, Any]:
+    """The state dict of a rank holding a share (``partition_state``): the consolidated
+    whole, or the share when ``torch.distributed.checkpoint`` asks."""
+    if consolidated is None and _called_by_dcp():
+        share = local()  # DCP: every rank saves its share, loads its own
+        for i, p in enumerate(params):
+            if not shares.mine(p):  # (DCP requires an entry per parameter)
+                share["state"].setdefault(i, {})
+        return share
+    if consolidated is None:
+        raise RuntimeError(
+            f"{owner}(partition_state=True): each rank holds only its share of "
+            "the state; call optimizer.consolidate_state_dict() on every rank first (after "
+            "the last step), then state_dict() on any of them (or save with "
+            "torch.distributed.checkpoint, where every rank saves its share)"
+        )
+    return consolidated
 
-    def _describe(self, p: torch.Tensor) -> str:
-        raise NotImplementedError
 
-    def _init_runtime(self) -> None:
-        raise NotImplementedError
+def capture(
+    codec: Codec,
+    params: list[torch.Tensor],
+    shares: StateShares | None,
+    loading: dict[str, Any],
+) -> Callable[[Any, dict[str, Any]], None]:
+    """A load pre-hook (registered last, so it sees the state dict the user's pre-hooks
+    settled on) that checks every saved state against its parameter's layout and keeps it in
+    ``loading`` (``params``: saved id → parameter; ``state``: saved id → state)."""
 
-    def _state_shares(self) -> StateShares | None:
-        """The owner of each parameter (``partition_state`` with several processes), made from
-        the global shapes alone when first needed; None: this process steps every parameter."""
-        if self._shares is None and getattr(self, "_partition_state", False) and world_size() > 1:
-            params = self._all_params()
-            layouts = [self._layout_of(p, self._config(self._group_of(p))) for p in params]
-            leader = getattr(self, "_leader_of", lambda p: None)
-            self._shares = StateShares(params, layouts, leader)
-        return self._shares
+    def hook(optimizer: Any, final: dict[str, Any]) -> None:
+        saved_ids = [i for group in final["param_groups"] for i in group["params"]]
+        loading["params"] = dict(zip(saved_ids, params))
+        loading["state"] = {}
+        check_group_keys(codec.owner, final["param_groups"], codec.settings)
+        # The settings the state was saved with (they replace the groups' on loading).
+        settings = {
+            i: {k: v for k, v in group.items() if k != "params"}
+            for group in final["param_groups"]
+            for i in group["params"]
+        }
+        for saved_id, p in loading["params"].items():
+            if shares is not None and not shares.mine(p):
+                continue  # another rank's (DCP's unflattening gives every parameter {})
+            if final["state"].get(saved_id):
+                config = codec.config({**codec.group_of(p), **codec.added, **settings[saved_id]})
+                owner, name = codec.owner, codec.describe(p)
+                saved = from_saved(owner, name, final["state"][saved_id])
+                check_state(owner, name, p, saved, codec.layout_of(p, config))
+                check_moments(owner, name, saved, config)
+                loading["state"][saved_id] = saved
 
-    def _all_params(self) -> list[torch.Tensor]:
-        return [p for group in self.param_groups for p in group["params"]]
+    return hook
 
-    def _pending_as_state(self) -> dict[torch.Tensor, dict[str, Any]]:
-        """Wait for the roots in flight and express them as plain state entries."""
-        return self._roots.export()
 
-    def _adopt_pending_state(self) -> None:
-        """After a load or unpickling: old checkpoints migrated, and the pending entries turned
-        into resolved tickets."""
-        for p, state in self.state.items():
-            if isinstance(state, dict):
-                if in_flight(state):
-                    layout = self._layout_of(p, self._config(self._group_of(p)))
-                    self._roots.adopt(p, state, factor_groups(layout))
-                    no_pending(state)
-                migrate(state)
+def restore_loaded(states: dict[Any, Any], loading: dict[str, Any]) -> None:
+    """The saved tensors of a load (checked by :func:`capture`) in place of the base class's
+    dtype-cast copies, cast to each parameter's state dtype."""
+    for saved_id, p in loading["params"].items():
+        saved = loading["state"].get(saved_id)
+        if saved is not None:
+            states[p] = {k: restore(k, v, p) for k, v in saved.items()}
 
-    def state_dict(self) -> dict[str, Any]:
-        """The state, with roots still in flight waited for and included, so it can resume.
-        With ``partition_state`` under DDP, the whole state gathered by the last
-        :meth:`consolidate_state_dict`, or this rank's share when ``torch.distributed.
-        checkpoint`` asks (it saves every rank's); otherwise, after a step, a RuntimeError
-        (this rank holds only its share: saved alone, the others' parameters would restart)."""
-        shares = self._state_shares()
-        if shares is None or not self._spread:
-            return self._local_state_dict()
-        if self._consolidated is None and _called_by_dcp():
-            share = self._local_state_dict()  # DCP: every rank saves its share, loads its own
-            for i, p in enumerate(self._all_params()):
-                if not shares.mine(p):  # (DCP requires an entry per parameter)
-                    share["state"].setdefault(i, {})
-            return share
-        if self._consolidated is None:
-            raise RuntimeError(
-                f"{type(self).__name__}(partition_state=True): each rank holds only its share of "
-                "the state; call optimizer.consolidate_state_dict() on every rank first (after "
-                "the last step), then state_dict() on any of them (or save with "
-                "torch.distributed.checkpoint, where every rank saves its share)"
-            )
-        return self._consolidated
 
-    def consolidate_state_dict(self) -> None:
-        """Gather every rank's share of the state (``partition_state``; collective: call it on
-        every rank), so that ``state_dict()`` returns the whole until the next step. Without
-        shares it does nothing."""
-        shares = self._state_shares()
-        if shares is not None:
-            packed = self._local_state_dict()
-            packed["state"] = shares.gather(packed["state"])
-            self._consolidated = packed
+def pickled(
+    states: Mapping[Any, Any], pending: dict[torch.Tensor, dict[str, Any]], compact: bool
+) -> dict[Any, Any]:
+    """The states as pickled: roots in flight as entries, full matrices, no shared storage."""
+    out = {}
+    for p, s in states.items():
+        if isinstance(s, dict) and compact and "factors" in s:
+            factors, roots = _full_matrices(s)
+            s = {**s, "factors": factors, "roots": roots}
+        out[p] = _owned({**s, **pending.get(p, {})}) if isinstance(s, dict) else s
+    return out
 
-    def _local_state_dict(self) -> dict[str, Any]:
-        packed = super().state_dict()
-        pending = self._pending_as_state()
-        index = {id(p): i for i, p in enumerate(self._all_params())}
-        for p, state in self.state.items():
-            if isinstance(state, dict) and "factors" in state:
-                i = index[id(p)]
-                packed["state"][i] = to_saved(state, pending.get(p), self._compact_state)
-        return packed
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load state as the base class does (hooks included), except that floating-point state
-        takes the parameter's state dtype (float32 factors of a bf16 parameter stay float32),
-        host entries stay on the CPU, and state that does not fit a parameter's layout is
-        refused before anything changes."""
-        loading: dict[str, Any] = {}
-
-        def capture(optimizer: Optimizer, final: dict[str, Any]) -> None:
-            # Registered last, so it sees the state dict the user's pre-hooks settled on.
-            loading["params"] = self._saved_id_map(final)
-            loading["state"] = {}
-            check_group_keys(type(self).__name__, final["param_groups"], self._settings())
-            # The settings the state was saved with (they replace the groups' on loading).
-            settings = {
-                i: {k: v for k, v in group.items() if k != "params"}
-                for group in final["param_groups"]
-                for i in group["params"]
-            }
-            shares = self._state_shares()
-            for saved_id, p in loading["params"].items():
-                if shares is not None and not shares.mine(p):
-                    continue  # another rank's (DCP's unflattening gives every parameter {})
-                if final["state"].get(saved_id):
-                    added = self._ADDED_GROUP_KEYS  # (what __setstate__ fills in)
-                    config = self._config({**self._group_of(p), **added, **settings[saved_id]})
-                    owner, name = type(self).__name__, self._describe(p)
-                    saved = from_saved(owner, name, final["state"][saved_id])
-                    check_state(owner, name, p, saved, self._layout_of(p, config))
-                    check_moments(owner, name, saved, config)
-                    loading["state"][saved_id] = saved
-
-        handle = self.register_load_state_dict_pre_hook(capture)
-        self._loading = loading
-        try:
-            super().load_state_dict(state_dict)
-        finally:
-            handle.remove()
-            self._loading = None
-
-    def _saved_id_map(self, saved: dict[str, Any]) -> dict[Any, torch.Tensor]:
-        saved_ids = [i for group in saved["param_groups"] for i in group["params"]]
-        return dict(zip(saved_ids, self._all_params()))
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        pending = self._pending_as_state()
-        compact = getattr(self, "_compact_state", False)
-        pickled = {}
-        for p, s in self.state.items():
-            if isinstance(s, dict) and compact and "factors" in s:
-                factors, roots = _full_matrices(s)
-                s = {**s, "factors": factors, "roots": roots}
-            pickled[p] = _owned({**s, **pending.get(p, {})}) if isinstance(s, dict) else s
-        state["state"] = type(self.state)(dict, pickled)
-        state["_async_roots"] = self._async_roots
-        state["_root_workers"] = self._root_workers
-        state["_partition_roots"] = getattr(self, "_partition_roots", False)
-        state["_partition_state"] = getattr(self, "_partition_state", False)
-        state["_compact_state"] = getattr(self, "_compact_state", False)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Unpickling (a fresh object) or the last stage of :meth:`load_state_dict`."""
-        loading = getattr(self, "_loading", None)
-        super().__setstate__(state)
-        self.__dict__.setdefault("_compact_state", False)  # pickled before it existed
-        for key, value in self._ADDED_GROUP_KEYS.items():
-            self.defaults.setdefault(key, value)
-            for group in self.param_groups:
-                group.setdefault(key, value)
-        if loading is None:
-            self._init_runtime()
-            self._spread = bool(self.state) and self._state_shares() is not None
-        else:  # replace the base class's dtype-cast copies by the saved tensors
-            self._roots.clear()
-            self._checked.clear()
-            self._buckets = None
-            self._rooted.clear()
-            self._index.clear()
-            for saved_id, p in loading["params"].items():
-                saved = loading["state"].get(saved_id)
-                if saved is not None:
-                    self.state[p] = {k: restore(k, v, p) for k, v in saved.items()}
-            shares = self._state_shares()
-            if shares is not None:  # keep this rank's share of a whole state
-                for p in [p for p in self.state if not shares.mine(p)]:
-                    del self.state[p]
-                self._spread = True
-        self._adopt_pending_state()
+def adopt_pending(
+    states: Mapping[torch.Tensor, Any],
+    layout_of: Callable[[torch.Tensor], BlockLayout],
+    adopt: Callable[[torch.Tensor, dict[str, Any], list[list[int]]], None],
+) -> None:
+    """After a load or unpickling: old checkpoints migrated, and the pending entries turned
+    into resolved tickets (``adopt``)."""
+    for p, state in states.items():
+        if isinstance(state, dict):
+            if in_flight(state):
+                adopt(p, state, factor_groups(layout_of(p)))
+                no_pending(state)
+            migrate(state)

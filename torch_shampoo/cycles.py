@@ -1,7 +1,9 @@
 """Root cycles, the engine's side: which parameters snapshot their factors at a step, the jobs
 made from their buckets' stacks, and the installation of finished roots (failures counted,
 warned about or raised). When roots run is the :class:`~torch_shampoo.scheduler.RootScheduler`'s
-business; this mixin turns a parameter's state into its jobs and their outcomes back into state.
+business; :class:`RootCycles` turns a parameter's state into its jobs and their outcomes back
+into state. Roots that fail ``max_root_failures`` times raise :class:`RootFailure` before any
+of them is installed, so the engine can leave its state as if the step had not happened.
 """
 
 from __future__ import annotations
@@ -10,120 +12,315 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from . import device, eigenbasis, telemetry
+from . import device, eigenbasis
 from .blocking import BlockLayout
 from .config import EngineConfig
-from .root_pool import RootJob
-from .scheduler import FITTED, RootScheduler, Slot, Staging, outcomes_of
+from .jobs import RootJob, outcomes_of
+from .pending import Pending
+from .scheduler import RootScheduler
+from .staging import Slot, Staging
+from .staleness import FITTED
 from .step import Work
 
-__all__ = ["RootCycles"]
+__all__ = ["Front", "RootCycles", "RootFailure", "user_stacklevel"]
+
+States = Mapping[torch.Tensor, Any]
+
+
+class RootFailure(RuntimeError):
+    """A factor's roots failed ``max_root_failures`` consecutive times (raised before any root
+    of the step is installed)."""
+
+
+@dataclass
+class Front:
+    """What the root cycles ask of the optimizer, as callables (each call looks its answer up
+    again: a front end's settings and layers can change)."""
+
+    owner: str
+    """The optimizer's class name, for messages."""
+    config: Callable[[dict[str, Any]], EngineConfig]
+    leader_of: Callable[[torch.Tensor], torch.Tensor | None]
+    """The parameter whose roots ``p`` uses instead of computing its own (NG+)."""
+    followers_of: Callable[[torch.Tensor], list[torch.Tensor]]
+    index_of: Callable[[torch.Tensor], int]
+    """The parameter's index over all groups."""
+    factor_name: Callable[[torch.Tensor, int], str]
+
+
+Due = tuple[torch.Tensor, dict[str, Any], EngineConfig, dict[str, Any], Pending]
+"""A parameter, its state, config and group, and its pending roots due now."""
 
 
 class RootCycles:
-    """Root submission and installation for :class:`~torch_shampoo.engine.PreconditionerEngine`
-    (which provides the attributes and methods declared here)."""
+    """The root half of a step: owns the :class:`RootScheduler`, the root slots of every
+    parameter (its rows of the buckets' stacks) and, per parameter, which blocks have roots."""
 
-    _roots: RootScheduler
-    _async_roots: bool
-    _slots: dict[int, list[Slot]]
-    _rooted: dict[torch.Tensor, tuple[bool, ...] | None]
-    param_groups: list[dict[str, Any]]
+    def __init__(self, scheduler: RootScheduler, front: Front) -> None:
+        self.scheduler = scheduler
+        self.front = front
+        self.slots: dict[int, list[Slot]] = {}
+        """Per parameter (``id``), one slot per bucket and factored dim."""
+        self.rooted: dict[torch.Tensor, tuple[bool, ...] | None] = {}
 
-    def _config(self, group: dict[str, Any]) -> EngineConfig:
-        raise NotImplementedError
+    # ------------------------------------------------------------------- installs
 
-    def _layout_of(self, p: torch.Tensor, config: EngineConfig) -> BlockLayout:
-        raise NotImplementedError
-
-    _locate: Callable[[torch.Tensor], tuple[int, dict[str, Any]]]  # (Checkpointing's)
-
-    def _rooted_blocks(
+    def rooted_blocks(
         self, p: torch.Tensor, state: dict[str, Any], layout: BlockLayout, config: EngineConfig
     ) -> tuple[bool, ...] | None:
-        raise NotImplementedError
+        """Per block, are all its roots installed (an eigenbasis: any of its factors' bases,
+        the others being I)? Cached; None when every block's are."""
+        if p not in self.rooted:
+            has_root = state["has_root"].tolist()
+            k = len(has_root) // layout.num_blocks if layout.num_blocks else 0
+            enough = any if config.eigenbasis and k else all  # no factor: nothing missing
+            blocks = tuple(enough(has_root[b * k : (b + 1) * k]) for b in range(layout.num_blocks))
+            self.rooted[p] = None if all(blocks) else blocks
+        return self.rooted[p]
 
-    def _leader_of(self, p: torch.Tensor) -> torch.Tensor | None:
-        """The parameter whose roots ``p`` uses instead of computing its own (NG+: a hooked
-        layer's bias shares its weight's F, hence its inverse); None: its own."""
-        return None
+    def take_due(self, ready: list[tuple[Any, ...]]) -> dict[torch.Tensor, Due]:
+        """The pending roots due now of every parameter of ``ready`` (p, state, config, group,
+        t), waited for; if one would fail past its limit, all are put back and it raises."""
+        taken: dict[torch.Tensor, Due] = {}
+        for p, state, config, group, t in ready:
+            auto = config.staleness is None
+            pending = self.scheduler.take_due(p, t, group, config.frequency, auto)
+            if pending is not None:
+                taken[p] = (p, state, config, group, pending)
+        try:
+            self.check(list(taken.values()))
+        except RootFailure:
+            self.put_back([due[4] for due in taken.values()], list(taken))
+            raise
+        return taken
 
-    def _followers_of(self, p: torch.Tensor) -> list[torch.Tensor]:
-        """The parameters whose leader is ``p``."""
-        return []
+    def check(self, due: list[Due]) -> None:
+        """Raise :class:`RootFailure` if a root of ``due`` failed for the
+        ``max_root_failures``-th consecutive time (nothing is installed, nothing counted)."""
+        for p, state, config, _, pending in due:
+            for ticket, indices in zip(pending.tickets, pending.factors):
+                for j, outcome in zip(indices, outcomes_of(ticket, indices)):
+                    failures = int(state["root_failures"][j]) + 1
+                    if not outcome.ok and failures >= config.max_root_failures:
+                        raise RootFailure(
+                            f"{self.front.owner}: {self._message(p, j, pending, outcome)}; "
+                            f"{failures} consecutive failures "
+                            f"(max_root_failures={config.max_root_failures})"
+                        ) from _cause(ticket)
+
+    def _message(self, p: torch.Tensor, j: int, pending: Pending, outcome: Any) -> str:
+        name = self.front.factor_name(p, j)
+        return f"inverse root of {name} from step {pending.submitted} failed: {outcome.reason}"
+
+    def put_back(self, pendings: list[Pending], params: list[torch.Tensor]) -> None:
+        """Undo :meth:`take_due` (the step that took them raised)."""
+        for p, pending in zip(params, pendings):
+            self.scheduler.pending[p] = pending
+
+    def forget(self, stepped: list[tuple[torch.Tensor, int]]) -> None:
+        """Drop the root jobs made for each (p, t) of ``stepped`` at its step t (the step
+        raised)."""
+        roots, made = self.scheduler, set()
+        for p, t in stepped:
+            pending = roots.pending.get(p)
+            if pending is not None and pending.submitted == t:
+                made.add(id(roots.pending.pop(p)))
+        roots.unsent = [x for x in roots.unsent if id(x) not in made]
+        roots.due_now = [x for x in roots.due_now if id(x) not in made]
+
+    def install(self, due: Due, states: States) -> None:
+        """Install the pending roots of a parameter (checked by :meth:`check`): the usable ones
+        are copied into the bucket's root stack (one copy per job when all of its roots are);
+        a failed one keeps the previous root, with a warning."""
+        p, state, config, _, pending = due
+        roots = self.scheduler
+        if config.staleness is None and roots.should_warn_capped():
+            warnings.warn(
+                f"{self.front.owner}: the inverse roots take longer than "
+                f"precondition_frequency={config.frequency} training steps, so steps keep "
+                f"waiting for them (root_stats()['stalls']); raise precondition_frequency or "
+                f"root_workers, or lower block_size (a root costs about block_size³)",
+                RuntimeWarning,
+                stacklevel=user_stacklevel(),
+            )
+        stats, index = roots.stats, self.front.index_of(p)
+        self.rooted.pop(p, None)
+        slots = self.slots.get(id(p), [])
+        failed: list[tuple[int, Any]] = []
+        installed: list[int] = []
+        for i, (ticket, indices) in enumerate(zip(pending.tickets, pending.factors)):
+            outcomes = outcomes_of(ticket, indices)
+            ok = [o.ok for o in outcomes]
+            if pending.buffers and not pending.buffers[i].in_place and any(ok):
+                self._upload(state, config, slots[i], pending.buffers[i], indices, ok)
+            for j, outcome in zip(indices, outcomes):
+                stats.root_seconds += outcome.seconds
+                stats.roots_solved += outcome.seconds > 0  # (another rank's, or loaded: 0)
+                stats.last_error[index, j] = outcome.error
+                if outcome.ok:
+                    installed.append(j)
+                else:
+                    failed.append((j, outcome))
+        if installed:  # one write per flag tensor, not one per factor (thousands at block 8)
+            stats.roots_computed += len(installed)
+            where = _as_index(sorted(installed))
+            state["root_failures"][where] = 0
+            state["has_root"][where] = True
+        for j, outcome in failed:
+            stats.root_failures += 1
+            state["root_failures"][j] += 1
+            warnings.warn(
+                f"{self.front.owner}: {self._message(p, j, pending, outcome)}; keeping the "
+                f"previous root ({int(state['root_failures'][j])} consecutive)",
+                RuntimeWarning,
+                stacklevel=user_stacklevel(),
+            )
+        self._share_roots(p, state, states)
+
+    def _upload(
+        self,
+        state: dict[str, Any],
+        config: EngineConfig,
+        slot: Slot,
+        buffers: Staging,
+        indices: list[int],
+        ok: list[bool],
+    ) -> None:
+        """A job's usable roots from its buffer into the root stack (an eigenbasis: the moments
+        move into it)."""
+        previous = slot.roots.clone() if config.eigenbasis else None
+        first = None
+        if previous is not None:  # blocks whose previous basis is the identity
+            had = [not bool(state["has_root"][j]) for j in indices]
+            first = device.small_tensor(had, previous.device) if any(had) else None
+        if all(ok):
+            buffers.uploaded = slot.install(buffers.result)
+        else:
+            for row in (r for r, fine in enumerate(ok) if fine):
+                buffers.uploaded = slot.install(buffers.result[row], row)
+        if previous is not None:
+            bucket, member, dim = slot.place
+            eigenbasis.change_basis(
+                state, member, bucket.block_shape, dim, previous, slot.roots, first
+            )
+
+    def _share_roots(self, p: torch.Tensor, state: dict[str, Any], states: States) -> None:
+        """Copy the roots of ``p`` just installed (and their flags) into its followers."""
+        for f in self.front.followers_of(p):
+            mine = states.get(f)
+            if not mine or len(mine["roots"]) != len(state["roots"]):
+                continue  # not stepped yet: it gets them at the next install
+            for src, dst in zip(state["roots"], mine["roots"]):
+                dst.copy_(src)
+            mine["has_root"].copy_(state["has_root"])
+            mine["root_failures"].copy_(state["root_failures"])
+            self.rooted.pop(f, None)
+
+    # ------------------------------------------------------------------ this step's
+
+    def _root_step(self, p: torch.Tensor, config: EngineConfig, t: int) -> bool:
+        """Does ``p`` start a root cycle at its step ``t``?"""
+        if self.front.leader_of(p) is not None or not self.slots.get(id(p)):
+            return False  # a follower's roots are its leader's; no factor: nothing to compute
+        return t == config.start or (t > config.start and t % config.frequency == 0)
+
+    def may_solve_now(
+        self, p: torch.Tensor, state: dict[str, Any], config: EngineConfig, group: Any, t: int
+    ) -> bool:
+        """Might the roots of ``p`` be computed and installed in its step ``t`` (a first
+        cycle, or staleness 0)? Conservative: True where unsure."""
+        if not self._root_step(p, config, t):
+            return False
+        if not all(state["has_root"].tolist()):
+            return True  # a first cycle, maybe
+        if config.eigenbasis and (t // config.frequency) % config.eigh_every:
+            return False
+        if config.staleness is None:  # auto: 0 for synchronous roots, never 0 for async ones
+            return not self.scheduler.async_roots
+        return config.staleness == 0
+
+    def staleness_of(self, group: dict[str, Any]) -> int | None:
+        """The staleness the later cycles of ``group`` use (auto: None until fitted)."""
+        setting = self.front.config(group).staleness
+        if setting is not None:
+            return setting
+        return group.get(FITTED) if self.scheduler.async_roots else 0
 
     @torch.compiler.disable
-    def _roots_of_this_step(self, work: list[Work]) -> None:
+    def of_this_step(
+        self, work: list[Work], param_groups: list[dict[str, Any]], states: States
+    ) -> None:
         """At a root step: snapshot the factors (after this step's statistics) for the pool.
         Roots due in this same step (a first cycle, or staleness 0) are all submitted first,
-        so the workers solve them in parallel, then installed before they are used."""
+        so the workers solve them in parallel, then installed before they are used (if one
+        failed past its limit, :class:`RootFailure` before any is)."""
         began = time.perf_counter()
         due_now, first = [], False
+        refresh: list[tuple[Any, list[Slot]]] = []
         for w in work:
-            config, t = w.config, w.t
-            if self._leader_of(w.p) is not None:
-                continue  # its leader's roots are copied in when they are installed
-            if not self._slots.get(id(w.p)):
-                continue  # no factor: nothing to compute (nor to count in the statistics)
-            if t == config.start or (t > config.start and t % config.frequency == 0):
+            if self._root_step(w.p, w.config, w.t):
                 is_first = w.rooted is not None and not any(w.rooted)
-                if self._submit_roots(w, is_first):
+                if self._submit(w, is_first, refresh):
                     due_now.append(w)
                     first = first or is_first
-        self._roots.start_due()  # every parameter's jobs due now, in batches
-        by_param = {w.p: w for w in work} if due_now else {}
+        roots = self.scheduler
+        roots.start_due()  # every parameter's jobs due now, in batches
+        due = []
         for w in due_now:
-            self._install_due_roots(w.p, w.state, w.config, w.group, w.t)
-            for x in (w.p, *self._followers_of(w.p)):
+            auto = w.config.staleness is None
+            pending = roots.take_due(w.p, w.t, w.group, w.config.frequency, auto)
+            if pending is not None:
+                due.append((w, (w.p, w.state, w.config, w.group, pending)))
+        self.check([d for _, d in due])
+        for state, slots in refresh:  # (after the check: it changes roots and moments)
+            self._refresh_bases(state, slots)
+        by_param = {w.p: w for w in work} if due_now else {}
+        for w, d in due:
+            self.install(d, states)
+            for x in (w.p, *self.front.followers_of(w.p)):
                 if x in by_param:
                     follower = by_param[x]
-                    follower.rooted = self._rooted_blocks(
+                    follower.rooted = self.rooted_blocks(
                         x, follower.state, follower.layout, follower.config
                     )
-        if first and self._async_roots:
-            self._roots.waited_first_cycle(time.perf_counter() - began)
-            for group in self.param_groups:  # fix "auto" now that a cycle was measured
-                config = self._config(group)
+        if first and roots.async_roots:
+            roots.waited_first_cycle(time.perf_counter() - began)
+            for group in param_groups:  # fix "auto" now that a cycle was measured
+                config = self.front.config(group)
                 if config.staleness is None:
-                    self._roots.staleness(group, None, config.frequency)
+                    roots.staleness(group, None, config.frequency)
 
-    @torch.compiler.disable
-    def _send_roots(self) -> None:
-        """Hand this step's deferred root jobs to the pool. They are sent once every parameter
-        is updated, so that the workers do not compete with the rest of the step for the CPU
-        (and, on CUDA, so that the step's kernels are queued before the host waits on copies)."""
-        self._roots.send()
-
-    def _submit_roots(self, w: Work, first: bool) -> bool:
+    def _submit(self, w: Work, first: bool, refresh: list[tuple[Any, list[Slot]]]) -> bool:
         """Snapshot every factor of ``w.p`` for the pool (one job per bucket and factored dim),
         due at a fixed step: this one for a first cycle, else after the group's staleness
         (capped at the next root step). Returns whether the roots are due in this step.
         Eigenbases: only every ``eigh_every``-th root step (and a first) makes jobs; the others
-        refresh the installed bases by a power iteration instead."""
+        refresh the installed bases by a power iteration instead (added to ``refresh``)."""
         config, t = w.config, w.t
         frequency = config.frequency
-        slots = self._slots.get(id(w.p), [])
+        slots = self.slots.get(id(w.p), [])
         if config.eigenbasis and not first and (t // frequency) % config.eigh_every:
-            self._refresh_bases(w.state, slots)  # this root step's update, on the device
+            refresh.append((w.state, slots))  # this root step's update, on the device
             return False
         if first:
             due = t
         else:
-            staleness = self._roots.staleness(w.group, config.staleness, frequency)
+            staleness = self.scheduler.staleness(w.group, config.staleness, frequency)
             due = min(t + staleness, (t // frequency + 1) * frequency)
         beta2 = config.beta2
         scale = 1.0 - beta2**t if config.bias_correction and beta2 < 1.0 else 1.0
         if config.eigenbasis and config.basis_refresh and due > t:
-            self._refresh_bases(w.state, slots)
+            refresh.append((w.state, slots))
         try:
             epsilon = config.epsilon_at(t)
         except (TypeError, ValueError) as exc:  # a broken damping schedule: failed roots
-            return self._roots.submit(w.p, slots, exc, t, due)
+            return self.scheduler.submit(w.p, slots, exc, t, due)
         exponent = config.root_exponent or 2.0 * sum(w.layout.factored)
 
         def jobs(staging: list[Staging]) -> list[RootJob]:
@@ -144,7 +341,7 @@ class RootCycles:
             ]
 
         # an eigenbasis is installed next to the previous one (the moments move between them)
-        return self._roots.submit(w.p, slots, jobs, t, due, in_place=not config.eigenbasis)
+        return self.scheduler.submit(w.p, slots, jobs, t, due, in_place=not config.eigenbasis)
 
     def _refresh_bases(self, state: dict[str, Any], slots: list[Slot]) -> None:
         """At a root step without exact bases, or while they are computed off the step, the
@@ -162,143 +359,6 @@ class RootCycles:
                 slot.roots.copy_(torch.where(keep, slot.roots, previous))
             bucket, member, dim = slot.place
             eigenbasis.change_basis(state, member, bucket.block_shape, dim, previous, slot.roots)
-
-    def _install_due_roots(
-        self,
-        p: torch.Tensor,
-        state: dict[str, Any],
-        config: EngineConfig,
-        group: dict[str, Any],
-        t: int,
-    ) -> None:
-        """Install the pending roots of ``p`` if they are due at step ``t``: the usable ones
-        are copied into the bucket's root stack (one copy per job when all of its roots are);
-        a failed one keeps the previous root, with a warning, or raises after
-        ``max_root_failures`` consecutive failures of the same factor."""
-        roots = self._roots
-        auto = config.staleness is None
-        pending = roots.take_due(p, t, group, config.frequency, auto)
-        if pending is None:
-            return
-        if auto and roots.should_warn_capped():
-            warnings.warn(
-                f"{type(self).__name__}: the inverse roots take longer than "
-                f"precondition_frequency={config.frequency} training steps, so steps keep "
-                f"waiting for them (root_stats()['stalls']); raise precondition_frequency or "
-                f"root_workers, or lower block_size (a root costs about block_size³)",
-                RuntimeWarning,
-                stacklevel=user_stacklevel(),
-            )
-        stats, index = roots.stats, self._locate(p)[0]
-        self._rooted.pop(p, None)
-        slots = self._slots.get(id(p), [])
-        failed: list[tuple[int, str, BaseException | None]] = []
-        installed: list[int] = []
-        for i, (ticket, indices) in enumerate(zip(pending.tickets, pending.factors)):
-            outcomes = outcomes_of(ticket, indices)
-            ok = [o.ok for o in outcomes]
-            if pending.buffers and not pending.buffers[i].in_place and any(ok):
-                buffers = pending.buffers[i]
-                previous = slots[i].roots.clone() if config.eigenbasis else None
-                first = None
-                if previous is not None:  # blocks whose previous basis is the identity
-                    had = [not bool(state["has_root"][j]) for j in indices]
-                    first = device.small_tensor(had, previous.device) if any(had) else None
-                if all(ok):
-                    buffers.uploaded = slots[i].install(buffers.result)
-                else:
-                    for row in (r for r, fine in enumerate(ok) if fine):
-                        buffers.uploaded = slots[i].install(buffers.result[row], row)
-                if previous is not None:
-                    bucket, member, dim = slots[i].place
-                    eigenbasis.change_basis(
-                        state, member, bucket.block_shape, dim, previous, slots[i].roots, first
-                    )
-            for j, outcome in zip(indices, outcomes):
-                stats.root_seconds += outcome.seconds
-                stats.roots_solved += outcome.seconds > 0  # (another rank's, or loaded: 0)
-                stats.last_error[index, j] = outcome.error
-                if outcome.ok:
-                    installed.append(j)
-                else:
-                    failed.append((j, outcome.reason, _cause(ticket)))
-        if installed:  # one write per flag tensor, not one per factor (thousands at block 8)
-            stats.roots_computed += len(installed)
-            where = _as_index(sorted(installed))
-            state["root_failures"][where] = 0
-            state["has_root"][where] = True
-        for j, reason, cause in failed:
-            stats.root_failures += 1
-            state["root_failures"][j] += 1
-            failures = int(state["root_failures"][j])
-            message = (
-                f"inverse root of {self._factor_name(p, j)} from step {pending.submitted} "
-                f"failed: {reason}"
-            )
-            if failures >= config.max_root_failures:
-                raise RuntimeError(
-                    f"{type(self).__name__}: {message}; {failures} consecutive failures "
-                    f"(max_root_failures={config.max_root_failures})"
-                ) from cause
-            warnings.warn(
-                f"{type(self).__name__}: {message}; keeping the previous root "
-                f"({failures} consecutive)",
-                RuntimeWarning,
-                stacklevel=user_stacklevel(),
-            )
-        self._share_roots(p, state)
-
-    def _share_roots(self, p: torch.Tensor, state: dict[str, Any]) -> None:
-        """Copy the roots of ``p`` just installed (and their flags) into its followers."""
-        for f in self._followers_of(p):
-            mine = self.state.get(f)  # type: ignore[attr-defined]
-            if not mine or len(mine["roots"]) != len(state["roots"]):
-                continue  # not stepped yet: it gets them at the next install
-            for src, dst in zip(state["roots"], mine["roots"]):
-                dst.copy_(src)
-            mine["has_root"].copy_(state["has_root"])
-            mine["root_failures"].copy_(state["root_failures"])
-            self._rooted.pop(f, None)
-
-    # ------------------------------------------------------------------- names and stats
-
-    def _describe(self, p: torch.Tensor) -> str:
-        return f"{self._locate(p)[0]} (shape {tuple(p.shape)})"
-
-    def _factor_name(self, p: torch.Tensor, j: int) -> str:
-        """Factor ``j`` of ``p`` in words (every block has the same factored dims)."""
-        layout = self._layout_of(p, self._config(self._locate(p)[1]))
-        dims = [d for d, f in enumerate(layout.factored) if f]
-        return f"parameter {self._describe(p)} block {j // len(dims)} dim {dims[j % len(dims)]}"
-
-    def root_stats(self) -> dict[str, Any]:
-        """Plain numbers about the inverse roots since this optimizer object was created.
-
-        ``roots_computed`` / ``root_failures``: roots installed / rejected (non-finite or failed
-        solves; the previous root stays). ``roots_solved_here``: those this process solved
-        itself (with ``partition_roots``, its share; roots loaded from a checkpoint: none).
-        ``stalls`` / ``stall_seconds``: steps that waited for
-        a late root of a later cycle, and how long. ``first_root_seconds``: time spent waiting
-        for first root cycles, which are installed in the step that computes them.
-        ``root_staleness``: the staleness each group's later cycles use (an ``"auto"`` group's
-        fitted value; ``None`` until it is fitted; one int when all groups agree).
-        ``staleness_increases``: times an auto staleness grew after a stall.
-        ``mean_staleness`` / ``max_staleness``: age in steps of the installed roots.
-        ``mean_root_seconds``: solver time per root. ``pending_parameters``: parameters with
-        roots in flight. ``skipped_blocks``: blocks skipped for non-finite gradients.
-        ``state_bytes`` / ``host_buffer_bytes``: bytes of the optimizer state and of the host
-        buffers of roots that run off the step; ``state_bytes_per_element``: state bytes per
-        parameter element (Adam's float32 moments: 8).
-        ``last_error``: per factor, the solver's own accuracy estimate for its last root, not a
-        failure: 0.0 for the direct methods (eigh, cholesky), the residual for newton.
-        """
-        return telemetry.root_stats(self)  # type: ignore[arg-type]
-
-    def _resolved_staleness(self, group: dict[str, Any]) -> int | None:
-        setting = self._config(group).staleness
-        if setting is not None:
-            return setting
-        return group.get(FITTED) if self._async_roots else 0
 
 
 def _cause(ticket: Any) -> BaseException | None:

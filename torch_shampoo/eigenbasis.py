@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from . import step
+from . import bucketed, step
 from .buckets import Bucket, Member
 from .step import Unit
 
@@ -117,7 +117,7 @@ def rotate(
     """Replace the tensor ``attr`` (``"g"``, ``"direction"``) of every unit that has a basis
     in this step by its rotation into the basis (``back``: out of it), computed per bucket.
     Blocks that have no basis yet keep their values."""
-    shares = step.PerBucket(units, buckets, stacked)
+    shares = bucketed.PerBucket(units, buckets, stacked)
     for share in shares:
         if not share.bucket.roots:
             continue  # no factored dim: nothing to rotate
@@ -146,7 +146,7 @@ def step_units(
     in the basis, the direction rotated back, the update."""
     for u in units:
         u.g = step.gradient(u)
-    step.statistics(units, buckets, stacked, keep_gradients=True)
+    bucketed.statistics(units, buckets, stacked, keep_gradients=True)
     roots_of_this_step()  # a first basis is installed (the moments moved into it) now
     rotate(units, buckets, stacked, "g", back=False)
     for u in units:

@@ -20,7 +20,7 @@ from .grafting import SECOND_MOMENT, graft_directions, update_graft_states
 from .state import state_dtype
 from .step import Unit
 
-__all__ = ["accumulate", "directions", "update_parameters"]
+__all__ = ["directions", "gradients", "moments", "update_parameters"]
 
 SMALL = 1 << 16
 """Units of at most this many elements are batched. A larger unit's kernels outweigh the call,
@@ -52,15 +52,25 @@ def _batches(units: list[Unit]) -> Plan:
     return batches, alone
 
 
-def accumulate(units: list[Unit]) -> Plan:
-    """:func:`torch_shampoo.step.accumulate` of every unit: the gradients (per unit, with the
-    guard), then the first moment and the graft's second moment per batch. Returns the
-    batches, for the step's other elementwise lines."""
+def gradients(units: list[Unit]) -> Plan:
+    """This step's gradient of every unit (:func:`torch_shampoo.step.gradient`, with the guard)
+    and the statistics prepared outside the step (:func:`torch_shampoo.step.curvature`).
+    Returns the batches, for the step's elementwise lines."""
     for u in units:
         u.g = step.gradient(u)
-    plan = batches, alone = _batches(units)
+    for u in units:
+        step.curvature(u)
+    return _batches(units)
+
+
+def moments(units: list[Unit], plan: Plan) -> None:
+    """The first moment and the graft's second moment from the gradients, per unit or per
+    batch of ``plan`` (:func:`torch_shampoo.step.update_moments`); the gradients are dropped."""
+    batches, alone = plan
     for i in alone:
-        step.feed(units[i])
+        u = units[i]
+        assert u.g is not None
+        step.update_moments(u, u.g)
     for indices in batches:
         batch = [units[i] for i in indices]
         config, states = batch[0].config, [u.state for u in batch]
@@ -76,12 +86,13 @@ def accumulate(units: list[Unit]) -> Plan:
         if config.grafting in SECOND_MOMENT:
             v = [s["graft_v"] for s in states]
             update_graft_states(config.grafting, v, grads, config.grafting_beta2)
-    return plan
+    for u in units:
+        u.g = None
 
 
 def directions(units: list[Unit], plan: Plan) -> None:
     """:func:`torch_shampoo.step.directions` of every unit (batched as ``plan``, from
-    :func:`accumulate`): m̂ and the graft's direction."""
+    :func:`gradients`): m̂ and the graft's direction."""
     batches, alone = plan
     for i in alone:
         step.directions(units[i])

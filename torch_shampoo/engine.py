@@ -1,60 +1,52 @@
 """The engine Shampoo, SOAP and NG+ share: Kronecker-factored statistics, CPU roots, the step.
 
-Per block of a parameter (:mod:`torch_shampoo.blocking`), the engine keeps one statistics factor
-F_i per *factored* dim, computes X_i = (F_i/bc + εI)^(−1/r) through :mod:`torch_shampoo.root_pool`
-and applies the step written in :class:`PreconditionerEngine`. Equal-shape blocks are stacked
-into buckets (:mod:`~torch_shampoo.buckets`): statistics, preconditioning and root jobs work on
-whole stacks. A front end (Shampoo, SOAP, NG+) maps its kwargs onto an :class:`EngineConfig`
-per group and picks the layout. This class is glue: the math is :mod:`~torch_shampoo.step`,
-root cycles :mod:`~torch_shampoo.cycles`, state :mod:`~torch_shampoo.state`, ``checkpoint``.
+Per block of a parameter (:mod:`torch_shampoo.blocking`) one statistics factor F_i per factored
+dim; X_i = (F_i/bc + εI)^(−1/r) from :mod:`torch_shampoo.root_pool`; equal-shape blocks stacked
+into buckets (:mod:`~torch_shampoo.buckets`). A front end maps its kwargs onto an
+:class:`EngineConfig` per group. This class is glue over the parts it owns: the book of its
+parameters (:mod:`~torch_shampoo.ledger`), the root cycles (:mod:`~torch_shampoo.cycles`), the
+state-dict codec (:mod:`~torch_shampoo.checkpoint`); the math is :mod:`~torch_shampoo.step`.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
-from functools import lru_cache
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Mapping
+from types import MappingProxyType
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from . import device, eigenbasis, elementwise, sharded, step
-from .blocking import BlockLayout, block_layout, output_side_layout
-from .buckets import Bucket, advance_steps, plan_buckets, slots_of
-from .checkpoint import Checkpointing
+from . import bucketed, checkpoint, device, eigenbasis, elementwise, sharded, step, telemetry
+from .blocking import BlockLayout
+from .buckets import Bucket, advance_steps
 from .config import EngineConfig, revalidate, world_size
-from .cycles import RootCycles
-from .grafting import SECOND_MOMENT
+from .cycles import Front, RootCycles, RootFailure
+from .ledger import Ledger, Undo, layout
 from .partition import Partition
-from .scheduler import RootScheduler, Slot
+from .scheduler import RootScheduler
 from .shares import StateShares
-from .state import check_state, init_state, recast, state_dtype
 from .step import Work
 
 __all__ = ["EngineConfig", "PreconditionerEngine"]
 
-
-@lru_cache(maxsize=1024)
-def _layout(
-    shape: tuple[int, ...], block_size: int, max_factor_dim: int, merge: bool | str, vectors: bool
-) -> BlockLayout:
-    if len(shape) == 1 and not vectors:
-        return output_side_layout(shape, block_size, False)  # no factor: the graft alone
-    return block_layout(shape, block_size, max_factor_dim, merge)
-
-
 _Engine = TypeVar("_Engine", bound="PreconditionerEngine")
 
 
-class PreconditionerEngine(RootCycles, Checkpointing):
+class PreconditionerEngine(torch.optim.Optimizer):
     r"""A ``torch.optim.Optimizer`` preconditioning each block of a gradient with Kronecker factors.
 
     The step is the one written in :class:`torch_shampoo.Shampoo`'s docstring, with every setting
     taken from the group's :class:`EngineConfig`; when roots are computed and installed is the
     :class:`~torch_shampoo.scheduler.RootScheduler`'s business. A block takes the graft's
     direction until all of its roots are installed. Subclasses define :meth:`_config` and
-    :meth:`_validate`, and may override :meth:`_layout_of` and :meth:`_take_curvature`.
+    :meth:`_validate`, and may override :meth:`_layout_of`, :meth:`_take_curvature`,
+    :meth:`_leader_of` and :meth:`_followers_of`.
     """
+
+    _ADDED_GROUP_KEYS: ClassVar[Mapping[str, Any]] = MappingProxyType({})
+    """Group settings added after a front end's first release, with the value that keeps the
+    behaviour a state dict or pickle without them was saved with (filled in on loading)."""
 
     def __init__(
         self,
@@ -92,18 +84,41 @@ class PreconditionerEngine(RootCycles, Checkpointing):
         """Raise ValueError/TypeError naming the first bad hyperparameter of ``group``."""
         raise NotImplementedError
 
+    def _layout_of(self, p: torch.Tensor, config: EngineConfig) -> BlockLayout:
+        c = config
+        return layout(tuple(p.shape), c.block_size, c.max_factor_dim, c.merge_dims, c.vectors)
+
+    def _take_curvature(self, p: torch.Tensor) -> torch.Tensor | None:
+        """Statistics prepared outside the step (NG+'s per-sample hooks); None: use G Gᵀ."""
+        return None
+
+    def _leader_of(self, p: torch.Tensor) -> torch.Tensor | None:
+        """The parameter whose roots ``p`` uses instead of computing its own (NG+: a hooked
+        layer's bias shares its weight's F, hence its inverse); None: its own."""
+        return None
+
+    def _followers_of(self, p: torch.Tensor) -> list[torch.Tensor]:
+        """The parameters whose leader is ``p``."""
+        return []
+
     def _init_runtime(self) -> None:
         """Runtime objects that are never part of the state: threads, buffers, tickets."""
-        self._roots = RootScheduler(self._async_roots, self._root_workers)
-        self._checked: dict[torch.Tensor, tuple[BlockLayout, dict[str, Any], torch.dtype]] = {}
-        self._rooted: dict[torch.Tensor, tuple[bool, ...] | None] = {}
-        self._index: dict[int, tuple[int, dict[str, Any], torch.Tensor]] = {}
-        self._buckets: list[Bucket] | None = None
-        self._slots: dict[int, list[Slot]] = {}
+        self._ledger = Ledger(type(self).__name__, lambda p, c: self._layout_of(p, c))
+        # (each looked up at the call: front ends and tests replace them on the object)
+        front = Front(type(self).__name__, lambda g: self._config(g), lambda p: self._leader_of(p),
+                      lambda p: self._followers_of(p), lambda p: self._locate(p)[0],
+                      lambda p, j: self._factor_name(p, j))  # fmt: skip
+        self._cycles = RootCycles(RootScheduler(self._async_roots, self._root_workers), front)
         self._loading: dict[str, Any] | None = None
         self._shares: StateShares | None = None  # partition_state: the owners
         self._seen_groups: dict[int, list[Any]] = {}  # the settings last validated
-        self._consolidated, self._spread = None, False  # spread: this rank's is a share
+        self._consolidated: dict[str, Any] | None = None
+        self._spread = False  # this rank's state is a share
+
+    # The parts' state, by the names tests and front ends know.
+    _roots = property(lambda self: self._cycles.scheduler)
+    _slots = property(lambda self: self._cycles.slots)
+    _buckets = property(lambda self: self._ledger.buckets)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Validate a group (with the defaults filled in) before adding it: a rejected group
@@ -120,9 +135,8 @@ class PreconditionerEngine(RootCycles, Checkpointing):
         if getattr(self, "_shares", None) is not None:
             raise RuntimeError("partition_state: add parameter groups before the first step")
         super().add_param_group(param_group)
-        if hasattr(self, "_index"):
-            self._index.clear()
-            self._buckets = None
+        if hasattr(self, "_ledger"):
+            self._ledger.forget_groups()
 
     # --------------------------------------------------------------------------- the step
 
@@ -143,20 +157,42 @@ class PreconditionerEngine(RootCycles, Checkpointing):
     # Host-side bookkeeping (counters, state checks, bucket plans, root schedules, thread
     # hand-offs) runs eagerly even under torch.compile; the tensor math between it reads no
     # Python value that changes from step to step, so a compiled step does not recompile.
+    # Roots that fail past their limit raise before the step changes any state (the gradient,
+    # statistics and roots come first; what they changed is put back).
     def _step_parameters(self) -> None:
-        work, buckets, stepped = self._begin_step()
-        units, stacked = step.units_of(work, buckets)
-        step.mark_finite(units)
-        if any(w.config.eigenbasis for w in work):
-            eigenbasis.step_units(units, buckets, stacked, lambda: self._roots_of_this_step(work))
-        else:
-            plan = elementwise.accumulate(units)
-            step.statistics(units, buckets, stacked)
-            self._roots_of_this_step(work)
-            elementwise.directions(units, plan)
-            updates = step.precondition(units, buckets, stacked)
-            elementwise.update_parameters(units, updates, plan)
+        work, buckets, stepped, undo = self._begin_step()
+        try:
+            units, stacked = step.units_of(work, buckets)
+            step.mark_finite(units)
+            roots = self._cycles.of_this_step  # (not traced)
+            if any(w.config.eigenbasis for w in work):
+                eigenbasis.step_units(
+                    units, buckets, stacked, lambda: roots(work, self.param_groups, self.state)
+                )
+            else:
+                plan = elementwise.gradients(units)
+                bucketed.statistics(units, buckets, stacked, keep_gradients=True)
+                roots(work, self.param_groups, self.state)
+                elementwise.moments(units, plan)
+                elementwise.directions(units, plan)
+                updates = bucketed.precondition(units, buckets, stacked)
+                elementwise.update_parameters(units, updates, plan)
+        except RootFailure:
+            self._undo(undo, work)
+            raise
         self._finish_step(stepped)
+
+    @torch.compiler.disable
+    def _undo(self, undo: Undo | None, work: list[Work]) -> None:
+        """Leave the state as if the step had not happened: its tensors as copied before it,
+        states it made dropped, its root jobs dropped, the roots it installed pending again."""
+        assert undo is not None  # (roots fail within a step only where they may be solved)
+        undo.restore(self.state, self._ledger)
+        cycles = self._cycles
+        cycles.forget([(w.p, w.t) for w in work])
+        cycles.put_back([due[4] for due in undo.taken.values()], list(undo.taken))
+        for w in work:
+            cycles.rooted.pop(w.p, None)
 
     @torch.compiler.disable
     def _finish_step(self, stepped: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -166,15 +202,17 @@ class PreconditionerEngine(RootCycles, Checkpointing):
             self._shares.broadcast(stepped)
         for p, whole in stepped:
             sharded.write_back(p, whole)
-        self._send_roots()
+        self._cycles.scheduler.send()
 
     @torch.compiler.disable
-    def _begin_step(self) -> tuple[list[Work], list[Bucket], list[tuple[torch.Tensor, Any]]]:
+    def _begin_step(
+        self,
+    ) -> tuple[list[Work], list[Bucket], list[tuple[torch.Tensor, Any]], Undo | None]:
         """Per parameter with a gradient: its state (created or checked), the buckets (planned
-        again when a parameter or its state is new), its roots due now; then the step
-        counters advance."""
+        again when a parameter or its state is new), its roots due now (checked, then
+        installed); what the step may have to undo; then the step counters advance."""
         revalidate(self.param_groups, self._seen_groups, self._validate)
-        roots, shares = self._roots, self._state_shares()
+        roots, shares = self._cycles.scheduler, self._state_shares()
         wanted = getattr(self, "_partition_roots", False)  # (absent from earlier pickles)
         if wanted and shares is None and roots.partition is None and world_size() > 1:
             roots.partition = Partition()  # every rank at its first step (collective)
@@ -183,115 +221,177 @@ class PreconditionerEngine(RootCycles, Checkpointing):
         roots.send()  # left over if the previous step raised
         roots.revive(here=False)  # roots cancelled by close() or a fork
         ready, stepped = [], []  # stepped: (p, the whole p) of every p with a gradient
+        ledger, created = self._ledger, list[torch.Tensor]()
         for group in self.param_groups:
             config = self._config(group)
             for p in (p for p in group["params"] if p.grad is not None):
                 stepped.append((p, sharded.gathered(p)))  # (a collective for a DTensor)
                 if shares is None or shares.mine(p):
-                    ready.append((p, config, group, self._state_of(p, config), stepped[-1][1]))
-        buckets = self._plan()
-        work = [self._work_of(*args) for args in ready]
+                    layout = ledger.state_of(p, self.state, config, self._describe, created)
+                    ready.append((p, config, group, layout, stepped[-1][1]))
+        cycles, state = self._cycles, self.state
+        if ledger.buckets is None:  # planned again: a new parameter, or new state
+            cycles.slots = ledger.plan(self.param_groups, state, self._config, self._compact_state)
+        buckets = ledger.buckets
+        assert buckets is not None
+        ready_t = [(p, state[p], c, g, int(state[p]["step"]) + 1) for p, c, g, *_ in ready]
+        try:
+            due = cycles.take_due(ready_t)
+        except RootFailure:
+            ledger.drop(state, created)
+            raise
+        undo = None
+        if any(cycles.may_solve_now(*args) for args in ready_t):  # (copies what it changes)
+            eigen = any(c.eigenbasis for _, c, *_ in ready)
+            undo = Undo([s for _, s, *_ in ready_t], created, due, eigen)
+        work = [self._work_of(*args, due.get(args[0])) for args in ready]
         advance_steps([w.state for w in work], buckets)
         step.step_scalars(work)
-        return work, buckets, stepped
-
-    def _state_of(self, p: torch.Tensor, config: EngineConfig) -> BlockLayout:
-        """Create or check the state of ``p``; returns its layout."""
-        assert p.grad is not None
-        if p.grad.is_sparse:
-            raise RuntimeError(
-                f"{type(self).__name__} does not support sparse gradients "
-                f"(parameter {self._describe(p)})"
-            )
-        layout = self._layout_of(p, config)
-        state = self.state[p]
-        if not state:
-            init_state(p, state, layout)
-        checked = self._checked.get(p, (None, None, None))
-        if checked[0] is not layout or checked[1] is not state or checked[2] is not p.dtype:
-            # again after a load, a block-size change or a new dtype (model.double())
-            check_state(type(self).__name__, self._describe(p), p, state, layout)
-            recast(state, p)
-            self._checked[p] = (layout, state, p.dtype)
-            self._buckets = None  # a new parameter, or new state: stack again
-        for key, used in (
-            ("exp_avg", config.beta1 != 0),  # with β₁ = 0 the first moment is the gradient
-            ("momentum_buffer", config.momentum != 0),
-            ("graft_v", config.grafting in SECOND_MOMENT),
-        ):
-            if used and key not in state:
-                state[key] = torch.zeros(p.shape, dtype=state_dtype(p), device=p.device)
-                self._buckets = None  # stack it with the others
-            elif key == "exp_avg" and not used and key in state:
-                del state[key]  # (a checkpoint's): unused, and overwritten before any read
-                self._buckets = None
-        return layout
+        return work, buckets, stepped, undo
 
     def _work_of(
-        self,
-        p: torch.Tensor,
-        config: EngineConfig,
-        group: dict[str, Any],
-        layout: BlockLayout,
-        whole: torch.Tensor,
-    ) -> Work:
-        state = self.state[p]
-        t = int(state["step"]) + 1
-        self._install_due_roots(p, state, config, group, t)
-        return Work(
-            p=p,
-            state=state,
-            config=config,
-            layout=layout,
-            t=t,
-            group=group,
-            rooted=self._rooted_blocks(p, state, layout, config),
-            curvature=self._take_curvature(p),
-            param=whole,
-        )
+        self, p: torch.Tensor, config: EngineConfig, group: dict[str, Any], layout: BlockLayout,
+        whole: torch.Tensor, due: Any,
+    ) -> Work:  # fmt: skip
+        if due is not None:
+            self._cycles.install(due, self.state)
+        state, t = self.state[p], int(self.state[p]["step"]) + 1
+        rooted = self._cycles.rooted_blocks(p, state, layout, config)
+        return Work(p, state, config, layout, t, group, rooted, self._take_curvature(p), whole)
 
-    def _plan(self) -> list[Bucket]:
-        """The buckets of every parameter with state (planned again when one is added or the
-        state is loaded: its factors and roots are then copied into the stacks)."""
-        if self._buckets is None:
-            entries = []
-            for index, group in enumerate(self.param_groups):
-                config = self._config(group)
-                for p in group["params"]:
-                    state = self.state.get(p)
-                    if state and "factors" in state:
-                        entries.append((index, p, self._layout_of(p, config), state))
-            self._buckets, placements = plan_buckets(entries, packed=self._compact_state)
-            self._slots = {i: slots_of(places) for i, places in placements.items()}
-        return self._buckets
+    # --------------------------------------------------------------------- names
 
-    def _rooted_blocks(
-        self, p: torch.Tensor, state: dict[str, Any], layout: BlockLayout, config: EngineConfig
-    ) -> tuple[bool, ...] | None:
-        """Per block, are all its roots installed (an eigenbasis: any of its factors' bases,
-        the others being I)? Cached; None when every block's are."""
-        if p not in self._rooted:
-            has_root = state["has_root"].tolist()
-            k = len(has_root) // layout.num_blocks if layout.num_blocks else 0
-            enough = any if config.eigenbasis and k else all  # no factor: nothing missing
-            blocks = tuple(enough(has_root[b * k : (b + 1) * k]) for b in range(layout.num_blocks))
-            self._rooted[p] = None if all(blocks) else blocks
-        return self._rooted[p]
+    def _locate(self, p: torch.Tensor) -> tuple[int, dict[str, Any]]:
+        """The parameter's index (over all groups) and its group, in O(1)."""
+        return self._ledger.locate(p, self.param_groups)
 
-    def _take_curvature(self, p: torch.Tensor) -> torch.Tensor | None:
-        """Statistics prepared outside the step (NG+'s per-sample hooks); None: use G Gᵀ."""
-        return None
+    def _group_of(self, p: torch.Tensor) -> dict[str, Any]:
+        return self._locate(p)[1]
 
-    def _layout_of(self, p: torch.Tensor, config: EngineConfig) -> BlockLayout:
-        c = config
-        return _layout(tuple(p.shape), c.block_size, c.max_factor_dim, c.merge_dims, c.vectors)
+    def _all_params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _describe(self, p: torch.Tensor) -> str:
+        return f"{self._locate(p)[0]} (shape {tuple(p.shape)})"
+
+    def _factor_name(self, p: torch.Tensor, j: int) -> str:
+        """Factor ``j`` of ``p`` in words (every block has the same factored dims)."""
+        layout = self._layout_of(p, self._config(self._group_of(p)))
+        dims = [d for d, f in enumerate(layout.factored) if f]
+        return f"parameter {self._describe(p)} block {j // len(dims)} dim {dims[j % len(dims)]}"
+
+    def root_stats(self) -> dict[str, Any]:
+        """Plain numbers about the inverse roots since this optimizer object was created:
+        the keys of :func:`torch_shampoo.telemetry.root_stats`."""
+        roots, params = self._cycles.scheduler, self._all_params()
+        errors = [(i, j) for i, j in roots.stats.last_error if i < len(params)]
+        names = {(i, j): self._factor_name(params[i], j) for i, j in errors}
+        staleness = [self._cycles.staleness_of(group) for group in self.param_groups]
+        elements, host = sum(p.numel() for p in self.state), roots.staging.values()
+        return telemetry.root_stats(telemetry.Report(
+            roots.stats, staleness, len(roots.pending), list(self.state.values()), elements,
+            telemetry.host_bytes(host), names,
+        ))  # fmt: skip
+
+    # -------------------------------------------------------------- state dicts, pickling
+
+    def _state_shares(self) -> StateShares | None:
+        """The owner of each parameter (``partition_state`` with several processes), made from
+        the global shapes alone when first needed; None: this process steps every parameter."""
+        if self._shares is None and getattr(self, "_partition_state", False) and world_size() > 1:
+            params = self._all_params()
+            layouts = [self._layout_of(p, self._config(self._group_of(p))) for p in params]
+            self._shares = StateShares(params, layouts, self._leader_of)
+        return self._shares
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state, with roots still in flight waited for and included, so it can resume.
+        With ``partition_state`` under DDP, the whole state gathered by the last
+        :meth:`consolidate_state_dict`, or this rank's share when ``torch.distributed.
+        checkpoint`` asks (it saves every rank's); otherwise, after a step, a RuntimeError
+        (this rank holds only its share: saved alone, the others' parameters would restart)."""
+        shares = self._state_shares()
+        if shares is None or not self._spread:
+            return self._local_state_dict()
+        owner, local, params = type(self).__name__, self._local_state_dict, self._all_params()
+        return checkpoint.shared_state_dict(owner, local, shares, self._consolidated, params)
+
+    def consolidate_state_dict(self) -> None:
+        """Gather every rank's share of the state (``partition_state``; collective: call it on
+        every rank), so that ``state_dict()`` returns the whole until the next step. Without
+        shares it does nothing."""
+        shares = self._state_shares()
+        if shares is not None:
+            packed = self._local_state_dict()
+            packed["state"] = shares.gather(packed["state"])
+            self._consolidated = packed
+
+    def _local_state_dict(self) -> dict[str, Any]:
+        packed = super().state_dict()
+        pending = self._cycles.scheduler.export()  # roots in flight, waited for
+        params, compact = self._all_params(), self._compact_state
+        return checkpoint.local_state_dict(packed, self.state, params, pending, compact)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load state as the base class does (hooks included), except that floating-point state
+        takes the parameter's state dtype (float32 factors of a bf16 parameter stay float32),
+        host entries stay on the CPU, and state that does not fit a parameter's layout is
+        refused before anything changes."""
+        loading: dict[str, Any] = {}
+        added = self._ADDED_GROUP_KEYS
+        settings = checkpoint.settings_of(type(self), self.defaults, added)
+        codec = checkpoint.Codec(type(self).__name__, settings, added, self._config,
+                                 self._group_of, self._describe, self._layout_of)  # fmt: skip
+        hook = checkpoint.capture(codec, self._all_params(), self._state_shares(), loading)
+        handle = self.register_load_state_dict_pre_hook(hook)
+        self._loading = loading
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            handle.remove()
+            self._loading = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        pending = self._cycles.scheduler.export()
+        compact = getattr(self, "_compact_state", False)
+        state["state"] = type(self.state)(dict, checkpoint.pickled(self.state, pending, compact))
+        for key in ("_async_roots", "_root_workers", "_partition_roots", "_partition_state"):
+            state[key] = getattr(self, key, False)
+        state["_compact_state"] = compact
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickling (a fresh object) or the last stage of :meth:`load_state_dict`."""
+        loading = getattr(self, "_loading", None)
+        super().__setstate__(state)
+        self.__dict__.setdefault("_compact_state", False)  # pickled before it existed
+        for key, value in self._ADDED_GROUP_KEYS.items():
+            self.defaults.setdefault(key, value)
+            for group in self.param_groups:
+                group.setdefault(key, value)
+        if loading is None:
+            self._init_runtime()
+            self._spread = bool(self.state) and self._state_shares() is not None
+        else:  # replace the base class's dtype-cast copies by the saved tensors
+            self._cycles.scheduler.clear()
+            self._cycles.rooted.clear()
+            self._ledger.forget_all()
+            checkpoint.restore_loaded(self.state, loading)
+            shares = self._state_shares()
+            if shares is not None:  # keep this rank's share of a whole state
+                for p in [p for p in self.state if not shares.mine(p)]:
+                    del self.state[p]
+                self._spread = True
+        layout_of = lambda p: self._layout_of(p, self._config(self._group_of(p)))  # noqa: E731
+        checkpoint.adopt_pending(self.state, layout_of, self._cycles.scheduler.adopt)
 
     # ----------------------------------------------------------------------- lifecycle
 
     def close(self) -> None:
         """Stop the root worker threads at once (idempotent). Roots they had not finished are
         computed again by the next step (or by ``state_dict()``); nothing is lost."""
-        self._roots.close()
+        self._cycles.scheduler.close()
 
     def __enter__(self: _Engine) -> _Engine:
         return self

@@ -11,15 +11,15 @@ computes bitwise what its parameters would one at a time.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from . import device, kernels, packing
+from . import device, kernels
 from .blocking import BlockLayout, expand_grid
-from .buckets import Bucket, Member
+from .buckets import Bucket
 from .config import EngineConfig
 from .grafting import graft_direction, update_graft_state
 from .state import state_dtype
@@ -27,15 +27,12 @@ from .state import state_dtype
 __all__ = [
     "Unit",
     "Work",
-    "accumulate",
+    "curvature",
     "directions",
-    "feed",
     "gradient",
     "learning_rate",
     "mark_finite",
-    "precondition",
     "rows_of",
-    "statistics",
     "step_scalars",
     "units_of",
     "update_moments",
@@ -216,24 +213,14 @@ def gradient(u: Unit) -> torch.Tensor:
     return g
 
 
-def accumulate(u: Unit) -> None:
-    """The gradient and the moments it feeds: the first moment and the graft's second moment;
-    with statistics prepared outside the step (NG+), the factors too. ``u.g`` keeps the
-    gradient for the bucket statistics."""
-    u.g = gradient(u)
-    feed(u)
-
-
-def feed(u: Unit) -> None:
-    """:func:`accumulate` after the gradient ``u.g``."""
-    assert u.g is not None
-    update_moments(u, u.g)
+def curvature(u: Unit) -> None:
+    """F ← β₂F + Ĝ per factor from statistics prepared outside the step (NG+'s per-sample
+    ones), for a parameter that has them; the others' come from :mod:`~torch_shampoo.bucketed`."""
     w = u.works[0]
     if u.bucket is None and w.curvature is not None:
         kernels.curvature_statistics(
             w.state["factors"], w.curvature, w.layout, u.config.beta2, u.cells
         )
-        u.g = None
 
 
 def update_moments(u: Unit, g: torch.Tensor) -> None:
@@ -340,155 +327,3 @@ def units_of(work: list[Work], buckets: list[Bucket]) -> tuple[list[Unit], dict[
             covered.update(id(m.p) for m in bucket.members)
     units += [make_unit([w], None) for w in work if id(w.p) not in covered]
     return units, stacked
-
-
-def statistics(
-    units: list[Unit],
-    buckets: list[Bucket],
-    stacked: dict[int, Unit],
-    keep_gradients: bool = False,
-) -> None:
-    """F ← β₂F + w·G Gᵀ per bucket and factored dim: one batched product each. The gradient
-    copies are dropped after, unless ``keep_gradients``."""
-    single = {u.works[0].p: u for u in units if u.bucket is None and u.g is not None}
-    for bucket in buckets:
-        if not bucket.factors:
-            continue
-        unit = stacked.get(id(bucket))
-        if unit is not None:
-            assert unit.g is not None
-            rows, blocks, flags = None, unit.g, unit.cells
-        else:
-            members = [m for m in bucket.members if m.p in single]
-            if not members:
-                continue
-            parts = [single[m.p] for m in members]
-            rows = bucket.rows(members)
-            blocks = bucket.gather([u.g for u in parts], members)  # type: ignore[misc]
-            flags = None
-            if parts[0].cells is not None:
-                flags = torch.cat([m.flags(u.cells) for m, u in zip(members, parts)])  # type: ignore[arg-type]
-        factors = bucket.factors if rows is None else [f[rows] for f in bucket.factors]
-        beta2 = (unit or parts[0]).config.beta2
-        lower = None if bucket.triangles is None else [m.lower for m in bucket.triangles]
-        kernels.accumulate_statistics(factors, blocks, bucket.factored, beta2, flags, lower)
-        if rows is not None:
-            for whole, part in zip(bucket.factors, factors):
-                whole.index_copy_(0, rows, part)
-    if not keep_gradients:
-        for u in units:
-            u.g = None
-
-
-@dataclass
-class Share:
-    """One bucket's rows of the units that use their roots (Shampoo) or bases (SOAP) in this
-    step: a stacked unit's whole bucket, or the members of the single units that do."""
-
-    bucket: Bucket
-    unit: Unit | None
-    """The bucket's stacked unit (None: ``parts`` are single units)."""
-    parts: list[Unit]
-    members: list[Member]
-    flags: list[bool] | None
-    """Per stack row: does the block have its roots? (None: every block does.)"""
-
-    def stack(self, tensor_of: Callable[[Unit], torch.Tensor]) -> torch.Tensor:
-        """The parts' tensors as this bucket's (n, *block) stack (gathered for single units)."""
-        if self.unit is not None:
-            return tensor_of(self.unit)
-        return self.bucket.gather([tensor_of(u) for u in self.parts], self.members)
-
-    def roots(self) -> list[torch.Tensor]:
-        """The root (or basis) stacks of these rows, per factored dim (compact state: made
-        full from their triangles)."""
-        rows = self.bucket.rows(self.members)
-        roots = self.bucket.roots if rows is None else [r[rows] for r in self.bucket.roots]
-        if self.bucket.triangles is None:
-            return roots
-        return [packing.full(r, m.upper, upper=True) for r, m in zip(roots, self.bucket.triangles)]
-
-    def rooted(self, where: torch.device) -> torch.Tensor | None:
-        return None if self.flags is None else device.small_tensor(self.flags, where)
-
-
-class PerBucket:
-    """The buckets of a step, shared out to the units that use their roots; results come back
-    per unit (a single unit's from all of its buckets, written into one tensor)."""
-
-    def __init__(self, units: list[Unit], buckets: list[Bucket], stacked: dict[int, Unit]):
-        self.single = {u.works[0].p: u for u in units if u.bucket is None}
-        self.buckets, self.stacked = buckets, stacked
-        self.done: list[tuple[Unit, torch.Tensor]] = []
-        self.targets: dict[torch.Tensor, torch.Tensor] = {}
-
-    def __iter__(self) -> Iterator[Share]:
-        for bucket in self.buckets:
-            unit = self.stacked.get(id(bucket))
-            if unit is not None:
-                if not unit.works[0].preconditioned:
-                    continue
-                parts, members = [unit], bucket.members
-            else:
-                single = self.single
-                members = [m for m in bucket.members if m.p in single]
-                members = [m for m in members if single[m.p].works[0].uses_roots]
-                if not members:
-                    continue
-                parts = [single[m.p] for m in members]
-            works = [w for u in parts for w in u.works]
-            flags = None
-            if any(w.rooted is not None for w in works):
-                flags = [
-                    w.rooted is None or w.rooted[b]
-                    for m, w in zip(members, works)
-                    for b in m.blocks
-                ]
-            yield Share(bucket, unit, parts, members, flags)
-
-    def put(self, share: Share, result: torch.Tensor) -> None:
-        if share.unit is not None:
-            self.done.append((share.unit, result))
-        else:
-            share.bucket.scatter(result, share.members, self.targets)
-
-    def results(self) -> list[tuple[Unit, torch.Tensor]]:
-        return self.done + [(self.single[p], t) for p, t in self.targets.items()]
-
-
-def precondition(
-    units: list[Unit], buckets: list[Bucket], stacked: dict[int, Unit]
-) -> list[torch.Tensor | None]:
-    """Shampoo's grafted direction per bucket, for the parameters that use their roots in
-    this step: P = m̂ ×₁ X_1 ×₂ X_2 … per block, rescaled to the graft direction's norm per
-    block (the rescaling of all buckets at once); rows whose blocks have no roots yet take the
-    graft's direction (m̂ without a graft). Returned per unit, in the unit's shape (None for a
-    unit that uses no roots in this step)."""
-    shares = PerBucket(units, buckets, stacked)
-    found: list[tuple[Share, torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
-    products = []
-    for share in shares:
-        m_hat = share.stack(lambda u: u.m_hat)  # type: ignore[arg-type,return-value]
-        direction = None
-        if share.parts[0].direction is not None:
-            same = all(u.direction is u.m_hat for u in share.parts)
-            direction = m_hat if same else share.stack(lambda u: u.direction)  # type: ignore[arg-type,return-value]
-        if share.flags is not None and not any(share.flags):
-            if share.unit is None:  # the graft's direction (m̂ without one) for all of them
-                shares.put(share, m_hat if direction is None else direction)
-            continue
-        products.append(kernels.mode_products_stack(m_hat, share.roots(), share.bucket.factored))
-        found.append((share, m_hat, direction, share.rooted(m_hat.device)))
-    grafted = kernels.graft_stacks(products, [direction for _, _, direction, _ in found])
-    for (share, m_hat, direction, rooted), result in zip(found, grafted):
-        if rooted is not None:
-            fallback = m_hat if direction is None else direction
-            result = torch.where(rooted.view(-1, *(1,) * (m_hat.dim() - 1)), result, fallback)
-        shares.put(share, result)
-    # Matched by parameter, not by ``id(unit)``: a unit is new at every step, and under
-    # torch.compile its id would be a constant of the graph (a recompile per step).
-    position = {u.works[0].p: i for i, u in enumerate(units)}
-    out: list[torch.Tensor | None] = [None] * len(units)
-    for u, result in shares.results():
-        out[position[u.works[0].p]] = result
-    return out

@@ -2,22 +2,60 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from .engine import PreconditionerEngine
-
-__all__ = ["held_bytes", "memory", "nbytes", "root_stats"]
+__all__ = ["Report", "held_bytes", "host_bytes", "nbytes", "root_stats"]
 
 
-def root_stats(engine: PreconditionerEngine) -> dict[str, Any]:
-    """The numbers documented in :meth:`PreconditionerEngine.root_stats`."""
-    stats = engine._roots.stats
+@dataclass
+class Report:
+    """Plain data about an optimizer's roots and state, read by :func:`root_stats`."""
+
+    stats: Any
+    """The root scheduler's counters (:class:`~torch_shampoo.staleness.Stats`)."""
+    staleness: list[int | None]
+    """Per group, the staleness its later cycles use."""
+    pending: int
+    """Parameters with roots in flight."""
+    states: list[Any]
+    """The per-parameter states."""
+    elements: int
+    """Elements of the parameters with state."""
+    host_bytes: int
+    """Bytes of the host buffers of roots in flight."""
+    names: Mapping[tuple[int, int], str]
+    """(parameter index, factor) → its name in words, for every key of ``stats.last_error``."""
+
+
+def root_stats(report: Report) -> dict[str, Any]:
+    """What ``root_stats()`` returns: plain numbers about the inverse roots since the optimizer
+    object was created.
+
+    ``roots_computed`` / ``root_failures``: roots installed / rejected (non-finite or failed
+    solves; the previous root stays). ``roots_solved_here``: those this process solved
+    itself (with ``partition_roots``, its share; roots loaded from a checkpoint: none).
+    ``stalls`` / ``stall_seconds``: steps that waited for
+    a late root of a later cycle, and how long. ``first_root_seconds``: time spent waiting
+    for first root cycles, which are installed in the step that computes them.
+    ``root_staleness``: the staleness each group's later cycles use (an ``"auto"`` group's
+    fitted value; ``None`` until it is fitted; one int when all groups agree).
+    ``staleness_increases``: times an auto staleness grew after a stall.
+    ``mean_staleness`` / ``max_staleness``: age in steps of the installed roots.
+    ``mean_root_seconds``: solver time per root. ``pending_parameters``: parameters with
+    roots in flight. ``skipped_blocks``: blocks skipped for non-finite gradients.
+    ``state_bytes`` / ``host_buffer_bytes``: bytes of the optimizer state and of the host
+    buffers of roots that run off the step; ``state_bytes_per_element``: state bytes per
+    parameter element (Adam's float32 moments: 8).
+    ``last_error``: per factor, the solver's own accuracy estimate for its last root, not a
+    failure: 0.0 for the direct methods (eigh, cholesky), the residual for newton.
+    """
+    stats, staleness = report.stats, report.staleness
     installed = stats.roots_computed + stats.root_failures
-    params = engine._all_params()
-    staleness = [engine._resolved_staleness(group) for group in engine.param_groups]
+    state = held_bytes(report.states)
     return {
         "roots_computed": stats.roots_computed,
         "roots_solved_here": stats.roots_solved,
@@ -30,38 +68,28 @@ def root_stats(engine: PreconditionerEngine) -> dict[str, Any]:
         "mean_staleness": stats.staleness_total / max(1, stats.staleness_count),
         "max_staleness": stats.staleness_max,
         "mean_root_seconds": stats.root_seconds / max(1, installed),
-        "pending_parameters": len(engine._roots.pending),
+        "pending_parameters": report.pending,
         "skipped_blocks": int(
             sum(
                 int(s["skipped_blocks"])
-                for s in engine.state.values()
+                for s in report.states
                 if isinstance(s, dict) and "skipped_blocks" in s
             )
         ),
-        **memory(engine),
+        "state_bytes": state,
+        "host_buffer_bytes": report.host_bytes,
+        "state_bytes_per_element": state / max(1, report.elements),
         "last_error": {
-            engine._factor_name(params[i], j): error
-            for (i, j), error in stats.last_error.items()
-            if i < len(params)
+            report.names[key]: error
+            for key, error in stats.last_error.items()
+            if key in report.names
         },
     }
 
 
-def memory(engine: PreconditionerEngine) -> dict[str, float]:
-    """Bytes of the optimizer state, of the host buffers of roots in flight, and the state's
-    bytes per parameter element (Adam's float32 moments: 8)."""
-    state = held_bytes(engine.state.values())
-    host = sum(
-        b.snapshot.nbytes + b.result.nbytes
-        for buffers in engine._roots.staging.values()
-        for b in buffers
-    )
-    elements = sum(p.numel() for p in engine.state)
-    return {
-        "state_bytes": state,
-        "host_buffer_bytes": host,
-        "state_bytes_per_element": state / max(1, elements),
-    }
+def host_bytes(staging: Iterable[Iterable[Any]]) -> int:
+    """Bytes of the host buffers (snapshot and result) of roots in flight."""
+    return sum(b.snapshot.nbytes + b.result.nbytes for buffers in staging for b in buffers)
 
 
 def held_bytes(value: Any) -> int:

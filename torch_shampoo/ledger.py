@@ -1,0 +1,178 @@
+"""The engine's book of its parameters: where each one is (its index and group), its layout,
+its state (created, or checked against the layout once per layout, state object and dtype),
+the bucket plan; and :class:`Undo`, what a step changes before its roots are checked, kept
+so that a step whose roots fail past their limit leaves the state as it found it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, MutableMapping
+from functools import cache
+from typing import Any
+
+import torch
+
+from .blocking import BlockLayout, block_layout, output_side_layout
+from .buckets import Bucket, plan_buckets, slots_of
+from .config import EngineConfig
+from .grafting import SECOND_MOMENT
+from .staging import Slot
+from .state import check_state, init_state, recast, state_dtype
+
+__all__ = ["Ledger", "Undo", "layout"]
+
+
+@cache  # one entry per shape and settings: a model has few (not 1,024)
+def layout(
+    shape: tuple[int, ...], block_size: int, max_factor_dim: int, merge: bool | str, vectors: bool
+) -> BlockLayout:
+    """The block layout of a parameter shape under a group's settings."""
+    if len(shape) == 1 and not vectors:
+        return output_side_layout(shape, block_size, False)  # no factor: the graft alone
+    return block_layout(shape, block_size, max_factor_dim, merge)
+
+
+States = MutableMapping[Any, Any]
+_MOMENTS = ("exp_avg", "graft_v", "momentum_buffer")
+
+
+class Ledger:
+    """Per parameter: its index and group, the layout its state was checked against; the
+    bucket plan of all parameters with state."""
+
+    def __init__(self, owner: str, layout_of: Callable[[torch.Tensor, EngineConfig], BlockLayout]):
+        self.owner = owner
+        self.layout_of = layout_of
+        self.checked: dict[torch.Tensor, tuple[BlockLayout, dict[str, Any], torch.dtype]] = {}
+        self.index: dict[int, tuple[int, dict[str, Any], torch.Tensor]] = {}
+        self.buckets: list[Bucket] | None = None
+
+    def locate(
+        self, p: torch.Tensor, param_groups: list[dict[str, Any]]
+    ) -> tuple[int, dict[str, Any]]:
+        """The parameter's index (over all groups) and its group, in O(1)."""
+        found = self.index.get(id(p))
+        if found is None or found[2] is not p:
+            pairs = ((q, g) for g in param_groups for q in g["params"])
+            self.index = {id(q): (i, g, q) for i, (q, g) in enumerate(pairs)}
+            found = self.index.get(id(p))
+            if found is None:
+                raise KeyError("parameter not in this optimizer")
+        return found[0], found[1]
+
+    def forget_groups(self) -> None:
+        """A group was added: index and plan again."""
+        self.index.clear()
+        self.buckets = None
+
+    def forget_all(self) -> None:
+        """The state was loaded: check, index and plan again."""
+        self.checked.clear()
+        self.forget_groups()
+
+    def state_of(
+        self,
+        p: torch.Tensor,
+        states: States,
+        config: EngineConfig,
+        describe: Callable[[torch.Tensor], str],
+        created: list[torch.Tensor],
+    ) -> BlockLayout:
+        """Create (noted in ``created``) or check the state of ``p``; returns its layout."""
+        assert p.grad is not None
+        if p.grad.is_sparse:
+            raise RuntimeError(
+                f"{self.owner} does not support sparse gradients (parameter {describe(p)})"
+            )
+        layout = self.layout_of(p, config)
+        state = states[p]
+        if not state:
+            init_state(p, state, layout)
+            created.append(p)
+        checked = self.checked.get(p, (None, None, None))
+        same = checked[0] is layout or checked[0] == layout  # (an equal layout made anew)
+        if not same or checked[1] is not state or checked[2] is not p.dtype:
+            # again after a load, a block-size change or a new dtype (model.double())
+            check_state(self.owner, describe(p), p, state, layout)
+            recast(state, p)
+            self.checked[p] = (layout, state, p.dtype)
+            self.buckets = None  # a new parameter, or new state: stack again
+        for key, used in (
+            ("exp_avg", config.beta1 != 0),  # with β₁ = 0 the first moment is the gradient
+            ("momentum_buffer", config.momentum != 0),
+            ("graft_v", config.grafting in SECOND_MOMENT),
+        ):
+            if used and key not in state:
+                state[key] = torch.zeros(p.shape, dtype=state_dtype(p), device=p.device)
+                self.buckets = None  # stack it with the others
+            elif key == "exp_avg" and not used and key in state:
+                del state[key]  # (a checkpoint's): unused, and overwritten before any read
+                self.buckets = None
+        return layout
+
+    def plan(
+        self,
+        param_groups: list[dict[str, Any]],
+        states: States,
+        config_of: Callable[[dict[str, Any]], EngineConfig],
+        packed: bool,
+    ) -> dict[int, list[Slot]]:
+        """Plan the buckets of every parameter with state (its factors and roots are copied
+        into the stacks); returns the root slots per parameter (``id``)."""
+        entries = []
+        for index, group in enumerate(param_groups):
+            config = config_of(group)
+            for p in group["params"]:
+                state = states.get(p)
+                if state and "factors" in state:
+                    entries.append((index, p, self.layout_of(p, config), state))
+        self.buckets, placements = plan_buckets(entries, packed=packed)
+        return {i: slots_of(places) for i, places in placements.items()}
+
+    def drop(self, states: States, created: list[torch.Tensor]) -> None:
+        """Forget the states a step made (it raised)."""
+        for p in created:
+            states.pop(p, None)
+            self.checked.pop(p, None)
+        if created:
+            self.buckets = None
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value
+
+
+def _put(state: dict[str, Any], key: str, value: Any) -> None:
+    now = state.get(key)
+    if isinstance(value, torch.Tensor) and isinstance(now, torch.Tensor):
+        now.copy_(value)  # (a view of a bucket's stack: written through)
+    elif isinstance(value, list) and isinstance(now, list) and len(now) == len(value):
+        for x, v in zip(now, value):
+            x.copy_(v)
+    else:
+        state[key] = value
+
+
+class Undo:
+    """Copies of what a step may change before its roots due in it are checked: the step
+    counts, skip counts, factors, roots and flags of the states it steps (an eigenbasis
+    install moves the moments too: then those as well), the states it made, the pending roots
+    it took. Made only at steps that may solve roots (a first cycle, or staleness 0)."""
+
+    def __init__(
+        self, states: list[dict[str, Any]], created: list[torch.Tensor], taken: Any, eigen: bool
+    ) -> None:
+        skip = () if eigen else _MOMENTS  # (updated after the roots are checked)
+        self.kept = [(s, {k: _copy(v) for k, v in s.items() if k not in skip}) for s in states]
+        self.created = list(created)
+        self.taken = taken
+
+    def restore(self, states: States, ledger: Ledger) -> None:
+        for state, kept in self.kept:
+            for key, value in kept.items():
+                _put(state, key, value)
+        ledger.drop(states, self.created)
