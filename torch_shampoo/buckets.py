@@ -32,7 +32,7 @@ import torch
 from . import device, packing
 from .blocking import BlockLayout
 from .packing import Triangles
-from .scheduler import Slot
+from .staging import Slot
 from .state import state_dtype
 
 __all__ = ["Bucket", "Member", "factor_groups", "plan_buckets", "slots_of"]

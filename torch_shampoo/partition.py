@@ -17,14 +17,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
-from .root_pool import RootOutcome
-
-if TYPE_CHECKING:
-    from .scheduler import Pending
+from .jobs import RootJob, RootOutcome, Ticket, outcomes_of
 
 __all__ = ["Partition", "assign"]
 
@@ -56,29 +52,28 @@ class Partition:
     def mine(self, owner: int) -> bool:
         return owner == self.rank
 
-    def exchange(self, pending: Pending) -> None:
-        """Every job's roots and outcome flags from its owner to every rank, in job order."""
-        from .scheduler import outcomes_of
-
+    def exchange(self, jobs: Sequence[tuple[int, Ticket, RootJob]]) -> None:
+        """Every job's roots and outcome flags from its owner to every rank, in job order:
+        ``jobs`` holds (owner, ticket, job). A rank that does not own a job receives its roots
+        into a buffer of its own and ends its ticket with
+        :meth:`~torch_shampoo.jobs.Ticket.write`, as a worker does: after the previous
+        upload out of the job's result buffer, and never into a cancelled ticket's buffer."""
         dist = torch.distributed
-        assert pending.owners is not None
-        for i, (owner, ticket, indices) in enumerate(
-            zip(pending.owners, pending.tickets, pending.factors)
-        ):
-            if not pending.buffers:
-                return  # the jobs failed before they were made, alike on every rank
-            flags = torch.zeros(len(indices), dtype=torch.uint8)
+        for owner, ticket, job in jobs:
+            rows = range(job.result.shape[0])
+            flags = torch.zeros(len(rows), dtype=torch.uint8)
             if self.mine(owner):
-                flags.copy_(torch.tensor([o.ok for o in outcomes_of(ticket, indices)]))
+                flags.copy_(torch.tensor([o.ok for o in outcomes_of(ticket, rows)]))
             dist.broadcast(flags, src=owner, group=self.group)
-            dist.broadcast(pending.buffers[i].result, src=owner, group=self.group)
-            if not self.mine(owner) and not ticket.done():
-                ticket._end(
-                    [
-                        RootOutcome(True, 0.0, "", 0.0)
-                        if ok
-                        else RootOutcome(False, math.nan, f"failed on rank {owner}", 0.0)
-                        for ok in flags.tolist()
-                    ],
-                    None,
-                )
+            if self.mine(owner):
+                dist.broadcast(job.result, src=owner, group=self.group)
+                continue
+            roots = torch.empty_like(job.result)
+            dist.broadcast(roots, src=owner, group=self.group)
+            outcomes = [
+                RootOutcome(True, 0.0, "", 0.0)
+                if ok
+                else RootOutcome(False, math.nan, f"failed on rank {owner}", 0.0)
+                for ok in flags.tolist()
+            ]
+            ticket.write(job, outcomes, roots)

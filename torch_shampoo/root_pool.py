@@ -1,10 +1,10 @@
-"""Inverse roots off the training thread: jobs, tickets and a pool of CPU worker threads.
+"""Inverse roots off the training thread: batches, the solver and a pool of CPU worker threads.
 
-A :class:`RootJob` is everything the inverse roots of a stack of equal-size factors need (a
-parameter's factors of one bucket and dim): a host snapshot of the stack taken at the root step,
-the bias-correction divisor, the exponent and the epsilon. Jobs with equal settings and size are
-solved together (:func:`batches`: a model of many small parameters pays one job's fixed cost per
-batch, not per parameter). :func:`solve` turns a batch into X = (F/bc + εI)^(−1/r) per factor
+A :class:`~torch_shampoo.jobs.RootJob` (:mod:`torch_shampoo.jobs`, with its
+:class:`~torch_shampoo.jobs.Ticket`) is a host snapshot of a stack of equal-size factors and
+the settings of their roots. Jobs with equal settings and size are solved together
+(:func:`batches`: a model of many small parameters pays one job's fixed cost per batch, not per
+parameter). :func:`solve` turns a batch into X = (F/bc + εI)^(−1/r) per factor
 (one batched eigendecomposition), or with a relative epsilon X = (F/bc + ε·τ I)^(−1/r),
 τ = tr(F/bc)/d its mean eigenvalue; it is the *only* code that computes roots, and it always
 runs with the same number of intra-op threads (the pool's ``threads``) on the same batches, so
@@ -28,11 +28,11 @@ import threading
 import time
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
 from . import device
+from .jobs import RootCancelled, RootJob, RootOutcome, Ticket
 from .matrix_roots import RootResult, eigenbases, finite_rows, inverse_roots
 
 __all__ = [
@@ -48,50 +48,13 @@ __all__ = [
 ]
 
 
-@dataclass
-class RootJob:
-    """The inverse roots of a (k, d, d) stack of factors, from a host snapshot."""
-
-    snapshot: torch.Tensor
-    """Host copy of the factors (pinned on CUDA); read only after ``snapshot_ready``."""
-    result: torch.Tensor
-    """Host buffer the roots are written into (pinned on CUDA), in the factors' dtype; a
-    factor whose root fails keeps what its row held."""
-    snapshot_ready: device.CopyDone
-    result_free: device.CopyDone
-    """The previous upload out of ``result``; it must finish before ``result`` is overwritten."""
-    scale: float
-    exponent: float
-    epsilon: float
-    method: str
-    relative: bool = False
-    """ε is relative to each factor's mean eigenvalue τ = tr(F)/d (τ ≤ 0: absolute)."""
-    eigenbasis: bool = False
-    """Compute each factor's eigenvectors Q instead of a root (eigenvalue-corrected Shampoo)."""
-
-
-@dataclass(frozen=True)
-class RootOutcome:
-    """What a job produced for one factor: ``ok`` tells whether its row of ``job.result``
-    holds a usable root."""
-
-    ok: bool
-    error: float
-    reason: str
-    seconds: float
-
-
-class RootCancelled(RuntimeError):
-    """The job's pool was closed (or the process forked) before the root was written."""
-
-
 def solve(jobs: Sequence[RootJob]) -> list[tuple[list[RootOutcome], torch.Tensor]]:
     """Compute the roots of jobs solved together (one batch of :func:`batches`: equal
     settings, size and dtype) in float64, as one stack; returns per job one outcome per factor
     and its roots (rows whose outcome is not ok must not be used). The caller writes the usable
-    rows into ``job.result`` (see :meth:`Ticket._write`). A root depends on the batch it is
-    solved in (LAPACK's last bits follow a matrix's alignment in the stack), so every path
-    that solves a job solves its whole batch."""
+    rows into ``job.result`` (:meth:`~torch_shampoo.jobs.Ticket.write`). A root depends on the
+    batch it is solved in (LAPACK's last bits follow a matrix's alignment in the stack), so
+    every path that solves a job solves its whole batch."""
     for job in jobs:
         device.wait(job.snapshot_ready)
     with device.subnormals_flushed():  # as in the step, in whichever thread solves the batch
@@ -170,89 +133,6 @@ def _outcomes(
     ]
 
 
-class Ticket:
-    """The promise of a :class:`RootOutcome`; :meth:`outcome` blocks until it is there.
-
-    A ticket ends exactly once: solved (the root written into the job's result buffer),
-    failed, or cancelled. The write of the root and the cancellation exclude each other, so
-    once :meth:`cancel` has returned the job's buffer is never written by this ticket."""
-
-    def __init__(self) -> None:
-        self._done = threading.Event()
-        self._lock = threading.Lock()
-        self._outcome: list[RootOutcome] | None = None
-        self._error: BaseException | None = None
-        self.finished_at = 0.0
-        """``time.perf_counter()`` when the ticket ended."""
-
-    @classmethod
-    def resolved(cls, outcomes: list[RootOutcome]) -> Ticket:
-        """A ticket whose outcomes are already known (restored from a state dict)."""
-        ticket = cls()
-        ticket._outcome = outcomes
-        ticket._done.set()
-        return ticket
-
-    @classmethod
-    def cancelled_one(cls, why: str) -> Ticket:
-        """A ticket that ended cancelled (its job must be computed again)."""
-        ticket = cls()
-        ticket._end(None, RootCancelled(why))
-        return ticket
-
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    @property
-    def cancelled(self) -> bool:
-        return isinstance(self._error, RootCancelled)
-
-    def wait(self) -> None:
-        self._done.wait()
-
-    def _end(self, outcome: list[RootOutcome] | None, error: BaseException | None) -> None:
-        self._outcome, self._error = outcome, error
-        self.finished_at = time.perf_counter()
-        self._done.set()
-
-    def _fail(self, error: BaseException) -> None:
-        with self._lock:
-            if not self.done():
-                self._end(None, error)
-
-    def cancel(self, why: str) -> None:
-        """End the ticket as cancelled unless it has already ended; after this returns the
-        job's result buffer is not written by this ticket."""
-        self._fail(RootCancelled(why))
-
-    def _write(self, job: RootJob, outcomes: list[RootOutcome], roots: torch.Tensor) -> None:
-        """Write the usable rows of ``roots`` into ``job.result`` and end as solved, unless
-        the ticket has already ended (cancelled: the roots are discarded)."""
-        if self.done():
-            return
-        ok = [o.ok for o in outcomes]
-        if any(ok):
-            device.wait(job.result_free)
-        with self._lock:
-            if self.done():
-                return  # cancelled meanwhile: discard the roots
-            if all(ok):
-                job.result.copy_(roots)
-            else:
-                for row in (i for i, fine in enumerate(ok) if fine):
-                    job.result[row].copy_(roots[row])
-            self._end(outcomes, None)
-
-    def outcome(self) -> list[RootOutcome]:
-        """The job's outcome per factor; re-raises (on the caller's thread) whatever the job
-        raised."""
-        self._done.wait()
-        if self._error is not None:
-            raise self._error
-        assert self._outcome is not None
-        return self._outcome
-
-
 def default_threads(workers: int) -> int:
     """Intra-op threads per root worker: half of the caller's thread count shared among the
     workers (at least 1), the other half left to the training thread. A worker's own thread
@@ -287,10 +167,10 @@ def _run(tickets: list[Ticket], jobs: list[RootJob]) -> None:
     try:
         solved = solve(jobs)
         for ticket, job, (outcomes, roots) in zip(tickets, jobs, solved):
-            ticket._write(job, outcomes, roots)
+            ticket.write(job, outcomes, roots)
     except BaseException as exc:  # handed to the main thread by outcome()
         for ticket in tickets:
-            ticket._fail(exc)
+            ticket.fail(exc)
 
 
 _Work = tuple[list[Ticket], list[RootJob]] | None
@@ -332,23 +212,18 @@ class RootPool:
             self._outstanding, self._lock = weakref.WeakSet(), threading.Lock()
         if self._threads:
             return
-        before, ready = torch.get_num_threads(), []
+        borrowed = _BorrowedCount(self.num_workers, torch.get_num_threads())
         for i in range(self.num_workers):
-            ready.append(threading.Event())
             thread = threading.Thread(
                 target=_work,
-                args=(self._queue, self.threads, ready[-1]),
+                args=(self._queue, self.threads, borrowed),
                 name=f"{_THREAD_NAME}{i}",
                 daemon=True,
             )
             thread.start()
             self._threads.append(thread)
             _WORKERS.add(thread)
-        # A worker's set_num_threads also wrote torch's process-wide count, the one a thread
-        # started later begins with: once the workers have set theirs, put the caller's back.
-        for event in ready:
-            event.wait(_READY_SECONDS)  # (bounded: a worker slow to start costs only this)
-        torch.set_num_threads(before)
+        borrowed.stop_waiting()
         self._finalizer = weakref.finalize(
             self, _stop, self._queue, len(self._threads), self._outstanding, self._lock
         )
@@ -375,13 +250,55 @@ class RootPool:
         self._outstanding, self._lock = weakref.WeakSet(), threading.Lock()
 
 
-def _work(jobs: queue.SimpleQueue[_Work], threads: int, ready: threading.Event) -> None:
+class _BorrowedCount:
+    """A worker's ``set_num_threads`` also writes torch's process-wide count, the one a thread
+    started later begins with: it is put back to the pool's caller's once every worker has set
+    its own, by whichever comes last, so that no worker's write can follow it. That is the
+    pool, which waits :data:`_READY_SECONDS` at most (a worker slow to start costs only that),
+    or else the last worker to set its count: it writes the caller's on a thread of its own
+    (a ``set_num_threads`` on the worker would change the worker's count too)."""
+
+    def __init__(self, workers: int, caller: int) -> None:
+        self.left, self.caller, self.waiting = workers, caller, True
+        self.lock = threading.Lock()
+        self.all_set = threading.Event()
+
+    def stop_waiting(self) -> None:
+        """On the pool's caller, after starting the workers."""
+        self.all_set.wait(_READY_SECONDS)
+        with self.lock:
+            self.waiting = False
+            last = self.left == 0
+        if last:
+            torch.set_num_threads(self.caller)
+
+    def worker_set(self) -> None:
+        """On a worker, once its count is set (or failed to be)."""
+        with self.lock:
+            self.left -= 1
+            last, late = self.left == 0, not self.waiting
+        if last:
+            self.all_set.set()
+        if last and late:
+            restore = threading.Thread(
+                target=torch.set_num_threads, args=(self.caller,), name="torch_shampoo-count"
+            )
+            try:
+                restore.start()
+            except RuntimeError:  # the interpreter is exiting: no thread starts after it
+                return
+            restore.join()
+
+
+def _work(jobs: queue.SimpleQueue[_Work], threads: int, borrowed: _BorrowedCount) -> None:
     # torch gives a thread its count lazily, at its first call, from the process-wide count,
     # which every set_num_threads writes: had another thread set one between our set and our
     # first op, the worker would compute with that count (other roots' bits). Init first.
-    torch.get_num_threads()
-    torch.set_num_threads(threads)
-    ready.set()
+    try:
+        torch.get_num_threads()
+        torch.set_num_threads(threads)
+    finally:
+        borrowed.worker_set()
     while (item := jobs.get()) is not None:
         _run(*item)
 

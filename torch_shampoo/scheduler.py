@@ -23,142 +23,20 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from . import device, packing
+from . import device
 from .config import world_size
-from .packing import Triangles
+from .jobs import RootJob, RootOutcome, Ticket, outcomes_of
 from .partition import Partition, assign
-from .root_pool import (
-    RootJob,
-    RootOutcome,
-    RootPool,
-    Ticket,
-    batches,
-    default_threads,
-    run_here,
-)
-from .staleness import FITTED, StalenessFit
+from .pending import Batch, Pending
+from .root_pool import RootPool, batches, default_threads, run_here
+from .staging import Slot, Staging
+from .staleness import FITTED, StalenessFit, Stats
 
-__all__ = ["FITTED", "RootScheduler", "Slot", "StalenessFit", "outcomes_of"]
-
-
-@dataclass
-class Staging:
-    """The host buffers a root job reads its (k, d, d) factors from and writes their roots
-    into. For roots that run off the step (or any root of a CUDA parameter) these are buffers
-    of their own, reused at every cycle; roots of a CPU parameter installed in the step that
-    computes them read the factors and write the roots in place, in the bucket's stacks (the
-    step waits for them)."""
-
-    snapshot: torch.Tensor
-    result: torch.Tensor
-    uploaded: device.CopyDone = None
-    in_place: bool = False
-
-
-@dataclass
-class Slot:
-    """One root job's share of a parameter: its factor indices (in state order) and the rows
-    of the bucket's factor and root stacks they are."""
-
-    indices: list[int]
-    factors: torch.Tensor
-    roots: torch.Tensor
-    place: Any = None
-    """(bucket, member, block dim) of these rows, for what installs must touch besides."""
-    triangles: Triangles | None = None
-    """Compact state: the factors and roots are two triangles of one stack
-    (:mod:`torch_shampoo.packing`); None: full matrices."""
-
-    def snapshot(self) -> torch.Tensor:
-        """The factors as full matrices (a new tensor for compact state)."""
-        if self.triangles is None:
-            return self.factors
-        return packing.full(self.factors, self.triangles.lower, upper=False)
-
-    def install(self, result: torch.Tensor, row: int | None = None) -> device.CopyDone:
-        """Enqueue roots ← ``result`` (host), all rows or one: a copy, or for compact state a
-        copy to the device and the roots' triangle taken from it."""
-        roots = self.roots if row is None else self.roots[row]
-        if self.triangles is None:
-            return device.to_device(roots, result)
-        uploaded, done = result, None
-        if result.device != roots.device:
-            uploaded = torch.empty_like(roots)
-            done = device.to_device(uploaded, result)
-        packing.write(roots, uploaded, self.triangles.upper, upper=True)
-        return done
-
-
-@dataclass(eq=False)
-class Pending:
-    """The roots of one parameter that are being computed and when they are due."""
-
-    submitted: int
-    due: int
-    jobs: list[RootJob]
-    tickets: list[Ticket]
-    """One per job; empty until the jobs are handed to the pool (at the end of the step that
-    made them)."""
-    factors: list[list[int]]
-    """Per job (ticket), the indices of its factors."""
-    buffers: list[Staging] = field(default_factory=list)
-    """Per job, where it reads and writes (empty when no job was made)."""
-    sent_at: float = 0.0
-    owners: list[int] | None = None
-    """Per job, the rank that solves it (``partition_roots``); None: this process solves all."""
-    batches: list[Batch] = field(default_factory=list)
-    """Per job, the batch it is solved in (empty until handed over; and for loaded roots)."""
-
-
-@dataclass(eq=False)
-class Batch:
-    """Jobs solved together (:func:`~torch_shampoo.root_pool.batches`), as (pending, job
-    index) pairs: whatever solves one of them again solves them all (the same bits)."""
-
-    members: list[tuple[Pending, int]]
-
-    def jobs(self) -> list[RootJob]:
-        return [pending.jobs[i] for pending, i in self.members]
-
-    def work(self) -> tuple[int, int]:
-        """(rows, d): what :func:`~torch_shampoo.partition.assign` balances."""
-        jobs = self.jobs()
-        return sum(job.snapshot.shape[0] for job in jobs), jobs[0].snapshot.shape[-1]
-
-    def tickets(self, fresh: Callable[[Ticket], bool]) -> list[Ticket]:
-        """Per member, a new ticket where ``fresh(its ticket)``, else its own (which has ended,
-        so solving the batch again leaves that member's result alone)."""
-        return [
-            Ticket() if fresh(pending.tickets[i]) else pending.tickets[i]
-            for pending, i in self.members
-        ]
-
-    def adopt(self, tickets: list[Ticket]) -> None:
-        for (pending, i), ticket in zip(self.members, tickets):
-            pending.tickets[i] = ticket
-
-
-@dataclass
-class Stats:
-    roots_computed: int = 0
-    roots_solved: int = 0
-    """Roots this process solved itself (with ``partition_roots``, about 1/world of them)."""
-    root_failures: int = 0
-    stalls: int = 0
-    stall_seconds: float = 0.0
-    first_root_seconds: float = 0.0
-    root_seconds: float = 0.0
-    staleness_total: int = 0
-    staleness_count: int = 0
-    staleness_max: int = 0
-    staleness_increases: int = 0
-    last_error: dict[tuple[int, int], float] = field(default_factory=dict)
-    """(parameter index, factor index) → the solver's residual of its last root."""
+__all__ = ["FITTED", "RootScheduler", "StalenessFit"]
 
 
 class RootScheduler:
@@ -273,7 +151,7 @@ class RootScheduler:
         if isinstance(jobs, BaseException):
             failed = [Ticket() for _ in slots]
             for ticket in failed:
-                ticket._fail(jobs)
+                ticket.fail(jobs)
             self.pending[p] = Pending(t, due, jobs=[], tickets=failed, factors=indices)
             return due <= t
         if due <= t and not any(slot.factors.is_cuda for slot in slots):  # no host copies
@@ -389,7 +267,8 @@ class RootScheduler:
         for ticket in own:
             ticket.wait()
         if pending.owners is not None and self.partition is not None:
-            self.partition.exchange(pending)  # the same install step on every rank
+            # the same install step on every rank (no jobs: they failed alike on every rank)
+            self.partition.exchange(list(zip(pending.owners, pending.tickets, pending.jobs)))
         return pending
 
     def _grow(self, group: dict[str, Any], t: int, frequency: int, pending: Pending) -> None:
@@ -496,11 +375,3 @@ class RootScheduler:
         self.staging.clear()
         self.unsent.clear()
         self.due_now.clear()
-
-
-def outcomes_of(ticket: Ticket, indices: list[int]) -> list[RootOutcome]:
-    """A job's outcome per factor; an exception it raised fails each of them with its text."""
-    try:
-        return ticket.outcome()
-    except Exception as exc:
-        return [RootOutcome(False, math.nan, f"{type(exc).__name__}: {exc}", 0.0)] * len(indices)

@@ -51,6 +51,7 @@ class StateShares:
         weight's inverse), or None."""
         dist = torch.distributed
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
+        self.params = list(params)
         known = {id(p) for p in params}
 
         def head(p: torch.Tensor) -> int:  # the parameter whose owner p takes
@@ -75,8 +76,10 @@ class StateShares:
     def broadcast(self, stepped: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Every stepped parameter from its owner: ``stepped`` holds (parameter, the tensor
         its step wrote: itself, or the gathered whole of a DTensor), the same parameters on
-        every rank."""
+        every rank; a rank that stepped others makes every rank raise, naming them."""
         dist = torch.distributed
+        if self.size > 1:
+            self._same_on_every_rank(stepped)
         for owner in range(self.size):
             groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
             for p, whole in stepped:
@@ -91,6 +94,32 @@ class StateShares:
                 if owner != self.rank:
                     for t, value in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
                         t.copy_(value)
+
+    def _same_on_every_rank(self, stepped: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """One all-gather of which parameters each rank stepped (one byte per parameter).
+        Ranks that step different ones (a gradient missing on one rank) would make broadcasts
+        that do not match: a hang, or with gloo buffers of other sizes taken without an error
+        (each rank then silently keeps other parameters). Every rank raises the same error."""
+        dist = torch.distributed
+        has = {id(p) for p, _ in stepped}
+        on = stepped[0][1].device if stepped else self.params[0].device  # (NCCL: the GPU)
+        mine = torch.tensor([id(p) in has for p in self.params], dtype=torch.uint8, device=on)
+        every = [torch.empty_like(mine) for _ in range(self.size)]
+        dist.all_gather(every, mine)
+        table = torch.stack(every).cpu().bool()  # (rank, parameter)
+        differ = (table != table[0]).any(0).nonzero().flatten().tolist()
+        if not differ:
+            return
+        which = "; ".join(
+            f"parameter {i} (shape {tuple(self.params[i].shape)}) on ranks "
+            f"{table[:, i].nonzero().flatten().tolist()} but not on "
+            f"{(~table[:, i]).nonzero().flatten().tolist()}"
+            for i in differ
+        )
+        raise RuntimeError(
+            "partition_state: every process must step the same parameters (each is broadcast "
+            f"from its owner), but these have a gradient on some ranks only: {which}"
+        )
 
     def gather(self, share: dict[int, Any]) -> dict[int, Any]:
         """The union of every rank's ``share`` (state entries by parameter index), on every

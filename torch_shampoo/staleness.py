@@ -1,4 +1,5 @@
-""" "auto" staleness: how many training steps a root cycle's work needs, from measurements."""
+""" "auto" staleness: how many training steps a root cycle's work needs, from measurements;
+and the root statistics (stalls among them) that ``root_stats()`` reports."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import math
 import statistics
 import time
 from collections import deque
+from dataclasses import dataclass, field
 
-__all__ = ["FITTED", "StalenessFit"]
+__all__ = ["FITTED", "StalenessFit", "Stats"]
 
 FITTED = "fitted_staleness"
 """The param-group key of an ``"auto"`` staleness once it is fitted (absent before)."""
@@ -45,3 +47,21 @@ class StalenessFit:
         if period is None or period <= 0:
             return None
         return max(1, math.ceil(self.MARGIN * seconds / period))
+
+
+@dataclass
+class Stats:
+    roots_computed: int = 0
+    roots_solved: int = 0
+    """Roots this process solved itself (with ``partition_roots``, about 1/world of them)."""
+    root_failures: int = 0
+    stalls: int = 0
+    stall_seconds: float = 0.0
+    first_root_seconds: float = 0.0
+    root_seconds: float = 0.0
+    staleness_total: int = 0
+    staleness_count: int = 0
+    staleness_max: int = 0
+    staleness_increases: int = 0
+    last_error: dict[tuple[int, int], float] = field(default_factory=dict)
+    """(parameter index, factor index) → the solver's residual of its last root."""
