@@ -81,7 +81,8 @@ def test_a_step_whose_roots_fail_past_the_limit_changes_nothing(
             kwargs.update(max_root_failures=1)
             opt: torch.optim.Optimizer = Shampoo(params, block_size=8, **kwargs)
         else:
-            opt = SOAP(params, precondition_frequency=2, eigh_every=1, max_root_failures=1, **kwargs)
+            kwargs.update(precondition_frequency=2, eigh_every=1, max_root_failures=1)
+            opt = SOAP(params, **kwargs)
         with opt:
             for t in range(1, 7):
                 _grads(params, t)

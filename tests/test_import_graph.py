@@ -51,7 +51,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(m)
         for n in sorted(graph[m]):
             if state.get(n) == 1:
-                return path[path.index(n) :] + [n]
+                return [*path[path.index(n) :], n]
             if n not in state:
                 found = visit(n)
                 if found:
