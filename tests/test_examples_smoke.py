@@ -1,6 +1,7 @@
-"""Smoke tests: the quickstart, both example scripts and the convergence benchmark run end to end
-with tiny step counts, reduce the loss and write their plot / JSON outputs; the examples print
-progress lines when not on a terminal, survive Ctrl-C and report median step times."""
+"""Smoke tests: the quickstart and the example scripts run end to end with tiny step counts,
+reduce the loss and write their plot / JSON outputs (the benchmarks: test_benchmarks_smoke.py);
+the examples print progress lines when not on a terminal, survive Ctrl-C and report median
+step times."""
 
 from __future__ import annotations
 
@@ -107,16 +108,6 @@ def test_train_regression(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert all(math.isnan(acc) for r in results for acc in r.eval_accs)  # no accuracy
 
 
-def test_ngplus_grid_quick(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    module = load("benchmarks/ngplus_grid.py", monkeypatch)
-    module.main(["--tasks", "regression", "--steps", "5"])
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
-    assert len(rows) == len(module.DAMPINGS) * len(module.SCALES) + len(module.ABLATIONS)
-    assert all("steps to SGD's" in row or "diverged" in row for row in rows)
-
-
 @pytest.mark.usefixtures("example_deps")
 def test_train_digits_prints_progress_lines_when_not_on_a_terminal(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
@@ -204,49 +195,6 @@ def test_load_warning_when_load_exceeds_cores(monkeypatch: pytest.MonkeyPatch) -
         "warning: load average 3.50 on 2 cores: timings are unreliable"
     )
     assert "load avg 3.50, 0.00, 0.00" in common.environment_header()
-
-
-@pytest.mark.usefixtures("example_deps")
-@pytest.mark.filterwarnings("ignore:NGPlus. no per-sample statistics:UserWarning")
-def test_convergence_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    module = load("benchmarks/convergence.py", monkeypatch)
-    report = module.main(["--quick", "--quiet", "--out-dir", str(tmp_path)])
-    assert (tmp_path / "convergence.png").stat().st_size > 0
-    saved = json.loads((tmp_path / "convergence.json").read_text())
-    assert saved["environment"]["threads"] >= 1
-    assert set(saved["tasks"]) == {"digits", "charlm", "regression"}
-    for name, task in report["tasks"].items():
-        assert task["target"] is not None, name
-        assert task["sgd_best"] is not None, name
-        assert all("steps_to_sgd_best" in run for run in task["runs"]), name
-        assert {"Adam", "Shampoo async"} <= set(task["best_lr"]), name
-        for run in task["runs"]:
-            if run["lr"] == task["best_lr"][run["method"]]:
-                assert run["final_train_loss"] < run["train_losses"][0], (name, run["method"])
-
-
-def test_scaling_quick(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    module = load("benchmarks/scaling.py", monkeypatch)
-    module.main(["--quick", "--rounds", "1", "--steps", "1"])
-    out = capsys.readouterr().out
-    rows = [line.split() for line in out.splitlines() if line.strip()[:2] in ("64", "12")]
-    assert [row[0] for row in rows] == ["64", "128"]
-    assert all(row[3].endswith("x") and float(row[3][:-1]) > 0 for row in rows)
-
-
-def test_ungrafted_eps_quick(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    module = load("benchmarks/ungrafted_eps.py", monkeypatch)
-    module.main(["--quick"])
-    lines = capsys.readouterr().out.splitlines()
-    graft = [line for line in lines if line.startswith("Adam graft")]
-    assert len(graft) == 1 and math.isfinite(float(graft[0].rsplit(":", 1)[1]))
-    rows = [line.split() for line in lines if line.startswith("eps ")]
-    assert [row[1] for row in rows] == ["1e-12", "0.0001"]
-    for row in rows:
-        assert len(row) == 4
-        assert all(cell == "diverged" or math.isfinite(float(cell)) for cell in row[2:]), row
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
