@@ -2,7 +2,7 @@
 
 Sections:
 
-  solve      X = (A + εI)^(-1/p) by ``torch_shampoo.matrix_roots.inverse_root`` (eigh, newton;
+  solve      X = (A + εI)^(-1/p) by ``torch_shampoo.roots.matrix_roots.inverse_root`` (eigh, newton;
              cholesky for p = 1) against a raw float64 ``torch.linalg.eigh`` of the same matrix
              (interleaved medians), at each of --thread-counts (1 and all; quick: 1). Accuracy:
              the relative backward error ‖X^(-p) - B‖_F / ‖B‖_F (B = A + εI); "floor"
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from torch_shampoo.matrix_roots import inverse_root
+from torch_shampoo.roots.matrix_roots import inverse_root
 
 from . import harness as h
 

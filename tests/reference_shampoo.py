@@ -2,11 +2,12 @@
 
 It is deliberately slow and literal: one block at a time, one step of the rule at a time, all
 arithmetic in float64, inverse roots by ``torch.linalg.eigh``. It does not import
-``torch_shampoo.optimizer``, ``torch_shampoo.grafting`` or ``torch_shampoo.matrix_roots``.
+``torch_shampoo.shampoo``, ``torch_shampoo.update.grafting`` or
+``torch_shampoo.roots.matrix_roots``.
 
 The block layout (which entries of a parameter form a block, and which dims of a block are
-factored) is taken from ``torch_shampoo.blocking``: it is shapes only, and it has its own tests
-(``test_blocking.py``). Everything numeric is written out here.
+factored) is taken from ``torch_shampoo.layout.blocking``: it is shapes only, and it has its own
+tests (``test_blocking.py``). Everything numeric is written out here.
 
 The rule, per block, at step t = 1, 2, ...:
 
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from torch_shampoo.blocking import (
+from torch_shampoo.layout.blocking import (
     BlockLayout,
     block_layout,
     merge_blocks,

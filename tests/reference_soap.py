@@ -32,7 +32,12 @@ from dataclasses import dataclass
 
 import torch
 
-from torch_shampoo.blocking import block_layout, merge_blocks, output_side_layout, split_blocks
+from torch_shampoo.layout.blocking import (
+    block_layout,
+    merge_blocks,
+    output_side_layout,
+    split_blocks,
+)
 
 
 def unfold(block: torch.Tensor, dim: int) -> torch.Tensor:

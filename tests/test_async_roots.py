@@ -26,10 +26,10 @@ from models import (
     train,
 )
 
-import torch_shampoo.elementwise
-import torch_shampoo.root_pool as root_pool
+import torch_shampoo.roots.pool as root_pool
+import torch_shampoo.update.foreach
 from torch_shampoo import Shampoo
-from torch_shampoo.matrix_roots import RootResult
+from torch_shampoo.roots.matrix_roots import RootResult
 
 BASE: dict[str, Any] = dict(lr=0.01, block_size=16, betas=(0.9, 0.99), momentum=0.5)
 
@@ -328,7 +328,7 @@ def test_root_jobs_of_a_step_that_raised_are_still_computed(
         raise KeyboardInterrupt("interrupted mid-step")
 
     with monkeypatch.context() as patch:
-        patch.setattr(torch_shampoo.elementwise, "update_parameters", broken_update)
+        patch.setattr(torch_shampoo.update.foreach, "update_parameters", broken_update)
         with pytest.raises(KeyboardInterrupt):
             train(model, opt, batches[5:6])  # step 6: a root step, jobs due at step 8
     saved = opt.state_dict()

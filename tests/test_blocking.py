@@ -1,4 +1,4 @@
-"""Property tests for ``torch_shampoo.blocking``: how a parameter is cut into blocks.
+"""Property tests for ``torch_shampoo.layout.blocking``: how a parameter is cut into blocks.
 
 The claims, in the module docstring's words:
 
@@ -21,7 +21,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torch_shampoo.blocking import (
+from torch_shampoo.layout.blocking import (
     BlockLayout,
     block_layout,
     block_sums,

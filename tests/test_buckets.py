@@ -1,4 +1,4 @@
-"""Buckets: equal-shape blocks stacked (``torch_shampoo.buckets``), the stacked step and the
+"""Buckets: equal-shape blocks stacked (``torch_shampoo.layout.buckets``), the stacked step and the
 batched roots.
 
 Claims:
@@ -27,12 +27,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import torch_shampoo.elementwise as elementwise_module
-import torch_shampoo.step as step_module
+import torch_shampoo.update.foreach as elementwise_module
+import torch_shampoo.update.per_unit as step_module
 from torch_shampoo import Shampoo
-from torch_shampoo.blocking import block_layout, split_blocks
-from torch_shampoo.buckets import factor_groups, plan_buckets
-from torch_shampoo.matrix_roots import inverse_root, inverse_roots
+from torch_shampoo.layout.blocking import block_layout, split_blocks
+from torch_shampoo.layout.buckets import factor_groups, plan_buckets
+from torch_shampoo.roots.matrix_roots import inverse_root, inverse_roots
 from torch_shampoo.state import init_state
 
 shapes = st.lists(st.integers(1, 23), min_size=1, max_size=3).map(tuple)

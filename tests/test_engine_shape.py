@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import torch_shampoo.ledger
-import torch_shampoo.root_pool
+import torch_shampoo.roots.pool
 from torch_shampoo import SOAP, Shampoo
 
 
@@ -48,7 +48,7 @@ def _failing_roots(monkeypatch: pytest.MonkeyPatch) -> None:
     """Roots (and eigenbases) of 3 x 3 factors fail (written non-finite, as a bad solve's
     would be); the others are fine."""
     for name in ("inverse_roots", "eigenbases"):
-        original = getattr(torch_shampoo.root_pool, name)
+        original = getattr(torch_shampoo.roots.pool, name)
 
         def failing(matrices: torch.Tensor, *args: Any, original: Any = original) -> Any:
             found = original(matrices, *args)
@@ -58,7 +58,7 @@ def _failing_roots(monkeypatch: pytest.MonkeyPatch) -> None:
                 f.root.fill_(float("nan"))
             return [dataclasses.replace(f, ok=False, reason="forced") for f in found]
 
-        monkeypatch.setattr(torch_shampoo.root_pool, name, failing)
+        monkeypatch.setattr(torch_shampoo.roots.pool, name, failing)
 
 
 @pytest.mark.parametrize("async_roots", [False, True], ids=["sync", "async"])

@@ -1,9 +1,9 @@
 """FSDP2 (``fully_shard``: DTensor parameters sharded on dim 0) on CPU with gloo, spawned.
 
 The engine steps a sharded parameter as one process steps the whole tensor
-(:mod:`torch_shampoo.sharded`), so the claims are single-process ones: the update equals one
-process's on the combined batch, whatever the shard boundaries. The model's ``mix`` (3 rows),
-``out`` (3 rows) and ``out.bias`` do not split evenly over 2 ranks.
+(:mod:`torch_shampoo.distributed.dtensor`), so the claims are single-process ones: the update
+equals one process's on the combined batch, whatever the shard boundaries. The model's ``mix`` (3
+rows), ``out`` (3 rows) and ``out.bias`` do not split evenly over 2 ranks.
 """
 
 from __future__ import annotations
@@ -312,7 +312,7 @@ def test_each_rank_writes_back_the_rows_torch_chunk_gives_it() -> None:
 
     from torch.distributed.tensor import Replicate, Shard
 
-    from torch_shampoo.sharded import _local_rows
+    from torch_shampoo.distributed.dtensor import _local_rows
 
     for rows in range(10):
         for parts in range(1, 6):

@@ -180,7 +180,7 @@ def test_the_all_finite_shortcut_equals_the_per_block_guard_bitwise(
     must never change a result: with it and without it (monkeypatched away) the runs are
     bitwise equal, including a finite gradient whose norm overflows (the per-block check then
     runs and steps it) and a NaN (that block skipped either way)."""
-    import torch_shampoo.step as step_module
+    import torch_shampoo.update.per_unit as step_module
 
     def run() -> tuple[list[torch.Tensor], int]:
         model = mixed_model()

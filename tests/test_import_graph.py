@@ -1,7 +1,8 @@
 """The package's modules form layers: no import cycle, at run time or under ``TYPE_CHECKING``,
 so a lower module never imports a higher one. Every import counts: ``from .x import``,
-``from . import x``, ``import torch_shampoo.x``, at module level, inside functions and inside
-``if TYPE_CHECKING:``."""
+``from ..x import y``, ``from . import x``, ``import torch_shampoo.x.y``, at module level, inside
+functions and inside ``if TYPE_CHECKING:``. Modules are named by their dotted path in the package
+(``roots.scheduler``); a subpackage's ``__init__`` counts only when something imports it alone."""
 
 from __future__ import annotations
 
@@ -12,31 +13,41 @@ PACKAGE = Path(__file__).resolve().parent.parent / "torch_shampoo"
 NAME = PACKAGE.name
 
 
+def _name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts) or "__init__"
+
+
 def _imports(path: Path, modules: set[str]) -> set[str]:
     """The package modules that the module at ``path`` imports, anywhere in it."""
+    here = _name(path).split(".")
+    package = here if path.stem == "__init__" else here[:-1]
     found: set[str] = set()
+
+    def add(base: list[str], names: list[str]) -> None:
+        subs = {".".join([*base, n]) for n in names} & modules
+        found.update(subs or ({".".join(base)} & modules))
+
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.ImportFrom):
-            if node.level == 1:
-                base = node.module
-            elif node.level == 0 and node.module and node.module.split(".")[0] == NAME:
-                base = node.module.partition(".")[2] or None
+            tail = node.module.split(".") if node.module else []
+            if node.level:
+                base = package[: len(package) - (node.level - 1)] + tail
+            elif tail and tail[0] == NAME:
+                base = tail[1:]
             else:
                 continue
-            if base:  # from .x import ... / from torch_shampoo.x import ...
-                found.add(base.split(".")[0])
-            else:  # from . import x / from torch_shampoo import x
-                found.update(alias.name for alias in node.names if alias.name in modules)
+            add(base, [alias.name for alias in node.names])
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 parts = alias.name.split(".")
                 if parts[0] == NAME and len(parts) > 1:
-                    found.add(parts[1])
-    return found & modules
+                    add(parts[1:], [])
+    return found
 
 
 def import_graph() -> dict[str, set[str]]:
-    paths = {p.stem: p for p in PACKAGE.glob("*.py")}
+    paths = {_name(p): p for p in PACKAGE.rglob("*.py")}
     modules = set(paths) - {"__init__"}
     return {m: _imports(paths[m], modules) - {m} for m in sorted(modules)}
 
@@ -97,8 +108,20 @@ def test_the_modules_form_layers() -> None:
     for m, imported in graph.items():  # every import points down
         assert all(level[n] < level[m] for n in imported), m
     assert not graph["telemetry"]  # the report is a pure function of plain data
-    for part in ("cycles", "checkpoint", "ledger", "telemetry", "step", "bucketed"):
+    for part in ("root_cycles", "checkpoint", "ledger", "telemetry", "update.per_unit"):
         assert level[part] < level["engine"], part
-    for front in ("optimizer", "soap", "ngplus"):
+    for front in ("shampoo", "soap", "ngplus"):
         assert level[front] > level["engine"]
         assert not any(front in imported for imported in graph.values()), front
+
+
+def test_the_lower_subpackages_import_nothing_above_them() -> None:
+    """``layout``, ``roots`` and ``distributed`` are the engine's parts: none of them imports the
+    step's math (``update``), the engine, its collaborators or a front end."""
+    graph = import_graph()
+    above = ("update.", "engine", "root_cycles", "ledger", "checkpoint")
+    above += ("shampoo", "soap", "ngplus")
+    for m, imported in graph.items():
+        if m.startswith(("layout.", "roots.", "distributed.")):
+            bad = sorted(n for n in imported if n.startswith(above))
+            assert not bad, f"{m} imports {bad}"

@@ -1,4 +1,4 @@
-"""The step's pure tensor functions (``torch_shampoo.kernels``) against closed forms.
+"""The step's pure tensor functions (``torch_shampoo.update.kernels``) against closed forms.
 
 Claims:
 
@@ -17,7 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torch_shampoo.kernels import OUTER_PRODUCT_MIN, accumulate_statistics
+from torch_shampoo.update.kernels import OUTER_PRODUCT_MIN, accumulate_statistics
 
 
 def _stack(n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

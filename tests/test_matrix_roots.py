@@ -1,4 +1,4 @@
-"""Property tests for torch_shampoo.matrix_roots.inverse_root.
+"""Property tests for torch_shampoo.roots.matrix_roots.inverse_root.
 
 Accuracy is judged against the regularized matrix B = (A + Aᵀ)/2 + εI through the backward
 error ‖X^(-p) - B‖_F / ‖B‖_F, with X^(-p) evaluated from the eigendecomposition of X. A root X
@@ -18,7 +18,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torch_shampoo.matrix_roots import ROOT_METHODS, RootResult, finite_rows, inverse_root
+from torch_shampoo.roots.matrix_roots import ROOT_METHODS, RootResult, finite_rows, inverse_root
 
 UNIT_ROUNDOFF = 2.0**-53
 EXPONENTS = (1, 2, 4, 6, 8)

@@ -26,7 +26,7 @@ import torch
 from reference_shampoo import ReferenceShampoo
 
 from torch_shampoo import Shampoo
-from torch_shampoo.blocking import block_layout
+from torch_shampoo.layout.blocking import block_layout
 
 RTOL = 1e-9
 EPSILON = 1e-4

@@ -19,10 +19,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import torch_shampoo.root_pool as root_pool
-import torch_shampoo.scheduler as scheduler
+import torch_shampoo.roots.pool as root_pool
+import torch_shampoo.roots.scheduler as scheduler
 from torch_shampoo import Shampoo
-from torch_shampoo.root_pool import MERGED_WORK, RootJob, batches
+from torch_shampoo.roots.pool import MERGED_WORK, RootJob, batches
 
 KWARGS: dict[str, Any] = dict(
     lr=0.01, block_size=16, precondition_frequency=3, root_staleness=2, root_workers=1

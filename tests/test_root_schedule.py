@@ -29,11 +29,11 @@ from models import (
     train,
 )
 
-import torch_shampoo.root_pool as root_pool
-import torch_shampoo.scheduler as scheduler
+import torch_shampoo.roots.pool as root_pool
+import torch_shampoo.roots.scheduler as scheduler
 from torch_shampoo import NGPlus, Shampoo
-from torch_shampoo.cycles import _as_index
-from torch_shampoo.matrix_roots import RootResult, inverse_root
+from torch_shampoo.root_cycles import _as_index
+from torch_shampoo.roots.matrix_roots import RootResult, inverse_root
 
 BASE: dict[str, Any] = dict(lr=0.01, block_size=16, betas=(0.9, 0.99))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -279,7 +279,7 @@ def test_a_forked_child_can_save_pickle_and_copy_before_its_first_step() -> None
     done = _run_script(
         """
         import copy, os, pickle, threading, torch
-        import torch_shampoo.root_pool as root_pool
+        import torch_shampoo.roots.pool as root_pool
         from torch_shampoo import Shampoo
         inner, started = root_pool.inverse_roots, threading.Event()
         def slow(*args, **kwargs):

@@ -12,51 +12,30 @@
 
 from __future__ import annotations
 
-import ast
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
+from test_import_graph import import_graph
 
-import torch_shampoo
-import torch_shampoo.root_pool as root_pool
-from torch_shampoo.partition import Partition
-from torch_shampoo.root_pool import RootJob
-from torch_shampoo.scheduler import RootScheduler
-
-PACKAGE = Path(torch_shampoo.__file__).parent
-
-
-def _imports(module: str) -> set[str]:
-    """The package modules ``module`` imports, wherever the import is (top level,
-    ``TYPE_CHECKING``, a function body)."""
-    found = set()
-    for node in ast.walk(ast.parse((PACKAGE / f"{module}.py").read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            if node.module:
-                found.add(node.module.split(".")[0])
-            else:
-                found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("torch_shampoo"):
-            found.add((node.module or "").split(".")[1])
-        elif isinstance(node, ast.Import):
-            found.update(
-                a.name.split(".")[1] for a in node.names if a.name.startswith("torch_shampoo.")
-            )
-    return found
+import torch_shampoo.roots.pool as root_pool
+from torch_shampoo.distributed.partition_roots import Partition
+from torch_shampoo.roots.pool import RootJob
+from torch_shampoo.roots.scheduler import RootScheduler
 
 
 def _reach(module: str) -> set[str]:
-    """Every package module ``module`` imports, directly or not."""
+    """Every package module ``module`` imports, directly or not (wherever the import is: top
+    level, ``TYPE_CHECKING``, a function body)."""
+    graph = import_graph()
     seen: set[str] = set()
     todo = [module]
     while todo:
-        for other in _imports(todo.pop()):
+        for other in graph[todo.pop()]:
             if other not in seen:
                 seen.add(other)
                 todo.append(other)
@@ -64,14 +43,14 @@ def _reach(module: str) -> set[str]:
 
 
 def test_no_module_below_the_scheduler_imports_it() -> None:
-    below = _reach("scheduler") - {"scheduler"}
-    assert "partition" in below and "root_pool" in below
-    reaching_back = sorted(m for m in below if "scheduler" in _reach(m))
+    below = _reach("roots.scheduler") - {"roots.scheduler"}
+    assert "distributed.partition_roots" in below and "roots.pool" in below
+    reaching_back = sorted(m for m in below if "roots.scheduler" in _reach(m))
     assert reaching_back == [], f"{reaching_back} import the scheduler, which imports them"
 
 
 def test_the_buckets_take_their_slots_from_below_the_scheduler() -> None:
-    assert "scheduler" not in _reach("buckets")
+    assert "roots.scheduler" not in _reach("layout.buckets")
 
 
 # --------------------------------------------------- partition_roots: the non-owner's write

@@ -23,8 +23,8 @@ from torch_shampoo import SOAP, NGPlus, Shampoo
 from torch_shampoo import checks as c
 from torch_shampoo import settings as spec
 from torch_shampoo.config import EngineConfig, group_defaults
-from torch_shampoo.grafting import GRAFTS
-from torch_shampoo.matrix_roots import ROOT_METHODS
+from torch_shampoo.roots.matrix_roots import ROOT_METHODS
+from torch_shampoo.update.grafting import GRAFTS
 
 CLASSES: dict[str, type] = {"Shampoo": Shampoo, "SOAP": SOAP, "NGPlus": NGPlus}
 FRONT = pytest.mark.parametrize("front", spec.FRONTS)

@@ -17,10 +17,10 @@ from models import make_batches, mixed_model, saved_and_loaded, train, without_r
 from reference_soap import ReferenceSOAP
 from torch import nn
 
-import torch_shampoo.root_pool as root_pool
+import torch_shampoo.roots.pool as root_pool
 from torch_shampoo import SOAP
-from torch_shampoo.buckets import Member
-from torch_shampoo.eigenbasis import change_basis, rotate_stack
+from torch_shampoo.layout.buckets import Member
+from torch_shampoo.update.eigenbasis import change_basis, rotate_stack
 
 SHAPES = [(6, 4), (5,), (3, 4, 2), (4, 4), ()]
 
@@ -175,7 +175,7 @@ def test_rotating_the_problem_rotates_the_trajectory(seed: int, frequency: int) 
 
 
 def _member(shape: tuple[int, ...]) -> Member:
-    from torch_shampoo.blocking import block_layout
+    from torch_shampoo.layout.blocking import block_layout
 
     layout = block_layout(shape, 1024, 1024, merge=False)
     return Member(
@@ -424,7 +424,7 @@ def test_a_shampoo_kwarg_says_what_soap_calls_it() -> None:
 def test_a_refresh_leaves_an_exact_eigenbasis_in_place(seed: int) -> None:
     """F Q = Q Λ: one power iteration from F's own eigenvectors returns them, column by column
     with their signs (to rounding); from a perturbed basis it moves towards them."""
-    from torch_shampoo.eigenbasis import refresh
+    from torch_shampoo.update.eigenbasis import refresh
 
     gen = torch.Generator().manual_seed(seed)
     a = torch.randn(6, 6, generator=gen, dtype=torch.float64)

@@ -22,7 +22,7 @@ import pytest
 import torch
 from torch import nn
 
-import torch_shampoo.root_pool as root_pool
+import torch_shampoo.roots.pool as root_pool
 from torch_shampoo import SOAP, NGPlus, Shampoo
 from torch_shampoo.device import subnormals_flushed
 

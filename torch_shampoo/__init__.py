@@ -1,7 +1,7 @@
 """Shampoo, SOAP and NG+ second-order optimizers for PyTorch, with inverse roots on CPU threads."""
 
 from .ngplus import NGPlus
-from .optimizer import Shampoo
+from .shampoo import Shampoo
 from .soap import SOAP
 
 __all__ = ["SOAP", "NGPlus", "Shampoo", "__version__"]

@@ -25,11 +25,11 @@ from typing import Any
 
 import torch
 
-from . import packing
-from .blocking import BlockLayout
-from .buckets import factor_groups
 from .config import EngineConfig, group_defaults
-from .shares import StateShares
+from .distributed.partition_state import StateShares
+from .layout import compact
+from .layout.blocking import BlockLayout
+from .layout.buckets import factor_groups
 from .state import SCHEMA, check_moments, check_state, in_flight, migrate, no_pending, restore
 
 __all__ = [
@@ -56,7 +56,8 @@ def to_saved(
 ) -> dict[str, Any]:
     """A parameter's runtime state (and its roots in flight) as schema 2; no tensor is copied
     except the zero slots of absent pending roots and, with ``compact`` state
-    (:mod:`torch_shampoo.packing`), the factors and roots: saved as full symmetric matrices."""
+    (:mod:`torch_shampoo.layout.compact`), the factors and roots: saved as full symmetric
+    matrices."""
     saved = {k: v for k, v in state.items() if k not in _LISTS}
     factors, roots = _full_matrices(state) if compact else (state["factors"], state["roots"])
     saved["factors"] = {str(j): f for j, f in enumerate(factors)}
@@ -87,11 +88,11 @@ def to_saved(
 def _full_matrices(state: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """A compact state's factors and roots as full symmetric matrices (new tensors)."""
     factors = [
-        packing.full(f, torch.ones_like(f, dtype=torch.bool).tril(), upper=False)
+        compact.full(f, torch.ones_like(f, dtype=torch.bool).tril(), upper=False)
         for f in state["factors"]
     ]
     roots = [
-        packing.full(r, torch.ones_like(r, dtype=torch.bool).triu(), upper=True)
+        compact.full(r, torch.ones_like(r, dtype=torch.bool).triu(), upper=True)
         for r in state["roots"]
     ]
     return factors, roots

@@ -53,12 +53,12 @@ class EngineConfig:
     """Eigenbasis only: every ``eigh_every``-th root step (and a first) has the pool compute
     exact bases; the root steps between update the installed ones by one power iteration."""
     merge_dims: bool | str = True
-    """How neighbouring dims merge before blocking (:mod:`torch_shampoo.blocking`)."""
+    """How neighbouring dims merge before blocking (:mod:`torch_shampoo.layout.blocking`)."""
     vectors: bool = True
     """Do 1-D parameters get a factor? (Else the graft alone steps them.)"""
     eigenbasis: bool = False
     """The pool computes each factor's eigenvectors, and the step runs Adam in that basis
-    (eigenvalue-corrected Shampoo, :mod:`torch_shampoo.eigenbasis`); roots are not used."""
+    (eigenvalue-corrected Shampoo, :mod:`torch_shampoo.update.eigenbasis`); roots are not used."""
 
     def epsilon_at(self, step: int) -> float:
         """ε at ``step``; a schedule (NG+'s ``damping``) must give a positive finite number."""

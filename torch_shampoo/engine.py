@@ -1,11 +1,12 @@
 """The engine Shampoo, SOAP and NG+ share: Kronecker-factored statistics, CPU roots, the step.
 
-Per block of a parameter (:mod:`torch_shampoo.blocking`) one statistics factor F_i per factored
-dim; X_i = (F_i/bc + εI)^(−1/r) from :mod:`torch_shampoo.root_pool`; equal-shape blocks stacked
-into buckets (:mod:`~torch_shampoo.buckets`). A front end maps its kwargs onto an
+Per block of a parameter (:mod:`torch_shampoo.layout.blocking`) one statistics factor F_i per
+factored dim; X_i = (F_i/bc + εI)^(−1/r) from :mod:`torch_shampoo.roots.pool`; equal-shape blocks
+stacked into buckets (:mod:`~torch_shampoo.layout.buckets`). A front end maps its kwargs onto an
 :class:`EngineConfig` per group. This class is glue over the parts it owns: the book of its
-parameters (:mod:`~torch_shampoo.ledger`), the root cycles (:mod:`~torch_shampoo.cycles`), the
-state-dict codec (:mod:`~torch_shampoo.checkpoint`); the math is :mod:`~torch_shampoo.step`.
+parameters (:mod:`~torch_shampoo.ledger`), the root cycles (:mod:`~torch_shampoo.root_cycles`), the
+state-dict codec (:mod:`~torch_shampoo.checkpoint`); the math is
+:mod:`~torch_shampoo.update.per_unit`.
 """
 
 from __future__ import annotations
@@ -17,16 +18,18 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from . import bucketed, checkpoint, device, eigenbasis, elementwise, sharded, step, telemetry
-from .blocking import BlockLayout
-from .buckets import Bucket, advance_steps
+from . import checkpoint, device, telemetry
 from .config import EngineConfig, revalidate, world_size
-from .cycles import Front, RootCycles, RootFailure
+from .distributed import dtensor
+from .distributed.partition_roots import Partition
+from .distributed.partition_state import StateShares
+from .layout.blocking import BlockLayout
+from .layout.buckets import Bucket, advance_steps
 from .ledger import Ledger, Undo, layout
-from .partition import Partition
-from .scheduler import RootScheduler
-from .shares import StateShares
-from .step import Work
+from .root_cycles import Front, RootCycles, RootFailure
+from .roots.scheduler import RootScheduler
+from .update import bucketed, eigenbasis, foreach, per_unit
+from .update.per_unit import Work
 
 __all__ = ["EngineConfig", "PreconditionerEngine"]
 
@@ -38,7 +41,7 @@ class PreconditionerEngine(torch.optim.Optimizer):
 
     The step is the one written in :class:`torch_shampoo.Shampoo`'s docstring, with every setting
     taken from the group's :class:`EngineConfig`; when roots are computed and installed is the
-    :class:`~torch_shampoo.scheduler.RootScheduler`'s business. A block takes the graft's
+    :class:`~torch_shampoo.roots.scheduler.RootScheduler`'s business. A block takes the graft's
     direction until all of its roots are installed. Subclasses define :meth:`_config` and
     :meth:`_validate`, and may override :meth:`_layout_of`, :meth:`_take_curvature`,
     :meth:`_leader_of` and :meth:`_followers_of`.
@@ -131,7 +134,7 @@ class PreconditionerEngine(torch.optim.Optimizer):
             self._validate({**self.defaults, **param_group})
             for item in [params] if isinstance(params, torch.Tensor) else params:
                 p = item[1] if isinstance(item, tuple) else item
-                sharded.check_parameter(p, type(self).__name__)
+                dtensor.check_parameter(p, type(self).__name__)
         if getattr(self, "_shares", None) is not None:
             raise RuntimeError("partition_state: add parameter groups before the first step")
         super().add_param_group(param_group)
@@ -162,21 +165,21 @@ class PreconditionerEngine(torch.optim.Optimizer):
     def _step_parameters(self) -> None:
         work, buckets, stepped, undo = self._begin_step()
         try:
-            units, stacked = step.units_of(work, buckets)
-            step.mark_finite(units)
+            units, stacked = per_unit.units_of(work, buckets)
+            per_unit.mark_finite(units)
             roots = self._cycles.of_this_step  # (not traced)
             if any(w.config.eigenbasis for w in work):
                 eigenbasis.step_units(
                     units, buckets, stacked, lambda: roots(work, self.param_groups, self.state)
                 )
             else:
-                plan = elementwise.gradients(units)
+                plan = foreach.gradients(units)
                 bucketed.statistics(units, buckets, stacked, keep_gradients=True)
                 roots(work, self.param_groups, self.state)
-                elementwise.moments(units, plan)
-                elementwise.directions(units, plan)
+                foreach.moments(units, plan)
+                foreach.directions(units, plan)
                 updates = bucketed.precondition(units, buckets, stacked)
-                elementwise.update_parameters(units, updates, plan)
+                foreach.update_parameters(units, updates, plan)
         except RootFailure:
             self._undo(undo, work)
             raise
@@ -201,7 +204,7 @@ class PreconditionerEngine(torch.optim.Optimizer):
         if self._shares is not None:
             self._shares.broadcast(stepped)
         for p, whole in stepped:
-            sharded.write_back(p, whole)
+            dtensor.write_back(p, whole)
         self._cycles.scheduler.send()
 
     @torch.compiler.disable
@@ -225,7 +228,7 @@ class PreconditionerEngine(torch.optim.Optimizer):
         for group in self.param_groups:
             config = self._config(group)
             for p in (p for p in group["params"] if p.grad is not None):
-                stepped.append((p, sharded.gathered(p)))  # (a collective for a DTensor)
+                stepped.append((p, dtensor.gathered(p)))  # (a collective for a DTensor)
                 if shares is None or shares.mine(p):
                     layout = ledger.state_of(p, self.state, config, self._describe, created)
                     ready.append((p, config, group, layout, stepped[-1][1]))
@@ -246,7 +249,7 @@ class PreconditionerEngine(torch.optim.Optimizer):
             undo = Undo([s for _, s, *_ in ready_t], created, due, eigen)
         work = [self._work_of(*args, due.get(args[0])) for args in ready]
         advance_steps([w.state for w in work], buckets)
-        step.step_scalars(work)
+        per_unit.step_scalars(work)
         return work, buckets, stepped, undo
 
     def _work_of(

@@ -12,12 +12,12 @@ from typing import Any
 
 import torch
 
-from .blocking import BlockLayout, block_layout, output_side_layout
-from .buckets import Bucket, plan_buckets, slots_of
 from .config import EngineConfig
-from .grafting import SECOND_MOMENT
-from .staging import Slot
+from .layout.blocking import BlockLayout, block_layout, output_side_layout
+from .layout.buckets import Bucket, plan_buckets, slots_of
+from .roots.staging import Slot
 from .state import check_state, init_state, recast, state_dtype
+from .update.grafting import SECOND_MOMENT
 
 __all__ = ["Ledger", "Undo", "layout"]
 

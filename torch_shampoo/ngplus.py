@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from . import settings
-from .blocking import BlockLayout, output_side_layout
 from .config import EngineConfig, is_dtensor, world_size
 from .engine import PreconditionerEngine
+from .layout.blocking import BlockLayout, output_side_layout
 from .per_sample import PerSampleFisher
 from .settings import STATISTICS
 

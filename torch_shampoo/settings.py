@@ -33,8 +33,8 @@ from .checks import (
     Workers,
     bad,
 )
-from .grafting import GRAFTS
-from .matrix_roots import ROOT_METHODS
+from .roots.matrix_roots import ROOT_METHODS
+from .update.grafting import GRAFTS
 
 __all__ = [
     "FIXED", "FRONTS", "HINTS", "RULES", "SPEC", "STATISTICS", "Rule", "Setting",

@@ -40,7 +40,7 @@ class SOAP(PreconditionerEngine):
         W  ← W − lr·N
 
     When new bases are installed, m' and v' move into them (m' exactly, v' as a diagonal:
-    :mod:`torch_shampoo.eigenbasis`). Before a block's first basis (steps < ``start``), the
+    :mod:`torch_shampoo.update.eigenbasis`). Before a block's first basis (steps < ``start``), the
     step is Adam's. Root steps, the first basis (installed in the step that computes it) and
     the staleness s of later ones are as in :class:`Shampoo`; unlike Shampoo's roots, only the
     basis is s steps old here: the scale of every direction is updated at every step, so the

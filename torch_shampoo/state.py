@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from .blocking import BlockLayout
 from .config import EngineConfig
-from .grafting import SECOND_MOMENT
+from .layout.blocking import BlockLayout
+from .update.grafting import SECOND_MOMENT
 
 __all__ = [
     "HOST_KEYS",

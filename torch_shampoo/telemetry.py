@@ -16,7 +16,7 @@ class Report:
     """Plain data about an optimizer's roots and state, read by :func:`root_stats`."""
 
     stats: Any
-    """The root scheduler's counters (:class:`~torch_shampoo.staleness.Stats`)."""
+    """The root scheduler's counters (:class:`~torch_shampoo.roots.staleness.Stats`)."""
     staleness: list[int | None]
     """Per group, the staleness its later cycles use."""
     pending: int

@@ -3,7 +3,7 @@
 A :class:`Pending` is what the scheduler keeps of a parameter's root cycle from its snapshot to
 its install step: the jobs, their tickets and host buffers, and with ``partition_roots`` each
 job's owner. A :class:`Batch` is a set of jobs solved together
-(:func:`~torch_shampoo.root_pool.batches`): a root depends on its batch, so whatever solves one
+(:func:`~torch_shampoo.roots.pool.batches`): a root depends on its batch, so whatever solves one
 of its jobs again (after ``close()``, in a fork, for a state dict, for another rank's job)
 solves them all.
 """
@@ -42,7 +42,7 @@ class Pending:
 
 @dataclass(eq=False)
 class Batch:
-    """Jobs solved together (:func:`~torch_shampoo.root_pool.batches`), as (pending, job
+    """Jobs solved together (:func:`~torch_shampoo.roots.pool.batches`), as (pending, job
     index) pairs: whatever solves one of them again solves them all (the same bits)."""
 
     members: list[tuple[Pending, int]]
@@ -51,7 +51,7 @@ class Batch:
         return [pending.jobs[i] for pending, i in self.members]
 
     def work(self) -> tuple[int, int]:
-        """(rows, d): what :func:`~torch_shampoo.partition.assign` balances."""
+        """(rows, d): what :func:`~torch_shampoo.distributed.partition_roots.assign` balances."""
         jobs = self.jobs()
         return sum(job.snapshot.shape[0] for job in jobs), jobs[0].snapshot.shape[-1]
 

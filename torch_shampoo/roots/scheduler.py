@@ -2,7 +2,7 @@
 
 Root steps are t = start and every t > start divisible by the frequency. At a root step the
 factors of a parameter are copied to host buffers and their roots handed to the
-:class:`~torch_shampoo.root_pool.RootPool`; the roots are installed at a step fixed in advance:
+:class:`~torch_shampoo.roots.pool.RootPool`; the roots are installed at a step fixed in advance:
 
 * a parameter's **first** root cycle (no root of it installed yet) is installed in the step that
   computes it, in every mode: preconditioning starts at ``start``, never later;
@@ -27,12 +27,12 @@ from typing import Any
 
 import torch
 
-from . import device
-from .config import world_size
+from .. import device
+from ..config import world_size
+from ..distributed.partition_roots import Partition, assign
 from .jobs import RootJob, RootOutcome, Ticket, outcomes_of
-from .partition import Partition, assign
 from .pending import Batch, Pending
-from .root_pool import RootPool, batches, default_threads, run_here
+from .pool import RootPool, batches, default_threads, run_here
 from .staging import Slot, Staging
 from .staleness import FITTED, StalenessFit, Stats
 

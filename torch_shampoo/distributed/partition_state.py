@@ -1,13 +1,13 @@
 """Optimizer state shared out among ranks (``partition_state=True``): one owner per parameter.
 
 Under DDP every rank holds the same averaged gradients (under FSDP2 every rank gathers the
-whole of each sharded parameter and gradient, :mod:`torch_shampoo.sharded`), so the step of a
-parameter is the same computation on every rank. With ``partition_state=True`` each parameter
-has one owner, chosen by :func:`~torch_shampoo.partition.assign` from the global shapes alone
-(largest estimated state first, to the least-loaded rank), so every rank computes the same
-assignment without talking. The owner alone keeps the parameter's state (moments, factors,
-roots, roots in flight, host buffers) and steps it; then every parameter is broadcast from its
-owner (one broadcast per owner, dtype and device, coalesced; for a sharded parameter its
+whole of each sharded parameter and gradient, :mod:`torch_shampoo.distributed.dtensor`), so the
+step of a parameter is the same computation on every rank. With ``partition_state=True`` each
+parameter has one owner, chosen by :func:`~torch_shampoo.distributed.partition_roots.assign` from
+the global shapes alone (largest estimated state first, to the least-loaded rank), so every rank
+computes the same assignment without talking. The owner alone keeps the parameter's state (moments,
+factors, roots, roots in flight, host buffers) and steps it; then every parameter is broadcast from
+its owner (one broadcast per owner, dtype and device, coalesced; for a sharded parameter its
 whole, of which each rank keeps its rows), so every rank ends the step with the same bits the
 replicated run computes. Memory and work per rank are about 1/world of the replicated run's;
 communication is one broadcast of the parameters per step.
@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from .blocking import BlockLayout
-from .partition import assign
+from ..layout.blocking import BlockLayout
+from .partition_roots import assign
 
 __all__ = ["StateShares", "state_cost"]
 

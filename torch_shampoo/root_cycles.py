@@ -1,9 +1,10 @@
 """Root cycles, the engine's side: which parameters snapshot their factors at a step, the jobs
 made from their buckets' stacks, and the installation of finished roots (failures counted,
-warned about or raised). When roots run is the :class:`~torch_shampoo.scheduler.RootScheduler`'s
-business; :class:`RootCycles` turns a parameter's state into its jobs and their outcomes back
-into state. Roots that fail ``max_root_failures`` times raise :class:`RootFailure` before any
-of them is installed, so the engine can leave its state as if the step had not happened.
+warned about or raised). When roots run is the
+:class:`~torch_shampoo.roots.scheduler.RootScheduler`'s business; :class:`RootCycles` turns a
+parameter's state into its jobs and their outcomes back into state. Roots that fail
+``max_root_failures`` times raise :class:`RootFailure` before any of them is installed, so the
+engine can leave its state as if the step had not happened.
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ from typing import Any
 
 import torch
 
-from . import device, eigenbasis
-from .blocking import BlockLayout
+from . import device
 from .config import EngineConfig
-from .jobs import RootJob, outcomes_of
-from .pending import Pending
-from .scheduler import RootScheduler
-from .staging import Slot, Staging
-from .staleness import FITTED
-from .step import Work
+from .layout.blocking import BlockLayout
+from .roots.jobs import RootJob, outcomes_of
+from .roots.pending import Pending
+from .roots.scheduler import RootScheduler
+from .roots.staging import Slot, Staging
+from .roots.staleness import FITTED
+from .update import eigenbasis
+from .update.per_unit import Work
 
 __all__ = ["Front", "RootCycles", "RootFailure", "user_stacklevel"]
 
@@ -346,7 +348,7 @@ class RootCycles:
     def _refresh_bases(self, state: dict[str, Any], slots: list[Slot]) -> None:
         """At a root step without exact bases, or while they are computed off the step, the
         installed bases take one power iteration with the current factors
-        (:func:`~torch_shampoo.eigenbasis.refresh`), the moments moving with them; blocks
+        (:func:`~torch_shampoo.update.eigenbasis.refresh`), the moments moving with them; blocks
         without a basis yet keep the identity."""
         for slot in slots:
             installed = [bool(state["has_root"][j]) for j in slot.indices]

@@ -1,7 +1,7 @@
 """Inverse roots off the training thread: batches, the solver and a pool of CPU worker threads.
 
-A :class:`~torch_shampoo.jobs.RootJob` (:mod:`torch_shampoo.jobs`, with its
-:class:`~torch_shampoo.jobs.Ticket`) is a host snapshot of a stack of equal-size factors and
+A :class:`~torch_shampoo.roots.jobs.RootJob` (:mod:`torch_shampoo.roots.jobs`, with its
+:class:`~torch_shampoo.roots.jobs.Ticket`) is a host snapshot of a stack of equal-size factors and
 the settings of their roots. Jobs with equal settings and size are solved together
 (:func:`batches`: a model of many small parameters pays one job's fixed cost per batch, not per
 parameter). :func:`solve` turns a batch into X = (F/bc + εI)^(−1/r) per factor
@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import device
+from .. import device
 from .jobs import RootCancelled, RootJob, RootOutcome, Ticket
 from .matrix_roots import RootResult, eigenbases, finite_rows, inverse_roots
 
@@ -52,7 +52,7 @@ def solve(jobs: Sequence[RootJob]) -> list[tuple[list[RootOutcome], torch.Tensor
     """Compute the roots of jobs solved together (one batch of :func:`batches`: equal
     settings, size and dtype) in float64, as one stack; returns per job one outcome per factor
     and its roots (rows whose outcome is not ok must not be used). The caller writes the usable
-    rows into ``job.result`` (:meth:`~torch_shampoo.jobs.Ticket.write`). A root depends on the
+    rows into ``job.result`` (:meth:`~torch_shampoo.roots.jobs.Ticket.write`). A root depends on the
     batch it is solved in (LAPACK's last bits follow a matrix's alignment in the stack), so
     every path that solves a job solves its whole batch."""
     for job in jobs:

@@ -3,7 +3,7 @@
 A :class:`RootJob` is everything the inverse roots of a stack of equal-size factors need (a
 parameter's factors of one bucket and dim): a host snapshot of the stack taken at the root step,
 the bias-correction divisor, the exponent and the epsilon. Whoever solves it (a worker of the
-:class:`~torch_shampoo.root_pool.RootPool`, the calling thread, or another rank under
+:class:`~torch_shampoo.roots.pool.RootPool`, the calling thread, or another rank under
 ``partition_roots``) ends its :class:`Ticket` through :meth:`Ticket.write`: the one code path
 that writes a job's result buffer, after the previous upload out of it, and under the ticket's
 lock, so that a cancelled ticket's buffer is never written.
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import device
+from .. import device
 
 __all__ = ["RootCancelled", "RootJob", "RootOutcome", "Ticket", "outcomes_of"]
 

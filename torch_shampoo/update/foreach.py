@@ -4,7 +4,7 @@ instead of one kernel per unit (a small model's step is otherwise mostly per-ten
 Units run together when nothing tells them apart: the same parameter group and step count,
 the same state and parameter dtype and device, no non-finite flags to mask with, no statistics
 prepared outside the step; and they are small (:data:`SMALL`), where the calls cost more than
-the arithmetic. Every other unit takes :mod:`torch_shampoo.step`'s per-unit line.
+the arithmetic. Every other unit takes :mod:`torch_shampoo.update.per_unit`'s per-unit line.
 Each ``_foreach_`` call applies the same operation, with the same scalars, as the per-unit line
 does to each of its tensors, so a batched unit computes what it would alone.
 """
@@ -15,10 +15,11 @@ from collections.abc import Sequence
 
 import torch
 
-from . import device, step
+from .. import device
+from ..state import state_dtype
+from . import per_unit
 from .grafting import SECOND_MOMENT, graft_directions, update_graft_states
-from .state import state_dtype
-from .step import Unit
+from .per_unit import Unit
 
 __all__ = ["directions", "gradients", "moments", "update_parameters"]
 
@@ -53,24 +54,25 @@ def _batches(units: list[Unit]) -> Plan:
 
 
 def gradients(units: list[Unit]) -> Plan:
-    """This step's gradient of every unit (:func:`torch_shampoo.step.gradient`, with the guard)
-    and the statistics prepared outside the step (:func:`torch_shampoo.step.curvature`).
-    Returns the batches, for the step's elementwise lines."""
+    """This step's gradient of every unit (:func:`torch_shampoo.update.per_unit.gradient`, with the
+    guard) and the statistics prepared outside the step
+    (:func:`torch_shampoo.update.per_unit.curvature`). Returns the batches, for the step's
+    elementwise lines."""
     for u in units:
-        u.g = step.gradient(u)
+        u.g = per_unit.gradient(u)
     for u in units:
-        step.curvature(u)
+        per_unit.curvature(u)
     return _batches(units)
 
 
 def moments(units: list[Unit], plan: Plan) -> None:
     """The first moment and the graft's second moment from the gradients, per unit or per
-    batch of ``plan`` (:func:`torch_shampoo.step.update_moments`); the gradients are dropped."""
+    batch of ``plan`` (:func:`.per_unit.update_moments`); the gradients are dropped."""
     batches, alone = plan
     for i in alone:
         u = units[i]
         assert u.g is not None
-        step.update_moments(u, u.g)
+        per_unit.update_moments(u, u.g)
     for indices in batches:
         batch = [units[i] for i in indices]
         config, states = batch[0].config, [u.state for u in batch]
@@ -91,11 +93,11 @@ def moments(units: list[Unit], plan: Plan) -> None:
 
 
 def directions(units: list[Unit], plan: Plan) -> None:
-    """:func:`torch_shampoo.step.directions` of every unit (batched as ``plan``, from
+    """:func:`torch_shampoo.update.per_unit.directions` of every unit (batched as ``plan``, from
     :func:`gradients`): m̂ and the graft's direction."""
     batches, alone = plan
     for i in alone:
-        step.directions(units[i])
+        per_unit.directions(units[i])
     for indices in batches:
         batch = [units[i] for i in indices]
         first, config = batch[0], batch[0].config
@@ -119,19 +121,19 @@ def directions(units: list[Unit], plan: Plan) -> None:
 def update_parameters(
     units: list[Unit], preconditioned: Sequence[torch.Tensor | None], plan: Plan
 ) -> None:
-    """:func:`torch_shampoo.step.update_parameters` of every unit (batched as ``plan``), with
+    """:func:`.per_unit.update_parameters` of every unit (batched as ``plan``), with
     Shampoo's direction ``preconditioned[i]`` for ``units[i]`` where it has one (None: the
     graft's)."""
     batches, alone = plan
     for i in alone:
-        step.update_parameters(units[i], preconditioned[i])
+        per_unit.update_parameters(units[i], preconditioned[i])
     for indices in batches:
         batch = [units[i] for i in indices]
         config = batch[0].config
-        lr = step.learning_rate(batch[0])
+        lr = per_unit.learning_rate(batch[0])
         if isinstance(lr, torch.Tensor):
             for i in indices:
-                step.update_parameters(units[i], preconditioned[i])
+                per_unit.update_parameters(units[i], preconditioned[i])
             continue
         updates = []
         for i in indices:
@@ -160,5 +162,5 @@ def update_parameters(
             else:
                 rows = [w.param for w in u.works]
                 params += rows
-                steps += step.rows_of(update, rows)
+                steps += per_unit.rows_of(update, rows)
         torch._foreach_add_(params, steps, alpha=-lr)

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 import torch
 
-from . import packing
-from .blocking import BlockLayout, block_sums
+from ..layout import compact
+from ..layout.blocking import BlockLayout, block_sums
 
 __all__ = [
     "accumulate_statistics",
@@ -102,7 +102,7 @@ def accumulate_statistics(
             new = torch.baddbmm(factor, unfolded, unfolded.mT, beta=beta2, alpha=weight)
         if flags is None:
             assert mask is not None
-            packing.write(factor, new, mask, upper=False)  # its triangle of a compact stack
+            compact.write(factor, new, mask, upper=False)  # its triangle of a compact stack
             continue
         mask = flags.view(-1, 1, 1) if mask is None else mask & flags.view(-1, 1, 1)
         torch.where(mask, new, factor, out=factor)  # (a compact stack's view: in place too)

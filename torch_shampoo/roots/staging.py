@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
-from . import device, packing
-from .packing import Triangles
+from .. import device
+from ..layout import compact
+from ..layout.compact import Triangles
 
 __all__ = ["Slot", "Staging"]
 
@@ -45,13 +46,13 @@ class Slot:
     """(bucket, member, block dim) of these rows, for what installs must touch besides."""
     triangles: Triangles | None = None
     """Compact state: the factors and roots are two triangles of one stack
-    (:mod:`torch_shampoo.packing`); None: full matrices."""
+    (:mod:`torch_shampoo.layout.compact`); None: full matrices."""
 
     def snapshot(self) -> torch.Tensor:
         """The factors as full matrices (a new tensor for compact state)."""
         if self.triangles is None:
             return self.factors
-        return packing.full(self.factors, self.triangles.lower, upper=False)
+        return compact.full(self.factors, self.triangles.lower, upper=False)
 
     def install(self, result: torch.Tensor, row: int | None = None) -> device.CopyDone:
         """Enqueue roots ← ``result`` (host), all rows or one: a copy, or for compact state a
@@ -63,5 +64,5 @@ class Slot:
         if result.device != roots.device:
             uploaded = torch.empty_like(roots)
             done = device.to_device(uploaded, result)
-        packing.write(roots, uploaded, self.triangles.upper, upper=True)
+        compact.write(roots, uploaded, self.triangles.upper, upper=True)
         return done

@@ -27,9 +27,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from . import bucketed, step
-from .buckets import Bucket, Member
-from .step import Unit
+from ..layout.buckets import Bucket, Member
+from . import bucketed, per_unit
+from .per_unit import Unit
 
 __all__ = ["change_basis", "refresh", "rotate", "rotate_stack", "step_units"]
 
@@ -145,15 +145,15 @@ def step_units(
     docstring): the gradient, the statistics, this step's bases, Adam's moments and direction
     in the basis, the direction rotated back, the update."""
     for u in units:
-        u.g = step.gradient(u)
+        u.g = per_unit.gradient(u)
     bucketed.statistics(units, buckets, stacked, keep_gradients=True)
     roots_of_this_step()  # a first basis is installed (the moments moved into it) now
     rotate(units, buckets, stacked, "g", back=False)
     for u in units:
         assert u.g is not None
-        step.update_moments(u, u.g)
+        per_unit.update_moments(u, u.g)
         u.g = None
-        step.directions(u)
+        per_unit.directions(u)
     rotate(units, buckets, stacked, "direction", back=True)
     for u in units:
-        step.update_parameters(u, None)
+        per_unit.update_parameters(u, None)

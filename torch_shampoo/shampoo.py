@@ -32,7 +32,7 @@ class Shampoo(PreconditionerEngine):
     also stopped when the optimizer is garbage collected and at exit. ``root_stats()`` documents
     each of its keys.
 
-    For every block G of the gradient (see :mod:`torch_shampoo.blocking`) and step t = 1, 2, …::
+    For every block G of the gradient (:mod:`torch_shampoo.layout.blocking`) and step t = 1, 2, …::
 
         g  = ∇ (−∇ if maximize);  g += wd·W                 if not decoupled_weight_decay
         F_i ← β₂ F_i + w G_(i) G_(i)ᵀ  for each factored dim i   (w = 1 if β₂ = 1 else 1 − β₂)
@@ -100,16 +100,17 @@ class Shampoo(PreconditionerEngine):
             threads, the training thread keeps the rest (on 2 cores, a 2-thread worker made
             every step of a small model 4x slower). Synchronous roots use the same count.
         partition_roots: under DDP (several processes in ``torch.distributed``), solve each
-            root on one rank and broadcast it at the install step (:mod:`torch_shampoo.partition`;
-            bitwise the replicated result); without a process group it changes nothing.
+            root on one rank and broadcast it at the install step
+            (:mod:`torch_shampoo.distributed.partition_roots`; bitwise the replicated result);
+            without a process group it changes nothing.
         partition_state: under DDP, each parameter is kept (state, factors, roots) and stepped
-            by one rank, then broadcast from it (:mod:`torch_shampoo.shares`; bitwise the
-            replicated result, about 1/world of its memory and work per rank); checkpoint with
-            :meth:`consolidate_state_dict` on every rank, then ``state_dict()``.
+            by one rank, then broadcast from it (:mod:`torch_shampoo.distributed.partition_state`;
+            bitwise the replicated result, about 1/world of its memory and work per rank);
+            checkpoint with :meth:`consolidate_state_dict` on every rank, then ``state_dict()``.
         compact_state: keep each block's factor and root, both symmetric, as the two triangles
-            of one (d + 1) × d tensor (:mod:`torch_shampoo.packing`): about half their memory
-            (state 2.1x Adam's instead of 3.2x on an MLP at block 128), for a select per root
-            and factor at every step. The same results (the same lower triangles; the matrices
+            of one (d + 1) × d tensor (:mod:`torch_shampoo.layout.compact`): about half their
+            memory (state 2.1x Adam's instead of 3.2x on an MLP at block 128), for a select per
+            root and factor at every step. The same results (the same lower triangles; the matrices
             symmetric to the last bit); ``state_dict()`` saves full matrices, so checkpoints
             load either way.
     """

@@ -1,7 +1,8 @@
 """The step's math on whole buckets: the statistics F ← β₂F + w·G Gᵀ (one batched product
 per bucket and factored dim) and the preconditioned direction P = m̂ ×₁ X_1 ×₂ X_2 … (one
-batched product per bucket, grafted per block), for the units of :mod:`torch_shampoo.step`:
-a stacked unit's whole bucket, or the rows of the single units that share a bucket.
+batched product per bucket, grafted per block), for the units of
+:mod:`torch_shampoo.update.per_unit`: a stacked unit's whole bucket, or the rows of the single
+units that share a bucket.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from . import device, kernels, packing
-from .buckets import Bucket, Member
-from .step import Unit
+from .. import device
+from ..layout import compact
+from ..layout.buckets import Bucket, Member
+from . import kernels
+from .per_unit import Unit
 
 __all__ = ["PerBucket", "Share", "precondition", "statistics"]
 
@@ -26,7 +29,7 @@ def statistics(
 ) -> None:
     """F ← β₂F + w·G Gᵀ per bucket and factored dim: one batched product each. The gradient
     copies are dropped after, unless ``keep_gradients``. A unit with statistics prepared
-    outside the step (NG+'s, :func:`torch_shampoo.step.curvature`) takes no part."""
+    outside the step (NG+'s, :func:`torch_shampoo.update.per_unit.curvature`) takes no part."""
     single = {
         u.works[0].p: u
         for u in units
@@ -87,7 +90,7 @@ class Share:
         roots = self.bucket.roots if rows is None else [r[rows] for r in self.bucket.roots]
         if self.bucket.triangles is None:
             return roots
-        return [packing.full(r, m.upper, upper=True) for r, m in zip(roots, self.bucket.triangles)]
+        return [compact.full(r, m.upper, upper=True) for r, m in zip(roots, self.bucket.triangles)]
 
     def rooted(self, where: torch.device) -> torch.Tensor | None:
         return None if self.flags is None else device.small_tensor(self.flags, where)

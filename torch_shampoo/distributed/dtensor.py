@@ -7,8 +7,8 @@ math on those plain tensors, and writes the rows it holds back into its local sh
 statistics, roots and elementwise state are therefore the single-process ones, whatever the
 shard boundaries (uneven ones included), and every rank holds them all: this mode trades
 memory and two all-gathers of the parameter's size per step for exact equivalence, unless
-``partition_state=True`` (:mod:`torch_shampoo.shares`) leaves each parameter's state with one
-owner.
+``partition_state=True`` (:mod:`torch_shampoo.distributed.partition_state`) leaves each parameter's
+state with one owner.
 
 Other placements (tensor parallelism's ``Shard(1)``, ``Partial``, two sharded mesh dims) are
 refused with the placements named.
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .config import is_dtensor
+from ..config import is_dtensor
 
 __all__ = ["check_parameter", "gathered", "write_back"]
 

@@ -17,12 +17,13 @@ from typing import Any
 
 import torch
 
-from . import device, kernels
-from .blocking import BlockLayout, expand_grid
-from .buckets import Bucket
-from .config import EngineConfig
+from .. import device
+from ..config import EngineConfig
+from ..layout.blocking import BlockLayout, expand_grid
+from ..layout.buckets import Bucket
+from ..state import state_dtype
+from . import kernels
 from .grafting import graft_direction, update_graft_state
-from .state import state_dtype
 
 __all__ = [
     "Unit",
@@ -57,7 +58,7 @@ class Work:
     """Statistics prepared outside the step (NG+'s per-sample Ĝ); None: G Gᵀ."""
     param: torch.Tensor
     """The tensor the math reads (with its ``.grad``) and writes: ``p``, or for a DTensor
-    parameter the gathered whole (:mod:`torch_shampoo.sharded`)."""
+    parameter the gathered whole (:mod:`torch_shampoo.distributed.dtensor`)."""
     bias: tuple[torch.Tensor, torch.Tensor] | None = None
     """1 − β₁ᵗ and the graft's 1 − β₂ᵗ as 0-d tensors (:func:`step_scalars`); None without
     bias correction."""
@@ -215,7 +216,8 @@ def gradient(u: Unit) -> torch.Tensor:
 
 def curvature(u: Unit) -> None:
     """F ← β₂F + Ĝ per factor from statistics prepared outside the step (NG+'s per-sample
-    ones), for a parameter that has them; the others' come from :mod:`~torch_shampoo.bucketed`."""
+    ones), for a parameter that has them; the others' come from
+    :mod:`~torch_shampoo.update.bucketed`."""
     w = u.works[0]
     if u.bucket is None and w.curvature is not None:
         kernels.curvature_statistics(

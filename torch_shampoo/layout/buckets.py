@@ -10,7 +10,7 @@ pipeline and every check see per-block tensors while the step works on whole sta
 * **gather**: a parameter-shaped tensor (gradient, m̂, graft direction) becomes the bucket's
   ``(n, *block)`` stack — one copy per parameter (a single-block parameter is a view of it);
 * the statistics, the preconditioning and the graft's per-block norms are batched matmuls and
-  norms on the stacks (:mod:`torch_shampoo.kernels`);
+  norms on the stacks (:mod:`torch_shampoo.update.kernels`);
 * **scatter**: the stacked direction goes back to parameter shape — one copy per parameter (none
   for a parameter that is a single block: its direction is a view of the stack).
 
@@ -29,11 +29,12 @@ from typing import Any
 
 import torch
 
-from . import device, packing
+from .. import device
+from ..roots.staging import Slot
+from ..state import state_dtype
+from . import compact
 from .blocking import BlockLayout
-from .packing import Triangles
-from .staging import Slot
-from .state import state_dtype
+from .compact import Triangles
 
 __all__ = ["Bucket", "Member", "factor_groups", "plan_buckets", "slots_of"]
 
@@ -95,7 +96,7 @@ class Bucket:
     """Per factored dim, the (n, d, d) stack of every block's factor."""
     roots: list[torch.Tensor] = field(default_factory=list)
     triangles: list[Triangles] | None = None
-    """Compact state (:mod:`torch_shampoo.packing`): per factored dim, the masks of the
+    """Compact state (:mod:`torch_shampoo.layout.compact`): per factored dim, the masks of the
     factors' and the roots' triangles (the two stacks are views of one); None: full matrices."""
     moments: dict[str, torch.Tensor] = field(default_factory=dict)
     """When every member is a single block: its moments (exp_avg, graft_v, momentum_buffer as
@@ -292,8 +293,8 @@ def _stack_state(bucket: Bucket, states: list[dict[str, Any]], packed: bool) -> 
         if bucket.triangles is None:
             factor_stack, root_stack = torch.stack(factors), torch.stack(roots)
         else:  # row by row: no full (n, d, d) copies on the way
-            triangles = packing.Triangles(factors[0].shape[-1], factors[0].device)
-            factor_stack, root_stack = packing.pack(factors, roots, triangles)
+            triangles = compact.Triangles(factors[0].shape[-1], factors[0].device)
+            factor_stack, root_stack = compact.pack(factors, roots, triangles)
             bucket.triangles.append(triangles)
         bucket.factors.append(factor_stack)
         bucket.roots.append(root_stack)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from . import device
+from .. import device
 
 __all__ = [
     "GRAFTS",

@@ -2,7 +2,7 @@
 
 Under DDP every rank holds the same factors (the gradients are averaged before the step), so
 every rank would compute the same roots. With ``partition_roots=True`` each batch of root jobs
-(:func:`~torch_shampoo.root_pool.batches`: jobs of equal size and settings, solved together)
+(:func:`~torch_shampoo.roots.pool.batches`: jobs of equal size and settings, solved together)
 has one owner, chosen by :func:`assign` from the global shapes alone, so every rank computes
 the same assignment. Every rank still snapshots every factor at a root step (a host copy), but
 only the owner solves it; at the install step, which is the same on every rank, each job's
@@ -10,7 +10,7 @@ roots and outcome flags are broadcast from its owner over a gloo group of the op
 (:class:`Partition`), so the roots are bitwise the ones one process would compute, and no rank
 runs any of this code alone. A rank that needs a root before that (``state_dict()`` with roots
 in flight, on rank 0 only, say) solves its own snapshots (of the job's whole batch): the same
-bits, since :func:`~torch_shampoo.root_pool.solve` is deterministic at the pool's thread count.
+bits, since :func:`~torch_shampoo.roots.pool.solve` is deterministic at the pool's thread count.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .jobs import RootJob, RootOutcome, Ticket, outcomes_of
+from ..roots.jobs import RootJob, RootOutcome, Ticket, outcomes_of
 
 __all__ = ["Partition", "assign"]
 
@@ -56,7 +56,7 @@ class Partition:
         """Every job's roots and outcome flags from its owner to every rank, in job order:
         ``jobs`` holds (owner, ticket, job). A rank that does not own a job receives its roots
         into a buffer of its own and ends its ticket with
-        :meth:`~torch_shampoo.jobs.Ticket.write`, as a worker does: after the previous
+        :meth:`~torch_shampoo.roots.jobs.Ticket.write`, as a worker does: after the previous
         upload out of the job's result buffer, and never into a cancelled ticket's buffer."""
         dist = torch.distributed
         for owner, ticket, job in jobs:
