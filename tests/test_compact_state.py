@@ -11,7 +11,8 @@ import pytest
 import torch
 from models import assert_bitwise_equal, make_batches, mixed_model, saved_and_loaded, train
 
-from torch_shampoo import SOAP, NGPlus, Shampoo, packing
+from torch_shampoo import SOAP, NGPlus, Shampoo
+from torch_shampoo.layout import compact as storage
 from torch_shampoo.telemetry import held_bytes
 
 BASE: dict[str, Any] = dict(
@@ -56,17 +57,17 @@ def test_wide_matrices_by_tiles_give_the_same_full_matrices_and_writes(
 ) -> None:
     """Matrices of TILED rows or more go tile by tile (tiles of 3 here, ragged at 7): the full
     matrices are the triangle and its mirror, and a write changes that triangle alone."""
-    monkeypatch.setattr(packing, "TILED", 5)
-    monkeypatch.setattr(packing, "TILE", 3)
+    monkeypatch.setattr(storage, "TILED", 5)
+    monkeypatch.setattr(storage, "TILE", 3)
     gen = torch.Generator().manual_seed(0)
     view, new = (torch.randn(2, 7, 7, generator=gen) for _ in range(2))
     ones = torch.ones(7, 7, dtype=torch.bool)
     mask = ones.triu() if upper else ones.tril()
     kept = view.triu() if upper else view.tril()
     expected = kept + (kept.mT.tril(-1) if upper else kept.mT.triu(1))
-    assert torch.equal(packing.full(view, mask, upper=upper), expected)
+    assert torch.equal(storage.full(view, mask, upper=upper), expected)
     written = view.clone()
-    packing.write(written, new, mask, upper=upper)
+    storage.write(written, new, mask, upper=upper)
     assert torch.equal(written, torch.where(mask, new, view))
 
 
@@ -74,8 +75,8 @@ def test_tiled_compact_state_trains_bitwise_as_untiled(monkeypatch: pytest.Monke
     """The same steps, roots and checkpoint with every factor (sizes 1 to 4) tiled (tiles of
     3, from 2 rows) as with none tiled."""
     untiled = run(9, compact_state=True, async_roots=False)
-    monkeypatch.setattr(packing, "TILED", 2)
-    monkeypatch.setattr(packing, "TILE", 3)
+    monkeypatch.setattr(storage, "TILED", 2)
+    monkeypatch.setattr(storage, "TILE", 3)
     assert_bitwise_equal(run(9, compact_state=True, async_roots=False), untiled)
 
 
