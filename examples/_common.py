@@ -399,7 +399,8 @@ def run_comparison(
     """Run the comparison configured by `args`, print the table and save the plot and JSON.
 
     Progress shows as tqdm bars on a terminal, else as plain lines (about ten per run). After
-    Ctrl-C the finished runs and the partial one are reported and saved, then SystemExit(130).
+    Ctrl-C the finished runs and the partial one are reported and saved (to NAME-partial.png and
+    .json, so a finished run's files stay), then SystemExit(130).
     Under ``torchrun --nproc_per_node N`` every run is DDP over N processes (gloo), each on its
     share of every batch, with ``partition_state=True``; only rank 0 prints and writes."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
@@ -442,13 +443,15 @@ def _run_comparison(
     print(results_table(results, task, show_accuracy))
     for line in root_stats_lines(results):
         print(line)
-    json_path = args.out.with_suffix(".json")
+    out = args.out  # an interrupted run never overwrites a finished run's files
+    out = out.with_name(f"{out.stem}-partial{out.suffix}") if interrupted else out
+    json_path = out.with_suffix(".json")
     if rank_of() == 0:
-        plot_results(results, task, args.out, title)
+        plot_results(results, task, out, title)
         meta = {**vars(args), "task": task.name, "interrupted": interrupted, "processes": world()}
         save_json(results, json_path, meta)
     elapsed = time.perf_counter() - start
-    print(f"plot saved to {args.out}, results to {json_path}; total time {elapsed:.0f} s")
+    print(f"plot saved to {out}, results to {json_path}; total time {elapsed:.0f} s")
     warn_if_loaded()
     if interrupted:
         raise SystemExit(130)

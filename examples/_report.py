@@ -76,7 +76,10 @@ class RunResult:
         return 1000.0 * statistics.mean(self.step_times) if self.step_times else math.nan
 
     def steps_to(self, target: float) -> int | None:
-        """First step (1-based) at which the smoothed training loss is <= target."""
+        """First step (1-based) at which the smoothed training loss is <= target (None without
+        a finite target: every loss is below an unfinished Adam run's infinite one)."""
+        if not math.isfinite(target):
+            return None
         return next((i + 1 for i, v in enumerate(self.smoothed) if v <= target), None)
 
     def wall_to(self, target: float) -> float | None:
@@ -152,9 +155,13 @@ def results_table(results: Sequence[RunResult], task: _EvalNamed, show_accuracy:
             _fmt(step_time_ratio(r, results), ".2f"),
         ]
         rows.append(row)
+    reach = (
+        f"first step whose smoothed train loss <= Adam's final {target:.4f} ('-' = not reached)"
+        if math.isfinite(target)
+        else "no finished Adam run, so no target"
+    )
     note = (
-        f"train loss: EMA-smoothed (beta 0.95) at the last step; steps to Adam: first step whose "
-        f"smoothed train loss <= Adam's final {_fmt(target, '.4f')} ('-' = not reached);\n"
+        f"train loss: EMA-smoothed (beta 0.95) at the last step; steps to Adam: {reach};\n"
         "wall: training time without evaluation; ms/step: median forward+backward+step time; "
         "step time / Adam: ratio of the medians"
     )

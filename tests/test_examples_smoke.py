@@ -142,14 +142,33 @@ def test_ctrl_c_saves_the_finished_and_the_partial_run_then_exits_130(
     ]
     assert re.search(r"^Adam +0\.01 +\d", captured.out, re.M)  # the table's rows
     assert re.search(r"^Shampoo async \(stopped at 7\) +0\.01 +\d", captured.out, re.M)
-    assert out.stat().st_size > 0
-    saved = json.loads(out.with_suffix(".json").read_text())
+    partial_png = out.with_name("charlm-partial.png")  # a finished run's files stay
+    assert partial_png.stat().st_size > 0 and not out.exists()
+    assert not out.with_suffix(".json").exists()
+    saved = json.loads(partial_png.with_suffix(".json").read_text())
     assert saved["config"]["interrupted"]
     adam, partial = saved["runs"]
     assert (adam["method"], adam["interrupted"], len(adam["train_losses"])) == ("Adam", False, 15)
     assert (partial["method"], partial["interrupted"]) == ("Shampoo async", True)
     assert len(partial["train_losses"]) == len(partial["step_times"]) == 7
     assert partial["eval_steps"] == list(range(1, 8))
+
+
+@pytest.mark.usefixtures("example_deps")
+def test_ctrl_c_during_adam_reports_no_steps_to_its_loss(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With Adam unfinished there is no target: every row's "steps to Adam" is '-' (it was 1:
+    any loss is below an infinite target) and the note says why."""
+    module = load("examples/train_digits.py", monkeypatch)
+    interrupt_batches(monkeypatch, module, batch=3, nth=2)  # Adam, the 2nd run, after 3 steps
+    with pytest.raises(SystemExit):
+        module.main(["--steps", "6", "--methods", "shampoo-sync,adam", "--quiet",
+                     "--out", str(tmp_path / "digits.png")])  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines if re.match(r"(Adam|Shampoo sync) .* 0\.02 ", line)]
+    assert len(rows) == 2 and all(row[-4] == "-" for row in rows), rows
+    assert any("no finished Adam run, so no target" in line for line in lines)
 
 
 @pytest.mark.usefixtures("example_deps")
