@@ -1,12 +1,7 @@
 """A root job, what it produced, and the ticket that promises it.
 
-A :class:`RootJob` is everything the inverse roots of a stack of equal-size factors need (a
-parameter's factors of one bucket and dim): a host snapshot of the stack taken at the root step,
-the bias-correction divisor, the exponent and the epsilon. Whoever solves it (a worker of the
-:class:`~torch_shampoo.roots.pool.RootPool`, the calling thread, or another rank under
-``partition_roots``) ends its :class:`Ticket` through :meth:`Ticket.write`: the one code path
-that writes a job's result buffer, after the previous upload out of it, and under the ticket's
-lock, so that a cancelled ticket's buffer is never written.
+Whoever solves a :class:`RootJob` (a pool worker, the calling thread, another rank) ends its
+:class:`Ticket` through :meth:`Ticket.write`, the one code path that writes a job's result buffer.
 """
 
 from __future__ import annotations
@@ -62,11 +57,8 @@ class RootCancelled(RuntimeError):
 
 
 class Ticket:
-    """The promise of a :class:`RootOutcome`; :meth:`outcome` blocks until it is there.
-
-    A ticket ends exactly once: solved (the root written into the job's result buffer),
-    failed, or cancelled. The write of the root and the cancellation exclude each other, so
-    once :meth:`cancel` has returned the job's buffer is never written by this ticket."""
+    """The promise of a :class:`RootOutcome`; :meth:`outcome` blocks until it is there. A
+    ticket ends exactly once: solved (the root written), failed, or cancelled."""
 
     def __init__(self) -> None:
         self._done = threading.Event()
@@ -85,10 +77,10 @@ class Ticket:
         return ticket
 
     @classmethod
-    def cancelled_one(cls, why: str) -> Ticket:
-        """A ticket that ended cancelled (its job must be computed again)."""
+    def failed(cls, error: BaseException) -> Ticket:
+        """A ticket that ended with ``error`` (:class:`RootCancelled`: computed again later)."""
         ticket = cls()
-        ticket.cancel(why)
+        ticket.fail(error)
         return ticket
 
     def done(self) -> bool:
@@ -114,15 +106,13 @@ class Ticket:
                 self._end(None, error)
 
     def cancel(self, why: str) -> None:
-        """End the ticket as cancelled unless it has already ended; after this returns the
-        job's result buffer is not written by this ticket."""
+        """End the ticket as cancelled unless it has ended; the job's buffer is not written after
+        this returns (the write holds the same lock)."""
         self.fail(RootCancelled(why))
 
     def write(self, job: RootJob, outcomes: list[RootOutcome], roots: torch.Tensor) -> None:
-        """Write the usable rows of ``roots`` into ``job.result`` and end with ``outcomes``,
-        unless the ticket has already ended (cancelled: the roots are discarded). The write
-        waits for the previous upload out of ``job.result`` (on CUDA a non-blocking copy that
-        may still be reading it)."""
+        """Write the usable rows of ``roots`` into ``job.result`` (after the previous upload out
+        of it) and end with ``outcomes``, unless the ticket has ended (cancelled: discarded)."""
         if self.done():
             return
         ok = [o.ok for o in outcomes]
@@ -149,8 +139,7 @@ class Ticket:
 
 
 def outcomes_of(ticket: Ticket, indices: Sequence[int]) -> list[RootOutcome]:
-    """A job's outcome per factor (``indices``: its factors); an exception it raised fails
-    each of them with its text."""
+    """A job's outcome per factor (``indices``: its factors); an exception it raised fails each."""
     try:
         return ticket.outcome()
     except Exception as exc:

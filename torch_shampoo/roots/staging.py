@@ -1,10 +1,4 @@
-"""Where root jobs read and write: host staging buffers and a job's rows of a bucket.
-
-A :class:`Slot` is one root job's share of a parameter (its rows of a bucket's factor and root
-stacks); a :class:`Staging` is the pair of host buffers that job snapshots its factors into and
-finds its roots in. Both sit below the scheduler (which decides when they are used) and the
-buckets (which make the slots).
-"""
+"""Where root jobs read and write: host staging buffers and a job's rows of a bucket."""
 
 from __future__ import annotations
 
@@ -22,11 +16,9 @@ __all__ = ["Slot", "Staging"]
 
 @dataclass
 class Staging:
-    """The host buffers a root job reads its (k, d, d) factors from and writes their roots
-    into. For roots that run off the step (or any root of a CUDA parameter) these are buffers
-    of their own, reused at every cycle; roots of a CPU parameter installed in the step that
-    computes them read the factors and write the roots in place, in the bucket's stacks (the
-    step waits for them)."""
+    """The buffers a root job reads its (k, d, d) factors from and writes their roots into: host
+    buffers of their own, reused at every cycle, or for roots of a CPU parameter installed in
+    the step that computes them, the bucket's stacks themselves."""
 
     snapshot: torch.Tensor
     result: torch.Tensor

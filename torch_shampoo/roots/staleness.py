@@ -1,5 +1,4 @@
-""" "auto" staleness: how many training steps a root cycle's work needs, from measurements;
-and the root statistics (stalls among them) that ``root_stats()`` reports."""
+""" "auto" staleness fitted from measurements, and the statistics ``root_stats()`` reports."""
 
 from __future__ import annotations
 
