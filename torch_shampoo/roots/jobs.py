@@ -1,8 +1,5 @@
-"""A root job, what it produced, and the ticket that promises it.
-
-Whoever solves a :class:`RootJob` (a pool worker, the calling thread, another rank) ends its
-:class:`Ticket` through :meth:`Ticket.write`, the one code path that writes a job's result buffer.
-"""
+"""A root job, what it produced, and the ticket that promises it (:meth:`Ticket.write` is the one
+code path that writes a job's result buffer)."""
 
 from __future__ import annotations
 
@@ -26,8 +23,7 @@ class RootJob:
     snapshot: torch.Tensor
     """Host copy of the factors (pinned on CUDA); read only after ``snapshot_ready``."""
     result: torch.Tensor
-    """Host buffer the roots are written into (pinned on CUDA), in the factors' dtype; a
-    factor whose root fails keeps what its row held."""
+    """Host buffer (pinned on CUDA) for the roots; a row whose root fails keeps what it held."""
     snapshot_ready: device.CopyDone
     result_free: device.CopyDone
     """The previous upload out of ``result``; it must finish before ``result`` is overwritten."""
@@ -43,8 +39,7 @@ class RootJob:
 
 @dataclass(frozen=True)
 class RootOutcome:
-    """What a job produced for one factor: ``ok`` tells whether its row of ``job.result``
-    holds a usable root."""
+    """What a job produced for one factor: ``ok``: its row of ``job.result`` is a usable root."""
 
     ok: bool
     error: float
@@ -129,8 +124,7 @@ class Ticket:
             self._end(outcomes, None)
 
     def outcome(self) -> list[RootOutcome]:
-        """The job's outcome per factor; re-raises (on the caller's thread) whatever the job
-        raised."""
+        """The job's outcome per factor; re-raises on the caller's thread what the job raised."""
         self._done.wait()
         if self._error is not None:
             raise self._error

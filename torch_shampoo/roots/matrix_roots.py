@@ -1,8 +1,5 @@
-"""Inverse p-th roots X = (A + εI)^(-1/p) of symmetric positive semi-definite matrices.
-
-Pure float64 CPU functions (no global state, no thread-count changes, bitwise reproducible), safe
-to call concurrently from worker threads.
-"""
+"""Inverse p-th roots X = (A + εI)^(-1/p) of symmetric positive semi-definite matrices: pure,
+bitwise reproducible float64 CPU functions, safe to call from worker threads."""
 
 from __future__ import annotations
 
@@ -22,21 +19,17 @@ MAX_LOG_ROOT = 709.0  # log of the largest root entry allowed, just below log(fl
 
 @dataclass(frozen=True)
 class RootResult:
-    """Outcome of `inverse_root`.
-
-    root: float64 CPU (n, n) tensor; its content must not be used when ``ok`` is False.
-    ok: whether ``root`` is a usable inverse root.
-    error: the method's own accuracy estimate: 0.0 for the direct methods, the residual
-        max|X^p (A + εI) - I| for newton; nan when the input was unusable.
-    reason: "" when ok, else a short human-readable cause.
-    method: the method that actually produced ``root`` (after any fallback).
-    """
+    """Outcome of `inverse_root`."""
 
     root: torch.Tensor
+    """Float64 CPU (n, n); its content must not be used when ``ok`` is False."""
     ok: bool
     error: float
+    """0.0 for the direct methods, newton's residual max|X^p (A + εI) - I|; nan: unusable input."""
     reason: str
+    """Empty when ok, else a short human-readable cause."""
     method: str
+    """The method that actually produced ``root`` (after any fallback)."""
 
 
 def inverse_root(
@@ -46,15 +39,9 @@ def inverse_root(
     method: str = "eigh",
     failure_threshold: float = 0.1,
 ) -> RootResult:
-    """X = (A + eps*I)^(-1/exponent) for a symmetric PSD A, computed in float64 on CPU.
-
-    A is converted to float64 CPU and symmetrized, A <- (A + Aᵀ)/2. Methods:
-
-    - "eigh": A + εI = Q diag(λ) Qᵀ; if λ_min < ε the spectrum is shifted, λ <- λ - λ_min + ε;
-      X = Q diag(λ^(-1/p)) Qᵀ. Falls back to "newton" (integer exponents) if eigh fails.
-    - "newton": coupled Newton iteration (Guo & Higham 2006), integer exponents only.
-    - "cholesky": exponent 1 only, X = (L Lᵀ)^(-1); falls back to "eigh" if A + εI is not
-      numerically positive definite.
+    """X = (A + eps*I)^(-1/exponent) for a symmetric PSD A (symmetrized), in float64 on CPU, by
+    "eigh" (if it fails: "newton" for an integer exponent), "newton" (integer exponents) or
+    "cholesky" (exponent 1; if A + εI is not numerically positive definite: "eigh").
 
     Bad values (non-finite input, singular matrix, non-convergence) give ``ok=False``; bad
     arguments raise ValueError.
@@ -82,12 +69,9 @@ def inverse_roots(
     method: str = "eigh",
     failure_threshold: float = 0.1,
 ) -> list[RootResult]:
-    """:func:`inverse_root` of every matrix of a stack (k, n, n), as a list.
-
-    For ``"eigh"`` (n ≤ ``GRAM_BLOCK``): one batched eigendecomposition and product W Wᵀ, the
-    formulas of :func:`inverse_root`; a matrix the batched pass cannot handle is computed again
-    alone by :func:`inverse_root`, with its fallbacks. Other methods loop.
-    """
+    """:func:`inverse_root` of every matrix of a stack (k, n, n). For ``"eigh"`` (n ≤
+    ``GRAM_BLOCK``) one batched eigendecomposition and product W Wᵀ; a matrix the batched pass
+    cannot handle is computed again alone, with its fallbacks. Other methods loop."""
     if matrices.dim() != 3:
         raise ValueError(f"matrices must be a (k, n, n) stack, got shape {tuple(matrices.shape)}")
     k, n = matrices.shape[0], matrices.shape[-1]
@@ -149,21 +133,17 @@ def eigenbases(matrices: torch.Tensor) -> list[RootResult]:
         bases = torch.linalg.eigh(symmetric).eigenvectors
     except RuntimeError:  # includes torch.linalg.LinAlgError: each alone
         found = []
-        for i, matrix in enumerate(symmetric):
+        for matrix in symmetric:
             try:
                 found.append(torch.linalg.eigh(matrix).eigenvectors)
-            except RuntimeError:
+            except RuntimeError:  # a NaN basis: not finite below
                 found.append(torch.full((n, n), math.nan, dtype=torch.float64))
-                usable[i] = False
         bases = torch.stack(found)
     usable = [fine and finite for fine, finite in zip(usable, finite_rows(bases))]
+    reasons = ["" if fine else "non-finite statistics" for fine in usable]
     return [
-        RootResult(root=basis, ok=True, error=0.0, reason="", method="eigh")
-        if fine
-        else RootResult(
-            root=basis, ok=False, error=math.nan, reason="non-finite statistics", method="eigh"
-        )
-        for basis, fine in zip(bases.unbind(), usable)
+        RootResult(basis, fine, 0.0 if fine else math.nan, reason, method="eigh")
+        for basis, fine, reason in zip(bases.unbind(), usable, reasons)
     ]
 
 
@@ -189,10 +169,10 @@ def _check_arguments(
         raise ValueError(f"failure_threshold must be > 0, got {failure_threshold!r}")
 
 
-def _failure(n: int, method: str, reason: str, error: float = math.nan) -> RootResult:
+def _failure(n: int, method: str, reason: str) -> RootResult:
     """A failed result whose root is all NaN."""
     root = torch.full((n, n), math.nan, dtype=torch.float64)
-    return RootResult(root=root, ok=False, error=error, reason=reason, method=method)
+    return RootResult(root=root, ok=False, error=math.nan, reason=reason, method=method)
 
 
 def _all_finite(x: torch.Tensor) -> bool:
@@ -274,10 +254,9 @@ def _newton_root(regularized: torch.Tensor, p: int, failure_threshold: float) ->
     """Coupled Newton iteration for X = A^(-1/p) (Guo & Higham 2006), A = regularized matrix.
 
     z = (1+p)/(2‖A‖_F), M₀ = zA, H₀ = z^(1/p) I; T = ((p+1)I - M)/p, M <- T^p M, H <- H T, so
-    M -> I, H -> A^(-1/p). Stops when max|M - I| <= NEWTON_TOLERANCE, after
-    NEWTON_MAX_ITERATIONS, or when ‖M - I‖_F grows by more than NEWTON_MAX_GROWTH (only rounding
-    or a non-PSD input make it grow; the previous H is kept). The error is the residual
-    max|H^p A - I|, not M's: for a numerically singular A, M can reach I while H is far off.
+    M -> I, H -> A^(-1/p). Stops at max|M - I| <= NEWTON_TOLERANCE, NEWTON_MAX_ITERATIONS, or when
+    ‖M - I‖_F grows more than NEWTON_MAX_GROWTH-fold (keeping the previous H). The error is
+    max|H^p A - I|: for a numerically singular A, M can reach I while H is far off.
     """
     n = regularized.shape[0]
     largest = float(regularized.abs().max())

@@ -47,8 +47,7 @@ class Batch:
         return sum(job.snapshot.shape[0] for job in jobs), jobs[0].snapshot.shape[-1]
 
     def tickets(self, fresh: Callable[[Ticket], bool]) -> list[Ticket]:
-        """Per member, a new ticket where ``fresh(its ticket)``, else its own (which has ended,
-        so solving the batch again leaves that member's result alone)."""
+        """Per member, a new ticket where ``fresh(its ticket)``, else its own (which has ended)."""
         return [
             Ticket() if fresh(pending.tickets[i]) else pending.tickets[i]
             for pending, i in self.members

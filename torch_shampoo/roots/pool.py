@@ -1,14 +1,10 @@
-"""Inverse roots off the training thread: batches, the solver and a pool of CPU worker threads.
-
-:func:`batches` groups root jobs that are solved together; :func:`solve` is the *only* code that
-computes roots, always at the pool's intra-op thread count on the same batches, so roots are
-bitwise the same whether they are waited for at once or installed later. :class:`RootPool` runs
-batches on daemon threads; :func:`run_here` on the calling thread.
-"""
+"""Inverse roots off the training thread: :func:`batches`, :func:`solve` (the only code that
+computes roots, always at the workers' thread count) and a pool of CPU worker threads."""
 
 from __future__ import annotations
 
 import atexit
+import itertools
 import os
 import queue
 import threading
@@ -27,9 +23,8 @@ __all__ = ["RootJob", "RootPool", "Ticket", "batches", "default_threads", "run_h
 
 def solve(jobs: Sequence[RootJob]) -> list[tuple[list[RootOutcome], torch.Tensor]]:
     """The roots X = (F/bc + εI)^(−1/r) (relative ε: ε·τ, τ = tr(F/bc)/d) of one batch of
-    :func:`batches`, in float64 as one stack; per job, one outcome per factor and its roots (a
-    row whose outcome is not ok must not be used). A root depends on its batch (LAPACK's last
-    bits follow a matrix's alignment in the stack), so whatever solves a job solves its batch."""
+    :func:`batches` in float64; per job, one outcome per factor and its roots. A root depends on
+    its batch (LAPACK's last bits), so whatever solves a job solves its whole batch."""
     for job in jobs:
         device.wait(job.snapshot_ready)
     with device.subnormals_flushed():  # as in the step, in whichever thread solves the batch
@@ -58,24 +53,18 @@ def _solve(jobs: Sequence[RootJob]) -> list[tuple[list[RootOutcome], torch.Tenso
             roots = roots * level.pow(-1.0 / first.exponent)
         finite = finite_rows(roots) if found else []
         outcomes = _outcomes(found, start, finite)
-    out, row = [], 0
-    for job in jobs:
-        k = job.snapshot.shape[0]
-        out.append((outcomes[row : row + k], roots[row : row + k]))
-        row += k
-    return out
+    rows = [0, *itertools.accumulate(job.snapshot.shape[0] for job in jobs)]
+    return [(outcomes[a:b], roots[a:b]) for a, b in itertools.pairwise(rows)]
 
 
 MERGED_WORK = 2**22
-"""The most root work (rows × d³) one batch gathers (16 factors of 64 x 64): below it a job's
-fixed cost (~0.3-0.7 ms) is not small against its eigendecompositions; beyond it batches stay
-apart, so that several workers share the work."""
+"""The most root work (rows × d³) one batch gathers (16 factors of 64 x 64): a job's fixed cost
+(~0.3-0.7 ms) is not small below it; beyond it batches stay apart, for several workers."""
 
 
 def batches(jobs: Sequence[RootJob]) -> list[list[int]]:
-    """Which of ``jobs`` are solved together: equal settings, factor size and dtype, in order,
-    while their work stays within :data:`MERGED_WORK`. A pure function of the jobs' shapes and
-    settings, so every mode, rank and retry forms the same batches (and computes the same bits)."""
+    """Which of ``jobs`` are solved together: equal settings, size and dtype, in order, within
+    :data:`MERGED_WORK`; a pure function of shapes and settings (every mode and rank agrees)."""
     gathering: dict[tuple[object, ...], list[int]] = {}
     work: dict[tuple[object, ...], float] = {}
     out: list[list[int]] = []
@@ -111,9 +100,8 @@ def default_threads(workers: int) -> int:
 def run_here(
     jobs: Sequence[RootJob], threads: int, tickets: Sequence[Ticket] | None = None
 ) -> list[Ticket]:
-    """Solve the batch ``jobs`` on the calling thread with ``threads`` intra-op threads (as a
-    worker would, so the roots are bitwise the same) and return their ended tickets (or end
-    the given ``tickets``: one that has already ended is left as it is, its job not written)."""
+    """Solve the batch ``jobs`` on this thread at ``threads`` intra-op threads, as a worker would
+    (the same bits); returns their ended tickets (or ends the given ones, as ``submit`` does)."""
     before = torch.get_num_threads()
     if before != threads:
         torch.set_num_threads(threads)
@@ -148,16 +136,10 @@ _WORKERS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
 
 
 class RootPool:
-    """Daemon worker threads, each at ``threads`` intra-op threads, that solve batches from a
-    FIFO queue. They start at the first :meth:`submit` in the submitting process (a forked child
-    starts its own). :meth:`close` never waits for a running root; it also runs when the pool is
-    collected and at interpreter exit."""
+    """Daemon worker threads at ``threads`` intra-op threads each, solving batches from a queue;
+    started by the first :meth:`submit` in a process. :meth:`close` never waits for a root."""
 
     def __init__(self, num_workers: int, threads: int) -> None:
-        if num_workers < 1:
-            raise ValueError(f"root_workers must be a positive integer, got {num_workers!r}")
-        if threads < 1:
-            raise ValueError(f"threads must be a positive integer, got {threads!r}")
         self.num_workers = num_workers
         self.threads = threads
         self._queue: queue.SimpleQueue[_Work] = queue.SimpleQueue()
@@ -219,8 +201,7 @@ class _BorrowedCount:
 
     def __init__(self, workers: int, caller: int) -> None:
         self.left, self.caller, self.waiting = workers, caller, True
-        self.lock = threading.Lock()
-        self.all_set = threading.Event()
+        self.lock, self.all_set = threading.Lock(), threading.Event()
 
     def stop_waiting(self) -> None:
         """On the pool's caller, after starting the workers."""

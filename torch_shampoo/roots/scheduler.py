@@ -1,11 +1,5 @@
-"""When roots are computed and installed: the root scheduler the engine holds.
-
-A parameter's first root cycle is installed in the step that computes it; later cycles at t + s,
-capped at the next root step, s the group's staleness (an integer, or ``"auto"``: 0 for
-synchronous roots, else fitted by :class:`StalenessFit` and grown after stalls). Every root is
-computed at the workers' thread count, so an async run equals a synchronous run with the same
-integer staleness bitwise (docs/design.md).
-"""
+"""When roots are computed and installed: the root scheduler the engine holds (first cycles in
+their own step, later ones s steps later; docs/design.md)."""
 
 from __future__ import annotations
 
@@ -52,8 +46,6 @@ class RootScheduler:
         """Install steps that stalled with an auto staleness already at the frequency."""
         self.warned_capped = False
 
-    # ------------------------------------------------------------------------ the pool
-
     def _pool(self) -> RootPool:
         if self.pool is None:
             self.pool = RootPool(self.workers, default_threads(self.workers))
@@ -69,23 +61,16 @@ class RootScheduler:
             self.pool = None
             self.cancelled = True
 
-    def own_process(self) -> None:
-        """In a forked child, cancel the roots the parent's workers had not finished (computed
-        again by :meth:`revive`)."""
-        if self.pid == os.getpid():
-            return
-        self.pid = os.getpid()
-        self.cancelled = True
-        for pending in self.pending.values():
-            pending.tickets = [
-                t if t.done() else Ticket.failed(RootCancelled("the process forked"))
-                for t in pending.tickets
-            ]
-
     def revive(self, here: bool) -> None:
-        """Compute again every cancelled root (after ``close()`` or a fork): on the pool, or on
+        """Compute again every cancelled root (after ``close()`` or a fork) on the pool, or on
         this thread when ``here`` (a state dict must not restart threads)."""
-        self.own_process()
+        if self.pid != os.getpid():
+            self.pid, self.cancelled = os.getpid(), True
+            for pending in self.pending.values():
+                pending.tickets = [
+                    t if t.done() else Ticket.failed(RootCancelled("the process forked"))
+                    for t in pending.tickets
+                ]
         if not self.cancelled:
             return
         self.cancelled = False
@@ -101,8 +86,6 @@ class RootScheduler:
             else:
                 self._pool().submit(batch.jobs(), tickets)
             batch.adopt(tickets)
-
-    # -------------------------------------------------------------------- the schedule
 
     def staleness(self, group: dict[str, Any], setting: int | None, frequency: int) -> int:
         """The staleness of a later root cycle of ``group`` (``setting`` None: auto)."""
@@ -129,10 +112,9 @@ class RootScheduler:
         due: int,
         in_place: bool = True,
     ) -> bool:
-        """Register the root jobs of ``p`` made at step ``t`` (one per slot), due at ``due``, and
-        return whether they are due in this step. ``jobs`` is an exception when they could not
-        be made (a failing damping schedule): the roots then fail. ``in_place=False``: a root due
-        now gets a buffer of its own, not the root stack (the installer needs the previous one)."""
+        """Register the root jobs of ``p`` made at step ``t`` (one per slot), due at ``due``;
+        returns whether they are due now. ``jobs`` is an exception when they could not be made:
+        the roots fail. ``in_place=False``: a root due now gets a buffer of its own."""
         indices = [slot.indices for slot in slots]
         if isinstance(jobs, BaseException):
             failed = [Ticket.failed(jobs) for _ in slots]
@@ -156,8 +138,7 @@ class RootScheduler:
         return due <= t
 
     def start_due(self) -> None:
-        """Hand over this step's jobs due in it, together (equal small jobs of many parameters
-        are solved as one batch, and several batches in parallel)."""
+        """Hand over this step's jobs due in it, together (so that small ones share batches)."""
         if self.due_now:
             self._hand_over(self.due_now, self._now)
             self.due_now = []
@@ -165,9 +146,8 @@ class RootScheduler:
     def _hand_over(
         self, pendings: list[Pending], start: Callable[[list[RootJob]], list[Ticket]]
     ) -> None:
-        """Form the batches of these pendings' jobs and start them with ``start`` where this
-        process solves them; where another rank does (``partition_roots``), open tickets that
-        :meth:`Partition.exchange` fills. The batches do not depend on the partition."""
+        """Form the batches of these pendings' jobs and start those this process solves with
+        ``start``; another rank's (``partition_roots``) get tickets that ``exchange`` fills."""
         now = time.perf_counter()
         for pending in pendings:
             pending.sent_at = now
@@ -198,9 +178,8 @@ class RootScheduler:
         return [ticket for ticket, o in zip(pending.tickets, pending.owners) if mine(o)]
 
     def _now(self, jobs: list[RootJob]) -> list[Ticket]:
-        """A batch the step waits for at once: synchronous roots run on this thread when it
-        computes with the workers' thread count (its warm OpenMP team is faster), else on the
-        pool."""
+        """A batch the step waits for at once: on this thread for synchronous roots when it runs
+        at the workers' thread count (its warm OpenMP team is faster), else on the pool."""
         if not self.async_roots and torch.get_num_threads() == self.threads():
             return run_here(jobs, self.threads())
         return self._pool().submit(jobs)
@@ -281,8 +260,6 @@ class RootScheduler:
         self.stats.first_root_seconds += seconds
         self.fit.cycle_seconds = seconds
 
-    # ------------------------------------------------------------------- staging, export
-
     def _staging_of(self, p: torch.Tensor, factors: list[torch.Tensor]) -> list[Staging]:
         """``p``'s host buffers, made anew if its factors' shapes or dtype changed."""
         staging, wanted = self.staging.get(p), [(f.shape, f.dtype) for f in factors]
@@ -293,8 +270,7 @@ class RootScheduler:
         return staging
 
     def export(self) -> dict[torch.Tensor, dict[str, Any]]:
-        """The roots in flight as plain state entries (waited for, or computed here if
-        cancelled)."""
+        """The roots in flight as plain state entries (waited for, or computed here)."""
         self.send()  # jobs of a step that raised before it could send them
         self.revive(here=True)
         entries = {}
@@ -328,8 +304,8 @@ class RootScheduler:
         (``groups``: the factor indices of each of the parameter's jobs)."""
         roots, oks = state.pop("pending_roots"), state.pop("pending_ok").tolist()
         reasons = state.pop("pending_reasons")
-        factors = state["factors"]
-        staging = self._staging_of(p, [torch.stack([factors[j] for j in g]) for g in groups])
+        stacks = [torch.stack([state["factors"][j] for j in g]) for g in groups]
+        staging = self._staging_of(p, stacks)
         tickets = []
         for buffers, indices in zip(staging, groups):
             for row, j in enumerate(indices):

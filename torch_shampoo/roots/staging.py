@@ -16,9 +16,8 @@ __all__ = ["Slot", "Staging"]
 
 @dataclass
 class Staging:
-    """The buffers a root job reads its (k, d, d) factors from and writes their roots into: host
-    buffers of their own, reused at every cycle, or for roots of a CPU parameter installed in
-    the step that computes them, the bucket's stacks themselves."""
+    """Where a root job reads its (k, d, d) factors and writes their roots: host buffers reused
+    at every cycle, or the bucket's stacks for a CPU root installed in the step computing it."""
 
     snapshot: torch.Tensor
     result: torch.Tensor
@@ -28,8 +27,7 @@ class Staging:
 
 @dataclass
 class Slot:
-    """One root job's share of a parameter: its factor indices (in state order) and the rows
-    of the bucket's factor and root stacks they are."""
+    """One root job's share of a parameter: its factor indices and their bucket stack rows."""
 
     indices: list[int]
     factors: torch.Tensor
@@ -37,8 +35,7 @@ class Slot:
     place: Any = None
     """(bucket, member, block dim) of these rows, for what installs must touch besides."""
     triangles: Triangles | None = None
-    """Compact state: the factors and roots are two triangles of one stack
-    (:mod:`torch_shampoo.layout.compact`); None: full matrices."""
+    """Compact state: factors and roots are two triangles of one stack; None: full matrices."""
 
     def snapshot(self) -> torch.Tensor:
         """The factors as full matrices (a new tensor for compact state)."""
@@ -47,8 +44,7 @@ class Slot:
         return compact.full(self.factors, self.triangles.lower, upper=False)
 
     def install(self, result: torch.Tensor, row: int | None = None) -> device.CopyDone:
-        """Enqueue roots ← ``result`` (host), all rows or one: a copy, or for compact state a
-        copy to the device and the roots' triangle taken from it."""
+        """Enqueue roots ← ``result`` (host), all rows or one (compact: the roots' triangle)."""
         roots = self.roots if row is None else self.roots[row]
         if self.triangles is None:
             return device.to_device(roots, result)

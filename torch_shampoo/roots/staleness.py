@@ -16,9 +16,8 @@ FITTED = "fitted_staleness"
 
 
 class StalenessFit:
-    """Fits ``"auto"`` staleness: the smallest s (1 ≤ s ≤ frequency) such that a root cycle's
-    measured wall time, times ``MARGIN``, fits into s training steps (the median interval
-    between ``step()`` calls: forward, backward and the step itself)."""
+    """Fits ``"auto"`` staleness: the smallest s ≥ 1 such that ``MARGIN`` times a root cycle's
+    wall time fits into s training steps (the median interval between ``step()`` calls)."""
 
     MARGIN = 2.0
 
@@ -36,8 +35,7 @@ class StalenessFit:
             self.first_tick = now
 
     def step_seconds(self) -> float | None:
-        times = list(self._clock)
-        gaps = [b - a for a, b in itertools.pairwise(times)]
+        gaps = [b - a for a, b in itertools.pairwise(self._clock)]
         return statistics.median(gaps) if gaps else None
 
     def steps_for(self, seconds: float) -> int | None:
