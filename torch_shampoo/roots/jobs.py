@@ -101,8 +101,7 @@ class Ticket:
                 self._end(None, error)
 
     def cancel(self, why: str) -> None:
-        """End the ticket as cancelled unless it has ended; the job's buffer is not written after
-        this returns (the write holds the same lock)."""
+        """End the ticket as cancelled unless it has ended (then :meth:`write` writes nothing)."""
         self.fail(RootCancelled(why))
 
     def write(self, job: RootJob, outcomes: list[RootOutcome], roots: torch.Tensor) -> None:

@@ -107,8 +107,7 @@ def inverse_roots(
 
 
 def finite_rows(stack: torch.Tensor) -> list[bool]:
-    """Per matrix of a stack (k, ...): are all its entries finite? (One sum per matrix, unless
-    one is not finite.)"""
+    """Per matrix of a stack (k, ...): are all its entries finite? (One sum per matrix first.)"""
     if bool(torch.isfinite(stack.flatten(1).sum(1)).all()):
         return [True] * len(stack)
     return torch.isfinite(stack).flatten(1).all(1).tolist()
