@@ -1,13 +1,5 @@
-"""A root job, what it produced, and the ticket that promises it.
-
-A :class:`RootJob` is everything the inverse roots of a stack of equal-size factors need (a
-parameter's factors of one bucket and dim): a host snapshot of the stack taken at the root step,
-the bias-correction divisor, the exponent and the epsilon. Whoever solves it (a worker of the
-:class:`~torch_shampoo.roots.pool.RootPool`, the calling thread, or another rank under
-``partition_roots``) ends its :class:`Ticket` through :meth:`Ticket.write`: the one code path
-that writes a job's result buffer, after the previous upload out of it, and under the ticket's
-lock, so that a cancelled ticket's buffer is never written.
-"""
+"""A root job, what it produced, and the ticket that promises it (:meth:`Ticket.write` is the one
+code path that writes a job's result buffer)."""
 
 from __future__ import annotations
 
@@ -31,8 +23,7 @@ class RootJob:
     snapshot: torch.Tensor
     """Host copy of the factors (pinned on CUDA); read only after ``snapshot_ready``."""
     result: torch.Tensor
-    """Host buffer the roots are written into (pinned on CUDA), in the factors' dtype; a
-    factor whose root fails keeps what its row held."""
+    """Host buffer (pinned on CUDA) for the roots; a row whose root fails keeps what it held."""
     snapshot_ready: device.CopyDone
     result_free: device.CopyDone
     """The previous upload out of ``result``; it must finish before ``result`` is overwritten."""
@@ -48,8 +39,7 @@ class RootJob:
 
 @dataclass(frozen=True)
 class RootOutcome:
-    """What a job produced for one factor: ``ok`` tells whether its row of ``job.result``
-    holds a usable root."""
+    """What a job produced for one factor: ``ok``: its row of ``job.result`` is a usable root."""
 
     ok: bool
     error: float
@@ -62,11 +52,8 @@ class RootCancelled(RuntimeError):
 
 
 class Ticket:
-    """The promise of a :class:`RootOutcome`; :meth:`outcome` blocks until it is there.
-
-    A ticket ends exactly once: solved (the root written into the job's result buffer),
-    failed, or cancelled. The write of the root and the cancellation exclude each other, so
-    once :meth:`cancel` has returned the job's buffer is never written by this ticket."""
+    """The promise of a :class:`RootOutcome`; :meth:`outcome` blocks until it is there. A
+    ticket ends exactly once: solved (the root written), failed, or cancelled."""
 
     def __init__(self) -> None:
         self._done = threading.Event()
@@ -85,10 +72,10 @@ class Ticket:
         return ticket
 
     @classmethod
-    def cancelled_one(cls, why: str) -> Ticket:
-        """A ticket that ended cancelled (its job must be computed again)."""
+    def failed(cls, error: BaseException) -> Ticket:
+        """A ticket that ended with ``error`` (:class:`RootCancelled`: computed again later)."""
         ticket = cls()
-        ticket.cancel(why)
+        ticket.fail(error)
         return ticket
 
     def done(self) -> bool:
@@ -114,15 +101,12 @@ class Ticket:
                 self._end(None, error)
 
     def cancel(self, why: str) -> None:
-        """End the ticket as cancelled unless it has already ended; after this returns the
-        job's result buffer is not written by this ticket."""
+        """End the ticket as cancelled unless it has ended (then :meth:`write` writes nothing)."""
         self.fail(RootCancelled(why))
 
     def write(self, job: RootJob, outcomes: list[RootOutcome], roots: torch.Tensor) -> None:
-        """Write the usable rows of ``roots`` into ``job.result`` and end with ``outcomes``,
-        unless the ticket has already ended (cancelled: the roots are discarded). The write
-        waits for the previous upload out of ``job.result`` (on CUDA a non-blocking copy that
-        may still be reading it)."""
+        """Write the usable rows of ``roots`` into ``job.result`` (after the previous upload out
+        of it) and end with ``outcomes``, unless the ticket has ended (cancelled: discarded)."""
         if self.done():
             return
         ok = [o.ok for o in outcomes]
@@ -139,8 +123,7 @@ class Ticket:
             self._end(outcomes, None)
 
     def outcome(self) -> list[RootOutcome]:
-        """The job's outcome per factor; re-raises (on the caller's thread) whatever the job
-        raised."""
+        """The job's outcome per factor; re-raises on the caller's thread what the job raised."""
         self._done.wait()
         if self._error is not None:
             raise self._error
@@ -149,8 +132,7 @@ class Ticket:
 
 
 def outcomes_of(ticket: Ticket, indices: Sequence[int]) -> list[RootOutcome]:
-    """A job's outcome per factor (``indices``: its factors); an exception it raised fails
-    each of them with its text."""
+    """A job's outcome per factor (``indices``: its factors); an exception it raised fails each."""
     try:
         return ticket.outcome()
     except Exception as exc:

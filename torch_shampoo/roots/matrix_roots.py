@@ -1,19 +1,13 @@
-"""Inverse p-th roots X = (A + εI)^(-1/p) of symmetric positive semi-definite matrices.
-
-Everything is computed in float64 on the CPU. The functions are pure: no global state, no
-thread-count changes, and the same input gives a bitwise identical output, so they may be called
-concurrently from worker threads.
-"""
+"""Inverse p-th roots X = (A + εI)^(-1/p) of symmetric positive semi-definite matrices: pure,
+bitwise reproducible float64 CPU functions, safe to call from worker threads."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
 
 import torch
 
-Method = Literal["eigh", "newton", "cholesky"]
 ROOT_METHODS: tuple[str, ...] = ("eigh", "newton", "cholesky")
 
 NEWTON_TOLERANCE = 1e-6
@@ -25,21 +19,17 @@ MAX_LOG_ROOT = 709.0  # log of the largest root entry allowed, just below log(fl
 
 @dataclass(frozen=True)
 class RootResult:
-    """Outcome of `inverse_root`.
-
-    root: float64 CPU (n, n) tensor; its content must not be used when ``ok`` is False.
-    ok: whether ``root`` is a usable inverse root.
-    error: the method's own accuracy estimate: 0.0 for the direct methods, the residual
-        max|X^p (A + εI) - I| for newton; nan when the input was unusable.
-    reason: "" when ok, else a short human-readable cause.
-    method: the method that actually produced ``root`` (after any fallback).
-    """
+    """Outcome of `inverse_root`."""
 
     root: torch.Tensor
+    """Float64 CPU (n, n); its content must not be used when ``ok`` is False."""
     ok: bool
     error: float
+    """0.0 for the direct methods, newton's residual max|X^p (A + εI) - I|; nan: unusable input."""
     reason: str
+    """Empty when ok, else a short human-readable cause."""
     method: str
+    """The method that actually produced ``root`` (after any fallback)."""
 
 
 def inverse_root(
@@ -49,15 +39,9 @@ def inverse_root(
     method: str = "eigh",
     failure_threshold: float = 0.1,
 ) -> RootResult:
-    """X = (A + eps*I)^(-1/exponent) for a symmetric PSD A, computed in float64 on CPU.
-
-    A is converted to float64 CPU and symmetrized, A <- (A + Aᵀ)/2. Methods:
-
-    - "eigh": A + εI = Q diag(λ) Qᵀ; if λ_min < ε the spectrum is shifted, λ <- λ - λ_min + ε;
-      X = Q diag(λ^(-1/p)) Qᵀ. Falls back to "newton" (integer exponents) if eigh fails.
-    - "newton": coupled Newton iteration (Guo & Higham 2006), integer exponents only.
-    - "cholesky": exponent 1 only, X = (L Lᵀ)^(-1); falls back to "eigh" if A + εI is not
-      numerically positive definite.
+    """X = (A + eps*I)^(-1/exponent) for a symmetric PSD A (symmetrized), in float64 on CPU, by
+    "eigh" (if it fails: "newton" for an integer exponent), "newton" (integer exponents) or
+    "cholesky" (exponent 1; if A + εI is not numerically positive definite: "eigh").
 
     Bad values (non-finite input, singular matrix, non-convergence) give ``ok=False``; bad
     arguments raise ValueError.
@@ -85,14 +69,9 @@ def inverse_roots(
     method: str = "eigh",
     failure_threshold: float = 0.1,
 ) -> list[RootResult]:
-    """:func:`inverse_root` of every matrix of a stack (k, n, n), as a list.
-
-    For ``"eigh"`` (n ≤ ``GRAM_BLOCK``) the stack takes one batched eigendecomposition and one
-    batched product W Wᵀ: the same formulas as :func:`inverse_root`, so the roots agree to
-    rounding (bitwise where the batched products round as the single ones do). A matrix the
-    batched pass cannot handle (non-finite input or eigenvalues, a singular or overflowing root)
-    is computed again alone by :func:`inverse_root`, with its fallbacks. Other methods loop.
-    """
+    """:func:`inverse_root` of every matrix of a stack (k, n, n). For ``"eigh"`` (n ≤
+    ``GRAM_BLOCK``) one batched eigendecomposition and product W Wᵀ; a matrix the batched pass
+    cannot handle is computed again alone, with its fallbacks. Other methods loop."""
     if matrices.dim() != 3:
         raise ValueError(f"matrices must be a (k, n, n) stack, got shape {tuple(matrices.shape)}")
     k, n = matrices.shape[0], matrices.shape[-1]
@@ -128,18 +107,16 @@ def inverse_roots(
 
 
 def finite_rows(stack: torch.Tensor) -> list[bool]:
-    """Per matrix of a stack (k, ...): are all its entries finite? One sum per matrix answers
-    (it is finite unless an entry is not, or it overflows: then each entry is checked)."""
+    """Per matrix of a stack (k, ...): are all its entries finite? (One sum per matrix first.)"""
     if bool(torch.isfinite(stack.flatten(1).sum(1)).all()):
         return [True] * len(stack)
     return torch.isfinite(stack).flatten(1).all(1).tolist()
 
 
 def eigenbases(matrices: torch.Tensor) -> list[RootResult]:
-    """The eigenvectors Q (columns, eigenvalues ascending) of every symmetric matrix of a stack
-    (k, n, n), in float64: one batched ``eigh`` of the symmetrized stack. A matrix with a
-    non-finite entry, or one the batched call cannot decompose (then each is tried alone),
-    fails; the caller keeps its previous basis. ``RootResult.root`` holds Q."""
+    """The eigenvectors Q (``RootResult.root``; columns, eigenvalues ascending) of every
+    symmetric matrix of a stack (k, n, n), in float64, by one batched ``eigh`` (each alone if
+    that fails). A matrix with a non-finite entry fails; the caller keeps its previous basis."""
     if matrices.dim() != 3:
         raise ValueError(f"matrices must be a (k, n, n) stack, got shape {tuple(matrices.shape)}")
     k, n = matrices.shape[0], matrices.shape[-1]
@@ -155,21 +132,17 @@ def eigenbases(matrices: torch.Tensor) -> list[RootResult]:
         bases = torch.linalg.eigh(symmetric).eigenvectors
     except RuntimeError:  # includes torch.linalg.LinAlgError: each alone
         found = []
-        for i, matrix in enumerate(symmetric):
+        for matrix in symmetric:
             try:
                 found.append(torch.linalg.eigh(matrix).eigenvectors)
-            except RuntimeError:
+            except RuntimeError:  # a NaN basis: not finite below
                 found.append(torch.full((n, n), math.nan, dtype=torch.float64))
-                usable[i] = False
         bases = torch.stack(found)
     usable = [fine and finite for fine, finite in zip(usable, finite_rows(bases))]
+    reasons = ["" if fine else "non-finite statistics" for fine in usable]
     return [
-        RootResult(root=basis, ok=True, error=0.0, reason="", method="eigh")
-        if fine
-        else RootResult(
-            root=basis, ok=False, error=math.nan, reason="non-finite statistics", method="eigh"
-        )
-        for basis, fine in zip(bases.unbind(), usable)
+        RootResult(basis, fine, 0.0 if fine else math.nan, reason, method="eigh")
+        for basis, fine, reason in zip(bases.unbind(), usable, reasons)
     ]
 
 
@@ -195,10 +168,10 @@ def _check_arguments(
         raise ValueError(f"failure_threshold must be > 0, got {failure_threshold!r}")
 
 
-def _failure(n: int, method: str, reason: str, error: float = math.nan) -> RootResult:
+def _failure(n: int, method: str, reason: str) -> RootResult:
     """A failed result whose root is all NaN."""
     root = torch.full((n, n), math.nan, dtype=torch.float64)
-    return RootResult(root=root, ok=False, error=error, reason=reason, method=method)
+    return RootResult(root=root, ok=False, error=math.nan, reason=reason, method=method)
 
 
 def _all_finite(x: torch.Tensor) -> bool:
@@ -207,20 +180,15 @@ def _all_finite(x: torch.Tensor) -> bool:
 
 
 def _symmetrized(x: torch.Tensor) -> torch.Tensor:
-    """(X + Xᵀ)/2 as a new row-major tensor, computed as 0.5·Xᵀ + 0.5·X (exact halvings).
-
-    Always row-major, whatever the layout of X: the layout selects the BLAS code path, hence
-    the bits of everything computed from it.
-    """
+    """(X + Xᵀ)/2 as 0.5·Xᵀ + 0.5·X (exact halvings), always row-major: the layout selects the
+    BLAS code path, hence the bits of everything computed from it."""
     halved = torch.mul(x.mT, 0.5, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
     return halved.add_(x, alpha=0.5)
 
 
 def _gram(w: torch.Tensor) -> torch.Tensor:
-    """W Wᵀ, exactly symmetric, with each off-diagonal block computed once (≈ n³ flops, not 2n³).
-
-    W = [W₁; W₂] gives blocks W₁W₁ᵀ, W₁W₂ᵀ, (W₁W₂ᵀ)ᵀ, W₂W₂ᵀ; diagonal blocks recurse.
-    """
+    """W Wᵀ, exactly symmetric: W = [W₁; W₂] gives blocks W₁W₁ᵀ, W₁W₂ᵀ, (W₁W₂ᵀ)ᵀ, W₂W₂ᵀ, the
+    off-diagonal one computed once (≈ n³ flops, not 2n³); diagonal blocks recurse."""
     n = w.shape[0]
     if n <= GRAM_BLOCK:
         return _symmetrized(w @ w.mT)
@@ -245,10 +213,8 @@ def _gram_into(w: torch.Tensor, out: torch.Tensor) -> None:
 def _eigh_root(
     regularized: torch.Tensor, exponent: float, epsilon: float, failure_threshold: float
 ) -> RootResult:
-    """X = Q diag(λ^(-1/p)) Qᵀ from A + εI = Q diag(λ) Qᵀ, after λ <- λ - λ_min + ε if λ_min < ε.
-
-    Computed as X = W Wᵀ with W = Q diag(λ^(-1/(2p))), which is symmetric by construction.
-    """
+    """X = Q diag(λ^(-1/p)) Qᵀ from A + εI = Q diag(λ) Qᵀ, after λ <- λ - λ_min + ε if λ_min < ε,
+    as W Wᵀ with W = Q diag(λ^(-1/(2p))) (symmetric by construction)."""
     n = regularized.shape[0]
     try:
         eigenvalues, eigenvectors = torch.linalg.eigh(regularized)
@@ -280,29 +246,16 @@ def _eigh_fallback(
     if not float(exponent).is_integer():
         return _failure(n, "eigh", reason)
     fallback = _newton_root(regularized, int(exponent), failure_threshold)
-    if fallback.ok:
-        return fallback
-    return RootResult(
-        fallback.root,
-        ok=False,
-        error=fallback.error,
-        reason=f"{reason}; {fallback.reason}",
-        method="newton",
-    )
+    return fallback if fallback.ok else replace(fallback, reason=f"{reason}; {fallback.reason}")
 
 
 def _newton_root(regularized: torch.Tensor, p: int, failure_threshold: float) -> RootResult:
     """Coupled Newton iteration for X = A^(-1/p) (Guo & Higham 2006), A = regularized matrix.
 
-    z = (1+p)/(2‖A‖_F), M₀ = zA, H₀ = z^(1/p) I; T = ((p+1)I - M)/p, M <- T^p M, H <- H T,
-    so that M = H^p A in exact arithmetic while M -> I, H -> A^(-1/p). Stops when
-    max|M - I| <= NEWTON_TOLERANCE, after NEWTON_MAX_ITERATIONS, or when ‖M - I‖_F grows by
-    more than NEWTON_MAX_GROWTH (keeping the previous H). Every eigenvalue m of M satisfies
-    |m' - 1| <= |m - 1| in exact arithmetic, so ‖M - I‖_F only grows when rounding or a non-PSD
-    input make the iteration diverge (max|M - I| can grow in the first steps).
-
-    The reported error is the residual max|H^p A - I| of the returned root: for a numerically
-    singular A, M drifts away from H^p A and can converge to I while H is far from A^(-1/p).
+    z = (1+p)/(2‖A‖_F), M₀ = zA, H₀ = z^(1/p) I; T = ((p+1)I - M)/p, M <- T^p M, H <- H T, so
+    M -> I, H -> A^(-1/p). Stops at max|M - I| <= NEWTON_TOLERANCE, NEWTON_MAX_ITERATIONS, or when
+    ‖M - I‖_F grows more than NEWTON_MAX_GROWTH-fold (keeping the previous H). The error is
+    max|H^p A - I|: for a numerically singular A, M can reach I while H is far off.
     """
     n = regularized.shape[0]
     largest = float(regularized.abs().max())
@@ -330,9 +283,8 @@ def _newton_root(regularized: torch.Tensor, p: int, failure_threshold: float) ->
         err, distance = float(residual.abs().max()), distance_next
     root = _symmetrized(h)
     if not _all_finite(root):
-        return RootResult(
-            root, ok=False, error=math.nan, reason="newton root is not finite", method="newton"
-        )
+        reason = "newton root is not finite"
+        return RootResult(root, ok=False, error=math.nan, reason=reason, method="newton")
     error = float((torch.linalg.matrix_power(root, p) @ regularized - identity).abs().max())
     if not error < failure_threshold:
         reason = f"newton did not converge (error {error:.3g})"

@@ -1,12 +1,4 @@
-"""Roots in flight: one parameter's pending jobs, and the batches a hand-over forms.
-
-A :class:`Pending` is what the scheduler keeps of a parameter's root cycle from its snapshot to
-its install step: the jobs, their tickets and host buffers, and with ``partition_roots`` each
-job's owner. A :class:`Batch` is a set of jobs solved together
-(:func:`~torch_shampoo.roots.pool.batches`): a root depends on its batch, so whatever solves one
-of its jobs again (after ``close()``, in a fork, for a state dict, for another rank's job)
-solves them all.
-"""
+"""Roots in flight: one parameter's pending jobs, and the batches a hand-over forms."""
 
 from __future__ import annotations
 
@@ -21,14 +13,13 @@ __all__ = ["Batch", "Pending"]
 
 @dataclass(eq=False)
 class Pending:
-    """The roots of one parameter that are being computed and when they are due."""
+    """A parameter's root cycle from its snapshot to its install step: jobs, tickets, buffers."""
 
     submitted: int
     due: int
     jobs: list[RootJob]
     tickets: list[Ticket]
-    """One per job; empty until the jobs are handed to the pool (at the end of the step that
-    made them)."""
+    """One per job; empty until the jobs are handed over."""
     factors: list[list[int]]
     """Per job (ticket), the indices of its factors."""
     buffers: list[Staging] = field(default_factory=list)
@@ -43,7 +34,7 @@ class Pending:
 @dataclass(eq=False)
 class Batch:
     """Jobs solved together (:func:`~torch_shampoo.roots.pool.batches`), as (pending, job
-    index) pairs: whatever solves one of them again solves them all (the same bits)."""
+    index) pairs: a root depends on its batch, so whatever solves one again solves them all."""
 
     members: list[tuple[Pending, int]]
 
@@ -56,8 +47,7 @@ class Batch:
         return sum(job.snapshot.shape[0] for job in jobs), jobs[0].snapshot.shape[-1]
 
     def tickets(self, fresh: Callable[[Ticket], bool]) -> list[Ticket]:
-        """Per member, a new ticket where ``fresh(its ticket)``, else its own (which has ended,
-        so solving the batch again leaves that member's result alone)."""
+        """Per member, a new ticket where ``fresh(its ticket)``, else its own (which has ended)."""
         return [
             Ticket() if fresh(pending.tickets[i]) else pending.tickets[i]
             for pending, i in self.members

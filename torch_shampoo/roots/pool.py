@@ -1,27 +1,10 @@
-"""Inverse roots off the training thread: batches, the solver and a pool of CPU worker threads.
-
-A :class:`~torch_shampoo.roots.jobs.RootJob` (:mod:`torch_shampoo.roots.jobs`, with its
-:class:`~torch_shampoo.roots.jobs.Ticket`) is a host snapshot of a stack of equal-size factors and
-the settings of their roots. Jobs with equal settings and size are solved together
-(:func:`batches`: a model of many small parameters pays one job's fixed cost per batch, not per
-parameter). :func:`solve` turns a batch into X = (F/bc + εI)^(−1/r) per factor
-(one batched eigendecomposition), or with a relative epsilon X = (F/bc + ε·τ I)^(−1/r),
-τ = tr(F/bc)/d its mean eigenvalue; it is the *only* code that computes roots, and it always
-runs with the same number of intra-op threads (the pool's ``threads``) on the same batches, so
-roots are bitwise the same whether they are waited for at once (synchronous roots) or
-installed later.
-
-:class:`RootPool` runs batches on daemon threads fed by a queue and returns a :class:`Ticket`
-per job, which the optimizer waits on when the root is due. :meth:`RootPool.close` returns at
-once: it cancels the tickets still outstanding, and a worker that finishes a cancelled job
-discards its root instead of writing it, so no thread writes into a buffer after ``close()``.
-:func:`run_here` solves a batch on the calling thread (synchronous roots; a state dict that
-needs a cancelled root).
-"""
+"""Inverse roots off the training thread: :func:`batches`, :func:`solve` (the only code that
+computes roots, always at the workers' thread count) and a pool of CPU worker threads."""
 
 from __future__ import annotations
 
 import atexit
+import itertools
 import os
 import queue
 import threading
@@ -32,29 +15,16 @@ from collections.abc import Sequence
 import torch
 
 from .. import device
-from .jobs import RootCancelled, RootJob, RootOutcome, Ticket
+from .jobs import RootJob, RootOutcome, Ticket
 from .matrix_roots import RootResult, eigenbases, finite_rows, inverse_roots
 
-__all__ = [
-    "RootCancelled",
-    "RootJob",
-    "RootOutcome",
-    "RootPool",
-    "Ticket",
-    "batches",
-    "default_threads",
-    "run_here",
-    "solve",
-]
+__all__ = ["RootJob", "RootPool", "Ticket", "batches", "default_threads", "run_here", "solve"]
 
 
 def solve(jobs: Sequence[RootJob]) -> list[tuple[list[RootOutcome], torch.Tensor]]:
-    """Compute the roots of jobs solved together (one batch of :func:`batches`: equal
-    settings, size and dtype) in float64, as one stack; returns per job one outcome per factor
-    and its roots (rows whose outcome is not ok must not be used). The caller writes the usable
-    rows into ``job.result`` (:meth:`~torch_shampoo.roots.jobs.Ticket.write`). A root depends on the
-    batch it is solved in (LAPACK's last bits follow a matrix's alignment in the stack), so
-    every path that solves a job solves its whole batch."""
+    """The roots X = (F/bc + εI)^(−1/r) (relative ε: ε·τ, τ = tr(F/bc)/d) of one batch of
+    :func:`batches` in float64; per job, one outcome per factor and its roots. A root depends on
+    its batch (LAPACK's last bits), so whatever solves a job solves its whole batch."""
     for job in jobs:
         device.wait(job.snapshot_ready)
     with device.subnormals_flushed():  # as in the step, in whichever thread solves the batch
@@ -83,26 +53,18 @@ def _solve(jobs: Sequence[RootJob]) -> list[tuple[list[RootOutcome], torch.Tenso
             roots = roots * level.pow(-1.0 / first.exponent)
         finite = finite_rows(roots) if found else []
         outcomes = _outcomes(found, start, finite)
-    out, row = [], 0
-    for job in jobs:
-        k = job.snapshot.shape[0]
-        out.append((outcomes[row : row + k], roots[row : row + k]))
-        row += k
-    return out
+    rows = [0, *itertools.accumulate(job.snapshot.shape[0] for job in jobs)]
+    return [(outcomes[a:b], roots[a:b]) for a, b in itertools.pairwise(rows)]
 
 
 MERGED_WORK = 2**22
-"""How much root work (rows × d³) one batch of small jobs gathers at most: 16 factors of
-64 x 64, 2 of 128 x 128. Below it a job's fixed cost (a ticket, a hand-over, a dozen small
-torch calls: ~0.3-0.7 ms) is not small against its eigendecompositions; beyond it batches stay
-apart, so that several workers share the work."""
+"""The most root work (rows × d³) one batch gathers (16 factors of 64 x 64): a job's fixed cost
+(~0.3-0.7 ms) is not small below it; beyond it batches stay apart, for several workers."""
 
 
 def batches(jobs: Sequence[RootJob]) -> list[list[int]]:
-    """Which of ``jobs`` are solved together: those with equal settings, factor size and dtype,
-    in order, gathered while their work stays within :data:`MERGED_WORK` (a job that alone
-    exceeds it is a batch of its own). A pure function of the jobs' shapes and settings, so
-    every mode, rank and retry forms the same batches (and so computes the same bits)."""
+    """Which of ``jobs`` are solved together: equal settings, size and dtype, in order, within
+    :data:`MERGED_WORK`; a pure function of shapes and settings (every mode and rank agrees)."""
     gathering: dict[tuple[object, ...], list[int]] = {}
     work: dict[tuple[object, ...], float] = {}
     out: list[list[int]] = []
@@ -122,32 +84,24 @@ def _outcomes(
     found: list[RootResult], start: float, finite: list[bool] | None = None
 ) -> list[RootOutcome]:
     seconds = (time.perf_counter() - start) / max(1, len(found))
+    oks = [f.ok and fine for f, fine in zip(found, finite or [True] * len(found))]
     return [
-        RootOutcome(
-            f.ok and fine,
-            f.error,
-            f.reason or ("non-finite root" if not (f.ok and fine) else ""),
-            seconds,
-        )
-        for f, fine in zip(found, finite or [True] * len(found))
+        RootOutcome(ok, f.error, f.reason or ("" if ok else "non-finite root"), seconds)
+        for f, ok in zip(found, oks)
     ]
 
 
 def default_threads(workers: int) -> int:
     """Intra-op threads per root worker: half of the caller's thread count shared among the
-    workers (at least 1), the other half left to the training thread. A worker's own thread
-    team on top of a training thread that already uses every core slows *every* step, not only
-    while roots run: on 2 cores, one 2-thread worker made the non-root steps of the regression
-    demo 4x slower (0.50 -> 1.99 ms median), a 1-thread worker left them as they were."""
+    workers (at least 1); the other half is left to the training thread (docs/design.md)."""
     return max(1, torch.get_num_threads() // (2 * workers))
 
 
 def run_here(
     jobs: Sequence[RootJob], threads: int, tickets: Sequence[Ticket] | None = None
 ) -> list[Ticket]:
-    """Solve the batch ``jobs`` on the calling thread with ``threads`` intra-op threads (as a
-    worker would, so the roots are bitwise the same) and return their ended tickets (or end
-    the given ``tickets``: one that has already ended is left as it is, its job not written)."""
+    """Solve the batch ``jobs`` on this thread at ``threads`` intra-op threads, as a worker would
+    (the same bits); returns their ended tickets (or ends the given ones, as ``submit`` does)."""
     before = torch.get_num_threads()
     if before != threads:
         torch.set_num_threads(threads)
@@ -182,20 +136,10 @@ _WORKERS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
 
 
 class RootPool:
-    """Daemon worker threads that solve :class:`RootJob` s from a FIFO queue.
-
-    Each worker computes with ``threads`` intra-op threads. Threads start on the first
-    :meth:`submit` in the submitting process; a forked child that inherits a pool object starts
-    its own threads and never touches the parent's. :meth:`close` is idempotent, never waits for
-    a running root, and is also called when the pool is collected and at interpreter exit
-    (which waits for the roots being computed, at most one per worker).
-    """
+    """Daemon worker threads at ``threads`` intra-op threads each, solving batches from a queue;
+    started by the first :meth:`submit` in a process. :meth:`close` never waits for a root."""
 
     def __init__(self, num_workers: int, threads: int) -> None:
-        if num_workers < 1:
-            raise ValueError(f"root_workers must be a positive integer, got {num_workers!r}")
-        if threads < 1:
-            raise ValueError(f"threads must be a positive integer, got {threads!r}")
         self.num_workers = num_workers
         self.threads = threads
         self._queue: queue.SimpleQueue[_Work] = queue.SimpleQueue()
@@ -251,17 +195,13 @@ class RootPool:
 
 
 class _BorrowedCount:
-    """A worker's ``set_num_threads`` also writes torch's process-wide count, the one a thread
-    started later begins with: it is put back to the pool's caller's once every worker has set
-    its own, by whichever comes last, so that no worker's write can follow it. That is the
-    pool, which waits :data:`_READY_SECONDS` at most (a worker slow to start costs only that),
-    or else the last worker to set its count: it writes the caller's on a thread of its own
-    (a ``set_num_threads`` on the worker would change the worker's count too)."""
+    """A worker's ``set_num_threads`` also writes torch's process-wide count: the caller's is put
+    back once every worker has set its own, by the pool (which waits :data:`_READY_SECONDS` at
+    most) or else by the last worker, on a thread of its own (not to change its own count)."""
 
     def __init__(self, workers: int, caller: int) -> None:
         self.left, self.caller, self.waiting = workers, caller, True
-        self.lock = threading.Lock()
-        self.all_set = threading.Event()
+        self.lock, self.all_set = threading.Lock(), threading.Event()
 
     def stop_waiting(self) -> None:
         """On the pool's caller, after starting the workers."""
@@ -291,9 +231,8 @@ class _BorrowedCount:
 
 
 def _work(jobs: queue.SimpleQueue[_Work], threads: int, borrowed: _BorrowedCount) -> None:
-    # torch gives a thread its count lazily, at its first call, from the process-wide count,
-    # which every set_num_threads writes: had another thread set one between our set and our
-    # first op, the worker would compute with that count (other roots' bits). Init first.
+    # torch gives a thread its count lazily from the process-wide count, which another thread
+    # may set meanwhile (other roots' bits): init first, then set.
     try:
         torch.get_num_threads()
         torch.set_num_threads(threads)
@@ -324,10 +263,8 @@ def _stop(
 
 @atexit.register
 def _close_all() -> None:
-    """At exit nobody will install the roots still queued: cancel them, stop the workers and
-    wait for the root each of them may be in the middle of. That wait is the one place a root
-    in flight is waited for: a thread still inside torch's C++ code while the interpreter
-    tears torch down aborts the process."""
+    """Cancel the queued roots and wait for the one each worker may be in the middle of: a
+    thread inside torch's C++ code while the interpreter tears torch down aborts the process."""
     for pool in list(_LIVE_POOLS):
         pool.close()
     for thread in list(_WORKERS):  # (not a thread of another copy of this module: it waits

@@ -1,21 +1,5 @@
-"""When roots are computed and installed: the root scheduler the engine holds.
-
-Root steps are t = start and every t > start divisible by the frequency. At a root step the
-factors of a parameter are copied to host buffers and their roots handed to the
-:class:`~torch_shampoo.roots.pool.RootPool`; the roots are installed at a step fixed in advance:
-
-* a parameter's **first** root cycle (no root of it installed yet) is installed in the step that
-  computes it, in every mode: preconditioning starts at ``start``, never later;
-* later cycles are installed at t + s, capped at the next root step, where s is the group's
-  staleness: an integer, or ``"auto"``, which is 0 for synchronous roots and, for asynchronous
-  roots, fitted once from measurements (:class:`StalenessFit`), saved with the param group
-  under ``"fitted_staleness"`` and grown after stalls.
-
-Synchronous roots (``async_roots=False``) are computed before ``step()`` returns: on this
-thread when it runs at the workers' intra-op thread count, else on the pool, waited for. Every
-root is computed at that one thread count, so an async run equals a synchronous run with the
-same integer staleness bitwise.
-"""
+"""When roots are computed and installed: the root scheduler the engine holds (first cycles in
+their own step, later ones s steps later; docs/design.md)."""
 
 from __future__ import annotations
 
@@ -30,7 +14,7 @@ import torch
 from .. import device
 from ..config import world_size
 from ..distributed.partition_roots import Partition, assign
-from .jobs import RootJob, RootOutcome, Ticket, outcomes_of
+from .jobs import RootCancelled, RootJob, RootOutcome, Ticket, outcomes_of
 from .pending import Batch, Pending
 from .pool import RootPool, batches, default_threads, run_here
 from .staging import Slot, Staging
@@ -62,8 +46,6 @@ class RootScheduler:
         """Install steps that stalled with an auto staleness already at the frequency."""
         self.warned_capped = False
 
-    # ------------------------------------------------------------------------ the pool
-
     def _pool(self) -> RootPool:
         if self.pool is None:
             self.pool = RootPool(self.workers, default_threads(self.workers))
@@ -79,24 +61,16 @@ class RootScheduler:
             self.pool = None
             self.cancelled = True
 
-    def own_process(self) -> None:
-        """In a forked child the parent's workers do not exist: every root they had not
-        finished is cancelled here (their snapshots were copied with the memory) and computed
-        again by :meth:`revive`."""
-        if self.pid == os.getpid():
-            return
-        self.pid = os.getpid()
-        self.cancelled = True
-        for pending in self.pending.values():
-            pending.tickets = [
-                t if t.done() else Ticket.cancelled_one("the process forked")
-                for t in pending.tickets
-            ]
-
     def revive(self, here: bool) -> None:
-        """Compute again every cancelled root (after ``close()`` or a fork): on the pool, or on
+        """Compute again every cancelled root (after ``close()`` or a fork) on the pool, or on
         this thread when ``here`` (a state dict must not restart threads)."""
-        self.own_process()
+        if self.pid != os.getpid():
+            self.pid, self.cancelled = os.getpid(), True
+            for pending in self.pending.values():
+                pending.tickets = [
+                    t if t.done() else Ticket.failed(RootCancelled("the process forked"))
+                    for t in pending.tickets
+                ]
         if not self.cancelled:
             return
         self.cancelled = False
@@ -113,8 +87,6 @@ class RootScheduler:
                 self._pool().submit(batch.jobs(), tickets)
             batch.adopt(tickets)
 
-    # -------------------------------------------------------------------- the schedule
-
     def staleness(self, group: dict[str, Any], setting: int | None, frequency: int) -> int:
         """The staleness of a later root cycle of ``group`` (``setting`` None: auto)."""
         if setting is not None:
@@ -123,9 +95,8 @@ class RootScheduler:
             return 0
         fitted = group.get(FITTED)
         if fitted is None and self.fit.cycle_seconds is not None:
-            # Several processes (DDP): each would fit its own timings and the ranks could
-            # install roots at different steps and drift apart, so all take the frequency; as
-            # does a run under torch.use_deterministic_algorithms (timings differ run to run).
+            # Ranks fitting their own timings would drift apart, and deterministic runs must not
+            # depend on timings: both take the frequency.
             fixed = world_size() > 1 or torch.are_deterministic_algorithms_enabled()
             steps = frequency if fixed else self.fit.steps_for(self.fit.cycle_seconds)
             if steps is not None:
@@ -142,16 +113,11 @@ class RootScheduler:
         in_place: bool = True,
     ) -> bool:
         """Register the root jobs of ``p`` made at step ``t`` (one per slot), due at ``due``;
-        jobs due now are handed over by :meth:`start_due`, later ones by :meth:`send`. ``jobs``
-        is an exception when the jobs could not be made (a failing damping schedule): the roots
-        then fail. ``in_place=False``: a root due now is written into a buffer of its own, not
-        into the root stack (the installer needs the previous one). Returns whether they are
-        due in this step."""
+        returns whether they are due now. ``jobs`` is an exception when they could not be made:
+        the roots fail. ``in_place=False``: a root due now gets a buffer of its own."""
         indices = [slot.indices for slot in slots]
         if isinstance(jobs, BaseException):
-            failed = [Ticket() for _ in slots]
-            for ticket in failed:
-                ticket.fail(jobs)
+            failed = [Ticket.failed(jobs) for _ in slots]
             self.pending[p] = Pending(t, due, jobs=[], tickets=failed, factors=indices)
             return due <= t
         if due <= t and not any(slot.factors.is_cuda for slot in slots):  # no host copies
@@ -172,22 +138,19 @@ class RootScheduler:
         return due <= t
 
     def start_due(self) -> None:
-        """Hand over this step's jobs due in it, together (so that equal small jobs of many
-        parameters are solved as one batch, and several batches in parallel)."""
+        """Hand over this step's jobs due in it, together (so that small ones share batches)."""
         if self.due_now:
-            now = time.perf_counter()
-            for pending in self.due_now:
-                pending.sent_at = now
             self._hand_over(self.due_now, self._now)
             self.due_now = []
 
     def _hand_over(
         self, pendings: list[Pending], start: Callable[[list[RootJob]], list[Ticket]]
     ) -> None:
-        """Form the batches of these pendings' jobs and start them with ``start`` where this
-        process solves them; where another rank does (``partition_roots``: one owner per
-        batch, balanced by :func:`assign`), open tickets that :meth:`Partition.exchange`
-        fills. The batches, hence the roots' bits, do not depend on the partition."""
+        """Form the batches of these pendings' jobs and start those this process solves with
+        ``start``; another rank's (``partition_roots``) get tickets that ``exchange`` fills."""
+        now = time.perf_counter()
+        for pending in pendings:
+            pending.sent_at = now
         members = [(pending, i) for pending in pendings for i in range(len(pending.jobs))]
         groups = batches([pending.jobs[i] for pending, i in members])
         formed = [Batch([members[k] for k in group]) for group in groups]
@@ -215,9 +178,8 @@ class RootScheduler:
         return [ticket for ticket, o in zip(pending.tickets, pending.owners) if mine(o)]
 
     def _now(self, jobs: list[RootJob]) -> list[Ticket]:
-        """A batch the step waits for at once. Synchronous roots run on this thread when it
-        already computes with the workers' thread count (its warm OpenMP team made them about
-        twice as fast as a worker's on 2 cores); otherwise on the pool, in parallel."""
+        """A batch the step waits for at once: on this thread for synchronous roots when it runs
+        at the workers' thread count (its warm OpenMP team is faster), else on the pool."""
         if not self.async_roots and torch.get_num_threads() == self.threads():
             return run_here(jobs, self.threads())
         return self._pool().submit(jobs)
@@ -228,9 +190,6 @@ class RootScheduler:
         self.start_due()  # left over if a step raised between its submits and their start
         if not self.unsent:
             return
-        now = time.perf_counter()
-        for pending in self.unsent:
-            pending.sent_at = now
         if not self.async_roots:  # computed (and waited for) before step() returns
             self._hand_over(self.unsent, self._now)
             for pending in self.unsent:
@@ -256,16 +215,15 @@ class RootScheduler:
         stats.staleness_count += 1
         stats.staleness_max = max(stats.staleness_max, age)
         own = self._own(pending)
-        if self.async_roots and age > 0 and not all(ticket.done() for ticket in own):
-            began = time.perf_counter()
-            for ticket in own:
-                ticket.wait()
+        stalled = self.async_roots and age > 0 and not all(ticket.done() for ticket in own)
+        began = time.perf_counter()
+        for ticket in own:
+            ticket.wait()
+        if stalled:
             stats.stalls += 1
             stats.stall_seconds += time.perf_counter() - began
             if auto:
                 self._grow(group, t, frequency, pending)
-        for ticket in own:
-            ticket.wait()
         if pending.owners is not None and self.partition is not None:
             # the same install step on every rank (no jobs: they failed alike on every rank)
             self.partition.exchange(list(zip(pending.owners, pending.tickets, pending.jobs)))
@@ -288,8 +246,8 @@ class RootScheduler:
         self.fit.grown_at = t
 
     def should_warn_capped(self) -> bool:
-        """Once: auto staleness is at the frequency and still stalls, and the waits cost real
-        time (≥ 0.5 s in all and ≥ 10% of the time since the first step)."""
+        """Once: auto staleness is at the frequency and still stalls, and the waits cost ≥ 0.5 s
+        and ≥ 10% of the time since the first step."""
         if self.warned_capped or self.capped_stalls < 3 or self.fit.first_tick is None:
             return False
         waited = self.stats.stall_seconds
@@ -298,12 +256,9 @@ class RootScheduler:
         return self.warned_capped
 
     def waited_first_cycle(self, seconds: float) -> None:
-        """A first root cycle took ``seconds`` of waiting inside the step (counted, and the
-        measurement that fits auto staleness)."""
+        """A first root cycle took ``seconds`` of waiting inside the step (what fits auto)."""
         self.stats.first_root_seconds += seconds
         self.fit.cycle_seconds = seconds
-
-    # ------------------------------------------------------------------- staging, export
 
     def _staging_of(self, p: torch.Tensor, factors: list[torch.Tensor]) -> list[Staging]:
         """``p``'s host buffers, made anew if its factors' shapes or dtype changed."""
@@ -315,8 +270,7 @@ class RootScheduler:
         return staging
 
     def export(self) -> dict[torch.Tensor, dict[str, Any]]:
-        """The roots in flight as plain state entries (computed here if they were cancelled;
-        waited for otherwise)."""
+        """The roots in flight as plain state entries (waited for, or computed here)."""
         self.send()  # jobs of a step that raised before it could send them
         self.revive(here=True)
         entries = {}
@@ -350,8 +304,8 @@ class RootScheduler:
         (``groups``: the factor indices of each of the parameter's jobs)."""
         roots, oks = state.pop("pending_roots"), state.pop("pending_ok").tolist()
         reasons = state.pop("pending_reasons")
-        factors = state["factors"]
-        staging = self._staging_of(p, [torch.stack([factors[j] for j in g]) for g in groups])
+        stacks = [torch.stack([state["factors"][j] for j in g]) for g in groups]
+        staging = self._staging_of(p, stacks)
         tickets = []
         for buffers, indices in zip(staging, groups):
             for row, j in enumerate(indices):
@@ -359,13 +313,9 @@ class RootScheduler:
                     buffers.result[row].copy_(roots[j])
             outcomes = [RootOutcome(bool(oks[j]), math.nan, reasons[j], 0.0) for j in indices]
             tickets.append(Ticket.resolved(outcomes))
+        submitted, due = int(state.pop("pending_submitted")), int(state.pop("pending_due"))
         self.pending[p] = Pending(
-            submitted=int(state.pop("pending_submitted")),
-            due=int(state.pop("pending_due")),
-            jobs=[],
-            tickets=tickets,
-            factors=groups,
-            buffers=staging,
+            submitted, due, jobs=[], tickets=tickets, factors=groups, buffers=staging
         )
 
     def clear(self) -> None:

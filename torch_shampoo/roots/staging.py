@@ -1,10 +1,4 @@
-"""Where root jobs read and write: host staging buffers and a job's rows of a bucket.
-
-A :class:`Slot` is one root job's share of a parameter (its rows of a bucket's factor and root
-stacks); a :class:`Staging` is the pair of host buffers that job snapshots its factors into and
-finds its roots in. Both sit below the scheduler (which decides when they are used) and the
-buckets (which make the slots).
-"""
+"""Where root jobs read and write: host staging buffers and a job's rows of a bucket."""
 
 from __future__ import annotations
 
@@ -22,11 +16,8 @@ __all__ = ["Slot", "Staging"]
 
 @dataclass
 class Staging:
-    """The host buffers a root job reads its (k, d, d) factors from and writes their roots
-    into. For roots that run off the step (or any root of a CUDA parameter) these are buffers
-    of their own, reused at every cycle; roots of a CPU parameter installed in the step that
-    computes them read the factors and write the roots in place, in the bucket's stacks (the
-    step waits for them)."""
+    """Where a root job reads its (k, d, d) factors and writes their roots: host buffers reused
+    at every cycle, or the bucket's stacks for a CPU root installed in the step computing it."""
 
     snapshot: torch.Tensor
     result: torch.Tensor
@@ -36,8 +27,7 @@ class Staging:
 
 @dataclass
 class Slot:
-    """One root job's share of a parameter: its factor indices (in state order) and the rows
-    of the bucket's factor and root stacks they are."""
+    """One root job's share of a parameter: its factor indices and their bucket stack rows."""
 
     indices: list[int]
     factors: torch.Tensor
@@ -45,8 +35,7 @@ class Slot:
     place: Any = None
     """(bucket, member, block dim) of these rows, for what installs must touch besides."""
     triangles: Triangles | None = None
-    """Compact state: the factors and roots are two triangles of one stack
-    (:mod:`torch_shampoo.layout.compact`); None: full matrices."""
+    """Compact state: factors and roots are two triangles of one stack; None: full matrices."""
 
     def snapshot(self) -> torch.Tensor:
         """The factors as full matrices (a new tensor for compact state)."""
@@ -55,8 +44,7 @@ class Slot:
         return compact.full(self.factors, self.triangles.lower, upper=False)
 
     def install(self, result: torch.Tensor, row: int | None = None) -> device.CopyDone:
-        """Enqueue roots ← ``result`` (host), all rows or one: a copy, or for compact state a
-        copy to the device and the roots' triangle taken from it."""
+        """Enqueue roots ← ``result`` (host), all rows or one (compact: the roots' triangle)."""
         roots = self.roots if row is None else self.roots[row]
         if self.triangles is None:
             return device.to_device(roots, result)

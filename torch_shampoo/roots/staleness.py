@@ -1,5 +1,4 @@
-""" "auto" staleness: how many training steps a root cycle's work needs, from measurements;
-and the root statistics (stalls among them) that ``root_stats()`` reports."""
+""" "auto" staleness fitted from measurements, and the statistics ``root_stats()`` reports."""
 
 from __future__ import annotations
 
@@ -17,9 +16,8 @@ FITTED = "fitted_staleness"
 
 
 class StalenessFit:
-    """Fits ``"auto"`` staleness: the smallest s (1 ≤ s ≤ frequency) such that a root cycle's
-    measured wall time, times ``MARGIN``, fits into s training steps (the median interval
-    between ``step()`` calls: forward, backward and the step itself)."""
+    """Fits ``"auto"`` staleness: the smallest s ≥ 1 such that ``MARGIN`` times a root cycle's
+    wall time fits into s training steps (the median interval between ``step()`` calls)."""
 
     MARGIN = 2.0
 
@@ -37,8 +35,7 @@ class StalenessFit:
             self.first_tick = now
 
     def step_seconds(self) -> float | None:
-        times = list(self._clock)
-        gaps = [b - a for a, b in itertools.pairwise(times)]
+        gaps = [b - a for a, b in itertools.pairwise(self._clock)]
         return statistics.median(gaps) if gaps else None
 
     def steps_for(self, seconds: float) -> int | None:
