@@ -1,17 +1,9 @@
 """DTensor parameters (FSDP2's ``fully_shard``): single-process math on gathered tensors.
 
-A parameter sharded on dim 0 (``Shard(0)``, possibly beside ``Replicate`` mesh dims, as
-FSDP2 and HSDP make them) is stepped as one process would step the whole tensor: at each step
-every rank all-gathers the gradient and the parameter (``full_tensor()``), runs the engine's
-math on those plain tensors, and writes the rows it holds back into its local shard. Blocks,
-statistics, roots and elementwise state are therefore the single-process ones, whatever the
-shard boundaries (uneven ones included), and every rank holds them all: this mode trades
-memory and two all-gathers of the parameter's size per step for exact equivalence, unless
-``partition_state=True`` (:mod:`torch_shampoo.distributed.partition_state`) leaves each parameter's
-state with one owner.
-
-Other placements (tensor parallelism's ``Shard(1)``, ``Partial``, two sharded mesh dims) are
-refused with the placements named.
+A parameter sharded on dim 0 (beside ``Replicate`` mesh dims, as FSDP2 and HSDP make them) is
+stepped as one process steps the whole: every rank all-gathers the parameter and its gradient,
+runs the engine's math on them and writes its rows back into its shard (docs/design.md). Other
+placements are refused, named.
 """
 
 from __future__ import annotations
@@ -64,8 +56,7 @@ def gathered(p: torch.Tensor) -> torch.Tensor:
 
 
 def _local_rows(p: Any) -> slice:
-    """The rows of the whole parameter that this rank's shard holds (``torch.chunk``'s split,
-    which DTensor's ``Shard(0)`` uses)."""
+    """The rows of the whole parameter that this rank's shard holds (``torch.chunk``'s split)."""
     sharded = _shard_dims(p)
     rows = p.shape[0]
     if not sharded:
