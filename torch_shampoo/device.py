@@ -13,16 +13,9 @@ from typing import Any
 import torch
 
 __all__ = [
-    "CopyDone",
-    "divide",
-    "host_buffer",
-    "known_all_true",
-    "small_tensor",
-    "subnormals_flushed",
-    "to_device",
-    "to_host",
-    "wait",
-]
+    "CopyDone", "divide", "host_buffer", "known_all_true", "small_tensor", "subnormals_flushed",
+    "to_device", "to_host", "wait",
+]  # fmt: skip
 
 CopyDone = torch.cuda.Event | None
 """Marks the completion of an asynchronous copy; ``None`` when the copy was synchronous."""

@@ -38,11 +38,6 @@ def _layout(shape: tuple[int, ...], block_size: int, vectors: bool) -> BlockLayo
     return output_side_layout(shape, block_size, vectors)
 
 
-def _saved_as_none(group: dict[str, Any]) -> bool:
-    """Was this saved group's damping a function (saved as None)?"""
-    return "damping" in group and group["damping"] is None
-
-
 class NGPlus(PreconditionerEngine):
     r"""NG+: the generalized natural gradient with the output-side Fisher matrix, reused T steps.
 
@@ -56,12 +51,11 @@ class NGPlus(PreconditionerEngine):
         D = X G;  D ← D·‖A‖/‖D‖ per block, A = the graft's step (grafting="adam": G/(√v̂ + ε))
         D ← D + wd·W;  b ← μ b + D (D + μ b if nesterov, else b);  W ← W − lr·D
 
-    The paper's rule is ``relative_damping=False, bias_correction=False, grafting="none"``; its
-    step has the size of 1/G. The defaults (relative damping, Adam's step size per block) make a
-    constant factor on the loss change nothing; the lr is then about a tenth of Adam's (README,
-    tuning guide). An output dim larger than ``block_size`` is split into diagonal blocks of F.
-    Vectors take the grafted gradient, except a hooked layer's bias under per-sample statistics:
-    it shares its layer's F (ã = [a; 1]) and the weight's inverse.
+    The paper's rule is ``relative_damping=False, bias_correction=False, grafting="none"``; the
+    defaults make a constant factor on the loss change nothing, with an lr about a tenth of
+    Adam's (README, tuning guide). F is cut into diagonal blocks of ``block_size``. Vectors take
+    the grafted gradient, except a hooked layer's bias (per-sample statistics): it shares its
+    layer's F (ã = [a; 1]) and the weight's inverse.
 
     Args:
         params: parameters or parameter groups.
@@ -130,21 +124,12 @@ class NGPlus(PreconditionerEngine):
         model: nn.Module | None = None,
         **unknown: Any,
     ) -> None:
-        arguments = dict(locals())
-        settings.reject("NGPlus", unknown)
-        settings.validate("NGPlus", arguments, per_group=False)
+        defaults, flags = settings.parse("NGPlus", dict(locals()), unknown)
         self.statistics = statistics
         self._fisher: PerSampleFisher | None = None
         self._leaders: dict[torch.Tensor, torch.Tensor] = {}
         self._followers: dict[torch.Tensor, list[torch.Tensor]] = {}
-        super().__init__(
-            params,
-            settings.group_defaults("NGPlus", arguments),
-            async_roots=async_roots,
-            root_workers=root_workers,
-            partition_roots=partition_roots,
-            partition_state=partition_state,
-        )
+        super().__init__(params, defaults, **flags)
         if model is not None:
             self.attach(model)
 
@@ -190,7 +175,6 @@ class NGPlus(PreconditionerEngine):
 
     def _share_inverses(self, fisher: PerSampleFisher) -> None:
         """A hooked layer's bias uses its weight's inverse when both have the same blocks of F."""
-        self._leaders, self._followers = {}, {}
         for weight, bias in fisher.pairs():
             (_, group), (_, other) = self._locate(weight), self._locate(bias)
             if group is not other:
@@ -257,7 +241,7 @@ class NGPlus(PreconditionerEngine):
         current = [g["damping"] for g in self.param_groups]
         current += [None] * (len(saved) - len(current))
         groups = [
-            {**EARLIER_RULE, **g, **({"damping": here} if _saved_as_none(g) else {})}
+            {**EARLIER_RULE, **g, **({"damping": here} if g.get("damping", 0) is None else {})}
             for g, here in zip(saved, current)
         ]
         super().load_state_dict({**state_dict, "param_groups": groups})

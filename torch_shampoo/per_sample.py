@@ -8,6 +8,7 @@ output; the hooks estimate F = (1/B) Σ_i G_i G_iᵀ ∈ ℝ^{m×m}.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from functools import partial
 from typing import Any
@@ -20,8 +21,7 @@ from torch.utils.hooks import RemovableHandle
 __all__ = ["PerSampleFisher"]
 
 _REDUCTIONS = ("mean", "sum")
-# Budget of temporary elements per batch chunk (128 MiB in float32).
-_CHUNK_ELEMENTS = 1 << 25
+_CHUNK_ELEMENTS = 1 << 25  # temporary elements per batch chunk (128 MiB in float32)
 
 
 def _is_handled(module: nn.Module) -> bool:
@@ -66,9 +66,7 @@ class _Layer:
     """One handled module's pending captures and sum S = Σ_passes Σ_i G_i G_iᵀ over N samples."""
 
     def __init__(self, module: nn.Module, weight: Tensor | None, bias: Tensor | None) -> None:
-        self.module = module
-        self.weight = weight
-        self.bias = bias
+        self.module, self.weight, self.bias = module, weight, bias
         self.tracked = tuple(p for p in (weight, bias) if p is not None)
         self.pad = _conv_padding(module) if isinstance(module, nn.Conv2d) else None
         shape = module.get_parameter("weight").shape
@@ -105,17 +103,9 @@ class _Layer:
             return None, d
         conv = self.module
         assert isinstance(conv, nn.Conv2d)
-        cols = F.unfold(
-            F.pad(x[lo:hi].to(dtype), self.pad),
-            conv.kernel_size,
-            dilation=conv.dilation,
-            stride=conv.stride,
-        )
+        padded = F.pad(x[lo:hi].to(dtype), self.pad)
+        cols = F.unfold(padded, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
         return cols.transpose(1, 2), d
-
-    def num_positions(self, delta: Tensor) -> int:
-        """Positions T per sample of one capture (δ has B·T·m elements)."""
-        return int(delta[0].numel()) // self.m
 
     def sum_outer(self, captures: list[tuple[Tensor | None, Tensor]], batch: int) -> Tensor:
         """Σ_i G_i G_iᵀ over ``batch`` samples whose positions are those of all ``captures``.
@@ -124,7 +114,7 @@ class _Layer:
         takes the cheaper of G_i = δ_iᵀ a_i then G_i G_iᵀ (m·n·T + m²·n flops) and the Gram route
         δ_iᵀ ((a_i a_iᵀ) δ_i) (T²·n + T²·m + T·m² flops; always for T = 1), in bounded chunks.
         """
-        t = sum(self.num_positions(d) for _, d in captures)
+        t = sum(int(d[0].numel()) // self.m for _, d in captures)  # positions per sample
         n, m = self.n, self.m
         gram = t * t * (n + m) + t * m * m < m * n * (t + m)
         per_sample = t * (n + m) + (t * t if gram else m * n)
@@ -152,8 +142,7 @@ class _Layer:
 
 
 class PerSampleFisher:
-    """Forward/backward hooks on nn.Linear and nn.Conv2d that compute F = (1/B) Σ_i G_i G_iᵀ per
-    layer.
+    """Hooks on nn.Linear and nn.Conv2d layers that compute each one's F = (1/B) Σ_i G_i G_iᵀ.
 
     Capture. A forward with grad enabled whose output requires grad keeps its input and hooks the
     output tensor (a tensor hook tolerates in-place ops such as ``ReLU(inplace=True)``). The batch
@@ -169,10 +158,7 @@ class PerSampleFisher:
     """
 
     def __init__(
-        self,
-        model: nn.Module,
-        params: Iterable[Tensor] | None = None,
-        reduction: str = "mean",
+        self, model: nn.Module, params: Iterable[Tensor] | None = None, reduction: str = "mean"
     ) -> None:
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -183,10 +169,7 @@ class PerSampleFisher:
         self._unsupported: list[str] = []
 
         wanted = list(model.parameters()) if params is None else list(params)
-        holders: dict[int, int] = {}
-        for mod in model.modules():
-            for p in mod.parameters(recurse=False):
-                holders[id(p)] = holders.get(id(p), 0) + 1
+        holders = Counter(id(p) for mod in model.modules() for p in mod.parameters(recurse=False))
         if any(id(p) not in holders for p in wanted):
             raise ValueError("params contains a tensor that is not a parameter of model")
         if any(isinstance(p, nn.parameter.UninitializedParameter) for p in wanted):
@@ -244,11 +227,8 @@ class PerSampleFisher:
             else torch.zeros(layer.m * layer.m, dtype=torch.float64, device=where)
             for layer, new in zip(layers, fresh)
         ]
-        counts = torch.tensor(
-            [float(layer.count) if new else 0.0 for layer, new in zip(layers, fresh)],
-            dtype=torch.float64,
-        )
-        flat = torch.cat([*parts, counts.to(where)])
+        counts = [float(layer.count) if new else 0.0 for layer, new in zip(layers, fresh)]
+        flat = torch.cat([*parts, torch.tensor(counts, dtype=torch.float64).to(where)])
         torch.distributed.all_reduce(flat)
         totals = flat[: -len(layers)].split([layer.m * layer.m for layer in layers])
         for layer, total, count in zip(layers, totals, flat[-len(layers) :].tolist()):

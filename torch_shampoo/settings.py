@@ -34,12 +34,16 @@ from .roots.matrix_roots import ROOT_METHODS
 from .update.grafting import GRAFTS
 
 __all__ = [
-    "FIXED", "FRONTS", "HINTS", "RULES", "SPEC", "STATISTICS", "Rule", "Setting", "declared",
-    "engine_fields", "group_defaults", "kwargs", "reject", "rows", "validate",
+    "ENGINE_FLAGS", "FIXED", "FRONTS", "HINTS", "RULES", "SPEC", "STATISTICS", "Rule", "Setting",
+    "declared", "engine_fields", "group_defaults", "kwargs", "parse", "reject", "rows", "validate",
 ]  # fmt: skip
 
 FRONTS: tuple[str, ...] = ("Shampoo", "SOAP", "NGPlus")
 STATISTICS: tuple[str, ...] = ("minibatch", "per_sample")
+ENGINE_FLAGS: tuple[str, ...] = (
+    "async_roots", "root_workers", "partition_roots", "partition_state", "compact_state",
+)  # fmt: skip
+"""The constructor flags a front end passes on to the engine's constructor."""
 
 
 Feeds = str | Callable[[Mapping[str, Any]], dict[str, Any]] | None
@@ -76,10 +80,6 @@ def _sn(default: Any) -> dict[str, Any]:  # Shampoo and NG+
 def _staleness(group: Mapping[str, Any]) -> dict[str, Any]:
     value = group["root_staleness"]
     return {"staleness": None if value is None or isinstance(value, str) else int(value)}
-
-
-def _start_at_1(group: Mapping[str, Any]) -> dict[str, Any]:
-    return {"start": group["start_preconditioning_step"] or 1}
 
 
 def _soap_beta2(group: Mapping[str, Any]) -> dict[str, Any]:
@@ -124,7 +124,7 @@ SPEC: tuple[Setting, ...] = (
             "first root step (None: the frequency)",
             lambda g: {"start": g["start_preconditioning_step"] or g["precondition_frequency"]}),
     Setting("start_preconditioning_step", {_O: None, _N: None}, Integer(1, optional=True),
-            "first root step (None: 1)", _start_at_1),
+            "first root step (None: 1)", lambda g: {"start": g["start_preconditioning_step"] or 1}),
     Setting("bias_correction", _all(True), Flag(), "bias corrections of the moving averages",
             "bias_correction"),
     Setting("grafting", _sn("adam"), Choice(GRAFTS), "whose step size each block takes",
@@ -313,6 +313,17 @@ def reject(front: str, unknown: Mapping[str, Any]) -> None:
         hint = " or ".join(f"'{c}'" for c in close)
     meant = f": did you mean {hint}?" if hint else ""
     raise TypeError(f"{front} got an unexpected keyword argument '{name}'{meant}")
+
+
+def parse(
+    front: str, arguments: Mapping[str, Any], unknown: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``front``'s constructor ``arguments``, checked (:func:`reject`, then :func:`validate` of
+    the flags), as its group defaults and the flags of :data:`ENGINE_FLAGS` it takes."""
+    reject(front, unknown)
+    validate(front, arguments, per_group=False)
+    flags = {name: arguments[name] for name in ENGINE_FLAGS if name in arguments}
+    return group_defaults(front, arguments), flags
 
 
 def declared(names: Iterable[str]) -> list[str]:

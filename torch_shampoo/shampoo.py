@@ -149,18 +149,8 @@ class Shampoo(PreconditionerEngine):
         compact_state: bool = False,
         **unknown: Any,
     ) -> None:
-        arguments = dict(locals())
-        settings.reject("Shampoo", unknown)
-        settings.validate("Shampoo", arguments, per_group=False)
-        super().__init__(
-            params,
-            settings.group_defaults("Shampoo", arguments),
-            async_roots=async_roots,
-            root_workers=root_workers,
-            partition_roots=partition_roots,
-            partition_state=partition_state,
-            compact_state=compact_state,
-        )
+        defaults, flags = settings.parse("Shampoo", dict(locals()), unknown)
+        super().__init__(params, defaults, **flags)
 
     def _config(self, group: dict[str, Any]) -> EngineConfig:
         """Shampoo's kwargs are the engine's settings, one to one (:mod:`.settings`)."""

@@ -109,17 +109,8 @@ class SOAP(PreconditionerEngine):
         partition_state: bool = False,
         **unknown: Any,
     ) -> None:
-        arguments = dict(locals())
-        settings.reject("SOAP", unknown)
-        settings.validate("SOAP", arguments, per_group=False)
-        super().__init__(
-            params,
-            settings.group_defaults("SOAP", arguments),
-            async_roots=async_roots,
-            root_workers=root_workers,
-            partition_roots=partition_roots,
-            partition_state=partition_state,
-        )
+        defaults, flags = settings.parse("SOAP", dict(locals()), unknown)
+        super().__init__(params, defaults, **flags)
 
     def _config(self, group: dict[str, Any]) -> EngineConfig:
         """Adam's settings in the eigenbasis, mapped by :mod:`.settings` (the graft is Adam)."""

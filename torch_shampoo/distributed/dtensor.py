@@ -44,9 +44,8 @@ def check_parameter(p: Any, owner: str) -> None:
 
 
 def gathered(p: torch.Tensor) -> torch.Tensor:
-    """The tensor the step's math reads and writes for ``p``: ``p`` itself, or for a DTensor a
-    plain copy of the whole parameter whose ``.grad`` is the whole gradient (two all-gathers,
-    collective: every rank calls it for the same parameters in the same order)."""
+    """What the step's math reads and writes for ``p``: ``p``, or for a DTensor a plain copy of
+    the whole with the whole gradient (two all-gathers: every rank, the same parameter order)."""
     if not is_dtensor(p):
         return p
     whole = p.detach().full_tensor()  # type: ignore[attr-defined]

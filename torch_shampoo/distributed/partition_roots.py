@@ -60,10 +60,6 @@ class Partition:
                 continue
             roots = torch.empty_like(job.result)
             dist.broadcast(roots, src=owner, group=self.group)
-            outcomes = [
-                RootOutcome(True, 0.0, "", 0.0)
-                if ok
-                else RootOutcome(False, math.nan, f"failed on rank {owner}", 0.0)
-                for ok in flags.tolist()
-            ]
-            ticket.write(job, outcomes, roots)
+            done = RootOutcome(True, 0.0, "", 0.0)
+            failed = RootOutcome(False, math.nan, f"failed on rank {owner}", 0.0)
+            ticket.write(job, [done if ok else failed for ok in flags.tolist()], roots)

@@ -21,8 +21,7 @@ __all__ = ["StateShares", "state_cost"]
 
 
 def state_cost(layout: BlockLayout, elements: int) -> int:
-    """Floats of a parameter's state: three elementwise moments, a factor and a root per
-    factored dim of every block."""
+    """Floats of a parameter's state: three moments, a factor and a root per factored dim."""
     factors = sum(d * d for b in range(layout.num_blocks) for d in layout.factor_dims(b))
     return 3 * elements + 2 * factors
 
@@ -36,8 +35,7 @@ class StateShares:
         layouts: Sequence[BlockLayout],
         leader_of: Callable[[torch.Tensor], torch.Tensor | None] = lambda p: None,
     ) -> None:
-        """``leader_of(p)``: a parameter that must have ``p``'s owner (NG+'s bias uses its
-        weight's inverse), or None."""
+        """``leader_of(p)``: the parameter whose owner ``p`` takes (NG+'s bias: its weight)."""
         dist = torch.distributed
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
         self.params = list(params)
@@ -115,9 +113,7 @@ class StateShares:
         on_host = {i: {k: _to_host(v) for k, v in entry.items()} for i, entry in share.items()}
         shares: list[Any] = [None] * self.size
         dist.all_gather_object(shares, on_host)
-        merged: dict[int, Any] = {}
-        for other in shares:
-            merged.update(other)
+        merged = {i: entry for other in shares for i, entry in other.items()}
         return dict(sorted(merged.items()))
 
 
