@@ -80,8 +80,6 @@ class Choice:
 
 @dataclass(frozen=True)
 class Merge:
-    """``merge_dims``: a bool, or ``"all"``."""
-
     def __call__(self, name: str, value: Any) -> None:
         if not isinstance(value, bool) and value != "all":
             raise bad(name, value, "must be True, False or 'all'")
@@ -149,8 +147,6 @@ class Workers:
 
 @dataclass(frozen=True)
 class Model:
-    """NG+'s ``model``: None or a ``torch.nn.Module``."""
-
     def __call__(self, name: str, value: Any) -> None:
         if value is not None and not isinstance(value, torch.nn.Module):
             raise bad(name, value, "must be a torch.nn.Module", TypeError)

@@ -1,28 +1,6 @@
-"""Every device-specific line of the package: host staging buffers and copy ordering.
-
-The root pipeline moves a factor F from the parameter's device to a CPU worker thread and the
-root X back. On CUDA the rules are (``torch.cuda`` stream semantics; nothing here synchronizes
-the device on the main thread):
-
-* ``to_host``: ``host.copy_(F, non_blocking=True)`` is enqueued on the *current* stream, after the
-  statistics update that produced F and before the next one that changes it, so stream order alone
-  keeps F intact while it is read. An event recorded right after the copy tells the worker thread
-  when ``host`` holds the data: the worker calls :func:`wait` (``Event.synchronize``), which blocks
-  only that worker; the events are blocking ones, so a waiting worker sleeps instead of spinning
-  on a core.
-* ``to_device``: ``X.copy_(host, non_blocking=True)`` on the current stream, before the kernels
-  that read X. The event recorded after it guards ``host``: a worker must :func:`wait` on it
-  before writing the next result into the same buffer.
-* Host buffers are pinned (page-locked), which is what makes the copies asynchronous; so are
-  the small host-made tensors a step needs on the device (:func:`small_tensor`).
-
-On a CPU-only machine the very same calls run with ordinary buffers: copies are plain copies that
-are complete when they return, so no event is needed and :func:`wait` does nothing.
-
-On the CPU the step and every root solve run with subnormal numbers flushed to zero
-(:func:`subnormals_flushed`): an x86 core computes on them many times slower (a batched
-matmul 20× here), and a factor G Gᵀ of small gradients (a deep net's early layers) is full
-of them.
+"""Every device-specific line of the package: pinned host buffers, copies ordered on the current
+stream with an event a worker waits on (docs/design.md, CUDA ordering; on the CPU plain copies
+and no events), and the CPU's subnormal flushing for the step and every root solve.
 """
 
 from __future__ import annotations
@@ -35,16 +13,9 @@ from typing import Any
 import torch
 
 __all__ = [
-    "CopyDone",
-    "divide",
-    "host_buffer",
-    "known_all_true",
-    "small_tensor",
-    "subnormals_flushed",
-    "to_device",
-    "to_host",
-    "wait",
-]
+    "CopyDone", "divide", "host_buffer", "known_all_true", "small_tensor", "subnormals_flushed",
+    "to_device", "to_host", "wait",
+]  # fmt: skip
 
 CopyDone = torch.cuda.Event | None
 """Marks the completion of an asynchronous copy; ``None`` when the copy was synchronous."""
@@ -56,9 +27,8 @@ def host_buffer(like: torch.Tensor) -> torch.Tensor:
 
 
 def small_tensor(values: list[Any], device: torch.device) -> torch.Tensor:
-    """A small tensor of host values (row indices, per-block flags) on ``device``: staged in
-    pinned memory and copied without blocking on CUDA, since a copy from pageable memory would
-    wait for the work queued on the stream."""
+    """A small tensor of host values on ``device``, staged in pinned memory on CUDA (a copy from
+    pageable memory would wait for the work queued on the stream)."""
     tensor = torch.tensor(values)
     if device.type != "cuda":
         return tensor.to(device)
@@ -66,19 +36,16 @@ def small_tensor(values: list[Any], device: torch.device) -> torch.Tensor:
 
 
 def divide(tensors: list[torch.Tensor], by: torch.Tensor) -> list[torch.Tensor]:
-    """x / ``by`` for every x, ``by`` a host 0-d tensor: one ``_foreach_div`` on the CPU; on a
-    device per tensor (a host scalar is a valid operand there, while a fused kernel may want
-    ``by`` on the device)."""
+    """x / ``by`` for every x, ``by`` a host 0-d tensor: one ``_foreach_div`` on the CPU, one
+    division per tensor on a device (where a fused kernel may want ``by`` on the device)."""
     if tensors[0].device.type == "cpu":
         return list(torch._foreach_div(tensors, by))
     return [x / by for x in tensors]
 
 
 def known_all_true(flags: torch.Tensor) -> bool:
-    """Are all ``flags`` known to be True without waiting for the device? On the CPU they are
-    read (the values exist already); on CUDA the answer is always "not known", since reading
-    them would wait for the stream; under ``torch.compile`` too, so the traced graph does not
-    branch on data."""
+    """Are all ``flags`` known to be True without waiting for the device? Only on the CPU, and
+    not under ``torch.compile`` (the traced graph must not branch on data)."""
     if flags.device.type != "cpu" or torch.compiler.is_compiling():
         return False
     return bool(flags.all())
@@ -97,12 +64,9 @@ _team = threading.local()
 
 
 def _start_intra_op_threads() -> None:
-    """Start all of the calling thread's intra-op (OpenMP) threads, if they may not exist yet,
-    while the mode is still the caller's: a thread started while this one flushes inherits the
-    mode (POSIX threads inherit the floating-point environment) and would then run the caller's
-    later work flushed for good. One parallel region starts the whole team (a fill of 2¹⁶
-    elements, two of torch's grains), at the first step and whenever ``torch.set_num_threads``
-    has raised the count."""
+    """Start the calling thread's intra-op (OpenMP) team while the mode is still the caller's: a
+    thread started while this one flushes inherits the mode and would keep it for good. One
+    parallel region (a fill of 2¹⁶ elements, two of torch's grains) starts the whole team."""
     n = torch.get_num_threads()
     if n > getattr(_team, "size", 1):
         torch.empty(1 << 16).fill_(0.0)
@@ -111,13 +75,10 @@ def _start_intra_op_threads() -> None:
 
 @contextmanager
 def subnormals_flushed() -> Iterator[None]:
-    """Within it, this thread's CPU arithmetic takes subnormal inputs as zero and flushes
-    subnormal results to zero (``torch.set_flush_denormal``: the x86 FTZ and DAZ flags; a no-op
-    on CPUs without them); the thread's mode before is restored after, even on an error. An
-    x86 core computes on subnormals many times slower: a deep net's small gradients make
-    G Gᵀ subnormal, and on 100 × Linear(64, 64) with tanh a step took 3.6× as long.
-    Only numbers below 1.2e-38 (float32) or 2.2e-308 (float64) change, to zero: far below any
-    ε a root or a graft adds. Not for CUDA kernels (the device has its own rules)."""
+    """Within it, this thread's CPU arithmetic flushes subnormal inputs and results to zero
+    (``torch.set_flush_denormal``: x86's FTZ and DAZ), restoring the mode after. An x86 core
+    computes on subnormals many times slower (a deep net's small gradients make G Gᵀ subnormal:
+    a step 3.6× as long); only numbers far below any ε a root or a graft adds change."""
     changed = False
     if not _flushing():
         _start_intra_op_threads()

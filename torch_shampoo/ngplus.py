@@ -1,16 +1,12 @@
-"""NG+: the multi-step matrix-product natural gradient (Yang, Xu, Cui, Wen, Xu 2021).
-
-In the engine's terms NG+ is one-sided Shampoo: one factor on the output side of every weight
-matrix, exponent 1, the damping as a (relative) ε, no first moment, Adam's step size as the
-graft. The front end below is only that mapping plus the per-sample statistics of
-:mod:`torch_shampoo.per_sample`.
-"""
+"""NG+ (Yang, Xu, Cui, Wen, Xu 2021) as one-sided Shampoo: one output-side factor per weight,
+exponent 1, the damping as a (relative) ε, no first moment, an Adam graft; optionally the
+per-sample statistics of :mod:`torch_shampoo.per_sample`."""
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import torch
@@ -37,15 +33,9 @@ EARLIER_RULE: dict[str, Any] = {
 """The settings a checkpoint saved by a release without them trained with."""
 
 
-@lru_cache(maxsize=1024)
+@cache  # one entry per shape and settings (a bounded cache evicts on a model of many shapes)
 def _layout(shape: tuple[int, ...], block_size: int, vectors: bool) -> BlockLayout:
     return output_side_layout(shape, block_size, vectors)
-
-
-def _saved_as_none(group: dict[str, Any]) -> bool:
-    """Was this saved group's damping a function (saved as None)? (A group without one is
-    refused by the engine, naming it.)"""
-    return "damping" in group and group["damping"] is None
 
 
 class NGPlus(PreconditionerEngine):
@@ -61,21 +51,11 @@ class NGPlus(PreconditionerEngine):
         D = X G;  D ← D·‖A‖/‖D‖ per block, A = the graft's step (grafting="adam": G/(√v̂ + ε))
         D ← D + wd·W;  b ← μ b + D (D + μ b if nesterov, else b);  W ← W − lr·D
 
-    The paper's rule is ``relative_damping=False, bias_correction=False, grafting="none"``. Its
-    step D = (F + λI)⁻¹ G has the size of 1/G, so the damping that trains depends on the loss's
-    scale and a small gradient makes a large step. The defaults remove both: the damping is
-    relative to F's mean eigenvalue τ, and each block takes the size of Adam's step (β₁ = 0,
-    ``grafting_beta2``, ``grafting_epsilon``) with NG+'s direction — so a constant factor on the
-    loss changes nothing, and no block steps further than Adam would; the lr is then about a
-    tenth of Adam's (the heavy-ball momentum sums about 1/(1 − μ) steps). The defaults were
-    chosen from a grid over three demos (see the README's tuning guide).
-
-    An output dim larger than ``block_size`` is split into diagonal blocks of F. Parameters that
-    are not matrices (biases, norm scales) take the grafted gradient (the identity as their
-    preconditioner); with per-sample statistics a hooked layer's bias shares the F of its layer
-    (the bias is the extra input column ã = [a; 1]) and the inverse computed for the weight
-    (copied in when it is installed; none of its own), and any other vector still takes the
-    grafted gradient.
+    The paper's rule is ``relative_damping=False, bias_correction=False, grafting="none"``; the
+    defaults make a constant factor on the loss change nothing, with an lr about a tenth of
+    Adam's (README, tuning guide). F is cut into diagonal blocks of ``block_size``. Vectors take
+    the grafted gradient, except a hooked layer's bias (per-sample statistics): it shares its
+    layer's F (ã = [a; 1]) and the weight's inverse.
 
     Args:
         params: parameters or parameter groups.
@@ -144,21 +124,12 @@ class NGPlus(PreconditionerEngine):
         model: nn.Module | None = None,
         **unknown: Any,
     ) -> None:
-        arguments = dict(locals())  # first thing: the constructor's arguments
-        settings.reject("NGPlus", unknown)
-        settings.validate("NGPlus", arguments, per_group=False)
+        defaults, flags = settings.parse("NGPlus", dict(locals()), unknown)
         self.statistics = statistics
         self._fisher: PerSampleFisher | None = None
         self._leaders: dict[torch.Tensor, torch.Tensor] = {}
         self._followers: dict[torch.Tensor, list[torch.Tensor]] = {}
-        super().__init__(
-            params,
-            settings.group_defaults("NGPlus", arguments),
-            async_roots=async_roots,
-            root_workers=root_workers,
-            partition_roots=partition_roots,
-            partition_state=partition_state,
-        )
+        super().__init__(params, defaults, **flags)
         if model is not None:
             self.attach(model)
 
@@ -176,24 +147,19 @@ class NGPlus(PreconditionerEngine):
         if closure is not None:  # its backward's statistics must be in the sum below
             with torch.enable_grad():
                 loss = closure()
-        # The hooks saw only this process's samples: sum S and N over the processes, so every
-        # rank builds the global batch's F (else the ranks' F and weights would drift apart).
+        # The hooks saw only this process's samples: every rank must build the global batch's F.
         assert self._fisher is not None
         self._fisher.all_reduce()
         super().step()
         return loss
-
-    # ------------------------------------------------------------------ the engine mapping
 
     def _config(self, group: dict[str, Any]) -> EngineConfig:
         """One-sided Shampoo with exponent 1 and the damping as ε (:mod:`.settings`)."""
         return EngineConfig(**settings.engine_fields("NGPlus", group))
 
     def _layout_of(self, p: torch.Tensor, config: EngineConfig) -> BlockLayout:
-        # A vector gets a factor only as a hooked layer's bias (W̃'s last column); any other
-        # (norm scales, a lone bias) takes the grafted gradient, as with minibatch statistics:
-        # its g gᵀ is no Fisher estimate (preconditioning LayerNorms by it cost the char-LM
-        # 194 steps to SGD's loss against 150).
+        # A vector gets a factor only as a hooked layer's bias: any other's g gᵀ is no Fisher
+        # estimate (preconditioning LayerNorms by it cost the char-LM 194 steps against 150).
         fisher = getattr(self, "_fisher", None)  # (None while unpickling)
         vector = fisher is not None and fisher.handles(p)
         return _layout(tuple(p.shape), config.block_size, vector)
@@ -208,9 +174,7 @@ class NGPlus(PreconditionerEngine):
         return self._followers.get(p, [])
 
     def _share_inverses(self, fisher: PerSampleFisher) -> None:
-        """A hooked layer's bias gets its weight's F, so it uses the weight's inverse instead
-        of computing it again, when both are in one group (the same blocks of F)."""
-        self._leaders, self._followers = {}, {}
+        """A hooked layer's bias uses its weight's inverse when both have the same blocks of F."""
         for weight, bias in fisher.pairs():
             (_, group), (_, other) = self._locate(weight), self._locate(bias)
             if group is not other:
@@ -225,8 +189,6 @@ class NGPlus(PreconditionerEngine):
 
     def _validate(self, group: dict[str, Any]) -> None:
         settings.validate("NGPlus", group)
-
-    # ------------------------------------------------------------------ per-sample hooks
 
     def attach(self, model: nn.Module) -> NGPlus:
         """Hook ``model``'s Linear and Conv2d layers for per-sample statistics; returns self."""
@@ -262,8 +224,6 @@ class NGPlus(PreconditionerEngine):
             self._fisher = None
         self._leaders, self._followers = {}, {}
 
-    # ------------------------------------------------------------------ state dicts
-
     def state_dict(self) -> dict[str, Any]:
         """As the engine's; a damping function is saved as ``None`` (it is code, not state)."""
         packed = super().state_dict()
@@ -274,16 +234,14 @@ class NGPlus(PreconditionerEngine):
         return packed
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As the engine's; a damping saved as ``None`` keeps this optimizer's damping. A group
-        saved before the step-size settings existed continues with the rule it trained with
-        (the paper's: :data:`EARLIER_RULE`)."""
-        # Every saved group goes on: a count that differs is refused, as by Shampoo and SOAP
-        # (zipped with this optimizer's groups, the extra ones were dropped, silently).
+        """As the engine's; a damping saved as ``None`` keeps this optimizer's damping, and a
+        group saved before the step-size settings existed keeps :data:`EARLIER_RULE`."""
+        # Every saved group goes on, so that a count that differs is refused as by Shampoo.
         saved = state_dict["param_groups"]
         current = [g["damping"] for g in self.param_groups]
         current += [None] * (len(saved) - len(current))
         groups = [
-            {**EARLIER_RULE, **g, **({"damping": here} if _saved_as_none(g) else {})}
+            {**EARLIER_RULE, **g, **({"damping": here} if g.get("damping", 0) is None else {})}
             for g, here in zip(saved, current)
         ]
         super().load_state_dict({**state_dict, "param_groups": groups})

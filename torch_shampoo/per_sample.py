@@ -1,18 +1,14 @@
 """Per-sample generalized Fisher statistics for NG+ (Yang et al., 2021), captured with hooks.
 
-A handled layer has weight W ∈ ℝ^{m×n} (m output features; a Conv2d weight is read as
-C_out × C_in·k_h·k_w) and, when its bias is tracked, the bias folded in as an extra input
-column: W̃ = [W  b], ã = [a; 1]. Sample i's gradient is G_i = Σ_t δ_{i,t} ã_{i,t}ᵀ, summed over
-its positions t (the middle dimensions of a Linear input, the output pixels of a Conv2d), where
-δ is the gradient of the sample's loss w.r.t. the layer output. The hooks estimate
-
-    F = (1/B) Σ_i G_i G_iᵀ ∈ ℝ^{m×m}
-
-without forming G_i when a cheaper route exists (see ``_Layer.sum_outer``).
+A handled layer's weight W ∈ ℝ^{m×n} (a Conv2d's read as C_out × C_in·k_h·k_w) takes a tracked
+bias as an extra input column (W̃ = [W  b], ã = [a; 1]). Sample i's gradient is
+G_i = Σ_t δ_{i,t} ã_{i,t}ᵀ over its positions t, δ the gradient of its loss w.r.t. the layer's
+output; the hooks estimate F = (1/B) Σ_i G_i G_iᵀ ∈ ℝ^{m×m}.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from functools import partial
 from typing import Any
@@ -25,8 +21,7 @@ from torch.utils.hooks import RemovableHandle
 __all__ = ["PerSampleFisher"]
 
 _REDUCTIONS = ("mean", "sum")
-# Budget of temporary elements per batch chunk (128 MiB in float32); bounds the unfold/G tensors.
-_CHUNK_ELEMENTS = 1 << 25
+_CHUNK_ELEMENTS = 1 << 25  # temporary elements per batch chunk (128 MiB in float32)
 
 
 def _is_handled(module: nn.Module) -> bool:
@@ -68,13 +63,10 @@ def _cat_positions(parts: list[Tensor]) -> Tensor:
 
 
 class _Layer:
-    """Hook state of one handled module: pending captures of the running backward and the sum
-    S = Σ_passes Σ_i G_i G_iᵀ over N = Σ_passes B samples since the last full pop."""
+    """One handled module's pending captures and sum S = Σ_passes Σ_i G_i G_iᵀ over N samples."""
 
     def __init__(self, module: nn.Module, weight: Tensor | None, bias: Tensor | None) -> None:
-        self.module = module
-        self.weight = weight
-        self.bias = bias
+        self.module, self.weight, self.bias = module, weight, bias
         self.tracked = tuple(p for p in (weight, bias) if p is not None)
         self.pad = _conv_padding(module) if isinstance(module, nn.Conv2d) else None
         shape = module.get_parameter("weight").shape
@@ -84,9 +76,7 @@ class _Layer:
         self.total: Tensor | None = None
         self.count = 0
         self.popped: set[int] = set()
-        self.reduced = False
-        """S and N are already the sum over the processes (:meth:`PerSampleFisher.all_reduce`):
-        the next pass starts afresh rather than adding local samples to a global sum."""
+        self.reduced = False  # S and N are the sum over the processes: the next pass starts anew
 
     @property
     def dtype(self) -> torch.dtype:
@@ -95,13 +85,12 @@ class _Layer:
         return torch.float64 if f64 else torch.float32
 
     def clear(self) -> None:
-        """Drop the accumulated statistics."""
         self.total, self.count, self.popped, self.reduced = None, 0, set(), False
 
     def positions(
         self, x: Tensor | None, delta: Tensor, lo: int, hi: int
     ) -> tuple[Tensor | None, Tensor]:
-        """Samples lo:hi of one capture as a (b, T, n) inputs (None if the weight is untracked)
+        """Samples lo:hi of one capture as inputs (b, T, n) (None if the weight is untracked)
         and δ (b, T, m); for Conv2d, T = output pixels and a = unfold(input)ᵀ."""
         dtype = self.dtype
         if self.pad is None:
@@ -114,29 +103,18 @@ class _Layer:
             return None, d
         conv = self.module
         assert isinstance(conv, nn.Conv2d)
-        cols = F.unfold(
-            F.pad(x[lo:hi].to(dtype), self.pad),
-            conv.kernel_size,
-            dilation=conv.dilation,
-            stride=conv.stride,
-        )
+        padded = F.pad(x[lo:hi].to(dtype), self.pad)
+        cols = F.unfold(padded, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
         return cols.transpose(1, 2), d
-
-    def num_positions(self, delta: Tensor) -> int:
-        """Positions T per sample of one capture (δ has B·T·m elements)."""
-        return int(delta[0].numel()) // self.m
 
     def sum_outer(self, captures: list[tuple[Tensor | None, Tensor]], batch: int) -> Tensor:
         """Σ_i G_i G_iᵀ over ``batch`` samples whose positions are those of all ``captures``.
 
-        With G_i = [δ_iᵀ a_i, δ_iᵀ 1] (δ_i: T×m, a_i: T×n), G_i G_iᵀ = δ_iᵀ a_i a_iᵀ δ_i + g_i g_iᵀ,
-        g_i = Σ_t δ_{i,t}. The weight term uses the cheaper of, per sample,
-          outer: G_i = δ_iᵀ a_i then G_i G_iᵀ — m·n·T + m²·n flops, m·n memory;
-          Gram:  K_i = a_i a_iᵀ then δ_iᵀ (K_i δ_i) — T²·n + T²·m + T·m² flops, T² memory.
-        T = 1 (2-D Linear input) always picks Gram: (1/B) Σ_i ‖a_i‖² δ_i δ_iᵀ, no m×n tensor;
-        convs (large T) usually pick outer. Samples are processed in chunks of bounded memory.
+        G_i G_iᵀ = δ_iᵀ a_i a_iᵀ δ_i + g_i g_iᵀ (g_i = Σ_t δ_{i,t}, the bias's); the weight term
+        takes the cheaper of G_i = δ_iᵀ a_i then G_i G_iᵀ (m·n·T + m²·n flops) and the Gram route
+        δ_iᵀ ((a_i a_iᵀ) δ_i) (T²·n + T²·m + T·m² flops; always for T = 1), in bounded chunks.
         """
-        t = sum(self.num_positions(d) for _, d in captures)
+        t = sum(int(d[0].numel()) // self.m for _, d in captures)  # positions per sample
         n, m = self.n, self.m
         gram = t * t * (n + m) + t * m * m < m * n * (t + m)
         per_sample = t * (n + m) + (t * t if gram else m * n)
@@ -164,34 +142,23 @@ class _Layer:
 
 
 class PerSampleFisher:
-    """Forward/backward hooks on nn.Linear and nn.Conv2d that compute F = (1/B) Σ_i G_i G_iᵀ per
-    layer.
+    """Hooks on nn.Linear and nn.Conv2d layers that compute each one's F = (1/B) Σ_i G_i G_iᵀ.
 
-    Capture. A forward of a handled layer with grad enabled (train or eval mode) whose output
-    requires grad keeps its input (detached; only if the weight is tracked) and registers a hook
-    on the output tensor. A tensor hook, unlike ``register_full_backward_hook``, tolerates in-place
-    ops on the output (e.g. ``ReLU(inplace=True)``): it receives ∂L/∂(output before the in-place
-    op). The batch is dim 0 (batch-first); Linear inputs (B, …, n) sum their middle positions per
-    sample; unbatched inputs (Linear (n,), Conv2d (C, H, W)) count as one sample.
+    Capture. A forward with grad enabled whose output requires grad keeps its input and hooks the
+    output tensor (a tensor hook tolerates in-place ops such as ``ReLU(inplace=True)``). The batch
+    is dim 0; a Linear input's middle dims are positions; an unbatched input is one sample.
 
-    Passes. When ``.grad`` of a tracked weight or bias is accumulated (post-accumulate-grad hook),
-    the output gradients captured since then form one pass: captures with equal batch size are
-    the same samples, their positions concatenated (a layer applied k times per forward gets
-    the exact G_i = Σ over applications). A pass adds S += Σ_i G_i G_iᵀ and N += B. Output
-    gradients of a backward that does not accumulate the layer's ``.grad`` (e.g.
-    ``torch.autograd.grad`` w.r.t. inputs) are never committed; they are dropped at the layer's
-    next capturing forward.
+    Passes. When a tracked weight's or bias's ``.grad`` is accumulated, the captures since then
+    form one pass, those of equal batch size the same samples (a layer applied k times gets the
+    exact G_i), adding S += Σ_i G_i G_iᵀ and N += B. Captures of a backward that accumulates no
+    ``.grad`` (``torch.autograd.grad``) are dropped at the next capturing forward.
 
-    Reduction. ``"mean"``: the loss is (1/B) Σ_i ℓ_i over the layer's batch B, so δ carries 1/B
-    and each pass is multiplied by B² (F does not shrink with B). ``"sum"``: no rescale. Any other
-    loss scale c (token-mean over T, 1/k gradient accumulation, AMP loss scaling) scales F by c².
+    Reduction. ``"mean"``: δ carries the loss's 1/B, so each pass is multiplied by B² (F does not
+    shrink with B); ``"sum"``: no rescale. Any other loss scale c scales F by c².
     """
 
     def __init__(
-        self,
-        model: nn.Module,
-        params: Iterable[Tensor] | None = None,
-        reduction: str = "mean",
+        self, model: nn.Module, params: Iterable[Tensor] | None = None, reduction: str = "mean"
     ) -> None:
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -202,15 +169,11 @@ class PerSampleFisher:
         self._unsupported: list[str] = []
 
         wanted = list(model.parameters()) if params is None else list(params)
-        holders: dict[int, int] = {}
-        for mod in model.modules():
-            for p in mod.parameters(recurse=False):
-                holders[id(p)] = holders.get(id(p), 0) + 1
+        holders = Counter(id(p) for mod in model.modules() for p in mod.parameters(recurse=False))
         if any(id(p) not in holders for p in wanted):
             raise ValueError("params contains a tensor that is not a parameter of model")
         if any(isinstance(p, nn.parameter.UninitializedParameter) for p in wanted):
             raise ValueError("params are uninitialized: run a forward of the lazy modules first")
-        # Frozen params have no gradient to precondition; they are ignored.
         tracked = {id(p) for p in wanted if p.requires_grad}
         # MultiheadAttention uses out_proj's weight functionally; its forward never runs.
         skipped = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
@@ -237,23 +200,22 @@ class PerSampleFisher:
         """Is ``param`` (a weight or bias of a handled layer) given per-sample statistics?"""
         return id(param) in self._layers
 
+    def _unique_layers(self) -> list[_Layer]:
+        return list({id(layer): layer for layer in self._layers.values()}.values())
+
     def pairs(self) -> list[tuple[Tensor, Tensor]]:
-        """(weight, bias) of every handled layer whose weight and bias are both tracked: the
-        two get the same F."""
-        layers = {id(layer): layer for layer in self._layers.values()}.values()
+        """(weight, bias) of every handled layer that tracks both: the two get the same F."""
         return [
             (layer.weight, layer.bias)
-            for layer in layers
+            for layer in self._unique_layers()
             if layer.weight is not None and layer.bias is not None
         ]
 
     def all_reduce(self) -> None:
-        """Sum every layer's S and N over the processes of ``torch.distributed``'s default
-        group, so each process's F is the whole (global) batch's. One collective, in float64,
-        over all layers in a fixed order (a layer without statistics here sends zeros); the
-        summed counts are read on the host. Every process must call it at the same point of
-        its step (the optimizer's ``step`` does, before any statistics are used)."""
-        layers = list({id(layer): layer for layer in self._layers.values()}.values())
+        """Sum every layer's S and N over ``torch.distributed``'s default group (one float64
+        collective, layers in a fixed order), so each process's F is the global batch's. Every
+        process calls it at the same point of its step."""
+        layers = self._unique_layers()
         if not layers:
             return
         where = layers[0].tracked[0].device
@@ -265,11 +227,8 @@ class PerSampleFisher:
             else torch.zeros(layer.m * layer.m, dtype=torch.float64, device=where)
             for layer, new in zip(layers, fresh)
         ]
-        counts = torch.tensor(
-            [float(layer.count) if new else 0.0 for layer, new in zip(layers, fresh)],
-            dtype=torch.float64,
-        )
-        flat = torch.cat([*parts, counts.to(where)])
+        counts = [float(layer.count) if new else 0.0 for layer, new in zip(layers, fresh)]
+        flat = torch.cat([*parts, torch.tensor(counts, dtype=torch.float64).to(where)])
         torch.distributed.all_reduce(flat)
         totals = flat[: -len(layers)].split([layer.m * layer.m for layer in layers])
         for layer, total, count in zip(layers, totals, flat[-len(layers) :].tolist()):
@@ -283,8 +242,7 @@ class PerSampleFisher:
             )
 
     def remove(self) -> None:
-        """Remove every hook and drop captured statistics; idempotent. Output hooks of forwards
-        that ran before ``remove`` become no-ops."""
+        """Remove every hook and drop captured statistics (idempotent)."""
         self._removed = True
         for handle in self._handles:
             handle.remove()
@@ -299,21 +257,14 @@ class PerSampleFisher:
         return None if layer is None else layer.module
 
     def unsupported(self) -> list[str]:
-        """Names (``named_modules``; the root as its class name) of modules directly holding
-        tracked params that the hooks cannot handle: other module types, grouped or non-zero
-        padded convs, MultiheadAttention.out_proj, and params shared between modules."""
+        """Names of the modules holding tracked params that the hooks cannot handle (other types,
+        grouped or non-zero padded convs, MultiheadAttention.out_proj, shared params)."""
         return list(self._unsupported)
 
     def pop(self, param: Tensor) -> Tensor | None:
-        """F = S/N (m×m, symmetrized, float32, or float64 for float64 params, on ``param``'s
-        device) of the owning layer, or None if ``param`` is not handled or nothing was
-        committed since the layer's statistics were last cleared.
-
-        Several passes before a pop give the sample-weighted average Σ_p B_p F_p / Σ_p B_p.
-        Weight and bias of one layer return the same F (bias folded in) as separate tensors;
-        repeated pops return it again. It is cleared once every tracked param of the layer has
-        popped it, or, after a partial pop, at the layer's next capturing forward or pass.
-        """
+        """F = S/N (symmetrized, on ``param``'s device) of the owning layer, or None if nothing
+        was committed since it was last cleared: once every tracked param of the layer has
+        popped it, or after a partial pop at the layer's next capturing forward or pass."""
         layer = self._layers.get(id(param))
         if layer is None or layer.total is None:
             return None

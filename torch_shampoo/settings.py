@@ -1,14 +1,11 @@
 """Every setting of the three front ends, declared once: :data:`SPEC`.
 
-A row names a setting, its default in each front end that has it, its check (a small
-declarative validator whose errors read ``Invalid <name>: <value!r> (<requirement>)``), a
-one-line doc and what it feeds in :class:`~torch_shampoo.config.EngineConfig` (a field, or a
-function of the group for derived fields). Two rows share a name where the front ends give it
-different meanings (Shampoo's ``betas`` are the statistics', SOAP's Adam's). Checks that relate
-several settings are the named :data:`RULES`; each front end's fixed engine fields are
-:data:`FIXED`, its hints for names it does not take :data:`HINTS`. The front ends keep explicit
-signatures; their validation, engine mapping, group defaults and unknown-kwarg errors come
-from here (:func:`validate`, :func:`engine_fields`, :func:`group_defaults`, :func:`reject`).
+A row names a setting, its default in each front end that takes it, its check
+(:mod:`torch_shampoo.checks`), a one-line doc and what it feeds in
+:class:`~torch_shampoo.config.EngineConfig`; two rows share a name where the front ends give it
+different meanings. :data:`RULES` relate several settings, :data:`FIXED` are each front end's
+fixed engine fields, :data:`HINTS` its hints for names it does not take. The front ends keep
+explicit signatures and take everything else from here.
 """
 
 from __future__ import annotations
@@ -37,13 +34,16 @@ from .roots.matrix_roots import ROOT_METHODS
 from .update.grafting import GRAFTS
 
 __all__ = [
-    "FIXED", "FRONTS", "HINTS", "RULES", "SPEC", "STATISTICS", "Rule", "Setting",
-    "constructor_only", "declared", "engine_fields", "group_defaults", "kwargs", "reject", "rows",
-    "validate",
+    "ENGINE_FLAGS", "FIXED", "FRONTS", "HINTS", "RULES", "SPEC", "STATISTICS", "Rule", "Setting",
+    "declared", "engine_fields", "group_defaults", "kwargs", "parse", "reject", "rows", "validate",
 ]  # fmt: skip
 
 FRONTS: tuple[str, ...] = ("Shampoo", "SOAP", "NGPlus")
 STATISTICS: tuple[str, ...] = ("minibatch", "per_sample")
+ENGINE_FLAGS: tuple[str, ...] = (
+    "async_roots", "root_workers", "partition_roots", "partition_state", "compact_state",
+)  # fmt: skip
+"""The constructor flags a front end passes on to the engine's constructor."""
 
 
 Feeds = str | Callable[[Mapping[str, Any]], dict[str, Any]] | None
@@ -80,10 +80,6 @@ def _sn(default: Any) -> dict[str, Any]:  # Shampoo and NG+
 def _staleness(group: Mapping[str, Any]) -> dict[str, Any]:
     value = group["root_staleness"]
     return {"staleness": None if value is None or isinstance(value, str) else int(value)}
-
-
-def _start_at_1(group: Mapping[str, Any]) -> dict[str, Any]:
-    return {"start": group["start_preconditioning_step"] or 1}
 
 
 def _soap_beta2(group: Mapping[str, Any]) -> dict[str, Any]:
@@ -128,7 +124,7 @@ SPEC: tuple[Setting, ...] = (
             "first root step (None: the frequency)",
             lambda g: {"start": g["start_preconditioning_step"] or g["precondition_frequency"]}),
     Setting("start_preconditioning_step", {_O: None, _N: None}, Integer(1, optional=True),
-            "first root step (None: 1)", _start_at_1),
+            "first root step (None: 1)", lambda g: {"start": g["start_preconditioning_step"] or 1}),
     Setting("bias_correction", _all(True), Flag(), "bias corrections of the moving averages",
             "bias_correction"),
     Setting("grafting", _sn("adam"), Choice(GRAFTS), "whose step size each block takes",
@@ -273,14 +269,8 @@ def kwargs(front: str) -> list[str]:
     return [s.name for s in rows(front)]
 
 
-def constructor_only() -> frozenset[str]:
-    """Names that are constructor flags, never group settings, in any front end."""
-    return frozenset(s.name for s in SPEC if not s.per_group)
-
-
 def group_defaults(front: str, arguments: Mapping[str, Any]) -> dict[str, Any]:
-    """``front``'s per-group settings taken from its constructor's ``arguments`` (in their
-    order), exactly the spec's names."""
+    """``front``'s per-group settings, taken from its constructor's ``arguments`` in order."""
     names = {s.name for s in rows(front) if s.per_group}
     missing = names - set(arguments)
     if missing:
@@ -325,7 +315,18 @@ def reject(front: str, unknown: Mapping[str, Any]) -> None:
     raise TypeError(f"{front} got an unexpected keyword argument '{name}'{meant}")
 
 
+def parse(
+    front: str, arguments: Mapping[str, Any], unknown: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``front``'s constructor ``arguments``, checked (:func:`reject`, then :func:`validate` of
+    the flags), as its group defaults and the flags of :data:`ENGINE_FLAGS` it takes."""
+    reject(front, unknown)
+    validate(front, arguments, per_group=False)
+    flags = {name: arguments[name] for name in ENGINE_FLAGS if name in arguments}
+    return group_defaults(front, arguments), flags
+
+
 def declared(names: Iterable[str]) -> list[str]:
     """The per-group settings among a signature's ``names`` (for config.group_defaults)."""
-    skip = constructor_only() | {"self", "params", "unknown"}
+    skip = {s.name for s in SPEC if not s.per_group} | {"self", "params", "unknown"}
     return [n for n in names if n not in skip and not n.startswith("__")]

@@ -28,9 +28,7 @@ class Shampoo(PreconditionerEngine):
                 opt.step()
             print(opt.root_stats())   # roots computed, stalls, the staleness in use, ...
 
-    ``with`` (or ``opt.close()``) stops the root worker threads when you are done; they are
-    also stopped when the optimizer is garbage collected and at exit. ``root_stats()`` documents
-    each of its keys.
+    ``with`` or ``opt.close()`` stops the root worker threads (so do garbage collection, exit).
 
     For every block G of the gradient (:mod:`torch_shampoo.layout.blocking`) and step t = 1, 2, …::
 
@@ -46,15 +44,11 @@ class Shampoo(PreconditionerEngine):
 
     Root steps are t = start and every t > start divisible by ``precondition_frequency``. A block
     takes the graft's direction D until its roots exist; a parameter's first roots are installed
-    in the step that computes them (preconditioning starts at ``start`` in every mode). A later
-    root computed from the statistics of step t is installed at the start of step t + s, never
-    later than the next root step. With ``async_roots=True`` the roots are computed on a pool of
-    CPU threads in the meantime. s is ``root_staleness``: ``"auto"`` (the default) fits s once,
-    after the first root cycle, to the smallest number of training steps that holds the measured
-    root work twice over (0 with ``async_roots=False``), and grows it if steps still wait for
-    roots (with several processes, or under ``torch.use_deterministic_algorithms(True)``, it
-    takes the frequency instead); an integer fixes s, which makes async runs bitwise
-    reproducible and equal to synchronous runs with the same staleness.
+    in the step that computes them. A later root from the statistics of step t is installed at
+    the start of step t + s (at the latest the next root step), computed meanwhile on CPU threads
+    if ``async_roots``. s is ``root_staleness``: ``"auto"`` fits it after the first root cycle to
+    the measured root work (docs/design.md; the frequency with several processes or
+    deterministic algorithms); an integer makes async runs bitwise equal to synchronous ones.
 
     Args:
         params: parameters or parameter groups; every hyperparameter below except
@@ -155,18 +149,8 @@ class Shampoo(PreconditionerEngine):
         compact_state: bool = False,
         **unknown: Any,
     ) -> None:
-        arguments = dict(locals())
-        settings.reject("Shampoo", unknown)
-        settings.validate("Shampoo", arguments, per_group=False)
-        super().__init__(
-            params,
-            settings.group_defaults("Shampoo", arguments),
-            async_roots=async_roots,
-            root_workers=root_workers,
-            partition_roots=partition_roots,
-            partition_state=partition_state,
-            compact_state=compact_state,
-        )
+        defaults, flags = settings.parse("Shampoo", dict(locals()), unknown)
+        super().__init__(params, defaults, **flags)
 
     def _config(self, group: dict[str, Any]) -> EngineConfig:
         """Shampoo's kwargs are the engine's settings, one to one (:mod:`.settings`)."""

@@ -39,16 +39,12 @@ class SOAP(PreconditionerEngine):
         b  ← μ b + N;  N = N + μ b (nesterov) or b           if momentum μ > 0
         W  ← W − lr·N
 
-    When new bases are installed, m' and v' move into them (m' exactly, v' as a diagonal:
-    :mod:`torch_shampoo.update.eigenbasis`). Before a block's first basis (steps < ``start``), the
-    step is Adam's. Root steps, the first basis (installed in the step that computes it) and
-    the staleness s of later ones are as in :class:`Shampoo`; unlike Shampoo's roots, only the
-    basis is s steps old here: the scale of every direction is updated at every step, so the
-    pool may take its time. The first root step and every ``eigh_every``-th one are *eigh root
-    steps*: the pool computes exact bases; at the others, and (``basis_refresh``) at an eigh
-    root step whose bases come later, the installed bases take one power iteration with the
-    current factors on the device (QR of F_i Q_i, columns in eigenvalue order), the SOAP
-    paper's update, the moments moving with them.
+    New bases take the moments with them (:mod:`torch_shampoo.update.eigenbasis`). Before a
+    block's first basis the step is Adam's. Root steps and staleness are as in :class:`Shampoo`,
+    but only the basis is s steps old: the scales are updated at every step. The first root step
+    and every ``eigh_every``-th one are *eigh root steps* (exact bases from the pool); at the
+    others, and (``basis_refresh``) at an eigh root step whose bases come later, the installed
+    bases take one power iteration on the device (QR of F_i Q_i), the SOAP paper's update.
 
     Args:
         params: parameters or parameter groups; every hyperparameter below except
@@ -113,17 +109,8 @@ class SOAP(PreconditionerEngine):
         partition_state: bool = False,
         **unknown: Any,
     ) -> None:
-        arguments = dict(locals())
-        settings.reject("SOAP", unknown)
-        settings.validate("SOAP", arguments, per_group=False)
-        super().__init__(
-            params,
-            settings.group_defaults("SOAP", arguments),
-            async_roots=async_roots,
-            root_workers=root_workers,
-            partition_roots=partition_roots,
-            partition_state=partition_state,
-        )
+        defaults, flags = settings.parse("SOAP", dict(locals()), unknown)
+        super().__init__(params, defaults, **flags)
 
     def _config(self, group: dict[str, Any]) -> EngineConfig:
         """Adam's settings in the eigenbasis, mapped by :mod:`.settings` (the graft is Adam)."""

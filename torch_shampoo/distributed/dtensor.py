@@ -1,17 +1,9 @@
 """DTensor parameters (FSDP2's ``fully_shard``): single-process math on gathered tensors.
 
-A parameter sharded on dim 0 (``Shard(0)``, possibly beside ``Replicate`` mesh dims, as
-FSDP2 and HSDP make them) is stepped as one process would step the whole tensor: at each step
-every rank all-gathers the gradient and the parameter (``full_tensor()``), runs the engine's
-math on those plain tensors, and writes the rows it holds back into its local shard. Blocks,
-statistics, roots and elementwise state are therefore the single-process ones, whatever the
-shard boundaries (uneven ones included), and every rank holds them all: this mode trades
-memory and two all-gathers of the parameter's size per step for exact equivalence, unless
-``partition_state=True`` (:mod:`torch_shampoo.distributed.partition_state`) leaves each parameter's
-state with one owner.
-
-Other placements (tensor parallelism's ``Shard(1)``, ``Partial``, two sharded mesh dims) are
-refused with the placements named.
+A parameter sharded on dim 0 (beside ``Replicate`` mesh dims, as FSDP2 and HSDP make them) is
+stepped as one process steps the whole: every rank all-gathers the parameter and its gradient,
+runs the engine's math on them and writes its rows back into its shard (docs/design.md). Other
+placements are refused, named.
 """
 
 from __future__ import annotations
@@ -52,9 +44,8 @@ def check_parameter(p: Any, owner: str) -> None:
 
 
 def gathered(p: torch.Tensor) -> torch.Tensor:
-    """The tensor the step's math reads and writes for ``p``: ``p`` itself, or for a DTensor a
-    plain copy of the whole parameter whose ``.grad`` is the whole gradient (two all-gathers,
-    collective: every rank calls it for the same parameters in the same order)."""
+    """What the step's math reads and writes for ``p``: ``p``, or for a DTensor a plain copy of
+    the whole with the whole gradient (two all-gathers: every rank, the same parameter order)."""
     if not is_dtensor(p):
         return p
     whole = p.detach().full_tensor()  # type: ignore[attr-defined]
@@ -64,8 +55,7 @@ def gathered(p: torch.Tensor) -> torch.Tensor:
 
 
 def _local_rows(p: Any) -> slice:
-    """The rows of the whole parameter that this rank's shard holds (``torch.chunk``'s split,
-    which DTensor's ``Shard(0)`` uses)."""
+    """The rows of the whole parameter that this rank's shard holds (``torch.chunk``'s split)."""
     sharded = _shard_dims(p)
     rows = p.shape[0]
     if not sharded:

@@ -1,20 +1,9 @@
 """Optimizer state shared out among ranks (``partition_state=True``): one owner per parameter.
 
-Under DDP every rank holds the same averaged gradients (under FSDP2 every rank gathers the
-whole of each sharded parameter and gradient, :mod:`torch_shampoo.distributed.dtensor`), so the
-step of a parameter is the same computation on every rank. With ``partition_state=True`` each
-parameter has one owner, chosen by :func:`~torch_shampoo.distributed.partition_roots.assign` from
-the global shapes alone (largest estimated state first, to the least-loaded rank), so every rank
-computes the same assignment without talking. The owner alone keeps the parameter's state (moments,
-factors, roots, roots in flight, host buffers) and steps it; then every parameter is broadcast from
-its owner (one broadcast per owner, dtype and device, coalesced; for a sharded parameter its
-whole, of which each rank keeps its rows), so every rank ends the step with the same bits the
-replicated run computes. Memory and work per rank are about 1/world of the replicated run's;
-communication is one broadcast of the parameters per step.
-
-The state is then spread over the ranks: :meth:`consolidate_state_dict` (every rank) gathers
-it so that ``state_dict()`` returns the whole, which loads at any world size (each rank keeps
-its own parameters' entries).
+Each parameter's owner, chosen by :func:`~torch_shampoo.distributed.partition_roots.assign` from
+the global shapes alone, keeps its state and steps it; then every parameter is broadcast from
+its owner, so every rank ends the step with the replicated run's bits. :meth:`StateShares.gather`
+collects the shares for ``consolidate_state_dict`` (docs/design.md).
 """
 
 from __future__ import annotations
@@ -32,8 +21,7 @@ __all__ = ["StateShares", "state_cost"]
 
 
 def state_cost(layout: BlockLayout, elements: int) -> int:
-    """Floats of a parameter's state: three elementwise moments, a factor and a root per
-    factored dim of every block."""
+    """Floats of a parameter's state: three moments, a factor and a root per factored dim."""
     factors = sum(d * d for b in range(layout.num_blocks) for d in layout.factor_dims(b))
     return 3 * elements + 2 * factors
 
@@ -47,8 +35,7 @@ class StateShares:
         layouts: Sequence[BlockLayout],
         leader_of: Callable[[torch.Tensor], torch.Tensor | None] = lambda p: None,
     ) -> None:
-        """``leader_of(p)``: a parameter that must have ``p``'s owner (NG+'s bias uses its
-        weight's inverse), or None."""
+        """``leader_of(p)``: the parameter whose owner ``p`` takes (NG+'s bias: its weight)."""
         dist = torch.distributed
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
         self.params = list(params)
@@ -96,10 +83,8 @@ class StateShares:
                         t.copy_(value)
 
     def _same_on_every_rank(self, stepped: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """One all-gather of which parameters each rank stepped (one byte per parameter).
-        Ranks that step different ones (a gradient missing on one rank) would make broadcasts
-        that do not match: a hang, or with gloo buffers of other sizes taken without an error
-        (each rank then silently keeps other parameters). Every rank raises the same error."""
+        """One all-gather of which parameters each rank stepped; every rank raises the same error
+        if they differ (the broadcasts would not match: a hang, or with gloo a silent mix)."""
         dist = torch.distributed
         has = {id(p) for p, _ in stepped}
         on = stepped[0][1].device if stepped else self.params[0].device  # (NCCL: the GPU)
@@ -128,9 +113,7 @@ class StateShares:
         on_host = {i: {k: _to_host(v) for k, v in entry.items()} for i, entry in share.items()}
         shares: list[Any] = [None] * self.size
         dist.all_gather_object(shares, on_host)
-        merged: dict[int, Any] = {}
-        for other in shares:
-            merged.update(other)
+        merged = {i: entry for other in shares for i, entry in other.items()}
         return dict(sorted(merged.items()))
 
 
