@@ -98,7 +98,7 @@ class RootCycles:
         try:
             self.check(list(taken.values()))
         except RootFailure:
-            self.put_back([due[4] for due in taken.values()], list(taken))
+            self.put_back(taken)
             raise
         return taken
 
@@ -120,21 +120,25 @@ class RootCycles:
         name = self.front.factor_name(p, j)
         return f"inverse root of {name} from step {pending.submitted} failed: {outcome.reason}"
 
-    def put_back(self, pendings: list[Pending], params: list[torch.Tensor]) -> None:
+    def put_back(self, taken: dict[torch.Tensor, Due]) -> None:
         """Undo :meth:`take_due` (the step that took them raised)."""
-        for p, pending in zip(params, pendings):
-            self.scheduler.pending[p] = pending
+        for p, due in taken.items():
+            self.scheduler.pending[p] = due[4]
 
-    def forget(self, stepped: list[tuple[torch.Tensor, int]]) -> None:
-        """Drop the root jobs made for each (p, t) of ``stepped`` at its step t (the step
-        raised)."""
+    def forget(
+        self, stepped: list[tuple[torch.Tensor, int]], taken: dict[torch.Tensor, Due]
+    ) -> None:
+        """Undo a step that raised: drop the root jobs made for each (p, t) of ``stepped`` at
+        its step t, put back the roots it took (:meth:`take_due`), forget its rooted blocks."""
         roots, made = self.scheduler, set()
         for p, t in stepped:
+            self.rooted.pop(p, None)
             pending = roots.pending.get(p)
             if pending is not None and pending.submitted == t:
                 made.add(id(roots.pending.pop(p)))
         roots.unsent = [x for x in roots.unsent if id(x) not in made]
         roots.due_now = [x for x in roots.due_now if id(x) not in made]
+        self.put_back(taken)
 
     def install(self, due: Due, states: States) -> None:
         """Install the pending roots of a parameter (checked by :meth:`check`): the usable ones
