@@ -1,18 +1,9 @@
 """State dicts and pickling for the engine, as functions of plain data: roots in flight are
 waited for and saved as plain entries, loads keep every saved dtype and are checked against the
-layout before anything changes, and older checkpoints are migrated.
-
-``state_dict()`` writes schema 2: per parameter a fixed set of keys from its first step, only
-tensors and string-keyed dicts of tensors (so ``torch.distributed.checkpoint`` can flatten it and
-a fresh optimizer's template has every slot a checkpoint fills)::
-
-    step, [exp_avg], [graft_v], [momentum_buffer], root_failures, has_root, skipped_blocks,
-    factors {"0": F_0, ...}, roots {"0": X_0, ...}, schema (2),
-    pending_due (-1: no roots in flight), pending_submitted, pending_ok (per factor),
-    pending_roots {"0": (d, d), ...} (zeros where none or failed)
-
-``load_state_dict`` reads schema 2 and the earlier layout (lists, ``pending_*`` present only
-while in flight, failure reasons as strings).
+layout before anything changes, and older checkpoints are migrated. Schema 2 (what
+``state_dict()`` writes) holds only tensors and string-keyed dicts of tensors, so that
+``torch.distributed.checkpoint`` can flatten it; ``load_state_dict`` also reads the list layout
+before it.
 """
 
 from __future__ import annotations
@@ -87,15 +78,12 @@ def to_saved(
 
 def _full_matrices(state: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """A compact state's factors and roots as full symmetric matrices (new tensors)."""
-    factors = [
-        compact.full(f, torch.ones_like(f, dtype=torch.bool).tril(), upper=False)
-        for f in state["factors"]
-    ]
-    roots = [
-        compact.full(r, torch.ones_like(r, dtype=torch.bool).triu(), upper=True)
-        for r in state["roots"]
-    ]
-    return factors, roots
+
+    def full(t: torch.Tensor, upper: bool) -> torch.Tensor:
+        mask = torch.ones_like(t, dtype=torch.bool)
+        return compact.full(t, mask.triu() if upper else mask.tril(), upper=upper)
+
+    return [full(f, False) for f in state["factors"]], [full(r, True) for r in state["roots"]]
 
 
 def _owned(value: Any) -> Any:
@@ -172,8 +160,7 @@ class Codec:
     settings: list[str]
     """The group settings a saved group must have."""
     added: Mapping[str, Any]
-    """Group settings added since the front end's first release, with the value that keeps the
-    behaviour a state dict or pickle without them was saved with."""
+    """The front end's ``_ADDED_GROUP_KEYS``."""
     config: Callable[[dict[str, Any]], EngineConfig]
     group_of: Callable[[torch.Tensor], dict[str, Any]]
     describe: Callable[[torch.Tensor], str]

@@ -1,10 +1,7 @@
 """Root cycles, the engine's side: which parameters snapshot their factors at a step, the jobs
 made from their buckets' stacks, and the installation of finished roots (failures counted,
-warned about or raised). When roots run is the
-:class:`~torch_shampoo.roots.scheduler.RootScheduler`'s business; :class:`RootCycles` turns a
-parameter's state into its jobs and their outcomes back into state. Roots that fail
-``max_root_failures`` times raise :class:`RootFailure` before any of them is installed, so the
-engine can leave its state as if the step had not happened.
+warned about, or raised before any root of the step is installed). When roots run is the
+:class:`~torch_shampoo.roots.scheduler.RootScheduler`'s business.
 """
 
 from __future__ import annotations
@@ -49,7 +46,6 @@ class Front:
     """The optimizer's class name, for messages."""
     config: Callable[[dict[str, Any]], EngineConfig]
     leader_of: Callable[[torch.Tensor], torch.Tensor | None]
-    """The parameter whose roots ``p`` uses instead of computing its own (NG+)."""
     followers_of: Callable[[torch.Tensor], list[torch.Tensor]]
     index_of: Callable[[torch.Tensor], int]
     """The parameter's index over all groups."""
@@ -89,18 +85,21 @@ class RootCycles:
     def take_due(self, ready: list[tuple[Any, ...]]) -> dict[torch.Tensor, Due]:
         """The pending roots due now of every parameter of ``ready`` (p, state, config, group,
         t), waited for; if one would fail past its limit, all are put back and it raises."""
-        taken: dict[torch.Tensor, Due] = {}
-        for p, state, config, group, t in ready:
-            auto = config.staleness is None
-            pending = self.scheduler.take_due(p, t, group, config.frequency, auto)
-            if pending is not None:
-                taken[p] = (p, state, config, group, pending)
+        due = {args[0]: self._due(*args) for args in ready}
+        taken = {p: d for p, d in due.items() if d is not None}
         try:
             self.check(list(taken.values()))
         except RootFailure:
             self.put_back(taken)
             raise
         return taken
+
+    def _due(
+        self, p: torch.Tensor, state: dict[str, Any], config: EngineConfig, group: Any, t: int
+    ) -> Due | None:
+        """The pending roots of ``p`` due at its step ``t``, waited for (None: none due)."""
+        pending = self.scheduler.take_due(p, t, group, config.frequency, config.staleness is None)
+        return None if pending is None else (p, state, config, group, pending)
 
     def check(self, due: list[Due]) -> None:
         """Raise :class:`RootFailure` if a root of ``due`` failed for the
@@ -277,12 +276,8 @@ class RootCycles:
                     first = first or is_first
         roots = self.scheduler
         roots.start_due()  # every parameter's jobs due now, in batches
-        due = []
-        for w in due_now:
-            auto = w.config.staleness is None
-            pending = roots.take_due(w.p, w.t, w.group, w.config.frequency, auto)
-            if pending is not None:
-                due.append((w, (w.p, w.state, w.config, w.group, pending)))
+        found = [(w, self._due(w.p, w.state, w.config, w.group, w.t)) for w in due_now]
+        due = [(w, d) for w, d in found if d is not None]
         self.check([d for _, d in due])
         for state, slots in refresh:  # (after the check: it changes roots and moments)
             self._refresh_bases(state, slots)
@@ -290,11 +285,8 @@ class RootCycles:
         for w, d in due:
             self.install(d, states)
             for x in (w.p, *self.front.followers_of(w.p)):
-                if x in by_param:
-                    follower = by_param[x]
-                    follower.rooted = self.rooted_blocks(
-                        x, follower.state, follower.layout, follower.config
-                    )
+                if (v := by_param.get(x)) is not None:
+                    v.rooted = self.rooted_blocks(x, v.state, v.layout, v.config)
         if first and roots.async_roots:
             roots.waited_first_cycle(time.perf_counter() - began)
             for group in param_groups:  # fix "auto" now that a cycle was measured
@@ -304,10 +296,9 @@ class RootCycles:
 
     def _submit(self, w: Work, first: bool, refresh: list[tuple[Any, list[Slot]]]) -> bool:
         """Snapshot every factor of ``w.p`` for the pool (one job per bucket and factored dim),
-        due at a fixed step: this one for a first cycle, else after the group's staleness
-        (capped at the next root step). Returns whether the roots are due in this step.
-        Eigenbases: only every ``eigh_every``-th root step (and a first) makes jobs; the others
-        refresh the installed bases by a power iteration instead (added to ``refresh``)."""
+        due this step for a first cycle, else after the group's staleness (capped at the next
+        root step); returns whether they are due now. Eigenbases: only every ``eigh_every``-th
+        root step (and a first) makes jobs; the others go to ``refresh``."""
         config, t = w.config, w.t
         frequency = config.frequency
         slots = self.slots.get(id(w.p), [])
@@ -350,10 +341,8 @@ class RootCycles:
         return self.scheduler.submit(w.p, slots, jobs, t, due, in_place=not config.eigenbasis)
 
     def _refresh_bases(self, state: dict[str, Any], slots: list[Slot]) -> None:
-        """At a root step without exact bases, or while they are computed off the step, the
-        installed bases take one power iteration with the current factors
-        (:func:`~torch_shampoo.update.eigenbasis.refresh`), the moments moving with them; blocks
-        without a basis yet keep the identity."""
+        """One power iteration of the installed bases with the current factors, the moments
+        moving with them (at a root step without exact bases, or while they are computed)."""
         for slot in slots:
             installed = [bool(state["has_root"][j]) for j in slot.indices]
             if not any(installed):

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Report", "held_bytes", "host_bytes", "nbytes", "root_stats"]
+__all__ = ["Report", "held_bytes", "host_bytes", "root_stats"]
 
 
 @dataclass
@@ -22,7 +22,6 @@ class Report:
     pending: int
     """Parameters with roots in flight."""
     states: list[Any]
-    """The per-parameter states."""
     elements: int
     """Elements of the parameters with state."""
     host_bytes: int
@@ -36,26 +35,25 @@ def root_stats(report: Report) -> dict[str, Any]:
     object was created.
 
     ``roots_computed`` / ``root_failures``: roots installed / rejected (non-finite or failed
-    solves; the previous root stays). ``roots_solved_here``: those this process solved
-    itself (with ``partition_roots``, its share; roots loaded from a checkpoint: none).
-    ``stalls`` / ``stall_seconds``: steps that waited for
-    a late root of a later cycle, and how long. ``first_root_seconds``: time spent waiting
-    for first root cycles, which are installed in the step that computes them.
-    ``root_staleness``: the staleness each group's later cycles use (an ``"auto"`` group's
-    fitted value; ``None`` until it is fitted; one int when all groups agree).
-    ``staleness_increases``: times an auto staleness grew after a stall.
-    ``mean_staleness`` / ``max_staleness``: age in steps of the installed roots.
-    ``mean_root_seconds``: solver time per root. ``pending_parameters``: parameters with
-    roots in flight. ``skipped_blocks``: blocks skipped for non-finite gradients.
-    ``state_bytes`` / ``host_buffer_bytes``: bytes of the optimizer state and of the host
-    buffers of roots that run off the step; ``state_bytes_per_element``: state bytes per
-    parameter element (Adam's float32 moments: 8).
+    solves; the previous root stays). ``roots_solved_here``: those this process solved itself
+    (with ``partition_roots``, its share; roots loaded from a checkpoint: none). ``stalls`` /
+    ``stall_seconds``: steps that waited for a late root of a later cycle, and how long.
+    ``first_root_seconds``: time spent waiting for first root cycles, which are installed in the
+    step that computes them. ``root_staleness``: the staleness each group's later cycles use (an
+    ``"auto"`` group's fitted value; ``None`` until it is fitted; one int when all groups agree).
+    ``staleness_increases``: times an auto staleness grew after a stall. ``mean_staleness`` /
+    ``max_staleness``: age in steps of the installed roots. ``mean_root_seconds``: solver time per
+    root. ``pending_parameters``: parameters with roots in flight. ``skipped_blocks``: blocks
+    skipped for non-finite gradients. ``state_bytes`` / ``host_buffer_bytes``: bytes of the
+    optimizer state and of the host buffers of roots that run off the step;
+    ``state_bytes_per_element``: state bytes per parameter element (Adam's float32 moments: 8).
     ``last_error``: per factor, the solver's own accuracy estimate for its last root, not a
     failure: 0.0 for the direct methods (eigh, cholesky), the residual for newton.
     """
-    stats, staleness = report.stats, report.staleness
+    stats, staleness, names = report.stats, report.staleness, report.names
     installed = stats.roots_computed + stats.root_failures
     state = held_bytes(report.states)
+    skipped = [s.get("skipped_blocks", 0) for s in report.states if isinstance(s, dict)]
     return {
         "roots_computed": stats.roots_computed,
         "roots_solved_here": stats.roots_solved,
@@ -69,21 +67,11 @@ def root_stats(report: Report) -> dict[str, Any]:
         "max_staleness": stats.staleness_max,
         "mean_root_seconds": stats.root_seconds / max(1, installed),
         "pending_parameters": report.pending,
-        "skipped_blocks": int(
-            sum(
-                int(s["skipped_blocks"])
-                for s in report.states
-                if isinstance(s, dict) and "skipped_blocks" in s
-            )
-        ),
+        "skipped_blocks": sum(int(count) for count in skipped),
         "state_bytes": state,
         "host_buffer_bytes": report.host_bytes,
         "state_bytes_per_element": state / max(1, report.elements),
-        "last_error": {
-            report.names[key]: error
-            for key, error in stats.last_error.items()
-            if key in report.names
-        },
+        "last_error": {names[k]: e for k, e in stats.last_error.items() if k in names},
     }
 
 
@@ -117,14 +105,3 @@ def held_bytes(value: Any) -> int:
 
     visit(list(value) if not isinstance(value, (torch.Tensor, dict, list, tuple)) else value)
     return sum(storages.values()) + alone
-
-
-def nbytes(value: Any) -> int:
-    """Bytes of the tensors in ``value`` (nested lists, tuples and dicts)."""
-    if isinstance(value, torch.Tensor):
-        return value.nbytes
-    if isinstance(value, (list, tuple)):
-        return sum(nbytes(v) for v in value)
-    if isinstance(value, dict):
-        return sum(nbytes(v) for v in value.values())
-    return 0
