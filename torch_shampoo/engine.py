@@ -98,9 +98,10 @@ class PreconditionerEngine(torch.optim.Optimizer):
 
     def _init_runtime(self) -> None:
         """Runtime objects that are never part of the state: threads, buffers, tickets."""
-        self._ledger = Ledger(type(self).__name__, lambda p, c: self._layout_of(p, c))
+        owner = type(self).__name__
+        self._ledger = Ledger(owner, lambda p, c: self._layout_of(p, c), self._describe)
         # (each looked up at the call: front ends and tests replace them on the object)
-        front = Front(type(self).__name__, lambda g: self._config(g), lambda p: self._leader_of(p),
+        front = Front(owner, lambda g: self._config(g), lambda p: self._leader_of(p),
                       lambda p: self._followers_of(p), lambda p: self._locate(p)[0],
                       lambda p, j: self._factor_name(p, j))  # fmt: skip
         self._cycles = RootCycles(RootScheduler(self._async_roots, self._root_workers), front)
@@ -212,7 +213,7 @@ class PreconditionerEngine(torch.optim.Optimizer):
             for p in (p for p in group["params"] if p.grad is not None):
                 stepped.append((p, dtensor.gathered(p)))  # (a collective for a DTensor)
                 if shares is None or shares.mine(p):
-                    layout = ledger.state_of(p, self.state, config, self._describe, created)
+                    layout = ledger.state_of(p, self.state, config, created)
                     ready.append((p, config, group, layout, stepped[-1][1]))
         cycles, state = self._cycles, self.state
         if ledger.buckets is None:  # planned again: a new parameter, or new state
