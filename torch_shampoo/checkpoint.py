@@ -45,10 +45,9 @@ _PENDING = ("pending_due", "pending_submitted", "pending_ok", "pending_roots", "
 def to_saved(
     state: dict[str, Any], pending: dict[str, Any] | None, compact: bool = False
 ) -> dict[str, Any]:
-    """A parameter's runtime state (and its roots in flight) as schema 2; no tensor is copied
-    except the zero slots of absent pending roots and, with ``compact`` state
-    (:mod:`torch_shampoo.layout.compact`), the factors and roots: saved as full symmetric
-    matrices."""
+    """A parameter's runtime state (and its roots in flight) as schema 2: lists as ``{"0": …}``
+    dicts, the pending slots always filled (zero roots where none). No tensor is copied but
+    those zeros and, with ``compact`` state, the factors and roots (as full matrices)."""
     saved = {k: v for k, v in state.items() if k not in _LISTS}
     factors, roots = _full_matrices(state) if compact else (state["factors"], state["roots"])
     saved["factors"] = {str(j): f for j, f in enumerate(factors)}
@@ -129,8 +128,7 @@ def from_saved(owner: str, name: str, saved: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_group_keys(owner: str, groups: list[dict[str, Any]], settings: Iterable[str]) -> None:
-    """Refuse saved parameter groups that lack one of ``settings``: they would replace this
-    optimizer's groups and fail at a later step."""
+    """Refuse saved groups that lack one of ``settings`` (they would fail at a later step)."""
     for index, group in enumerate(groups):
         missing = sorted(k for k in settings if k not in group)
         if missing:
@@ -169,7 +167,7 @@ class Codec:
 
 def settings_of(front: type, defaults: Mapping[str, Any], added: Mapping[str, Any]) -> list[str]:
     """The group settings a saved group must have: the front end's per-group kwargs, less
-    those added since its first release (loading fills them in)."""
+    ``added``."""
     declared = group_defaults(dict.fromkeys(inspect.signature(front).parameters))
     return [k for k in declared if k in defaults and k not in added]
 
@@ -196,8 +194,7 @@ def shared_state_dict(
     consolidated: dict[str, Any] | None,
     params: list[torch.Tensor],
 ) -> dict[str, Any]:
-    """The state dict of a rank holding a share (``partition_state``): the consolidated
-    whole, or the share when ``torch.distributed.checkpoint`` asks."""
+    """A rank's state dict: the consolidated whole, or its share when DCP asks."""
     if consolidated is None and _called_by_dcp():
         share = local()  # DCP: every rank saves its share, loads its own
         for i, p in enumerate(params):
@@ -250,8 +247,8 @@ def capture(
 
 
 def restore_loaded(states: dict[Any, Any], loading: dict[str, Any]) -> None:
-    """The saved tensors of a load (checked by :func:`capture`) in place of the base class's
-    dtype-cast copies, cast to each parameter's state dtype."""
+    """The saved tensors of a load, cast to each parameter's state dtype, in place of the base
+    class's copies."""
     for saved_id, p in loading["params"].items():
         saved = loading["state"].get(saved_id)
         if saved is not None:
@@ -276,8 +273,7 @@ def adopt_pending(
     layout_of: Callable[[torch.Tensor], BlockLayout],
     adopt: Callable[[torch.Tensor, dict[str, Any], list[list[int]]], None],
 ) -> None:
-    """After a load or unpickling: old checkpoints migrated, and the pending entries turned
-    into resolved tickets (``adopt``)."""
+    """After a load or unpickling: old states migrated, pending entries made resolved tickets."""
     for p, state in states.items():
         if isinstance(state, dict):
             if in_flight(state):

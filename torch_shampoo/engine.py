@@ -271,11 +271,9 @@ class PreconditionerEngine(torch.optim.Optimizer):
         errors = [(i, j) for i, j in roots.stats.last_error if i < len(params)]
         names = {(i, j): self._factor_name(params[i], j) for i, j in errors}
         staleness = [self._cycles.staleness_of(group) for group in self.param_groups]
-        elements, host = sum(p.numel() for p in self.state), roots.staging.values()
-        return telemetry.root_stats(telemetry.Report(
-            roots.stats, staleness, len(roots.pending), list(self.state.values()), elements,
-            telemetry.host_bytes(host), names,
-        ))  # fmt: skip
+        return telemetry.root_stats(
+            roots.stats, staleness, len(roots.pending), self.state, roots.staging.values(), names
+        )
 
     # -------------------------------------------------------------- state dicts, pickling
 

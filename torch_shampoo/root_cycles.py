@@ -33,14 +33,12 @@ States = Mapping[torch.Tensor, Any]
 
 
 class RootFailure(RuntimeError):
-    """A factor's roots failed ``max_root_failures`` consecutive times (raised before any root
-    of the step is installed)."""
+    """A factor's roots failed ``max_root_failures`` times in a row (raised before any install)."""
 
 
 @dataclass
 class Front:
-    """What the root cycles ask of the optimizer, as callables (each call looks its answer up
-    again: a front end's settings and layers can change)."""
+    """What the root cycles ask of the optimizer, as callables (looked up again at each call)."""
 
     owner: str
     """The optimizer's class name, for messages."""
@@ -61,8 +59,7 @@ class RootCycles:
     parameter (its rows of the buckets' stacks) and, per parameter, which blocks have roots."""
 
     def __init__(self, scheduler: RootScheduler, front: Front) -> None:
-        self.scheduler = scheduler
-        self.front = front
+        self.scheduler, self.front = scheduler, front
         self.slots: dict[int, list[Slot]] = {}
         """Per parameter (``id``), one slot per bucket and factored dim."""
         self.rooted: dict[torch.Tensor, tuple[bool, ...] | None] = {}
@@ -140,9 +137,8 @@ class RootCycles:
         self.put_back(taken)
 
     def install(self, due: Due, states: States) -> None:
-        """Install the pending roots of a parameter (checked by :meth:`check`): the usable ones
-        are copied into the bucket's root stack (one copy per job when all of its roots are);
-        a failed one keeps the previous root, with a warning."""
+        """Install the pending roots of a parameter (checked by :meth:`check`) into the bucket's
+        root stack; a failed one keeps the previous root, with a warning."""
         p, state, config, _, pending = due
         roots = self.scheduler
         if config.staleness is None and roots.should_warn_capped():
@@ -261,10 +257,8 @@ class RootCycles:
     def of_this_step(
         self, work: list[Work], param_groups: list[dict[str, Any]], states: States
     ) -> None:
-        """At a root step: snapshot the factors (after this step's statistics) for the pool.
-        Roots due in this same step (a first cycle, or staleness 0) are all submitted first,
-        so the workers solve them in parallel, then installed before they are used (if one
-        failed past its limit, :class:`RootFailure` before any is)."""
+        """At a root step: snapshot the factors for the pool. Roots due in this same step are
+        all submitted first (solved in parallel), then checked and installed before their use."""
         began = time.perf_counter()
         due_now, first = [], False
         refresh: list[tuple[Any, list[Slot]]] = []
@@ -310,8 +304,7 @@ class RootCycles:
         else:
             staleness = self.scheduler.staleness(w.group, config.staleness, frequency)
             due = min(t + staleness, (t // frequency + 1) * frequency)
-        beta2 = config.beta2
-        scale = 1.0 - beta2**t if config.bias_correction and beta2 < 1.0 else 1.0
+        scale = 1.0 - config.beta2**t if config.bias_correction and config.beta2 < 1.0 else 1.0
         if config.eigenbasis and config.basis_refresh and due > t:
             refresh.append((w.state, slots))
         try:

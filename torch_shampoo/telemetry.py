@@ -3,36 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["Report", "held_bytes", "host_bytes", "root_stats"]
+__all__ = ["held_bytes", "host_bytes", "root_stats"]
 
 
-@dataclass
-class Report:
-    """Plain data about an optimizer's roots and state, read by :func:`root_stats`."""
-
-    stats: Any
-    """The root scheduler's counters (:class:`~torch_shampoo.roots.staleness.Stats`)."""
-    staleness: list[int | None]
-    """Per group, the staleness its later cycles use."""
-    pending: int
-    """Parameters with roots in flight."""
-    states: list[Any]
-    elements: int
-    """Elements of the parameters with state."""
-    host_bytes: int
-    """Bytes of the host buffers of roots in flight."""
-    names: Mapping[tuple[int, int], str]
-    """(parameter index, factor) → its name in words, for every key of ``stats.last_error``."""
-
-
-def root_stats(report: Report) -> dict[str, Any]:
+def root_stats(
+    stats: Any,
+    staleness: list[int | None],
+    pending: int,
+    states: Mapping[torch.Tensor, Any],
+    staging: Iterable[Iterable[Any]],
+    names: Mapping[tuple[int, int], str],
+) -> dict[str, Any]:
     """What ``root_stats()`` returns: plain numbers about the inverse roots since the optimizer
-    object was created.
+    object was created, from the scheduler's counters (``Stats``), each group's staleness, the
+    count of parameters with roots in flight, the states, the host buffers of roots in flight
+    and each factor's name by (parameter index, factor).
 
     ``roots_computed`` / ``root_failures``: roots installed / rejected (non-finite or failed
     solves; the previous root stays). ``roots_solved_here``: those this process solved itself
@@ -50,10 +39,9 @@ def root_stats(report: Report) -> dict[str, Any]:
     ``last_error``: per factor, the solver's own accuracy estimate for its last root, not a
     failure: 0.0 for the direct methods (eigh, cholesky), the residual for newton.
     """
-    stats, staleness, names = report.stats, report.staleness, report.names
     installed = stats.roots_computed + stats.root_failures
-    state = held_bytes(report.states)
-    skipped = [s.get("skipped_blocks", 0) for s in report.states if isinstance(s, dict)]
+    state = held_bytes(states)
+    skipped = [s.get("skipped_blocks", 0) for s in states.values() if isinstance(s, dict)]
     return {
         "roots_computed": stats.roots_computed,
         "roots_solved_here": stats.roots_solved,
@@ -66,11 +54,11 @@ def root_stats(report: Report) -> dict[str, Any]:
         "mean_staleness": stats.staleness_total / max(1, stats.staleness_count),
         "max_staleness": stats.staleness_max,
         "mean_root_seconds": stats.root_seconds / max(1, installed),
-        "pending_parameters": report.pending,
+        "pending_parameters": pending,
         "skipped_blocks": sum(int(count) for count in skipped),
         "state_bytes": state,
-        "host_buffer_bytes": report.host_bytes,
-        "state_bytes_per_element": state / max(1, report.elements),
+        "host_buffer_bytes": host_bytes(staging),
+        "state_bytes_per_element": state / max(1, sum(p.numel() for p in states)),
         "last_error": {names[k]: e for k, e in stats.last_error.items() if k in names},
     }
 
