@@ -1,16 +1,13 @@
 """State dicts and pickling for the engine, as functions of plain data: roots in flight are
-waited for and saved as plain entries, loads keep every saved dtype and are checked against the
-layout before anything changes, and older checkpoints are migrated. Schema 2 (what
-``state_dict()`` writes) holds only tensors and string-keyed dicts of tensors, so that
-``torch.distributed.checkpoint`` can flatten it; ``load_state_dict`` also reads the list layout
-before it.
+saved as plain entries, loads keep every saved dtype and are checked against the layout before
+anything changes, and older layouts are migrated.
 """
 
 from __future__ import annotations
 
 import inspect
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +25,6 @@ __all__ = [
     "Codec",
     "adopt_pending",
     "capture",
-    "check_group_keys",
     "from_saved",
     "local_state_dict",
     "pickled",
@@ -45,33 +41,29 @@ _PENDING = ("pending_due", "pending_submitted", "pending_ok", "pending_roots", "
 def to_saved(
     state: dict[str, Any], pending: dict[str, Any] | None, compact: bool = False
 ) -> dict[str, Any]:
-    """A parameter's runtime state (and its roots in flight) as schema 2: lists as ``{"0": …}``
-    dicts, the pending slots always filled (zero roots where none). No tensor is copied but
-    those zeros and, with ``compact`` state, the factors and roots (as full matrices)."""
+    """A parameter's runtime state (and its roots in flight) as schema 2, which holds only
+    tensors and string-keyed dicts of tensors (so that ``torch.distributed.checkpoint`` can
+    flatten it): lists as ``{"0": …}`` dicts, the pending slots always filled (zero roots where
+    none). No tensor is copied but those zeros and, with ``compact`` state, the factors and
+    roots (as full matrices)."""
     saved = {k: v for k, v in state.items() if k not in _LISTS}
     factors, roots = _full_matrices(state) if compact else (state["factors"], state["roots"])
     saved["factors"] = {str(j): f for j, f in enumerate(factors)}
     saved["roots"] = {str(j): r for j, r in enumerate(roots)}
     saved["schema"] = torch.tensor(SCHEMA)
-    n = len(state["factors"])
 
     def empty(j: int) -> torch.Tensor:
         return torch.zeros(state["factors"][j].shape, dtype=state["factors"][j].dtype)
 
-    if pending is None:
-        saved["pending_due"] = torch.tensor(-1)
-        saved["pending_submitted"] = torch.tensor(-1)
-        saved["pending_ok"] = torch.zeros(n, dtype=torch.bool)
-        saved["pending_roots"] = {str(j): empty(j) for j in range(n)}
-    else:
-        ok = pending["pending_ok"]
-        saved["pending_due"] = pending["pending_due"]
-        saved["pending_submitted"] = pending["pending_submitted"]
-        saved["pending_ok"] = ok
-        saved["pending_roots"] = {
-            str(j): root if bool(ok[j]) else empty(j)
-            for j, root in enumerate(pending["pending_roots"])
-        }
+    if pending is None:  # none in flight: -1, and no root
+        n = len(state["factors"])
+        pending = {"pending_due": torch.tensor(-1), "pending_submitted": torch.tensor(-1)}
+        pending.update(pending_ok=torch.zeros(n, dtype=torch.bool), pending_roots=[None] * n)
+    ok = pending["pending_ok"].tolist()
+    saved.update((k, pending[k]) for k in ("pending_due", "pending_submitted", "pending_ok"))
+    saved["pending_roots"] = {
+        str(j): root if ok[j] else empty(j) for j, root in enumerate(pending["pending_roots"])
+    }
     return saved
 
 
@@ -98,8 +90,7 @@ def _owned(value: Any) -> Any:
 
 
 def from_saved(owner: str, name: str, saved: dict[str, Any]) -> dict[str, Any]:
-    """A saved parameter state (schema 2 or the earlier layout) in the runtime layout: lists of
-    factors and roots, ``pending_*`` only while roots are in flight."""
+    """A saved parameter state (schema 2 or the list layout before it) in the runtime layout."""
     state = dict(saved)
     schema = state.pop("schema", None)
     if schema is not None and int(schema) != SCHEMA:
@@ -127,20 +118,8 @@ def from_saved(owner: str, name: str, saved: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-def check_group_keys(owner: str, groups: list[dict[str, Any]], settings: Iterable[str]) -> None:
-    """Refuse saved groups that lack one of ``settings`` (they would fail at a later step)."""
-    for index, group in enumerate(groups):
-        missing = sorted(k for k in settings if k not in group)
-        if missing:
-            raise ValueError(
-                f"{owner} state dict's param group {index} lacks {missing}: the state dict is "
-                "truncated or not from this optimizer"
-            )
-
-
 def _called_by_dcp() -> bool:
-    """Is ``state_dict()`` being called by ``torch.distributed.checkpoint`` (which calls it on
-    every rank, saves the union of what they return and loads each rank its own keys)?"""
+    """Is ``state_dict()`` being called by ``torch.distributed.checkpoint``?"""
     frame = sys._getframe(1)
     while frame is not None:
         if frame.f_globals.get("__name__", "").startswith("torch.distributed.checkpoint"):
@@ -225,7 +204,13 @@ def capture(
         saved_ids = [i for group in final["param_groups"] for i in group["params"]]
         loading["params"] = dict(zip(saved_ids, params))
         loading["state"] = {}
-        check_group_keys(codec.owner, final["param_groups"], codec.settings)
+        for index, group in enumerate(final["param_groups"]):  # else it fails at a later step
+            missing = sorted(k for k in codec.settings if k not in group)
+            if missing:
+                raise ValueError(
+                    f"{codec.owner} state dict's param group {index} lacks {missing}: the state "
+                    "dict is truncated or not from this optimizer"
+                )
         # The settings the state was saved with (they replace the groups' on loading).
         settings = {
             i: {k: v for k, v in group.items() if k != "params"}

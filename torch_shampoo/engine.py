@@ -1,8 +1,7 @@
 """The engine Shampoo, SOAP and NG+ share: Kronecker-factored statistics, CPU roots, the step.
 
-Glue over the parts it owns: the book of its parameters (:mod:`~torch_shampoo.ledger`), the root
-cycles (:mod:`~torch_shampoo.root_cycles`) and the state-dict codec
-(:mod:`~torch_shampoo.checkpoint`); the math is :mod:`~torch_shampoo.update.per_unit`.
+Glue over its parts (:mod:`~torch_shampoo.ledger`, :mod:`~torch_shampoo.root_cycles`,
+:mod:`~torch_shampoo.checkpoint`); the math is :mod:`~torch_shampoo.update.per_unit`.
 """
 
 from __future__ import annotations
@@ -42,8 +41,8 @@ class PreconditionerEngine(torch.optim.Optimizer):
     """
 
     _ADDED_GROUP_KEYS: ClassVar[Mapping[str, Any]] = MappingProxyType({})
-    """Group settings added after a front end's first release, with the value that keeps the
-    behaviour a state dict or pickle without them was saved with (filled in on loading)."""
+    """Group settings added since a front end's first release, each with the value that keeps
+    the behaviour of a state dict or pickle saved without it (filled in on loading)."""
 
     def __init__(
         self,
@@ -183,8 +182,8 @@ class PreconditionerEngine(torch.optim.Optimizer):
 
     @torch.compiler.disable
     def _finish_step(self, stepped: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Every stepped parameter from its owner (``partition_state``), sharded ones' rows of
-        the whole written back; then the roots go to the pool."""
+        """Parameters from their owners (``partition_state``), DTensors' rows written back; then
+        the roots go to the pool."""
         if self._shares is not None:
             self._shares.broadcast(stepped)
         for p, whole in stepped:
@@ -278,8 +277,8 @@ class PreconditionerEngine(torch.optim.Optimizer):
     # -------------------------------------------------------------- state dicts, pickling
 
     def _state_shares(self) -> StateShares | None:
-        """The owner of each parameter (``partition_state`` with several processes), made from
-        the global shapes alone when first needed; None: this process steps every parameter."""
+        """The owner of each parameter (``partition_state`` with several processes), made when
+        first needed; None: this process steps every parameter."""
         if self._shares is None and getattr(self, "_partition_state", False) and world_size() > 1:
             params = self._all_params()
             layouts = [self._layout_of(p, self._config(self._group_of(p))) for p in params]
@@ -287,9 +286,8 @@ class PreconditionerEngine(torch.optim.Optimizer):
         return self._shares
 
     def state_dict(self) -> dict[str, Any]:
-        """The state, roots in flight waited for and included. With ``partition_state`` under
-        DDP: the whole gathered by the last :meth:`consolidate_state_dict`, or this rank's share
-        when ``torch.distributed.checkpoint`` asks; else, after a step, a RuntimeError."""
+        """The state, roots in flight included; with ``partition_state`` under DDP, the whole
+        from :meth:`consolidate_state_dict`, or this rank's share when DCP asks."""
         shares = self._state_shares()
         if shares is None or not self._spread:
             return self._local_state_dict()
@@ -312,9 +310,8 @@ class PreconditionerEngine(torch.optim.Optimizer):
         return checkpoint.local_state_dict(packed, self.state, params, pending, compact)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load as the base class does (hooks included), but floating-point state takes the
-        parameter's state dtype, host entries stay on the CPU, and state that does not fit a
-        parameter's layout is refused before anything changes."""
+        """Load as the base class does, but in each parameter's state dtype, host entries on the
+        CPU, and refuse state that does not fit a parameter's layout before changing anything."""
         loading: dict[str, Any] = {}
         added = self._ADDED_GROUP_KEYS
         settings = checkpoint.settings_of(type(self), self.defaults, added)
