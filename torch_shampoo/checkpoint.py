@@ -26,7 +26,6 @@ __all__ = [
     "adopt_pending",
     "capture",
     "from_saved",
-    "local_state_dict",
     "pickled",
     "restore_loaded",
     "settings_of",
@@ -149,21 +148,6 @@ def settings_of(front: type, defaults: Mapping[str, Any], added: Mapping[str, An
     ``added``."""
     declared = group_defaults(dict.fromkeys(inspect.signature(front).parameters))
     return [k for k in declared if k in defaults and k not in added]
-
-
-def local_state_dict(
-    packed: dict[str, Any],
-    states: Mapping[torch.Tensor, Any],
-    params: list[torch.Tensor],
-    pending: dict[torch.Tensor, dict[str, Any]],
-    compact: bool,
-) -> dict[str, Any]:
-    """The base class's state dict ``packed`` with every parameter's state as schema 2."""
-    index = {id(p): i for i, p in enumerate(params)}
-    for p, state in states.items():
-        if isinstance(state, dict) and "factors" in state:
-            packed["state"][index[id(p)]] = to_saved(state, pending.get(p), compact)
-    return packed
 
 
 def shared_state_dict(

@@ -306,8 +306,11 @@ class PreconditionerEngine(torch.optim.Optimizer):
     def _local_state_dict(self) -> dict[str, Any]:
         packed = super().state_dict()
         pending = self._cycles.scheduler.export()  # roots in flight, waited for
-        params, compact = self._all_params(), self._compact_state
-        return checkpoint.local_state_dict(packed, self.state, params, pending, compact)
+        for i, p in enumerate(self._all_params()):
+            state = self.state.get(p)
+            if isinstance(state, dict) and "factors" in state:
+                packed["state"][i] = checkpoint.to_saved(state, pending.get(p), self._compact_state)
+        return packed
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load as the base class does, but in each parameter's state dtype, host entries on the
