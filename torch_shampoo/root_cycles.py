@@ -1,7 +1,6 @@
 """Root cycles, the engine's side: which parameters snapshot their factors at a step, the jobs
 made from their buckets' stacks, and the installation of finished roots (failures counted,
-warned about, or raised before any root of the step is installed). When roots run is the
-:class:`~torch_shampoo.roots.scheduler.RootScheduler`'s business.
+warned about, or raised before any root of the step is installed).
 """
 
 from __future__ import annotations
@@ -193,8 +192,7 @@ class RootCycles:
         indices: list[int],
         ok: list[bool],
     ) -> None:
-        """A job's usable roots from its buffer into the root stack (an eigenbasis: the moments
-        move into it)."""
+        """A job's usable roots from its buffer into the root stack (an eigenbasis: moments too)."""
         previous = slot.roots.clone() if config.eigenbasis else None
         first = None
         if previous is not None:  # blocks whose previous basis is the identity
@@ -234,8 +232,7 @@ class RootCycles:
     def may_solve_now(
         self, p: torch.Tensor, state: dict[str, Any], config: EngineConfig, group: Any, t: int
     ) -> bool:
-        """Might the roots of ``p`` be computed and installed in its step ``t`` (a first
-        cycle, or staleness 0)? Conservative: True where unsure."""
+        """Might the roots of ``p`` be solved and installed in its step ``t``? (True if unsure.)"""
         if not self._root_step(p, config, t):
             return False
         if not all(state["has_root"].tolist()):
@@ -289,10 +286,9 @@ class RootCycles:
                     roots.staleness(group, None, config.frequency)
 
     def _submit(self, w: Work, first: bool, refresh: list[tuple[Any, list[Slot]]]) -> bool:
-        """Snapshot every factor of ``w.p`` for the pool (one job per bucket and factored dim),
-        due this step for a first cycle, else after the group's staleness (capped at the next
-        root step); returns whether they are due now. Eigenbases: only every ``eigh_every``-th
-        root step (and a first) makes jobs; the others go to ``refresh``."""
+        """Snapshot every factor of ``w.p`` for the pool, due now for a first cycle, else after the
+        group's staleness (capped at the next root step); returns whether due now. Eigenbases:
+        root steps other than every ``eigh_every``-th (or a first) go to ``refresh`` instead."""
         config, t = w.config, w.t
         frequency = config.frequency
         slots = self.slots.get(id(w.p), [])
@@ -370,8 +366,7 @@ def user_stacklevel() -> int:
 
 
 def _as_index(indices: list[int]) -> slice | list[int]:
-    """Sorted factor indices as a slice where they are evenly spaced, as a parameter's usually
-    are (a view: no index tensor to build)."""
+    """Sorted factor indices as a slice where they are evenly spaced (no index tensor to build)."""
     first, last = indices[0], indices[-1]
     step = indices[1] - first if len(indices) > 1 else 1
     if step > 0 and indices == list(range(first, last + 1, step)):

@@ -1,8 +1,7 @@
 """The per-parameter state: what it holds, how it is made, checked, migrated and restored.
 
-Every key but the moments (:data:`MOMENTS`, each held only where the group uses it) exists from
-the first step (:func:`init_state`); the ``pending_*`` slots stay empty at run time (the roots in
-flight live in the scheduler) until ``state_dict()`` fills them.
+Every key but the moments (:data:`MOMENTS`, held where the group uses them) exists from the first
+step; the ``pending_*`` slots stay empty at run time (roots in flight live in the scheduler).
 """
 
 from __future__ import annotations
@@ -30,8 +29,7 @@ __all__ = [
 
 HOST_KEYS = ("step", "root_failures", "has_root", "pending_due", "pending_submitted",
              "pending_ok", "pending_roots", "schema")  # fmt: skip
-"""State entries that live on the CPU whatever the parameter's device (pending roots go from
-the checkpoint straight into the host buffers they are installed from)."""
+"""State entries that live on the CPU whatever the parameter's device."""
 
 MOMENTS = ("exp_avg", "graft_v", "momentum_buffer")
 """The parameter-shaped moments (float32, or float64 for float64 parameters)."""
@@ -85,8 +83,7 @@ def in_flight(state: dict[str, Any]) -> bool:
 def check_state(
     owner: str, name: str, p: torch.Tensor, state: dict[str, Any], layout: BlockLayout
 ) -> None:
-    """Refuse state that does not fit the parameter's layout instead of misusing it (``name``
-    describes the parameter in the error)."""
+    """Refuse state that does not fit the parameter's layout instead of misusing it."""
     missing = {"step", "factors", "roots", "root_failures", "skipped_blocks"} - set(state)
     if missing:
         raise ValueError(
@@ -156,19 +153,16 @@ def migrate(state: dict[str, Any]) -> None:
 
 
 def recast(state: dict[str, Any], param: torch.Tensor) -> None:
-    """Cast the floating-point statistics and moments of ``state`` to ``param``'s state dtype
-    where they differ (the model's dtype changed during training: ``model.double()``), as
-    loading the state dict into the new model would."""
+    """Cast the floating-point entries of ``state`` to ``param``'s state dtype where they differ
+    (the model's dtype changed during training: ``model.double()``), as loading would."""
     for key, value in state.items():
         if key not in HOST_KEYS and isinstance(value, (torch.Tensor, list)):
             state[key] = restore(key, value, param, copy=False)
 
 
 def restore(key: str, value: Any, param: torch.Tensor, copy: bool = True) -> Any:
-    """A saved state entry (a fresh object unless not ``copy``) on the right device: host
-    entries keep their dtype; floating-point statistics and moments take ``param``'s state
-    dtype (a float64 checkpoint loaded into a float32 model, or back, is cast as torch.optim
-    casts; a bf16 parameter's float32 state stays float32)."""
+    """A saved state entry (a fresh object unless not ``copy``): host entries on the CPU in their
+    dtype, the others on ``param``'s device, floating-point ones in its state dtype."""
     if isinstance(value, torch.Tensor):
         if key in HOST_KEYS:
             return value.to("cpu", copy=copy)
