@@ -40,11 +40,9 @@ _PENDING = ("pending_due", "pending_submitted", "pending_ok", "pending_roots", "
 def to_saved(
     state: dict[str, Any], pending: dict[str, Any] | None, compact: bool = False
 ) -> dict[str, Any]:
-    """A parameter's runtime state (and its roots in flight) as schema 2, which holds only
-    tensors and string-keyed dicts of tensors (so that ``torch.distributed.checkpoint`` can
-    flatten it): lists as ``{"0": …}`` dicts, the pending slots always filled (zero roots where
-    none). No tensor is copied but those zeros and, with ``compact`` state, the factors and
-    roots (as full matrices)."""
+    """A parameter's runtime state (and its roots in flight) as schema 2: only tensors and dicts
+    of tensors (``torch.distributed.checkpoint`` flattens it), the pending slots always filled.
+    No tensor is copied but zero roots and, with ``compact`` state, the full factors and roots."""
     saved = {k: v for k, v in state.items() if k not in _LISTS}
     factors, roots = _full_matrices(state) if compact else (state["factors"], state["roots"])
     saved["factors"] = {str(j): f for j, f in enumerate(factors)}
@@ -144,8 +142,7 @@ class Codec:
 
 
 def settings_of(front: type, defaults: Mapping[str, Any], added: Mapping[str, Any]) -> list[str]:
-    """The group settings a saved group must have: the front end's per-group kwargs, less
-    ``added``."""
+    """The group settings a saved group must have: the front end's group kwargs but ``added``."""
     declared = group_defaults(dict.fromkeys(inspect.signature(front).parameters))
     return [k for k in declared if k in defaults and k not in added]
 
@@ -180,9 +177,8 @@ def capture(
     shares: StateShares | None,
     loading: dict[str, Any],
 ) -> Callable[[Any, dict[str, Any]], None]:
-    """A load pre-hook (registered last, so it sees the state dict the user's pre-hooks
-    settled on) that checks every saved state against its parameter's layout and keeps it in
-    ``loading`` (``params``: saved id → parameter; ``state``: saved id → state)."""
+    """A load pre-hook (registered last: it sees what the user's pre-hooks settled on) that checks
+    each saved state against its layout and keeps it in ``loading`` (``params``, ``state``)."""
 
     def hook(optimizer: Any, final: dict[str, Any]) -> None:
         saved_ids = [i for group in final["param_groups"] for i in group["params"]]
@@ -216,8 +212,7 @@ def capture(
 
 
 def restore_loaded(states: dict[Any, Any], loading: dict[str, Any]) -> None:
-    """The saved tensors of a load, cast to each parameter's state dtype, in place of the base
-    class's copies."""
+    """The saved tensors of a load, in each parameter's state dtype, for the base class's copies."""
     for saved_id, p in loading["params"].items():
         saved = loading["state"].get(saved_id)
         if saved is not None:

@@ -113,6 +113,5 @@ def is_dtensor(t: torch.Tensor) -> bool:
 
 
 def group_defaults(arguments: Mapping[str, Any]) -> dict[str, Any]:
-    """The per-group settings among a constructor's ``arguments`` (by name: not ``params``, not
-    a constructor-only flag of :data:`torch_shampoo.settings.SPEC`)."""
+    """The per-group settings among a constructor's ``arguments`` (not the constructor-only)."""
     return {k: arguments[k] for k in declared(arguments)}

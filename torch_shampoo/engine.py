@@ -182,8 +182,7 @@ class PreconditionerEngine(torch.optim.Optimizer):
 
     @torch.compiler.disable
     def _finish_step(self, stepped: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Parameters from their owners (``partition_state``), DTensors' rows written back; then
-        the roots go to the pool."""
+        """Parameters from their owners, DTensors' rows written back; then roots go to the pool."""
         if self._shares is not None:
             self._shares.broadcast(stepped)
         for p, whole in stepped:
@@ -277,8 +276,7 @@ class PreconditionerEngine(torch.optim.Optimizer):
     # -------------------------------------------------------------- state dicts, pickling
 
     def _state_shares(self) -> StateShares | None:
-        """The owner of each parameter (``partition_state`` with several processes), made when
-        first needed; None: this process steps every parameter."""
+        """The owner of each parameter (``partition_state``, several processes); None: all ours."""
         if self._shares is None and getattr(self, "_partition_state", False) and world_size() > 1:
             params = self._all_params()
             layouts = [self._layout_of(p, self._config(self._group_of(p))) for p in params]

@@ -34,8 +34,7 @@ States = MutableMapping[Any, Any]
 
 
 class Ledger:
-    """Per parameter: its index and group, the layout its state was checked against; the
-    bucket plan of all parameters with state."""
+    """Per parameter: its index, group and checked layout; the bucket plan of all with state."""
 
     def __init__(
         self,
@@ -109,8 +108,7 @@ class Ledger:
         config_of: Callable[[dict[str, Any]], EngineConfig],
         packed: bool,
     ) -> dict[int, list[Slot]]:
-        """Plan the buckets of every parameter with state (its factors and roots copied into the
-        stacks); returns the root slots per parameter (``id``)."""
+        """Plan the buckets of every parameter with state; returns the root slots per ``id(p)``."""
         entries = []
         for index, group in enumerate(param_groups):
             config = config_of(group)
@@ -150,9 +148,8 @@ def _put(state: dict[str, Any], key: str, value: Any) -> None:
 
 
 class Undo:
-    """Copies of what a step changes before its roots due in it are checked (the moments only
-    where an eigenbasis install moves them), the states it made, the pending roots it took.
-    Made only at steps that may solve roots (a first cycle, or staleness 0)."""
+    """Copies of what a step changes before its roots are checked (the moments only where an
+    eigenbasis moves them), the states it made, the roots it took; made where roots may fail."""
 
     def __init__(
         self, states: list[dict[str, Any]], created: list[torch.Tensor], taken: Any, eigen: bool

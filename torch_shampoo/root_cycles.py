@@ -54,8 +54,7 @@ Due = tuple[torch.Tensor, dict[str, Any], EngineConfig, dict[str, Any], Pending]
 
 
 class RootCycles:
-    """The root half of a step: owns the :class:`RootScheduler`, the root slots of every
-    parameter (its rows of the buckets' stacks) and, per parameter, which blocks have roots."""
+    """The root half of a step: the scheduler, each parameter's root slots and rooted blocks."""
 
     def __init__(self, scheduler: RootScheduler, front: Front) -> None:
         self.scheduler, self.front = scheduler, front
@@ -98,8 +97,7 @@ class RootCycles:
         return None if pending is None else (p, state, config, group, pending)
 
     def check(self, due: list[Due]) -> None:
-        """Raise :class:`RootFailure` if a root of ``due`` failed for the
-        ``max_root_failures``-th consecutive time (nothing is installed, nothing counted)."""
+        """Raise :class:`RootFailure` if a root of ``due`` failed ``max_root_failures`` times."""
         for p, state, config, _, pending in due:
             for ticket, indices in zip(pending.tickets, pending.factors):
                 for j, outcome in zip(indices, outcomes_of(ticket, indices)):

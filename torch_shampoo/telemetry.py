@@ -19,9 +19,7 @@ def root_stats(
     names: Mapping[tuple[int, int], str],
 ) -> dict[str, Any]:
     """What ``root_stats()`` returns: plain numbers about the inverse roots since the optimizer
-    object was created, from the scheduler's counters (``Stats``), each group's staleness, the
-    count of parameters with roots in flight, the states, the host buffers of roots in flight
-    and each factor's name by (parameter index, factor).
+    object was created (``names``: each factor's by (parameter index, factor)).
 
     ``roots_computed`` / ``root_failures``: roots installed / rejected (non-finite or failed
     solves; the previous root stays). ``roots_solved_here``: those this process solved itself
@@ -69,9 +67,8 @@ def host_bytes(staging: Iterable[Iterable[Any]]) -> int:
 
 
 def held_bytes(value: Any) -> int:
-    """Bytes of the memory that the tensors in ``value`` (nested lists, tuples and dicts) hold:
-    each storage once, however many views of it there are (the state's per-block views of a
-    bucket's stacks; compact state's two views of one stack)."""
+    """Bytes of the memory the tensors in ``value`` (nested lists, tuples and dicts) hold: each
+    storage once, however many views of it there are (per-block views of a bucket's stacks)."""
     storages: dict[tuple[int, str], int] = {}
     alone = 0
 
