@@ -132,7 +132,6 @@ class Codec:
     owner: str
     """The optimizer's class name, for messages."""
     settings: list[str]
-    """The group settings a saved group must have."""
     added: Mapping[str, Any]
     """The front end's ``_ADDED_GROUP_KEYS``."""
     config: Callable[[dict[str, Any]], EngineConfig]
