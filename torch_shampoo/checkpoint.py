@@ -1,25 +1,13 @@
 """State dicts and pickling for the engine, as functions of plain data: roots in flight are
-waited for and saved as plain entries, loads keep every saved dtype and are checked against the
-layout before anything changes, and older checkpoints are migrated.
-
-``state_dict()`` writes schema 2: per parameter a fixed set of keys from its first step, only
-tensors and string-keyed dicts of tensors (so ``torch.distributed.checkpoint`` can flatten it and
-a fresh optimizer's template has every slot a checkpoint fills)::
-
-    step, [exp_avg], [graft_v], [momentum_buffer], root_failures, has_root, skipped_blocks,
-    factors {"0": F_0, ...}, roots {"0": X_0, ...}, schema (2),
-    pending_due (-1: no roots in flight), pending_submitted, pending_ok (per factor),
-    pending_roots {"0": (d, d), ...} (zeros where none or failed)
-
-``load_state_dict`` reads schema 2 and the earlier layout (lists, ``pending_*`` present only
-while in flight, failure reasons as strings).
+saved as plain entries, loads keep every saved dtype and are checked against the layout before
+anything changes, and older layouts are migrated.
 """
 
 from __future__ import annotations
 
 import inspect
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,9 +25,7 @@ __all__ = [
     "Codec",
     "adopt_pending",
     "capture",
-    "check_group_keys",
     "from_saved",
-    "local_state_dict",
     "pickled",
     "restore_loaded",
     "settings_of",
@@ -54,48 +40,38 @@ _PENDING = ("pending_due", "pending_submitted", "pending_ok", "pending_roots", "
 def to_saved(
     state: dict[str, Any], pending: dict[str, Any] | None, compact: bool = False
 ) -> dict[str, Any]:
-    """A parameter's runtime state (and its roots in flight) as schema 2; no tensor is copied
-    except the zero slots of absent pending roots and, with ``compact`` state
-    (:mod:`torch_shampoo.layout.compact`), the factors and roots: saved as full symmetric
-    matrices."""
+    """A parameter's runtime state (and its roots in flight) as schema 2: only tensors and dicts
+    of tensors (``torch.distributed.checkpoint`` flattens it), the pending slots always filled.
+    No tensor is copied but zero roots and, with ``compact`` state, the full factors and roots."""
     saved = {k: v for k, v in state.items() if k not in _LISTS}
     factors, roots = _full_matrices(state) if compact else (state["factors"], state["roots"])
     saved["factors"] = {str(j): f for j, f in enumerate(factors)}
     saved["roots"] = {str(j): r for j, r in enumerate(roots)}
     saved["schema"] = torch.tensor(SCHEMA)
-    n = len(state["factors"])
 
     def empty(j: int) -> torch.Tensor:
         return torch.zeros(state["factors"][j].shape, dtype=state["factors"][j].dtype)
 
-    if pending is None:
-        saved["pending_due"] = torch.tensor(-1)
-        saved["pending_submitted"] = torch.tensor(-1)
-        saved["pending_ok"] = torch.zeros(n, dtype=torch.bool)
-        saved["pending_roots"] = {str(j): empty(j) for j in range(n)}
-    else:
-        ok = pending["pending_ok"]
-        saved["pending_due"] = pending["pending_due"]
-        saved["pending_submitted"] = pending["pending_submitted"]
-        saved["pending_ok"] = ok
-        saved["pending_roots"] = {
-            str(j): root if bool(ok[j]) else empty(j)
-            for j, root in enumerate(pending["pending_roots"])
-        }
+    if pending is None:  # none in flight: -1, and no root
+        n = len(state["factors"])
+        pending = {"pending_due": torch.tensor(-1), "pending_submitted": torch.tensor(-1)}
+        pending.update(pending_ok=torch.zeros(n, dtype=torch.bool), pending_roots=[None] * n)
+    ok = pending["pending_ok"].tolist()
+    saved.update((k, pending[k]) for k in ("pending_due", "pending_submitted", "pending_ok"))
+    saved["pending_roots"] = {
+        str(j): root if ok[j] else empty(j) for j, root in enumerate(pending["pending_roots"])
+    }
     return saved
 
 
 def _full_matrices(state: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """A compact state's factors and roots as full symmetric matrices (new tensors)."""
-    factors = [
-        compact.full(f, torch.ones_like(f, dtype=torch.bool).tril(), upper=False)
-        for f in state["factors"]
-    ]
-    roots = [
-        compact.full(r, torch.ones_like(r, dtype=torch.bool).triu(), upper=True)
-        for r in state["roots"]
-    ]
-    return factors, roots
+
+    def full(t: torch.Tensor, upper: bool) -> torch.Tensor:
+        mask = torch.ones_like(t, dtype=torch.bool)
+        return compact.full(t, mask.triu() if upper else mask.tril(), upper=upper)
+
+    return [full(f, False) for f in state["factors"]], [full(r, True) for r in state["roots"]]
 
 
 def _owned(value: Any) -> Any:
@@ -111,8 +87,7 @@ def _owned(value: Any) -> Any:
 
 
 def from_saved(owner: str, name: str, saved: dict[str, Any]) -> dict[str, Any]:
-    """A saved parameter state (schema 2 or the earlier layout) in the runtime layout: lists of
-    factors and roots, ``pending_*`` only while roots are in flight."""
+    """A saved parameter state (schema 2 or the list layout before it) in the runtime layout."""
     state = dict(saved)
     schema = state.pop("schema", None)
     if schema is not None and int(schema) != SCHEMA:
@@ -140,21 +115,8 @@ def from_saved(owner: str, name: str, saved: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-def check_group_keys(owner: str, groups: list[dict[str, Any]], settings: Iterable[str]) -> None:
-    """Refuse saved parameter groups that lack one of ``settings``: they would replace this
-    optimizer's groups and fail at a later step."""
-    for index, group in enumerate(groups):
-        missing = sorted(k for k in settings if k not in group)
-        if missing:
-            raise ValueError(
-                f"{owner} state dict's param group {index} lacks {missing}: the state dict is "
-                "truncated or not from this optimizer"
-            )
-
-
 def _called_by_dcp() -> bool:
-    """Is ``state_dict()`` being called by ``torch.distributed.checkpoint`` (which calls it on
-    every rank, saves the union of what they return and loads each rank its own keys)?"""
+    """Is ``state_dict()`` being called by ``torch.distributed.checkpoint``?"""
     frame = sys._getframe(1)
     while frame is not None:
         if frame.f_globals.get("__name__", "").startswith("torch.distributed.checkpoint"):
@@ -170,10 +132,8 @@ class Codec:
     owner: str
     """The optimizer's class name, for messages."""
     settings: list[str]
-    """The group settings a saved group must have."""
     added: Mapping[str, Any]
-    """Group settings added since the front end's first release, with the value that keeps the
-    behaviour a state dict or pickle without them was saved with."""
+    """The front end's ``_ADDED_GROUP_KEYS``."""
     config: Callable[[dict[str, Any]], EngineConfig]
     group_of: Callable[[torch.Tensor], dict[str, Any]]
     describe: Callable[[torch.Tensor], str]
@@ -181,25 +141,9 @@ class Codec:
 
 
 def settings_of(front: type, defaults: Mapping[str, Any], added: Mapping[str, Any]) -> list[str]:
-    """The group settings a saved group must have: the front end's per-group kwargs, less
-    those added since its first release (loading fills them in)."""
+    """The group settings a saved group must have: the front end's group kwargs but ``added``."""
     declared = group_defaults(dict.fromkeys(inspect.signature(front).parameters))
     return [k for k in declared if k in defaults and k not in added]
-
-
-def local_state_dict(
-    packed: dict[str, Any],
-    states: Mapping[torch.Tensor, Any],
-    params: list[torch.Tensor],
-    pending: dict[torch.Tensor, dict[str, Any]],
-    compact: bool,
-) -> dict[str, Any]:
-    """The base class's state dict ``packed`` with every parameter's state as schema 2."""
-    index = {id(p): i for i, p in enumerate(params)}
-    for p, state in states.items():
-        if isinstance(state, dict) and "factors" in state:
-            packed["state"][index[id(p)]] = to_saved(state, pending.get(p), compact)
-    return packed
 
 
 def shared_state_dict(
@@ -209,8 +153,7 @@ def shared_state_dict(
     consolidated: dict[str, Any] | None,
     params: list[torch.Tensor],
 ) -> dict[str, Any]:
-    """The state dict of a rank holding a share (``partition_state``): the consolidated
-    whole, or the share when ``torch.distributed.checkpoint`` asks."""
+    """A rank's state dict: the consolidated whole, or its share when DCP asks."""
     if consolidated is None and _called_by_dcp():
         share = local()  # DCP: every rank saves its share, loads its own
         for i, p in enumerate(params):
@@ -233,15 +176,20 @@ def capture(
     shares: StateShares | None,
     loading: dict[str, Any],
 ) -> Callable[[Any, dict[str, Any]], None]:
-    """A load pre-hook (registered last, so it sees the state dict the user's pre-hooks
-    settled on) that checks every saved state against its parameter's layout and keeps it in
-    ``loading`` (``params``: saved id → parameter; ``state``: saved id → state)."""
+    """A load pre-hook (registered last: it sees what the user's pre-hooks settled on) that checks
+    each saved state against its layout and keeps it in ``loading`` (``params``, ``state``)."""
 
     def hook(optimizer: Any, final: dict[str, Any]) -> None:
         saved_ids = [i for group in final["param_groups"] for i in group["params"]]
         loading["params"] = dict(zip(saved_ids, params))
         loading["state"] = {}
-        check_group_keys(codec.owner, final["param_groups"], codec.settings)
+        for index, group in enumerate(final["param_groups"]):  # else it fails at a later step
+            missing = sorted(k for k in codec.settings if k not in group)
+            if missing:
+                raise ValueError(
+                    f"{codec.owner} state dict's param group {index} lacks {missing}: the state "
+                    "dict is truncated or not from this optimizer"
+                )
         # The settings the state was saved with (they replace the groups' on loading).
         settings = {
             i: {k: v for k, v in group.items() if k != "params"}
@@ -263,8 +211,7 @@ def capture(
 
 
 def restore_loaded(states: dict[Any, Any], loading: dict[str, Any]) -> None:
-    """The saved tensors of a load (checked by :func:`capture`) in place of the base class's
-    dtype-cast copies, cast to each parameter's state dtype."""
+    """The saved tensors of a load, in each parameter's state dtype, for the base class's copies."""
     for saved_id, p in loading["params"].items():
         saved = loading["state"].get(saved_id)
         if saved is not None:
@@ -289,8 +236,7 @@ def adopt_pending(
     layout_of: Callable[[torch.Tensor], BlockLayout],
     adopt: Callable[[torch.Tensor, dict[str, Any], list[list[int]]], None],
 ) -> None:
-    """After a load or unpickling: old checkpoints migrated, and the pending entries turned
-    into resolved tickets (``adopt``)."""
+    """After a load or unpickling: old states migrated, pending entries made resolved tickets."""
     for p, state in states.items():
         if isinstance(state, dict):
             if in_flight(state):

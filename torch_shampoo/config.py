@@ -1,7 +1,5 @@
-"""Per-group settings: the engine's view of a parameter group (:class:`EngineConfig`).
-
-The front ends' settings, their checks and how each maps onto an :class:`EngineConfig` are
-declared once, in :mod:`torch_shampoo.settings`.
+"""Per-group settings: the engine's view of a parameter group (:class:`EngineConfig`), which
+:mod:`torch_shampoo.settings` maps the front ends' kwargs onto.
 """
 
 from __future__ import annotations
@@ -86,9 +84,8 @@ def revalidate(
     seen: dict[int, list[Any]],
     validate: Callable[[dict[str, Any]], None],
 ) -> None:
-    """``validate`` each group whose settings changed since they were last seen (``seen``, by
-    group index; an lr aside): a setting written into ``param_groups`` during training is
-    refused at the next step, naming the group and the value, before anything changes."""
+    """``validate`` each group whose settings (an lr aside) changed since last ``seen``: a bad
+    setting written into ``param_groups`` during training is refused at the next step."""
     for index, group in enumerate(groups):
         settings = [v for k, v in group.items() if k not in _NOT_RECHECKED]
         if seen.get(index) == settings:
@@ -108,16 +105,13 @@ def world_size() -> int:
 
 def is_dtensor(t: torch.Tensor) -> bool:
     """Is ``t`` a ``torch.distributed`` DTensor (FSDP2's ``fully_shard``, tensor parallelism)?"""
-    if type(t) is torch.Tensor or type(t) is torch.nn.Parameter:
+    if type(t) in (torch.Tensor, torch.nn.Parameter) or not torch.distributed.is_available():
         return False  # (the common case, asked per parameter per step: no import)
-    if not torch.distributed.is_available():
-        return False
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
 
 
 def group_defaults(arguments: Mapping[str, Any]) -> dict[str, Any]:
-    """The per-group settings among a constructor's ``arguments`` (by name: not ``params``, not
-    a constructor-only flag of :data:`torch_shampoo.settings.SPEC`)."""
+    """The per-group settings among a constructor's ``arguments`` (not the constructor-only)."""
     return {k: arguments[k] for k in declared(arguments)}

@@ -1,12 +1,7 @@
 """The engine Shampoo, SOAP and NG+ share: Kronecker-factored statistics, CPU roots, the step.
 
-Per block of a parameter (:mod:`torch_shampoo.layout.blocking`) one statistics factor F_i per
-factored dim; X_i = (F_i/bc + εI)^(−1/r) from :mod:`torch_shampoo.roots.pool`; equal-shape blocks
-stacked into buckets (:mod:`~torch_shampoo.layout.buckets`). A front end maps its kwargs onto an
-:class:`EngineConfig` per group. This class is glue over the parts it owns: the book of its
-parameters (:mod:`~torch_shampoo.ledger`), the root cycles (:mod:`~torch_shampoo.root_cycles`), the
-state-dict codec (:mod:`~torch_shampoo.checkpoint`); the math is
-:mod:`~torch_shampoo.update.per_unit`.
+Glue over its parts (:mod:`~torch_shampoo.ledger`, :mod:`~torch_shampoo.root_cycles`,
+:mod:`~torch_shampoo.checkpoint`); the math is :mod:`~torch_shampoo.update.per_unit`.
 """
 
 from __future__ import annotations
@@ -39,17 +34,15 @@ _Engine = TypeVar("_Engine", bound="PreconditionerEngine")
 class PreconditionerEngine(torch.optim.Optimizer):
     r"""A ``torch.optim.Optimizer`` preconditioning each block of a gradient with Kronecker factors.
 
-    The step is the one written in :class:`torch_shampoo.Shampoo`'s docstring, with every setting
-    taken from the group's :class:`EngineConfig`; when roots are computed and installed is the
-    :class:`~torch_shampoo.roots.scheduler.RootScheduler`'s business. A block takes the graft's
-    direction until all of its roots are installed. Subclasses define :meth:`_config` and
-    :meth:`_validate`, and may override :meth:`_layout_of`, :meth:`_take_curvature`,
-    :meth:`_leader_of` and :meth:`_followers_of`.
+    The step is the one in :class:`torch_shampoo.Shampoo`'s docstring, every setting from the
+    group's :class:`EngineConfig`. Subclasses define :meth:`_config` and :meth:`_validate`, and
+    may override :meth:`_layout_of`, :meth:`_take_curvature`, :meth:`_leader_of` and
+    :meth:`_followers_of`.
     """
 
     _ADDED_GROUP_KEYS: ClassVar[Mapping[str, Any]] = MappingProxyType({})
-    """Group settings added after a front end's first release, with the value that keeps the
-    behaviour a state dict or pickle without them was saved with (filled in on loading)."""
+    """Group settings added since a front end's first release, each with the value that keeps
+    the behaviour of a state dict or pickle saved without it (filled in on loading)."""
 
     def __init__(
         self,
@@ -67,14 +60,13 @@ class PreconditionerEngine(torch.optim.Optimizer):
         for name, flag in flags.items():
             if not isinstance(flag, bool):
                 raise TypeError(f"Invalid {name}: {flag!r} (must be a bool)")
-        self._partition_roots, self._partition_state = partition_roots, partition_state
-        self._compact_state = compact_state
         if root_workers is None:
             root_workers = max(1, (os.cpu_count() or 2) // 2)
         if isinstance(root_workers, bool) or not isinstance(root_workers, int) or root_workers < 1:
             raise ValueError(f"Invalid root_workers: {root_workers!r} (must be a positive integer)")
-        self._async_roots = async_roots
-        self._root_workers = root_workers
+        self._async_roots, self._root_workers = async_roots, root_workers
+        self._partition_roots, self._partition_state = partition_roots, partition_state
+        self._compact_state = compact_state
         self._init_runtime()
         self._validate(defaults)
         super().__init__(params, defaults)
@@ -96,8 +88,7 @@ class PreconditionerEngine(torch.optim.Optimizer):
         return None
 
     def _leader_of(self, p: torch.Tensor) -> torch.Tensor | None:
-        """The parameter whose roots ``p`` uses instead of computing its own (NG+: a hooked
-        layer's bias shares its weight's F, hence its inverse); None: its own."""
+        """The parameter whose roots ``p`` uses (NG+: a hooked layer's bias, its weight's)."""
         return None
 
     def _followers_of(self, p: torch.Tensor) -> list[torch.Tensor]:
@@ -106,9 +97,10 @@ class PreconditionerEngine(torch.optim.Optimizer):
 
     def _init_runtime(self) -> None:
         """Runtime objects that are never part of the state: threads, buffers, tickets."""
-        self._ledger = Ledger(type(self).__name__, lambda p, c: self._layout_of(p, c))
+        owner = type(self).__name__
+        self._ledger = Ledger(owner, lambda p, c: self._layout_of(p, c), self._describe)
         # (each looked up at the call: front ends and tests replace them on the object)
-        front = Front(type(self).__name__, lambda g: self._config(g), lambda p: self._leader_of(p),
+        front = Front(owner, lambda g: self._config(g), lambda p: self._leader_of(p),
                       lambda p: self._followers_of(p), lambda p: self._locate(p)[0],
                       lambda p, j: self._factor_name(p, j))  # fmt: skip
         self._cycles = RootCycles(RootScheduler(self._async_roots, self._root_workers), front)
@@ -124,8 +116,7 @@ class PreconditionerEngine(torch.optim.Optimizer):
     _buckets = property(lambda self: self._ledger.buckets)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Validate a group (with the defaults filled in) before adding it: a rejected group
-        leaves the optimizer as it was."""
+        """Validate a group (defaults filled in) first: a rejected group changes nothing."""
         if isinstance(param_group, dict) and "params" in param_group:
             params = param_group["params"]
             if not isinstance(params, (torch.Tensor, set)):
@@ -157,11 +148,8 @@ class PreconditionerEngine(torch.optim.Optimizer):
                 self._step_parameters()
         return loss
 
-    # Host-side bookkeeping (counters, state checks, bucket plans, root schedules, thread
-    # hand-offs) runs eagerly even under torch.compile; the tensor math between it reads no
-    # Python value that changes from step to step, so a compiled step does not recompile.
-    # Roots that fail past their limit raise before the step changes any state (the gradient,
-    # statistics and roots come first; what they changed is put back).
+    # Host-side bookkeeping runs eagerly even under torch.compile; the tensor math between it
+    # reads no Python value that changes from step to step, so a compiled step does not recompile.
     def _step_parameters(self) -> None:
         work, buckets, stepped, undo = self._begin_step()
         try:
@@ -187,20 +175,14 @@ class PreconditionerEngine(torch.optim.Optimizer):
 
     @torch.compiler.disable
     def _undo(self, undo: Undo | None, work: list[Work]) -> None:
-        """Leave the state as if the step had not happened: its tensors as copied before it,
-        states it made dropped, its root jobs dropped, the roots it installed pending again."""
+        """Leave the state, and the roots, as if the step had not happened."""
         assert undo is not None  # (roots fail within a step only where they may be solved)
         undo.restore(self.state, self._ledger)
-        cycles = self._cycles
-        cycles.forget([(w.p, w.t) for w in work])
-        cycles.put_back([due[4] for due in undo.taken.values()], list(undo.taken))
-        for w in work:
-            cycles.rooted.pop(w.p, None)
+        self._cycles.forget([(w.p, w.t) for w in work], undo.taken)
 
     @torch.compiler.disable
     def _finish_step(self, stepped: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Every stepped parameter from its owner (``partition_state``), sharded ones' rows of
-        the whole written back; then the roots go to the pool."""
+        """Parameters from their owners, DTensors' rows written back; then roots go to the pool."""
         if self._shares is not None:
             self._shares.broadcast(stepped)
         for p, whole in stepped:
@@ -211,9 +193,8 @@ class PreconditionerEngine(torch.optim.Optimizer):
     def _begin_step(
         self,
     ) -> tuple[list[Work], list[Bucket], list[tuple[torch.Tensor, Any]], Undo | None]:
-        """Per parameter with a gradient: its state (created or checked), the buckets (planned
-        again when a parameter or its state is new), its roots due now (checked, then
-        installed); what the step may have to undo; then the step counters advance."""
+        """Per parameter with a gradient: its state (created or checked), its roots due now
+        (checked, then installed); the buckets, what the step may undo; the counters advance."""
         revalidate(self.param_groups, self._seen_groups, self._validate)
         roots, shares = self._cycles.scheduler, self._state_shares()
         wanted = getattr(self, "_partition_roots", False)  # (absent from earlier pickles)
@@ -230,7 +211,7 @@ class PreconditionerEngine(torch.optim.Optimizer):
             for p in (p for p in group["params"] if p.grad is not None):
                 stepped.append((p, dtensor.gathered(p)))  # (a collective for a DTensor)
                 if shares is None or shares.mine(p):
-                    layout = ledger.state_of(p, self.state, config, self._describe, created)
+                    layout = ledger.state_of(p, self.state, config, created)
                     ready.append((p, config, group, layout, stepped[-1][1]))
         cycles, state = self._cycles, self.state
         if ledger.buckets is None:  # planned again: a new parameter, or new state
@@ -265,7 +246,6 @@ class PreconditionerEngine(torch.optim.Optimizer):
     # --------------------------------------------------------------------- names
 
     def _locate(self, p: torch.Tensor) -> tuple[int, dict[str, Any]]:
-        """The parameter's index (over all groups) and its group, in O(1)."""
         return self._ledger.locate(p, self.param_groups)
 
     def _group_of(self, p: torch.Tensor) -> dict[str, Any]:
@@ -284,23 +264,19 @@ class PreconditionerEngine(torch.optim.Optimizer):
         return f"parameter {self._describe(p)} block {j // len(dims)} dim {dims[j % len(dims)]}"
 
     def root_stats(self) -> dict[str, Any]:
-        """Plain numbers about the inverse roots since this optimizer object was created:
-        the keys of :func:`torch_shampoo.telemetry.root_stats`."""
+        """Plain numbers about the inverse roots: :func:`torch_shampoo.telemetry.root_stats`."""
         roots, params = self._cycles.scheduler, self._all_params()
         errors = [(i, j) for i, j in roots.stats.last_error if i < len(params)]
         names = {(i, j): self._factor_name(params[i], j) for i, j in errors}
         staleness = [self._cycles.staleness_of(group) for group in self.param_groups]
-        elements, host = sum(p.numel() for p in self.state), roots.staging.values()
-        return telemetry.root_stats(telemetry.Report(
-            roots.stats, staleness, len(roots.pending), list(self.state.values()), elements,
-            telemetry.host_bytes(host), names,
-        ))  # fmt: skip
+        return telemetry.root_stats(
+            roots.stats, staleness, len(roots.pending), self.state, roots.staging.values(), names
+        )
 
     # -------------------------------------------------------------- state dicts, pickling
 
     def _state_shares(self) -> StateShares | None:
-        """The owner of each parameter (``partition_state`` with several processes), made from
-        the global shapes alone when first needed; None: this process steps every parameter."""
+        """The owner of each parameter (``partition_state``, several processes); None: all ours."""
         if self._shares is None and getattr(self, "_partition_state", False) and world_size() > 1:
             params = self._all_params()
             layouts = [self._layout_of(p, self._config(self._group_of(p))) for p in params]
@@ -308,11 +284,8 @@ class PreconditionerEngine(torch.optim.Optimizer):
         return self._shares
 
     def state_dict(self) -> dict[str, Any]:
-        """The state, with roots still in flight waited for and included, so it can resume.
-        With ``partition_state`` under DDP, the whole state gathered by the last
-        :meth:`consolidate_state_dict`, or this rank's share when ``torch.distributed.
-        checkpoint`` asks (it saves every rank's); otherwise, after a step, a RuntimeError
-        (this rank holds only its share: saved alone, the others' parameters would restart)."""
+        """The state, roots in flight included; with ``partition_state`` under DDP, the whole
+        from :meth:`consolidate_state_dict`, or this rank's share when DCP asks."""
         shares = self._state_shares()
         if shares is None or not self._spread:
             return self._local_state_dict()
@@ -320,9 +293,8 @@ class PreconditionerEngine(torch.optim.Optimizer):
         return checkpoint.shared_state_dict(owner, local, shares, self._consolidated, params)
 
     def consolidate_state_dict(self) -> None:
-        """Gather every rank's share of the state (``partition_state``; collective: call it on
-        every rank), so that ``state_dict()`` returns the whole until the next step. Without
-        shares it does nothing."""
+        """Gather every rank's share of the state (``partition_state``; collective), so that
+        ``state_dict()`` returns the whole until the next step; without shares, nothing."""
         shares = self._state_shares()
         if shares is not None:
             packed = self._local_state_dict()
@@ -332,14 +304,15 @@ class PreconditionerEngine(torch.optim.Optimizer):
     def _local_state_dict(self) -> dict[str, Any]:
         packed = super().state_dict()
         pending = self._cycles.scheduler.export()  # roots in flight, waited for
-        params, compact = self._all_params(), self._compact_state
-        return checkpoint.local_state_dict(packed, self.state, params, pending, compact)
+        for i, p in enumerate(self._all_params()):
+            state = self.state.get(p)
+            if isinstance(state, dict) and "factors" in state:
+                packed["state"][i] = checkpoint.to_saved(state, pending.get(p), self._compact_state)
+        return packed
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load state as the base class does (hooks included), except that floating-point state
-        takes the parameter's state dtype (float32 factors of a bf16 parameter stay float32),
-        host entries stay on the CPU, and state that does not fit a parameter's layout is
-        refused before anything changes."""
+        """Load as the base class does, but in each parameter's state dtype, host entries on the
+        CPU, and refuse state that does not fit a parameter's layout before changing anything."""
         loading: dict[str, Any] = {}
         added = self._ADDED_GROUP_KEYS
         settings = checkpoint.settings_of(type(self), self.defaults, added)
@@ -359,9 +332,8 @@ class PreconditionerEngine(torch.optim.Optimizer):
         pending = self._cycles.scheduler.export()
         compact = getattr(self, "_compact_state", False)
         state["state"] = type(self.state)(dict, checkpoint.pickled(self.state, pending, compact))
-        for key in ("_async_roots", "_root_workers", "_partition_roots", "_partition_state"):
-            state[key] = getattr(self, key, False)
-        state["_compact_state"] = compact
+        flags = ("_async_roots", "_root_workers", "_partition_roots", "_partition_state")
+        state.update({key: getattr(self, key, False) for key in flags}, _compact_state=compact)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

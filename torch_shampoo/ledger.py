@@ -1,7 +1,6 @@
-"""The engine's book of its parameters: where each one is (its index and group), its layout,
-its state (created, or checked against the layout once per layout, state object and dtype),
-the bucket plan; and :class:`Undo`, what a step changes before its roots are checked, kept
-so that a step whose roots fail past their limit leaves the state as it found it.
+"""The engine's book of its parameters: where each one is, its layout, its state (created, or
+checked once per layout, state object and dtype), the bucket plan; and :class:`Undo`, which lets
+a step whose roots fail past their limit leave the state as it found it.
 """
 
 from __future__ import annotations
@@ -16,8 +15,7 @@ from .config import EngineConfig
 from .layout.blocking import BlockLayout, block_layout, output_side_layout
 from .layout.buckets import Bucket, plan_buckets, slots_of
 from .roots.staging import Slot
-from .state import check_state, init_state, recast, state_dtype
-from .update.grafting import SECOND_MOMENT
+from .state import MOMENTS, check_state, init_state, moments_used, recast, state_dtype
 
 __all__ = ["Ledger", "Undo", "layout"]
 
@@ -33,16 +31,18 @@ def layout(
 
 
 States = MutableMapping[Any, Any]
-_MOMENTS = ("exp_avg", "graft_v", "momentum_buffer")
 
 
 class Ledger:
-    """Per parameter: its index and group, the layout its state was checked against; the
-    bucket plan of all parameters with state."""
+    """Per parameter: its index, group and checked layout; the bucket plan of all with state."""
 
-    def __init__(self, owner: str, layout_of: Callable[[torch.Tensor, EngineConfig], BlockLayout]):
-        self.owner = owner
-        self.layout_of = layout_of
+    def __init__(
+        self,
+        owner: str,
+        layout_of: Callable[[torch.Tensor, EngineConfig], BlockLayout],
+        describe: Callable[[torch.Tensor], str],
+    ) -> None:
+        self.owner, self.layout_of, self.describe = owner, layout_of, describe
         self.checked: dict[torch.Tensor, tuple[BlockLayout, dict[str, Any], torch.dtype]] = {}
         self.index: dict[int, tuple[int, dict[str, Any], torch.Tensor]] = {}
         self.buckets: list[Bucket] | None = None
@@ -71,18 +71,13 @@ class Ledger:
         self.forget_groups()
 
     def state_of(
-        self,
-        p: torch.Tensor,
-        states: States,
-        config: EngineConfig,
-        describe: Callable[[torch.Tensor], str],
-        created: list[torch.Tensor],
+        self, p: torch.Tensor, states: States, config: EngineConfig, created: list[torch.Tensor]
     ) -> BlockLayout:
         """Create (noted in ``created``) or check the state of ``p``; returns its layout."""
         assert p.grad is not None
         if p.grad.is_sparse:
             raise RuntimeError(
-                f"{self.owner} does not support sparse gradients (parameter {describe(p)})"
+                f"{self.owner} does not support sparse gradients (parameter {self.describe(p)})"
             )
         layout = self.layout_of(p, config)
         state = states[p]
@@ -93,15 +88,11 @@ class Ledger:
         same = checked[0] is layout or checked[0] == layout  # (an equal layout made anew)
         if not same or checked[1] is not state or checked[2] is not p.dtype:
             # again after a load, a block-size change or a new dtype (model.double())
-            check_state(self.owner, describe(p), p, state, layout)
+            check_state(self.owner, self.describe(p), p, state, layout)
             recast(state, p)
             self.checked[p] = (layout, state, p.dtype)
             self.buckets = None  # a new parameter, or new state: stack again
-        for key, used in (
-            ("exp_avg", config.beta1 != 0),  # with β₁ = 0 the first moment is the gradient
-            ("momentum_buffer", config.momentum != 0),
-            ("graft_v", config.grafting in SECOND_MOMENT),
-        ):
+        for key, used in moments_used(config).items():
             if used and key not in state:
                 state[key] = torch.zeros(p.shape, dtype=state_dtype(p), device=p.device)
                 self.buckets = None  # stack it with the others
@@ -117,8 +108,7 @@ class Ledger:
         config_of: Callable[[dict[str, Any]], EngineConfig],
         packed: bool,
     ) -> dict[int, list[Slot]]:
-        """Plan the buckets of every parameter with state (its factors and roots are copied
-        into the stacks); returns the root slots per parameter (``id``)."""
+        """Plan the buckets of every parameter with state; returns the root slots per ``id(p)``."""
         entries = []
         for index, group in enumerate(param_groups):
             config = config_of(group)
@@ -158,15 +148,13 @@ def _put(state: dict[str, Any], key: str, value: Any) -> None:
 
 
 class Undo:
-    """Copies of what a step may change before its roots due in it are checked: the step
-    counts, skip counts, factors, roots and flags of the states it steps (an eigenbasis
-    install moves the moments too: then those as well), the states it made, the pending roots
-    it took. Made only at steps that may solve roots (a first cycle, or staleness 0)."""
+    """Copies of what a step changes before its roots are checked (the moments only where an
+    eigenbasis moves them), the states it made, the roots it took; made where roots may fail."""
 
     def __init__(
         self, states: list[dict[str, Any]], created: list[torch.Tensor], taken: Any, eigen: bool
     ) -> None:
-        skip = () if eigen else _MOMENTS  # (updated after the roots are checked)
+        skip = () if eigen else MOMENTS  # (updated after the roots are checked)
         self.kept = [(s, {k: _copy(v) for k, v in s.items() if k not in skip}) for s in states]
         self.created = list(created)
         self.taken = taken

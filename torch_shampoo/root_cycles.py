@@ -1,10 +1,6 @@
 """Root cycles, the engine's side: which parameters snapshot their factors at a step, the jobs
 made from their buckets' stacks, and the installation of finished roots (failures counted,
-warned about or raised). When roots run is the
-:class:`~torch_shampoo.roots.scheduler.RootScheduler`'s business; :class:`RootCycles` turns a
-parameter's state into its jobs and their outcomes back into state. Roots that fail
-``max_root_failures`` times raise :class:`RootFailure` before any of them is installed, so the
-engine can leave its state as if the step had not happened.
+warned about, or raised before any root of the step is installed).
 """
 
 from __future__ import annotations
@@ -36,20 +32,17 @@ States = Mapping[torch.Tensor, Any]
 
 
 class RootFailure(RuntimeError):
-    """A factor's roots failed ``max_root_failures`` consecutive times (raised before any root
-    of the step is installed)."""
+    """A factor's roots failed ``max_root_failures`` times in a row (raised before any install)."""
 
 
 @dataclass
 class Front:
-    """What the root cycles ask of the optimizer, as callables (each call looks its answer up
-    again: a front end's settings and layers can change)."""
+    """What the root cycles ask of the optimizer, as callables (looked up again at each call)."""
 
     owner: str
     """The optimizer's class name, for messages."""
     config: Callable[[dict[str, Any]], EngineConfig]
     leader_of: Callable[[torch.Tensor], torch.Tensor | None]
-    """The parameter whose roots ``p`` uses instead of computing its own (NG+)."""
     followers_of: Callable[[torch.Tensor], list[torch.Tensor]]
     index_of: Callable[[torch.Tensor], int]
     """The parameter's index over all groups."""
@@ -61,12 +54,10 @@ Due = tuple[torch.Tensor, dict[str, Any], EngineConfig, dict[str, Any], Pending]
 
 
 class RootCycles:
-    """The root half of a step: owns the :class:`RootScheduler`, the root slots of every
-    parameter (its rows of the buckets' stacks) and, per parameter, which blocks have roots."""
+    """The root half of a step: the scheduler, each parameter's root slots and rooted blocks."""
 
     def __init__(self, scheduler: RootScheduler, front: Front) -> None:
-        self.scheduler = scheduler
-        self.front = front
+        self.scheduler, self.front = scheduler, front
         self.slots: dict[int, list[Slot]] = {}
         """Per parameter (``id``), one slot per bucket and factored dim."""
         self.rooted: dict[torch.Tensor, tuple[bool, ...] | None] = {}
@@ -89,22 +80,24 @@ class RootCycles:
     def take_due(self, ready: list[tuple[Any, ...]]) -> dict[torch.Tensor, Due]:
         """The pending roots due now of every parameter of ``ready`` (p, state, config, group,
         t), waited for; if one would fail past its limit, all are put back and it raises."""
-        taken: dict[torch.Tensor, Due] = {}
-        for p, state, config, group, t in ready:
-            auto = config.staleness is None
-            pending = self.scheduler.take_due(p, t, group, config.frequency, auto)
-            if pending is not None:
-                taken[p] = (p, state, config, group, pending)
+        due = {args[0]: self._due(*args) for args in ready}
+        taken = {p: d for p, d in due.items() if d is not None}
         try:
             self.check(list(taken.values()))
         except RootFailure:
-            self.put_back([due[4] for due in taken.values()], list(taken))
+            self.put_back(taken)
             raise
         return taken
 
+    def _due(
+        self, p: torch.Tensor, state: dict[str, Any], config: EngineConfig, group: Any, t: int
+    ) -> Due | None:
+        """The pending roots of ``p`` due at its step ``t``, waited for (None: none due)."""
+        pending = self.scheduler.take_due(p, t, group, config.frequency, config.staleness is None)
+        return None if pending is None else (p, state, config, group, pending)
+
     def check(self, due: list[Due]) -> None:
-        """Raise :class:`RootFailure` if a root of ``due`` failed for the
-        ``max_root_failures``-th consecutive time (nothing is installed, nothing counted)."""
+        """Raise :class:`RootFailure` if a root of ``due`` failed ``max_root_failures`` times."""
         for p, state, config, _, pending in due:
             for ticket, indices in zip(pending.tickets, pending.factors):
                 for j, outcome in zip(indices, outcomes_of(ticket, indices)):
@@ -120,26 +113,29 @@ class RootCycles:
         name = self.front.factor_name(p, j)
         return f"inverse root of {name} from step {pending.submitted} failed: {outcome.reason}"
 
-    def put_back(self, pendings: list[Pending], params: list[torch.Tensor]) -> None:
+    def put_back(self, taken: dict[torch.Tensor, Due]) -> None:
         """Undo :meth:`take_due` (the step that took them raised)."""
-        for p, pending in zip(params, pendings):
-            self.scheduler.pending[p] = pending
+        for p, due in taken.items():
+            self.scheduler.pending[p] = due[4]
 
-    def forget(self, stepped: list[tuple[torch.Tensor, int]]) -> None:
-        """Drop the root jobs made for each (p, t) of ``stepped`` at its step t (the step
-        raised)."""
+    def forget(
+        self, stepped: list[tuple[torch.Tensor, int]], taken: dict[torch.Tensor, Due]
+    ) -> None:
+        """Undo a step that raised: drop the root jobs made for each (p, t) of ``stepped`` at
+        its step t, put back the roots it took (:meth:`take_due`), forget its rooted blocks."""
         roots, made = self.scheduler, set()
         for p, t in stepped:
+            self.rooted.pop(p, None)
             pending = roots.pending.get(p)
             if pending is not None and pending.submitted == t:
                 made.add(id(roots.pending.pop(p)))
         roots.unsent = [x for x in roots.unsent if id(x) not in made]
         roots.due_now = [x for x in roots.due_now if id(x) not in made]
+        self.put_back(taken)
 
     def install(self, due: Due, states: States) -> None:
-        """Install the pending roots of a parameter (checked by :meth:`check`): the usable ones
-        are copied into the bucket's root stack (one copy per job when all of its roots are);
-        a failed one keeps the previous root, with a warning."""
+        """Install the pending roots of a parameter (checked by :meth:`check`) into the bucket's
+        root stack; a failed one keeps the previous root, with a warning."""
         p, state, config, _, pending = due
         roots = self.scheduler
         if config.staleness is None and roots.should_warn_capped():
@@ -194,8 +190,7 @@ class RootCycles:
         indices: list[int],
         ok: list[bool],
     ) -> None:
-        """A job's usable roots from its buffer into the root stack (an eigenbasis: the moments
-        move into it)."""
+        """A job's usable roots from its buffer into the root stack (an eigenbasis: moments too)."""
         previous = slot.roots.clone() if config.eigenbasis else None
         first = None
         if previous is not None:  # blocks whose previous basis is the identity
@@ -235,8 +230,7 @@ class RootCycles:
     def may_solve_now(
         self, p: torch.Tensor, state: dict[str, Any], config: EngineConfig, group: Any, t: int
     ) -> bool:
-        """Might the roots of ``p`` be computed and installed in its step ``t`` (a first
-        cycle, or staleness 0)? Conservative: True where unsure."""
+        """Might the roots of ``p`` be solved and installed in its step ``t``? (True if unsure.)"""
         if not self._root_step(p, config, t):
             return False
         if not all(state["has_root"].tolist()):
@@ -258,10 +252,8 @@ class RootCycles:
     def of_this_step(
         self, work: list[Work], param_groups: list[dict[str, Any]], states: States
     ) -> None:
-        """At a root step: snapshot the factors (after this step's statistics) for the pool.
-        Roots due in this same step (a first cycle, or staleness 0) are all submitted first,
-        so the workers solve them in parallel, then installed before they are used (if one
-        failed past its limit, :class:`RootFailure` before any is)."""
+        """At a root step: snapshot the factors for the pool. Roots due in this same step are
+        all submitted first (solved in parallel), then checked and installed before their use."""
         began = time.perf_counter()
         due_now, first = [], False
         refresh: list[tuple[Any, list[Slot]]] = []
@@ -273,12 +265,8 @@ class RootCycles:
                     first = first or is_first
         roots = self.scheduler
         roots.start_due()  # every parameter's jobs due now, in batches
-        due = []
-        for w in due_now:
-            auto = w.config.staleness is None
-            pending = roots.take_due(w.p, w.t, w.group, w.config.frequency, auto)
-            if pending is not None:
-                due.append((w, (w.p, w.state, w.config, w.group, pending)))
+        found = [(w, self._due(w.p, w.state, w.config, w.group, w.t)) for w in due_now]
+        due = [(w, d) for w, d in found if d is not None]
         self.check([d for _, d in due])
         for state, slots in refresh:  # (after the check: it changes roots and moments)
             self._refresh_bases(state, slots)
@@ -286,11 +274,8 @@ class RootCycles:
         for w, d in due:
             self.install(d, states)
             for x in (w.p, *self.front.followers_of(w.p)):
-                if x in by_param:
-                    follower = by_param[x]
-                    follower.rooted = self.rooted_blocks(
-                        x, follower.state, follower.layout, follower.config
-                    )
+                if (v := by_param.get(x)) is not None:
+                    v.rooted = self.rooted_blocks(x, v.state, v.layout, v.config)
         if first and roots.async_roots:
             roots.waited_first_cycle(time.perf_counter() - began)
             for group in param_groups:  # fix "auto" now that a cycle was measured
@@ -299,11 +284,9 @@ class RootCycles:
                     roots.staleness(group, None, config.frequency)
 
     def _submit(self, w: Work, first: bool, refresh: list[tuple[Any, list[Slot]]]) -> bool:
-        """Snapshot every factor of ``w.p`` for the pool (one job per bucket and factored dim),
-        due at a fixed step: this one for a first cycle, else after the group's staleness
-        (capped at the next root step). Returns whether the roots are due in this step.
-        Eigenbases: only every ``eigh_every``-th root step (and a first) makes jobs; the others
-        refresh the installed bases by a power iteration instead (added to ``refresh``)."""
+        """Snapshot every factor of ``w.p`` for the pool, due now for a first cycle, else after the
+        group's staleness (capped at the next root step); returns whether due now. Eigenbases:
+        root steps other than every ``eigh_every``-th (or a first) go to ``refresh`` instead."""
         config, t = w.config, w.t
         frequency = config.frequency
         slots = self.slots.get(id(w.p), [])
@@ -315,8 +298,7 @@ class RootCycles:
         else:
             staleness = self.scheduler.staleness(w.group, config.staleness, frequency)
             due = min(t + staleness, (t // frequency + 1) * frequency)
-        beta2 = config.beta2
-        scale = 1.0 - beta2**t if config.bias_correction and beta2 < 1.0 else 1.0
+        scale = 1.0 - config.beta2**t if config.bias_correction and config.beta2 < 1.0 else 1.0
         if config.eigenbasis and config.basis_refresh and due > t:
             refresh.append((w.state, slots))
         try:
@@ -346,10 +328,8 @@ class RootCycles:
         return self.scheduler.submit(w.p, slots, jobs, t, due, in_place=not config.eigenbasis)
 
     def _refresh_bases(self, state: dict[str, Any], slots: list[Slot]) -> None:
-        """At a root step without exact bases, or while they are computed off the step, the
-        installed bases take one power iteration with the current factors
-        (:func:`~torch_shampoo.update.eigenbasis.refresh`), the moments moving with them; blocks
-        without a basis yet keep the identity."""
+        """One power iteration of the installed bases with the current factors, the moments
+        moving with them (at a root step without exact bases, or while they are computed)."""
         for slot in slots:
             installed = [bool(state["has_root"][j]) for j in slot.indices]
             if not any(installed):
@@ -384,8 +364,7 @@ def user_stacklevel() -> int:
 
 
 def _as_index(indices: list[int]) -> slice | list[int]:
-    """Sorted factor indices as a slice where they are evenly spaced, as a parameter's usually
-    are (a view: no index tensor to build)."""
+    """Sorted factor indices as a slice where they are evenly spaced (no index tensor to build)."""
     first, last = indices[0], indices[-1]
     step = indices[1] - first if len(indices) > 1 else 1
     if step > 0 and indices == list(range(first, last + 1, step)):

@@ -1,12 +1,7 @@
 """The per-parameter state: what it holds, how it is made, checked, migrated and restored.
 
-Per parameter: ``step`` (CPU), ``exp_avg``, ``graft_v``, ``momentum_buffer`` (parameter-shaped,
-float32, or float64 for float64 parameters; each only if the group uses it: no ``exp_avg`` with
-β₁ = 0), ``factors`` / ``roots`` (lists of d×d tensors in
-block order), ``root_failures`` and ``has_root`` (CPU, one entry per factor),
-``skipped_blocks``, and the slots ``state_dict()`` fills with roots in flight: ``schema``,
-``pending_due`` (-1: none), ``pending_submitted``, ``pending_ok``, ``pending_roots`` (kept empty
-here; the roots in flight live in the scheduler). Every key exists from the first step.
+Every key but the moments (:data:`MOMENTS`, held where the group uses them) exists from the first
+step; the ``pending_*`` slots stay empty at run time (roots in flight live in the scheduler).
 """
 
 from __future__ import annotations
@@ -21,27 +16,23 @@ from .update.grafting import SECOND_MOMENT
 
 __all__ = [
     "HOST_KEYS",
+    "MOMENTS",
     "check_moments",
     "check_state",
     "init_state",
     "migrate",
+    "moments_used",
     "recast",
     "restore",
     "state_dtype",
 ]
 
-HOST_KEYS = (
-    "step",
-    "root_failures",
-    "has_root",
-    "pending_due",
-    "pending_submitted",
-    "pending_ok",
-    "pending_roots",
-    "schema",
-)
-"""State entries that live on the CPU whatever the parameter's device (pending roots go from
-the checkpoint straight into the host buffers they are installed from)."""
+HOST_KEYS = ("step", "root_failures", "has_root", "pending_due", "pending_submitted",
+             "pending_ok", "pending_roots", "schema")  # fmt: skip
+"""State entries that live on the CPU whatever the parameter's device."""
+
+MOMENTS = ("exp_avg", "graft_v", "momentum_buffer")
+"""The parameter-shaped moments (float32, or float64 for float64 parameters)."""
 
 
 def state_dtype(param: torch.Tensor) -> torch.dtype:
@@ -58,9 +49,8 @@ def init_state(p: torch.Tensor, state: dict[str, Any], layout: BlockLayout) -> N
     dtype = state_dtype(p)
     sizes = _factor_sizes(layout)
     state["step"] = torch.tensor(0.0)
-    # One zero factor and one identity root per size, shared by the blocks until the bucket
-    # plan (which follows at once) copies them into its stacks: no per-block matrices at the
-    # first step, whose peak memory would otherwise hold every factor and root twice.
+    # One zero factor and identity root per size, shared by the blocks until the bucket plan
+    # copies them into its stacks: the first step's peak holds no per-block matrices twice.
     zeros = {d: torch.zeros(d, d, dtype=dtype, device=p.device) for d in set(sizes)}
     eyes = {d: torch.eye(d, dtype=dtype, device=p.device) for d in set(sizes)}
     state["factors"] = [zeros[d] for d in sizes]
@@ -93,10 +83,8 @@ def in_flight(state: dict[str, Any]) -> bool:
 def check_state(
     owner: str, name: str, p: torch.Tensor, state: dict[str, Any], layout: BlockLayout
 ) -> None:
-    """Refuse state that does not fit the parameter's layout instead of misusing it (``name``
-    describes the parameter in the error)."""
-    missing = {"step", "factors", "roots", "root_failures", "skipped_blocks"}
-    missing -= set(state)
+    """Refuse state that does not fit the parameter's layout instead of misusing it."""
+    missing = {"step", "factors", "roots", "root_failures", "skipped_blocks"} - set(state)
     if missing:
         raise ValueError(
             f"{owner} state of parameter {name} lacks {sorted(missing)}: the state dict is "
@@ -104,16 +92,11 @@ def check_state(
         )
     expected = _factor_sizes(layout)
     found = [f.shape[0] for f in state["factors"]]
-    roots = [tuple(r.shape) for r in state["roots"]]
     if (
         found != expected
-        or roots != [(d, d) for d in expected]
+        or [tuple(r.shape) for r in state["roots"]] != [(d, d) for d in expected]
         or any(tuple(f.shape) != (d, d) for f, d in zip(state["factors"], expected))
-        or any(
-            state[k].shape != p.shape
-            for k in ("exp_avg", "graft_v", "momentum_buffer")
-            if k in state
-        )
+        or any(state[k].shape != p.shape for k in MOMENTS if k in state)
         or len(state["root_failures"]) != len(expected)
         or ("has_root" in state and len(state["has_root"]) != len(expected))
         or not _pending_fits(state, expected)
@@ -127,17 +110,19 @@ def check_state(
         )
 
 
+def moments_used(config: EngineConfig) -> dict[str, bool]:
+    """Per moment, does the group use it (with β₁ = 0 the first moment is the gradient)?"""
+    return {
+        "exp_avg": config.beta1 != 0,
+        "momentum_buffer": config.momentum != 0,
+        "graft_v": config.grafting in SECOND_MOMENT,
+    }
+
+
 def check_moments(owner: str, name: str, state: dict[str, Any], config: EngineConfig) -> None:
     """Loaded state of a parameter that has stepped must hold the moments its group uses."""
-    needed = []
-    if float(state["step"]) > 0:
-        if config.beta1 != 0:
-            needed.append("exp_avg")
-        if config.grafting in SECOND_MOMENT:
-            needed.append("graft_v")
-        if config.momentum != 0:
-            needed.append("momentum_buffer")
-    missing = [key for key in needed if key not in state]
+    used = moments_used(config) if float(state["step"]) > 0 else {}
+    missing = [key for key in MOMENTS if used.get(key) and key not in state]
     if missing:
         raise ValueError(
             f"{owner} state of parameter {name} lacks {missing}, which its group's settings "
@@ -162,29 +147,22 @@ def migrate(state: dict[str, Any]) -> None:
     if "roots" in state and "pending_due" not in state:
         no_pending(state)
     if "roots" in state and "has_root" not in state:
-        state["has_root"] = torch.tensor(
-            [
-                not torch.equal(r, torch.eye(len(r), dtype=r.dtype, device=r.device))
-                for r in state["roots"]
-            ],
-            dtype=torch.bool,
-        ).reshape(-1)
+        roots = state["roots"]
+        eye = [torch.equal(r, torch.eye(len(r), dtype=r.dtype, device=r.device)) for r in roots]
+        state["has_root"] = torch.tensor([not e for e in eye], dtype=torch.bool).reshape(-1)
 
 
 def recast(state: dict[str, Any], param: torch.Tensor) -> None:
-    """Cast the floating-point statistics and moments of ``state`` to ``param``'s state dtype
-    where they differ (the model's dtype changed during training: ``model.double()``), as
-    loading the state dict into the new model would."""
+    """Cast the floating-point entries of ``state`` to ``param``'s state dtype where they differ
+    (the model's dtype changed during training: ``model.double()``), as loading would."""
     for key, value in state.items():
         if key not in HOST_KEYS and isinstance(value, (torch.Tensor, list)):
             state[key] = restore(key, value, param, copy=False)
 
 
 def restore(key: str, value: Any, param: torch.Tensor, copy: bool = True) -> Any:
-    """A saved state entry (a fresh object unless not ``copy``) on the right device: host
-    entries keep their dtype; floating-point statistics and moments take ``param``'s state
-    dtype (a float64 checkpoint loaded into a float32 model, or back, is cast as torch.optim
-    casts; a bf16 parameter's float32 state stays float32)."""
+    """A saved state entry (a fresh object unless not ``copy``): host entries on the CPU in their
+    dtype, the others on ``param``'s device, floating-point ones in its state dtype."""
     if isinstance(value, torch.Tensor):
         if key in HOST_KEYS:
             return value.to("cpu", copy=copy)

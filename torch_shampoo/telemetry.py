@@ -3,59 +3,43 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["Report", "held_bytes", "host_bytes", "nbytes", "root_stats"]
+__all__ = ["held_bytes", "host_bytes", "root_stats"]
 
 
-@dataclass
-class Report:
-    """Plain data about an optimizer's roots and state, read by :func:`root_stats`."""
-
-    stats: Any
-    """The root scheduler's counters (:class:`~torch_shampoo.roots.staleness.Stats`)."""
-    staleness: list[int | None]
-    """Per group, the staleness its later cycles use."""
-    pending: int
-    """Parameters with roots in flight."""
-    states: list[Any]
-    """The per-parameter states."""
-    elements: int
-    """Elements of the parameters with state."""
-    host_bytes: int
-    """Bytes of the host buffers of roots in flight."""
-    names: Mapping[tuple[int, int], str]
-    """(parameter index, factor) → its name in words, for every key of ``stats.last_error``."""
-
-
-def root_stats(report: Report) -> dict[str, Any]:
+def root_stats(
+    stats: Any,
+    staleness: list[int | None],
+    pending: int,
+    states: Mapping[torch.Tensor, Any],
+    staging: Iterable[Iterable[Any]],
+    names: Mapping[tuple[int, int], str],
+) -> dict[str, Any]:
     """What ``root_stats()`` returns: plain numbers about the inverse roots since the optimizer
-    object was created.
+    object was created (``names``: each factor's by (parameter index, factor)).
 
     ``roots_computed`` / ``root_failures``: roots installed / rejected (non-finite or failed
-    solves; the previous root stays). ``roots_solved_here``: those this process solved
-    itself (with ``partition_roots``, its share; roots loaded from a checkpoint: none).
-    ``stalls`` / ``stall_seconds``: steps that waited for
-    a late root of a later cycle, and how long. ``first_root_seconds``: time spent waiting
-    for first root cycles, which are installed in the step that computes them.
-    ``root_staleness``: the staleness each group's later cycles use (an ``"auto"`` group's
-    fitted value; ``None`` until it is fitted; one int when all groups agree).
-    ``staleness_increases``: times an auto staleness grew after a stall.
-    ``mean_staleness`` / ``max_staleness``: age in steps of the installed roots.
-    ``mean_root_seconds``: solver time per root. ``pending_parameters``: parameters with
-    roots in flight. ``skipped_blocks``: blocks skipped for non-finite gradients.
-    ``state_bytes`` / ``host_buffer_bytes``: bytes of the optimizer state and of the host
-    buffers of roots that run off the step; ``state_bytes_per_element``: state bytes per
-    parameter element (Adam's float32 moments: 8).
+    solves; the previous root stays). ``roots_solved_here``: those this process solved itself
+    (with ``partition_roots``, its share; roots loaded from a checkpoint: none). ``stalls`` /
+    ``stall_seconds``: steps that waited for a late root of a later cycle, and how long.
+    ``first_root_seconds``: time spent waiting for first root cycles, which are installed in the
+    step that computes them. ``root_staleness``: the staleness each group's later cycles use (an
+    ``"auto"`` group's fitted value; ``None`` until it is fitted; one int when all groups agree).
+    ``staleness_increases``: times an auto staleness grew after a stall. ``mean_staleness`` /
+    ``max_staleness``: age in steps of the installed roots. ``mean_root_seconds``: solver time per
+    root. ``pending_parameters``: parameters with roots in flight. ``skipped_blocks``: blocks
+    skipped for non-finite gradients. ``state_bytes`` / ``host_buffer_bytes``: bytes of the
+    optimizer state and of the host buffers of roots that run off the step;
+    ``state_bytes_per_element``: state bytes per parameter element (Adam's float32 moments: 8).
     ``last_error``: per factor, the solver's own accuracy estimate for its last root, not a
     failure: 0.0 for the direct methods (eigh, cholesky), the residual for newton.
     """
-    stats, staleness = report.stats, report.staleness
     installed = stats.roots_computed + stats.root_failures
-    state = held_bytes(report.states)
+    state = held_bytes(states)
+    skipped = [s.get("skipped_blocks", 0) for s in states.values() if isinstance(s, dict)]
     return {
         "roots_computed": stats.roots_computed,
         "roots_solved_here": stats.roots_solved,
@@ -68,22 +52,12 @@ def root_stats(report: Report) -> dict[str, Any]:
         "mean_staleness": stats.staleness_total / max(1, stats.staleness_count),
         "max_staleness": stats.staleness_max,
         "mean_root_seconds": stats.root_seconds / max(1, installed),
-        "pending_parameters": report.pending,
-        "skipped_blocks": int(
-            sum(
-                int(s["skipped_blocks"])
-                for s in report.states
-                if isinstance(s, dict) and "skipped_blocks" in s
-            )
-        ),
+        "pending_parameters": pending,
+        "skipped_blocks": sum(int(count) for count in skipped),
         "state_bytes": state,
-        "host_buffer_bytes": report.host_bytes,
-        "state_bytes_per_element": state / max(1, report.elements),
-        "last_error": {
-            report.names[key]: error
-            for key, error in stats.last_error.items()
-            if key in report.names
-        },
+        "host_buffer_bytes": host_bytes(staging),
+        "state_bytes_per_element": state / max(1, sum(p.numel() for p in states)),
+        "last_error": {names[k]: e for k, e in stats.last_error.items() if k in names},
     }
 
 
@@ -93,9 +67,8 @@ def host_bytes(staging: Iterable[Iterable[Any]]) -> int:
 
 
 def held_bytes(value: Any) -> int:
-    """Bytes of the memory that the tensors in ``value`` (nested lists, tuples and dicts) hold:
-    each storage once, however many views of it there are (the state's per-block views of a
-    bucket's stacks; compact state's two views of one stack)."""
+    """Bytes of the memory the tensors in ``value`` (nested lists, tuples and dicts) hold: each
+    storage once, however many views of it there are (per-block views of a bucket's stacks)."""
     storages: dict[tuple[int, str], int] = {}
     alone = 0
 
@@ -117,14 +90,3 @@ def held_bytes(value: Any) -> int:
 
     visit(list(value) if not isinstance(value, (torch.Tensor, dict, list, tuple)) else value)
     return sum(storages.values()) + alone
-
-
-def nbytes(value: Any) -> int:
-    """Bytes of the tensors in ``value`` (nested lists, tuples and dicts)."""
-    if isinstance(value, torch.Tensor):
-        return value.nbytes
-    if isinstance(value, (list, tuple)):
-        return sum(nbytes(v) for v in value)
-    if isinstance(value, dict):
-        return sum(nbytes(v) for v in value.values())
-    return 0
