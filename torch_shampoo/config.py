@@ -52,7 +52,7 @@ class EngineConfig:
     exact bases; the root steps between update the installed ones by one power iteration."""
     merge_dims: bool | str = True
     """How neighbouring dims merge before blocking (:mod:`torch_shampoo.layout.blocking`)."""
-    vectors: bool = True
+    precondition_1d: bool = True
     """Do 1-D parameters get a factor? (Else the graft alone steps them.)"""
     eigenbasis: bool = False
     """The pool computes each factor's eigenvectors, and the step runs Adam in that basis

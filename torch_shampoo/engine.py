@@ -81,7 +81,8 @@ class PreconditionerEngine(torch.optim.Optimizer):
 
     def _layout_of(self, p: torch.Tensor, config: EngineConfig) -> BlockLayout:
         c = config
-        return layout(tuple(p.shape), c.block_size, c.max_factor_dim, c.merge_dims, c.vectors)
+        shape = tuple(p.shape)
+        return layout(shape, c.block_size, c.max_factor_dim, c.merge_dims, c.precondition_1d)
 
     def _take_curvature(self, p: torch.Tensor) -> torch.Tensor | None:
         """Statistics prepared outside the step (NG+'s per-sample hooks); None: use G Gᵀ."""

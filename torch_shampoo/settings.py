@@ -146,7 +146,7 @@ SPEC: tuple[Setting, ...] = (
     Setting("merge_dims", {_S: True, _O: False}, Merge(), "merge small neighbouring dims",
             "merge_dims"),
     Setting("precondition_1d", {_S: True, _O: False}, Flag(), "1-D parameters get a factor",
-            "vectors"),
+            "precondition_1d"),
     Setting("basis_refresh", {_O: True}, Flag(),
             "power iteration of the bases at an eigh root step whose bases come later",
             "basis_refresh"),
@@ -174,7 +174,7 @@ FIXED: Mapping[str, Mapping[str, Any]] = {
     _O: dict(epsilon=0.0, grafting="adam", root_exponent=None, root_method="eigh",
              relative_epsilon=False, eigenbasis=True),
     _N: dict(beta1=0.0, decoupled_weight_decay=True, root_exponent=1.0, basis_refresh=False,
-             eigh_every=1, merge_dims=True, vectors=True, eigenbasis=False),
+             eigh_every=1, merge_dims=True, precondition_1d=True, eigenbasis=False),
 }  # fmt: skip
 """Each front end's engine fields that no setting feeds."""
 
