@@ -125,3 +125,22 @@ def test_the_lower_subpackages_import_nothing_above_them() -> None:
         if m.startswith(("layout.", "roots.", "distributed.")):
             bad = sorted(n for n in imported if n.startswith(above))
             assert not bad, f"{m} imports {bad}"
+
+
+def test_the_design_documents_every_module_at_its_level_with_its_imports() -> None:
+    """docs/design.md's layout table (level | module | owns | imports) is the graph: every
+    module once (subpackages' ``__init__`` aside), each row's level and imports as the code has
+    them."""
+    design = PACKAGE.parent / "docs" / "design.md"
+    graph, rows = import_graph(), {}
+    for line in design.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].isdigit():
+            imports = set() if cells[3] == "—" else {n.strip() for n in cells[3].split(",")}
+            for module in cells[1].replace("`", "").split(","):
+                rows[module.strip()] = (int(cells[0]), imports)
+    level = levels(graph)
+    modules = {m for m in graph if not (PACKAGE / m).is_dir()}
+    assert set(rows) == modules, set(rows) ^ modules
+    for m, (documented_level, documented) in rows.items():
+        assert (documented_level, documented) == (level[m], graph[m]), m
