@@ -1,9 +1,6 @@
-"""The step's math on whole buckets: the statistics F ← β₂F + w·G Gᵀ (one batched product
-per bucket and factored dim) and the preconditioned direction P = m̂ ×₁ X_1 ×₂ X_2 … (one
-batched product per bucket, grafted per block), for the units of
-:mod:`torch_shampoo.update.per_unit`: a stacked unit's whole bucket, or the rows of the single
-units that share a bucket.
-"""
+"""The step's math on whole buckets, for the units of :mod:`torch_shampoo.update.per_unit` (a
+stacked unit's whole bucket, or the rows of the single units that share one): the statistics
+and the grafted direction P = m̂ ×₁ X_1 ×₂ X_2 …, one batched product per bucket (and dim)."""
 
 from __future__ import annotations
 
@@ -92,8 +89,12 @@ class Share:
             return roots
         return [compact.full(r, m.upper, upper=True) for r, m in zip(roots, self.bucket.triangles)]
 
-    def rooted(self, where: torch.device) -> torch.Tensor | None:
-        return None if self.flags is None else device.small_tensor(self.flags, where)
+    def select(self, result: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+        """``result`` in the rows whose blocks have their roots, ``fallback`` in the others."""
+        if self.flags is None:
+            return result
+        rooted = device.small_tensor(self.flags, result.device)
+        return torch.where(rooted.view(-1, *(1,) * (result.dim() - 1)), result, fallback)
 
 
 class PerBucket:
@@ -143,13 +144,11 @@ class PerBucket:
 def precondition(
     units: list[Unit], buckets: list[Bucket], stacked: dict[int, Unit]
 ) -> list[torch.Tensor | None]:
-    """Shampoo's grafted direction per bucket, for the parameters that use their roots in
-    this step: P = m̂ ×₁ X_1 ×₂ X_2 … per block, rescaled to the graft direction's norm per
-    block (the rescaling of all buckets at once); rows whose blocks have no roots yet take the
-    graft's direction (m̂ without a graft). Returned per unit, in the unit's shape (None for a
-    unit that uses no roots in this step)."""
+    """Shampoo's direction P = m̂ ×₁ X_1 ×₂ X_2 … per block, rescaled to the graft direction's
+    norm (all buckets at once); rows whose blocks have no roots yet take the graft's direction
+    (m̂ without a graft). Per unit, in its shape (None: the unit uses no roots in this step)."""
     shares = PerBucket(units, buckets, stacked)
-    found: list[tuple[Share, torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
+    found: list[tuple[Share, torch.Tensor, torch.Tensor | None]] = []
     products = []
     for share in shares:
         m_hat = share.stack(lambda u: u.m_hat)  # type: ignore[arg-type,return-value]
@@ -162,13 +161,10 @@ def precondition(
                 shares.put(share, m_hat if direction is None else direction)
             continue
         products.append(kernels.mode_products_stack(m_hat, share.roots(), share.bucket.factored))
-        found.append((share, m_hat, direction, share.rooted(m_hat.device)))
-    grafted = kernels.graft_stacks(products, [direction for _, _, direction, _ in found])
-    for (share, m_hat, direction, rooted), result in zip(found, grafted):
-        if rooted is not None:
-            fallback = m_hat if direction is None else direction
-            result = torch.where(rooted.view(-1, *(1,) * (m_hat.dim() - 1)), result, fallback)
-        shares.put(share, result)
+        found.append((share, m_hat, direction))
+    grafted = kernels.graft_stacks(products, [direction for _, _, direction in found])
+    for (share, m_hat, direction), result in zip(found, grafted):
+        shares.put(share, share.select(result, m_hat if direction is None else direction))
     # Matched by parameter, not by ``id(unit)``: a unit is new at every step, and under
     # torch.compile its id would be a constant of the graph (a recompile per step).
     position = {u.works[0].p: i for i, u in enumerate(units)}

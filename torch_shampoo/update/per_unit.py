@@ -1,12 +1,8 @@
 """The elementwise half of a step, on *units*: one parameter, or a whole bucket of single-block
-parameters whose moments live stacked (a small model's hundreds of parameters then cost a few
-kernels per bucket instead of a few per parameter).
-
-A unit carries its tensors (gradient, moments, flags) and the group's settings; the functions
-here are the step's numbered lines of :class:`torch_shampoo.Shampoo`'s docstring, written once
-for both kinds: every operation is elementwise or broadcasts a per-block flag, so a stacked unit
-computes bitwise what its parameters would one at a time.
-"""
+parameters whose moments live stacked. The functions are the numbered lines of
+:class:`torch_shampoo.Shampoo`'s docstring, written once for both kinds: every operation is
+elementwise or broadcasts a per-block flag, so a stacked unit computes bitwise what its
+parameters would one at a time."""
 
 from __future__ import annotations
 
@@ -90,10 +86,10 @@ class Unit:
     """The graft's 1 − β₂ᵗ, likewise."""
     g: torch.Tensor | None = None
     cells: torch.Tensor | None = None
-    finite: bool = False
-    """This step's gradients are known to be finite (:func:`mark_finite`): no guard needed."""
     """Per block, is this step's gradient finite? The parameter's grid of flags (0-d for one
     block), or (n,) for a stack; None when the guard is off."""
+    finite: bool = False
+    """This step's gradients are known to be finite (:func:`mark_finite`): no guard needed."""
     m_hat: torch.Tensor | None = None
     direction: torch.Tensor | None = None
     """The graft's direction (None without a graft)."""
@@ -121,6 +117,13 @@ class Unit:
             p = torch.stack([w.param.detach().reshape(shape) for w in self.works])
         return p if dtype is None else p.to(dtype)
 
+    def step_direction(self, preconditioned: torch.Tensor | None) -> torch.Tensor:
+        """Shampoo's direction where given, else the graft's (m̂ without a graft)."""
+        if preconditioned is not None:
+            return preconditioned
+        assert self.m_hat is not None
+        return self.m_hat if self.direction is None else self.direction
+
 
 def make_unit(works: Sequence[Work], bucket: Bucket | None) -> Unit:
     """A unit of one parameter's work, or of a whole bucket's (all at the same step)."""
@@ -132,37 +135,23 @@ def make_unit(works: Sequence[Work], bucket: Bucket | None) -> Unit:
 
 def step_scalars(work: Sequence[Work]) -> None:
     """Set each work's ``bias`` (its 1 − β₁ᵗ and 1 − β₂ᵗ) and, for a float lr, its ``lr`` as
-    host 0-d tensors of its state dtype, one tensor per value and dtype for the whole step.
-    Part of the eager bookkeeping: traced code reading a float that changes from step to step
-    (the bias corrections; the lr under a scheduler) would be compiled again for every value
-    (inductor specializes such floats)."""
+    host 0-d tensors of its state dtype (dividing by one rounds as dividing by the float does),
+    one tensor per value and dtype for the whole step. Eager bookkeeping: inductor specializes
+    the floats that traced code reads, so one changing per step would recompile every step."""
     made: dict[tuple[float, torch.dtype], torch.Tensor] = {}
 
     def scalar(value: float, dtype: torch.dtype) -> torch.Tensor:
-        found = made.get((value, dtype))
-        if found is None:
-            found = made[(value, dtype)] = kernels.scalar(value, dtype)
-        return found
+        if (value, dtype) not in made:
+            made[(value, dtype)] = torch.tensor(value, dtype=dtype)
+        return made[(value, dtype)]
 
-    per_group: dict[tuple[int, int, torch.dtype], tuple[Any, Any]] = {}
     for w in work:
         config, dtype = w.config, state_dtype(w.p)
-        key = (id(config), w.t, dtype)
-        found = per_group.get(key)
-        if found is None:
-            bias = lr = None
-            if config.bias_correction:
-                bias = (
-                    scalar(1.0 - config.beta1**w.t, dtype),
-                    scalar(1.0 - config.grafting_beta2**w.t, dtype),
-                )
-            if not isinstance(config.lr, torch.Tensor):
-                lr = scalar(config.lr, dtype)
-            found = per_group[key] = (bias, lr)
-        if found[0] is not None:
-            w.bias = found[0]
-        if found[1] is not None:
-            w.lr = found[1]
+        if config.bias_correction:
+            beta1_t, beta2_t = config.beta1**w.t, config.grafting_beta2**w.t
+            w.bias = (scalar(1.0 - beta1_t, dtype), scalar(1.0 - beta2_t, dtype))
+        if not isinstance(config.lr, torch.Tensor):
+            w.lr = scalar(config.lr, dtype)
 
 
 def learning_rate(u: Unit) -> float | torch.Tensor:
@@ -175,15 +164,13 @@ def learning_rate(u: Unit) -> float | torch.Tensor:
 
 def gradient(u: Unit) -> torch.Tensor:
     """This step's gradient in the state dtype (p.grad itself where nothing writes to it: p.grad
-    is never modified), with the non-finite guard applied: blocks whose gradient is not finite
-    are zeroed and flagged in ``u.cells``; every state update is then masked with the flags (no
-    host sync). Flags known to be all True (on the CPU, where reading them costs nothing) leave
-    ``u.cells`` None: the masked arithmetic equals the unmasked one there, so the masks are
-    skipped."""
+    is never modified), with the non-finite guard: blocks whose gradient is not finite are
+    zeroed and flagged in ``u.cells``, which then mask every state update (no host sync). Flags
+    known to be all True (on the CPU) leave ``u.cells`` None: masking would change nothing."""
     config, dtype = u.config, state_dtype(u.works[0].p)
-    # Only read from here on unless negated, decayed or masked: then it needs a copy.
-    writes = config.maximize or (config.weight_decay != 0 and not config.decoupled_weight_decay)
-    writes = writes or (config.skip_nonfinite and not u.finite)
+    coupled = config.weight_decay != 0 and not config.decoupled_weight_decay
+    guard = config.skip_nonfinite and not u.finite
+    writes = config.maximize or coupled or guard  # else only read: no copy
     if u.bucket is None:
         grad = u.works[0].param.grad
         assert grad is not None
@@ -197,9 +184,9 @@ def gradient(u: Unit) -> torch.Tensor:
             g = torch.stack(grads).to(dtype).contiguous()  # a strided gradient's may not be
     if config.maximize:
         g.neg_()
-    if config.weight_decay != 0 and not config.decoupled_weight_decay:
+    if coupled:
         g.add_(u.params(g.dtype), alpha=config.weight_decay)
-    if config.skip_nonfinite and not u.finite:
+    if guard:
         if u.bucket is None:
             cells, bad = kernels.finite_blocks(g, u.works[0].layout)
         else:
@@ -216,8 +203,7 @@ def gradient(u: Unit) -> torch.Tensor:
 
 def curvature(u: Unit) -> None:
     """F ← β₂F + Ĝ per factor from statistics prepared outside the step (NG+'s per-sample
-    ones), for a parameter that has them; the others' come from
-    :mod:`~torch_shampoo.update.bucketed`."""
+    ones), for a parameter that has them (the others': :mod:`~torch_shampoo.update.bucketed`)."""
     w = u.works[0]
     if u.bucket is None and w.curvature is not None:
         kernels.curvature_statistics(
@@ -225,9 +211,10 @@ def curvature(u: Unit) -> None:
         )
 
 
-def update_moments(u: Unit, g: torch.Tensor) -> None:
-    """The first moment and the graft's second moment from ``g`` (masked by the guard)."""
-    state, config, keep = u.state, u.config, u.keep()
+def update_moments(u: Unit) -> None:
+    """The first moment and the graft's second moment from ``u.g`` (masked by the guard)."""
+    state, config, keep, g = u.state, u.config, u.keep(), u.g
+    assert g is not None
     exp_avg = state.get("exp_avg")
     if exp_avg is None:  # β₁ = 0: m̂ is the gradient itself
         u.m_hat = g
@@ -253,11 +240,7 @@ def update_parameters(u: Unit, preconditioned: torch.Tensor | None) -> None:
     """6. Decoupled weight decay, 7. momentum and 8. the parameter update from this step's
     direction: Shampoo's (``preconditioned``), else the graft's (m̂ without one)."""
     state, config, keep = u.state, u.config, u.keep()
-    assert u.m_hat is not None
-    if preconditioned is not None:
-        update = preconditioned
-    else:
-        update = u.m_hat if u.direction is None else u.direction
+    update = u.step_direction(preconditioned)
     if config.weight_decay != 0 and config.decoupled_weight_decay:
         update = update + config.weight_decay * u.params(update.dtype)
     mu = config.momentum
@@ -295,11 +278,9 @@ def rows_of(stack: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tenso
 
 
 def mark_finite(units: list[Unit]) -> None:
-    """On the CPU, one check of every guarded gradient at once (one norm per gradient: a
-    non-finite entry makes it non-finite; an overflowing one only costs the per-block check);
-    when all are finite the units skip the per-block guard, whose flags would all be True
-    (the unguarded arithmetic is then the same, bitwise). Not on CUDA (reading the answer would
-    wait for the stream) nor under torch.compile (no branching on data)."""
+    """On the CPU, one norm per guarded gradient: when all are finite, the units skip the
+    per-block guard, whose flags would all be True (an overflowing norm only costs that guard).
+    Not on CUDA (reading the answer waits for the stream) nor under torch.compile."""
     grads = [w.param.grad for u in units if u.config.skip_nonfinite for w in u.works]
     if not grads or torch.compiler.is_compiling():
         return
