@@ -8,17 +8,14 @@ A parameter of shape ``s`` is viewed as a tensor of a *merged* shape:
    two: one with ≤ ``block_size`` elements becomes ``(first dim, the rest)`` (a ``(64, 16)``
    weight stays ``(64, 16)``: two factors of 64² and 16², not one of 1024² whose root costs
    ~4,000× the flops and which gains rank 1 per step). ``merge="all"`` merges down to one dim
-   (the rule of JAX's ``merge_small_dims`` and Meta's ``merge_dims``, and this package's before
-   2026-12-06); ``merge=False`` merges nothing;
+   (the rule of JAX's ``merge_small_dims`` and Meta's ``merge_dims``); ``merge=False`` merges
+   nothing;
 3. every dim of at most ``max_factor_dim`` is cut into chunks of ``block_size`` (the last one
    smaller). A dim larger than ``max_factor_dim`` is *not factored*: it is left whole and gets no
    preconditioner (one-sided Shampoo; an embedding table's vocabulary side stays affordable).
 
 Blocks are the cells of the resulting grid, in row-major order. For a contiguous tensor they are
 views, so writing into a block writes into the tensor.
-
-:func:`block_sums` reduces every block at once and :func:`expand_grid` spreads one value per
-block back over the parameter's shape (the non-finite guard's flags and mask).
 """
 
 from __future__ import annotations
@@ -74,8 +71,7 @@ MERGES: tuple[bool | str, ...] = (True, False, "all")
 def merged_shape(
     shape: Sequence[int], block_size: int, merge: bool | str = True
 ) -> tuple[int, ...]:
-    """Drop size-1 dims, then (``merge``) merge neighbours from the right while the product is
-    ≤ block_size; unless ``merge == "all"``, several dims never become one."""
+    """The merged shape of ``shape``: rules 1 and 2 of the module docstring."""
     if merge not in MERGES:
         raise ValueError(f"merge_dims must be one of {MERGES}, got {merge!r}")
     if 0 in shape:
@@ -103,8 +99,7 @@ def _chunks(size: int, block_size: int) -> list[tuple[int, int]]:
 def block_layout(
     shape: Sequence[int], block_size: int, max_factor_dim: int, merge: bool | str = True
 ) -> BlockLayout:
-    """The block grid of a parameter of ``shape`` (see the module docstring); ``merge=False``
-    keeps every dim of size > 1 as a dim of its own, ``merge="all"`` may merge all into one."""
+    """The block grid of a parameter of ``shape`` (see the module docstring)."""
     if block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     if max_factor_dim < 1:
@@ -124,12 +119,9 @@ def block_layout(
 
 
 def output_side_layout(shape: Sequence[int], block_size: int, vectors: bool) -> BlockLayout:
-    """NG+'s grid: the parameter as a matrix (shape[0], rest), only its output side factored.
-
-    The output dim is cut into chunks of ``block_size`` (diagonal blocks of the output-side
-    matrix); the input side stays whole. A 1-D parameter is a column, factored only if ``vectors``;
-    0-d and empty parameters get no factor.
-    """
+    """NG+'s grid: the parameter as a matrix (shape[0], rest) whose output dim alone is factored,
+    cut into chunks of ``block_size``. A 1-D parameter is a column, factored only if ``vectors``;
+    0-d and empty parameters get no factor."""
     if block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     numel = math.prod(shape)

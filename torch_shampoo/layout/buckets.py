@@ -1,23 +1,11 @@
 """Buckets: the blocks of many parameters stacked, so that a step costs one kernel per shape.
 
 Blocks with the same shape, factored dims, dtypes (parameter and state), device and parameter
-group form a *bucket*
-(edge blocks of a different shape form their own). A bucket owns its blocks' factors and roots
-as stacks, one ``(n, d, d)`` tensor per factored dim; each parameter's ``state["factors"]`` and
-``state["roots"]`` hold views into these stacks, in block order, so the state dict, the root
-pipeline and every check see per-block tensors while the step works on whole stacks:
-
-* **gather**: a parameter-shaped tensor (gradient, m̂, graft direction) becomes the bucket's
-  ``(n, *block)`` stack — one copy per parameter (a single-block parameter is a view of it);
-* the statistics, the preconditioning and the graft's per-block norms are batched matmuls and
-  norms on the stacks (:mod:`torch_shampoo.update.kernels`);
-* **scatter**: the stacked direction goes back to parameter shape — one copy per parameter (none
-  for a parameter that is a single block: its direction is a view of the stack).
-
-A parameter's blocks of one shape form a sub-grid of its block grid (per merged dim, all full
-chunks or the last, shorter one), so gather and scatter are a strided view and one copy each.
-The bucket is also the unit of root work: a root cycle's factors of a bucket are snapshotted
-together. Later work (ownership across ranks, eigenbases) is planned per bucket.
+group form a *bucket*. It owns their factors and roots as stacks, one ``(n, d, d)`` tensor per
+factored dim, and each parameter's ``state["factors"]`` and ``state["roots"]`` hold views of its
+rows. A parameter's blocks of one shape form a sub-grid of its grid, so gathering them into the
+``(n, *block)`` stack and scattering them back are a strided view and one copy each (none for a
+single-block parameter). See docs/design.md, "Buckets".
 """
 
 from __future__ import annotations

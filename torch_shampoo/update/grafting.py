@@ -51,8 +51,7 @@ def update_graft_state(
         return
     v = state["graft_v"]
     if keep is not None:
-        decay = 1.0 if graft == "adagrad" else beta2
-        weight = 1.0 if graft == "adagrad" else 1.0 - beta2
+        decay, weight = (1.0, 1.0) if graft == "adagrad" else (beta2, 1.0 - beta2)
         torch.where(keep, (v * decay).addcmul_(grad, grad, value=weight), v, out=v)
     else:
         update_graft_states(graft, [v], [grad], beta2)
@@ -80,10 +79,8 @@ def graft_direction(
 ) -> torch.Tensor | None:
     """The graft's direction D for the whole parameter, or ``None`` for ``graft="none"``;
     ``correction`` is Adam's 1 − β₂ᵗ (None: no bias correction)."""
-    if graft in ("none", "sgd"):
-        return None if graft == "none" else m_hat
-    v = state["graft_v"]
-    return graft_directions(graft, [v], [m_hat], epsilon=epsilon, correction=correction)[0]
+    v = [state["graft_v"]] if graft in SECOND_MOMENT else []
+    return graft_directions(graft, v, [m_hat], epsilon=epsilon, correction=correction)[0]
 
 
 def graft_directions(
