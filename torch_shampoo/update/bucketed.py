@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -27,30 +28,20 @@ def statistics(
     """F ← β₂F + w·G Gᵀ per bucket and factored dim: one batched product each. The gradient
     copies are dropped after, unless ``keep_gradients``. A unit with statistics prepared
     outside the step (NG+'s, :func:`torch_shampoo.update.per_unit.curvature`) takes no part."""
-    single = {
-        u.works[0].p: u
-        for u in units
-        if u.bucket is None and u.g is not None and u.works[0].curvature is None
-    }
-    for bucket in buckets:
+    shares = PerBucket(
+        units, buckets, stacked, lambda u: u.g is not None and u.works[0].curvature is None
+    )
+    for share in shares:
+        bucket, parts = share.bucket, share.parts
         if not bucket.factors:
             continue
-        unit = stacked.get(id(bucket))
-        if unit is not None:
-            assert unit.g is not None
-            rows, blocks, flags = None, unit.g, unit.cells
-        else:
-            members = [m for m in bucket.members if m.p in single]
-            if not members:
-                continue
-            parts = [single[m.p] for m in members]
-            rows = bucket.rows(members)
-            blocks = bucket.gather([u.g for u in parts], members)  # type: ignore[misc]
-            flags = None
-            if parts[0].cells is not None:
-                flags = torch.cat([m.flags(u.cells) for m, u in zip(members, parts)])  # type: ignore[arg-type]
+        rows = bucket.rows(share.members)
+        blocks = share.stack(lambda u: u.g)  # type: ignore[arg-type,return-value]
+        flags = parts[0].cells
+        if share.unit is None and flags is not None:
+            flags = torch.cat([m.flags(u.cells) for m, u in zip(share.members, parts)])  # type: ignore[arg-type]
         factors = bucket.factors if rows is None else [f[rows] for f in bucket.factors]
-        beta2 = (unit or parts[0]).config.beta2
+        beta2 = parts[0].config.beta2
         lower = None if bucket.triangles is None else [m.lower for m in bucket.triangles]
         kernels.accumulate_statistics(factors, blocks, bucket.factored, beta2, flags, lower)
         if rows is not None:
@@ -63,16 +54,24 @@ def statistics(
 
 @dataclass
 class Share:
-    """One bucket's rows of the units that use their roots (Shampoo) or bases (SOAP) in this
-    step: a stacked unit's whole bucket, or the members of the single units that do."""
+    """One bucket's rows of the units that take part: a stacked unit's whole bucket, or the
+    members of the single units that do."""
 
     bucket: Bucket
     unit: Unit | None
     """The bucket's stacked unit (None: ``parts`` are single units)."""
     parts: list[Unit]
     members: list[Member]
-    flags: list[bool] | None
-    """Per stack row: does the block have its roots? (None: every block does.)"""
+
+    @cached_property
+    def flags(self) -> list[bool] | None:
+        """Per stack row: does the block have its roots? (None: every block does.)"""
+        works = [w for u in self.parts for w in u.works]
+        if all(w.rooted is None for w in works):
+            return None
+        return [
+            w.rooted is None or w.rooted[b] for m, w in zip(self.members, works) for b in m.blocks
+        ]
 
     def stack(self, tensor_of: Callable[[Unit], torch.Tensor]) -> torch.Tensor:
         """The parts' tensors as this bucket's (n, *block) stack (gathered for single units)."""
@@ -97,39 +96,41 @@ class Share:
         return torch.where(rooted.view(-1, *(1,) * (result.dim() - 1)), result, fallback)
 
 
-class PerBucket:
-    """The buckets of a step, shared out to the units that use their roots; results come back
-    per unit (a single unit's from all of its buckets, written into one tensor)."""
+def _uses_roots(u: Unit) -> bool:
+    """Does ``u`` use its roots (SOAP: bases) in this step? (A stacked unit's rows without them
+    take the graft's direction.)"""
+    w = u.works[0]
+    return w.preconditioned if u.bucket is not None else w.uses_roots
 
-    def __init__(self, units: list[Unit], buckets: list[Bucket], stacked: dict[int, Unit]):
+
+class PerBucket:
+    """The buckets of a step, shared out to the units that ``take`` part (by default those that
+    use their roots); results come back per unit (a single unit's from all of its buckets,
+    written into one tensor)."""
+
+    def __init__(
+        self,
+        units: list[Unit],
+        buckets: list[Bucket],
+        stacked: dict[int, Unit],
+        take: Callable[[Unit], bool] = _uses_roots,
+    ):
         self.single = {u.works[0].p: u for u in units if u.bucket is None}
-        self.buckets, self.stacked = buckets, stacked
+        self.buckets, self.stacked, self.take = buckets, stacked, take
         self.done: list[tuple[Unit, torch.Tensor]] = []
         self.targets: dict[torch.Tensor, torch.Tensor] = {}
 
     def __iter__(self) -> Iterator[Share]:
+        single = self.single
         for bucket in self.buckets:
             unit = self.stacked.get(id(bucket))
             if unit is not None:
-                if not unit.works[0].preconditioned:
-                    continue
-                parts, members = [unit], bucket.members
-            else:
-                single = self.single
-                members = [m for m in bucket.members if m.p in single]
-                members = [m for m in members if single[m.p].works[0].uses_roots]
-                if not members:
-                    continue
-                parts = [single[m.p] for m in members]
-            works = [w for u in parts for w in u.works]
-            flags = None
-            if any(w.rooted is not None for w in works):
-                flags = [
-                    w.rooted is None or w.rooted[b]
-                    for m, w in zip(members, works)
-                    for b in m.blocks
-                ]
-            yield Share(bucket, unit, parts, members, flags)
+                if self.take(unit):
+                    yield Share(bucket, unit, [unit], bucket.members)
+                continue
+            members = [m for m in bucket.members if m.p in single and self.take(single[m.p])]
+            if members:
+                yield Share(bucket, None, [single[m.p] for m in members], members)
 
     def put(self, share: Share, result: torch.Tensor) -> None:
         if share.unit is not None:

@@ -87,9 +87,10 @@ def directions(units: list[Unit], plan: Plan) -> None:
     for indices in batches:
         batch = [units[i] for i in indices]
         first, config = batch[0], batch[0].config
+        bias1, bias2 = first.works[0].bias
         if first.m_hat is None:
             avgs = [u.state["exp_avg"] for u in batch]
-            m_hats = avgs if first.bias1 is None else device.divide(avgs, first.bias1)
+            m_hats = avgs if bias1 is None else device.divide(avgs, bias1)
             for u, m_hat in zip(batch, m_hats):
                 u.m_hat = m_hat
         m_hats = []
@@ -98,7 +99,7 @@ def directions(units: list[Unit], plan: Plan) -> None:
             m_hats.append(u.m_hat)
         v = [u.state["graft_v"] for u in batch] if config.grafting in SECOND_MOMENT else []
         found = graft_directions(
-            config.grafting, v, m_hats, epsilon=config.grafting_epsilon, correction=first.bias2
+            config.grafting, v, m_hats, epsilon=config.grafting_epsilon, correction=bias2
         )
         for u, direction in zip(batch, found):
             u.direction = direction

@@ -55,9 +55,9 @@ class Work:
     param: torch.Tensor
     """The tensor the math reads (with its ``.grad``) and writes: ``p``, or for a DTensor
     parameter the gathered whole (:mod:`torch_shampoo.distributed.dtensor`)."""
-    bias: tuple[torch.Tensor, torch.Tensor] | None = None
-    """1 − β₁ᵗ and the graft's 1 − β₂ᵗ as 0-d tensors (:func:`step_scalars`); None without
-    bias correction."""
+    bias: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+    """1 − β₁ᵗ and the graft's 1 − β₂ᵗ as 0-d tensors (:func:`step_scalars`), so that compiled
+    math sees no changing float; None without bias correction."""
     lr: torch.Tensor | None = None
     """A float lr as a 0-d tensor (:func:`step_scalars`), for the traced update."""
 
@@ -80,10 +80,6 @@ class Unit:
     state: dict[str, torch.Tensor]
     """exp_avg, graft_v, momentum_buffer, skipped_blocks: the parameter's, or the stacks."""
     bucket: Bucket | None = None
-    bias1: torch.Tensor | None = None
-    """1 − β₁ᵗ as a tensor (None without bias correction): compiled math sees no changing float."""
-    bias2: torch.Tensor | None = None
-    """The graft's 1 − β₂ᵗ, likewise."""
     g: torch.Tensor | None = None
     cells: torch.Tensor | None = None
     """Per block, is this step's gradient finite? The parameter's grid of flags (0-d for one
@@ -123,14 +119,6 @@ class Unit:
             return preconditioned
         assert self.m_hat is not None
         return self.m_hat if self.direction is None else self.direction
-
-
-def make_unit(works: Sequence[Work], bucket: Bucket | None) -> Unit:
-    """A unit of one parameter's work, or of a whole bucket's (all at the same step)."""
-    w = works[0]
-    bias1, bias2 = (None, None) if w.bias is None else w.bias
-    state = w.state if bucket is None else bucket.moments
-    return Unit(works=list(works), state=state, bucket=bucket, bias1=bias1, bias2=bias2)
 
 
 def step_scalars(work: Sequence[Work]) -> None:
@@ -227,12 +215,12 @@ def update_moments(u: Unit) -> None:
 
 def directions(u: Unit) -> None:
     """3. The bias-corrected first moment m̂ and 5. the graft's direction."""
+    config, (bias1, bias2) = u.config, u.works[0].bias
     if u.m_hat is None:
         exp_avg = u.state["exp_avg"]
-        u.m_hat = exp_avg if u.bias1 is None else exp_avg / u.bias1
-    config = u.config
+        u.m_hat = exp_avg if bias1 is None else exp_avg / bias1
     u.direction = graft_direction(
-        config.grafting, u.state, u.m_hat, epsilon=config.grafting_epsilon, correction=u.bias2
+        config.grafting, u.state, u.m_hat, epsilon=config.grafting_epsilon, correction=bias2
     )
 
 
@@ -274,9 +262,6 @@ def rows_of(stack: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tenso
     return [row.view(p.shape) for row, p in zip(stack.unbind(), params)]
 
 
-# ------------------------------------------------------------------- per bucket
-
-
 def mark_finite(units: list[Unit]) -> None:
     """On the CPU, one norm per guarded gradient: when all are finite, the units skip the
     per-block guard, whose flags would all be True (an overflowing norm only costs that guard).
@@ -305,8 +290,8 @@ def units_of(work: list[Work], buckets: list[Bucket]) -> tuple[list[Unit], dict[
         found = [by_param.get(m.p) for m in bucket.members]
         works = [w for w in found if w is not None and w.curvature is None]
         if len(works) == len(found) and all(w.t == works[0].t for w in works):
-            unit = stacked[id(bucket)] = make_unit(works, bucket)
+            unit = stacked[id(bucket)] = Unit(works, bucket.moments, bucket)
             units.append(unit)
             covered.update(id(m.p) for m in bucket.members)
-    units += [make_unit([w], None) for w in work if id(w.p) not in covered]
+    units += [Unit([w], w.state) for w in work if id(w.p) not in covered]
     return units, stacked
