@@ -50,8 +50,7 @@ class Member:
         return self.layout.num_blocks == 1
 
     def view(self, x: torch.Tensor, block_shape: tuple[int, ...]) -> torch.Tensor:
-        """The blocks of the parameter-shaped ``x`` as a strided view of shape
-        (count₁, count₂, …, *block_shape)."""
+        """The blocks of the parameter-shaped ``x``: a view (count₁, count₂, …, *block_shape)."""
         m = x.reshape(self.layout.shape)
         split: list[int] = []
         for dim, (start, count, length) in enumerate(zip(self.starts, self.counts, block_shape)):
@@ -84,14 +83,14 @@ class Bucket:
     """Per factored dim, the (n, d, d) stack of every block's factor."""
     roots: list[torch.Tensor] = field(default_factory=list)
     triangles: list[Triangles] | None = None
-    """Compact state (:mod:`torch_shampoo.layout.compact`): per factored dim, the masks of the
-    factors' and the roots' triangles (the two stacks are views of one); None: full matrices."""
+    """Compact state (:mod:`.compact`): per factored dim, the masks of the factors' and the
+    roots' triangles; None: full matrices."""
     moments: dict[str, torch.Tensor] = field(default_factory=dict)
     """When every member is a single block: its moments (exp_avg, graft_v, momentum_buffer as
     (n, *block) stacks, skipped_blocks as (n,)), whose rows the members' states view."""
     steps: torch.Tensor | None = None
-    """With ``moments`` and several members: their step counts as one (n,) host tensor whose
-    rows (``step_rows``) their states' ``step`` are, so that one add advances them all."""
+    """With ``moments`` and several members: their step counts as one (n,) host tensor, whose
+    rows (``step_rows``) are their states' ``step``: one add advances them all."""
     step_rows: list[torch.Tensor] = field(default_factory=list)
 
     @property
@@ -111,13 +110,10 @@ class Bucket:
         shape = self.block_shape
         if all(m.whole for m in members):
             return torch.stack([x.view(shape) for x in tensors])
-        rows = sum(len(m.blocks) for m in members)
-        out = tensors[0].new_empty((rows, *shape))
-        row = 0
-        for x, m in zip(tensors, members):
-            count = len(m.blocks)
-            out[row : row + count].view(*m.counts, *shape).copy_(m.view(x, shape))
-            row += count
+        sizes = [len(m.blocks) for m in members]
+        out = tensors[0].new_empty((sum(sizes), *shape))
+        for rows, x, m in zip(out.split(sizes), tensors, members):
+            rows.view(*m.counts, *shape).copy_(m.view(x, shape))
         return out
 
     def scatter(
@@ -126,20 +122,17 @@ class Bucket:
         members: Sequence[Member],
         targets: dict[torch.Tensor, torch.Tensor],
     ) -> None:
-        """Write the rows of ``stack`` into each member's parameter-shaped target; a
-        single-block member's target becomes a view of its row (no copy)."""
+        """Write the rows of ``stack`` into each member's parameter-shaped target (a single-block
+        member's target: a view of its row)."""
         shape = self.block_shape
-        row = 0
-        for m in members:
-            count = len(m.blocks)
+        for m, rows in zip(members, stack.split([len(m.blocks) for m in members])):
             if m.whole:
-                targets[m.p] = stack[row].view(m.layout.param_shape)
+                targets[m.p] = rows[0].view(m.layout.param_shape)
             else:
                 target = targets.get(m.p)
                 if target is None:
                     target = targets[m.p] = stack.new_empty(m.layout.param_shape)
-                m.view(target, shape).copy_(stack[row : row + count].view(*m.counts, *shape))
-            row += count
+                m.view(target, shape).copy_(rows.view(*m.counts, *shape))
 
 
 def _sub_grids(layout: BlockLayout) -> dict[tuple[int, ...], tuple[list[int], tuple, tuple, tuple]]:
@@ -149,15 +142,10 @@ def _sub_grids(layout: BlockLayout) -> dict[tuple[int, ...], tuple[list[int], tu
         found.setdefault(shape, []).append(b)
     grids = {}
     for shape, blocks in found.items():
-        starts, counts, chunks = [], [], []
-        for dim, length in enumerate(shape):
-            lengths = layout.grid[dim]
-            first = lengths.index(length)
-            count = sum(1 for x in lengths if x == length)
-            starts.append(sum(lengths[:first]))
-            counts.append(count)
-            chunks.append(first)
-        grids[shape] = (blocks, tuple(starts), tuple(counts), tuple(chunks))
+        chunks = tuple(lengths.index(x) for x, lengths in zip(shape, layout.grid))
+        starts = tuple(sum(lengths[:first]) for first, lengths in zip(chunks, layout.grid))
+        counts = tuple(lengths.count(x) for x, lengths in zip(shape, layout.grid))
+        grids[shape] = (blocks, starts, counts, chunks)
     return grids
 
 
@@ -193,11 +181,9 @@ def plan_buckets(
     entries: Iterable[tuple[int, torch.Tensor, BlockLayout, dict[str, Any]]],
     packed: bool = False,
 ) -> tuple[list[Bucket], dict[int, list[tuple[Bucket, Member]]]]:
-    """Stack the blocks of every ``(group index, parameter, layout, state)``; each state's
-    ``factors`` and ``roots`` entries are replaced by views of the new stacks (their values
-    copied in; ``packed``: compact state, each factor and its root as two triangles of one
-    stack). Parameters without elements are left out (they have no blocks to precondition).
-    Also returns, per parameter (``id``), its buckets and its members there, in sub-grid order."""
+    """Stack the blocks of every ``(group index, parameter, layout, state)`` with elements; each
+    state's ``factors`` and ``roots`` become views of the new stacks (``packed``: compact
+    state). Also returns, per parameter (``id``), its buckets and members, in sub-grid order."""
     entries = list(entries)
     buckets: dict[tuple[Any, ...], Bucket] = {}
     placements: dict[int, list[tuple[Bucket, Member]]] = {}
@@ -221,9 +207,8 @@ def plan_buckets(
 
 
 def advance_steps(states: Sequence[dict[str, Any]], buckets: Iterable[Bucket]) -> None:
-    """Add 1 to the ``step`` of every state in ``states`` (the parameters stepping now): one add
-    per bucket whose members all step and whose rows are still their ``step``, one per other
-    state."""
+    """Add 1 to the ``step`` of every state in ``states``: one add per bucket whose members all
+    step and whose rows are still their ``step``, one per other state."""
     rest = {id(s): s for s in states}
     owner = {id(s["step"]): id(s) for s in states if isinstance(s["step"], torch.Tensor)}
     for bucket in buckets:
@@ -249,10 +234,9 @@ MOMENTS = ("exp_avg", "graft_v", "momentum_buffer", "skipped_blocks")
 
 
 def _stack_state(bucket: Bucket, states: list[dict[str, Any]], packed: bool) -> None:
-    """Copy the members' factors and roots into stacks and bind the states to their rows; the
-    same for the moments of a bucket of single-block parameters. ``packed``: a factor is read
-    from its lower triangle, a root from its upper one (so a compact state planned again reads
-    its own triangles), and both are stored in one stack."""
+    """Copy the members' factors and roots (and a bucket of single-block parameters' moments)
+    into stacks and bind the states to their rows. ``packed``: a factor is read from its lower
+    triangle, a root from its upper one, and both are stored in one stack."""
     keys = [key for key in MOMENTS if key in states[0]]
     if all(m.whole for m in bucket.members) and all(
         [key for key in MOMENTS if key in s] == keys for s in states
