@@ -96,16 +96,10 @@ def _chunks(size: int, block_size: int) -> list[tuple[int, int]]:
     return [(start, min(block_size, size - start)) for start in range(0, size, block_size)]
 
 
-def block_layout(
-    shape: Sequence[int], block_size: int, max_factor_dim: int, merge: bool | str = True
+def _layout(
+    shape: Sequence[int], merged: tuple[int, ...], factored: tuple[bool, ...], block_size: int
 ) -> BlockLayout:
-    """The block grid of a parameter of ``shape`` (see the module docstring)."""
-    if block_size < 1:
-        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
-    if max_factor_dim < 1:
-        raise ValueError(f"max_factor_dim must be a positive integer, got {max_factor_dim!r}")
-    merged = merged_shape(shape, block_size, merge)
-    factored = tuple(0 < d <= max_factor_dim for d in merged)
+    """The grid that cuts every factored dim of ``merged`` into chunks of ``block_size``."""
     per_dim = [_chunks(d, block_size) if f else [(0, d)] for d, f in zip(merged, factored)]
     cells = list(itertools.product(*per_dim))
     return BlockLayout(
@@ -116,6 +110,18 @@ def block_layout(
         block_shapes=tuple(tuple(size for _, size in cell) for cell in cells),
         grid=tuple(tuple(size for _, size in chunks) for chunks in per_dim),
     )
+
+
+def block_layout(
+    shape: Sequence[int], block_size: int, max_factor_dim: int, merge: bool | str = True
+) -> BlockLayout:
+    """The block grid of a parameter of ``shape`` (see the module docstring)."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    if max_factor_dim < 1:
+        raise ValueError(f"max_factor_dim must be a positive integer, got {max_factor_dim!r}")
+    merged = merged_shape(shape, block_size, merge)
+    return _layout(shape, merged, tuple(0 < d <= max_factor_dim for d in merged), block_size)
 
 
 def output_side_layout(shape: Sequence[int], block_size: int, vectors: bool) -> BlockLayout:
@@ -132,16 +138,7 @@ def output_side_layout(shape: Sequence[int], block_size: int, vectors: bool) -> 
         merged, factored = (numel,), (True,)
     else:
         merged, factored = (shape[0], numel // shape[0]), (True, False)
-    rows = _chunks(merged[0], block_size) if factored[0] else [(0, merged[0])]
-    rest = tuple(merged[1:])
-    return BlockLayout(
-        param_shape=tuple(shape),
-        shape=merged,
-        factored=factored,
-        offsets=tuple((start,) + (0,) * len(rest) for start, _ in rows),
-        block_shapes=tuple((size, *rest) for _, size in rows),
-        grid=(tuple(size for _, size in rows), *((d,) for d in rest)),
-    )
+    return _layout(shape, merged, factored, block_size)
 
 
 def split_blocks(tensor: torch.Tensor, layout: BlockLayout) -> list[torch.Tensor]:

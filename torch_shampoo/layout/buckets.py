@@ -73,7 +73,6 @@ class Member:
 class Bucket:
     """Equal-shape blocks of one group, stacked."""
 
-    group: int
     block_shape: tuple[int, ...]
     factored: tuple[bool, ...]
     per_block: int
@@ -168,11 +167,11 @@ def slots_of(placements: list[tuple[Bucket, Member]]) -> list[Slot]:
     for bucket, m in placements:
         rows = slice(m.offset, m.offset + len(m.blocks))
         dims = [d for d, factored in enumerate(bucket.factored) if factored]
-        for dim in range(bucket.per_block):
+        for dim, merged_dim in enumerate(dims):
             indices = [b * bucket.per_block + dim for b in m.blocks]
-            place = (bucket, m, dims[dim])
             triangles = None if bucket.triangles is None else bucket.triangles[dim]
             factors, roots = bucket.factors[dim][rows], bucket.roots[dim][rows]
+            place = (bucket, m, merged_dim)
             slots.append(Slot(indices, factors, roots, place=place, triangles=triangles))
     return slots
 
@@ -196,7 +195,7 @@ def plan_buckets(
             key = (group, shape, layout.factored, p.dtype, dtype, device)
             bucket = buckets.get(key)
             if bucket is None:
-                bucket = buckets[key] = Bucket(group, shape, layout.factored, per_block)
+                bucket = buckets[key] = Bucket(shape, layout.factored, per_block)
             member = Member(p, layout, bucket.size, blocks, starts, counts, chunks)
             bucket.members.append(member)
             placements.setdefault(id(p), []).append((bucket, member))
@@ -222,12 +221,9 @@ def advance_steps(states: Sequence[dict[str, Any]], buckets: Iterable[Bucket]) -
 
 def _host_scalar(x: object, first: torch.Tensor) -> bool:
     """Is ``x`` a 0-d host tensor of ``first``'s dtype (a step count that can join a stack)?"""
-    return (
-        isinstance(x, torch.Tensor)
-        and x.dim() == 0
-        and x.dtype == first.dtype
-        and x.device.type == "cpu"
-    )
+    if not isinstance(x, torch.Tensor):
+        return False
+    return x.dim() == 0 and x.dtype == first.dtype and x.device.type == "cpu"
 
 
 MOMENTS = ("exp_avg", "graft_v", "momentum_buffer", "skipped_blocks")

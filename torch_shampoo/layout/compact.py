@@ -1,15 +1,12 @@
 """Compact state: a block's factor and root, both symmetric, in one (d + 1, d) tensor.
 
-A factor F and its inverse root X are symmetric, so each is known from one triangle. With
-``compact_state=True`` a bucket keeps, per factored dim, one ``(n, d + 1, d)`` stack ``S`` and
-two overlapping ``(n, d, d)`` views of it::
+With ``compact_state=True`` a bucket keeps, per factored dim, one ``(n, d + 1, d)`` stack ``S``
+and two overlapping ``(n, d, d)`` views of it, whose triangles are disjoint and fill ``S``::
 
     factors = S[:, 1:, :]    valid on and below the diagonal (F[i, j] = S[i + 1, j], j <= i)
     roots   = S[:, :d, :]    valid on and above the diagonal (X[i, j] = S[i, j],     j >= i)
 
-The two triangles are disjoint and fill ``S``. Readers take full matrices (:func:`full`),
-writers write their own triangle (:func:`write`), so a factor's lower triangle holds the same
-numbers as an unpacked factor's.
+Readers take full matrices (:func:`full`), writers write their own triangle (:func:`write`).
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """Grafting: the first-order methods whose step size Shampoo borrows.
 
-Shampoo supplies the direction P of each block; a diagonal method supplies the direction D whose
-size Shampoo adopts, P ← P·‖D‖/‖P‖ (Agarwal et al., "Disentangling adaptive gradient methods").
-Every method here reads the bias-corrected first moment m̂ and keeps at most one elementwise
-second-moment tensor v, updated from the gradient g at every step:
+Per block, Shampoo's direction P takes the size of the graft's direction D, P ← P·‖D‖/‖P‖
+(Agarwal et al., "Disentangling adaptive gradient methods"). D is made from the bias-corrected
+first moment m̂ and at most one second moment v, updated from the gradient g at every step:
 
 =========  ==========================================  ===========================
 graft      v update                                    D
