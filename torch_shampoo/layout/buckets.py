@@ -238,14 +238,11 @@ def _stack_state(bucket: Bucket, states: list[dict[str, Any]], packed: bool) -> 
         [key for key in MOMENTS if key in s] == keys for s in states
     ):
         for key in keys:
-            rows = [
-                s[key].reshape(() if key == "skipped_blocks" else bucket.block_shape)
-                for s in states
-            ]
-            stack = bucket.moments[key] = torch.stack(rows)
-            for row, (m, s) in enumerate(zip(bucket.members, states)):
-                shape = () if key == "skipped_blocks" else m.layout.param_shape
-                s[key] = stack[row].view(shape)
+            skips = key == "skipped_blocks"  # a 0-d count per parameter
+            shape = () if skips else bucket.block_shape
+            stack = bucket.moments[key] = torch.stack([s[key].reshape(shape) for s in states])
+            for row, m, s in zip(stack, bucket.members, states):
+                s[key] = row.view(() if skips else m.layout.param_shape)
         steps = [s["step"] for s in states]
         if len(steps) > 1 and all(_host_scalar(x, steps[0]) for x in steps):
             bucket.steps = torch.stack(steps)

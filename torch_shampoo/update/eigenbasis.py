@@ -57,7 +57,6 @@ def change_basis(
     eye = torch.eye(old.shape[-1], dtype=old.dtype, device=old.device)
     kept = (old == new).flatten(1).all(1).view(-1, 1, 1)  # a failed basis: exactly no change
     overlap = torch.where(kept, eye, torch.matmul(old.mT, new))
-    count = len(member.blocks)
     pairs = [("exp_avg", overlap)]
     if first is not None:  # (None when no row is a first basis: no sync)
         squared = overlap * overlap
@@ -67,7 +66,7 @@ def change_basis(
         if moment is None:
             continue
         view = member.view(moment, block_shape)
-        blocks = view.reshape(count, *block_shape)
+        blocks = view.reshape(len(member.blocks), *block_shape)
         view.copy_(_along(blocks, dim, matrix.to(moment.dtype)).reshape(view.shape))
 
 

@@ -6,6 +6,7 @@ parameters would one at a time."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -109,8 +110,7 @@ class Unit:
         if self.bucket is None:
             p = self.works[0].param.detach()
         else:
-            shape = self.bucket.block_shape
-            p = torch.stack([w.param.detach().reshape(shape) for w in self.works])
+            p = torch.stack([w.param.detach().reshape(self.bucket.block_shape) for w in self.works])
         return p if dtype is None else p.to(dtype)
 
     def step_direction(self, preconditioned: torch.Tensor | None) -> torch.Tensor:
@@ -126,12 +126,10 @@ def step_scalars(work: Sequence[Work]) -> None:
     host 0-d tensors of its state dtype (dividing by one rounds as dividing by the float does),
     one tensor per value and dtype for the whole step. Eager bookkeeping: inductor specializes
     the floats that traced code reads, so one changing per step would recompile every step."""
-    made: dict[tuple[float, torch.dtype], torch.Tensor] = {}
 
+    @functools.cache
     def scalar(value: float, dtype: torch.dtype) -> torch.Tensor:
-        if (value, dtype) not in made:
-            made[(value, dtype)] = torch.tensor(value, dtype=dtype)
-        return made[(value, dtype)]
+        return torch.tensor(value, dtype=dtype)
 
     for w in work:
         config, dtype = w.config, state_dtype(w.p)
@@ -239,10 +237,8 @@ def update_parameters(u: Unit, preconditioned: torch.Tensor | None) -> None:
         else:
             torch.where(keep, buffer * mu + update, buffer, out=buffer)
         update = update + mu * buffer if config.nesterov else buffer
-    lr = learning_rate(u)
-    params = [w.param for w in u.works]
-    dtype = params[0].dtype
-    step = (update * lr).to(dtype) if isinstance(lr, torch.Tensor) else update.to(dtype)
+    lr, params = learning_rate(u), [w.param for w in u.works]
+    step = (update * lr if isinstance(lr, torch.Tensor) else update).to(params[0].dtype)
     alpha = -1.0 if isinstance(lr, torch.Tensor) else -lr
     if keep is not None:
         p = u.params()
