@@ -170,10 +170,8 @@ def _cells(layout: BlockLayout) -> tuple[list[int], list[int]]:
 
 
 def block_sums(tensor: torch.Tensor, layout: BlockLayout, dtype: torch.dtype) -> torch.Tensor:
-    """Σ over each block of ``tensor``, accumulated in ``dtype``, as a tensor of the grid's shape.
-
-    One reduction for all blocks: the merged tensor is zero-padded to whole chunks and viewed as
-    (n₁, c₁, n₂, c₂, …), then summed over the c's."""
+    """Σ over each block of ``tensor`` in ``dtype``, in the grid's shape: one reduction of the
+    merged tensor, zero-padded to whole chunks, viewed as (n₁, c₁, n₂, c₂, …), over the c's."""
     merged = tensor.reshape(layout.shape)
     counts, lengths = _cells(layout)
     padding: list[int] = []

@@ -36,9 +36,8 @@ class Triangles:
 def pack(
     factors: Sequence[torch.Tensor], roots: Sequence[torch.Tensor], triangles: Triangles
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The factor and root views of a new ``(n, d + 1, d)`` stack that holds the lower
-    triangles of the n ``factors`` and the upper triangles of the n ``roots`` (each (d, d));
-    written row by row, so that no full copy of either exists on the way."""
+    """The factor and root views of a new ``(n, d + 1, d)`` stack of the lower triangles of
+    ``factors`` and the upper ones of ``roots``, written row by row (no full copy on the way)."""
     n, d = len(factors), factors[0].shape[-1]
     stack = factors[0].new_zeros((n, d + 1, d))
     lower, upper = stack[:, 1:, :], stack[:, :d, :]

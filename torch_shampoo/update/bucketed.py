@@ -97,16 +97,15 @@ class Share:
 
 
 def _uses_roots(u: Unit) -> bool:
-    """Does ``u`` use its roots (SOAP: bases) in this step? (A stacked unit's rows without them
-    take the graft's direction.)"""
+    """Does ``u`` use its roots (SOAP: bases) in this step: does any of its blocks have them? (A
+    stacked unit's rows without them take the graft's direction.)"""
     w = u.works[0]
-    return w.preconditioned if u.bucket is not None else w.uses_roots
+    return w.preconditioned and (u.bucket is not None or w.rooted is None or any(w.rooted))
 
 
 class PerBucket:
-    """The buckets of a step, shared out to the units that ``take`` part (by default those that
-    use their roots); results come back per unit (a single unit's from all of its buckets,
-    written into one tensor)."""
+    """The buckets of a step, shared out to the units that ``take`` part; results come back per
+    unit (a single unit's from all of its buckets, written into one tensor)."""
 
     def __init__(
         self,

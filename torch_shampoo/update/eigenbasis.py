@@ -71,10 +71,9 @@ def change_basis(
 
 
 def refresh(bases: torch.Tensor, factors: torch.Tensor) -> None:
-    """One power iteration warm-started at the installed (possibly stale) ``bases`` with the
-    *current* ``factors`` (n, d, d): Q ← orth(F Q), orthonormalized from the largest
-    eigenvalue's column down (the columns come in ascending order), each column keeping its
-    direction. On the device, in the state dtype; a row that turns non-finite keeps its basis."""
+    """One power iteration from the installed ``bases`` with the current ``factors`` (n, d, d):
+    Q ← orth(F Q), from the largest eigenvalue's column down, each column keeping its direction.
+    On the device, in the state dtype; a row that turns non-finite keeps its basis."""
     descending = bases.flip(-1)
     q, r = torch.linalg.qr(torch.matmul(factors.to(bases.dtype), descending))
     signs = torch.where(torch.diagonal(r, dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(q.dtype)
@@ -86,9 +85,8 @@ def refresh(bases: torch.Tensor, factors: torch.Tensor) -> None:
 def rotate(
     units: list[Unit], buckets: list[Bucket], stacked: dict[int, Unit], attr: str, back: bool
 ) -> None:
-    """Replace the tensor ``attr`` (``"g"``, ``"direction"``) of every unit that has a basis
-    in this step by its rotation into the basis (``back``: out of it), computed per bucket.
-    Blocks that have no basis yet keep their values."""
+    """Rotate the tensor ``attr`` (``"g"``, ``"direction"``) of every unit into its blocks'
+    bases (``back``: out of them), per bucket; blocks without a basis yet keep their values."""
     shares = bucketed.PerBucket(units, buckets, stacked)
     for share in shares:
         if not share.bucket.roots:
@@ -110,9 +108,8 @@ def step_units(
     stacked: dict[int, Unit],
     roots_of_this_step: Callable[[], None],
 ) -> None:
-    """One eigenvalue-corrected step of every unit (the order of :class:`torch_shampoo.SOAP`'s
-    docstring): the gradient, the statistics, this step's bases, Adam's moments and direction
-    in the basis, the direction rotated back, the update."""
+    """One eigenvalue-corrected step of every unit, in the order of
+    :class:`torch_shampoo.SOAP`'s docstring."""
     for u in units:
         u.g = per_unit.gradient(u)
     bucketed.statistics(units, buckets, stacked, keep_gradients=True)

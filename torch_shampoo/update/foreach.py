@@ -108,9 +108,8 @@ def directions(units: list[Unit], plan: Plan) -> None:
 def update_parameters(
     units: list[Unit], preconditioned: Sequence[torch.Tensor | None], plan: Plan
 ) -> None:
-    """:func:`.per_unit.update_parameters` of every unit (batched as ``plan``), with
-    Shampoo's direction ``preconditioned[i]`` for ``units[i]`` where it has one (None: the
-    graft's)."""
+    """:func:`.per_unit.update_parameters` of every unit (batched as ``plan``), with Shampoo's
+    direction ``preconditioned[i]`` for ``units[i]`` (None: the graft's)."""
     batches, alone = plan
     for i in alone:
         per_unit.update_parameters(units[i], preconditioned[i])

@@ -59,10 +59,9 @@ def accumulate_statistics(
     flags: torch.Tensor | None,
     lower: Sequence[torch.Tensor] | None = None,
 ) -> None:
-    """F_k ← β₂F_k + w·G_(k)G_(k)ᵀ for every factored dim k of a stack of blocks (n, *block),
-    one batched matmul per dim (w = 1 − β₂, or 1 for β₂ = 1: AdaGrad-style sums). A block whose
-    ``flags`` (n,) entry is False keeps its factors; ``lower`` (compact state): per factored dim,
-    the (d, d) mask of the triangle of each factor that is written."""
+    """F_k ← β₂F_k + w·G_(k)G_(k)ᵀ per factored dim k of a stack (n, *block), one batched matmul
+    each (w = 1 − β₂, or 1 for β₂ = 1). A block whose ``flags`` entry is False keeps its factors;
+    ``lower`` (compact state): per dim, the (d, d) mask of the triangle that is written."""
     weight = 1.0 if beta2 == 1.0 else 1.0 - beta2
     remaining = iter(factors)
     masks = iter(lower) if lower is not None else None

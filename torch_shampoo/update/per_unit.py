@@ -67,11 +67,6 @@ class Work:
         """t ≥ start: Shampoo's direction where a block has its roots, else the graft's."""
         return self.t >= self.config.start
 
-    @property
-    def uses_roots(self) -> bool:
-        """Does any block of this parameter take Shampoo's direction in this step?"""
-        return self.preconditioned and (self.rooted is None or any(self.rooted))
-
 
 @dataclass
 class Unit:
@@ -122,10 +117,9 @@ class Unit:
 
 
 def step_scalars(work: Sequence[Work]) -> None:
-    """Set each work's ``bias`` (its 1 − β₁ᵗ and 1 − β₂ᵗ) and, for a float lr, its ``lr`` as
-    host 0-d tensors of its state dtype (dividing by one rounds as dividing by the float does),
-    one tensor per value and dtype for the whole step. Eager bookkeeping: inductor specializes
-    the floats that traced code reads, so one changing per step would recompile every step."""
+    """Set each work's ``bias`` and, for a float lr, its ``lr`` as host 0-d tensors of its state
+    dtype (which round as the floats do), one per value and dtype: inductor specializes the
+    floats that traced code reads, so one changing per step would recompile every step."""
 
     @functools.cache
     def scalar(value: float, dtype: torch.dtype) -> torch.Tensor:
@@ -273,9 +267,8 @@ def mark_finite(units: list[Unit]) -> None:
 
 
 def units_of(work: list[Work], buckets: list[Bucket]) -> tuple[list[Unit], dict[int, Unit]]:
-    """The step's units: each bucket with stacked moments whose parameters all step now (at
-    the same step count) as one unit, every other parameter on its own. Also returns the
-    stacked units by bucket (``id``)."""
+    """The step's units: a bucket with stacked moments whose parameters all step now, at one
+    step count, is one; every other parameter is its own. Also the stacked ones by ``id``."""
     by_param = {w.p: w for w in work}
     units: list[Unit] = []
     stacked: dict[int, Unit] = {}
