@@ -97,10 +97,11 @@ class Share:
 
 
 def _uses_roots(u: Unit) -> bool:
-    """Does ``u`` use its roots (SOAP: bases) in this step: does any of its blocks have them? (A
-    stacked unit's rows without them take the graft's direction.)"""
+    """Does ``u`` use its roots (SOAP: bases) in this step: t ≥ start, and does any of its blocks
+    have them? (A stacked unit's rows without them take the graft's direction.)"""
     w = u.works[0]
-    return w.preconditioned and (u.bucket is not None or w.rooted is None or any(w.rooted))
+    rooted = u.bucket is not None or w.rooted is None or any(w.rooted)
+    return w.t >= w.config.start and rooted
 
 
 class PerBucket:

@@ -63,15 +63,11 @@ def accumulate_statistics(
     each (w = 1 − β₂, or 1 for β₂ = 1). A block whose ``flags`` entry is False keeps its factors;
     ``lower`` (compact state): per dim, the (d, d) mask of the triangle that is written."""
     weight = 1.0 if beta2 == 1.0 else 1.0 - beta2
-    remaining = iter(factors)
-    masks = iter(lower) if lower is not None else None
-    for dim, is_factored in enumerate(factored):
-        if not is_factored:
-            continue
+    outer = blocks.dim() == 2 and blocks.shape[1] >= OUTER_PRODUCT_MIN
+    dims = [dim for dim, is_factored in enumerate(factored) if is_factored]
+    for k, (dim, factor) in enumerate(zip(dims, factors)):
         unfolded = _unfold(blocks, dim)
-        factor = next(remaining)
-        mask = next(masks) if masks is not None else None
-        outer = blocks.dim() == 2 and blocks.shape[1] >= OUTER_PRODUCT_MIN
+        mask = None if lower is None else lower[k]
         if flags is None and mask is None:
             if outer:
                 if beta2 != 1.0:  # (β₂ = 1: nothing to scale)

@@ -62,11 +62,6 @@ class Work:
     lr: torch.Tensor | None = None
     """A float lr as a 0-d tensor (:func:`step_scalars`), for the traced update."""
 
-    @property
-    def preconditioned(self) -> bool:
-        """t ≥ start: Shampoo's direction where a block has its roots, else the graft's."""
-        return self.t >= self.config.start
-
 
 @dataclass
 class Unit:
