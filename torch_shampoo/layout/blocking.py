@@ -144,13 +144,10 @@ def output_side_layout(shape: Sequence[int], block_size: int, vectors: bool) -> 
 def split_blocks(tensor: torch.Tensor, layout: BlockLayout) -> list[torch.Tensor]:
     """The blocks of ``tensor`` (of ``layout.param_shape``); views if ``tensor`` is contiguous."""
     merged = tensor.reshape(layout.shape)
-    blocks = []
-    for offset, size in zip(layout.offsets, layout.block_shapes):
-        block = merged
-        for dim, (start, length) in enumerate(zip(offset, size)):
-            block = block.narrow(dim, start, length)
-        blocks.append(block)
-    return blocks
+    return [
+        merged[tuple(slice(start, start + length) for start, length in zip(offset, size))]
+        for offset, size in zip(layout.offsets, layout.block_shapes)
+    ]
 
 
 def merge_blocks(blocks: Sequence[torch.Tensor], layout: BlockLayout) -> torch.Tensor:

@@ -82,8 +82,7 @@ class Bucket:
     """Per factored dim, the (n, d, d) stack of every block's factor."""
     roots: list[torch.Tensor] = field(default_factory=list)
     triangles: list[Triangles] | None = None
-    """Compact state (:mod:`.compact`): per factored dim, the masks of the factors' and the
-    roots' triangles; None: full matrices."""
+    """Compact state (:mod:`.compact`): per factored dim, the triangles' masks; None: full."""
     moments: dict[str, torch.Tensor] = field(default_factory=dict)
     """When every member is a single block: its moments (exp_avg, graft_v, momentum_buffer as
     (n, *block) stacks, skipped_blocks as (n,)), whose rows the members' states view."""
@@ -121,8 +120,7 @@ class Bucket:
         members: Sequence[Member],
         targets: dict[torch.Tensor, torch.Tensor],
     ) -> None:
-        """Write the rows of ``stack`` into each member's parameter-shaped target (a single-block
-        member's target: a view of its row)."""
+        """Write the rows of ``stack`` into each member's target (a single block's: a view)."""
         shape = self.block_shape
         for m, rows in zip(members, stack.split([len(m.blocks) for m in members])):
             if m.whole:
@@ -189,13 +187,11 @@ def plan_buckets(
     for group, p, layout, _ in entries:
         if math.prod(layout.shape) == 0:
             continue
-        dtype, device = state_dtype(p), p.device
-        per_block = sum(layout.factored)
         for shape, (blocks, starts, counts, chunks) in _sub_grids(layout).items():
-            key = (group, shape, layout.factored, p.dtype, dtype, device)
+            key = (group, shape, layout.factored, p.dtype, state_dtype(p), p.device)
             bucket = buckets.get(key)
             if bucket is None:
-                bucket = buckets[key] = Bucket(shape, layout.factored, per_block)
+                bucket = buckets[key] = Bucket(shape, layout.factored, sum(layout.factored))
             member = Member(p, layout, bucket.size, blocks, starts, counts, chunks)
             bucket.members.append(member)
             placements.setdefault(id(p), []).append((bucket, member))

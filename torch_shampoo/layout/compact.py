@@ -24,8 +24,7 @@ TILE = 256
 
 
 class Triangles:
-    """The boolean masks of one block size and device: ``lower`` (j <= i) for factors,
-    ``upper`` (j >= i) for roots."""
+    """The masks of one size and device: ``lower`` (j <= i) for factors, ``upper`` for roots."""
 
     def __init__(self, d: int, device: torch.device):
         ones = torch.ones(d, d, dtype=torch.bool, device=device)
@@ -48,8 +47,7 @@ def pack(
 
 
 def _tiles(d: int) -> list[tuple[slice, slice, int]]:
-    """The (rows, columns, side) of the tiles of a d×d matrix; side -1 below the diagonal,
-    0 on it, 1 above."""
+    """The (rows, cols, side) of a d×d matrix's tiles; side -1 below the diagonal, 0 on, 1 above."""
     edges = range(0, d, TILE)
     return [
         (slice(i, i + TILE), slice(j, j + TILE), (j > i) - (j < i)) for i in edges for j in edges

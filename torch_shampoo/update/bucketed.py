@@ -54,8 +54,7 @@ def statistics(
 
 @dataclass
 class Share:
-    """One bucket's rows of the units that take part: a stacked unit's whole bucket, or the
-    members of the single units that do."""
+    """One bucket's rows of the units that take part: a stacked unit's, or single units'."""
 
     bucket: Bucket
     unit: Unit | None
@@ -80,8 +79,7 @@ class Share:
         return self.bucket.gather([tensor_of(u) for u in self.parts], self.members)
 
     def roots(self) -> list[torch.Tensor]:
-        """The root (or basis) stacks of these rows, per factored dim (compact state: made
-        full from their triangles)."""
+        """The root (or basis) stacks of these rows per factored dim, as full matrices."""
         rows = self.bucket.rows(self.members)
         roots = self.bucket.roots if rows is None else [r[rows] for r in self.bucket.roots]
         if self.bucket.triangles is None:

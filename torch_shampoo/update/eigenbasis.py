@@ -108,8 +108,7 @@ def step_units(
     stacked: dict[int, Unit],
     roots_of_this_step: Callable[[], None],
 ) -> None:
-    """One eigenvalue-corrected step of every unit, in the order of
-    :class:`torch_shampoo.SOAP`'s docstring."""
+    """One eigenvalue-corrected step of every unit, in the order of :class:`~torch_shampoo.SOAP`."""
     for u in units:
         u.g = per_unit.gradient(u)
     bucketed.statistics(units, buckets, stacked, keep_gradients=True)

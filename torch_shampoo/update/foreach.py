@@ -79,8 +79,7 @@ def moments(units: list[Unit], plan: Plan) -> None:
 
 
 def directions(units: list[Unit], plan: Plan) -> None:
-    """m̂ and the graft's direction of every unit (:func:`.per_unit.directions`), batched as
-    ``plan``."""
+    """m̂ and the graft's direction of every unit (:func:`.per_unit.directions`), as ``plan``."""
     batches, alone = plan
     for i in alone:
         per_unit.directions(units[i])

@@ -44,8 +44,7 @@ def update_graft_state(
     beta2: float,
     keep: torch.Tensor | None = None,
 ) -> None:
-    """Fold this step's gradient into the second moment ``state["graft_v"]``, only where
-    ``keep`` is True when a mask is given."""
+    """Fold this step's gradient into ``state["graft_v"]`` (where ``keep`` is True, if given)."""
     if graft not in SECOND_MOMENT:
         return
     v = state["graft_v"]
