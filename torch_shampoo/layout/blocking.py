@@ -4,12 +4,10 @@ A parameter of shape ``s`` is viewed as a tensor of a *merged* shape:
 
 1. size-1 dims are dropped (a 0-d or all-ones tensor becomes ``(1,)``);
 2. neighbouring dims are merged from the right while their product stays ≤ ``block_size``
-   (a conv weight ``(64, 3, 3, 3)`` becomes ``(64, 27)``), but a tensor of several dims keeps
-   two: one with ≤ ``block_size`` elements becomes ``(first dim, the rest)`` (a ``(64, 16)``
-   weight stays ``(64, 16)``: two factors of 64² and 16², not one of 1024² whose root costs
-   ~4,000× the flops and which gains rank 1 per step). ``merge="all"`` merges down to one dim
-   (the rule of JAX's ``merge_small_dims`` and Meta's ``merge_dims``); ``merge=False`` merges
-   nothing;
+   (a conv weight ``(64, 3, 3, 3)`` becomes ``(64, 27)``); several dims that would become one
+   become ``(first dim, the rest)`` instead (``(64, 16)`` keeps factors of 64² and 16², not one
+   of 1024² whose root costs ~4,000× the flops). ``merge="all"`` merges down to one dim (JAX's
+   ``merge_small_dims``, Meta's ``merge_dims``); ``merge=False`` merges nothing;
 3. every dim of at most ``max_factor_dim`` is cut into chunks of ``block_size`` (the last one
    smaller). A dim larger than ``max_factor_dim`` is *not factored*: it is left whole and gets no
    preconditioner (one-sided Shampoo; an embedding table's vocabulary side stays affordable).

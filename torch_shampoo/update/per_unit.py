@@ -265,17 +265,14 @@ def units_of(work: list[Work], buckets: list[Bucket]) -> tuple[list[Unit], dict[
     """The step's units: a bucket with stacked moments whose parameters all step now, at one
     step count, is one; every other parameter is its own. Also the stacked ones by ``id``."""
     by_param = {w.p: w for w in work}
-    units: list[Unit] = []
     stacked: dict[int, Unit] = {}
-    covered: set[int] = set()
     for bucket in buckets:
         if not bucket.moments:
             continue
         found = [by_param.get(m.p) for m in bucket.members]
         works = [w for w in found if w is not None and w.curvature is None]
         if len(works) == len(found) and all(w.t == works[0].t for w in works):
-            unit = stacked[id(bucket)] = Unit(works, bucket.moments, bucket)
-            units.append(unit)
-            covered.update(id(m.p) for m in bucket.members)
-    units += [Unit([w], w.state) for w in work if id(w.p) not in covered]
+            stacked[id(bucket)] = Unit(works, bucket.moments, bucket)
+    covered = {id(w.p) for u in stacked.values() for w in u.works}
+    units = [*stacked.values(), *(Unit([w], w.state) for w in work if id(w.p) not in covered)]
     return units, stacked
