@@ -184,6 +184,4 @@ def expand_grid(grid: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     spread = grid.reshape([x for n in counts for x in (n, 1)])
     spread = spread.expand([x for n, c in zip(counts, lengths) for x in (n, c)])
     full = spread.reshape([n * c for n, c in zip(counts, lengths)])
-    for dim, size in enumerate(layout.shape):
-        full = full.narrow(dim, 0, size)
-    return full.reshape(layout.param_shape)
+    return full[tuple(slice(0, size) for size in layout.shape)].reshape(layout.param_shape)

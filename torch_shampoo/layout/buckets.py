@@ -51,22 +51,16 @@ class Member:
 
     def view(self, x: torch.Tensor, block_shape: tuple[int, ...]) -> torch.Tensor:
         """The blocks of the parameter-shaped ``x``: a view (count₁, count₂, …, *block_shape)."""
-        m = x.reshape(self.layout.shape)
-        split: list[int] = []
-        for dim, (start, count, length) in enumerate(zip(self.starts, self.counts, block_shape)):
-            m = m.narrow(dim, start, count * length)
-            split += [count, length]
-        m = m.view(split)
-        ndim = len(block_shape)
-        return m.permute([2 * i for i in range(ndim)] + [2 * i + 1 for i in range(ndim)])
+        grid = list(zip(self.starts, self.counts, block_shape))
+        m = x.reshape(self.layout.shape)[tuple(slice(s, s + c * n) for s, c, n in grid)]
+        m = m.view([k for _, count, length in grid for k in (count, length)])
+        return m.permute([*range(0, 2 * len(grid), 2), *range(1, 2 * len(grid), 2)])
 
     def flags(self, cells: torch.Tensor) -> torch.Tensor:
         """This member's entries of the guard's grid of per-block flags, in stack order."""
         if cells.dim() == 0:
             return cells.reshape(1)
-        for dim, (first, count) in enumerate(zip(self.chunks, self.counts)):
-            cells = cells.narrow(dim, first, count)
-        return cells.reshape(-1)
+        return cells[tuple(slice(f, f + n) for f, n in zip(self.chunks, self.counts))].reshape(-1)
 
 
 @dataclass
