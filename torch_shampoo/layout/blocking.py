@@ -130,13 +130,10 @@ def output_side_layout(shape: Sequence[int], block_size: int, vectors: bool) -> 
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     numel = math.prod(shape)
     if numel == 0 or len(shape) == 0 or (len(shape) == 1 and not vectors):
-        merged: tuple[int, ...] = (numel,)
-        factored: tuple[bool, ...] = (False,)
-    elif len(shape) == 1:
-        merged, factored = (numel,), (True,)
-    else:
-        merged, factored = (shape[0], numel // shape[0]), (True, False)
-    return _layout(shape, merged, factored, block_size)
+        return _layout(shape, (numel,), (False,), block_size)
+    if len(shape) == 1:
+        return _layout(shape, (numel,), (True,), block_size)
+    return _layout(shape, (shape[0], numel // shape[0]), (True, False), block_size)
 
 
 def split_blocks(tensor: torch.Tensor, layout: BlockLayout) -> list[torch.Tensor]:

@@ -169,8 +169,7 @@ def slots_of(placements: list[tuple[Bucket, Member]]) -> list[Slot]:
 
 
 def plan_buckets(
-    entries: Iterable[tuple[int, torch.Tensor, BlockLayout, dict[str, Any]]],
-    packed: bool = False,
+    entries: Iterable[tuple[int, torch.Tensor, BlockLayout, dict[str, Any]]], packed: bool = False
 ) -> tuple[list[Bucket], dict[int, list[tuple[Bucket, Member]]]]:
     """Stack the blocks of every ``(group index, parameter, layout, state)`` with elements; each
     state's ``factors`` and ``roots`` become views of the new stacks (``packed``: compact

@@ -55,8 +55,7 @@ def _tiles(d: int) -> list[tuple[slice, slice, int]]:
 
 
 def full(view: torch.Tensor, mask: torch.Tensor, upper: bool) -> torch.Tensor:
-    """The symmetric matrices (…, d, d) whose triangle ``mask`` (``upper`` or lower, the
-    diagonal included) is ``view``'s (a new tensor)."""
+    """New symmetric matrices (…, d, d) whose triangle ``mask`` (``upper``/lower) is ``view``'s."""
     d = view.shape[-1]
     if d < TILED:
         return torch.where(mask, view, view.mT)
@@ -73,8 +72,7 @@ def full(view: torch.Tensor, mask: torch.Tensor, upper: bool) -> torch.Tensor:
 
 
 def write(view: torch.Tensor, new: torch.Tensor, mask: torch.Tensor, upper: bool) -> None:
-    """``view`` takes ``new``'s entries where ``mask`` (broadcast; the ``upper`` or lower
-    triangle) is True and keeps the rest (the other matrix's triangle)."""
+    """Write ``new`` into the triangle ``mask`` (``upper`` or lower) of ``view``, only there."""
     d, new = view.shape[-1], new.to(view.dtype)  # (as copy_ would: a checkpoint's float64)
     if d < TILED:
         torch.where(mask, new, view, out=view)

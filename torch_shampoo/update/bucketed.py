@@ -20,10 +20,7 @@ __all__ = ["PerBucket", "Share", "precondition", "statistics"]
 
 
 def statistics(
-    units: list[Unit],
-    buckets: list[Bucket],
-    stacked: dict[int, Unit],
-    keep_gradients: bool = False,
+    units: list[Unit], buckets: list[Bucket], stacked: dict[int, Unit], keep_gradients: bool = False
 ) -> None:
     """F ← β₂F + w·G Gᵀ per bucket and factored dim: one batched product each. The gradient
     copies are dropped after, unless ``keep_gradients``. A unit with statistics prepared

@@ -135,11 +135,7 @@ def update_parameters(
                 updates = buffers
         params, steps = [], []
         for u, update in zip(batch, updates):
-            if u.bucket is None:
-                params.append(u.works[0].param)
-                steps.append(update)
-            else:
-                rows = [w.param for w in u.works]
-                params += rows
-                steps += per_unit.rows_of(update, rows)
+            rows = [w.param for w in u.works]
+            params += rows
+            steps += [update] if u.bucket is None else per_unit.rows_of(update, rows)
         torch._foreach_add_(params, steps, alpha=-lr)

@@ -58,8 +58,7 @@ def update_graft_state(
 def update_graft_states(
     graft: str, v: list[torch.Tensor], grads: list[torch.Tensor], beta2: float
 ) -> None:
-    """:func:`update_graft_state` of many second moments ``v`` at once, unmasked: one
-    ``_foreach_`` call per operation."""
+    """:func:`update_graft_state` of many second moments ``v``, unmasked, in ``_foreach_`` calls."""
     if graft == "adagrad":
         torch._foreach_addcmul_(v, grads, grads)
     elif graft in ("adam", "rmsprop"):
@@ -89,8 +88,7 @@ def graft_directions(
     epsilon: float,
     correction: torch.Tensor | None,
 ) -> list[torch.Tensor | None]:
-    """:func:`graft_direction` of many tensors at once (their second moments ``v``, all of one
-    step: one ``correction``), one ``_foreach_`` call per operation."""
+    """:func:`graft_direction` of many tensors of one step (one ``correction``): ``_foreach_``."""
     if graft in ("none", "sgd"):
         return [None if graft == "none" else m for m in m_hats]
     if graft == "adam" and correction is not None:

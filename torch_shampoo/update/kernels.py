@@ -35,8 +35,7 @@ def finite_blocks(g: torch.Tensor, layout: BlockLayout) -> tuple[torch.Tensor, t
 
 
 def _unfold(blocks: torch.Tensor, dim: int) -> torch.Tensor:
-    """A stack of blocks (n, *block) unfolded along block dim ``dim``: (n, d, rest), a view for
-    the first and the last dim."""
+    """A stack (n, *block) unfolded along block dim ``dim``: (n, d, rest); a view for dim 0, -1."""
     n, d = blocks.shape[0], blocks.shape[1 + dim]
     if dim == 0:
         return blocks.reshape(n, d, -1)
