@@ -88,7 +88,7 @@ def graft_directions(
     epsilon: float,
     correction: torch.Tensor | None,
 ) -> list[torch.Tensor | None]:
-    """:func:`graft_direction` of many tensors of one step (one ``correction``): ``_foreach_``."""
+    """:func:`graft_direction` of many tensors at once, all of one step (one ``correction``)."""
     if graft in ("none", "sgd"):
         return [None if graft == "none" else m for m in m_hats]
     if graft == "adam" and correction is not None:
