@@ -22,9 +22,8 @@ __all__ = ["PerBucket", "Share", "precondition", "statistics"]
 def statistics(
     units: list[Unit], buckets: list[Bucket], stacked: dict[int, Unit], keep_gradients: bool = False
 ) -> None:
-    """F ← β₂F + w·G Gᵀ per bucket and factored dim: one batched product each. The gradient
-    copies are dropped after, unless ``keep_gradients``. A unit with statistics prepared
-    outside the step (NG+'s, :func:`torch_shampoo.update.per_unit.curvature`) takes no part."""
+    """F ← β₂F + w·G Gᵀ per bucket and dim, one batched product each, but for units with prepared
+    statistics (:func:`.per_unit.curvature`); the gradients then go, unless ``keep_gradients``."""
     shares = PerBucket(
         units, buckets, stacked, lambda u: u.g is not None and u.works[0].curvature is None
     )

@@ -118,9 +118,8 @@ def mode_products(
 def graft_stacks(
     stacks: Sequence[torch.Tensor], directions: Sequence[torch.Tensor | None]
 ) -> list[torch.Tensor]:
-    """P·‖D‖/(‖P‖ + eps) per block of every stack (n, *block) of Shampoo's directions P, with
-    the graft's directions D stacked alike (None: no graft, P as it is), as new tensors. All
-    single-block stacks take one ``_foreach_norm`` each for P and D; others a batched norm."""
+    """P·‖D‖/(‖P‖ + eps) per block of every stack (n, *block) of Shampoo's directions P, as new
+    tensors (D: the graft's, None: P as it is); single-block stacks' norms by ``_foreach_norm``."""
     out = list(stacks)
     singles, single_directions, rows = [], [], []
     for i, (p, d) in enumerate(zip(stacks, directions)):
@@ -150,9 +149,8 @@ def curvature_statistics(
     beta2: float,
     cells: torch.Tensor | None,
 ) -> None:
-    """F_b ← β₂F_b + (1 − β₂)·Ĝ[rows_b, rows_b] per block b (one factor per block, over the
-    output dim) from statistics prepared outside the step (NG+'s per-sample Ĝ); a block whose
-    flag in ``cells`` is False keeps its factor."""
+    """F_b ← β₂F_b + (1 − β₂)·Ĝ[rows_b, rows_b] per block b (one factor each, over the output dim)
+    from NG+'s per-sample Ĝ; a block whose flag in ``cells`` is False keeps its factor."""
     flags = None if cells is None else cells.reshape(-1)
     for b, (factor, offset, size) in enumerate(zip(factors, layout.offsets, layout.block_shapes)):
         rows = slice(offset[0], offset[0] + size[0])

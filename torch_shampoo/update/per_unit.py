@@ -57,8 +57,7 @@ class Work:
     """The tensor the math reads (with its ``.grad``) and writes: ``p``, or for a DTensor
     parameter the gathered whole (:mod:`torch_shampoo.distributed.dtensor`)."""
     bias: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
-    """1 − β₁ᵗ and the graft's 1 − β₂ᵗ as 0-d tensors (:func:`step_scalars`), so that compiled
-    math sees no changing float; None without bias correction."""
+    """1 − β₁ᵗ and the graft's 1 − β₂ᵗ as 0-d tensors (:func:`step_scalars`); None: uncorrected."""
     lr: torch.Tensor | None = None
     """A float lr as a 0-d tensor (:func:`step_scalars`), for the traced update."""
 
@@ -177,8 +176,7 @@ def gradient(u: Unit) -> torch.Tensor:
 
 
 def curvature(u: Unit) -> None:
-    """F ← β₂F + Ĝ per factor from statistics prepared outside the step (NG+'s per-sample
-    ones), for a parameter that has them (the others': :mod:`~torch_shampoo.update.bucketed`)."""
+    """F ← β₂F + Ĝ per factor, for a parameter with statistics prepared outside the step (NG+'s)."""
     w = u.works[0]
     if u.bucket is None and w.curvature is not None:
         kernels.curvature_statistics(
