@@ -22,8 +22,8 @@ __all__ = ["PerBucket", "Share", "precondition", "statistics"]
 def statistics(
     units: list[Unit], buckets: list[Bucket], stacked: dict[int, Unit], keep_gradients: bool = False
 ) -> None:
-    """F ← β₂F + w·G Gᵀ per bucket and dim, one batched product each, but for units with prepared
-    statistics (:func:`.per_unit.curvature`); the gradients then go, unless ``keep_gradients``."""
+    """F ← β₂F + w·G Gᵀ per bucket and dim, one batched product each (units with prepared
+    statistics excepted: :func:`.per_unit.curvature`); then the gradients go, unless kept."""
     shares = PerBucket(
         units, buckets, stacked, lambda u: u.g is not None and u.works[0].curvature is None
     )
