@@ -4,21 +4,16 @@ A parameter of shape ``s`` is viewed as a tensor of a *merged* shape:
 
 1. size-1 dims are dropped (a 0-d or all-ones tensor becomes ``(1,)``);
 2. neighbouring dims are merged from the right while their product stays ≤ ``block_size``
-   (a conv weight ``(64, 3, 3, 3)`` becomes ``(64, 27)``), but a tensor of several dims keeps
-   two: one with ≤ ``block_size`` elements becomes ``(first dim, the rest)`` (a ``(64, 16)``
-   weight stays ``(64, 16)``: two factors of 64² and 16², not one of 1024² whose root costs
-   ~4,000× the flops and which gains rank 1 per step). ``merge="all"`` merges down to one dim
-   (the rule of JAX's ``merge_small_dims`` and Meta's ``merge_dims``, and this package's before
-   2026-12-06); ``merge=False`` merges nothing;
+   (a conv weight ``(64, 3, 3, 3)`` becomes ``(64, 27)``); several dims that would become one
+   become ``(first dim, the rest)`` instead (``(64, 16)`` keeps factors of 64² and 16², not one
+   of 1024² whose root costs ~4,000× the flops). ``merge="all"`` merges down to one dim (JAX's
+   ``merge_small_dims``, Meta's ``merge_dims``); ``merge=False`` merges nothing;
 3. every dim of at most ``max_factor_dim`` is cut into chunks of ``block_size`` (the last one
    smaller). A dim larger than ``max_factor_dim`` is *not factored*: it is left whole and gets no
    preconditioner (one-sided Shampoo; an embedding table's vocabulary side stays affordable).
 
 Blocks are the cells of the resulting grid, in row-major order. For a contiguous tensor they are
 views, so writing into a block writes into the tensor.
-
-:func:`block_sums` reduces every block at once and :func:`expand_grid` spreads one value per
-block back over the parameter's shape (the non-finite guard's flags and mask).
 """
 
 from __future__ import annotations
@@ -74,8 +69,7 @@ MERGES: tuple[bool | str, ...] = (True, False, "all")
 def merged_shape(
     shape: Sequence[int], block_size: int, merge: bool | str = True
 ) -> tuple[int, ...]:
-    """Drop size-1 dims, then (``merge``) merge neighbours from the right while the product is
-    ≤ block_size; unless ``merge == "all"``, several dims never become one."""
+    """The merged shape of ``shape``: rules 1 and 2 of the module docstring."""
     if merge not in MERGES:
         raise ValueError(f"merge_dims must be one of {MERGES}, got {merge!r}")
     if 0 in shape:
@@ -100,17 +94,10 @@ def _chunks(size: int, block_size: int) -> list[tuple[int, int]]:
     return [(start, min(block_size, size - start)) for start in range(0, size, block_size)]
 
 
-def block_layout(
-    shape: Sequence[int], block_size: int, max_factor_dim: int, merge: bool | str = True
+def _layout(
+    shape: Sequence[int], merged: tuple[int, ...], factored: tuple[bool, ...], block_size: int
 ) -> BlockLayout:
-    """The block grid of a parameter of ``shape`` (see the module docstring); ``merge=False``
-    keeps every dim of size > 1 as a dim of its own, ``merge="all"`` may merge all into one."""
-    if block_size < 1:
-        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
-    if max_factor_dim < 1:
-        raise ValueError(f"max_factor_dim must be a positive integer, got {max_factor_dim!r}")
-    merged = merged_shape(shape, block_size, merge)
-    factored = tuple(0 < d <= max_factor_dim for d in merged)
+    """The grid that cuts every factored dim of ``merged`` into chunks of ``block_size``."""
     per_dim = [_chunks(d, block_size) if f else [(0, d)] for d, f in zip(merged, factored)]
     cells = list(itertools.product(*per_dim))
     return BlockLayout(
@@ -123,45 +110,39 @@ def block_layout(
     )
 
 
-def output_side_layout(shape: Sequence[int], block_size: int, vectors: bool) -> BlockLayout:
-    """NG+'s grid: the parameter as a matrix (shape[0], rest), only its output side factored.
+def block_layout(
+    shape: Sequence[int], block_size: int, max_factor_dim: int, merge: bool | str = True
+) -> BlockLayout:
+    """The block grid of a parameter of ``shape`` (see the module docstring)."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    if max_factor_dim < 1:
+        raise ValueError(f"max_factor_dim must be a positive integer, got {max_factor_dim!r}")
+    merged = merged_shape(shape, block_size, merge)
+    return _layout(shape, merged, tuple(0 < d <= max_factor_dim for d in merged), block_size)
 
-    The output dim is cut into chunks of ``block_size`` (diagonal blocks of the output-side
-    matrix); the input side stays whole. A 1-D parameter is a column, factored only if ``vectors``;
-    0-d and empty parameters get no factor.
-    """
+
+def output_side_layout(shape: Sequence[int], block_size: int, vectors: bool) -> BlockLayout:
+    """NG+'s grid: the parameter as a matrix (shape[0], rest) whose output dim alone is factored,
+    cut into chunks of ``block_size``. A 1-D parameter is a column, factored only if ``vectors``;
+    0-d and empty parameters get no factor."""
     if block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     numel = math.prod(shape)
     if numel == 0 or len(shape) == 0 or (len(shape) == 1 and not vectors):
-        merged: tuple[int, ...] = (numel,)
-        factored: tuple[bool, ...] = (False,)
-    elif len(shape) == 1:
-        merged, factored = (numel,), (True,)
-    else:
-        merged, factored = (shape[0], numel // shape[0]), (True, False)
-    rows = _chunks(merged[0], block_size) if factored[0] else [(0, merged[0])]
-    rest = tuple(merged[1:])
-    return BlockLayout(
-        param_shape=tuple(shape),
-        shape=merged,
-        factored=factored,
-        offsets=tuple((start,) + (0,) * len(rest) for start, _ in rows),
-        block_shapes=tuple((size, *rest) for _, size in rows),
-        grid=(tuple(size for _, size in rows), *((d,) for d in rest)),
-    )
+        return _layout(shape, (numel,), (False,), block_size)
+    if len(shape) == 1:
+        return _layout(shape, (numel,), (True,), block_size)
+    return _layout(shape, (shape[0], numel // shape[0]), (True, False), block_size)
 
 
 def split_blocks(tensor: torch.Tensor, layout: BlockLayout) -> list[torch.Tensor]:
     """The blocks of ``tensor`` (of ``layout.param_shape``); views if ``tensor`` is contiguous."""
     merged = tensor.reshape(layout.shape)
-    blocks = []
-    for offset, size in zip(layout.offsets, layout.block_shapes):
-        block = merged
-        for dim, (start, length) in enumerate(zip(offset, size)):
-            block = block.narrow(dim, start, length)
-        blocks.append(block)
-    return blocks
+    return [
+        merged[tuple(slice(start, start + length) for start, length in zip(offset, size))]
+        for offset, size in zip(layout.offsets, layout.block_shapes)
+    ]
 
 
 def merge_blocks(blocks: Sequence[torch.Tensor], layout: BlockLayout) -> torch.Tensor:
@@ -181,10 +162,8 @@ def _cells(layout: BlockLayout) -> tuple[list[int], list[int]]:
 
 
 def block_sums(tensor: torch.Tensor, layout: BlockLayout, dtype: torch.dtype) -> torch.Tensor:
-    """Σ over each block of ``tensor``, accumulated in ``dtype``, as a tensor of the grid's shape.
-
-    One reduction for all blocks: the merged tensor is zero-padded to whole chunks and viewed as
-    (n₁, c₁, n₂, c₂, …), then summed over the c's."""
+    """Σ over each block of ``tensor`` in ``dtype``, in the grid's shape: one reduction of the
+    merged tensor, zero-padded to whole chunks, viewed as (n₁, c₁, n₂, c₂, …), over the c's."""
     merged = tensor.reshape(layout.shape)
     counts, lengths = _cells(layout)
     padding: list[int] = []
@@ -202,6 +181,4 @@ def expand_grid(grid: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     spread = grid.reshape([x for n in counts for x in (n, 1)])
     spread = spread.expand([x for n, c in zip(counts, lengths) for x in (n, c)])
     full = spread.reshape([n * c for n, c in zip(counts, lengths)])
-    for dim, size in enumerate(layout.shape):
-        full = full.narrow(dim, 0, size)
-    return full.reshape(layout.param_shape)
+    return full[tuple(slice(0, size) for size in layout.shape)].reshape(layout.param_shape)

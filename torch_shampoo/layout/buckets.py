@@ -1,23 +1,11 @@
 """Buckets: the blocks of many parameters stacked, so that a step costs one kernel per shape.
 
 Blocks with the same shape, factored dims, dtypes (parameter and state), device and parameter
-group form a *bucket*
-(edge blocks of a different shape form their own). A bucket owns its blocks' factors and roots
-as stacks, one ``(n, d, d)`` tensor per factored dim; each parameter's ``state["factors"]`` and
-``state["roots"]`` hold views into these stacks, in block order, so the state dict, the root
-pipeline and every check see per-block tensors while the step works on whole stacks:
-
-* **gather**: a parameter-shaped tensor (gradient, m̂, graft direction) becomes the bucket's
-  ``(n, *block)`` stack — one copy per parameter (a single-block parameter is a view of it);
-* the statistics, the preconditioning and the graft's per-block norms are batched matmuls and
-  norms on the stacks (:mod:`torch_shampoo.update.kernels`);
-* **scatter**: the stacked direction goes back to parameter shape — one copy per parameter (none
-  for a parameter that is a single block: its direction is a view of the stack).
-
-A parameter's blocks of one shape form a sub-grid of its block grid (per merged dim, all full
-chunks or the last, shorter one), so gather and scatter are a strided view and one copy each.
-The bucket is also the unit of root work: a root cycle's factors of a bucket are snapshotted
-together. Later work (ownership across ranks, eigenbases) is planned per bucket.
+group form a *bucket*. It owns their factors and roots as stacks, one ``(n, d, d)`` tensor per
+factored dim, and each parameter's ``state["factors"]`` and ``state["roots"]`` hold views of its
+rows. A parameter's blocks of one shape form a sub-grid of its grid, so gathering them into the
+``(n, *block)`` stack and scattering them back are a strided view and one copy each (none for a
+single-block parameter). See docs/design.md, "Buckets".
 """
 
 from __future__ import annotations
@@ -62,31 +50,23 @@ class Member:
         return self.layout.num_blocks == 1
 
     def view(self, x: torch.Tensor, block_shape: tuple[int, ...]) -> torch.Tensor:
-        """The blocks of the parameter-shaped ``x`` as a strided view of shape
-        (count₁, count₂, …, *block_shape)."""
-        m = x.reshape(self.layout.shape)
-        split: list[int] = []
-        for dim, (start, count, length) in enumerate(zip(self.starts, self.counts, block_shape)):
-            m = m.narrow(dim, start, count * length)
-            split += [count, length]
-        m = m.view(split)
-        ndim = len(block_shape)
-        return m.permute([2 * i for i in range(ndim)] + [2 * i + 1 for i in range(ndim)])
+        """The blocks of the parameter-shaped ``x``: a view (count₁, count₂, …, *block_shape)."""
+        grid = list(zip(self.starts, self.counts, block_shape))
+        m = x.reshape(self.layout.shape)[tuple(slice(s, s + c * n) for s, c, n in grid)]
+        m = m.view([k for _, count, length in grid for k in (count, length)])
+        return m.permute([*range(0, 2 * len(grid), 2), *range(1, 2 * len(grid), 2)])
 
     def flags(self, cells: torch.Tensor) -> torch.Tensor:
         """This member's entries of the guard's grid of per-block flags, in stack order."""
         if cells.dim() == 0:
             return cells.reshape(1)
-        for dim, (first, count) in enumerate(zip(self.chunks, self.counts)):
-            cells = cells.narrow(dim, first, count)
-        return cells.reshape(-1)
+        return cells[tuple(slice(f, f + n) for f, n in zip(self.chunks, self.counts))].reshape(-1)
 
 
 @dataclass
 class Bucket:
     """Equal-shape blocks of one group, stacked."""
 
-    group: int
     block_shape: tuple[int, ...]
     factored: tuple[bool, ...]
     per_block: int
@@ -96,14 +76,13 @@ class Bucket:
     """Per factored dim, the (n, d, d) stack of every block's factor."""
     roots: list[torch.Tensor] = field(default_factory=list)
     triangles: list[Triangles] | None = None
-    """Compact state (:mod:`torch_shampoo.layout.compact`): per factored dim, the masks of the
-    factors' and the roots' triangles (the two stacks are views of one); None: full matrices."""
+    """Compact state (:mod:`.compact`): per factored dim, the triangles' masks; None: full."""
     moments: dict[str, torch.Tensor] = field(default_factory=dict)
     """When every member is a single block: its moments (exp_avg, graft_v, momentum_buffer as
     (n, *block) stacks, skipped_blocks as (n,)), whose rows the members' states view."""
     steps: torch.Tensor | None = None
-    """With ``moments`` and several members: their step counts as one (n,) host tensor whose
-    rows (``step_rows``) their states' ``step`` are, so that one add advances them all."""
+    """With ``moments`` and several members: their step counts as one (n,) host tensor, whose
+    rows (``step_rows``) are their states' ``step``: one add advances them all."""
     step_rows: list[torch.Tensor] = field(default_factory=list)
 
     @property
@@ -123,13 +102,10 @@ class Bucket:
         shape = self.block_shape
         if all(m.whole for m in members):
             return torch.stack([x.view(shape) for x in tensors])
-        rows = sum(len(m.blocks) for m in members)
-        out = tensors[0].new_empty((rows, *shape))
-        row = 0
-        for x, m in zip(tensors, members):
-            count = len(m.blocks)
-            out[row : row + count].view(*m.counts, *shape).copy_(m.view(x, shape))
-            row += count
+        sizes = [len(m.blocks) for m in members]
+        out = tensors[0].new_empty((sum(sizes), *shape))
+        for rows, x, m in zip(out.split(sizes), tensors, members):
+            rows.view(*m.counts, *shape).copy_(m.view(x, shape))
         return out
 
     def scatter(
@@ -138,20 +114,16 @@ class Bucket:
         members: Sequence[Member],
         targets: dict[torch.Tensor, torch.Tensor],
     ) -> None:
-        """Write the rows of ``stack`` into each member's parameter-shaped target; a
-        single-block member's target becomes a view of its row (no copy)."""
+        """Write the rows of ``stack`` into each member's target (a single block's: a view)."""
         shape = self.block_shape
-        row = 0
-        for m in members:
-            count = len(m.blocks)
+        for m, rows in zip(members, stack.split([len(m.blocks) for m in members])):
             if m.whole:
-                targets[m.p] = stack[row].view(m.layout.param_shape)
+                targets[m.p] = rows[0].view(m.layout.param_shape)
             else:
                 target = targets.get(m.p)
                 if target is None:
                     target = targets[m.p] = stack.new_empty(m.layout.param_shape)
-                m.view(target, shape).copy_(stack[row : row + count].view(*m.counts, *shape))
-            row += count
+                m.view(target, shape).copy_(rows.view(*m.counts, *shape))
 
 
 def _sub_grids(layout: BlockLayout) -> dict[tuple[int, ...], tuple[list[int], tuple, tuple, tuple]]:
@@ -161,15 +133,10 @@ def _sub_grids(layout: BlockLayout) -> dict[tuple[int, ...], tuple[list[int], tu
         found.setdefault(shape, []).append(b)
     grids = {}
     for shape, blocks in found.items():
-        starts, counts, chunks = [], [], []
-        for dim, length in enumerate(shape):
-            lengths = layout.grid[dim]
-            first = lengths.index(length)
-            count = sum(1 for x in lengths if x == length)
-            starts.append(sum(lengths[:first]))
-            counts.append(count)
-            chunks.append(first)
-        grids[shape] = (blocks, tuple(starts), tuple(counts), tuple(chunks))
+        chunks = tuple(lengths.index(x) for x, lengths in zip(shape, layout.grid))
+        starts = tuple(sum(lengths[:first]) for first, lengths in zip(chunks, layout.grid))
+        counts = tuple(lengths.count(x) for x, lengths in zip(shape, layout.grid))
+        grids[shape] = (blocks, starts, counts, chunks)
     return grids
 
 
@@ -192,37 +159,32 @@ def slots_of(placements: list[tuple[Bucket, Member]]) -> list[Slot]:
     for bucket, m in placements:
         rows = slice(m.offset, m.offset + len(m.blocks))
         dims = [d for d, factored in enumerate(bucket.factored) if factored]
-        for dim in range(bucket.per_block):
+        for dim, merged_dim in enumerate(dims):
             indices = [b * bucket.per_block + dim for b in m.blocks]
-            place = (bucket, m, dims[dim])
             triangles = None if bucket.triangles is None else bucket.triangles[dim]
             factors, roots = bucket.factors[dim][rows], bucket.roots[dim][rows]
+            place = (bucket, m, merged_dim)
             slots.append(Slot(indices, factors, roots, place=place, triangles=triangles))
     return slots
 
 
 def plan_buckets(
-    entries: Iterable[tuple[int, torch.Tensor, BlockLayout, dict[str, Any]]],
-    packed: bool = False,
+    entries: Iterable[tuple[int, torch.Tensor, BlockLayout, dict[str, Any]]], packed: bool = False
 ) -> tuple[list[Bucket], dict[int, list[tuple[Bucket, Member]]]]:
-    """Stack the blocks of every ``(group index, parameter, layout, state)``; each state's
-    ``factors`` and ``roots`` entries are replaced by views of the new stacks (their values
-    copied in; ``packed``: compact state, each factor and its root as two triangles of one
-    stack). Parameters without elements are left out (they have no blocks to precondition).
-    Also returns, per parameter (``id``), its buckets and its members there, in sub-grid order."""
+    """Stack the blocks of every ``(group index, parameter, layout, state)`` with elements; each
+    state's ``factors`` and ``roots`` become views of the new stacks (``packed``: compact
+    state). Also returns, per parameter (``id``), its buckets and members, in sub-grid order."""
     entries = list(entries)
     buckets: dict[tuple[Any, ...], Bucket] = {}
     placements: dict[int, list[tuple[Bucket, Member]]] = {}
     for group, p, layout, _ in entries:
         if math.prod(layout.shape) == 0:
             continue
-        dtype, device = state_dtype(p), p.device
-        per_block = sum(layout.factored)
         for shape, (blocks, starts, counts, chunks) in _sub_grids(layout).items():
-            key = (group, shape, layout.factored, p.dtype, dtype, device)
+            key = (group, shape, layout.factored, p.dtype, state_dtype(p), p.device)
             bucket = buckets.get(key)
             if bucket is None:
-                bucket = buckets[key] = Bucket(group, shape, layout.factored, per_block)
+                bucket = buckets[key] = Bucket(shape, layout.factored, sum(layout.factored))
             member = Member(p, layout, bucket.size, blocks, starts, counts, chunks)
             bucket.members.append(member)
             placements.setdefault(id(p), []).append((bucket, member))
@@ -233,9 +195,8 @@ def plan_buckets(
 
 
 def advance_steps(states: Sequence[dict[str, Any]], buckets: Iterable[Bucket]) -> None:
-    """Add 1 to the ``step`` of every state in ``states`` (the parameters stepping now): one add
-    per bucket whose members all step and whose rows are still their ``step``, one per other
-    state."""
+    """Add 1 to the ``step`` of every state in ``states``: one add per bucket whose members all
+    step and whose rows are still their ``step``, one per other state."""
     rest = {id(s): s for s in states}
     owner = {id(s["step"]): id(s) for s in states if isinstance(s["step"], torch.Tensor)}
     for bucket in buckets:
@@ -249,35 +210,28 @@ def advance_steps(states: Sequence[dict[str, Any]], buckets: Iterable[Bucket]) -
 
 def _host_scalar(x: object, first: torch.Tensor) -> bool:
     """Is ``x`` a 0-d host tensor of ``first``'s dtype (a step count that can join a stack)?"""
-    return (
-        isinstance(x, torch.Tensor)
-        and x.dim() == 0
-        and x.dtype == first.dtype
-        and x.device.type == "cpu"
-    )
+    if not isinstance(x, torch.Tensor):
+        return False
+    return x.dim() == 0 and x.dtype == first.dtype and x.device.type == "cpu"
 
 
 MOMENTS = ("exp_avg", "graft_v", "momentum_buffer", "skipped_blocks")
 
 
 def _stack_state(bucket: Bucket, states: list[dict[str, Any]], packed: bool) -> None:
-    """Copy the members' factors and roots into stacks and bind the states to their rows; the
-    same for the moments of a bucket of single-block parameters. ``packed``: a factor is read
-    from its lower triangle, a root from its upper one (so a compact state planned again reads
-    its own triangles), and both are stored in one stack."""
+    """Copy the members' factors and roots (and a bucket of single-block parameters' moments)
+    into stacks and bind the states to their rows. ``packed``: a factor is read from its lower
+    triangle, a root from its upper one, and both are stored in one stack."""
     keys = [key for key in MOMENTS if key in states[0]]
     if all(m.whole for m in bucket.members) and all(
         [key for key in MOMENTS if key in s] == keys for s in states
     ):
         for key in keys:
-            rows = [
-                s[key].reshape(() if key == "skipped_blocks" else bucket.block_shape)
-                for s in states
-            ]
-            stack = bucket.moments[key] = torch.stack(rows)
-            for row, (m, s) in enumerate(zip(bucket.members, states)):
-                shape = () if key == "skipped_blocks" else m.layout.param_shape
-                s[key] = stack[row].view(shape)
+            skips = key == "skipped_blocks"  # a 0-d count per parameter
+            shape = () if skips else bucket.block_shape
+            stack = bucket.moments[key] = torch.stack([s[key].reshape(shape) for s in states])
+            for row, m, s in zip(stack, bucket.members, states):
+                s[key] = row.view(() if skips else m.layout.param_shape)
         steps = [s["step"] for s in states]
         if len(steps) > 1 and all(_host_scalar(x, steps[0]) for x in steps):
             bucket.steps = torch.stack(steps)

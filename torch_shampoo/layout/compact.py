@@ -1,22 +1,12 @@
 """Compact state: a block's factor and root, both symmetric, in one (d + 1, d) tensor.
 
-A factor F and its inverse root X are symmetric, so each is known from one triangle. With
-``compact_state=True`` a bucket keeps, per factored dim, one ``(n, d + 1, d)`` stack ``S`` and
-two overlapping ``(n, d, d)`` views of it::
+With ``compact_state=True`` a bucket keeps, per factored dim, one ``(n, d + 1, d)`` stack ``S``
+and two overlapping ``(n, d, d)`` views of it, whose triangles are disjoint and fill ``S``::
 
     factors = S[:, 1:, :]    valid on and below the diagonal (F[i, j] = S[i + 1, j], j <= i)
     roots   = S[:, :d, :]    valid on and above the diagonal (X[i, j] = S[i, j],     j >= i)
 
-The two triangles are disjoint and together fill ``S``: the factor and the root of a block take
-d(d + 1) numbers instead of 2d². The rest of the library sees the same ``(n, d, d)`` stacks as
-without packing and goes through two functions: what reads a factor or a root takes its full
-matrix (:func:`full`: one ``torch.where`` with the mirrored view), and what writes one writes
-its own triangle only (:func:`write`). The statistics' product is computed as before and its lower
-triangle kept, so a factor's lower triangle holds the same numbers as an unpacked factor's.
-
-Matrices of ``TILED`` (1024) or more rows go tile by tile (``TILE``² tiles: plain copies off the
-diagonal, a masked one on it), the same numbers: a mirrored read of a whole 1024-wide matrix
-(rows 4 KiB apart) ran 4.5× slower than by tiles on this CPU, 38 ms against 8 ms at 2048.
+Readers take full matrices (:func:`full`), writers write their own triangle (:func:`write`).
 """
 
 from __future__ import annotations
@@ -28,12 +18,13 @@ import torch
 __all__ = ["TILE", "TILED", "Triangles", "full", "pack", "write"]
 
 TILED = 1024
+"""Matrices of this many rows or more go by ``TILE``² tiles, the same numbers: a mirrored read
+of rows 4 KiB apart ran 4.5× slower than by tiles (38 ms against 8 ms at 2048)."""
 TILE = 256
 
 
 class Triangles:
-    """The boolean masks of one block size and device: ``lower`` (j <= i) for factors,
-    ``upper`` (j >= i) for roots."""
+    """The masks of one size and device: ``lower`` (j <= i) for factors, ``upper`` for roots."""
 
     def __init__(self, d: int, device: torch.device):
         ones = torch.ones(d, d, dtype=torch.bool, device=device)
@@ -44,9 +35,8 @@ class Triangles:
 def pack(
     factors: Sequence[torch.Tensor], roots: Sequence[torch.Tensor], triangles: Triangles
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The factor and root views of a new ``(n, d + 1, d)`` stack that holds the lower
-    triangles of the n ``factors`` and the upper triangles of the n ``roots`` (each (d, d));
-    written row by row, so that no full copy of either exists on the way."""
+    """The factor and root views of a new ``(n, d + 1, d)`` stack of the lower triangles of
+    ``factors`` and the upper ones of ``roots``, written row by row (no full copy on the way)."""
     n, d = len(factors), factors[0].shape[-1]
     stack = factors[0].new_zeros((n, d + 1, d))
     lower, upper = stack[:, 1:, :], stack[:, :d, :]
@@ -57,8 +47,7 @@ def pack(
 
 
 def _tiles(d: int) -> list[tuple[slice, slice, int]]:
-    """The (rows, columns, side) of the tiles of a d×d matrix; side -1 below the diagonal,
-    0 on it, 1 above."""
+    """The (rows, cols, side) of a d×d matrix's tiles; side -1 below the diagonal, 0 on, 1 above."""
     edges = range(0, d, TILE)
     return [
         (slice(i, i + TILE), slice(j, j + TILE), (j > i) - (j < i)) for i in edges for j in edges
@@ -66,8 +55,7 @@ def _tiles(d: int) -> list[tuple[slice, slice, int]]:
 
 
 def full(view: torch.Tensor, mask: torch.Tensor, upper: bool) -> torch.Tensor:
-    """The symmetric matrices (…, d, d) whose triangle ``mask`` (``upper`` or lower, the
-    diagonal included) is ``view``'s (a new tensor)."""
+    """New symmetric matrices (…, d, d) whose triangle ``mask`` (``upper``/lower) is ``view``'s."""
     d = view.shape[-1]
     if d < TILED:
         return torch.where(mask, view, view.mT)
@@ -84,8 +72,7 @@ def full(view: torch.Tensor, mask: torch.Tensor, upper: bool) -> torch.Tensor:
 
 
 def write(view: torch.Tensor, new: torch.Tensor, mask: torch.Tensor, upper: bool) -> None:
-    """``view`` takes ``new``'s entries where ``mask`` (broadcast; the ``upper`` or lower
-    triangle) is True and keeps the rest (the other matrix's triangle)."""
+    """Write ``new`` into the triangle ``mask`` (``upper`` or lower) of ``view``, only there."""
     d, new = view.shape[-1], new.to(view.dtype)  # (as copy_ would: a checkpoint's float64)
     if d < TILED:
         torch.where(mask, new, view, out=view)

@@ -1,14 +1,12 @@
-"""The step's math on whole buckets: the statistics F ← β₂F + w·G Gᵀ (one batched product
-per bucket and factored dim) and the preconditioned direction P = m̂ ×₁ X_1 ×₂ X_2 … (one
-batched product per bucket, grafted per block), for the units of
-:mod:`torch_shampoo.update.per_unit`: a stacked unit's whole bucket, or the rows of the single
-units that share a bucket.
-"""
+"""The step's math on whole buckets, for the units of :mod:`torch_shampoo.update.per_unit` (a
+stacked unit's whole bucket, or the rows of the single units that share one): the statistics
+and the grafted direction P = m̂ ×₁ X_1 ×₂ X_2 …, one batched product per bucket (and dim)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -22,38 +20,24 @@ __all__ = ["PerBucket", "Share", "precondition", "statistics"]
 
 
 def statistics(
-    units: list[Unit],
-    buckets: list[Bucket],
-    stacked: dict[int, Unit],
-    keep_gradients: bool = False,
+    units: list[Unit], buckets: list[Bucket], stacked: dict[int, Unit], keep_gradients: bool = False
 ) -> None:
-    """F ← β₂F + w·G Gᵀ per bucket and factored dim: one batched product each. The gradient
-    copies are dropped after, unless ``keep_gradients``. A unit with statistics prepared
-    outside the step (NG+'s, :func:`torch_shampoo.update.per_unit.curvature`) takes no part."""
-    single = {
-        u.works[0].p: u
-        for u in units
-        if u.bucket is None and u.g is not None and u.works[0].curvature is None
-    }
-    for bucket in buckets:
+    """F ← β₂F + w·G Gᵀ per bucket and dim, one batched product each (units with prepared
+    statistics excepted: :func:`.per_unit.curvature`); then the gradients go, unless kept."""
+    shares = PerBucket(
+        units, buckets, stacked, lambda u: u.g is not None and u.works[0].curvature is None
+    )
+    for share in shares:
+        bucket, parts = share.bucket, share.parts
         if not bucket.factors:
             continue
-        unit = stacked.get(id(bucket))
-        if unit is not None:
-            assert unit.g is not None
-            rows, blocks, flags = None, unit.g, unit.cells
-        else:
-            members = [m for m in bucket.members if m.p in single]
-            if not members:
-                continue
-            parts = [single[m.p] for m in members]
-            rows = bucket.rows(members)
-            blocks = bucket.gather([u.g for u in parts], members)  # type: ignore[misc]
-            flags = None
-            if parts[0].cells is not None:
-                flags = torch.cat([m.flags(u.cells) for m, u in zip(members, parts)])  # type: ignore[arg-type]
+        rows = bucket.rows(share.members)
+        blocks = share.stack(lambda u: u.g)  # type: ignore[arg-type,return-value]
+        flags = parts[0].cells
+        if share.unit is None and flags is not None:
+            flags = torch.cat([m.flags(u.cells) for m, u in zip(share.members, parts)])  # type: ignore[arg-type]
         factors = bucket.factors if rows is None else [f[rows] for f in bucket.factors]
-        beta2 = (unit or parts[0]).config.beta2
+        beta2 = parts[0].config.beta2
         lower = None if bucket.triangles is None else [m.lower for m in bucket.triangles]
         kernels.accumulate_statistics(factors, blocks, bucket.factored, beta2, flags, lower)
         if rows is not None:
@@ -66,16 +50,23 @@ def statistics(
 
 @dataclass
 class Share:
-    """One bucket's rows of the units that use their roots (Shampoo) or bases (SOAP) in this
-    step: a stacked unit's whole bucket, or the members of the single units that do."""
+    """One bucket's rows of the units that take part: a stacked unit's, or single units'."""
 
     bucket: Bucket
     unit: Unit | None
     """The bucket's stacked unit (None: ``parts`` are single units)."""
     parts: list[Unit]
     members: list[Member]
-    flags: list[bool] | None
-    """Per stack row: does the block have its roots? (None: every block does.)"""
+
+    @cached_property
+    def flags(self) -> list[bool] | None:
+        """Per stack row: does the block have its roots? (None: every block does.)"""
+        works = [w for u in self.parts for w in u.works]
+        if all(w.rooted is None for w in works):
+            return None
+        return [
+            w.rooted is None or w.rooted[b] for m, w in zip(self.members, works) for b in m.blocks
+        ]
 
     def stack(self, tensor_of: Callable[[Unit], torch.Tensor]) -> torch.Tensor:
         """The parts' tensors as this bucket's (n, *block) stack (gathered for single units)."""
@@ -84,51 +75,56 @@ class Share:
         return self.bucket.gather([tensor_of(u) for u in self.parts], self.members)
 
     def roots(self) -> list[torch.Tensor]:
-        """The root (or basis) stacks of these rows, per factored dim (compact state: made
-        full from their triangles)."""
+        """The root (or basis) stacks of these rows per factored dim, as full matrices."""
         rows = self.bucket.rows(self.members)
         roots = self.bucket.roots if rows is None else [r[rows] for r in self.bucket.roots]
         if self.bucket.triangles is None:
             return roots
         return [compact.full(r, m.upper, upper=True) for r, m in zip(roots, self.bucket.triangles)]
 
-    def rooted(self, where: torch.device) -> torch.Tensor | None:
-        return None if self.flags is None else device.small_tensor(self.flags, where)
+    def select(self, result: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+        """``result`` in the rows whose blocks have their roots, ``fallback`` in the others."""
+        if self.flags is None:
+            return result
+        rooted = device.small_tensor(self.flags, result.device)
+        return torch.where(rooted.view(-1, *(1,) * (result.dim() - 1)), result, fallback)
+
+
+def _uses_roots(u: Unit) -> bool:
+    """Does ``u`` use its roots (SOAP: bases) in this step: t ≥ start, and does any of its blocks
+    have them? (A stacked unit's rows without them take the graft's direction.)"""
+    w = u.works[0]
+    rooted = u.bucket is not None or w.rooted is None or any(w.rooted)
+    return w.t >= w.config.start and rooted
 
 
 class PerBucket:
-    """The buckets of a step, shared out to the units that use their roots; results come back
-    per unit (a single unit's from all of its buckets, written into one tensor)."""
+    """The buckets of a step, shared out to the units that ``take`` part; results come back per
+    unit (a single unit's from all of its buckets, written into one tensor)."""
 
-    def __init__(self, units: list[Unit], buckets: list[Bucket], stacked: dict[int, Unit]):
+    def __init__(
+        self,
+        units: list[Unit],
+        buckets: list[Bucket],
+        stacked: dict[int, Unit],
+        take: Callable[[Unit], bool] = _uses_roots,
+    ):
         self.single = {u.works[0].p: u for u in units if u.bucket is None}
-        self.buckets, self.stacked = buckets, stacked
+        self.buckets, self.stacked, self.take = buckets, stacked, take
         self.done: list[tuple[Unit, torch.Tensor]] = []
         self.targets: dict[torch.Tensor, torch.Tensor] = {}
 
     def __iter__(self) -> Iterator[Share]:
+        single = self.single
         for bucket in self.buckets:
             unit = self.stacked.get(id(bucket))
             if unit is not None:
-                if not unit.works[0].preconditioned:
-                    continue
-                parts, members = [unit], bucket.members
-            else:
-                single = self.single
-                members = [m for m in bucket.members if m.p in single]
-                members = [m for m in members if single[m.p].works[0].uses_roots]
-                if not members:
-                    continue
-                parts = [single[m.p] for m in members]
-            works = [w for u in parts for w in u.works]
-            flags = None
-            if any(w.rooted is not None for w in works):
-                flags = [
-                    w.rooted is None or w.rooted[b]
-                    for m, w in zip(members, works)
-                    for b in m.blocks
-                ]
-            yield Share(bucket, unit, parts, members, flags)
+                if self.take(unit):
+                    yield Share(bucket, unit, [unit], bucket.members)
+                continue
+            members = [m for m in bucket.members if m.p in single and self.take(single[m.p])]
+            if members:
+                yield Share(bucket, None, [single[m.p] for m in members], members)
 
     def put(self, share: Share, result: torch.Tensor) -> None:
         if share.unit is not None:
@@ -143,13 +139,11 @@ class PerBucket:
 def precondition(
     units: list[Unit], buckets: list[Bucket], stacked: dict[int, Unit]
 ) -> list[torch.Tensor | None]:
-    """Shampoo's grafted direction per bucket, for the parameters that use their roots in
-    this step: P = m̂ ×₁ X_1 ×₂ X_2 … per block, rescaled to the graft direction's norm per
-    block (the rescaling of all buckets at once); rows whose blocks have no roots yet take the
-    graft's direction (m̂ without a graft). Returned per unit, in the unit's shape (None for a
-    unit that uses no roots in this step)."""
+    """Shampoo's direction P = m̂ ×₁ X_1 ×₂ X_2 … per block, rescaled to the graft direction's
+    norm (all buckets at once); rows whose blocks have no roots yet take the graft's direction
+    (m̂ without a graft). Per unit, in its shape (None: the unit uses no roots in this step)."""
     shares = PerBucket(units, buckets, stacked)
-    found: list[tuple[Share, torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = []
+    found: list[tuple[Share, torch.Tensor, torch.Tensor | None]] = []
     products = []
     for share in shares:
         m_hat = share.stack(lambda u: u.m_hat)  # type: ignore[arg-type,return-value]
@@ -162,13 +156,10 @@ def precondition(
                 shares.put(share, m_hat if direction is None else direction)
             continue
         products.append(kernels.mode_products_stack(m_hat, share.roots(), share.bucket.factored))
-        found.append((share, m_hat, direction, share.rooted(m_hat.device)))
-    grafted = kernels.graft_stacks(products, [direction for _, _, direction, _ in found])
-    for (share, m_hat, direction, rooted), result in zip(found, grafted):
-        if rooted is not None:
-            fallback = m_hat if direction is None else direction
-            result = torch.where(rooted.view(-1, *(1,) * (m_hat.dim() - 1)), result, fallback)
-        shares.put(share, result)
+        found.append((share, m_hat, direction))
+    grafted = kernels.graft_stacks(products, [direction for _, _, direction in found])
+    for (share, m_hat, direction), result in zip(found, grafted):
+        shares.put(share, share.select(result, m_hat if direction is None else direction))
     # Matched by parameter, not by ``id(unit)``: a unit is new at every step, and under
     # torch.compile its id would be a constant of the graph (a recompile per step).
     position = {u.works[0].p: i for i, u in enumerate(units)}

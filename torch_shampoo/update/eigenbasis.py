@@ -1,24 +1,9 @@
 """Eigenvalue-corrected Shampoo (SOAP): Adam run in the eigenbasis of each block's factors.
 
-Per block with factors F_i (the engine's statistics), the root pool computes their eigenvectors
-Q_i instead of roots. A step rotates the gradient into the basis, G' = G ×₁ Q_1ᵀ ×₂ Q_2ᵀ …
-(Q_Lᵀ G Q_R for a matrix), runs Adam there (first and second moment kept *in the basis*, updated
-every step), and rotates Adam's direction back, N = N' ×₁ Q_1 ×₂ Q_2 … (Q_L N' Q_Rᵀ). Only the
-basis is stale between root steps; the per-direction scale is fresh at every step.
-
-When a new basis Q̃_i replaces Q_i (an overlap O = Q_iᵀ Q̃_i along block dim i):
-
-- the first moment changes basis exactly, M' ← M' ×_i Oᵀ (so it equals the rotation of the
-  original-space moment: as if it had been kept there, as in the SOAP paper);
-- the second moment V' is kept entry by entry: the eigenvectors come sorted by eigenvalue, so
-  entry k goes on tracking the k-th direction (SOAP's code does the same, sorting its QR
-  refresh). Moving V' as a diagonal instead, V' ×_i (O ∘ O)ᵀ (exact if the coordinates were
-  uncorrelated in the old basis), measured worse: 148 vs 140 steps to Adam's loss on the
-  char-LM, 223 vs 188 on the regression demo. Only a block's *first* basis, where V' is
-  Adam's second moment in the original coordinates (non-zero when ``start`` > 1), moves it as
-  a diagonal: Ṽ_{..a..} = Σ_k O_{ka}² V_{..k..}.
-
-Before a block's first basis every Q_i is I and nothing is rotated: the step is Adam's.
+The root pool computes each factor's eigenvectors Q_i instead of a root. A step rotates the
+gradient into the basis, G' = G ×₁ Q_1ᵀ ×₂ Q_2ᵀ …, runs Adam there (both moments live in the
+basis) and rotates Adam's direction back, N = N' ×₁ Q_1 ×₂ Q_2 …; before a block's first basis
+nothing is rotated. How the moments follow a new basis: docs/design.md, "SOAP".
 """
 
 from __future__ import annotations
@@ -28,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..layout.buckets import Bucket, Member
-from . import bucketed, per_unit
+from . import bucketed, kernels, per_unit
 from .per_unit import Unit
 
 __all__ = ["change_basis", "refresh", "rotate", "rotate_stack", "step_units"]
@@ -44,15 +29,7 @@ def rotate_stack(
         if back:
             return torch.matmul(torch.matmul(left, blocks), right.mT)
         return torch.matmul(torch.matmul(left.mT, blocks), right)
-    n, out, remaining = blocks.shape[0], blocks, iter(bases)
-    for is_factored in factored:
-        moved = out.movedim(1, -1)  # contract the leading block dim, append it as the last
-        if is_factored:
-            shape, q = moved.shape, next(remaining)
-            out = torch.matmul(moved.reshape(n, -1, shape[-1]), q.mT if back else q).view(shape)
-        else:
-            out = moved
-    return out
+    return kernels.mode_products(blocks, [q.mT if back else q for q in bases], factored)
 
 
 def _along(blocks: torch.Tensor, dim: int, matrix: torch.Tensor) -> torch.Tensor:
@@ -75,36 +52,29 @@ def change_basis(
 ) -> None:
     """Move a parameter's moments (its blocks of one bucket) from the bases ``old`` to ``new``
     (count, d, d) along block dim ``dim``: ``exp_avg`` exactly; ``graft_v`` (Adam's second
-    moment) as a diagonal where ``first`` (count,) flags a block's first basis, else kept (see
-    the module docstring). A row whose basis did not change (its solve failed) is left alone."""
-    overlap = torch.matmul(old.mT, new)
+    moment) as a diagonal where ``first`` (count,) flags a block's first basis, else kept
+    (docs/design.md, "SOAP"). A row whose basis did not change (a failed solve) is left alone."""
+    eye = torch.eye(old.shape[-1], dtype=old.dtype, device=old.device)
     kept = (old == new).flatten(1).all(1).view(-1, 1, 1)  # a failed basis: exactly no change
-    overlap = torch.where(
-        kept, torch.eye(old.shape[-1], dtype=old.dtype, device=old.device), overlap
-    )
-    count = len(member.blocks)
+    overlap = torch.where(kept, eye, torch.matmul(old.mT, new))
     pairs = [("exp_avg", overlap)]
-    if first is not None:  # (the caller passes None when no row is a first basis: no sync)
-        # a first basis: Adam's second moment, a diagonal in the original coordinates
+    if first is not None:  # (None when no row is a first basis: no sync)
         squared = overlap * overlap
-        eye = torch.eye(old.shape[-1], dtype=old.dtype, device=old.device)
         pairs.append(("graft_v", torch.where(first.view(-1, 1, 1), squared, eye)))
     for key, matrix in pairs:
         moment = moments.get(key)
         if moment is None:
             continue
         view = member.view(moment, block_shape)
-        blocks = view.reshape(count, *block_shape)
+        blocks = view.reshape(len(member.blocks), *block_shape)
         view.copy_(_along(blocks, dim, matrix.to(moment.dtype)).reshape(view.shape))
 
 
 def refresh(bases: torch.Tensor, factors: torch.Tensor) -> None:
-    """One power iteration warm-started at the installed (possibly stale) ``bases`` with the
-    *current* ``factors`` (n, d, d): Q ← orth(F Q), orthonormalized from the largest
-    eigenvalue's column down (the columns come in ascending order), each column keeping its
-    direction. On the device, in the state dtype; a row that turns non-finite keeps its basis."""
-    descending = bases.flip(-1)
-    q, r = torch.linalg.qr(torch.matmul(factors.to(bases.dtype), descending))
+    """One power iteration from the installed ``bases`` with the current ``factors`` (n, d, d):
+    Q ← orth(F Q), from the largest eigenvalue's column down, each column keeping its direction.
+    On the device, in the state dtype; a row that turns non-finite keeps its basis."""
+    q, r = torch.linalg.qr(torch.matmul(factors.to(bases.dtype), bases.flip(-1)))  # descending
     signs = torch.where(torch.diagonal(r, dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(q.dtype)
     q = (q * signs.unsqueeze(-2)).flip(-1)
     finite = torch.isfinite(q).flatten(1).all(1).view(-1, 1, 1)
@@ -114,9 +84,8 @@ def refresh(bases: torch.Tensor, factors: torch.Tensor) -> None:
 def rotate(
     units: list[Unit], buckets: list[Bucket], stacked: dict[int, Unit], attr: str, back: bool
 ) -> None:
-    """Replace the tensor ``attr`` (``"g"``, ``"direction"``) of every unit that has a basis
-    in this step by its rotation into the basis (``back``: out of it), computed per bucket.
-    Blocks that have no basis yet keep their values."""
+    """Rotate the tensor ``attr`` (``"g"``, ``"direction"``) of every unit into its blocks'
+    bases (``back``: out of them), per bucket; blocks without a basis yet keep their values."""
     shares = bucketed.PerBucket(units, buckets, stacked)
     for share in shares:
         if not share.bucket.roots:
@@ -127,10 +96,7 @@ def rotate(
                 shares.put(share, x)
             continue
         result = rotate_stack(x, share.roots(), share.bucket.factored, back)
-        rooted = share.rooted(x.device)
-        if rooted is not None:
-            result = torch.where(rooted.view(-1, *(1,) * (x.dim() - 1)), result, x)
-        shares.put(share, result)
+        shares.put(share, share.select(result, x))
     for unit, result in shares.results():  # after every bucket has read the units' tensors
         setattr(unit, attr, result)
 
@@ -141,17 +107,14 @@ def step_units(
     stacked: dict[int, Unit],
     roots_of_this_step: Callable[[], None],
 ) -> None:
-    """One eigenvalue-corrected step of every unit (the order of :class:`torch_shampoo.SOAP`'s
-    docstring): the gradient, the statistics, this step's bases, Adam's moments and direction
-    in the basis, the direction rotated back, the update."""
+    """One eigenvalue-corrected step of every unit, in the order of :class:`~torch_shampoo.SOAP`."""
     for u in units:
         u.g = per_unit.gradient(u)
     bucketed.statistics(units, buckets, stacked, keep_gradients=True)
     roots_of_this_step()  # a first basis is installed (the moments moved into it) now
     rotate(units, buckets, stacked, "g", back=False)
     for u in units:
-        assert u.g is not None
-        per_unit.update_moments(u, u.g)
+        per_unit.update_moments(u)
         u.g = None
         per_unit.directions(u)
     rotate(units, buckets, stacked, "direction", back=True)

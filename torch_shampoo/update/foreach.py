@@ -1,13 +1,6 @@
-"""The step's elementwise lines for many units at once: one ``torch._foreach_*`` call per line
-instead of one kernel per unit (a small model's step is otherwise mostly per-tensor dispatch).
-
-Units run together when nothing tells them apart: the same parameter group and step count,
-the same state and parameter dtype and device, no non-finite flags to mask with, no statistics
-prepared outside the step; and they are small (:data:`SMALL`), where the calls cost more than
-the arithmetic. Every other unit takes :mod:`torch_shampoo.update.per_unit`'s per-unit line.
-Each ``_foreach_`` call applies the same operation, with the same scalars, as the per-unit line
-does to each of its tensors, so a batched unit computes what it would alone.
-"""
+"""The step's elementwise lines for many small units at once: one ``torch._foreach_*`` call per
+line, with the operation and scalars that :mod:`torch_shampoo.update.per_unit`'s line applies to
+each unit alone (the line that the other units take)."""
 
 from __future__ import annotations
 
@@ -24,19 +17,16 @@ from .per_unit import Unit
 __all__ = ["directions", "gradients", "moments", "update_parameters"]
 
 SMALL = 1 << 16
-"""Units of at most this many elements are batched. A larger unit's kernels outweigh the call,
-and batched, every unit's new tensors live at once instead of one unit's at a time: 100 ×
-Linear(64, 64) (two stacked units of 409,600 and 6,400 elements) stepped up to ~7% slower
-batched in interleaved runs on the CPU, and as before with this limit."""
-
+"""Units of at most this many elements are batched: a larger unit's kernels outweigh the call,
+and batched, all units' new tensors live at once (100 × Linear(64, 64) stepped ~7% slower)."""
 
 Plan = tuple[list[list[int]], list[int]]
 """Batches of two or more units (indices into the step's units), and the units alone."""
 
 
 def _batches(units: list[Unit]) -> Plan:
-    """The units that can share ``_foreach_`` calls, in batches of two or more, and the rest
-    (as indices into ``units``)."""
+    """Batches of the units that nothing tells apart (group, step, dtypes, device, moments; no
+    guard flags nor prepared statistics), and the rest, as indices into ``units``."""
     keyed: dict[tuple, list[int]] = {}
     alone = []
     for i, u in enumerate(units):
@@ -54,10 +44,8 @@ def _batches(units: list[Unit]) -> Plan:
 
 
 def gradients(units: list[Unit]) -> Plan:
-    """This step's gradient of every unit (:func:`torch_shampoo.update.per_unit.gradient`, with the
-    guard) and the statistics prepared outside the step
-    (:func:`torch_shampoo.update.per_unit.curvature`). Returns the batches, for the step's
-    elementwise lines."""
+    """This step's gradient of every unit (:func:`.per_unit.gradient`, with the guard) and the
+    statistics prepared outside the step (:func:`.per_unit.curvature`); returns the batches."""
     for u in units:
         u.g = per_unit.gradient(u)
     for u in units:
@@ -70,9 +58,7 @@ def moments(units: list[Unit], plan: Plan) -> None:
     batch of ``plan`` (:func:`.per_unit.update_moments`); the gradients are dropped."""
     batches, alone = plan
     for i in alone:
-        u = units[i]
-        assert u.g is not None
-        per_unit.update_moments(u, u.g)
+        per_unit.update_moments(units[i])
     for indices in batches:
         batch = [units[i] for i in indices]
         config, states = batch[0].config, [u.state for u in batch]
@@ -93,17 +79,17 @@ def moments(units: list[Unit], plan: Plan) -> None:
 
 
 def directions(units: list[Unit], plan: Plan) -> None:
-    """:func:`torch_shampoo.update.per_unit.directions` of every unit (batched as ``plan``, from
-    :func:`gradients`): m̂ and the graft's direction."""
+    """m̂ and the graft's direction of every unit (:func:`.per_unit.directions`), as ``plan``."""
     batches, alone = plan
     for i in alone:
         per_unit.directions(units[i])
     for indices in batches:
         batch = [units[i] for i in indices]
         first, config = batch[0], batch[0].config
+        bias1, bias2 = first.works[0].bias
         if first.m_hat is None:
             avgs = [u.state["exp_avg"] for u in batch]
-            m_hats = avgs if first.bias1 is None else device.divide(avgs, first.bias1)
+            m_hats = avgs if bias1 is None else device.divide(avgs, bias1)
             for u, m_hat in zip(batch, m_hats):
                 u.m_hat = m_hat
         m_hats = []
@@ -112,7 +98,7 @@ def directions(units: list[Unit], plan: Plan) -> None:
             m_hats.append(u.m_hat)
         v = [u.state["graft_v"] for u in batch] if config.grafting in SECOND_MOMENT else []
         found = graft_directions(
-            config.grafting, v, m_hats, epsilon=config.grafting_epsilon, correction=first.bias2
+            config.grafting, v, m_hats, epsilon=config.grafting_epsilon, correction=bias2
         )
         for u, direction in zip(batch, found):
             u.direction = direction
@@ -121,9 +107,8 @@ def directions(units: list[Unit], plan: Plan) -> None:
 def update_parameters(
     units: list[Unit], preconditioned: Sequence[torch.Tensor | None], plan: Plan
 ) -> None:
-    """:func:`.per_unit.update_parameters` of every unit (batched as ``plan``), with
-    Shampoo's direction ``preconditioned[i]`` for ``units[i]`` where it has one (None: the
-    graft's)."""
+    """:func:`.per_unit.update_parameters` of every unit (batched as ``plan``), with Shampoo's
+    direction ``preconditioned[i]`` for ``units[i]`` (None: the graft's)."""
     batches, alone = plan
     for i in alone:
         per_unit.update_parameters(units[i], preconditioned[i])
@@ -135,13 +120,7 @@ def update_parameters(
             for i in indices:
                 per_unit.update_parameters(units[i], preconditioned[i])
             continue
-        updates = []
-        for i in indices:
-            u, update = units[i], preconditioned[i]
-            if update is None:
-                update = u.m_hat if u.direction is None else u.direction
-            assert update is not None
-            updates.append(update)
+        updates = [units[i].step_direction(preconditioned[i]) for i in indices]
         if config.weight_decay != 0 and config.decoupled_weight_decay:
             decay = torch._foreach_mul([u.params() for u in batch], config.weight_decay)
             updates = list(torch._foreach_add(updates, decay))
@@ -156,11 +135,7 @@ def update_parameters(
                 updates = buffers
         params, steps = [], []
         for u, update in zip(batch, updates):
-            if u.bucket is None:
-                params.append(u.works[0].param)
-                steps.append(update)
-            else:
-                rows = [w.param for w in u.works]
-                params += rows
-                steps += per_unit.rows_of(update, rows)
+            rows = [w.param for w in u.works]
+            params += rows
+            steps += [update] if u.bucket is None else per_unit.rows_of(update, rows)
         torch._foreach_add_(params, steps, alpha=-lr)

@@ -1,9 +1,8 @@
 """Grafting: the first-order methods whose step size Shampoo borrows.
 
-Shampoo supplies the direction P of each block; a diagonal method supplies the direction D whose
-size Shampoo adopts, P ← P·‖D‖/‖P‖ (Agarwal et al., "Disentangling adaptive gradient methods").
-Every method here reads the bias-corrected first moment m̂ and keeps at most one elementwise
-second-moment tensor v, updated from the gradient g at every step:
+Per block, Shampoo's direction P takes the size of the graft's direction D, P ← P·‖D‖/‖P‖
+(Agarwal et al., "Disentangling adaptive gradient methods"). D is made from the bias-corrected
+first moment m̂ and at most one second moment v, updated from the gradient g at every step:
 
 =========  ==========================================  ===========================
 graft      v update                                    D
@@ -45,14 +44,12 @@ def update_graft_state(
     beta2: float,
     keep: torch.Tensor | None = None,
 ) -> None:
-    """Fold this step's gradient into the second moment ``state["graft_v"]``, only where
-    ``keep`` is True when a mask is given."""
+    """Fold this step's gradient into ``state["graft_v"]`` (where ``keep`` is True, if given)."""
     if graft not in SECOND_MOMENT:
         return
     v = state["graft_v"]
     if keep is not None:
-        decay = 1.0 if graft == "adagrad" else beta2
-        weight = 1.0 if graft == "adagrad" else 1.0 - beta2
+        decay, weight = (1.0, 1.0) if graft == "adagrad" else (beta2, 1.0 - beta2)
         torch.where(keep, (v * decay).addcmul_(grad, grad, value=weight), v, out=v)
     else:
         update_graft_states(graft, [v], [grad], beta2)
@@ -61,8 +58,7 @@ def update_graft_state(
 def update_graft_states(
     graft: str, v: list[torch.Tensor], grads: list[torch.Tensor], beta2: float
 ) -> None:
-    """:func:`update_graft_state` of many second moments ``v`` at once, unmasked: one
-    ``_foreach_`` call per operation."""
+    """:func:`update_graft_state` of many second moments ``v``, unmasked, in ``_foreach_`` calls."""
     if graft == "adagrad":
         torch._foreach_addcmul_(v, grads, grads)
     elif graft in ("adam", "rmsprop"):
@@ -80,10 +76,8 @@ def graft_direction(
 ) -> torch.Tensor | None:
     """The graft's direction D for the whole parameter, or ``None`` for ``graft="none"``;
     ``correction`` is Adam's 1 − β₂ᵗ (None: no bias correction)."""
-    if graft in ("none", "sgd"):
-        return None if graft == "none" else m_hat
-    v = state["graft_v"]
-    return graft_directions(graft, [v], [m_hat], epsilon=epsilon, correction=correction)[0]
+    v = [state["graft_v"]] if graft in SECOND_MOMENT else []
+    return graft_directions(graft, v, [m_hat], epsilon=epsilon, correction=correction)[0]
 
 
 def graft_directions(
@@ -94,8 +88,7 @@ def graft_directions(
     epsilon: float,
     correction: torch.Tensor | None,
 ) -> list[torch.Tensor | None]:
-    """:func:`graft_direction` of many tensors at once (their second moments ``v``, all of one
-    step: one ``correction``), one ``_foreach_`` call per operation."""
+    """:func:`graft_direction` of many tensors at once, all of one step (one ``correction``)."""
     if graft in ("none", "sgd"):
         return [None if graft == "none" else m for m in m_hats]
     if graft == "adam" and correction is not None:

@@ -16,26 +16,17 @@ __all__ = [
     "curvature_statistics",
     "finite_blocks",
     "graft_stacks",
+    "mode_products",
     "mode_products_stack",
-    "scalar",
 ]
 
 GRAFT_NORM_EPS = 1e-16
 
 
-def scalar(value: float, dtype: torch.dtype) -> torch.Tensor:
-    """A host 0-d tensor of the state dtype: dividing a state tensor by it rounds exactly as
-    dividing by the Python float ``value`` does."""
-    return torch.tensor(value, dtype=dtype)
-
-
 def finite_blocks(g: torch.Tensor, layout: BlockLayout) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per block, is its gradient finite? Returns the flags as a tensor of the grid's shape
-    (0-d for a single block) and the number of non-finite blocks.
-
-    A block's float64 sum decides: it is non-finite iff an element is NaN or ±inf (a sum of
-    finite float32 values cannot reach float64's range; float64 gradients near 1e308, whose
-    squares overflow the statistics anyway, count as non-finite). All blocks take one reduction."""
+    """Per block, is its gradient finite? The flags in the grid's shape (0-d for one block) and
+    the number of non-finite blocks, from one float64 sum per block (finite float32 values cannot
+    overflow it; float64 ones near 1e308 count as non-finite, their squares would anyway)."""
     if layout.num_blocks == 1:
         cells = torch.isfinite(g.sum(dtype=torch.float64))
         return cells, cells.logical_not()
@@ -44,8 +35,7 @@ def finite_blocks(g: torch.Tensor, layout: BlockLayout) -> tuple[torch.Tensor, t
 
 
 def _unfold(blocks: torch.Tensor, dim: int) -> torch.Tensor:
-    """A stack of blocks (n, *block) unfolded along block dim ``dim``: (n, d, rest), a view for
-    the first and the last dim."""
+    """A stack (n, *block) unfolded along block dim ``dim``: (n, d, rest); a view for dim 0, -1."""
     n, d = blocks.shape[0], blocks.shape[1 + dim]
     if dim == 0:
         return blocks.reshape(n, d, -1)
@@ -55,16 +45,9 @@ def _unfold(blocks: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 OUTER_PRODUCT_MIN = 64
-"""Vector blocks of at least this length accumulate g gᵀ elementwise (a scale and an
-``addcmul``): on the CPU a batched matmul of inner dimension 1 ran 3–7× slower than that for
-stacks of two or more such vectors (2 × 512: 0.71 ms against 0.11 ms, 1 thread), and the biases
-and norm weights of wide layers are such stacks. Decided by the block's length alone, so a
-block's bits do not depend on which other blocks share its stack."""
-
-
-def _scaled(factor: torch.Tensor, beta2: float) -> torch.Tensor:
-    """``factor`` × β₂ in place (nothing to do for β₂ = 1: the same bits)."""
-    return factor if beta2 == 1.0 else factor.mul_(beta2)
+"""Vector blocks of at least this length accumulate g gᵀ as a scale and an ``addcmul``: on the
+CPU a batched matmul of inner dimension 1 ran 3–7× slower (2 × 512: 0.71 ms against 0.11 ms).
+Decided by the block's length alone, so a block's bits do not depend on its stack."""
 
 
 def accumulate_statistics(
@@ -75,24 +58,20 @@ def accumulate_statistics(
     flags: torch.Tensor | None,
     lower: Sequence[torch.Tensor] | None = None,
 ) -> None:
-    """F_k ← β₂F_k + w·G_(k)G_(k)ᵀ for every factored dim k of a stack of blocks (n, *block),
-    one batched matmul per dim (w = 1 − β₂, or 1 for β₂ = 1: AdaGrad-style sums). ``flags``
-    (n,): a block whose flag is False keeps its factors (the same arithmetic, then a select).
-    ``lower`` (compact state), per factored dim a (d, d) mask: only that triangle of each
-    factor is written (the rest is its root's)."""
+    """F_k ← β₂F_k + w·G_(k)G_(k)ᵀ per factored dim k of a stack (n, *block), one batched matmul
+    each (w = 1 − β₂, or 1 for β₂ = 1). A block whose ``flags`` entry is False keeps its factors;
+    ``lower`` (compact state): per dim, the (d, d) mask of the triangle that is written."""
     weight = 1.0 if beta2 == 1.0 else 1.0 - beta2
-    remaining = iter(factors)
-    masks = iter(lower) if lower is not None else None
-    for dim, is_factored in enumerate(factored):
-        if not is_factored:
-            continue
+    outer = blocks.dim() == 2 and blocks.shape[1] >= OUTER_PRODUCT_MIN
+    dims = [dim for dim, is_factored in enumerate(factored) if is_factored]
+    for k, (dim, factor) in enumerate(zip(dims, factors)):
         unfolded = _unfold(blocks, dim)
-        factor = next(remaining)
-        mask = next(masks) if masks is not None else None
-        outer = blocks.dim() == 2 and blocks.shape[1] >= OUTER_PRODUCT_MIN
+        mask = None if lower is None else lower[k]
         if flags is None and mask is None:
             if outer:
-                _scaled(factor, beta2).addcmul_(unfolded, unfolded.mT, value=weight)
+                if beta2 != 1.0:  # (β₂ = 1: nothing to scale)
+                    factor.mul_(beta2)
+                factor.addcmul_(unfolded, unfolded.mT, value=weight)
             else:
                 factor.baddbmm_(unfolded, unfolded.mT, beta=beta2, alpha=weight)
             continue
@@ -117,9 +96,17 @@ def mode_products_stack(
         return torch.bmm(torch.bmm(roots[0], blocks), roots[1])
     if blocks.dim() == 2 and factored[0]:  # vectors: gᵀX per block
         return torch.bmm(blocks.unsqueeze(1), roots[0]).squeeze(1)
-    n, out, remaining = blocks.shape[0], blocks, iter(roots)
+    return mode_products(blocks, roots, factored)
+
+
+def mode_products(
+    blocks: torch.Tensor, matrices: Sequence[torch.Tensor], factored: tuple[bool, ...]
+) -> torch.Tensor:
+    """out[.., a, ..] = Σ_k block[.., k, ..]·M[k, a] along every factored dim in turn, for every
+    block of a stack (n, *block) with its own ``matrices`` (one (n, d, d) per factored dim)."""
+    n, out, remaining = blocks.shape[0], blocks, iter(matrices)
     for is_factored in factored:
-        moved = out.movedim(1, -1)
+        moved = out.movedim(1, -1)  # contract the leading block dim, append it as the last
         if is_factored:
             shape = moved.shape
             out = torch.matmul(moved.reshape(n, -1, shape[-1]), next(remaining)).view(shape)
@@ -131,10 +118,8 @@ def mode_products_stack(
 def graft_stacks(
     stacks: Sequence[torch.Tensor], directions: Sequence[torch.Tensor | None]
 ) -> list[torch.Tensor]:
-    """P·‖D‖/(‖P‖ + eps) per block of every stack (n, *block) of Shampoo's directions P, with
-    the graft's directions D stacked alike (None: no graft, P as it is). Returns new tensors.
-    The norms of all single-block stacks (a small model's many parameters) take one
-    ``_foreach_norm`` each for P and D; a stack of many blocks takes one batched norm each."""
+    """P·‖D‖/(‖P‖ + eps) per block of every stack (n, *block) of Shampoo's directions P, as new
+    tensors (D: the graft's, None: P as it is); single-block stacks' norms by ``_foreach_norm``."""
     out = list(stacks)
     singles, single_directions, rows = [], [], []
     for i, (p, d) in enumerate(zip(stacks, directions)):
@@ -164,9 +149,8 @@ def curvature_statistics(
     beta2: float,
     cells: torch.Tensor | None,
 ) -> None:
-    """F_b ← β₂F_b + (1 − β₂)·Ĝ[rows_b, rows_b] per block b (one factor per block, over the
-    output dim) from statistics prepared outside the step (NG+'s per-sample Ĝ); a block whose
-    flag in ``cells`` is False keeps its factor."""
+    """F_b ← β₂F_b + (1 − β₂)·Ĝ[rows_b, rows_b] per block b (one factor each, over the output dim)
+    from NG+'s per-sample Ĝ; a block whose flag in ``cells`` is False keeps its factor."""
     flags = None if cells is None else cells.reshape(-1)
     for b, (factor, offset, size) in enumerate(zip(factors, layout.offsets, layout.block_shapes)):
         rows = slice(offset[0], offset[0] + size[0])

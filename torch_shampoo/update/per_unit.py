@@ -1,15 +1,12 @@
 """The elementwise half of a step, on *units*: one parameter, or a whole bucket of single-block
-parameters whose moments live stacked (a small model's hundreds of parameters then cost a few
-kernels per bucket instead of a few per parameter).
-
-A unit carries its tensors (gradient, moments, flags) and the group's settings; the functions
-here are the step's numbered lines of :class:`torch_shampoo.Shampoo`'s docstring, written once
-for both kinds: every operation is elementwise or broadcasts a per-block flag, so a stacked unit
-computes bitwise what its parameters would one at a time.
-"""
+parameters whose moments live stacked. The functions are the numbered lines of
+:class:`torch_shampoo.Shampoo`'s docstring, written once for both kinds: every operation is
+elementwise or broadcasts a per-block flag, so a stacked unit computes bitwise what its
+parameters would one at a time."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,21 +56,10 @@ class Work:
     param: torch.Tensor
     """The tensor the math reads (with its ``.grad``) and writes: ``p``, or for a DTensor
     parameter the gathered whole (:mod:`torch_shampoo.distributed.dtensor`)."""
-    bias: tuple[torch.Tensor, torch.Tensor] | None = None
-    """1 − β₁ᵗ and the graft's 1 − β₂ᵗ as 0-d tensors (:func:`step_scalars`); None without
-    bias correction."""
+    bias: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+    """1 − β₁ᵗ and the graft's 1 − β₂ᵗ as 0-d tensors (:func:`step_scalars`); None: uncorrected."""
     lr: torch.Tensor | None = None
     """A float lr as a 0-d tensor (:func:`step_scalars`), for the traced update."""
-
-    @property
-    def preconditioned(self) -> bool:
-        """t ≥ start: Shampoo's direction where a block has its roots, else the graft's."""
-        return self.t >= self.config.start
-
-    @property
-    def uses_roots(self) -> bool:
-        """Does any block of this parameter take Shampoo's direction in this step?"""
-        return self.preconditioned and (self.rooted is None or any(self.rooted))
 
 
 @dataclass
@@ -84,16 +70,12 @@ class Unit:
     state: dict[str, torch.Tensor]
     """exp_avg, graft_v, momentum_buffer, skipped_blocks: the parameter's, or the stacks."""
     bucket: Bucket | None = None
-    bias1: torch.Tensor | None = None
-    """1 − β₁ᵗ as a tensor (None without bias correction): compiled math sees no changing float."""
-    bias2: torch.Tensor | None = None
-    """The graft's 1 − β₂ᵗ, likewise."""
     g: torch.Tensor | None = None
     cells: torch.Tensor | None = None
-    finite: bool = False
-    """This step's gradients are known to be finite (:func:`mark_finite`): no guard needed."""
     """Per block, is this step's gradient finite? The parameter's grid of flags (0-d for one
     block), or (n,) for a stack; None when the guard is off."""
+    finite: bool = False
+    """This step's gradients are known to be finite (:func:`mark_finite`): no guard needed."""
     m_hat: torch.Tensor | None = None
     direction: torch.Tensor | None = None
     """The graft's direction (None without a graft)."""
@@ -117,52 +99,33 @@ class Unit:
         if self.bucket is None:
             p = self.works[0].param.detach()
         else:
-            shape = self.bucket.block_shape
-            p = torch.stack([w.param.detach().reshape(shape) for w in self.works])
+            p = torch.stack([w.param.detach().reshape(self.bucket.block_shape) for w in self.works])
         return p if dtype is None else p.to(dtype)
 
-
-def make_unit(works: Sequence[Work], bucket: Bucket | None) -> Unit:
-    """A unit of one parameter's work, or of a whole bucket's (all at the same step)."""
-    w = works[0]
-    bias1, bias2 = (None, None) if w.bias is None else w.bias
-    state = w.state if bucket is None else bucket.moments
-    return Unit(works=list(works), state=state, bucket=bucket, bias1=bias1, bias2=bias2)
+    def step_direction(self, preconditioned: torch.Tensor | None) -> torch.Tensor:
+        """Shampoo's direction where given, else the graft's (m̂ without a graft)."""
+        if preconditioned is not None:
+            return preconditioned
+        assert self.m_hat is not None
+        return self.m_hat if self.direction is None else self.direction
 
 
 def step_scalars(work: Sequence[Work]) -> None:
-    """Set each work's ``bias`` (its 1 − β₁ᵗ and 1 − β₂ᵗ) and, for a float lr, its ``lr`` as
-    host 0-d tensors of its state dtype, one tensor per value and dtype for the whole step.
-    Part of the eager bookkeeping: traced code reading a float that changes from step to step
-    (the bias corrections; the lr under a scheduler) would be compiled again for every value
-    (inductor specializes such floats)."""
-    made: dict[tuple[float, torch.dtype], torch.Tensor] = {}
+    """Set each work's ``bias`` and, for a float lr, its ``lr`` as host 0-d tensors of its state
+    dtype (which round as the floats do), one per value and dtype: inductor specializes the
+    floats that traced code reads, so one changing per step would recompile every step."""
 
+    @functools.cache
     def scalar(value: float, dtype: torch.dtype) -> torch.Tensor:
-        found = made.get((value, dtype))
-        if found is None:
-            found = made[(value, dtype)] = kernels.scalar(value, dtype)
-        return found
+        return torch.tensor(value, dtype=dtype)
 
-    per_group: dict[tuple[int, int, torch.dtype], tuple[Any, Any]] = {}
     for w in work:
         config, dtype = w.config, state_dtype(w.p)
-        key = (id(config), w.t, dtype)
-        found = per_group.get(key)
-        if found is None:
-            bias = lr = None
-            if config.bias_correction:
-                bias = (
-                    scalar(1.0 - config.beta1**w.t, dtype),
-                    scalar(1.0 - config.grafting_beta2**w.t, dtype),
-                )
-            if not isinstance(config.lr, torch.Tensor):
-                lr = scalar(config.lr, dtype)
-            found = per_group[key] = (bias, lr)
-        if found[0] is not None:
-            w.bias = found[0]
-        if found[1] is not None:
-            w.lr = found[1]
+        if config.bias_correction:
+            beta1_t, beta2_t = config.beta1**w.t, config.grafting_beta2**w.t
+            w.bias = (scalar(1.0 - beta1_t, dtype), scalar(1.0 - beta2_t, dtype))
+        if not isinstance(config.lr, torch.Tensor):
+            w.lr = scalar(config.lr, dtype)
 
 
 def learning_rate(u: Unit) -> float | torch.Tensor:
@@ -175,15 +138,13 @@ def learning_rate(u: Unit) -> float | torch.Tensor:
 
 def gradient(u: Unit) -> torch.Tensor:
     """This step's gradient in the state dtype (p.grad itself where nothing writes to it: p.grad
-    is never modified), with the non-finite guard applied: blocks whose gradient is not finite
-    are zeroed and flagged in ``u.cells``; every state update is then masked with the flags (no
-    host sync). Flags known to be all True (on the CPU, where reading them costs nothing) leave
-    ``u.cells`` None: the masked arithmetic equals the unmasked one there, so the masks are
-    skipped."""
+    is never modified), with the non-finite guard: blocks whose gradient is not finite are
+    zeroed and flagged in ``u.cells``, which then mask every state update (no host sync). Flags
+    known to be all True (on the CPU) leave ``u.cells`` None: masking would change nothing."""
     config, dtype = u.config, state_dtype(u.works[0].p)
-    # Only read from here on unless negated, decayed or masked: then it needs a copy.
-    writes = config.maximize or (config.weight_decay != 0 and not config.decoupled_weight_decay)
-    writes = writes or (config.skip_nonfinite and not u.finite)
+    coupled = config.weight_decay != 0 and not config.decoupled_weight_decay
+    guard = config.skip_nonfinite and not u.finite
+    writes = config.maximize or coupled or guard  # else only read: no copy
     if u.bucket is None:
         grad = u.works[0].param.grad
         assert grad is not None
@@ -197,9 +158,9 @@ def gradient(u: Unit) -> torch.Tensor:
             g = torch.stack(grads).to(dtype).contiguous()  # a strided gradient's may not be
     if config.maximize:
         g.neg_()
-    if config.weight_decay != 0 and not config.decoupled_weight_decay:
+    if coupled:
         g.add_(u.params(g.dtype), alpha=config.weight_decay)
-    if config.skip_nonfinite and not u.finite:
+    if guard:
         if u.bucket is None:
             cells, bad = kernels.finite_blocks(g, u.works[0].layout)
         else:
@@ -215,9 +176,7 @@ def gradient(u: Unit) -> torch.Tensor:
 
 
 def curvature(u: Unit) -> None:
-    """F ← β₂F + Ĝ per factor from statistics prepared outside the step (NG+'s per-sample
-    ones), for a parameter that has them; the others' come from
-    :mod:`~torch_shampoo.update.bucketed`."""
+    """F ← β₂F + Ĝ per factor, for a parameter with statistics prepared outside the step (NG+'s)."""
     w = u.works[0]
     if u.bucket is None and w.curvature is not None:
         kernels.curvature_statistics(
@@ -225,9 +184,10 @@ def curvature(u: Unit) -> None:
         )
 
 
-def update_moments(u: Unit, g: torch.Tensor) -> None:
-    """The first moment and the graft's second moment from ``g`` (masked by the guard)."""
-    state, config, keep = u.state, u.config, u.keep()
+def update_moments(u: Unit) -> None:
+    """The first moment and the graft's second moment from ``u.g`` (masked by the guard)."""
+    state, config, keep, g = u.state, u.config, u.keep(), u.g
+    assert g is not None
     exp_avg = state.get("exp_avg")
     if exp_avg is None:  # β₁ = 0: m̂ is the gradient itself
         u.m_hat = g
@@ -240,12 +200,12 @@ def update_moments(u: Unit, g: torch.Tensor) -> None:
 
 def directions(u: Unit) -> None:
     """3. The bias-corrected first moment m̂ and 5. the graft's direction."""
+    config, (bias1, bias2) = u.config, u.works[0].bias
     if u.m_hat is None:
         exp_avg = u.state["exp_avg"]
-        u.m_hat = exp_avg if u.bias1 is None else exp_avg / u.bias1
-    config = u.config
+        u.m_hat = exp_avg if bias1 is None else exp_avg / bias1
     u.direction = graft_direction(
-        config.grafting, u.state, u.m_hat, epsilon=config.grafting_epsilon, correction=u.bias2
+        config.grafting, u.state, u.m_hat, epsilon=config.grafting_epsilon, correction=bias2
     )
 
 
@@ -253,11 +213,7 @@ def update_parameters(u: Unit, preconditioned: torch.Tensor | None) -> None:
     """6. Decoupled weight decay, 7. momentum and 8. the parameter update from this step's
     direction: Shampoo's (``preconditioned``), else the graft's (m̂ without one)."""
     state, config, keep = u.state, u.config, u.keep()
-    assert u.m_hat is not None
-    if preconditioned is not None:
-        update = preconditioned
-    else:
-        update = u.m_hat if u.direction is None else u.direction
+    update = u.step_direction(preconditioned)
     if config.weight_decay != 0 and config.decoupled_weight_decay:
         update = update + config.weight_decay * u.params(update.dtype)
     mu = config.momentum
@@ -268,10 +224,8 @@ def update_parameters(u: Unit, preconditioned: torch.Tensor | None) -> None:
         else:
             torch.where(keep, buffer * mu + update, buffer, out=buffer)
         update = update + mu * buffer if config.nesterov else buffer
-    lr = learning_rate(u)
-    params = [w.param for w in u.works]
-    dtype = params[0].dtype
-    step = (update * lr).to(dtype) if isinstance(lr, torch.Tensor) else update.to(dtype)
+    lr, params = learning_rate(u), [w.param for w in u.works]
+    step = (update * lr if isinstance(lr, torch.Tensor) else update).to(params[0].dtype)
     alpha = -1.0 if isinstance(lr, torch.Tensor) else -lr
     if keep is not None:
         p = u.params()
@@ -291,15 +245,10 @@ def rows_of(stack: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tenso
     return [row.view(p.shape) for row, p in zip(stack.unbind(), params)]
 
 
-# ------------------------------------------------------------------- per bucket
-
-
 def mark_finite(units: list[Unit]) -> None:
-    """On the CPU, one check of every guarded gradient at once (one norm per gradient: a
-    non-finite entry makes it non-finite; an overflowing one only costs the per-block check);
-    when all are finite the units skip the per-block guard, whose flags would all be True
-    (the unguarded arithmetic is then the same, bitwise). Not on CUDA (reading the answer would
-    wait for the stream) nor under torch.compile (no branching on data)."""
+    """On the CPU, one norm per guarded gradient: when all are finite, the units skip the
+    per-block guard, whose flags would all be True (an overflowing norm only costs that guard).
+    Not on CUDA (reading the answer waits for the stream) nor under torch.compile."""
     grads = [w.param.grad for u in units if u.config.skip_nonfinite for w in u.works]
     if not grads or torch.compiler.is_compiling():
         return
@@ -311,21 +260,17 @@ def mark_finite(units: list[Unit]) -> None:
 
 
 def units_of(work: list[Work], buckets: list[Bucket]) -> tuple[list[Unit], dict[int, Unit]]:
-    """The step's units: each bucket with stacked moments whose parameters all step now (at
-    the same step count) as one unit, every other parameter on its own. Also returns the
-    stacked units by bucket (``id``)."""
+    """The step's units: a bucket with stacked moments whose parameters all step now, at one
+    step count, is one; every other parameter is its own. Also the stacked ones by ``id``."""
     by_param = {w.p: w for w in work}
-    units: list[Unit] = []
     stacked: dict[int, Unit] = {}
-    covered: set[int] = set()
     for bucket in buckets:
         if not bucket.moments:
             continue
         found = [by_param.get(m.p) for m in bucket.members]
         works = [w for w in found if w is not None and w.curvature is None]
         if len(works) == len(found) and all(w.t == works[0].t for w in works):
-            unit = stacked[id(bucket)] = make_unit(works, bucket)
-            units.append(unit)
-            covered.update(id(m.p) for m in bucket.members)
-    units += [make_unit([w], None) for w in work if id(w.p) not in covered]
+            stacked[id(bucket)] = Unit(works, bucket.moments, bucket)
+    covered = {id(w.p) for u in stacked.values() for w in u.works}
+    units = [*stacked.values(), *(Unit([w], w.state) for w in work if id(w.p) not in covered)]
     return units, stacked
