@@ -172,6 +172,35 @@ def test_a_non_finite_block_is_skipped_and_every_other_block_steps(
     opt.close()
 
 
+@pytest.mark.parametrize("poisoned", [0, 1], ids=["first", "second"])
+def test_a_non_finite_block_beside_a_finite_parameter_of_its_bucket_is_skipped(
+    poisoned: int,
+) -> None:
+    """Two 32×32 parameters of 16×16 blocks share one bucket; on the CPU the finite one's flags
+    are known all True and left out (``cells`` None). The statistics must still mask the other
+    one's bad block: it raised AttributeError when the bad parameter came first, and decayed the
+    bad block's factors by β₂ when it came second."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(32, 32, generator=gen).requires_grad_() for _ in range(2)]
+    with Shampoo(params, lr=0.01, block_size=16, precondition_frequency=2,
+                 async_roots=False) as opt:  # fmt: skip
+        for step in range(3):
+            for p in params:
+                p.grad = torch.randn(32, 32, generator=gen)
+            if step == 2:
+                before = [clone_state(opt.state[p]) for p in params]
+                params[poisoned].grad[0, 0] = NAN  # type: ignore[index]  # block 0 (rows, cols 0-15)
+            opt.step()
+        for i, p in enumerate(params):
+            factors, old = opt.state[p]["factors"], before[i]["factors"]
+            assert len(factors) == 8  # 4 blocks x (rows, cols)
+            for j in range(8):
+                hit = i == poisoned and j < 2
+                assert torch.equal(factors[j], old[j]) == hit, (i, j)
+            assert torch.isfinite(p).all() and all_finite(opt.state[p]["factors"])
+        assert opt.root_stats()["skipped_blocks"] == 1
+
+
 @pytest.mark.parametrize("case", ["finite", "norm overflows", "nan"])
 def test_the_all_finite_shortcut_equals_the_per_block_guard_bitwise(
     case: str, monkeypatch: pytest.MonkeyPatch

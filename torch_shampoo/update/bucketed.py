@@ -33,9 +33,7 @@ def statistics(
             continue
         rows = bucket.rows(share.members)
         blocks = share.stack(lambda u: u.g)  # type: ignore[arg-type,return-value]
-        flags = parts[0].cells
-        if share.unit is None and flags is not None:
-            flags = torch.cat([m.flags(u.cells) for m, u in zip(share.members, parts)])  # type: ignore[arg-type]
+        flags = share.guard_flags()
         factors = bucket.factors if rows is None else [f[rows] for f in bucket.factors]
         beta2 = parts[0].config.beta2
         lower = None if bucket.triangles is None else [m.lower for m in bucket.triangles]
@@ -73,6 +71,19 @@ class Share:
         if self.unit is not None:
             return tensor_of(self.unit)
         return self.bucket.gather([tensor_of(u) for u in self.parts], self.members)
+
+    def guard_flags(self) -> torch.Tensor | None:
+        """Per stack row: is the block's gradient finite? (None: all are.) A part whose flags
+        are known to be all True (``cells`` None) has all-True rows beside a flagged part."""
+        if all(u.cells is None for u in self.parts):
+            return None
+        if self.unit is not None:
+            return self.unit.cells
+        return torch.cat([
+            m.flags(u.cells) if u.cells is not None
+            else torch.ones(len(m.blocks), dtype=torch.bool, device=u.works[0].p.device)
+            for m, u in zip(self.members, self.parts)
+        ])  # fmt: skip
 
     def roots(self) -> list[torch.Tensor]:
         """The root (or basis) stacks of these rows per factored dim, as full matrices."""
