@@ -212,7 +212,7 @@ def test_ngplus_refuses_a_state_dict_with_more_groups_as_shampoo_and_soap_do() -
         with cls([a], async_roots=False) as one:
             with pytest.raises(ValueError, match="different number of parameter groups"):
                 one.load_state_dict(saved)
-            assert len(one.param_groups) == 1 and one.param_groups[0]["lr"] == 1e-3
+            assert len(one.param_groups) == 1 and one.param_groups[0]["lr"] == one.defaults["lr"]
 
 
 # ------------------------------------------------------------------------------- fuzz
