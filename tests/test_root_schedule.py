@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
 import math
 import os
 import subprocess
@@ -184,6 +185,21 @@ def test_auto_staleness_is_fitted_saved_restored_and_reported() -> None:
         assert resumed.root_stats()["root_staleness"] == 3  # before any step
         train(resumed_model, resumed, batches[11:])
     assert_bitwise_equal(params_after(resumed_model), params_after(whole))
+
+
+@pytest.mark.usefixtures("fitted_three")
+def test_the_fitted_staleness_is_logged_once_with_the_integer_that_reproduces_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    batches = make_batches(12)
+    model = mixed_model()
+    info = caplog.at_level(logging.INFO, logger="torch_shampoo")
+    with info, Shampoo(model.parameters(), **BASE, precondition_frequency=5) as opt:
+        train(model, opt, batches)
+        assert opt.root_stats()["root_staleness"] == 3
+    fitted = [r.getMessage() for r in caplog.records if "fitted" in r.getMessage()]
+    assert len(fitted) == 1, fitted  # once, not at every later cycle
+    assert "fitted to 3 steps" in fitted[0] and "root_staleness=3 reproduces" in fitted[0]
 
 
 @pytest.mark.usefixtures("fitted_three")

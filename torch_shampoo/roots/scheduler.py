@@ -3,6 +3,7 @@ their own step, later ones s steps later; docs/design.md)."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -19,6 +20,8 @@ from .pending import Batch, Pending
 from .pool import RootPool, batches, default_threads, run_here
 from .staging import Slot, Staging
 from .staleness import FITTED, StalenessFit, Stats
+
+log = logging.getLogger("torch_shampoo")
 
 __all__ = ["FITTED", "RootScheduler", "StalenessFit"]
 
@@ -101,6 +104,11 @@ class RootScheduler:
             steps = frequency if fixed else self.fit.steps_for(self.fit.cycle_seconds)
             if steps is not None:
                 fitted = group[FITTED] = min(frequency, steps)
+                log.info(
+                    "root_staleness='auto' fitted to %d steps (a root cycle %.3g s, a step "
+                    "%.3g s); root_staleness=%d reproduces this run", fitted,
+                    self.fit.cycle_seconds, self.fit.step_seconds() or math.nan, fitted,
+                )  # fmt: skip
         return frequency if fitted is None else int(fitted)
 
     def submit(
@@ -240,6 +248,7 @@ class RootScheduler:
         grown = min(frequency, max(current, needed))
         if grown > current:
             group[FITTED] = grown
+            log.info("root_staleness='auto' grown to %d steps after a stall", grown)
             self.stats.staleness_increases += 1
         elif current >= frequency and self.fit.grown_at != t:
             self.capped_stalls += 1
