@@ -3,7 +3,7 @@ fix: gloo, two spawned processes, under a timeout (a hang fails the test instead
 
 * ``partition_state=True`` when the ranks disagree on which parameters have a gradient: the
   broadcasts from the owners would wait for each other for good; every rank raises instead,
-  naming the parameter.
+  naming the parameter, before any weight or state changes.
 """
 
 from __future__ import annotations
@@ -54,17 +54,26 @@ def _missing_gradient(rank: int, store: str, folder: str) -> None:
     x, y = torch.randn(16, 8), torch.randn(16, 4)
     opt = Shampoo(model.parameters(), lr=0.01, partition_state=True)
     message = "no error"
+    opt.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step()  # a step every rank agrees on
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = {i: {k: v.clone() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
+             for i, p in enumerate(model.parameters()) if p in opt.state}  # fmt: skip
     try:
-        for _ in range(2):
-            opt.zero_grad()
-            nn.functional.mse_loss(model(x), y).backward()
-            if rank == 1:
-                model[1].bias.grad = None  # parameter 3 has no gradient here
-            opt.step()
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        if rank == 1:
+            model[1].bias.grad = None  # parameter 3 has no gradient here
+        opt.step()
     except Exception as exc:
         message = f"{type(exc).__name__}: {exc}"
+    after = {i: opt.state[p] for i, p in enumerate(model.parameters()) if p in opt.state}
+    untouched = all(torch.equal(a, b) for a, b in zip(weights, model.parameters())) and all(
+        torch.equal(after[i][k], v) for i, entry in state.items() for k, v in entry.items()
+    )
     opt.close()
-    Path(folder, f"rank.{rank}").write_text(message)
+    Path(folder, f"rank.{rank}").write_text(f"untouched={untouched} {message}")
     os._exit(0)  # gloo's atexit teardown sometimes aborts spawned processes
 
 
@@ -74,5 +83,6 @@ def test_partition_state_with_a_gradient_missing_on_one_rank_raises_on_every_ran
     _spawn(_missing_gradient, (str(tmp_path / "store"), str(tmp_path)), tmp_path)
     for rank in range(2):
         message = (tmp_path / f"rank.{rank}").read_text()
-        assert message.startswith("RuntimeError"), f"rank {rank}: {message}"
+        # raised before the owners stepped: weights and state as before the step, on every rank
+        assert message.startswith("untouched=True RuntimeError"), f"rank {rank}: {message}"
         assert "parameter 3 (shape (4,)) on ranks [0] but not on [1]" in message, message

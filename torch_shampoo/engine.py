@@ -198,6 +198,8 @@ class PreconditionerEngine(torch.optim.Optimizer):
         (checked, then installed); the buckets, what the step may undo; the counters advance."""
         revalidate(self.param_groups, self._seen_groups, self._validate)
         roots, shares = self._cycles.scheduler, self._state_shares()
+        if shares is not None:  # before any state changes (and any DTensor's gathers)
+            shares.check([p for g in self.param_groups for p in g["params"] if p.grad is not None])
         wanted = getattr(self, "_partition_roots", False)  # (absent from earlier pickles)
         if wanted and shares is None and roots.partition is None and world_size() > 1:
             roots.partition = Partition()  # every rank at its first step (collective)

@@ -63,10 +63,8 @@ class StateShares:
     def broadcast(self, stepped: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Every stepped parameter from its owner: ``stepped`` holds (parameter, the tensor
         its step wrote: itself, or the gathered whole of a DTensor), the same parameters on
-        every rank; a rank that stepped others makes every rank raise, naming them."""
+        every rank (:meth:`check` made sure before the step)."""
         dist = torch.distributed
-        if self.size > 1:
-            self._same_on_every_rank(stepped)
         for owner in range(self.size):
             groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
             for p, whole in stepped:
@@ -82,12 +80,15 @@ class StateShares:
                     for t, value in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
                         t.copy_(value)
 
-    def _same_on_every_rank(self, stepped: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """One all-gather of which parameters each rank stepped; every rank raises the same error
-        if they differ (the broadcasts would not match: a hang, or with gloo a silent mix)."""
+    def check(self, stepping: Sequence[torch.Tensor]) -> None:
+        """One all-gather of which parameters each rank is about to step; every rank raises the
+        same error, before any state changes, if they differ (the broadcasts that end the step
+        would not match: a hang, or with gloo a silent mix)."""
+        if self.size == 1:
+            return
         dist = torch.distributed
-        has = {id(p) for p, _ in stepped}
-        on = stepped[0][1].device if stepped else self.params[0].device  # (NCCL: the GPU)
+        has = {id(p) for p in stepping}
+        on = self.params[0].device  # (NCCL: the GPU)
         mine = torch.tensor([id(p) in has for p in self.params], dtype=torch.uint8, device=on)
         every = [torch.empty_like(mine) for _ in range(self.size)]
         dist.all_gather(every, mine)
