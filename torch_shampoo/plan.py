@@ -206,7 +206,7 @@ def _staleness(
 def _method(config: EngineConfig) -> str:
     if config.eigenbasis:
         every = config.eigh_every
-        return "eigenbases: eigh 9d³" + (f" every {every}th root step" if every > 1 else "")
+        return "eigenbases: eigh 9d³" + (f", every {every} root steps" if every > 1 else "")
     if config.root_method == "cholesky":
         return "Cholesky inverse d³"
     if config.root_method == "newton":

@@ -34,7 +34,7 @@ class Row:
     bytes: dict[str, int]
     root_flops: float
     root_seconds: float
-    """On one worker at the pool's thread count; 0 for a follower (its leader's roots)."""
+    """Of a root cycle, on one worker at the pool's thread count; a follower's: 0 (flops too)."""
     leader: int | None
     itemsize: int
     """Bytes of one element of the parameter."""
@@ -42,6 +42,8 @@ class Row:
 
 @dataclass
 class BucketRow:
+    """A bucket: blocks of one group, shape, factored dims, dtypes and device, stacked."""
+
     index: int
     block_shape: tuple[int, ...]
     factored: tuple[bool, ...]
@@ -102,16 +104,10 @@ class Plan:
         return None if not self.step_seconds else self.cycle_seconds / self.step_seconds
 
     def as_dict(self) -> dict[str, Any]:
-        """Plain values (JSON-ready): rows, buckets and totals."""
+        """Plain values (``json.dumps`` takes them): the fields, rows, buckets and totals."""
         totals = {key: getattr(self, key) for key in ("bytes", "state_bytes", "adam_bytes",
                   "adam_ratio", "root_flops", "cycle_seconds", "cycle_steps")}  # fmt: skip
-        plain = asdict(self)
-        for row in plain["rows"]:
-            row["shape"] = list(row["shape"])
-        for bucket in plain["buckets"]:
-            bucket["block_shape"], bucket["factored"] = map(list, (bucket["block_shape"],
-                                                                   bucket["factored"]))  # fmt: skip
-        return {**plain, "totals": totals}
+        return {**asdict(self), "totals": totals}  # (tuples: lists in JSON)
 
     def __str__(self) -> str:
         return "\n".join(_render(self))
