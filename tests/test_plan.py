@@ -322,3 +322,17 @@ def test_a_real_timing_of_small_sizes_is_cheap(monkeypatch: pytest.MonkeyPatch) 
     model = MixedShapes()
     with Shampoo(model.parameters(), block_size=16) as opt:
         assert opt.plan(show=False).cycle_seconds > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_planned_staging_is_held_from_the_first_root_cycle() -> None:
+    """(Not run on the CPU-only machine this was written on.) CUDA factors go through host
+    buffers from their first root, synchronous or not."""
+    model = mixed_model().cuda()
+    batches = [(x.cuda(), y.cuda()) for x, y in make_batches(1)]
+    with Shampoo(model.parameters(), block_size=16, start_preconditioning_step=1,
+                 async_roots=False) as opt:  # fmt: skip
+        plan = opt.plan(show=False)
+        train(model, opt, batches)
+        assert opt.root_stats()["host_buffer_bytes"] == plan.bytes["staging"] > 0
+        assert held_bytes(opt.state) == plan.state_bytes
