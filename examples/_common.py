@@ -295,6 +295,19 @@ def train(
     return result
 
 
+def print_plan(task: Task, methods: Sequence[Method]) -> None:
+    """Print ``optimizer.plan()`` of the first of this package's optimizers among ``methods``
+    (on a model of its own, before any training): per parameter its blocks, state and root
+    work, in total the ratio to Adam's state and a root cycle's time on this machine."""
+    for method in methods:
+        if _REGISTRY[method.key].module is torch_shampoo:
+            model = task.build_model()
+            with method.build(model) as opt:  # type: ignore[attr-defined]
+                opt.plan(model=model)
+            print(flush=True)
+            return
+
+
 def compare(
     task: Task,
     methods: Sequence[Method],
@@ -313,7 +326,9 @@ def compare(
     current = "the warm-up"
     try:
         warm_up(task)
-        for method in available(methods):
+        kept = available(methods)
+        print_plan(task, kept)
+        for method in kept:
             current = method.label
             result = train(task, method, steps, seed, eval_every, warmup, progress, log_every)
             status = "diverged" if result.diverged else f"final train loss {result.final_train:.4f}"

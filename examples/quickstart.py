@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> list[float]:
     model = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 1))
     make = torch_shampoo.SOAP if args.optimizer == "soap" else torch_shampoo.Shampoo
     opt = make(model.parameters(), lr=args.lr)  # was: torch.optim.Adam(model.parameters(), ...)
+    opt.plan(model=model)  # optional: what its state will hold, what its roots will cost
     losses = []
     for step in range(args.steps):
         opt.zero_grad()

@@ -7,13 +7,15 @@ Glue over its parts (:mod:`~torch_shampoo.ledger`, :mod:`~torch_shampoo.root_cyc
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TextIO, TypeVar
 
 import torch
 
 from . import checkpoint, device, telemetry
+from . import plan as planning
 from .config import EngineConfig, revalidate, world_size
 from .distributed import dtensor
 from .distributed.partition_roots import Partition
@@ -275,6 +277,25 @@ class PreconditionerEngine(torch.optim.Optimizer):
         return telemetry.root_stats(
             roots.stats, staleness, len(roots.pending), self.state, roots.staging.values(), names
         )
+
+    def plan(
+        self,
+        step_seconds: float | None = None,
+        *,
+        model: torch.nn.Module | None = None,
+        show: bool = True,
+        file: TextIO | None = None,
+    ) -> planning.Plan:
+        """What this optimizer will hold and compute, from its settings and shapes alone (no state
+        made, nothing changed): :class:`~torch_shampoo.plan.Plan`, printed to ``file`` (stdout)
+        if ``show``. ``step_seconds``: the step time the staleness is estimated at (default: the
+        median step measured once stepping); ``model``: names the parameters."""
+        made = planning.of_engine(type(self).__name__, self.param_groups, self._config,
+                                  self._layout_of, self._leader_of, self._cycles.scheduler,
+                                  self._compact_state, step_seconds, model)  # fmt: skip
+        if show:
+            print(made, file=file or sys.stdout)
+        return made
 
     # -------------------------------------------------------------- state dicts, pickling
 

@@ -24,7 +24,7 @@ from . import compact
 from .blocking import BlockLayout
 from .compact import Triangles
 
-__all__ = ["Bucket", "Member", "factor_groups", "plan_buckets", "slots_of"]
+__all__ = ["Bucket", "Member", "bucket_key", "factor_groups", "plan_buckets", "slots_of"]
 
 
 @dataclass
@@ -168,6 +168,13 @@ def slots_of(placements: list[tuple[Bucket, Member]]) -> list[Slot]:
     return slots
 
 
+def bucket_key(
+    group: int, block_shape: tuple[int, ...], layout: BlockLayout, p: torch.Tensor
+) -> tuple[Any, ...]:
+    """What the blocks of one bucket share: group, shape, factored dims, dtypes, device."""
+    return (group, block_shape, layout.factored, p.dtype, state_dtype(p), p.device)
+
+
 def plan_buckets(
     entries: Iterable[tuple[int, torch.Tensor, BlockLayout, dict[str, Any]]], packed: bool = False
 ) -> tuple[list[Bucket], dict[int, list[tuple[Bucket, Member]]]]:
@@ -181,7 +188,7 @@ def plan_buckets(
         if math.prod(layout.shape) == 0:
             continue
         for shape, (blocks, starts, counts, chunks) in _sub_grids(layout).items():
-            key = (group, shape, layout.factored, p.dtype, state_dtype(p), p.device)
+            key = bucket_key(group, shape, layout, p)
             bucket = buckets.get(key)
             if bucket is None:
                 bucket = buckets[key] = Bucket(shape, layout.factored, sum(layout.factored))
