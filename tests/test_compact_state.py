@@ -11,7 +11,8 @@ import pytest
 import torch
 from models import assert_bitwise_equal, make_batches, mixed_model, saved_and_loaded, train
 
-from torch_shampoo import SOAP, NGPlus, Shampoo, packing
+from torch_shampoo import SOAP, NGPlus, Shampoo
+from torch_shampoo.layout import compact as packing
 from torch_shampoo.telemetry import held_bytes
 
 BASE: dict[str, Any] = dict(
