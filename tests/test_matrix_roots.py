@@ -242,24 +242,31 @@ def test_cholesky_equals_eigh_for_exponent_one(case: Case) -> None:
     p=st.sampled_from(EXPONENTS),
 )
 def test_eigh_root_never_exceeds_regularization_bound(case: Case, p: int) -> None:
-    """The spectrum shift keeps every used eigenvalue >= ε, so λ_max(X) <= ε^(-1/p)."""
+    """The spectrum shift keeps every used eigenvalue >= ε, so λ_max(X) <= ε^(-1/p).
+
+    To rounding: λ_max(X) is read through a second eigendecomposition, of X (built from the
+    first one's not exactly orthogonal eigenvectors), so two rounding floors, one per
+    decomposition: LAPACK's last bits differ between CPUs (measured: up to 0.39 of one floor
+    on MKL's AVX2 code path, 0.26 on its default one)."""
     result = inverse_root(case.matrix, p, case.epsilon, "eigh")
     assert result.ok, result.reason
     largest = float(torch.linalg.eigvalsh(result.root)[-1])
-    assert largest <= case.epsilon ** (-1.0 / p) * (1 + rounding_floor(case.size))
+    assert largest <= case.epsilon ** (-1.0 / p) * (1 + 2 * rounding_floor(case.size))
 
 
 @pytest.mark.parametrize("epsilon", [1e-6, 1e-10, 1e-14])
 @pytest.mark.parametrize("p", [1, 4])
 def test_null_space_maps_to_epsilon_root_despite_round_off(epsilon: float, p: int) -> None:
     """A with exact zeros: round-off puts λ_min(A + εI) on either side of ε; after the shift the
-    largest eigenvalue of X is ε^(-1/p) to working accuracy, never above it."""
+    largest eigenvalue of X is ε^(-1/p) to working accuracy (a second eigendecomposition reads
+    it, hence two rounding floors as above; measured: up to 0.56 of one floor, 9 ulps, on
+    three of MKL's code paths, which round this 8-fold eigenvalue differently)."""
     d = torch.cat([torch.logspace(0, -3, 8), torch.zeros(8)]).double()
     for seed in range(5):
         q = random_orthogonal(16, seed)
         result = inverse_root((q * d) @ q.mT, p, epsilon, "eigh")
         largest = float(torch.linalg.eigvalsh(result.root)[-1]) * epsilon ** (1.0 / p)
-        assert abs(largest - 1) <= rounding_floor(16), largest
+        assert abs(largest - 1) <= 2 * rounding_floor(16), largest
 
 
 @pytest.mark.parametrize("p", EXPONENTS)
