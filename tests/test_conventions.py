@@ -387,7 +387,11 @@ def test_tensor_lr_follows_the_float_lr_trajectory(async_roots: bool) -> None:
             assert isinstance(opt.param_groups[0]["lr"], type(lr))
         final.append(w.detach())
     assert not torch.equal(final[0], start)
-    torch.testing.assert_close(final[1], final[0], rtol=1e-5, atol=1e-6)
+    # Even with that ε these 10 steps follow the lr closely: a float lr 2 to 4 ulps off moved
+    # them by up to 0.45 of rtol 1e-5 (torch's default kernels; 0.31 with AVX2 or AVX-512),
+    # the tensor lr by 0.22, which left a CPU whose roundings fall less kindly little room. An
+    # lr 1e-5 off still moves them by 2.7 times the tolerance here.
+    torch.testing.assert_close(final[1], final[0], rtol=5e-5, atol=5e-6)
 
 
 def test_one_cycle_lr_cycles_lr_and_beta1() -> None:
