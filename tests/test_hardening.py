@@ -1006,13 +1006,18 @@ def test_a_compiled_step_matches_eager_and_stops_recompiling(compact_state: bool
     """``torch.compile(opt.step)`` on a 3-parameter model: after a warm-up of one root cycle
     (the first step, a root step, an install step, a plain step) no step recompiles, the
     recompile limit is never hit (hitting it silently falls back to eager), and the result
-    matches eager."""
+    matches eager.
+
+    The compiled update takes the float lr as a 0-d tensor, one rounding more per step: an lr
+    1 or 2 ulps off moves these 6 steps by up to 0.037 of the tolerance below (measured with
+    torch's AVX-512, AVX2 and default kernels), the compiled step itself by 0.025 (0.25 of a
+    tolerance ten times tighter, which left too little room); an lr 1e-4 off, by 6.3."""
     eager = _compiled_training(None, None, 6, lambda i: None, compact_state)
     compiled = without_recompiles(
         lambda after: _compiled_training(None, "eager", 6, after, compact_state)
     )
     for a, b in zip(compiled, eager):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_a_compiled_ngplus_step_stops_recompiling_and_matches_eager() -> None:

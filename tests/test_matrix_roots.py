@@ -242,29 +242,43 @@ def test_cholesky_equals_eigh_for_exponent_one(case: Case) -> None:
     p=st.sampled_from(EXPONENTS),
 )
 def test_eigh_root_never_exceeds_regularization_bound(case: Case, p: int) -> None:
-    """The spectrum shift keeps every used eigenvalue >= ε, so λ_max(X) <= ε^(-1/p)."""
+    """The spectrum shift keeps every used eigenvalue >= ε, so λ_max(X) <= ε^(-1/p).
+
+    To rounding: λ_max(X) is read through a second eigendecomposition, of X (built from the
+    first one's not exactly orthogonal eigenvectors), so two rounding floors, one per
+    decomposition: LAPACK's last bits differ between CPUs (measured: up to 0.39 of one floor
+    on MKL's AVX2 code path, 0.26 on its default one)."""
     result = inverse_root(case.matrix, p, case.epsilon, "eigh")
     assert result.ok, result.reason
     largest = float(torch.linalg.eigvalsh(result.root)[-1])
-    assert largest <= case.epsilon ** (-1.0 / p) * (1 + rounding_floor(case.size))
+    assert largest <= case.epsilon ** (-1.0 / p) * (1 + 2 * rounding_floor(case.size))
 
 
 @pytest.mark.parametrize("epsilon", [1e-6, 1e-10, 1e-14])
 @pytest.mark.parametrize("p", [1, 4])
 def test_null_space_maps_to_epsilon_root_despite_round_off(epsilon: float, p: int) -> None:
     """A with exact zeros: round-off puts λ_min(A + εI) on either side of ε; after the shift the
-    largest eigenvalue of X is ε^(-1/p) to working accuracy, never above it."""
+    largest eigenvalue of X is ε^(-1/p) to working accuracy (a second eigendecomposition reads
+    it, hence two rounding floors as above; measured: up to 0.56 of one floor, 9 ulps, on
+    three of MKL's code paths, which round this 8-fold eigenvalue differently)."""
     d = torch.cat([torch.logspace(0, -3, 8), torch.zeros(8)]).double()
     for seed in range(5):
         q = random_orthogonal(16, seed)
         result = inverse_root((q * d) @ q.mT, p, epsilon, "eigh")
         largest = float(torch.linalg.eigvalsh(result.root)[-1]) * epsilon ** (1.0 / p)
-        assert abs(largest - 1) <= rounding_floor(16), largest
+        assert abs(largest - 1) <= 2 * rounding_floor(16), largest
 
 
 @pytest.mark.parametrize("p", EXPONENTS)
 def test_negative_eigenvalues_are_shifted_to_epsilon(p: int) -> None:
-    """eigh on a non-PSD A uses λ - λ_min + ε: X has eigenvalues (d - d_min + ε)^(-1/p)."""
+    """eigh on a non-PSD A uses λ - λ_min + ε: X has eigenvalues (d - d_min + ε)^(-1/p).
+
+    To rounding: reading X's eigenvalues (a second eigendecomposition, of X built by a
+    product) errs by about u‖X‖ absolutely, not relatively: X's smallest eigenvalue, 5^(-1/p),
+    is 500^(-1/p) times ‖X‖ (0.2 against 100 at p = 1). A's eigenvalues err by about u‖A‖,
+    which the shift turns into relative errors of at most u‖A‖/2 of the others (λ - λ_min is
+    exactly 0 for the smallest), so two rounding floors of ‖X‖ bound both. (A relative 1e-13,
+    1.8 u‖X‖ at p = 1, was at the edge of what LAPACK guarantees: MKL used 0.33 of it.)"""
     d = torch.tensor([-2.0, -1e-3, 0.0, 0.5, 3.0], dtype=torch.float64)
     epsilon = 1e-2
     q = random_orthogonal(d.numel(), seed=p)
@@ -272,7 +286,8 @@ def test_negative_eigenvalues_are_shifted_to_epsilon(p: int) -> None:
     assert result.ok
     expected = (d - d.min() + epsilon).pow(-1.0 / p).sort().values
     actual = torch.linalg.eigvalsh(result.root)
-    torch.testing.assert_close(actual, expected, rtol=1e-13, atol=0.0)
+    tolerance = 2 * rounding_floor(d.numel()) * float(expected.max())
+    torch.testing.assert_close(actual, expected, rtol=0.0, atol=tolerance)
 
 
 # ---------------------------------------------------------------------------------------------

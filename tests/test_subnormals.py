@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -96,13 +97,19 @@ def test_every_root_solve_runs_flushed_in_whichever_thread_solves_it(
     """The step's mode in the solves too, so that a root's bits do not depend on the thread
     that solved it: the pool's workers (started within a step, whose mode a new thread
     inherits), and the caller's thread when ``state_dict()`` solves the roots a ``close()``
-    left in flight (outside any step)."""
+    left in flight (outside any step). The worker that takes step 4's roots is held until
+    ``close()`` has cancelled them: otherwise whether they are still in flight then is a race
+    (a 6 x 5 block's roots take microseconds), which a worker that finishes first loses."""
     seen: list[bool] = []
     name = "eigenbases" if front == "soap" else "inverse_roots"
     solver = getattr(root_pool, name)
+    hold, entered, release = threading.Event(), threading.Event(), threading.Event()
 
     def recording(*args: object) -> object:
         seen.append(flushing())
+        if hold.is_set() and threading.current_thread() is not threading.main_thread():
+            entered.set()
+            release.wait(30)
         return solver(*args)
 
     monkeypatch.setattr(root_pool, name, recording)
@@ -110,10 +117,15 @@ def test_every_root_solve_runs_flushed_in_whichever_thread_solves_it(
     w = nn.Parameter(torch.randn(6, 5, generator=gen))
     exact = {"eigh_every": 1} if front == "soap" else {}  # every basis from the pool
     opt = _optimizer(front, [w], root_staleness=1, **exact)
-    for _ in range(4):  # step 4 sends roots due at step 5
+    for step in range(1, 5):  # step 4 sends roots due at step 5
+        if step == 4:
+            hold.set()
         w.grad = torch.randn(6, 5, generator=gen)
         opt.step()
+    assert entered.wait(30)  # a worker has step 4's roots
     opt.close()  # type: ignore[attr-defined]
+    hold.clear()
+    release.set()
     solved = len(seen)
     opt.state_dict()  # solves the roots in flight, here
     assert len(seen) > solved and all(seen)
