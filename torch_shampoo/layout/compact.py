@@ -25,17 +25,19 @@ of rows 4 KiB apart ran 4.5× slower than by tiles (38 ms against 8 ms at 2048).
 TILE = 256
 
 CHUNK_BYTES = 2**19
-"""On the CPU the step reads and writes compact stacks by chunks of this many bytes of matrices
-(at least one): made, used and overwritten in a core's cache, the full matrices of the whole
-stack never go to memory. MLP 512-1024-1024-512 at block 128, 1 thread: the non-root step went
-from 1.2–1.45× to ~1.0× of full matrices'."""
+"""On the CPU at one intra-op thread the step reads and writes compact stacks by chunks of this
+many bytes of matrices (at least one): made, used and overwritten in a core's cache, the full
+matrices of a whole stack never go to memory. MLP 512-1024-1024-512, block 128, 1 thread, load
+~5 on 2 cores: the non-root step 1.04–1.13× of full matrices' (1.26–1.32× in one chunk). At 2
+threads on that loaded machine each chunk's ops waited on their threads: 2.2× (1.15× in one
+chunk), so several threads keep one chunk per stack."""
 
 
 def chunk_rows(view: torch.Tensor) -> int:
-    """Rows of a stack (n, …) per chunk: ``CHUNK_BYTES`` of them, at least one; on a GPU all
-    (no cache to keep them in, and one launch per stack)."""
+    """Rows of a stack (n, …) per chunk: ``CHUNK_BYTES`` of them, at least one; all of them on a
+    GPU (no cache to keep them in, one launch per stack) or at several intra-op threads."""
     n = view.shape[0]
-    if view.device.type != "cpu" or n == 0:
+    if view.device.type != "cpu" or n == 0 or torch.get_num_threads() > 1:
         return max(n, 1)
     return max(1, min(n, CHUNK_BYTES // (view[0].numel() * view.element_size())))
 
