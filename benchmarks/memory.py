@@ -3,9 +3,10 @@
 The state is measured ONE way for every optimizer (``harness.state_bytes``): the bytes of the
 storages the tensors in ``optimizer.state`` hold, each storage once. Sections:
 
-  state  per model, after 2 precondition cycles of fixed gradients (roots computed): state MB,
-         ratio to Adam, bytes per parameter element (Adam's float32 moments: 8), and for the
-         torch_shampoo optimizers the host buffers of roots in flight (``root_stats()``).
+  state  per model (and the char-LM demo's), after 2 precondition cycles of fixed gradients
+         (roots computed): state MB, ratio to Adam, bytes per parameter element (Adam's float32
+         moments: 8), and for the torch_shampoo optimizers the host buffers of roots in flight
+         (``root_stats()``).
          ``--compare PATH_OR_REV`` adds the other checkout's rows.
   peak   each configuration in a fresh process (the peak RSS, VmHWM, reset just before the
          steps; on --device cuda, ``torch.cuda.max_memory_allocated``): 3 x Linear(d, d) with
@@ -32,9 +33,18 @@ PEAK = ("adam", "shampoo-sync", "shampoo-compact", "soap-sync", "ngplus")
 FREQUENCY = 10
 
 
+def charlm() -> h.Model:
+    """The char-LM demo's model (examples/train_charlm.py) at its defaults."""
+    task = h.example("train_charlm").build_task()
+    x, _ = next(task.batches(0))
+    vocab = task.build_model().head.out_features
+    return h.Model("char-LM (demo)", task.build_model,
+                   lambda g: torch.randint(vocab, x.shape, generator=g))  # fmt: skip
+
+
 def state(report: h.Report, args: Any, pkgs: dict[str, Any]) -> None:
     blocks = (64, 128) if args.quick else (128, 1024)
-    for model in h.models(args.quick):
+    for model in [*h.models(args.quick), *([] if args.quick else [charlm()])]:
         net = model.build()
         sets = h.gradient_sets(net, model.make_input, 2)
         elements = sum(p.numel() for p in net.parameters())

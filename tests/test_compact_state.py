@@ -80,11 +80,31 @@ def test_tiled_compact_state_trains_bitwise_as_untiled(monkeypatch: pytest.Monke
     assert_bitwise_equal(run(9, compact_state=True, async_roots=False), untiled)
 
 
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_compact_state_by_chunks_of_one_row_trains_bitwise_as_in_one_chunk(
+    monkeypatch: pytest.MonkeyPatch, block_size: int
+) -> None:
+    """Stacks read and written chunk by chunk (here of one row; block 16: products by BLAS, not
+    the small-matrix loop) give the same steps, roots and checkpoint as in one chunk each."""
+    kwargs = dict(compact_state=True, async_roots=False, block_size=block_size)
+    whole = run(9, **kwargs)  # (small stacks: one chunk each)
+    monkeypatch.setattr(storage, "CHUNK_BYTES", 1)
+    assert_bitwise_equal(run(9, **kwargs), whole)
+
+
+@pytest.mark.parametrize("block_size, chunk_bytes", [(4, None), (16, 1)])
 @pytest.mark.parametrize("beta2", [0.99, 1.0])
-def test_the_factors_lower_triangles_are_those_of_full_matrices_bitwise(beta2: float) -> None:
+def test_the_factors_lower_triangles_are_those_of_full_matrices_bitwise(
+    monkeypatch: pytest.MonkeyPatch, beta2: float, block_size: int, chunk_bytes: int | None
+) -> None:
     """Before the first root step (only statistics accumulate), a compact factor's lower
-    triangle is bitwise the full-matrix factor's: the same product, its triangle kept."""
-    kwargs = dict(betas=(0.9, beta2), precondition_frequency=50, async_roots=False)
+    triangle is bitwise the full-matrix factor's: the same product, its triangle kept (also
+    chunk by chunk of one row, products by BLAS)."""
+    if chunk_bytes is not None:
+        monkeypatch.setattr(storage, "CHUNK_BYTES", chunk_bytes)
+    kwargs = dict(
+        betas=(0.9, beta2), precondition_frequency=50, async_roots=False, block_size=block_size
+    )
     models, states = [], []
     for compact in (False, True):
         model = mixed_model()

@@ -312,7 +312,7 @@ class RootCycles:
                 RootJob(
                     snapshot=buffers.snapshot,
                     result=buffers.result,
-                    snapshot_ready=device.to_host(buffers.snapshot, slot.snapshot()),
+                    snapshot_ready=slot.stage(buffers.snapshot),
                     result_free=buffers.uploaded,
                     scale=scale,
                     exponent=exponent,

@@ -43,6 +43,14 @@ class Slot:
             return self.factors
         return compact.full(self.factors, self.triangles.lower, upper=False)
 
+    def stage(self, buffer: torch.Tensor) -> device.CopyDone:
+        """Enqueue ``buffer`` ← the factors as full matrices (compact state on the buffer's
+        device: made there, with no copy of its own)."""
+        if self.triangles is None or buffer.device != self.factors.device:
+            return device.to_host(buffer, self.snapshot())
+        compact.full(self.factors, self.triangles.lower, upper=False, out=buffer)
+        return None
+
     def install(self, result: torch.Tensor, row: int | None = None) -> device.CopyDone:
         """Enqueue roots ← ``result`` (host), all rows or one (compact: the roots' triangle)."""
         roots = self.roots if row is None else self.roots[row]

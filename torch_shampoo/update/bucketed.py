@@ -85,13 +85,26 @@ class Share:
             for m, u in zip(self.members, self.parts)
         ])  # fmt: skip
 
+    def stored_roots(self) -> list[torch.Tensor]:
+        """The root (or basis) stacks of these rows per factored dim, as stored (compact state:
+        the views whose upper triangles they are)."""
+        rows = self.bucket.rows(self.members)
+        return self.bucket.roots if rows is None else [r[rows] for r in self.bucket.roots]
+
     def roots(self) -> list[torch.Tensor]:
         """The root (or basis) stacks of these rows per factored dim, as full matrices."""
-        rows = self.bucket.rows(self.members)
-        roots = self.bucket.roots if rows is None else [r[rows] for r in self.bucket.roots]
+        roots = self.stored_roots()
         if self.bucket.triangles is None:
             return roots
         return [compact.full(r, m.upper, upper=True) for r, m in zip(roots, self.bucket.triangles)]
+
+    def products(self, m_hat: torch.Tensor) -> torch.Tensor:
+        """m̂ ×₁ X_1 ×₂ X_2 … per row (compact roots: chunk by chunk, no full stack made)."""
+        factored, triangles = self.bucket.factored, self.bucket.triangles
+        if triangles is None:
+            return kernels.mode_products_stack(m_hat, self.roots(), factored)
+        upper = [m.upper for m in triangles]
+        return kernels.mode_products_compact(m_hat, self.stored_roots(), upper, factored)
 
     def select(self, result: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
         """``result`` in the rows whose blocks have their roots, ``fallback`` in the others."""
@@ -166,7 +179,7 @@ def precondition(
             if share.unit is None:  # the graft's direction (m̂ without one) for all of them
                 shares.put(share, m_hat if direction is None else direction)
             continue
-        products.append(kernels.mode_products_stack(m_hat, share.roots(), share.bucket.factored))
+        products.append(share.products(m_hat))
         found.append((share, m_hat, direction))
     grafted = kernels.graft_stacks(products, [direction for _, _, direction in found])
     for (share, m_hat, direction), result in zip(found, grafted):

@@ -17,6 +17,7 @@ __all__ = [
     "finite_blocks",
     "graft_stacks",
     "mode_products",
+    "mode_products_compact",
     "mode_products_stack",
 ]
 
@@ -75,28 +76,86 @@ def accumulate_statistics(
             else:
                 factor.baddbmm_(unfolded, unfolded.mT, beta=beta2, alpha=weight)
             continue
+        if mask is not None:
+            _compact_statistics(factor, unfolded, outer, beta2, weight, mask, flags)
+            continue
+        assert flags is not None
         if outer:
             new = torch.addcmul(factor * beta2, unfolded, unfolded.mT, value=weight)
         else:
             new = torch.baddbmm(factor, unfolded, unfolded.mT, beta=beta2, alpha=weight)
+        torch.where(flags.view(-1, 1, 1), new, factor, out=factor)
+
+
+def _compact_statistics(
+    factor: torch.Tensor,
+    unfolded: torch.Tensor,
+    outer: bool,
+    beta2: float,
+    weight: float,
+    lower: torch.Tensor,
+    flags: torch.Tensor | None,
+) -> None:
+    """The statistics of a compact stack's factors (their triangle ``lower``), chunk by chunk of
+    rows (:func:`.compact.chunk_rows`): the new matrices in one scratch, their triangle written
+    (the same products as full matrices', row by row: the same bits)."""
+    n, rows = factor.shape[0], compact.chunk_rows(factor)
+    scratch = factor.new_empty((min(rows, n), *factor.shape[1:]))
+    for start in range(0, n, rows):
+        f, u = factor[start : start + rows], unfolded[start : start + rows]
+        new = scratch[: f.shape[0]]
+        if outer:
+            torch.mul(f, beta2, out=new).addcmul_(u, u.mT, value=weight)
+        else:
+            torch.baddbmm(f, u, u.mT, beta=beta2, alpha=weight, out=new)
         if flags is None:
-            assert mask is not None
-            compact.write(factor, new, mask, upper=False)  # its triangle of a compact stack
-            continue
-        mask = flags.view(-1, 1, 1) if mask is None else mask & flags.view(-1, 1, 1)
-        torch.where(mask, new, factor, out=factor)  # (a compact stack's view: in place too)
+            compact.write(f, new, lower, upper=False)
+        else:  # (a compact stack's view: in place too)
+            torch.where(lower & flags[start : start + rows].view(-1, 1, 1), new, f, out=f)
 
 
 def mode_products_stack(
-    blocks: torch.Tensor, roots: Sequence[torch.Tensor], factored: tuple[bool, ...]
+    blocks: torch.Tensor,
+    roots: Sequence[torch.Tensor],
+    factored: tuple[bool, ...],
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """block ×₁ X_1 ×₂ X_2 … over the factored dims, for every block of a stack (n, *block)
-    with its own roots (each X symmetric)."""
+    with its own roots (each X symmetric); new, or written into ``out`` (the stack's shape)."""
     if blocks.dim() == 3 and all(factored):
-        return torch.bmm(torch.bmm(roots[0], blocks), roots[1])
+        return torch.bmm(torch.bmm(roots[0], blocks), roots[1], out=out)
     if blocks.dim() == 2 and factored[0]:  # vectors: gᵀX per block
-        return torch.bmm(blocks.unsqueeze(1), roots[0]).squeeze(1)
-    return mode_products(blocks, roots, factored)
+        into = None if out is None else out.unsqueeze(1)
+        return torch.bmm(blocks.unsqueeze(1), roots[0], out=into).squeeze(1)
+    products = mode_products(blocks, roots, factored)
+    return products if out is None else out.copy_(products)
+
+
+def mode_products_compact(
+    blocks: torch.Tensor,
+    views: Sequence[torch.Tensor],
+    upper: Sequence[torch.Tensor],
+    factored: tuple[bool, ...],
+) -> torch.Tensor:
+    """:func:`mode_products_stack` with compact roots (``views``: their triangles ``upper``),
+    chunk by chunk of rows (:func:`.compact.chunk_rows`): each chunk's full roots in scratch
+    reused by the next chunk, used while in cache (the same products row by row: the same bits)."""
+    n = blocks.shape[0]
+    rows = min((compact.chunk_rows(v) for v in views), default=n)
+    if rows >= n:
+        roots = [compact.full(v, mask, upper=True) for v, mask in zip(views, upper)]
+        return mode_products_stack(blocks, roots, factored)
+    out = blocks.new_empty(blocks.shape)
+    scratch = [v.new_empty((2, rows, *v.shape[1:])) for v in views]
+    for start in range(0, n, rows):
+        chunk = slice(start, start + rows)
+        size = min(rows, n - start)
+        roots = [
+            compact.full(v[chunk], mask, upper=True, out=s[0, :size], through=s[1, :size])
+            for v, mask, s in zip(views, upper, scratch)
+        ]
+        mode_products_stack(blocks[chunk], roots, factored, out=out[chunk])
+    return out
 
 
 def mode_products(
