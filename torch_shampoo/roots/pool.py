@@ -51,7 +51,8 @@ def _solve(jobs: Sequence[RootJob]) -> list[tuple[list[RootOutcome], torch.Tenso
         roots = torch.stack([f.root for f in found]) if found else matrices
         if level is not None:
             roots = roots * level.pow(-1.0 / first.exponent)
-        finite = finite_rows(roots) if found else []
+        # finite in the result's dtype: a float64 root beyond float32's range installs as inf
+        finite = finite_rows(roots.to(first.result.dtype)) if found else []
         outcomes = _outcomes(found, start, finite)
     rows = [0, *itertools.accumulate(job.snapshot.shape[0] for job in jobs)]
     return [(outcomes[a:b], roots[a:b]) for a, b in itertools.pairwise(rows)]
