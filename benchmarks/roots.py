@@ -3,7 +3,9 @@
 Sections:
 
   solve      X = (A + εI)^(-1/p) by ``torch_shampoo.roots.matrix_roots.inverse_root`` (eigh, newton;
-             cholesky for p = 1) against a raw float64 ``torch.linalg.eigh`` of the same matrix
+             cholesky for p = 1; "f64" / "f32": ``inverse_roots`` of the matrix in float64 / in
+             float32, "(retried)" when it fell back to float64; --sizes to choose the sizes)
+             against a raw float64 ``torch.linalg.eigh`` of the same matrix
              (interleaved medians), at each of --thread-counts (1 and all; quick: 1). Accuracy:
              the relative backward error ‖X^(-p) - B‖_F / ‖B‖_F (B = A + εI); "floor"
              u(1 + p κ^(1/p)) is the best any float64 root can reach.
@@ -25,7 +27,7 @@ from typing import Any
 
 import torch
 
-from torch_shampoo.roots.matrix_roots import inverse_root
+from torch_shampoo.roots.matrix_roots import inverse_root, inverse_roots
 
 from . import harness as h
 
@@ -54,6 +56,7 @@ def backward_error(root: torch.Tensor, b: torch.Tensor, p: int) -> float:
 
 def solve(report: h.Report, args: Any) -> None:
     sizes = (64, 128, 256) if args.quick else (64, 128, 256, 512, 1024, 2048)
+    sizes = tuple(int(n) for n in args.sizes.split(",")) if args.sizes else sizes
     conditions = (1e2, 1e10) if args.quick else (1e2, 1e6, 1e10)
     for threads in [int(t) for t in args.thread_counts.split(",")]:
         torch.set_num_threads(threads)
@@ -65,9 +68,13 @@ def solve(report: h.Report, args: Any) -> None:
                     b = a.clone()
                     b.diagonal().add_(EPSILON)
                     methods = ["eigh", "newton"] + (["cholesky"] if p == 1 else [])
+                    methods = [m for m in methods if m in args.solve_methods.split(",")]
                     cs = [h.Contender("raw eigh", functools.partial(torch.linalg.eigh, a))]
                     cs += [h.Contender(m, functools.partial(inverse_root, a, p, EPSILON, m))
                            for m in methods]  # fmt: skip
+                    f32 = functools.partial(inverse_roots, a[None], p, EPSILON, dtype=torch.float32)
+                    f64 = functools.partial(inverse_roots, a[None], p, EPSILON)  # (the pool's)
+                    cs += [h.Contender("f32", f32), h.Contender("f64", f64)]
                     repeats = 3 if args.quick or n >= 512 else 5
                     h.interleave(cs, repeats, 1, 1, f"solve {threads} threads n={n}")
                     med = {c.name: c.summary()["median"] for c in cs}
@@ -81,12 +88,21 @@ def solve(report: h.Report, args: Any) -> None:
                         err = backward_error(result.root, b, p)
                         row += [h.ms(med[m]), h.ratio(med[m], med["raw eigh"]),
                                 f"{err:.1e}" + ("" if result.ok else " (not ok)")]  # fmt: skip
+                    (result,) = f32()
+                    err = backward_error(result.root, b, p)
+                    row += [h.ms(med["f64"]), h.ms(med["f32"]), h.ratio(med["f32"], med["f64"]),
+                            f"{err:.1e}"
+                            + (" (retried)" if result.retried else "")]  # fmt: skip
                     rows.append(row)
-                    data.append({"n": n, "condition": cond, "p": p, "medians": med})
+                    data.append({"n": n, "condition": cond, "p": p, "medians": med,
+                                 "f32_retried": result.retried})  # fmt: skip
         report.section(
             f"solve: {threads} threads", ["n", "cond", "p", "floor", "raw eigh ms", "eigh ms",
-            "/raw", "err", "newton ms", "/raw", "err", "cholesky ms", "/raw", "err"], rows,
-            f"ε = {EPSILON:g}; medians of interleaved repeats", data,
+            "/raw", "err", "newton ms", "/raw", "err", "cholesky ms", "/raw", "err", "f64 ms",
+            "f32 ms", "f32/f64", "err"], rows,
+            f"ε = {EPSILON:g}; medians of interleaved repeats; f64 / f32: inverse_roots of the one "
+            "matrix in float64 / float32 (κ > 0.1/u32 or not finite: solved again in float64)",
+            data,
         )  # fmt: skip
 
 
@@ -146,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     p = h.parser(__doc__, compare=False)
     p.add_argument("--sections", default="solve,staleness", help="subset of solve,staleness")
     p.add_argument("--thread-counts", default=None, help="solve: torch threads (1,CORES)")
+    p.add_argument("--sizes", default=None, help="solve: matrix sizes (64,...,2048)")
+    p.add_argument("--solve-methods", default="eigh,newton,cholesky", help="solve: methods")
     p.add_argument("--coverage", type=float, default=2.0, help="staleness: S / root work")
     args = p.parse_args(argv)
     cores = torch.get_num_threads()

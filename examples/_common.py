@@ -62,7 +62,22 @@ _REGISTRY = {
     "shampoo-async": _Entry(
         "Shampoo async", torch_shampoo, "Shampoo", "shampoo", {"async_roots": True}
     ),
+    # float32 roots, a failed one solved again in float64 (benchmarks: root_dtype's default)
+    "shampoo-sync-f32": _Entry(
+        "Shampoo sync f32",
+        torch_shampoo,
+        "Shampoo",
+        "shampoo",
+        {"async_roots": False, "root_dtype": torch.float32},
+    ),
     "ngplus": _Entry("NG+", torch_shampoo, "NGPlus", "ngplus", {"statistics": "minibatch"}),
+    "ngplus-f32": _Entry(
+        "NG+ f32",
+        torch_shampoo,
+        "NGPlus",
+        "ngplus",
+        {"statistics": "minibatch", "root_dtype": torch.float32},
+    ),
     "ngplus-ps": _Entry(
         "NG+ per-sample", torch_shampoo, "NGPlus", "ngplus", {"statistics": "per_sample"}
     ),

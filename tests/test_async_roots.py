@@ -41,9 +41,13 @@ def run(steps: int, seed: int = 0, **kwargs: Any) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("frequency", [1, 5])
-def test_async_roots_equal_sync_roots_delayed_by_the_same_staleness(frequency: int) -> None:
-    common = dict(precondition_frequency=frequency, root_staleness=frequency)
+@pytest.mark.parametrize(
+    ("frequency", "dtype"), [(1, torch.float64), (5, torch.float64), (5, torch.float32)]
+)
+def test_async_roots_equal_sync_roots_delayed_by_the_same_staleness(
+    frequency: int, dtype: torch.dtype
+) -> None:
+    common = dict(precondition_frequency=frequency, root_staleness=frequency, root_dtype=dtype)
     asynchronous = run(40, async_roots=True, **common)
     synchronous = run(40, async_roots=False, **common)
     assert_bitwise_equal(asynchronous, synchronous)

@@ -84,6 +84,15 @@ def test_the_docstring_documents_every_kwarg_and_nothing_else(front: str) -> Non
     assert set(documented) == {"params", *spec.kwargs(front)}
 
 
+def _literal(text: str) -> Any:
+    """A README default: a Python literal, or a dtype written ``torch.float64``."""
+    if text.startswith("torch."):
+        dtype = getattr(torch, text.removeprefix("torch."))
+        assert isinstance(dtype, torch.dtype), text
+        return dtype
+    return ast.literal_eval(text)
+
+
 def _readme_table(front: str) -> dict[str, Any]:
     """The README's kwarg table of ``front``: name → default (``as Shampoo``: Shampoo's)."""
     text = README.read_text(encoding="utf-8")
@@ -97,7 +106,7 @@ def _readme_table(front: str) -> dict[str, Any]:
         if "as Shampoo" in cells[1]:
             values = [_all_defaults("Shampoo")[n] for n in names]
         else:
-            values = [ast.literal_eval(v) for v in re.findall(r"`([^`]+)`", cells[1])]
+            values = [_literal(v) for v in re.findall(r"`([^`]+)`", cells[1])]
         assert len(values) == len(names), row
         table.update(zip(names, values))
     return table
@@ -177,6 +186,7 @@ def test_each_rule_refuses_naming_its_setting(rule: spec.Rule) -> None:
         "nesterov needs momentum": dict(nesterov=True, momentum=0.0),
         "cholesky needs r = 1": dict(root_method="cholesky", root_exponent=2.0),
         "newton needs an integer r": dict(root_method="newton", root_exponent=2.5),
+        "float32 roots need eigh": dict(root_dtype=torch.float32, root_method="newton"),
     }[rule.name]
     fronts = [f for f in rule.fronts if set(rule.needs) <= set(spec.kwargs(f))]
     assert fronts

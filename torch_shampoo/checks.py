@@ -71,11 +71,11 @@ class Flag:
 
 @dataclass(frozen=True)
 class Choice:
-    choices: tuple[str, ...]
+    choices: tuple[Any, ...]
 
     def __call__(self, name: str, value: Any) -> None:
-        if value not in self.choices:
-            raise bad(name, value, f"valid choices: {', '.join(self.choices)}")
+        if not any(isinstance(value, type(c)) and value == c for c in self.choices):
+            raise bad(name, value, f"valid choices: {', '.join(map(str, self.choices))}")
 
 
 @dataclass(frozen=True)

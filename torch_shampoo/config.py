@@ -57,6 +57,9 @@ class EngineConfig:
     eigenbasis: bool = False
     """The pool computes each factor's eigenvectors, and the step runs Adam in that basis
     (eigenvalue-corrected Shampoo, :mod:`torch_shampoo.update.eigenbasis`); roots are not used."""
+    root_dtype: torch.dtype = torch.float64
+    """The pool solves roots (bases) in float64, or in float32 first, a failed one again in
+    float64 (:func:`torch_shampoo.roots.matrix_roots.inverse_roots`)."""
 
     def epsilon_at(self, step: int) -> float:
         """ε at ``step``; a schedule (NG+'s ``damping``) must give a positive finite number."""

@@ -5,9 +5,10 @@ per-sample statistics of :mod:`torch_shampoo.per_sample`."""
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from functools import cache
-from typing import Any
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -76,6 +77,8 @@ class NGPlus(PreconditionerEngine):
         block_size: largest diagonal block of F.
         maximize: maximize the objective.
         root_method: ``"eigh"`` or ``"cholesky"`` (``"newton"`` also works: exponent 1).
+        root_dtype: ``torch.float64`` or ``torch.float32`` (float32 first, as for
+            :class:`~torch_shampoo.Shampoo`; damped blocks rarely need the float64 retry).
         start_preconditioning_step: first inverse step (``None``: 1).
         root_staleness: steps between a later inverse's snapshot and its use: an integer, or
             ``"auto"`` (as for :class:`~torch_shampoo.Shampoo`). The first inverse is always
@@ -93,6 +96,8 @@ class NGPlus(PreconditionerEngine):
             :class:`~torch_shampoo.Shampoo`.
         model: with ``statistics="per_sample"``, the model whose layers are hooked.
     """
+
+    _ADDED_GROUP_KEYS: ClassVar[Mapping[str, Any]] = MappingProxyType({"root_dtype": torch.float64})
 
     def __init__(
         self,
@@ -117,6 +122,7 @@ class NGPlus(PreconditionerEngine):
         grafting_beta2: float = 0.999,
         grafting_epsilon: float = 1e-8,
         bias_correction: bool = True,
+        root_dtype: torch.dtype = torch.float64,
         *,
         async_roots: bool = True,
         root_workers: int | None = None,

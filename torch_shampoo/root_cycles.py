@@ -160,6 +160,7 @@ class RootCycles:
             for j, outcome in zip(indices, outcomes):
                 stats.root_seconds += outcome.seconds
                 stats.roots_solved += outcome.seconds > 0  # (another rank's, or loaded: 0)
+                stats.root_retries += outcome.retried
                 stats.last_error[index, j] = outcome.error
                 if outcome.ok:
                     installed.append(j)
@@ -320,6 +321,7 @@ class RootCycles:
                     method=config.root_method,
                     relative=config.relative_epsilon,
                     eigenbasis=config.eigenbasis,
+                    root_dtype=config.root_dtype,
                 )
                 for slot, buffers in zip(slots, staging)
             ]

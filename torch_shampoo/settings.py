@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from .checks import (
     Betas,
     Check,
@@ -30,7 +32,7 @@ from .checks import (
     Workers,
     bad,
 )
-from .roots.matrix_roots import ROOT_METHODS
+from .roots.matrix_roots import ROOT_DTYPES, ROOT_METHODS
 from .update.grafting import GRAFTS
 
 __all__ = [
@@ -137,6 +139,8 @@ SPEC: tuple[Setting, ...] = (
             "r in X = F^(−1/r) (None: 2 × the number of factors)", "root_exponent"),
     Setting("root_method", _sn("eigh"), Choice(ROOT_METHODS), "how roots are computed",
             "root_method"),
+    Setting("root_dtype", _all(torch.float64), Choice(ROOT_DTYPES),
+            "dtype of the solve (float32: a failed root solved again in float64)", "root_dtype"),
     Setting("maximize", _all(False), Flag(), "maximize the objective", "maximize"),
     Setting("root_staleness", _all("auto"), Staleness(),
             "steps between a later root's snapshot and its use", _staleness),
@@ -210,6 +214,9 @@ RULES: tuple[Rule, ...] = (
          lambda g: g["root_method"] == "newton" and g["root_exponent"] is not None
          and g["root_exponent"] != int(g["root_exponent"]), "root_exponent",
          "newton needs an integer exponent"),
+    Rule("float32 roots need eigh", ("root_dtype", "root_method"),
+         lambda g: g["root_dtype"] == torch.float32 and g["root_method"] != "eigh", "root_dtype",
+         "float32 roots are solved by eigh: set root_method='eigh'"),
 )  # fmt: skip
 
 HINTS: Mapping[str, Mapping[str, str]] = {

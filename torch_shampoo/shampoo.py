@@ -72,6 +72,11 @@ class Shampoo(PreconditionerEngine):
         grafting_beta2, grafting_epsilon: the graft's β₂ and ε.
         root_exponent: r for every factor (``None``: 2 × the number of factors of the block).
         root_method: ``"eigh"`` (default), ``"newton"`` or ``"cholesky"`` (r = 1 only).
+        root_dtype: ``torch.float64`` (default): roots solved in float64; ``torch.float32``
+            (``root_method="eigh"`` only): solved in float32 first, and a root that fails there
+            (not finite, or condition number above 0.1 / float32's eps, where float32 cannot
+            resolve its small eigenvalues) solved again in float64 (``root_stats()``'s
+            ``root_retries``).
         maximize: maximize the objective.
         root_staleness: steps between a later root's snapshot and its use: ``"auto"`` (``None``
             is the same) or an integer ≥ 0; see above.
@@ -110,9 +115,9 @@ class Shampoo(PreconditionerEngine):
     """
 
     # (2026-12-06; before, a tensor of ≤ block_size elements merged into one dim and every
-    # vector had a factor)
+    # vector had a factor; root_dtype: roots were float64 before it existed)
     _ADDED_GROUP_KEYS: ClassVar[Mapping[str, Any]] = MappingProxyType(
-        {"merge_dims": "all", "precondition_1d": True}
+        {"merge_dims": "all", "precondition_1d": True, "root_dtype": torch.float64}
     )
 
     def __init__(
@@ -141,6 +146,7 @@ class Shampoo(PreconditionerEngine):
         skip_nonfinite: bool = True,
         merge_dims: bool | str = True,
         precondition_1d: bool = True,
+        root_dtype: torch.dtype = torch.float64,
         *,
         async_roots: bool = True,
         root_workers: int | None = None,

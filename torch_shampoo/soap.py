@@ -71,12 +71,16 @@ class SOAP(PreconditionerEngine):
             conv kernel as 64×9; ``"all"``: also a small matrix into one dim; default: one
             factor per dim of size > 1, as the SOAP paper).
         bias_correction: Adam's bias corrections.
+        root_dtype: ``torch.float64`` (default) or ``torch.float32``: the dtype of the pool's
+            ``eigh``; a basis that is not finite in float32 is solved again in float64.
         momentum, nesterov, maximize, root_staleness, max_root_failures, skip_nonfinite,
         async_roots, root_workers, partition_roots, partition_state: as in :class:`Shampoo`.
     """
 
     # (2026-12-01; before, an eigh at every root step)
-    _ADDED_GROUP_KEYS: ClassVar[Mapping[str, Any]] = MappingProxyType({"eigh_every": 1})
+    _ADDED_GROUP_KEYS: ClassVar[Mapping[str, Any]] = MappingProxyType(
+        {"eigh_every": 1, "root_dtype": torch.float64}
+    )
 
     def __init__(
         self,
@@ -102,6 +106,7 @@ class SOAP(PreconditionerEngine):
         skip_nonfinite: bool = True,
         basis_refresh: bool = True,
         eigh_every: int = 5,
+        root_dtype: torch.dtype = torch.float64,
         *,
         async_roots: bool = True,
         root_workers: int | None = None,

@@ -36,6 +36,8 @@ def root_stats(
     ``state_bytes_per_element``: state bytes per parameter element (Adam's float32 moments: 8).
     ``last_error``: per factor, the solver's own accuracy estimate for its last root, not a
     failure: 0.0 for the direct methods (eigh, cholesky), the residual for newton.
+    ``root_retries``: roots solved here whose float32 solve failed (``root_dtype=torch.float32``:
+    not finite, or too ill-conditioned for float32) and that were solved again in float64.
     """
     installed = stats.roots_computed + stats.root_failures
     state = held_bytes(states)
@@ -44,6 +46,7 @@ def root_stats(
         "roots_computed": stats.roots_computed,
         "roots_solved_here": stats.roots_solved,
         "root_failures": stats.root_failures,
+        "root_retries": stats.root_retries,
         "stalls": stats.stalls,
         "stall_seconds": stats.stall_seconds,
         "first_root_seconds": stats.first_root_seconds,

@@ -35,6 +35,8 @@ class RootJob:
     """ε is relative to each factor's mean eigenvalue τ = tr(F)/d (τ ≤ 0: absolute)."""
     eigenbasis: bool = False
     """Compute each factor's eigenvectors Q instead of a root (eigenvalue-corrected Shampoo)."""
+    root_dtype: torch.dtype = torch.float64
+    """Solve in float64, or in float32 first, a failed row again in float64 (``retried``)."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,8 @@ class RootOutcome:
     error: float
     reason: str
     seconds: float
+    retried: bool = False
+    """Its float32 solve failed; solved again in float64 (``root_stats()["root_retries"]``)."""
 
 
 class RootCancelled(RuntimeError):

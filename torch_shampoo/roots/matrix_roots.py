@@ -1,20 +1,26 @@
 """Inverse p-th roots X = (A + εI)^(-1/p) of symmetric positive semi-definite matrices: pure,
-bitwise reproducible float64 CPU functions, safe to call from worker threads."""
+bitwise reproducible CPU functions in float64 (or float32 first, a failed row solved again in
+float64), safe to call from worker threads; results are float64."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
 ROOT_METHODS: tuple[str, ...] = ("eigh", "newton", "cholesky")
+ROOT_DTYPES: tuple[torch.dtype, ...] = (torch.float64, torch.float32)
 
 NEWTON_TOLERANCE = 1e-6
 NEWTON_MAX_ITERATIONS = 100
 NEWTON_MAX_GROWTH = 1.2
 GRAM_BLOCK = 256
 MAX_LOG_ROOT = 709.0  # log of the largest root entry allowed, just below log(float64 max)
+MAX_LOG_ROOT_32 = 88.0  # the same for float32 (log(float32 max) = 88.72)
+UNIT_32 = torch.finfo(torch.float32).eps
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,8 @@ class RootResult:
     """Empty when ok, else a short human-readable cause."""
     method: str
     """The method that actually produced ``root`` (after any fallback)."""
+    retried: bool = False
+    """Solved in float32 first, which failed (:func:`inverse_roots`), then again in float64."""
 
 
 def inverse_root(
@@ -68,13 +76,21 @@ def inverse_roots(
     epsilon: float,
     method: str = "eigh",
     failure_threshold: float = 0.1,
+    dtype: torch.dtype = torch.float64,
 ) -> list[RootResult]:
     """:func:`inverse_root` of every matrix of a stack (k, n, n). For ``"eigh"`` (n ≤
     ``GRAM_BLOCK``) one batched eigendecomposition and product W Wᵀ; a matrix the batched pass
-    cannot handle is computed again alone, with its fallbacks. Other methods loop."""
+    cannot handle is computed again alone, with its fallbacks. Other methods loop.
+
+    ``dtype=torch.float32`` (``"eigh"`` only): :func:`_float32_roots`, the float64 result of a
+    float32 solve, its failed rows solved again in float64 (``retried``)."""
     if matrices.dim() != 3:
         raise ValueError(f"matrices must be a (k, n, n) stack, got shape {tuple(matrices.shape)}")
+    _check_dtype(dtype, method)
     k, n = matrices.shape[0], matrices.shape[-1]
+    if dtype == torch.float32 and k and n:
+        _check_arguments(matrices[0], exponent, epsilon, method, failure_threshold)
+        return _float32_roots(matrices, exponent, epsilon, failure_threshold)
     if k == 0 or n == 0 or method != "eigh" or n > GRAM_BLOCK:
         return [inverse_root(m, exponent, epsilon, method, failure_threshold) for m in matrices]
     _check_arguments(matrices[0], exponent, epsilon, method, failure_threshold)
@@ -113,20 +129,29 @@ def finite_rows(stack: torch.Tensor) -> list[bool]:
     return torch.isfinite(stack).flatten(1).all(1).tolist()
 
 
-def eigenbases(matrices: torch.Tensor) -> list[RootResult]:
-    """The eigenvectors Q (``RootResult.root``; columns, eigenvalues ascending) of every
-    symmetric matrix of a stack (k, n, n), in float64, by one batched ``eigh`` (each alone if
-    that fails). A matrix with a non-finite entry fails; the caller keeps its previous basis."""
+def eigenbases(matrices: torch.Tensor, dtype: torch.dtype = torch.float64) -> list[RootResult]:
+    """The eigenvectors Q (``RootResult.root``, float64; columns, eigenvalues ascending) of every
+    symmetric matrix of a stack (k, n, n), in ``dtype``, by one batched ``eigh`` (each alone if
+    that fails). A matrix with a non-finite entry fails; the caller keeps its previous basis.
+    float32: a finite matrix whose float32 basis fails is solved again in float64 (``retried``)."""
     if matrices.dim() != 3:
         raise ValueError(f"matrices must be a (k, n, n) stack, got shape {tuple(matrices.shape)}")
-    k, n = matrices.shape[0], matrices.shape[-1]
-    if k == 0:
+    _check_dtype(dtype, "eigh")
+    if matrices.shape[0] == 0:
         return []
     a = matrices.to(device="cpu", dtype=torch.float64)
+    if dtype == torch.float64:
+        return _bases(a)
+    return _retried(_bases(a.to(torch.float32)), a, eigenbases)
+
+
+def _bases(a: torch.Tensor) -> list[RootResult]:
+    """:func:`eigenbases` in ``a``'s dtype (the bases as float64)."""
+    n = a.shape[-1]
     usable = finite_rows(a)
     symmetric = _symmetrized(a)
     if not all(usable):
-        eye = torch.eye(n, dtype=torch.float64)
+        eye = torch.eye(n, dtype=a.dtype)
         symmetric = torch.where(torch.tensor(usable).view(-1, 1, 1), symmetric, eye)
     try:
         bases = torch.linalg.eigh(symmetric).eigenvectors
@@ -136,14 +161,75 @@ def eigenbases(matrices: torch.Tensor) -> list[RootResult]:
             try:
                 found.append(torch.linalg.eigh(matrix).eigenvectors)
             except RuntimeError:  # a NaN basis: not finite below
-                found.append(torch.full((n, n), math.nan, dtype=torch.float64))
+                found.append(torch.full((n, n), math.nan, dtype=a.dtype))
         bases = torch.stack(found)
     usable = [fine and finite for fine, finite in zip(usable, finite_rows(bases))]
     reasons = ["" if fine else "non-finite statistics" for fine in usable]
     return [
         RootResult(basis, fine, 0.0 if fine else math.nan, reason, method="eigh")
-        for basis, fine, reason in zip(bases.unbind(), usable, reasons)
+        for basis, fine, reason in zip(bases.double().unbind(), usable, reasons)
     ]
+
+
+def _float32_roots(
+    matrices: torch.Tensor, exponent: float, epsilon: float, failure_threshold: float
+) -> list[RootResult]:
+    """:func:`inverse_roots` by one float32 ``eigh`` of the stack (spectrum shifted as in
+    float64), the roots returned in float64. A row fails when its input or root is not finite,
+    eigh fails, the root would overflow float32, or κ·u > ``failure_threshold`` (κ = λ_max/λ_min
+    of the shifted spectrum, u = float32's eps): eigh's eigenvalues are off by about u·λ_max, so
+    the root's relative error is about κu/p, and a rank-deficient factor's small eigenvalues are
+    rounding noise. The failed rows are solved again in float64, as one batch."""
+    a = matrices.to(device="cpu", dtype=torch.float64)
+    n = a.shape[-1]
+    regularized = _symmetrized(a.to(torch.float32))
+    regularized.diagonal(dim1=-2, dim2=-1).add_(epsilon)
+    usable = finite_rows(regularized)
+    if not all(usable):  # solved as I here, then again in float64
+        eye = torch.eye(n, dtype=torch.float32)
+        regularized = torch.where(torch.tensor(usable).view(-1, 1, 1), regularized, eye)
+    try:
+        eigenvalues, eigenvectors = torch.linalg.eigh(regularized)
+    except RuntimeError:  # includes torch.linalg.LinAlgError: all again in float64
+        return _retried([_failure(n, "eigh", "float32 eigh failed")] * len(a), a, inverse_roots,
+                        exponent, epsilon, "eigh", failure_threshold)  # fmt: skip
+    smallest = eigenvalues[:, :1]
+    eigenvalues = torch.where(smallest < epsilon, (eigenvalues - smallest) + epsilon, eigenvalues)
+    smallest, largest = eigenvalues[:, 0], eigenvalues[:, -1]
+    accurate = (smallest > 0) & (largest * UNIT_32 <= failure_threshold * smallest)
+    bounded = accurate & (-torch.log(smallest) / exponent <= MAX_LOG_ROOT_32)
+    scaled = eigenvectors.mul_(eigenvalues.pow(-0.5 / exponent).unsqueeze(1))
+    if n <= GRAM_BLOCK:
+        roots = _symmetrized(scaled @ scaled.mT)
+    else:
+        roots = torch.stack([_gram(w) for w in scaled])
+    fine = [all(row) for row in zip(usable, bounded.tolist(), finite_rows(roots))]
+    found = [
+        RootResult(root, True, 0.0, "", "eigh") if ok else _failure(n, "eigh", "float32 failed")
+        for root, ok in zip(roots.double().unbind(), fine)
+    ]
+    return _retried(found, a, inverse_roots, exponent, epsilon, "eigh", failure_threshold)
+
+
+def _retried(
+    found: list[RootResult], a: torch.Tensor, again: Callable[..., list[RootResult]], *args: Any
+) -> list[RootResult]:
+    """``found`` with its failed rows solved again by ``again(a[rows], *args)`` (float64, one
+    batch); ``retried``: those whose float64 input is finite (else float64 fails them too)."""
+    rows = [i for i, f in enumerate(found) if not f.ok]
+    if not rows:
+        return found
+    out = list(found)
+    for i, result, finite in zip(rows, again(a[rows], *args), finite_rows(a[rows])):
+        out[i] = replace(result, retried=finite)
+    return out
+
+
+def _check_dtype(dtype: torch.dtype, method: str) -> None:
+    if dtype not in ROOT_DTYPES:
+        raise ValueError(f"dtype must be one of {ROOT_DTYPES}, got {dtype!r}")
+    if dtype == torch.float32 and method != "eigh":
+        raise ValueError(f"float32 roots are solved by eigh only, got method {method!r}")
 
 
 def _check_arguments(

@@ -23,8 +23,9 @@ __all__ = ["RootJob", "RootPool", "Ticket", "batches", "default_threads", "run_h
 
 def solve(jobs: Sequence[RootJob]) -> list[tuple[list[RootOutcome], torch.Tensor]]:
     """The roots X = (F/bc + εI)^(−1/r) (relative ε: ε·τ, τ = tr(F/bc)/d) of one batch of
-    :func:`batches` in float64; per job, one outcome per factor and its roots. A root depends on
-    its batch (LAPACK's last bits), so whatever solves a job solves its whole batch."""
+    :func:`batches` in float64 (or float32 first: ``RootJob.root_dtype``); per job, one outcome
+    per factor and its roots. A root depends on its batch (LAPACK's last bits), so whatever
+    solves a job solves its whole batch."""
     for job in jobs:
         device.wait(job.snapshot_ready)
     with device.subnormals_flushed():  # as in the step, in whichever thread solves the batch
@@ -36,7 +37,7 @@ def _solve(jobs: Sequence[RootJob]) -> list[tuple[list[RootOutcome], torch.Tenso
     first = jobs[0]
     snapshot = first.snapshot if len(jobs) == 1 else torch.cat([j.snapshot for j in jobs])
     if first.eigenbasis:  # F's eigenvectors do not depend on its scale or on ε
-        found = eigenbases(snapshot)
+        found = eigenbases(snapshot, first.root_dtype)
         roots = torch.stack([f.root for f in found]) if found else snapshot.double()
         outcomes = _outcomes(found, start)
     else:
@@ -47,11 +48,14 @@ def _solve(jobs: Sequence[RootJob]) -> list[tuple[list[RootOutcome], torch.Tenso
             level = matrices.diagonal(dim1=-2, dim2=-1).mean(-1)
             level = torch.where(level > 0, level, 1.0).nan_to_num_(1.0, 1.0, 1.0)[:, None, None]
             matrices = matrices / level
-        found = inverse_roots(matrices, first.exponent, first.epsilon, first.method)
+        found = inverse_roots(
+            matrices, first.exponent, first.epsilon, first.method, dtype=first.root_dtype
+        )
         roots = torch.stack([f.root for f in found]) if found else matrices
         if level is not None:
             roots = roots * level.pow(-1.0 / first.exponent)
-        finite = finite_rows(roots) if found else []
+        # finite in the result's dtype: a float64 root beyond float32's range installs as inf
+        finite = finite_rows(roots.to(first.result.dtype)) if found else []
         outcomes = _outcomes(found, start, finite)
     rows = [0, *itertools.accumulate(job.snapshot.shape[0] for job in jobs)]
     return [(outcomes[a:b], roots[a:b]) for a, b in itertools.pairwise(rows)]
@@ -71,7 +75,7 @@ def batches(jobs: Sequence[RootJob]) -> list[list[int]]:
     for i, job in enumerate(jobs):
         k, d = job.snapshot.shape[0], job.snapshot.shape[-1]
         key = (d, job.snapshot.dtype, job.scale, job.exponent, job.epsilon, job.method,
-               job.relative, job.eigenbasis)  # fmt: skip
+               job.relative, job.eigenbasis, job.root_dtype)  # fmt: skip
         if key not in gathering or work[key] + k * float(d) ** 3 > MERGED_WORK:
             gathering[key], work[key] = [], 0.0
             out.append(gathering[key])
@@ -86,7 +90,7 @@ def _outcomes(
     seconds = (time.perf_counter() - start) / max(1, len(found))
     oks = [f.ok and fine for f, fine in zip(found, finite or [True] * len(found))]
     return [
-        RootOutcome(ok, f.error, f.reason or ("" if ok else "non-finite root"), seconds)
+        RootOutcome(ok, f.error, f.reason or ("" if ok else "non-finite root"), seconds, f.retried)
         for f, ok in zip(found, oks)
     ]
 

@@ -52,6 +52,8 @@ class Stats:
     roots_solved: int = 0
     """Roots this process solved itself (with ``partition_roots``, about 1/world of them)."""
     root_failures: int = 0
+    root_retries: int = 0
+    """float32 roots solved again in float64 by this process."""
     stalls: int = 0
     stall_seconds: float = 0.0
     first_root_seconds: float = 0.0
