@@ -133,9 +133,10 @@ def saved_and_loaded(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, 
 
 def per_matrix(fake: Any) -> Any:
     """A stand-in for ``root_pool.inverse_roots`` (which solves a job's (k, d, d) stack) that
-    calls ``fake`` the way ``matrix_roots.inverse_root`` is called, once per matrix."""
+    calls ``fake`` the way ``matrix_roots.inverse_root`` is called, once per matrix (in float64:
+    the batch's ``dtype``, float32 roots first, is not passed on)."""
 
-    def solve_each(matrices: Any, *args: Any, **kwargs: Any) -> Any:
+    def solve_each(matrices: Any, *args: Any, dtype: Any = None, **kwargs: Any) -> Any:
         return [fake(matrix, *args, **kwargs) for matrix in matrices]
 
     return solve_each

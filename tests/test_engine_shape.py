@@ -50,8 +50,10 @@ def _failing_roots(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("inverse_roots", "eigenbases"):
         original = getattr(torch_shampoo.roots.pool, name)
 
-        def failing(matrices: torch.Tensor, *args: Any, original: Any = original) -> Any:
-            found = original(matrices, *args)
+        def failing(
+            matrices: torch.Tensor, *args: Any, original: Any = original, **kwargs: Any
+        ) -> Any:
+            found = original(matrices, *args, **kwargs)
             if matrices.shape[-1] != 3:
                 return found
             for f in found:

@@ -303,8 +303,9 @@ def test_a_failed_eigendecomposition_keeps_the_previous_basis_and_the_moments(
     bases = [b.clone() for b in state["roots"]]
     real = root_pool.eigenbases
 
-    def failing(matrices: torch.Tensor) -> Any:
-        return [r.__class__(r.root, False, math.nan, "injected", "eigh") for r in real(matrices)]
+    def failing(matrices: torch.Tensor, *args: Any) -> Any:
+        found = real(matrices, *args)
+        return [r.__class__(r.root, False, math.nan, "injected", "eigh") for r in found]
 
     monkeypatch.setattr(root_pool, "eigenbases", failing)
     w.grad = torch.randn(4, 4, generator=gen, dtype=torch.float64)
@@ -449,10 +450,10 @@ def test_a_block_whose_first_basis_failed_stays_adam_beside_rotated_blocks(
     Adam's step (bitwise what it would be with no basis at all) while the others rotate."""
     real = root_pool.eigenbases
 
-    def fail_single_rows(matrices: torch.Tensor) -> Any:
+    def fail_single_rows(matrices: torch.Tensor, *args: Any) -> Any:
         # The 2×4 block's factors: its 2×2 one, and the last row of the 4×4 batch (jobs are
         # batched in slot order: the 4×4 bucket's two jobs of two rows, then the 2×4 one's).
-        found = real(matrices)
+        found = real(matrices, *args)
         failed = range(len(found)) if matrices.shape[-1] == 2 else range(4, len(found))
         return [
             r.__class__(r.root, False, math.nan, "injected", "eigh") if i in failed else r

@@ -105,12 +105,12 @@ def test_every_root_solve_runs_flushed_in_whichever_thread_solves_it(
     solver = getattr(root_pool, name)
     hold, entered, release = threading.Event(), threading.Event(), threading.Event()
 
-    def recording(*args: object) -> object:
+    def recording(*args: object, **kwargs: object) -> object:
         seen.append(flushing())
         if hold.is_set() and threading.current_thread() is not threading.main_thread():
             entered.set()
             release.wait(30)
-        return solver(*args)
+        return solver(*args, **kwargs)
 
     monkeypatch.setattr(root_pool, name, recording)
     gen = torch.Generator().manual_seed(1)
