@@ -576,6 +576,51 @@ def test_host_buffers_exist_only_for_roots_that_run_off_the_step() -> None:
         assert set(a._roots.staging) == set(a.state)  # later cycles run off the step
 
 
+def test_host_buffers_are_held_only_from_a_snapshot_to_its_install() -> None:
+    """Staleness 1 at frequency 4: only step 4's cycle is in flight after a step (two buffers
+    per factor, the plan's staging); none before its snapshot nor once it is installed."""
+    model = mixed_model()
+    kwargs: dict[str, Any] = dict(
+        BASE, precondition_frequency=4, start_preconditioning_step=1, root_staleness=1
+    )
+    with Shampoo(model.parameters(), **kwargs) as opt:
+        planned = opt.plan(show=False).bytes["staging"]
+        held = []
+        for batch in make_batches(7):
+            train(model, opt, [batch])
+            held.append(opt.root_stats()["host_buffer_bytes"])
+    factors = sum(f.nbytes for s in opt.state.values() for f in s["factors"])
+    assert planned == 2 * factors > 0
+    assert held == [0, 0, 0, planned, 0, 0, 0]
+
+
+def test_a_cycle_installed_and_snapshotted_in_one_step_reuses_the_host_buffers() -> None:
+    """Staleness 2 at frequency 2: step 4 installs step 2's roots and snapshots again; the new
+    jobs' result buffers are those the installed ones gave back at the end of the step (their
+    snapshots' were released once solved), bitwise the run where every step waits for roots."""
+    batches = make_batches(8)
+    kwargs: dict[str, Any] = dict(
+        BASE, precondition_frequency=2, start_preconditioning_step=1, root_staleness=2
+    )
+    plain = mixed_model()
+    with Shampoo(plain.parameters(), **kwargs, async_roots=False) as opt:
+        train(plain, opt, batches)
+    model = mixed_model()
+
+    def buffers(opt: Shampoo) -> list[int]:
+        found = [b for bs in opt._roots.staging.values() for b in bs]
+        return sorted(b.result.data_ptr() for b in found)
+
+    with Shampoo(model.parameters(), **kwargs) as opt:
+        train(model, opt, batches[:2])  # step 2: a later cycle, due at step 4
+        before = buffers(opt)
+        train(model, opt, batches[2:4])
+        assert len(before) > 0 and buffers(opt) == before
+        assert opt.root_stats()["host_buffer_bytes"] == opt.plan(show=False).bytes["staging"]
+        train(model, opt, batches[4:])
+    assert_bitwise_equal(params_after(model), params_after(plain))
+
+
 def test_root_stats_report_the_state_bytes() -> None:
     """A (8, 6) parameter at block 8 (one block, two factors): exp_avg and graft_v (48 floats
     each), factors and roots (8² + 6² floats each), step (a float32), root_failures (2 int64),
