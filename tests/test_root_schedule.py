@@ -621,6 +621,37 @@ def test_a_cycle_installed_and_snapshotted_in_one_step_reuses_the_host_buffers()
     assert_bitwise_equal(params_after(model), params_after(plain))
 
 
+def test_a_step_that_fails_after_installing_roots_keeps_their_buffers_for_its_retry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Step 4 installs group 0's roots of step 2 (staleness 2: host buffers) and snapshots it
+    again; then group 1's roots, due now, fail past max_root_failures=1: the step raises and
+    puts the installed roots back. Their result buffers come back only once a step ends (not
+    to the step's new snapshots): the retry is, bitwise, the run that never failed."""
+
+    def run(fail: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        a = [torch.nn.Parameter(torch.randn(s)) for s in ((6, 5), (6, 5), (7, 3))]
+        b = [torch.nn.Parameter(torch.randn(5, 4))]
+        groups = [{"params": a, "root_staleness": 2},
+                  {"params": b, "root_staleness": 0, "max_root_failures": 1}]  # fmt: skip
+        with Shampoo(groups, lr=0.1, block_size=8, precondition_frequency=2,
+                     start_preconditioning_step=1, async_roots=False) as opt:  # fmt: skip
+            for t in range(1, 8):
+                g = torch.Generator().manual_seed(t)
+                for p in a + b:
+                    p.grad = torch.randn(p.shape, generator=g)
+                if fail and t == 4:
+                    with monkeypatch.context() as patch:
+                        patch.setattr(root_pool, "inverse_roots", per_matrix(_never))
+                        with pytest.raises(RuntimeError, match="max_root_failures=1"):
+                            opt.step()
+                opt.step()
+        return params_after(torch.nn.ParameterList(a + b))
+
+    assert_bitwise_equal(run(True), run(False))
+
+
 def test_root_stats_report_the_state_bytes() -> None:
     """A (8, 6) parameter at block 8 (one block, two factors): exp_avg and graft_v (48 floats
     each), factors and roots (8² + 6² floats each), step (a float32), root_failures (2 int64),
