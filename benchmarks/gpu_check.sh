@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check: torch_shampoo's CUDA tests (Shampoo and SOAP), then the benchmark suite's
 # step-time entry point on the GPU (quick, then the core section at full size: Shampoo, SOAP,
-# Adam, the floor) and the first-step memory peak on the GPU.
+# Adam, the floor) and the memory benchmark on the GPU (quick: per method the state, its ratio
+# to Adam and the peak allocated, reset per contender; the first-step peak).
 #
 #   bash benchmarks/gpu_check.sh          # from anywhere; it runs from the repository root
 #
@@ -104,8 +105,8 @@ part versions 60 "$PY" -c "$VERSIONS"
 part cuda_tests 150 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py
 part step_time_quick 100 "$PY" -m benchmarks.step_time --device cuda --quick \
     --sections core,threads --out "$LOGS/step_time_quick.json"
-part memory_peak 60 "$PY" -m benchmarks.memory --device cuda --quick --sections peak \
-    --out "$LOGS/memory_peak.json"
+part memory 90 "$PY" -m benchmarks.memory --device cuda --quick --sections state,peak \
+    --out "$LOGS/memory.json"
 part step_time_core 300 "$PY" -m benchmarks.step_time --device cuda --sections core \
     --out "$LOGS/step_time_core.json"
 part cpu_root_tests 90 --optional "$PY" -m pytest -q -p no:cacheprovider \

@@ -4,21 +4,23 @@ The state is measured ONE way for every optimizer (``harness.state_bytes``): the
 storages the tensors in ``optimizer.state`` hold, each storage once. Sections:
 
   state  per model (and the char-LM demo's), after 2 precondition cycles of fixed gradients
-         (roots computed): state MB, ratio to Adam, bytes per parameter element (Adam's float32
-         moments: 8), and for the torch_shampoo optimizers the host buffers of roots in flight
-         (``root_stats()``).
+         (roots computed): state MB, ratio to Adam, bytes per element (Adam's float32 moments:
+         8); torch_shampoo's host buffers of roots (most and mean of ``root_stats()`` over the
+         steps); on --device cuda the steps' peak allocated (reset per contender).
          ``--compare PATH_OR_REV`` adds the other checkout's rows.
-  peak   each configuration in a fresh process (the peak RSS, VmHWM, reset just before the
-         steps; on --device cuda, ``torch.cuda.max_memory_allocated``): 3 x Linear(d, d) with
-         random gradients, the rise of the peak over the first two steps (state creation,
-         stacking, the first roots) against the state they leave: first-step memory.
+  peak   each configuration in a fresh process: the rise of the peak (RSS, VmHWM, reset just
+         before; on --device cuda ``torch.cuda.max_memory_allocated``) over the first two steps
+         of 3 x Linear(d, d) (state creation, stacking, first roots) against the state left.
 
     python -m benchmarks.memory --quick
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
+import statistics
 import subprocess
 import sys
 from typing import Any
@@ -42,11 +44,15 @@ def charlm() -> h.Model:
                    lambda g: torch.randint(vocab, x.shape, generator=g))  # fmt: skip
 
 
+def _mb(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.2f}"
+
+
 def state(report: h.Report, args: Any, pkgs: dict[str, Any]) -> None:
-    blocks = (64, 128) if args.quick else (128, 1024)
+    blocks, cuda = (64, 128) if args.quick else (128, 1024), args.device == "cuda"
     for model in [*h.models(args.quick), *([] if args.quick else [charlm()])]:
         net = model.build()
-        sets = h.gradient_sets(net, model.make_input, 2)
+        sets = h.gradient_sets(net, model.make_input, 2, args.device)
         elements = sum(p.numel() for p in net.parameters())
         rows, data, adam = [], [], 0
         for key in KEYS:
@@ -56,42 +62,40 @@ def state(report: h.Report, args: Any, pkgs: dict[str, Any]) -> None:
             for label, pkg in pkgs.items() if tuned else [("", None)]:
                 for block in blocks if key.startswith(("shampoo", "soap")) else [None]:
                     params = [p.detach().clone().requires_grad_(True) for p in net.parameters()]
-                    kw: dict[str, Any] = {"block": block, "pkg": pkg} if tuned else {}
-                    if key == "ngplus":
-                        kw.update(inverse_frequency=FREQUENCY)
-                    elif tuned:
-                        kw.update(precondition_frequency=FREQUENCY)
+                    f = "inverse_frequency" if key == "ngplus" else "precondition_frequency"
+                    kw: dict[str, Any] = {"block": block, "pkg": pkg, f: FREQUENCY} if tuned else {}
                     opt = h.optimizer(key, params, **kw)
                     if opt is None:
                         print(f"note: {h.LABELS[key]} is not installed: no row")
                         continue
-                    before = h.fixed_grads(params, sets)
+                    gc.collect()  # (the previous contender's memory freed, lazy state not made)
+                    if cuda:
+                        torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated() if cuda else 0
+                    before, host = h.fixed_grads(params, sets), []
                     for t in range(2 * FREQUENCY + 1):
                         before(t)
                         opt.step()
+                        host += [opt.root_stats()["host_buffer_bytes"]] if tuned else []
+                    peak = torch.cuda.max_memory_allocated() - base if cuda else None
                     held = h.state_bytes(opt)
-                    host = opt.root_stats()["host_buffer_bytes"] if tuned else None
                     h.drain(opt)
                     h.close(opt)
                     adam = adam or held
                     name = label + h.LABELS.get(key, key) + (f" b{block}" if block else "")
-                    rows.append([name, f"{held / 2**20:.2f}", h.ratio(held, adam),
-                                 f"{held / elements:.1f}",
-                                 "-" if host is None else f"{host / 2**20:.2f}"])  # fmt: skip
-                    data.append({"name": name, "state_bytes": held, "host_buffer_bytes": host})
+                    most, mean = (max(host), statistics.fmean(host)) if host else (None, None)
+                    rows.append([name, _mb(held), h.ratio(held, adam), f"{held / elements:.1f}",
+                                 f"{_mb(most)} / {_mb(mean)}", _mb(peak)])  # fmt: skip
+                    data.append({"name": name, "state_bytes": held, "host_buffer_bytes": most,
+                                 "host_buffer_mean": mean, "cuda_peak": peak})  # fmt: skip
         report.section(
-            f"state: {model.name}, {elements / 1e6:.2f} M params",
-            ["optimizer", "state MB", "/Adam", "bytes/element", "host buffers MB"], rows,
-            f"after {2 * FREQUENCY + 1} steps (frequency {FREQUENCY})", data,
-        )  # fmt: skip
+            f"state: {model.name}, {elements / 1e6:.2f} M params ({args.device})",
+            ["optimizer", "state MB", "/Adam", "bytes/element", "host MB max/mean", "CUDA peak MB"],
+            rows, f"after {2 * FREQUENCY + 1} steps (frequency {FREQUENCY})", data)  # fmt: skip
 
 
 def child(key: str, width: int, device: str) -> None:
     """One peak measurement, printed as JSON (run in a fresh process by ``peak``)."""
-    import contextlib
-    import gc
-    import resource
-
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(3)]).to(device)
     for p in model.parameters():
@@ -101,7 +105,6 @@ def child(key: str, width: int, device: str) -> None:
     cuda = device == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-
     else:  # Linux: reset the peak RSS (VmHWM) to the current RSS, so earlier peaks hide nothing
         with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -109,9 +112,8 @@ def child(key: str, width: int, device: str) -> None:
     def high(now: bool = False) -> int:
         if cuda:
             return torch.cuda.memory_allocated() if now else torch.cuda.max_memory_allocated()
-        with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        with open("/proc/self/status") as f:  # (Linux)
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     base = high(now=True)
     opt.step()
@@ -131,10 +133,8 @@ def peak(report: h.Report, args: Any) -> None:
         )  # fmt: skip
         if run.returncode:
             raise SystemExit(f"peak {key}: {run.stderr}")
-        r = json.loads(run.stdout.splitlines()[-1])
-        data[key] = r
-        rows.append([h.LABELS.get(key, key), f"{r['peak_rise'] / 2**20:.0f}",
-                     f"{r['state_bytes'] / 2**20:.0f}",
+        r = data[key] = json.loads(run.stdout.splitlines()[-1])
+        rows.append([h.LABELS.get(key, key), _mb(r["peak_rise"]), _mb(r["state_bytes"]),
                      h.ratio(r["peak_rise"], r["state_bytes"])])  # fmt: skip
     report.section(
         f"peak: 3 x Linear({width}, {width}), block 128, first two steps ({args.device})",
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv is None and sys.argv[1:2] == ["--child"]:
         return child(sys.argv[2], int(sys.argv[3]), sys.argv[4])
     p = h.parser(__doc__, rounds=False)
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="peak: where")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where it runs")
     p.add_argument("--sections", default="state,peak", help="subset of state,peak")
     args = p.parse_args(argv)
     report = h.start("memory", args)

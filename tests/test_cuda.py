@@ -159,28 +159,29 @@ def test_host_buffers_are_pinned_and_copies_are_ordered_on_the_current_stream(
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         opt = Shampoo(model.parameters(), **BASE, precondition_frequency=3, root_staleness=2)
-        staging = opt._roots.staging
         train_lagging(model, opt, batches[:5], LAG)  # step 3: the first cycle, installed at once
         params = [p for p in model.parameters() if opt.state[p]["factors"]]
         assert len(params) >= 4
         for p in params:
-            slots = opt._slots[id(p)]  # one job per bucket and factored dim
-            assert len(staging[p]) == len(slots)
-            for buffers, slot in zip(staging[p], slots):
-                assert slot.factors.is_cuda and slot.roots.is_cuda
-                for host in (buffers.snapshot, buffers.result):
-                    assert host.device.type == "cpu" and host.is_pinned()
-                    assert host.shape == slot.factors.shape and host.dtype == slot.factors.dtype
-                assert isinstance(buffers.uploaded, torch.cuda.Event)
             assert bool(opt.state[p]["has_root"].all())
+        assert not opt._roots.staging  # given back after the install, released at the step's end
+        assert opt.root_stats()["host_buffer_bytes"] == 0
 
         # Step 6: a later cycle (due at step 8), its snapshots queued behind the GPU's work.
         train_lagging(model, opt, batches[5:6], lag=0.5)
         assert not side.query(), "step() waited for the GPU (a host sync or a blocking copy)"
         pending = {p: opt._roots.pending[p] for p in params}
+        staging = {p: list(pending[p].buffers) for p in params}
+        results = {p: [b.result for b in staging[p]] for p in params}
         for p in params:
+            slots = opt._slots[id(p)]  # one job per bucket and factored dim
             assert pending[p].due == 8 and len(pending[p].tickets) == len(pending[p].jobs) > 0
-            for job, buffers in zip(pending[p].jobs, staging[p]):
+            assert len(staging[p]) == len(slots)
+            for job, buffers, slot in zip(pending[p].jobs, staging[p], slots):
+                assert slot.factors.is_cuda and slot.roots.is_cuda
+                for host in (buffers.snapshot, buffers.result):
+                    assert host.device.type == "cpu" and host.is_pinned()
+                    assert host.shape == slot.factors.shape and host.dtype == slot.factors.dtype
                 assert job.snapshot is buffers.snapshot and job.result is buffers.result
                 assert isinstance(job.snapshot_ready, torch.cuda.Event)
                 assert not job.snapshot_ready.query(), (
@@ -189,6 +190,8 @@ def test_host_buffers_are_pinned_and_copies_are_ordered_on_the_current_stream(
                 )
                 assert job.result_free is buffers.uploaded  # the previous upload guards result
             assert not any(t.done() for t in pending[p].tickets), "a root ended before its copy"
+        planned = opt.plan(show=False).bytes["staging"]
+        assert opt.root_stats()["host_buffer_bytes"] == planned > 0
         side.synchronize()
         for p in params:
             for job, ticket, slot in zip(pending[p].jobs, pending[p].tickets, opt._slots[id(p)]):
@@ -199,23 +202,22 @@ def test_host_buffers_are_pinned_and_copies_are_ordered_on_the_current_stream(
 
         # Step 8 installs them: uploads queued behind the GPU's work, then the roots arrive.
         train_lagging(model, opt, batches[6:7], LAG)
-        uploads_before = {p: [b.uploaded for b in staging[p]] for p in params}
         train_lagging(model, opt, batches[7:8], lag=0.5)
         assert not side.query(), "step() waited for the GPU while installing roots"
         for p in params:
             assert p not in opt._roots.pending
-            for buffers, before in zip(staging[p], uploads_before[p]):
+            for buffers in staging[p]:
                 assert isinstance(buffers.uploaded, torch.cuda.Event)
-                assert buffers.uploaded is not before
                 assert not buffers.uploaded.query(), "the upload's event is on another stream"
+        assert opt.root_stats()["host_buffer_bytes"] == 0  # given back, then released
         side.synchronize()
         for p in params:
-            for buffers, slot in zip(staging[p], opt._slots[id(p)]):
+            for buffers, result, slot in zip(staging[p], results[p], opt._slots[id(p)]):
                 uploaded = buffers.uploaded
                 assert isinstance(uploaded, torch.cuda.Event) and uploaded.query()
-                assert torch.equal(slot.roots.cpu(), buffers.result)
+                assert torch.equal(slot.roots.cpu(), result)
                 for row, j in enumerate(slot.indices):  # the state's roots are the stack's rows
-                    assert torch.equal(opt.state[p]["roots"][j].cpu(), buffers.result[row])
+                    assert torch.equal(opt.state[p]["roots"][j].cpu(), result[row])
         assert opt.root_stats()["roots_computed"] == 2 * sum(
             len(s["factors"]) for s in opt.state.values()
         )

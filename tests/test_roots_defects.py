@@ -90,9 +90,8 @@ def non_owner(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
     scheduler.partition = partition
 
     def jobs(staging: list[Any]) -> list[RootJob]:
-        upload.buffer = staging[0].result
         staging[0].snapshot.copy_(factors)
-        return [RootJob(staging[0].snapshot, staging[0].result, None, upload, 1.0, 4.0,
+        return [RootJob(staging[0].snapshot, staging[0].result, None, None, 1.0, 4.0,
                         1e-12, "eigh")]  # fmt: skip
 
     def broadcast(tensor: torch.Tensor, src: int, group: Any = None) -> None:
@@ -102,6 +101,8 @@ def non_owner(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
     monkeypatch.setattr(torch.distributed, "broadcast", broadcast)
     p = torch.zeros(4, 4)
     assert not scheduler.submit(p, [slot], jobs, t=1, due=2)
+    upload.buffer = torch.zeros_like(factors)  # a free host buffer, its upload still going on:
+    scheduler.host.give(upload.buffer, upload)  # the job's result buffer, taken when it is sent
     scheduler.send()
     pending = scheduler.pending[p]
     assert pending.owners == [0] and not pending.tickets[0].done()  # rank 1 waits for it
@@ -114,6 +115,7 @@ def test_a_non_owner_waits_for_the_previous_upload_before_writing_the_roots(
 ) -> None:
     scheduler, upload, pending = non_owner["scheduler"], non_owner["upload"], non_owner["pending"]
     result = pending.buffers[0].result
+    assert result is upload.buffer and pending.jobs[0].result_free is upload
     result.fill_(3.0)  # the previous cycle's roots, being uploaded
     taken = scheduler.take_due(non_owner["p"], 2, {}, 2, False)
     assert taken is pending

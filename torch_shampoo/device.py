@@ -13,17 +13,18 @@ from typing import Any
 import torch
 
 __all__ = [
-    "CopyDone", "divide", "host_buffer", "known_all_true", "small_tensor", "subnormals_flushed",
-    "to_device", "to_host", "wait",
+    "CopyDone", "after", "divide", "host_buffer", "known_all_true", "small_tensor",
+    "subnormals_flushed", "to_device", "to_host", "wait",
 ]  # fmt: skip
 
 CopyDone = torch.cuda.Event | None
 """Marks the completion of an asynchronous copy; ``None`` when the copy was synchronous."""
 
 
-def host_buffer(like: torch.Tensor) -> torch.Tensor:
-    """A CPU buffer shaped like ``like``: pinned when ``like`` lives on a CUDA device."""
-    return torch.zeros(like.shape, dtype=like.dtype, pin_memory=like.is_cuda)
+def host_buffer(like: torch.Tensor, pinned: bool) -> torch.Tensor:
+    """A CPU buffer shaped like ``like``, uninitialized; ``pinned`` for copies to and from a CUDA
+    device (released, it goes back to torch's pinned-memory cache)."""
+    return torch.empty(like.shape, dtype=like.dtype, pin_memory=pinned)
 
 
 def small_tensor(values: list[Any], device: torch.device) -> torch.Tensor:
@@ -99,6 +100,13 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, cuda_device: torch.device | None
     done = torch.cuda.Event(blocking=True)  # a waiting worker sleeps instead of spinning
     done.record(torch.cuda.current_stream(cuda_device))
     return done
+
+
+def after(done: CopyDone, like: torch.Tensor) -> None:
+    """Order the work put later on the current stream of ``like``'s device after ``done`` (a
+    reused host buffer's last upload, maybe on another stream, before a copy into it)."""
+    if done is not None and like.is_cuda:
+        torch.cuda.current_stream(like.device).wait_event(done)
 
 
 def to_host(host: torch.Tensor, src: torch.Tensor) -> CopyDone:

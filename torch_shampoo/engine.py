@@ -275,7 +275,7 @@ class PreconditionerEngine(torch.optim.Optimizer):
         names = {(i, j): self._factor_name(params[i], j) for i, j in errors}
         staleness = [self._cycles.staleness_of(group) for group in self.param_groups]
         return telemetry.root_stats(
-            roots.stats, staleness, len(roots.pending), self.state, roots.staging.values(), names
+            roots.stats, staleness, len(roots.pending), self.state, roots.host_buffers(), names
         )
 
     def plan(

@@ -12,8 +12,9 @@ __all__ = ["KINDS", "BucketRow", "Plan", "Row"]
 KINDS = ("factors", "roots", "graft", "moments", "other", "staging")
 """Bytes by kind: the blocks' factors and roots (with ``compact_state``, each its triangle of the
 shared (d + 1, d) tensor), the graft's second moment, the first moment and momentum, the
-counters and flags (``other``); ``staging``: the host buffers of roots computed off the step
-(two per factor, held by the scheduler, not the state)."""
+counters and flags (``other``); ``staging``: the most host memory roots computed off the step
+hold (two buffers per factor from a later cycle's snapshot to its solve; held by the
+scheduler, not the state; none once installed)."""
 
 
 @dataclass
@@ -172,8 +173,8 @@ def _render(plan: Plan) -> list[str]:
     out.append(f"state {_size(plan.state_bytes)} ({kinds}) = {plan.adam_ratio:.2f}× Adam's "
                f"{_size(plan.adam_bytes)} (two moments per element)")  # fmt: skip
     if totals["staging"]:
-        out.append(f"host staging {_size(totals['staging'])} besides: two buffers per factor for "
-                   "roots computed off the step, held from the first later root cycle")  # fmt: skip
+        out.append(f"host staging {_size(totals['staging'])} at most besides: two buffers per "
+                   "factor from a later root cycle's snapshot to its solve")  # fmt: skip
     every = "/".join(map(str, dict.fromkeys(plan.frequencies)))
     cycle = _seconds(plan.cycle_seconds)
     team = f"{_many(plan.workers, 'worker')} × {_many(plan.threads, 'thread')}"

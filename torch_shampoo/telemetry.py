@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-__all__ = ["held_bytes", "host_bytes", "root_stats"]
+__all__ = ["held_bytes", "root_stats"]
 
 
 def root_stats(
@@ -15,7 +15,7 @@ def root_stats(
     staleness: list[int | None],
     pending: int,
     states: Mapping[torch.Tensor, Any],
-    staging: Iterable[Iterable[Any]],
+    host: list[torch.Tensor],
     names: Mapping[tuple[int, int], str],
 ) -> dict[str, Any]:
     """What ``root_stats()`` returns: plain numbers about the inverse roots since the optimizer
@@ -32,7 +32,7 @@ def root_stats(
     ``max_staleness``: age in steps of the installed roots. ``mean_root_seconds``: solver time per
     root. ``pending_parameters``: parameters with roots in flight. ``skipped_blocks``: blocks
     skipped for non-finite gradients. ``state_bytes`` / ``host_buffer_bytes``: bytes of the
-    optimizer state and of the host buffers of roots that run off the step;
+    optimizer state and of the host buffers (``host``) held for roots that run off the step;
     ``state_bytes_per_element``: state bytes per parameter element (Adam's float32 moments: 8).
     ``last_error``: per factor, the solver's own accuracy estimate for its last root, not a
     failure: 0.0 for the direct methods (eigh, cholesky), the residual for newton.
@@ -58,15 +58,10 @@ def root_stats(
         "pending_parameters": pending,
         "skipped_blocks": sum(int(count) for count in skipped),
         "state_bytes": state,
-        "host_buffer_bytes": host_bytes(staging),
+        "host_buffer_bytes": held_bytes(host),
         "state_bytes_per_element": state / max(1, sum(p.numel() for p in states)),
         "last_error": {names[k]: e for k, e in stats.last_error.items() if k in names},
     }
-
-
-def host_bytes(staging: Iterable[Iterable[Any]]) -> int:
-    """Bytes of the host buffers (snapshot and result) of roots in flight."""
-    return sum(b.snapshot.nbytes + b.result.nbytes for buffers in staging for b in buffers)
 
 
 def held_bytes(value: Any) -> int:

@@ -18,7 +18,7 @@ from ..distributed.partition_roots import Partition, assign
 from .jobs import RootCancelled, RootJob, RootOutcome, Ticket, outcomes_of
 from .pending import Batch, Pending
 from .pool import RootPool, batches, default_threads, run_here
-from .staging import Slot, Staging
+from .staging import UNSET, HostBuffers, Slot, Staging
 from .staleness import FITTED, StalenessFit, Stats
 
 log = logging.getLogger("torch_shampoo")
@@ -33,7 +33,11 @@ class RootScheduler:
         self.async_roots = async_roots
         self.workers = workers
         self.pool: RootPool | None = None
-        self.staging: dict[torch.Tensor, list[Staging]] = {}
+        self.host = HostBuffers()
+        self.taken: list[tuple[torch.Tensor, Pending]] = []
+        """Pendings taken by :meth:`take_due` whose buffers come back once their step ends."""
+        self.staged: list[Pending] = []
+        """Pendings whose snapshot buffers may still be read by a solve."""
         self.pending: dict[torch.Tensor, Pending] = {}
         self.unsent: list[Pending] = []
         self.due_now: list[Pending] = []
@@ -137,11 +141,13 @@ class RootScheduler:
                 result = s.roots if in_place else torch.empty_like(s.roots)
                 buffers.append(Staging(s.factors, result, in_place=in_place))
         else:
-            buffers = self._staging_of(p, [slot.factors for slot in slots])
+            buffers = [self._snapshot_buffer(slot.factors) for slot in slots]
         made = jobs(buffers)
         pending = self.pending[p] = Pending(
             t, due, jobs=made, tickets=[], factors=indices, buffers=buffers
         )
+        if any(b.pooled for b in buffers):
+            self.staged.append(pending)
         (self.unsent if due > t else self.due_now).append(pending)
         return due <= t
 
@@ -159,6 +165,10 @@ class RootScheduler:
         now = time.perf_counter()
         for pending in pendings:
             pending.sent_at = now
+            for job, buffers in zip(pending.jobs, pending.buffers):
+                if buffers.result is UNSET:  # a result buffer from here to the install's end
+                    buffers.result, buffers.uploaded = self.host.take(job.snapshot)
+                    job.result, job.result_free = buffers.result, buffers.uploaded
         members = [(pending, i) for pending in pendings for i in range(len(pending.jobs))]
         groups = batches([pending.jobs[i] for pending, i in members])
         formed = [Batch([members[k] for k in group]) for group in groups]
@@ -194,10 +204,15 @@ class RootScheduler:
 
     def send(self) -> None:
         """Hand the jobs due in later steps to the pool (at the end of a step, so that workers
-        never compete with the rest of the step); synchronous roots are waited for here."""
+        never compete with the rest of the step); synchronous roots are waited for here. Host
+        buffers no job can read again come back first; those no job took are released after."""
         self.start_due()  # left over if a step raised between its submits and their start
-        if not self.unsent:
-            return
+        self._give_back()
+        if self.unsent:
+            self._send()
+        self.host.trim()
+
+    def _send(self) -> None:
         if not self.async_roots:  # computed (and waited for) before step() returns
             self._hand_over(self.unsent, self._now)
             for pending in self.unsent:
@@ -216,7 +231,7 @@ class RootScheduler:
         if pending is None or pending.due > t:
             return None
         del self.pending[p]
-        pending.batches = []  # (a batch refers to its pendings: no reference cycle left)
+        self.taken.append((p, pending))
         stats = self.stats
         age = t - pending.submitted
         stats.staleness_total += age
@@ -235,6 +250,8 @@ class RootScheduler:
         if pending.owners is not None and self.partition is not None:
             # the same install step on every rank (no jobs: they failed alike on every rank)
             self.partition.exchange(list(zip(pending.owners, pending.tickets, pending.jobs)))
+        self._give_snapshots(pending)
+        pending.batches = []  # (a batch refers to its pendings: no reference cycle left)
         return pending
 
     def _grow(self, group: dict[str, Any], t: int, frequency: int, pending: Pending) -> None:
@@ -269,14 +286,49 @@ class RootScheduler:
         self.stats.first_root_seconds += seconds
         self.fit.cycle_seconds = seconds
 
-    def _staging_of(self, p: torch.Tensor, factors: list[torch.Tensor]) -> list[Staging]:
-        """``p``'s host buffers, made anew if its factors' shapes or dtype changed."""
-        staging, wanted = self.staging.get(p), [(f.shape, f.dtype) for f in factors]
-        if staging is None or [(s.snapshot.shape, s.snapshot.dtype) for s in staging] != wanted:
-            staging = self.staging[p] = [
-                Staging(device.host_buffer(f), device.host_buffer(f)) for f in factors
-            ]
-        return staging
+    def _snapshot_buffer(self, factors: torch.Tensor) -> Staging:
+        """A job's host buffers at its snapshot (its result's is taken when it is handed over)."""
+        snapshot, uploaded = self.host.take(factors)
+        device.after(uploaded, factors)  # (the snapshot's copy comes later on this stream)
+        return Staging(snapshot, UNSET, pooled=True)
+
+    def _give_snapshots(self, pending: Pending) -> bool:
+        """Give back the snapshot buffers of ``pending`` if no solve can read them again (every
+        job of its batches has ended, none cancelled: revived, a batch is solved again)."""
+        tickets = [q.tickets[i] for batch in pending.batches for q, i in batch.members]
+        if not tickets or not all(t.done() and not t.cancelled for t in tickets):
+            return False
+        for buffers in pending.buffers:
+            if buffers.pooled:
+                self.host.give(buffers.snapshot)  # (its copy in was waited for by the solve)
+                buffers.snapshot = UNSET
+        return True
+
+    def _give_back(self) -> None:
+        """Between steps: the buffers of the roots installed (unless put back: the step failed;
+        a snapshot kept is dropped, since a batch solved again may read it), the snapshots of
+        the jobs since solved (a pending dropped by a failed step: dropped)."""
+        for p, pending in self.taken:
+            if self.pending.get(p) is not pending:
+                for buffers in pending.buffers:
+                    if buffers.pooled:
+                        self.host.give(buffers.result, buffers.uploaded)
+                        buffers.snapshot = buffers.result = UNSET
+        self.taken = []
+        live = {id(q) for q in self.pending.values()}
+        self.staged = [q for q in self.staged if id(q) in live and not self._give_snapshots(q)]
+
+    @property
+    def staging(self) -> dict[torch.Tensor, list[Staging]]:
+        """The host buffers of each parameter's roots in flight (none for roots solved in place)."""
+        return {p: q.buffers for p, q in self.pending.items() if any(b.pooled for b in q.buffers)}
+
+    def host_buffers(self) -> list[torch.Tensor]:
+        """Every host buffer held: of the roots in flight or just installed, and the free ones."""
+        live = [*self.pending.values(), *(pending for _, pending in self.taken)]
+        held = [b.snapshot for q in live for b in q.buffers if b.pooled]
+        held += [b.result for q in live for b in q.buffers if b.pooled]
+        return held + self.host.held()
 
     def export(self) -> dict[torch.Tensor, dict[str, Any]]:
         """The roots in flight as plain state entries (waited for, or computed here)."""
@@ -314,7 +366,11 @@ class RootScheduler:
         roots, oks = state.pop("pending_roots"), state.pop("pending_ok").tolist()
         reasons = state.pop("pending_reasons")
         stacks = [torch.stack([state["factors"][j] for j in g]) for g in groups]
-        staging = self._staging_of(p, stacks)
+        staging = []
+        for stack in stacks:
+            result, uploaded = self.host.take(stack)
+            device.wait(uploaded)  # (written here, on the host)
+            staging.append(Staging(UNSET, result, pooled=True))
         tickets = []
         for buffers, indices in zip(staging, groups):
             for row, j in enumerate(indices):
@@ -331,6 +387,6 @@ class RootScheduler:
         for pending in self.pending.values():
             pending.batches = []
         self.pending.clear()
-        self.staging.clear()
+        self.taken, self.staged, self.host = [], [], HostBuffers()
         self.unsent.clear()
         self.due_now.clear()

@@ -11,18 +11,53 @@ from .. import device
 from ..layout import compact
 from ..layout.compact import Triangles
 
-__all__ = ["Slot", "Staging"]
+__all__ = ["UNSET", "HostBuffers", "Slot", "Staging"]
+
+UNSET = torch.empty(0)
+"""No buffer: a result's before its job is handed over, or one given back."""
 
 
 @dataclass
 class Staging:
-    """Where a root job reads its (k, d, d) factors and writes their roots: host buffers reused
-    at every cycle, or the bucket's stacks for a CPU root installed in the step computing it."""
+    """Where a root job reads its (k, d, d) factors and writes their roots: host buffers of the
+    scheduler's :class:`HostBuffers` (``pooled``), the bucket's stacks for a CPU root installed
+    in the step computing it (``in_place``), or scratch tensors of that step."""
 
     snapshot: torch.Tensor
     result: torch.Tensor
     uploaded: device.CopyDone = None
+    """The last upload out of ``result`` (at the install, or by its earlier use)."""
     in_place: bool = False
+    pooled: bool = False
+
+
+class HostBuffers:
+    """Host buffers of root jobs by (shape, dtype, pinned), each free one with the last upload
+    out of it: a job takes its snapshot's at its snapshot and its result's when handed over; the
+    scheduler gives them back once nothing can read them again, and releases at the end of a
+    step what no job took again (:meth:`trim`)."""
+
+    def __init__(self) -> None:
+        self.free: dict[tuple[Any, ...], list[tuple[torch.Tensor, device.CopyDone]]] = {}
+
+    def take(self, like: torch.Tensor) -> tuple[torch.Tensor, device.CopyDone]:
+        """A buffer shaped like ``like`` (pinned when ``like`` is on CUDA or pinned) and the last
+        upload out of it, which any write into it must follow."""
+        pinned = like.is_cuda or like.is_pinned()
+        free = self.free.get((like.shape, like.dtype, pinned))
+        return free.pop() if free else (device.host_buffer(like, pinned), None)
+
+    def give(self, buffer: torch.Tensor, uploaded: device.CopyDone = None) -> None:
+        if buffer is not UNSET:
+            key = (buffer.shape, buffer.dtype, buffer.is_pinned())
+            self.free.setdefault(key, []).append((buffer, uploaded))
+
+    def trim(self) -> None:
+        """Release the free buffers (on CUDA, to torch's pinned-memory cache)."""
+        self.free.clear()
+
+    def held(self) -> list[torch.Tensor]:
+        return [buffer for free in self.free.values() for buffer, _ in free]
 
 
 @dataclass
