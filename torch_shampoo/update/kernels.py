@@ -252,11 +252,12 @@ def eigen_roots(
         level = a.diagonal(dim1=-2, dim2=-1).mean(-1)
         level = torch.where(level > 0, level, 1.0).nan_to_num_(1.0, 1.0, 1.0)[:, None, None]
         a = a / level
-    rotated = torch.matmul(bases.mT, torch.matmul(a, bases))
-    quotients = torch.diagonal(rotated, dim1=-2, dim2=-1)
-    whole = torch.linalg.matrix_norm(rotated)
-    off = torch.linalg.matrix_norm(rotated - torch.diag_embed(quotients))
-    drift = off / torch.where(whole > 0, whole, 1.0)
+    moved = torch.matmul(a, bases)  # (AQ: the diagonal of QᵀAQ by columns, no second product)
+    quotients = (bases * moved).sum(-2)
+    # ‖QᵀAQ‖_F = ‖AQ‖_F (Q orthogonal): ‖offdiag‖² = ‖AQ‖² − Σλ², summed in float64
+    whole = moved.double().square().sum((-2, -1))
+    off = (whole - quotients.double().square().sum(-1)).clamp_(min=0.0)
+    drift = (off / torch.where(whole > 0, whole, 1.0)).sqrt().to(bases.dtype)
     values = quotients + epsilon
     smallest = values.amin(-1, keepdim=True)
     values = torch.where(smallest < epsilon, (values - smallest) + epsilon, values)
