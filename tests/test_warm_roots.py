@@ -213,3 +213,25 @@ def test_a_compact_slot_gets_the_roots_of_a_full_one(power: bool) -> None:
 def test_warm_roots_need_eigh() -> None:
     with pytest.raises(ValueError, match="eigh_every"):
         Shampoo([torch.zeros(3, 3, requires_grad=True)], eigh_every=2, root_method="newton")
+
+
+def test_a_state_saved_before_eigh_every_resumes_with_exact_roots_bitwise() -> None:
+    """A Shampoo state dict without the group key loads with eigh_every=1, as it was trained."""
+    kwargs: dict[str, Any] = dict(lr=0.01, block_size=16, precondition_frequency=2,
+                                  async_roots=False)  # fmt: skip
+    batches = make_batches(10)
+    whole = mixed_model()
+    with Shampoo(whole.parameters(), **kwargs) as opt:
+        train(whole, opt, batches)
+    model = mixed_model()
+    with Shampoo(model.parameters(), **kwargs) as opt:
+        train(model, opt, batches[:5])
+        saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        del group["eigh_every"]
+    with Shampoo(model.parameters(), eigh_every=5, **kwargs) as resumed:
+        resumed.load_state_dict(saved)
+        assert resumed.param_groups[0]["eigh_every"] == 1
+        train(model, resumed, batches[5:])
+    for a, b in zip(model.parameters(), whole.parameters()):
+        assert torch.equal(a.detach(), b.detach())
