@@ -235,3 +235,41 @@ def test_a_state_saved_before_eigh_every_resumes_with_exact_roots_bitwise() -> N
         train(model, resumed, batches[5:])
     for a, b in zip(model.parameters(), whole.parameters()):
         assert torch.equal(a.detach(), b.detach())
+
+
+def _linear_run(steps: int, **kwargs: Any) -> tuple[torch.Tensor, int]:
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 5, bias=False)
+    gen = torch.Generator().manual_seed(0)
+    with Shampoo(layer.parameters(), lr=0.01, precondition_frequency=2, async_roots=False,
+                 **kwargs) as opt:  # fmt: skip
+        for _ in range(steps):
+            opt.zero_grad()
+            layer(torch.randn(16, 6, generator=gen)).pow(2).mean().backward()
+            opt.step()
+        return layer.weight.detach().clone(), opt.root_stats()["roots_computed"]
+
+
+def test_a_drifted_basis_takes_the_exact_eigh_and_a_large_tolerance_changes_nothing() -> None:
+    """basis_tolerance: below any drift (an exact basis's is at rounding size) every root step
+    runs the exact eigh (as many as eigh_every=1); far above any drift, bitwise τ = 0."""
+    _, every_step = _linear_run(20, eigh_every=1)
+    _, tight = _linear_run(20, eigh_every=4, basis_tolerance=1e-30)
+    off, warm_count = _linear_run(20, eigh_every=4)
+    loose, _ = _linear_run(20, eigh_every=4, basis_tolerance=10.0)
+    assert tight == every_step == 2 * 10 and warm_count == 2 * 3  # (steps 2, 8, 16)
+    assert torch.equal(off, loose)
+
+
+def test_the_basis_drift_of_a_rotated_eigenbasis_grows_with_the_angle() -> None:
+    f = torch.diag(torch.tensor([3.0, 1.0], dtype=torch.float64))[None]
+    drifts = []
+    for angle in (0.0, 0.01, 0.1):
+        c, s = math.cos(angle), math.sin(angle)
+        q = torch.tensor([[c, -s], [s, c]], dtype=torch.float64)[None]
+        drifts.append(float(kernels.basis_drift(q, f)[0]))
+    # QᵀFQ's off-diagonal entry is (λ₁ − λ₂) sin θ cos θ: ‖offdiag‖/‖F‖ = √2·2·sc/√10
+    expected = [
+        math.sqrt(2) * 2 * math.sin(a) * math.cos(a) / math.sqrt(10) for a in (0, 0.01, 0.1)
+    ]
+    assert drifts == pytest.approx(expected, abs=1e-7)

@@ -50,6 +50,9 @@ class EngineConfig:
     eigh_every: int = 1
     """Every ``eigh_every``-th root step (and a first) has the pool compute exact bases (roots:
     1); the root steps between update the installed ones by one power iteration."""
+    basis_tolerance: float = 0.0
+    """Warm roots: a root step between exact ones runs the exact eigh instead where a basis
+    drifted, ‖offdiag(QᵀFQ)‖_F > τ‖F‖_F (0: off)."""
     merge_dims: bool | str = True
     """How neighbouring dims merge before blocking (:mod:`torch_shampoo.layout.blocking`)."""
     precondition_1d: bool = True

@@ -10,7 +10,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,7 +18,7 @@ import torch
 from . import device
 from .config import EngineConfig
 from .layout.blocking import BlockLayout
-from .roots.jobs import RootJob, RootOutcome, outcomes_of
+from .roots.jobs import RootJob, outcomes_of
 from .roots.pending import Pending
 from .roots.scheduler import RootScheduler
 from .roots.staging import Slot, Staging
@@ -157,7 +157,7 @@ class RootCycles:
             ok = [o.ok for o in outcomes]
             if pending.buffers and not pending.buffers[i].in_place and any(ok):
                 usable = self._upload(state, config, slots[i], pending.buffers[i], indices, ok)
-                outcomes = [o if fine else _unusable(o) for o, fine in zip(outcomes, usable)]
+                outcomes = [o if fine else warm.unusable(o) for o, fine in zip(outcomes, usable)]
             for j, outcome in zip(indices, outcomes):
                 stats.root_seconds += outcome.seconds
                 stats.roots_solved += outcome.seconds > 0  # (another rank's, or loaded: 0)
@@ -244,7 +244,7 @@ class RootCycles:
             return False
         if not all(state["has_root"].tolist()):
             return True  # a first cycle, maybe
-        if (t // config.frequency) % config.eigh_every:
+        if (t // config.frequency) % config.eigh_every and not config.basis_tolerance:
             return False  # (eigenbases or warm roots: a power iteration on the device)
         if config.staleness is None:  # auto: 0 for synchronous roots, never 0 for async ones
             return not self.scheduler.async_roots
@@ -295,12 +295,15 @@ class RootCycles:
     def _submit(self, w: Work, first: bool, refresh: list[tuple[Work, list[Slot]]]) -> bool:
         """Snapshot every factor of ``w.p`` for the pool, due now for a first cycle, else after the
         group's staleness (capped at the next root step); returns whether due now. Eigenbases:
-        root steps other than every ``eigh_every``-th (or a first) go to ``refresh`` instead."""
+        root steps other than every ``eigh_every``-th (a first, a drifted basis) go to
+        ``refresh`` instead."""
         config, t = w.config, w.t
         frequency = config.frequency
         slots = self.slots.get(id(w.p), [])
         bases = config.eigenbasis or config.warm_roots
-        if bases and not first and (t // frequency) % config.eigh_every:
+        tolerance = config.basis_tolerance if config.warm_roots else 0.0
+        between = bases and not first and (t // frequency) % config.eigh_every
+        if between and not warm.drifted(slots, tolerance):  # (drifted: the exact eigh)
             refresh.append((w, slots))  # this root step's update, on the device
             return False
         if first:
@@ -363,10 +366,6 @@ def _scalars(config: EngineConfig, t: int, factored: tuple[bool, ...]) -> warm.S
     scale = 1.0 - config.beta2**t if config.bias_correction and config.beta2 < 1.0 else 1.0
     exponent = config.root_exponent or 2.0 * sum(factored)
     return warm.Scalars(scale, exponent, config.epsilon_at(t), config.relative_epsilon)
-
-
-def _unusable(outcome: RootOutcome) -> RootOutcome:
-    return replace(outcome, ok=False, reason="root from the eigenbasis not usable")
 
 
 def _cause(ticket: Any) -> BaseException | None:

@@ -157,6 +157,9 @@ SPEC: tuple[Setting, ...] = (
             "basis_refresh"),
     Setting("eigh_every", {_S: 1, _O: 5}, Integer(1), "root steps per exact eigendecomposition",
             "eigh_every"),
+    Setting("basis_tolerance", {_S: 0.0}, Real(low=0.0),
+            "eigh_every > 1: the exact eigh also where a basis drifted beyond it (0: off)",
+            "basis_tolerance"),
     Setting("relative_damping", {_N: True}, Flag(), "λ relative to each block's mean eigenvalue",
             "relative_epsilon"),
     Setting("statistics", {_N: "minibatch"}, Choice(STATISTICS), "how F is estimated",
@@ -177,9 +180,10 @@ SPEC: tuple[Setting, ...] = (
 FIXED: Mapping[str, Mapping[str, Any]] = {
     _S: dict(relative_epsilon=False, basis_refresh=False, eigenbasis=False),
     _O: dict(epsilon=0.0, grafting="adam", root_exponent=None, root_method="eigh",
-             relative_epsilon=False, eigenbasis=True),
+             relative_epsilon=False, basis_tolerance=0.0, eigenbasis=True),
     _N: dict(beta1=0.0, decoupled_weight_decay=True, root_exponent=1.0, basis_refresh=False,
-             eigh_every=1, merge_dims=True, precondition_1d=True, eigenbasis=False),
+             eigh_every=1, basis_tolerance=0.0, merge_dims=True, precondition_1d=True,
+             eigenbasis=False),
 }  # fmt: skip
 """Each front end's engine fields that no setting feeds."""
 

@@ -13,6 +13,7 @@ from ..layout.blocking import BlockLayout, block_sums
 
 __all__ = [
     "accumulate_statistics",
+    "basis_drift",
     "curvature_statistics",
     "eigen_roots",
     "finite_blocks",
@@ -232,6 +233,22 @@ def power_step(bases: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     return (q * signs.unsqueeze(-2)).flip(-1)
 
 
+def _rayleigh(bases: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """λ = diag(QᵀAQ) and ‖offdiag(QᵀAQ)‖_F / ‖A‖_F from one product AQ (Q orthogonal:
+    ‖QᵀAQ‖_F = ‖AQ‖_F, so ‖offdiag‖² = ‖AQ‖² − Σλ², summed in float64)."""
+    moved = torch.matmul(a, bases)
+    quotients = (bases * moved).sum(-2)
+    whole = moved.double().square().sum((-2, -1))
+    off = (whole - quotients.double().square().sum(-1)).clamp_(min=0.0)
+    return quotients, (off / torch.where(whole > 0, whole, 1.0)).sqrt().to(bases.dtype)
+
+
+def basis_drift(bases: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Per row, how far ``bases`` are from diagonalizing ``factors``: ‖offdiag(QᵀFQ)‖_F / ‖F‖_F
+    (Purifying Shampoo's criterion; 0 for an exact eigenbasis, to rounding)."""
+    return _rayleigh(bases, factors.to(bases.dtype))[1]
+
+
 def eigen_roots(
     bases: torch.Tensor,
     factors: torch.Tensor,
@@ -252,12 +269,7 @@ def eigen_roots(
         level = a.diagonal(dim1=-2, dim2=-1).mean(-1)
         level = torch.where(level > 0, level, 1.0).nan_to_num_(1.0, 1.0, 1.0)[:, None, None]
         a = a / level
-    moved = torch.matmul(a, bases)  # (AQ: the diagonal of QᵀAQ by columns, no second product)
-    quotients = (bases * moved).sum(-2)
-    # ‖QᵀAQ‖_F = ‖AQ‖_F (Q orthogonal): ‖offdiag‖² = ‖AQ‖² − Σλ², summed in float64
-    whole = moved.double().square().sum((-2, -1))
-    off = (whole - quotients.double().square().sum(-1)).clamp_(min=0.0)
-    drift = (off / torch.where(whole > 0, whole, 1.0)).sqrt().to(bases.dtype)
+    quotients, drift = _rayleigh(bases, a)
     values = quotients + epsilon
     smallest = values.amin(-1, keepdim=True)
     values = torch.where(smallest < epsilon, (values - smallest) + epsilon, values)

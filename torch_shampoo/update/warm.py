@@ -10,15 +10,17 @@ Q diag(λ + ε)^(−1/r) Qᵀ from the Rayleigh quotients λ = diag(QᵀFQ) of t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
 
 from .. import device
+from ..roots.jobs import RootOutcome
 from ..roots.staging import Slot
 from . import kernels
 
-__all__ = ["Scalars", "roots_from_bases"]
+__all__ = ["Scalars", "drifted", "roots_from_bases", "unusable"]
 
 
 class Scalars(NamedTuple):
@@ -49,3 +51,22 @@ def roots_from_bases(
     if power:
         slot.bases.copy_(torch.where(keep, bases, slot.bases))
     return ok
+
+
+def drifted(slots: Sequence[Slot], tolerance: float) -> bool:
+    """Has a basis of ``slots`` drifted: ‖offdiag(QᵀFQ)‖_F > ``tolerance``·‖F‖_F for one of
+    their factors (then the pool's exact eigh runs instead of a power iteration)? One host sync
+    per slot; none when ``tolerance`` is 0 (off)."""
+    if tolerance <= 0:
+        return False
+    for slot in slots:
+        if slot.bases is not None:
+            drift = kernels.basis_drift(slot.bases, slot.snapshot())
+            if bool((drift > tolerance).any()):
+                return True
+    return False
+
+
+def unusable(outcome: RootOutcome) -> RootOutcome:
+    """An exact basis whose root is not usable (not finite, or λ_min + ε ≤ 0): a failure."""
+    return replace(outcome, ok=False, reason="root from the eigenbasis not usable")
