@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import statistics
 import time
 from typing import Any
 
@@ -158,9 +159,65 @@ def staleness(report: h.Report, args: Any) -> None:
     )  # fmt: skip
 
 
+def _charlm() -> h.Model:
+    task = h.example("train_charlm").build_task()
+    vocab = task.build_model().tok.num_embeddings
+
+    return h.Model("char-LM (demo)", task.build_model,
+                   lambda g: torch.randint(vocab, (16, 64), generator=g))  # fmt: skip
+
+
+def warm(report: h.Report, args: Any) -> None:
+    """Synchronous Shampoo at frequency 2 (every other step a root step), eigh_every 1 (every
+    root the pool's exact root) against 5 (warm-started roots), interleaved blocks of 10 root
+    steps (2 exact and 8 warm ones for 5); root seconds per cycle = mean root step − median
+    non-root step, also split by kind."""
+    torch.set_num_threads(1)
+    models = [h.mlp((64, 128, 128, 64)), h.models(True)[1]] if args.quick else [
+        _charlm(), h.mlp((512, 1024, 1024, 512))]  # fmt: skip
+    rows, data = [], []
+    for model in models:
+        net = model.build()
+        sets = h.gradient_sets(net, model.make_input, 4)
+
+        def make(every: int, net: Any = net, sets: Any = sets) -> h.Contender:
+            params = [p.detach().clone().requires_grad_(True) for p in net.parameters()]
+            opt = h.optimizer("shampoo-sync", params, block=1024, root_workers=1,
+                              precondition_frequency=2, start_preconditioning_step=2,
+                              eigh_every=every)  # fmt: skip
+            return h.Contender(f"eigh_every={every}", opt.step, h.fixed_grads(params, sets),
+                               opt, 2)  # fmt: skip
+
+        cs = [make(1), make(5)]
+        h.interleave(cs, args.rounds or (1 if args.quick else 3), 20, 2, f"warm {model.name}")
+        h.close_all(cs)
+        found = []
+        for c in cs:
+            r = c.summary()
+            roots = [(t, s) for _, t, s, _ in c.records if t % 2 == 0]
+            exact = [s for t, s in roots if (t // 2) % 5 == 0 or c is cs[0]]
+            warm_steps = [s for t, s in roots if (t // 2) % 5 and c is cs[1]]
+            cycle = statistics.fmean(s for _, s in roots) - r["median_nonroot"]
+            found.append(cycle)
+            rows.append([model.name, r["name"], h.ms(r["median_nonroot"]),
+                         h.ms(statistics.fmean(exact) - r["median_nonroot"]),
+                         h.ms(statistics.fmean(warm_steps) - r["median_nonroot"])
+                         if warm_steps else "-", h.ms(cycle),
+                         h.ratio(cycle, found[0])])  # fmt: skip
+            data.append({"model": model.name, **r})
+    report.section(
+        "warm: root seconds per cycle, sync Shampoo, 1 thread, root_workers=1, frequency 2",
+        ["model", "contender", "non-root ms", "exact root ms", "warm root ms", "per cycle ms",
+         "/ eigh_every=1"], rows,
+        "root ms = a root step's time − the median non-root step's; per cycle: the mean over "
+        "blocks of 10 root steps (eigh_every=5: 2 exact, 8 warm)", data,
+    )  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     p = h.parser(__doc__, compare=False)
-    p.add_argument("--sections", default="solve,staleness", help="subset of solve,staleness")
+    p.add_argument("--sections", default="solve,staleness,warm",
+                   help="subset of solve,staleness,warm")  # fmt: skip
     p.add_argument("--thread-counts", default=None, help="solve: torch threads (1,CORES)")
     p.add_argument("--sizes", default=None, help="solve: matrix sizes (64,...,2048)")
     p.add_argument("--solve-methods", default="eigh,newton,cholesky", help="solve: methods")
@@ -174,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
         solve(report, args)
     if "staleness" in args.sections:
         staleness(report, args)
+    if "warm" in args.sections:
+        warm(report, args)
     report.finish()
 
 

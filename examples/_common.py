@@ -70,6 +70,17 @@ _REGISTRY = {
         "shampoo",
         {"async_roots": False, "root_dtype": torch.float32},
     ),
+    # warm-started roots: an exact eigh every 5th root step, a power iteration between
+    "shampoo-sync-warm": _Entry(
+        "Shampoo sync eigh/5",
+        torch_shampoo,
+        "Shampoo",
+        "shampoo",
+        {"async_roots": False, "eigh_every": 5},
+    ),
+    "shampoo-async-warm": _Entry(
+        "Shampoo async eigh/5", torch_shampoo, "Shampoo", "shampoo", {"eigh_every": 5}
+    ),
     "ngplus": _Entry("NG+", torch_shampoo, "NGPlus", "ngplus", {"statistics": "minibatch"}),
     "ngplus-f32": _Entry(
         "NG+ f32",

@@ -68,6 +68,9 @@ CASES: dict[str, Make] = {
         m.parameters(), block_size=64, max_factor_dim=20, precondition_1d=False, grafting="sgd"
     ),
     "shampoo two groups": two_groups,
+    "shampoo warm roots (bases kept), block 16": lambda m: Shampoo(
+        m.parameters(), block_size=16, eigh_every=5, async_roots=False
+    ),
     "soap": lambda m: SOAP(m.parameters(), block_size=16),
     "ngplus minibatch": lambda m: NGPlus(m.parameters(), block_size=16),
     "ngplus per-sample (biases follow)": per_sample,

@@ -187,6 +187,7 @@ def test_each_rule_refuses_naming_its_setting(rule: spec.Rule) -> None:
         "cholesky needs r = 1": dict(root_method="cholesky", root_exponent=2.0),
         "newton needs an integer r": dict(root_method="newton", root_exponent=2.5),
         "float32 roots need eigh": dict(root_dtype=torch.float32, root_method="newton"),
+        "warm roots need eigh": dict(eigh_every=2, root_method="newton"),
     }[rule.name]
     fronts = [f for f in rule.fronts if set(rule.needs) <= set(spec.kwargs(f))]
     assert fronts

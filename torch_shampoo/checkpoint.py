@@ -33,7 +33,7 @@ __all__ = [
     "to_saved",
 ]
 
-_LISTS = ("factors", "roots", "pending_roots")
+_LISTS = ("factors", "roots", "bases", "pending_roots")
 _PENDING = ("pending_due", "pending_submitted", "pending_ok", "pending_roots", "pending_reasons")
 
 
@@ -47,6 +47,8 @@ def to_saved(
     factors, roots = _full_matrices(state) if compact else (state["factors"], state["roots"])
     saved["factors"] = {str(j): f for j, f in enumerate(factors)}
     saved["roots"] = {str(j): r for j, r in enumerate(roots)}
+    if "bases" in state:  # (warm-started roots)
+        saved["bases"] = {str(j): q for j, q in enumerate(state["bases"])}
     saved["schema"] = torch.tensor(SCHEMA)
 
     def empty(j: int) -> torch.Tensor:

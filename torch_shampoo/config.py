@@ -48,8 +48,11 @@ class EngineConfig:
     basis_refresh: bool = False
     """At a stale basis's install, one power iteration with the current factors."""
     eigh_every: int = 1
-    """Eigenbasis only: every ``eigh_every``-th root step (and a first) has the pool compute
-    exact bases; the root steps between update the installed ones by one power iteration."""
+    """Every ``eigh_every``-th root step (and a first) has the pool compute exact bases (roots:
+    1); the root steps between update the installed ones by one power iteration."""
+    basis_tolerance: float = 0.0
+    """Warm roots: a root step between exact ones runs the exact eigh instead where a basis
+    drifted, ‖offdiag(QᵀFQ)‖_F > τ‖F‖_F (0: off)."""
     merge_dims: bool | str = True
     """How neighbouring dims merge before blocking (:mod:`torch_shampoo.layout.blocking`)."""
     precondition_1d: bool = True
@@ -60,6 +63,13 @@ class EngineConfig:
     root_dtype: torch.dtype = torch.float64
     """The pool solves roots (bases) in float64, or in float32 first, a failed one again in
     float64 (:func:`torch_shampoo.roots.matrix_roots.inverse_roots`)."""
+
+    @property
+    def warm_roots(self) -> bool:
+        """Roots from eigenbases (Shampoo, ``eigh_every`` > 1): each factor keeps its basis; the
+        pool's exact eigh refreshes it every ``eigh_every``-th root step, one power iteration
+        on the device at the others, and the root is Q diag(λ + ε)^(−1/r) Qᵀ."""
+        return not self.eigenbasis and self.eigh_every > 1
 
     def epsilon_at(self, step: int) -> float:
         """ε at ``step``; a schedule (NG+'s ``damping``) must give a positive finite number."""

@@ -15,7 +15,7 @@ from .config import EngineConfig
 from .layout.blocking import BlockLayout, block_layout, output_side_layout
 from .layout.buckets import Bucket, plan_buckets, slots_of
 from .roots.staging import Slot
-from .state import MOMENTS, check_state, init_state, moments_used, recast, state_dtype
+from .state import MOMENTS, check_state, init_state, keep_bases, moments_used, recast, state_dtype
 
 __all__ = ["Ledger", "Undo", "layout"]
 
@@ -92,6 +92,8 @@ class Ledger:
             recast(state, p)
             self.checked[p] = (layout, state, p.dtype)
             self.buckets = None  # a new parameter, or new state: stack again
+        if keep_bases(state, config):
+            self.buckets = None  # stack them with the others
         for key, used in moments_used(config).items():
             if used and key not in state:
                 state[key] = torch.zeros(p.shape, dtype=state_dtype(p), device=p.device)
@@ -115,6 +117,7 @@ class Ledger:
             for p in group["params"]:
                 state = states.get(p)
                 if state and "factors" in state:
+                    keep_bases(state, config)  # (a group that turned warm roots on)
                     entries.append((index, p, self.layout_of(p, config), state))
         self.buckets, placements = plan_buckets(entries, packed=packed)
         return {i: slots_of(places) for i, places in placements.items()}

@@ -24,7 +24,7 @@ from .plan_report import KINDS, BucketRow, Plan, Row
 from .roots import costs
 from .roots.costs import EIGH_FLOPS, NEWTON_ITERATIONS
 from .roots.staleness import StalenessFit
-from .state import init_state, moments_used, state_dtype
+from .state import init_state, keep_bases, moments_used, state_dtype
 
 if TYPE_CHECKING:
     from .roots.scheduler import RootScheduler
@@ -157,8 +157,9 @@ def _row(
     staged = e.leader is None and (p.is_cuda or late > 0)
     amounts["staging"] = 2 * sum(d * d for d in sizes) * state_dtype(p).itemsize if staged else 0
     exponent = config.root_exponent or 2.0 * sum(layout.factored)
+    bases = config.eigenbasis or config.warm_roots  # (the pool computes eigenvectors alone)
     flops = (
-        [costs.root_flops(d, config.root_method, exponent, config.eigenbasis) for d in sizes]
+        [costs.root_flops(d, config.root_method, exponent, bases) for d in sizes]
         if e.leader is None
         else []
     )
@@ -179,6 +180,7 @@ def _state_bytes(
     for key, used in moments_used(config).items():
         if used:
             state[key] = torch.empty(p.shape, dtype=state_dtype(p), device="meta")
+    keep_bases(state, config)
     amounts = dict.fromkeys(KINDS, 0)
     for key, value in state.items():
         amounts[_KIND_OF.get(key, "other")] += _nbytes(value)
@@ -204,7 +206,7 @@ def _staleness(
 
 
 def _method(config: EngineConfig) -> str:
-    if config.eigenbasis:
+    if config.eigenbasis or config.warm_roots:
         every = config.eigh_every
         return "eigenbases: eigh 9d³" + (f", every {every} root steps" if every > 1 else "")
     if config.root_method == "cholesky":

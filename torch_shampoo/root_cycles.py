@@ -23,7 +23,7 @@ from .roots.pending import Pending
 from .roots.scheduler import RootScheduler
 from .roots.staging import Slot, Staging
 from .roots.staleness import FITTED
-from .update import eigenbasis
+from .update import eigenbasis, warm
 from .update.per_unit import Work
 
 __all__ = ["Front", "RootCycles", "RootFailure", "user_stacklevel"]
@@ -156,7 +156,8 @@ class RootCycles:
             outcomes = outcomes_of(ticket, indices)
             ok = [o.ok for o in outcomes]
             if pending.buffers and not pending.buffers[i].in_place and any(ok):
-                self._upload(state, config, slots[i], pending.buffers[i], indices, ok)
+                usable = self._upload(state, config, slots[i], pending.buffers[i], indices, ok)
+                outcomes = [o if fine else warm.unusable(o) for o, fine in zip(outcomes, usable)]
             for j, outcome in zip(indices, outcomes):
                 stats.root_seconds += outcome.seconds
                 stats.roots_solved += outcome.seconds > 0  # (another rank's, or loaded: 0)
@@ -190,23 +191,30 @@ class RootCycles:
         buffers: Staging,
         indices: list[int],
         ok: list[bool],
-    ) -> None:
-        """A job's usable roots from its buffer into the root stack (an eigenbasis: moments too)."""
+    ) -> list[bool]:
+        """A job's usable roots from its buffer into the root stack (an eigenbasis: moments too;
+        warm roots: the bases, then the roots made from them); returns which rows are usable."""
+        bases = slot.bases if config.warm_roots else None  # (every member's: Ledger.plan)
         previous = slot.roots.clone() if config.eigenbasis else None
         first = None
         if previous is not None:  # blocks whose previous basis is the identity
             had = [not bool(state["has_root"][j]) for j in indices]
             first = device.small_tensor(had, previous.device) if any(had) else None
+        target = slot if bases is None else Slot(indices, slot.factors, bases)  # (full matrices)
         if all(ok):
-            buffers.uploaded = slot.install(buffers.result)
+            buffers.uploaded = target.install(buffers.result)
         else:
             for row in (r for r, fine in enumerate(ok) if fine):
-                buffers.uploaded = slot.install(buffers.result[row], row)
+                buffers.uploaded = target.install(buffers.result[row], row)
+        if bases is not None:
+            scalars = _scalars(config, int(state["step"]), slot.place[0].factored)
+            return warm.roots_from_bases(slot, scalars, ok, power=False).tolist()  # (a sync)
         if previous is not None:
             bucket, member, dim = slot.place
             eigenbasis.change_basis(
                 state, member, bucket.block_shape, dim, previous, slot.roots, first
             )
+        return ok
 
     def _share_roots(self, p: torch.Tensor, state: dict[str, Any], states: States) -> None:
         """Copy the roots of ``p`` just installed (and their flags) into its followers."""
@@ -236,8 +244,8 @@ class RootCycles:
             return False
         if not all(state["has_root"].tolist()):
             return True  # a first cycle, maybe
-        if config.eigenbasis and (t // config.frequency) % config.eigh_every:
-            return False
+        if (t // config.frequency) % config.eigh_every and not config.basis_tolerance:
+            return False  # (eigenbases or warm roots: a power iteration on the device)
         if config.staleness is None:  # auto: 0 for synchronous roots, never 0 for async ones
             return not self.scheduler.async_roots
         return config.staleness == 0
@@ -257,7 +265,7 @@ class RootCycles:
         all submitted first (solved in parallel), then checked and installed before their use."""
         began = time.perf_counter()
         due_now, first = [], False
-        refresh: list[tuple[Any, list[Slot]]] = []
+        refresh: list[tuple[Work, list[Slot]]] = []
         for w in work:
             if self._root_step(w.p, w.config, w.t):
                 is_first = w.rooted is not None and not any(w.rooted)
@@ -269,8 +277,8 @@ class RootCycles:
         found = [(w, self._due(w.p, w.state, w.config, w.group, w.t)) for w in due_now]
         due = [(w, d) for w, d in found if d is not None]
         self.check([d for _, d in due])
-        for state, slots in refresh:  # (after the check: it changes roots and moments)
-            self._refresh_bases(state, slots)
+        for w, slots in refresh:  # (after the check: it changes roots and moments)
+            self._refresh(w, slots)
         by_param = {w.p: w for w in work} if due_now else {}
         for w, d in due:
             self.install(d, states)
@@ -284,29 +292,31 @@ class RootCycles:
                 if config.staleness is None:
                     roots.staleness(group, None, config.frequency)
 
-    def _submit(self, w: Work, first: bool, refresh: list[tuple[Any, list[Slot]]]) -> bool:
+    def _submit(self, w: Work, first: bool, refresh: list[tuple[Work, list[Slot]]]) -> bool:
         """Snapshot every factor of ``w.p`` for the pool, due now for a first cycle, else after the
         group's staleness (capped at the next root step); returns whether due now. Eigenbases:
-        root steps other than every ``eigh_every``-th (or a first) go to ``refresh`` instead."""
+        root steps other than every ``eigh_every``-th (a first, a drifted basis) go to
+        ``refresh`` instead."""
         config, t = w.config, w.t
         frequency = config.frequency
         slots = self.slots.get(id(w.p), [])
-        if config.eigenbasis and not first and (t // frequency) % config.eigh_every:
-            refresh.append((w.state, slots))  # this root step's update, on the device
+        bases = config.eigenbasis or config.warm_roots
+        tolerance = config.basis_tolerance if config.warm_roots else 0.0
+        between = bases and not first and (t // frequency) % config.eigh_every
+        if between and not warm.drifted(slots, tolerance):  # (drifted: the exact eigh)
+            refresh.append((w, slots))  # this root step's update, on the device
             return False
         if first:
             due = t
         else:
             staleness = self.scheduler.staleness(w.group, config.staleness, frequency)
             due = min(t + staleness, (t // frequency + 1) * frequency)
-        scale = 1.0 - config.beta2**t if config.bias_correction and config.beta2 < 1.0 else 1.0
         if config.eigenbasis and config.basis_refresh and due > t:
-            refresh.append((w.state, slots))
+            refresh.append((w, slots))
         try:
-            epsilon = config.epsilon_at(t)
+            scale, exponent, epsilon, _ = _scalars(config, t, w.layout.factored)
         except (TypeError, ValueError) as exc:  # a broken damping schedule: failed roots
             return self.scheduler.submit(w.p, slots, exc, t, due)
-        exponent = config.root_exponent or 2.0 * sum(w.layout.factored)
 
         def jobs(staging: list[Staging]) -> list[RootJob]:
             return [
@@ -320,21 +330,27 @@ class RootCycles:
                     epsilon=epsilon,
                     method=config.root_method,
                     relative=config.relative_epsilon,
-                    eigenbasis=config.eigenbasis,
+                    eigenbasis=bases,
                     root_dtype=config.root_dtype,
                 )
                 for slot, buffers in zip(slots, staging)
             ]
 
         # an eigenbasis is installed next to the previous one (the moments move between them)
-        return self.scheduler.submit(w.p, slots, jobs, t, due, in_place=not config.eigenbasis)
+        return self.scheduler.submit(w.p, slots, jobs, t, due, in_place=not bases)
 
-    def _refresh_bases(self, state: dict[str, Any], slots: list[Slot]) -> None:
-        """One power iteration of the installed bases with the current factors, the moments
-        moving with them (at a root step without exact bases, or while they are computed)."""
+    def _refresh(self, w: Work, slots: list[Slot]) -> None:
+        """One power iteration of the installed bases with the current factors: the moments
+        move with them (SOAP), or the roots are made from them (warm roots); at a root step
+        without exact bases, or (SOAP) while they are computed."""
+        state = w.state
         for slot in slots:
             installed = [bool(state["has_root"][j]) for j in slot.indices]
             if not any(installed):
+                continue
+            if w.config.warm_roots and slot.bases is not None:
+                scalars = _scalars(w.config, w.t, w.layout.factored)
+                warm.roots_from_bases(slot, scalars, installed, power=True)
                 continue
             previous = slot.roots.clone()
             eigenbasis.refresh(slot.roots, slot.factors)
@@ -343,6 +359,13 @@ class RootCycles:
                 slot.roots.copy_(torch.where(keep, slot.roots, previous))
             bucket, member, dim = slot.place
             eigenbasis.change_basis(state, member, bucket.block_shape, dim, previous, slot.roots)
+
+
+def _scalars(config: EngineConfig, t: int, factored: tuple[bool, ...]) -> warm.Scalars:
+    """The root settings of a factor of ``factored`` dims whose statistics have ``t`` steps."""
+    scale = 1.0 - config.beta2**t if config.bias_correction and config.beta2 < 1.0 else 1.0
+    exponent = config.root_exponent or 2.0 * sum(factored)
+    return warm.Scalars(scale, exponent, config.epsilon_at(t), config.relative_epsilon)
 
 
 def _cause(ticket: Any) -> BaseException | None:

@@ -155,8 +155,11 @@ SPEC: tuple[Setting, ...] = (
     Setting("basis_refresh", {_O: True}, Flag(),
             "power iteration of the bases at an eigh root step whose bases come later",
             "basis_refresh"),
-    Setting("eigh_every", {_O: 5}, Integer(1), "root steps per exact eigendecomposition",
+    Setting("eigh_every", {_S: 1, _O: 5}, Integer(1), "root steps per exact eigendecomposition",
             "eigh_every"),
+    Setting("basis_tolerance", {_S: 0.0}, Real(low=0.0),
+            "eigh_every > 1: the exact eigh also where a basis drifted beyond it (0: off)",
+            "basis_tolerance"),
     Setting("relative_damping", {_N: True}, Flag(), "λ relative to each block's mean eigenvalue",
             "relative_epsilon"),
     Setting("statistics", {_N: "minibatch"}, Choice(STATISTICS), "how F is estimated",
@@ -175,11 +178,12 @@ SPEC: tuple[Setting, ...] = (
 )  # fmt: skip
 
 FIXED: Mapping[str, Mapping[str, Any]] = {
-    _S: dict(relative_epsilon=False, basis_refresh=False, eigh_every=1, eigenbasis=False),
+    _S: dict(relative_epsilon=False, basis_refresh=False, eigenbasis=False),
     _O: dict(epsilon=0.0, grafting="adam", root_exponent=None, root_method="eigh",
-             relative_epsilon=False, eigenbasis=True),
+             relative_epsilon=False, basis_tolerance=0.0, eigenbasis=True),
     _N: dict(beta1=0.0, decoupled_weight_decay=True, root_exponent=1.0, basis_refresh=False,
-             eigh_every=1, merge_dims=True, precondition_1d=True, eigenbasis=False),
+             eigh_every=1, basis_tolerance=0.0, merge_dims=True, precondition_1d=True,
+             eigenbasis=False),
 }  # fmt: skip
 """Each front end's engine fields that no setting feeds."""
 
@@ -214,6 +218,9 @@ RULES: tuple[Rule, ...] = (
          lambda g: g["root_method"] == "newton" and g["root_exponent"] is not None
          and g["root_exponent"] != int(g["root_exponent"]), "root_exponent",
          "newton needs an integer exponent"),
+    Rule("warm roots need eigh", ("eigh_every", "root_method"),
+         lambda g: g["eigh_every"] > 1 and g["root_method"] != "eigh", "eigh_every",
+         "roots from kept eigenbases need root_method='eigh'", fronts=(_S,)),
     Rule("float32 roots need eigh", ("root_dtype", "root_method"),
          lambda g: g["root_dtype"] == torch.float32 and g["root_method"] != "eigh", "root_dtype",
          "float32 roots are solved by eigh: set root_method='eigh'"),

@@ -77,6 +77,14 @@ class Shampoo(PreconditionerEngine):
             (not finite, or condition number above 0.1 / float32's eps, where float32 cannot
             resolve its small eigenvalues) solved again in float64 (``root_stats()``'s
             ``root_retries``).
+        eigh_every: root steps per exact eigendecomposition (``root_method="eigh"``). 1 (the
+            default): every root is the pool's exact root. k > 1: each factor keeps its
+            eigenbasis Q; a first and every k-th root step the pool computes it exactly, the
+            others take one power iteration Q ← orth(F Q) on the device; the root is then
+            Q diag(λ + ε)^(−1/r) Qᵀ with λ = diag(QᵀFQ) of the current statistics (docs/design.md).
+        basis_tolerance: with ``eigh_every`` > 1, a root step between exact ones computes a
+            parameter's exact eigh instead where one of its bases drifted, ‖offdiag(QᵀFQ)‖_F >
+            τ‖F‖_F (Purifying Shampoo's criterion; one host sync per slot); 0: off.
         maximize: maximize the objective.
         root_staleness: steps between a later root's snapshot and its use: ``"auto"`` (``None``
             is the same) or an integer ≥ 0; see above.
@@ -115,9 +123,16 @@ class Shampoo(PreconditionerEngine):
     """
 
     # (2026-12-06; before, a tensor of ≤ block_size elements merged into one dim and every
-    # vector had a factor; root_dtype: roots were float64 before it existed)
+    # vector had a factor; root_dtype: roots were float64 before it existed; eigh_every: 1 and
+    # basis_tolerance: 0, exact roots)
     _ADDED_GROUP_KEYS: ClassVar[Mapping[str, Any]] = MappingProxyType(
-        {"merge_dims": "all", "precondition_1d": True, "root_dtype": torch.float64}
+        {
+            "merge_dims": "all",
+            "precondition_1d": True,
+            "root_dtype": torch.float64,
+            "eigh_every": 1,
+            "basis_tolerance": 0.0,
+        }
     )
 
     def __init__(
@@ -147,6 +162,8 @@ class Shampoo(PreconditionerEngine):
         merge_dims: bool | str = True,
         precondition_1d: bool = True,
         root_dtype: torch.dtype = torch.float64,
+        eigh_every: int = 1,
+        basis_tolerance: float = 0.0,
         *,
         async_roots: bool = True,
         root_workers: int | None = None,

@@ -20,6 +20,7 @@ __all__ = [
     "check_moments",
     "check_state",
     "init_state",
+    "keep_bases",
     "migrate",
     "moments_used",
     "recast",
@@ -61,6 +62,15 @@ def init_state(p: torch.Tensor, state: dict[str, Any], layout: BlockLayout) -> N
     no_pending(state)
 
 
+def keep_bases(state: dict[str, Any], config: EngineConfig) -> bool:
+    """Give ``state`` the eigenbases warm-started roots keep (``config.warm_roots``): identities
+    until a factor's first exact root; returns whether they were added (the plan is stale)."""
+    if not config.warm_roots or "bases" in state or "roots" not in state:
+        return False
+    state["bases"] = [torch.eye(len(r), dtype=r.dtype, device=r.device) for r in state["roots"]]
+    return True
+
+
 SCHEMA = 2
 """The version of the saved state's layout (see :mod:`torch_shampoo.checkpoint`)."""
 
@@ -97,6 +107,8 @@ def check_state(
         or [tuple(r.shape) for r in state["roots"]] != [(d, d) for d in expected]
         or any(tuple(f.shape) != (d, d) for f, d in zip(state["factors"], expected))
         or any(state[k].shape != p.shape for k in MOMENTS if k in state)
+        or any(tuple(q.shape) != (d, d) for q, d in zip(state.get("bases", []), expected))
+        or len(state.get("bases", expected)) != len(expected)
         or len(state["root_failures"]) != len(expected)
         or ("has_root" in state and len(state["has_root"]) != len(expected))
         or not _pending_fits(state, expected)

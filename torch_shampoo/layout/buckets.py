@@ -75,6 +75,8 @@ class Bucket:
     factors: list[torch.Tensor] = field(default_factory=list)
     """Per factored dim, the (n, d, d) stack of every block's factor."""
     roots: list[torch.Tensor] = field(default_factory=list)
+    bases: list[torch.Tensor] = field(default_factory=list)
+    """Per factored dim, the eigenbases' stack when every member keeps them (warm roots)."""
     triangles: list[Triangles] | None = None
     """Compact state (:mod:`.compact`): per factored dim, the triangles' masks; None: full."""
     moments: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -164,7 +166,8 @@ def slots_of(placements: list[tuple[Bucket, Member]]) -> list[Slot]:
             triangles = None if bucket.triangles is None else bucket.triangles[dim]
             factors, roots = bucket.factors[dim][rows], bucket.roots[dim][rows]
             place = (bucket, m, merged_dim)
-            slots.append(Slot(indices, factors, roots, place=place, triangles=triangles))
+            bases = bucket.bases[dim][rows] if bucket.bases else None
+            slots.append(Slot(indices, factors, roots, place, triangles, bases))
     return slots
 
 
@@ -262,3 +265,7 @@ def _stack_state(bucket: Bucket, states: list[dict[str, Any]], packed: bool) -> 
         for row, (s, j) in enumerate(rows):
             s["factors"][j] = factor_stack[row]
             s["roots"][j] = root_stack[row]
+        if all("bases" in s for s in states):  # (warm roots: every member's group)
+            bucket.bases.append(torch.stack([s["bases"][j] for s, j in rows]))
+            for row, (s, j) in enumerate(rows):
+                s["bases"][j] = bucket.bases[-1][row]

@@ -71,6 +71,8 @@ class Slot:
     """(bucket, member, block dim) of these rows, for what installs must touch besides."""
     triangles: Triangles | None = None
     """Compact state: factors and roots are two triangles of one stack; None: full matrices."""
+    bases: torch.Tensor | None = None
+    """Warm-started roots (``EngineConfig.warm_roots``): the factors' eigenbases, full matrices."""
 
     def snapshot(self) -> torch.Tensor:
         """The factors as full matrices (a new tensor for compact state)."""
@@ -85,6 +87,12 @@ class Slot:
             return device.to_host(buffer, self.snapshot())
         compact.full(self.factors, self.triangles.lower, upper=False, out=buffer)
         return None
+
+    def full_roots(self) -> torch.Tensor:
+        """The roots as full matrices (a new tensor for compact state)."""
+        if self.triangles is None:
+            return self.roots
+        return compact.full(self.roots, self.triangles.upper, upper=True)
 
     def install(self, result: torch.Tensor, row: int | None = None) -> device.CopyDone:
         """Enqueue roots ← ``result`` (host), all rows or one (compact: the roots' triangle)."""

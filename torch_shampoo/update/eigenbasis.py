@@ -74,9 +74,7 @@ def refresh(bases: torch.Tensor, factors: torch.Tensor) -> None:
     """One power iteration from the installed ``bases`` with the current ``factors`` (n, d, d):
     Q ← orth(F Q), from the largest eigenvalue's column down, each column keeping its direction.
     On the device, in the state dtype; a row that turns non-finite keeps its basis."""
-    q, r = torch.linalg.qr(torch.matmul(factors.to(bases.dtype), bases.flip(-1)))  # descending
-    signs = torch.where(torch.diagonal(r, dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(q.dtype)
-    q = (q * signs.unsqueeze(-2)).flip(-1)
+    q = kernels.power_step(bases, factors)
     finite = torch.isfinite(q).flatten(1).all(1).view(-1, 1, 1)
     bases.copy_(torch.where(finite, q, bases))
 

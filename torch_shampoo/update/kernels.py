@@ -13,12 +13,15 @@ from ..layout.blocking import BlockLayout, block_sums
 
 __all__ = [
     "accumulate_statistics",
+    "basis_drift",
     "curvature_statistics",
+    "eigen_roots",
     "finite_blocks",
     "graft_stacks",
     "mode_products",
     "mode_products_compact",
     "mode_products_stack",
+    "power_step",
 ]
 
 GRAFT_NORM_EPS = 1e-16
@@ -218,3 +221,62 @@ def curvature_statistics(
         else:
             new = (factor * beta2).add_(curvature[rows, rows], alpha=1.0 - beta2)
             torch.where(flags[b], new, factor, out=factor)
+
+
+def power_step(bases: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """One step of orthogonal (power) iteration from ``bases`` (n, d, d), columns ordered by
+    ascending eigenvalue: Q = orth(F Q), the QR taken from the largest eigenvalue's column down,
+    each column keeping its direction; in ``bases``' dtype. SOAP's basis refresh and Shampoo's
+    warm-started roots (:func:`eigen_roots`) both take it."""
+    q, r = torch.linalg.qr(torch.matmul(factors.to(bases.dtype), bases.flip(-1)))  # descending
+    signs = torch.where(torch.diagonal(r, dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(q.dtype)
+    return (q * signs.unsqueeze(-2)).flip(-1)
+
+
+def _rayleigh(bases: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """λ = diag(QᵀAQ) and ‖offdiag(QᵀAQ)‖_F / ‖A‖_F from one product AQ (Q orthogonal:
+    ‖QᵀAQ‖_F = ‖AQ‖_F, so ‖offdiag‖² = ‖AQ‖² − Σλ², summed in float64)."""
+    moved = torch.matmul(a, bases)
+    quotients = (bases * moved).sum(-2)
+    whole = moved.double().square().sum((-2, -1))
+    off = (whole - quotients.double().square().sum(-1)).clamp_(min=0.0)
+    return quotients, (off / torch.where(whole > 0, whole, 1.0)).sqrt().to(bases.dtype)
+
+
+def basis_drift(bases: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Per row, how far ``bases`` are from diagonalizing ``factors``: ‖offdiag(QᵀFQ)‖_F / ‖F‖_F
+    (Purifying Shampoo's criterion; 0 for an exact eigenbasis, to rounding)."""
+    return _rayleigh(bases, factors.to(bases.dtype))[1]
+
+
+def eigen_roots(
+    bases: torch.Tensor,
+    factors: torch.Tensor,
+    scale: float,
+    exponent: float,
+    epsilon: float,
+    relative: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse roots X = Q diag(λ + ε)^(−1/r) Qᵀ of the factors (n, d, d) in the bases Q
+    (n, d, d), λ = diag(QᵀAQ) their Rayleigh quotients, A = F/``scale``, with the conventions
+    of the pool's exact roots (:func:`torch_shampoo.roots.pool.solve`): ``relative``: ε·τ with
+    τ = tr(A)/d (τ ≤ 0 or not finite: 1); λ − λ_min + ε where λ_min + ε < ε. In ``bases``'
+    dtype, on their device, no host sync. Returns the roots, per row whether it is usable (its
+    root finite, the shifted λ_min > 0) and the basis's drift ‖offdiag(QᵀAQ)‖_F / ‖A‖_F."""
+    a = factors.to(bases.dtype) / scale
+    level = None
+    if relative:
+        level = a.diagonal(dim1=-2, dim2=-1).mean(-1)
+        level = torch.where(level > 0, level, 1.0).nan_to_num_(1.0, 1.0, 1.0)[:, None, None]
+        a = a / level
+    quotients, drift = _rayleigh(bases, a)
+    values = quotients + epsilon
+    smallest = values.amin(-1, keepdim=True)
+    values = torch.where(smallest < epsilon, (values - smallest) + epsilon, values)
+    scaled = bases * values.pow(-0.5 / exponent).unsqueeze(-2)
+    roots = torch.matmul(scaled, scaled.mT)
+    roots = roots.mT.mul(0.5).add_(roots, alpha=0.5)  # symmetric to the last bit
+    if level is not None:
+        roots = roots * level.pow(-1.0 / exponent)
+    ok = (values.amin(-1) > 0) & torch.isfinite(roots).flatten(1).all(1)
+    return roots, ok, drift
