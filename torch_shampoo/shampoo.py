@@ -77,6 +77,11 @@ class Shampoo(PreconditionerEngine):
             (not finite, or condition number above 0.1 / float32's eps, where float32 cannot
             resolve its small eigenvalues) solved again in float64 (``root_stats()``'s
             ``root_retries``).
+        state_dtype: ``None`` (default): factors, roots and moments in float32 (float64 for
+            float64 parameters); ``torch.bfloat16``: stored in bfloat16, each step's math in
+            float32 and every write rounded stochastically (unbiased, from a hash of position and
+            step: reproducible), so that the statistics' small increments are kept on average;
+            roots still solved in float64. ``torch.float16`` is refused (its range).
         maximize: maximize the objective.
         root_staleness: steps between a later root's snapshot and its use: ``"auto"`` (``None``
             is the same) or an integer ≥ 0; see above.
@@ -117,7 +122,8 @@ class Shampoo(PreconditionerEngine):
     # (2026-12-06; before, a tensor of ≤ block_size elements merged into one dim and every
     # vector had a factor; root_dtype: roots were float64 before it existed)
     _ADDED_GROUP_KEYS: ClassVar[Mapping[str, Any]] = MappingProxyType(
-        {"merge_dims": "all", "precondition_1d": True, "root_dtype": torch.float64}
+        {"merge_dims": "all", "precondition_1d": True, "root_dtype": torch.float64,
+         "state_dtype": None}
     )
 
     def __init__(
@@ -147,6 +153,7 @@ class Shampoo(PreconditionerEngine):
         merge_dims: bool | str = True,
         precondition_1d: bool = True,
         root_dtype: torch.dtype = torch.float64,
+        state_dtype: torch.dtype | None = None,
         *,
         async_roots: bool = True,
         root_workers: int | None = None,
