@@ -3,7 +3,8 @@
 The state is measured ONE way for every optimizer (``harness.state_bytes``): the bytes of the
 storages the tensors in ``optimizer.state`` hold, each storage once. Sections:
 
-  state  per model (and the char-LM demo's), after 2 precondition cycles of fixed gradients
+  state  per model (and the char-LM demo's), after 2 precondition cycles of fixed gradients;
+         ``bf16``: ``state_dtype=torch.bfloat16`` (roots, bases and moments in bfloat16)
          (roots computed): state MB, ratio to Adam, bytes per parameter element (Adam's float32
          moments: 8), and for the torch_shampoo optimizers the host buffers of roots in flight
          (``root_stats()``).
@@ -27,10 +28,17 @@ import torch
 
 from . import harness as h
 
-KEYS = ("adam", "shampoo-sync", "shampoo-compact", "shampoo-async", "soap-sync", "ngplus",
-        "pto-soap", "hb-soap")  # fmt: skip
-PEAK = ("adam", "shampoo-sync", "shampoo-compact", "soap-sync", "ngplus")
+KEYS = ("adam", "shampoo-sync", "shampoo-compact", "shampoo-bf16", "shampoo-async", "soap-sync",
+        "soap-bf16", "ngplus", "pto-soap", "hb-soap")  # fmt: skip
+PEAK = ("adam", "shampoo-sync", "shampoo-compact", "shampoo-bf16", "soap-sync", "soap-bf16",
+        "ngplus")  # fmt: skip
+LOW = ("shampoo-bf16", "soap-bf16")
+"""``state_dtype=torch.bfloat16``: not in a ``--compare`` checkout from before it existed."""
 FREQUENCY = 10
+
+
+def _takes_state_dtype(pkg: Any) -> bool:
+    return "state_dtype" in pkg.Shampoo.__init__.__code__.co_varnames
 
 
 def charlm() -> h.Model:
@@ -54,6 +62,8 @@ def state(report: h.Report, args: Any, pkgs: dict[str, Any]) -> None:
                 continue
             tuned = key.startswith(("shampoo", "soap", "ngplus"))
             for label, pkg in pkgs.items() if tuned else [("", None)]:
+                if label and key in LOW and not _takes_state_dtype(pkg):
+                    continue
                 for block in blocks if key.startswith(("shampoo", "soap")) else [None]:
                     params = [p.detach().clone().requires_grad_(True) for p in net.parameters()]
                     kw: dict[str, Any] = {"block": block, "pkg": pkg} if tuned else {}
