@@ -18,36 +18,42 @@ LOW: tuple[torch.dtype, ...] = (torch.bfloat16,)
 """The storage dtypes that are computed in float32 and rounded on write."""
 
 _M32 = 0xFFFFFFFF
+_M64 = 0xFFFFFFFFFFFFFFFF
 _SALTS = {"moments": 1, "load": 2}
+
+
+def _mix(z: int) -> int:
+    """splitmix64's finalizer, to 32 bits (on the host: a seed, not a tensor)."""
+    z &= _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return (z ^ (z >> 31)) & _M32
 
 
 def seed_of(step: int, key: str, index: int = 0) -> int:
     """The seed of one write: the step, what is written (``key``) and which of its stacks."""
-    return (step * 0x9E3779B1 + _SALTS.get(key, 6) * 0x85EBCA77 + index * 0xC2B2AE3D) & _M32
+    return (step * 0x9E3779B97F4A7C15 + _SALTS.get(key, 7) * 0xBF58476D1CE4E5B9 + index) & _M64
 
 
-def _noise(n: int, seed: int, device: torch.device) -> torch.Tensor:
-    """n 16-bit integers (int32), a hash of (position, seed): a multiply, xor-shift, multiply
-    (in int64, every product below 2⁶³), keeping the top 16 of 32 bits."""
-    x = torch.arange(n, dtype=torch.int64, device=device).mul_(0x9E3779B1).add_(seed & _M32)
-    x.bitwise_and_(_M32)
-    x.bitwise_xor_(x >> 15).mul_(0x2C1B3C6D).bitwise_and_(_M32)
-    x.bitwise_xor_(x >> 13).mul_(0x297A2D39).bitwise_and_(_M32)
-    return (x >> 16).to(torch.int32)
+def _signed(x: int) -> int:
+    return x - (1 << 32) if x >= 1 << 31 else x
 
 
 def narrow(value: torch.Tensor, dtype: torch.dtype, seed: int) -> torch.Tensor:
-    """``value`` (float32) in ``dtype``: stochastically rounded for bfloat16 (16 random bits
-    added below the kept ones, then cut: unbiased; a value already in bfloat16 is kept exactly;
-    ±inf and NaN stay what they are), as ``.to(dtype)`` otherwise."""
+    """``value`` (float32) in ``dtype``: stochastically rounded for bfloat16, as ``.to(dtype)``
+    otherwise. 16 noise bits are added below the kept ones, then cut: unbiased; a value already
+    in bfloat16 is kept exactly, and so are ±inf and the NaNs arithmetic makes. The noise is the
+    top 16 bits of (position × A + hash(seed)) mod 2³² (A odd, near 2³²/φ: a Weyl sequence,
+    equidistributed over positions, and over seeds), in int32 arithmetic that wraps, in place:
+    six operations on the device."""
     if dtype not in LOW or value.dtype != torch.float32:
         return value.to(dtype)
-    bits = value.detach().contiguous().view(torch.int32).clone()
-    finite = torch.isfinite(value)
-    bits.add_(_noise(bits.numel(), seed, bits.device).view(bits.shape))
-    bits.bitwise_and_(-65536)  # 0xFFFF0000: bfloat16's bits of float32
-    rounded = bits.view(torch.float32).to(dtype)  # exact: the low 16 bits are zero
-    return torch.where(finite, rounded, value.to(dtype))
+    value = value.detach().contiguous()
+    x = torch.arange(value.numel(), dtype=torch.int32, device=value.device).view(value.shape)
+    x.mul_(_signed(0x9E3779B1)).add_(_signed(_mix(seed)))
+    x.bitwise_right_shift_(16).bitwise_and_(0xFFFF)
+    x.add_(value.view(torch.int32)).bitwise_and_(-65536)  # 0xFFFF0000: bfloat16's bits
+    return x.view(torch.float32).to(dtype)  # exact: the low 16 bits are zero
 
 
 def write(target: torch.Tensor, value: torch.Tensor, seed: int) -> None:
