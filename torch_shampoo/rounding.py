@@ -40,15 +40,15 @@ def _signed(x: int) -> int:
 
 
 def narrow(value: torch.Tensor, dtype: torch.dtype, seed: int) -> torch.Tensor:
-    """``value`` (float32) in ``dtype``: stochastically rounded for bfloat16, as ``.to(dtype)``
-    otherwise. 16 noise bits are added below the kept ones, then cut: unbiased; a value already
-    in bfloat16 is kept exactly, and so are ±inf and the NaNs arithmetic makes. The noise is the
-    top 16 bits of (position × A + hash(seed)) mod 2³² (A odd, near 2³²/φ: a Weyl sequence,
-    equidistributed over positions, and over seeds), in int32 arithmetic that wraps, in place:
-    six operations on the device."""
-    if dtype not in LOW or value.dtype != torch.float32:
+    """``value`` (float32, float64) in ``dtype``: stochastically rounded for bfloat16, as
+    ``.to(dtype)`` otherwise. 16 noise bits are added below the kept ones, then cut: unbiased;
+    a value already in bfloat16 is kept exactly, and so are ±inf and the NaNs arithmetic makes.
+    The noise is the top 16 bits of (position × A + hash(seed)) mod 2³² (A odd, near 2³²/φ: a
+    Weyl sequence, equidistributed over positions, and over seeds), in int32 arithmetic that
+    wraps, in place: six operations on the device."""
+    if dtype not in LOW or not value.is_floating_point() or value.dtype.itemsize < 4:
         return value.to(dtype)
-    value = value.detach().contiguous()
+    value = value.detach().to(torch.float32).contiguous()  # (float64: to nearest first)
     x = torch.arange(value.numel(), dtype=torch.int32, device=value.device).view(value.shape)
     x.mul_(_signed(0x9E3779B1)).add_(_signed(_mix(seed)))
     x.bitwise_right_shift_(16).bitwise_and_(0xFFFF)

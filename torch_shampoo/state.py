@@ -187,7 +187,7 @@ def _narrowed(value: Any, param: torch.Tensor, dtype: torch.dtype, seed: int) ->
     value = value.to(param.device)
     if not value.is_floating_point() or value.dtype == dtype:
         return value
-    return rounding.narrow(value.to(torch.float32), dtype, seed)
+    return rounding.narrow(value, dtype, seed)
 
 
 def restore(key: str, value: Any, param: torch.Tensor, copy: bool = True) -> Any:

@@ -203,18 +203,19 @@ class Widened:
 
 
 def widen(units: Sequence[Unit]) -> None:
-    """The units' moments stored in bfloat16 as float32 copies in their ``state`` (views of one
-    buffer per device: one cast in, one rounding out) until :func:`narrow`."""
-    found: dict[torch.device, list[tuple[Unit, str]]] = {}
+    """The units' moments stored in bfloat16 as copies in their state dtype (float32; float64 for
+    float64 parameters) in their ``state`` (views of one buffer per device and dtype: one cast
+    in, one rounding out) until :func:`narrow`."""
+    found: dict[tuple[torch.device, torch.dtype], list[tuple[Unit, str]]] = {}
     for u in units:
         dtype = state_dtype(u.works[0].p)
         low = [k for k in _MOMENTS if k in u.state and u.state[k].dtype != dtype]
         if u.stored is None and low:
             u.stored, u.state = u.state, dict(u.state)
-            found.setdefault(u.works[0].p.device, []).extend((u, k) for k in low)
-    for pairs in found.values():
+            found.setdefault((u.works[0].p.device, dtype), []).extend((u, k) for k in low)
+    for (_, dtype), pairs in found.items():
         stored = [u.state[k] for u, k in pairs]
-        flat = torch.cat([x.reshape(-1) for x in stored]).to(torch.float32)
+        flat = torch.cat([x.reshape(-1) for x in stored]).to(dtype)
         seed = rounding.seed_of(pairs[0][0].works[0].t, "moments")
         widened = Widened(flat, stored, seed)
         for (u, key), x, part in zip(pairs, stored, flat.split([x.numel() for x in stored])):
