@@ -2,17 +2,18 @@
 
 A value written back is rounded *stochastically*: up with probability equal to its distance from
 the lower bfloat16 neighbour over their gap, so the rounding is unbiased and an increment far
-below bfloat16's half-ulp (F ← β₂F + (1 − β₂)GGᵀ with β₂ = 0.999 changes F by 0.1%, bfloat16's
-half-ulp is 0.2–0.4%) survives in expectation instead of being lost at every step. The noise is
-a hash of (element index, seed) computed on the tensor's device: no random generator is read,
-so runs are bitwise reproducible and asynchronous roots change no bit.
+below bfloat16's half-ulp (a second moment v ← β₂v + (1 − β₂)g² with β₂ = 0.999 changes v by
+0.1%, bfloat16's half-ulp is 0.2–0.4%) survives in expectation instead of being lost at every
+step. The noise comes from the element's position and a hash of the seed (the step), computed
+on the tensor's device: no random generator is read, so runs are bitwise reproducible and
+asynchronous roots change no bit.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["LOW", "narrow", "seed_of", "write"]
+__all__ = ["LOW", "narrow", "seed_of"]
 
 LOW: tuple[torch.dtype, ...] = (torch.bfloat16,)
 """The storage dtypes that are computed in float32 and rounded on write."""
@@ -55,7 +56,3 @@ def narrow(value: torch.Tensor, dtype: torch.dtype, seed: int) -> torch.Tensor:
     x.add_(value.view(torch.int32)).bitwise_and_(-65536)  # 0xFFFF0000: bfloat16's bits
     return x.view(torch.float32).to(dtype)  # exact: the low 16 bits are zero
 
-
-def write(target: torch.Tensor, value: torch.Tensor, seed: int) -> None:
-    """``target`` ← ``value``, rounded as :func:`narrow` does for a low-precision ``target``."""
-    target.copy_(narrow(value, target.dtype, seed) if target.dtype != value.dtype else value)
