@@ -203,6 +203,20 @@ class Widened:
 
 
 def widen(units: Sequence[Unit]) -> None:
+    """Where a unit's group keeps bfloat16 state, :func:`_widen` (eager: its seed and buffers
+    change at every step, which a compiled step would recompile for); else nothing."""
+    if any(u.config.state_dtype is not None for u in units):
+        _widen(units)
+
+
+def narrow(units: Sequence[Unit]) -> None:
+    """:func:`_narrow` where :func:`widen` widened (eager)."""
+    if any(u.config.state_dtype is not None for u in units):
+        _narrow(units)
+
+
+@torch.compiler.disable
+def _widen(units: Sequence[Unit]) -> None:
     """The units' moments stored in bfloat16 as copies in their state dtype (float32; float64 for
     float64 parameters) in their ``state`` (views of one buffer per device and dtype: one cast
     in, one rounding out) until :func:`narrow`."""
@@ -222,7 +236,8 @@ def widen(units: Sequence[Unit]) -> None:
             u.state[key], u.widened = part.view(x.shape), widened
 
 
-def narrow(units: Sequence[Unit]) -> None:
+@torch.compiler.disable
+def _narrow(units: Sequence[Unit]) -> None:
     """The float32 moments of :func:`widen` written back, stochastically rounded (seeded by the
     first unit's step: :mod:`torch_shampoo.rounding`)."""
     done: set[int] = set()
