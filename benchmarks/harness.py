@@ -316,7 +316,7 @@ def _optional(module: str) -> Any:
 def optimizer(key: str, params: Any, lr: float = 1e-3, block: int | None = None,
               pkg: ModuleType = torch_shampoo, **kwargs: Any) -> Any:  # fmt: skip
     """One contender by key; None when its package is not installed. Shampoo keys:
-    ``shampoo-{sync,async,noguard,compact,noroot}``; ``soap-{sync,async}``; ``ngplus``;
+    ``shampoo-{sync,async,noguard,compact,bf16,noroot}``; ``soap-{sync,async,bf16}``; ``ngplus``;
     ``adam``, ``adam-fused``; ``pto-soap`` (pytorch-optimizer), ``hb-soap`` (HeavyBall)."""
     blocks = {"block_size": block} if block else {}
     if key == "adam":
@@ -328,10 +328,13 @@ def optimizer(key: str, params: Any, lr: float = 1e-3, block: int | None = None,
         extra = {"sync": {"async_roots": False}, "async": {},
                  "noguard": {"async_roots": False, "skip_nonfinite": False},
                  "compact": {"async_roots": False, "compact_state": True},
+                 "bf16": {"async_roots": False, "state_dtype": torch.bfloat16},
                  "noroot": {"async_roots": False, "precondition_frequency": 10**9,
                             "start_preconditioning_step": 1}}[mode]  # fmt: skip
         return pkg.Shampoo(params, lr=lr, **blocks, **{**extra, **kwargs})
     if key.startswith("soap"):
+        if key == "soap-bf16":
+            kwargs = {"state_dtype": torch.bfloat16, **kwargs}
         return pkg.SOAP(params, lr=lr, **blocks, async_roots=key == "soap-async", **kwargs)
     if key == "ngplus":
         return pkg.NGPlus(params, lr=lr, **kwargs)

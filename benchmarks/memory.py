@@ -5,8 +5,8 @@ storages the tensors in ``optimizer.state`` hold, each storage once. Sections:
 
   state  per model (and the char-LM demo's), after 2 precondition cycles of fixed gradients
          (roots computed): state MB, ratio to Adam, bytes per element (Adam's float32 moments:
-         8); torch_shampoo's host buffers of roots (most and mean of ``root_stats()`` over the
-         steps); on --device cuda the steps' peak allocated (reset per contender).
+         8); ``bf16``: ``state_dtype=torch.bfloat16``; torch_shampoo's host buffers of roots
+         (most and mean of ``root_stats()``); on --device cuda the steps' peak allocated.
          ``--compare PATH_OR_REV`` adds the other checkout's rows.
   peak   each configuration in a fresh process: the rise of the peak (RSS, VmHWM, reset just
          before; on --device cuda ``torch.cuda.max_memory_allocated``) over the first two steps
@@ -29,10 +29,17 @@ import torch
 
 from . import harness as h
 
-KEYS = ("adam", "shampoo-sync", "shampoo-compact", "shampoo-async", "soap-sync", "ngplus",
-        "pto-soap", "hb-soap")  # fmt: skip
-PEAK = ("adam", "shampoo-sync", "shampoo-compact", "soap-sync", "ngplus")
+KEYS = ("adam", "shampoo-sync", "shampoo-compact", "shampoo-bf16", "shampoo-async", "soap-sync",
+        "soap-bf16", "ngplus", "pto-soap", "hb-soap")  # fmt: skip
+PEAK = ("adam", "shampoo-sync", "shampoo-compact", "shampoo-bf16", "soap-sync", "soap-bf16",
+        "ngplus")  # fmt: skip
+LOW = ("shampoo-bf16", "soap-bf16")
+"""``state_dtype=torch.bfloat16``: not in a ``--compare`` checkout from before it existed."""
 FREQUENCY = 10
+
+
+def _takes_state_dtype(pkg: Any) -> bool:
+    return "state_dtype" in pkg.Shampoo.__init__.__code__.co_varnames
 
 
 def charlm() -> h.Model:
@@ -60,6 +67,8 @@ def state(report: h.Report, args: Any, pkgs: dict[str, Any]) -> None:
                 continue
             tuned = key.startswith(("shampoo", "soap", "ngplus"))
             for label, pkg in pkgs.items() if tuned else [("", None)]:
+                if label and key in LOW and not _takes_state_dtype(pkg):
+                    continue
                 for block in blocks if key.startswith(("shampoo", "soap")) else [None]:
                     params = [p.detach().clone().requires_grad_(True) for p in net.parameters()]
                     f = "inverse_frequency" if key == "ngplus" else "precondition_frequency"

@@ -81,6 +81,14 @@ _REGISTRY = {
     "shampoo-async-warm": _Entry(
         "Shampoo async eigh/5", torch_shampoo, "Shampoo", "shampoo", {"eigh_every": 5}
     ),
+    # bfloat16 state (factors, roots, moments), rounded stochastically; sync: bitwise repeatable
+    "shampoo-sync-bf16": _Entry(
+        "Shampoo sync bf16",
+        torch_shampoo,
+        "Shampoo",
+        "shampoo",
+        {"async_roots": False, "state_dtype": torch.bfloat16},
+    ),
     "ngplus": _Entry("NG+", torch_shampoo, "NGPlus", "ngplus", {"statistics": "minibatch"}),
     "ngplus-f32": _Entry(
         "NG+ f32",
@@ -95,6 +103,10 @@ _REGISTRY = {
     # SOAP takes Adam's lr (its step is Adam's, in a rotated basis)
     "soap": _Entry("SOAP async", torch_shampoo, "SOAP", "adam", {}),
     "soap-sync": _Entry("SOAP sync", torch_shampoo, "SOAP", "adam", {"async_roots": False}),
+    "soap-sync-bf16": _Entry(
+        "SOAP sync bf16", torch_shampoo, "SOAP", "adam",
+        {"async_roots": False, "state_dtype": torch.bfloat16},
+    ),
     "soap-stale": _Entry("SOAP stale=f", torch_shampoo, "SOAP", "adam", {"root_staleness": 10}),
     # pytorch-optimizer's SOAP (pip install pytorch-optimizer), as a published reference
     "soap-ref": _Entry(

@@ -77,6 +77,8 @@ def test_memory_state(tmp_path: Path) -> None:
         assert ratios["adam"] == "1.00", section["title"]
         assert float(ratios["shampoo-sync b64"]) > 1, section["title"]
         assert float(ratios["shampoo-compact b64"]) < float(ratios["shampoo-sync b64"])
+        assert float(ratios["shampoo-bf16 b64"]) < float(ratios["shampoo-sync b64"])
+        assert float(ratios["soap-bf16 b64"]) < float(ratios["soap-sync b64"])
 
 
 def test_roots_staleness(tmp_path: Path) -> None:

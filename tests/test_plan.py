@@ -67,6 +67,15 @@ CASES: dict[str, Make] = {
     "shampoo one-sided, no 1-D factors, sgd graft": lambda m: Shampoo(
         m.parameters(), block_size=64, max_factor_dim=20, precondition_1d=False, grafting="sgd"
     ),
+    "shampoo bfloat16 state, block 16": lambda m: Shampoo(
+        m.parameters(), block_size=16, state_dtype=torch.bfloat16
+    ),
+    "shampoo bfloat16 compact state, momentum": lambda m: Shampoo(
+        m.parameters(), block_size=16, state_dtype=torch.bfloat16, compact_state=True, momentum=0.9
+    ),
+    "soap bfloat16 state": lambda m: SOAP(
+        m.parameters(), block_size=16, state_dtype=torch.bfloat16
+    ),
     "shampoo two groups": two_groups,
     "shampoo warm roots (bases kept), block 16": lambda m: Shampoo(
         m.parameters(), block_size=16, eigh_every=5, async_roots=False
@@ -132,6 +141,9 @@ STAGED: dict[str, tuple[Make, bool]] = {
     "shampoo async, compact": (lambda m: Shampoo(
         m.parameters(), block_size=16, precondition_frequency=2, start_preconditioning_step=1,
         compact_state=True), True),
+    "shampoo async, bfloat16 state": (lambda m: Shampoo(
+        m.parameters(), block_size=16, precondition_frequency=2, start_preconditioning_step=1,
+        state_dtype=torch.bfloat16), True),
     "soap async, eigh every root step": (lambda m: SOAP(
         m.parameters(), block_size=16, precondition_frequency=2, eigh_every=1), True),
     "ngplus per-sample async": (lambda m: per_sample(m, inverse_frequency=2), True),

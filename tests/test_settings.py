@@ -144,6 +144,7 @@ def test_config_is_the_spec_mapping_and_fills_every_engine_field(front: str) -> 
 BAD: dict[type, Any] = {
     c.Integer: 0, c.Flag: "yes", c.Choice: "bogus", c.Merge: "some", c.Staleness: -1,
     c.Lr: -1.0, c.Betas: (0.5,), c.Damping: 0.0, c.Workers: 0, c.Model: "net",
+    c.StateDtype: torch.float16,
 }  # fmt: skip
 
 
@@ -248,6 +249,7 @@ def _valid(check: Any) -> st.SearchStrategy[Any]:
         c.Betas: st.tuples(st.floats(0.0, 1.0), st.floats(0.0, 1.0)),
         c.Damping: st.one_of(st.floats(1e-6, 10.0), st.just(lambda t: 1e-3)),
         c.Workers: st.one_of(st.none(), st.integers(1, 2)),
+        c.StateDtype: st.sampled_from([None, torch.bfloat16]),
     }[type(check)]
 
 

@@ -12,7 +12,7 @@ import torch
 
 __all__ = [
     "Betas", "Check", "Choice", "Damping", "Flag", "Integer", "Lr", "Merge", "Model", "Real",
-    "Staleness", "Workers", "bad",
+    "Staleness", "StateDtype", "Workers", "bad",
 ]  # fmt: skip
 
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
@@ -76,6 +76,20 @@ class Choice:
     def __call__(self, name: str, value: Any) -> None:
         if not any(isinstance(value, type(c)) and value == c for c in self.choices):
             raise bad(name, value, f"valid choices: {', '.join(map(str, self.choices))}")
+
+
+@dataclass(frozen=True)
+class StateDtype:
+    """``state_dtype``: None (the parameter's) or ``torch.bfloat16``; float16 is refused."""
+
+    def __call__(self, name: str, value: Any) -> None:
+        if value is None or value == torch.bfloat16:
+            return
+        if value == torch.float16:
+            why = "float16's range, 6e-5 to 65504 in normal numbers, flushes small second moments"
+            raise bad(name, value, f"{why} and overflows roots: use torch.bfloat16")
+        kind = ValueError if isinstance(value, torch.dtype) else TypeError
+        raise bad(name, value, "valid choices: None, torch.bfloat16", kind)
 
 
 @dataclass(frozen=True)
@@ -152,4 +166,7 @@ class Model:
             raise bad(name, value, "must be a torch.nn.Module", TypeError)
 
 
-Check = Real | Integer | Flag | Choice | Merge | Staleness | Lr | Betas | Damping | Workers | Model
+Check = (
+    Real | Integer | Flag | Choice | Merge | Staleness | Lr | Betas | Damping | Workers | Model
+    | StateDtype
+)

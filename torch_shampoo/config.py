@@ -63,6 +63,9 @@ class EngineConfig:
     root_dtype: torch.dtype = torch.float64
     """The pool solves roots (bases) in float64, or in float32 first, a failed one again in
     float64 (:func:`torch_shampoo.roots.matrix_roots.inverse_roots`)."""
+    state_dtype: torch.dtype | None = None
+    """Factors, roots (bases) and moments stored in this dtype (bfloat16), computed in float32 and
+    rounded stochastically on write (:mod:`torch_shampoo.rounding`); None: the parameter's."""
 
     @property
     def warm_roots(self) -> bool:

@@ -15,7 +15,7 @@ from .config import EngineConfig
 from .layout.blocking import BlockLayout, block_layout, output_side_layout
 from .layout.buckets import Bucket, plan_buckets, slots_of
 from .roots.staging import Slot
-from .state import MOMENTS, check_state, init_state, keep_bases, moments_used, recast, state_dtype
+from .state import MOMENTS, check_state, init_state, keep_bases, moments_used, recast, stored_dtype
 
 __all__ = ["Ledger", "Undo", "layout"]
 
@@ -43,7 +43,7 @@ class Ledger:
         describe: Callable[[torch.Tensor], str],
     ) -> None:
         self.owner, self.layout_of, self.describe = owner, layout_of, describe
-        self.checked: dict[torch.Tensor, tuple[BlockLayout, dict[str, Any], torch.dtype]] = {}
+        self.checked: dict[torch.Tensor, tuple[BlockLayout, dict[str, Any], tuple]] = {}
         self.index: dict[int, tuple[int, dict[str, Any], torch.Tensor]] = {}
         self.buckets: list[Bucket] | None = None
 
@@ -79,24 +79,23 @@ class Ledger:
             raise RuntimeError(
                 f"{self.owner} does not support sparse gradients (parameter {self.describe(p)})"
             )
-        layout = self.layout_of(p, config)
-        state = states[p]
+        layout, state, dtype = self.layout_of(p, config), states[p], stored_dtype(p, config)
         if not state:
-            init_state(p, state, layout)
+            init_state(p, state, layout, dtype)
             created.append(p)
         checked = self.checked.get(p, (None, None, None))
         same = checked[0] is layout or checked[0] == layout  # (an equal layout made anew)
-        if not same or checked[1] is not state or checked[2] is not p.dtype:
-            # again after a load, a block-size change or a new dtype (model.double())
+        if not same or checked[1] is not state or checked[2] != (p.dtype, dtype):
+            # again after a load, a block-size change or a new dtype (model.double(), state_dtype)
             check_state(self.owner, self.describe(p), p, state, layout)
-            recast(state, p)
-            self.checked[p] = (layout, state, p.dtype)
+            recast(state, p, dtype)
+            self.checked[p] = (layout, state, (p.dtype, dtype))
             self.buckets = None  # a new parameter, or new state: stack again
         if keep_bases(state, config):
             self.buckets = None  # stack them with the others
         for key, used in moments_used(config).items():
             if used and key not in state:
-                state[key] = torch.zeros(p.shape, dtype=state_dtype(p), device=p.device)
+                state[key] = torch.zeros(p.shape, dtype=dtype, device=p.device)
                 self.buckets = None  # stack it with the others
             elif key == "exp_avg" and not used and key in state:
                 del state[key]  # (a checkpoint's): unused, and overwritten before any read

@@ -24,7 +24,7 @@ from .plan_report import KINDS, BucketRow, Plan, Row
 from .roots import costs
 from .roots.costs import EIGH_FLOPS, NEWTON_ITERATIONS
 from .roots.staleness import StalenessFit
-from .state import init_state, keep_bases, moments_used, state_dtype
+from .state import init_state, keep_bases, moments_used, state_dtype, stored_dtype
 
 if TYPE_CHECKING:
     from .roots.scheduler import RootScheduler
@@ -176,10 +176,11 @@ def _state_bytes(
     """Bytes by kind of the state the first step makes: ``init_state`` on a meta tensor (no
     memory) and the moments the group uses, as ``Ledger.state_of`` adds them."""
     state: dict[str, Any] = {}
-    init_state(torch.empty(p.shape, dtype=p.dtype, device="meta"), state, layout)
+    dtype = stored_dtype(p, config)
+    init_state(torch.empty(p.shape, dtype=p.dtype, device="meta"), state, layout, dtype)
     for key, used in moments_used(config).items():
         if used:
-            state[key] = torch.empty(p.shape, dtype=state_dtype(p), device="meta")
+            state[key] = torch.empty(p.shape, dtype=dtype, device="meta")
     keep_bases(state, config)
     amounts = dict.fromkeys(KINDS, 0)
     for key, value in state.items():

@@ -29,6 +29,7 @@ from .checks import (
     Model,
     Real,
     Staleness,
+    StateDtype,
     Workers,
     bad,
 )
@@ -141,6 +142,9 @@ SPEC: tuple[Setting, ...] = (
             "root_method"),
     Setting("root_dtype", _all(torch.float64), Choice(ROOT_DTYPES),
             "dtype of the solve (float32: a failed root solved again in float64)", "root_dtype"),
+    Setting("state_dtype", _ss(None), StateDtype(),
+            "factors, roots and moments stored in bfloat16, rounded stochastically (None: float32)",
+            "state_dtype"),
     Setting("maximize", _all(False), Flag(), "maximize the objective", "maximize"),
     Setting("root_staleness", _all("auto"), Staleness(),
             "steps between a later root's snapshot and its use", _staleness),
@@ -182,8 +186,8 @@ FIXED: Mapping[str, Mapping[str, Any]] = {
     _O: dict(epsilon=0.0, grafting="adam", root_exponent=None, root_method="eigh",
              relative_epsilon=False, basis_tolerance=0.0, eigenbasis=True),
     _N: dict(beta1=0.0, decoupled_weight_decay=True, root_exponent=1.0, basis_refresh=False,
-             eigh_every=1, basis_tolerance=0.0, merge_dims=True, precondition_1d=True,
-             eigenbasis=False),
+             state_dtype=None, eigh_every=1, basis_tolerance=0.0, merge_dims=True,
+             precondition_1d=True, eigenbasis=False),
 }  # fmt: skip
 """Each front end's engine fields that no setting feeds."""
 
@@ -263,6 +267,7 @@ HINTS: Mapping[str, Mapping[str, str]] = {
         "precondition_frequency": "'inverse_frequency'",
         "betas": "'curvature_beta' (β of the moving average of F) and 'momentum'",
         "compact_state": "nothing: it is Shampoo's (NG+ keeps one factor per weight)",
+        "state_dtype": "nothing: low-precision state is Shampoo's and SOAP's",
     },
 }
 """Per front end: what a caller probably meant by a name that front end does not take."""

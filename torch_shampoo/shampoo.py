@@ -85,6 +85,11 @@ class Shampoo(PreconditionerEngine):
         basis_tolerance: with ``eigh_every`` > 1, a root step between exact ones computes a
             parameter's exact eigh instead where one of its bases drifted, ‖offdiag(QᵀFQ)‖_F >
             τ‖F‖_F (Purifying Shampoo's criterion; one host sync per slot); 0: off.
+        state_dtype: ``None`` (default): factors, roots and moments in float32 (float64 for
+            float64 parameters); ``torch.bfloat16``: stored in bfloat16, each step's math in
+            float32 and every write rounded stochastically (unbiased, from a hash of position and
+            step: reproducible), so that the statistics' small increments are kept on average;
+            roots still solved in float64. ``torch.float16`` is refused (its range).
         maximize: maximize the objective.
         root_staleness: steps between a later root's snapshot and its use: ``"auto"`` (``None``
             is the same) or an integer ≥ 0; see above.
@@ -132,6 +137,7 @@ class Shampoo(PreconditionerEngine):
             "root_dtype": torch.float64,
             "eigh_every": 1,
             "basis_tolerance": 0.0,
+            "state_dtype": None,
         }
     )
 
@@ -164,6 +170,7 @@ class Shampoo(PreconditionerEngine):
         root_dtype: torch.dtype = torch.float64,
         eigh_every: int = 1,
         basis_tolerance: float = 0.0,
+        state_dtype: torch.dtype | None = None,
         *,
         async_roots: bool = True,
         root_workers: int | None = None,

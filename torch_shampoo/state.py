@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from . import rounding
 from .config import EngineConfig
 from .layout.blocking import BlockLayout
 from .update.grafting import SECOND_MOMENT
@@ -26,6 +27,7 @@ __all__ = [
     "recast",
     "restore",
     "state_dtype",
+    "stored_dtype",
 ]
 
 HOST_KEYS = ("step", "root_failures", "has_root", "pending_due", "pending_submitted",
@@ -41,18 +43,30 @@ def state_dtype(param: torch.Tensor) -> torch.dtype:
     return torch.float64 if param.dtype == torch.float64 else torch.float32
 
 
+def stored_dtype(param: torch.Tensor, config: EngineConfig | None) -> torch.dtype:
+    """The dtype roots (bases) and moments are kept in: the group's ``state_dtype`` (bfloat16:
+    computed in float32, :mod:`.rounding`), else :func:`state_dtype`. Factors stay in
+    :func:`state_dtype`: bfloat16's 8 bits lose a factor's eigenvalues below ~2⁻⁸ of its largest,
+    which the roots of ill-conditioned factors depend on (docs/design.md, "Low-precision state")."""
+    low = None if config is None else config.state_dtype
+    return state_dtype(param) if low is None else low
+
+
 def _factor_sizes(layout: BlockLayout) -> list[int]:
     return [d for b in range(layout.num_blocks) for d in layout.factor_dims(b)]
 
 
-def init_state(p: torch.Tensor, state: dict[str, Any], layout: BlockLayout) -> None:
-    """The state of a parameter at its first step."""
-    dtype = state_dtype(p)
+def init_state(
+    p: torch.Tensor, state: dict[str, Any], layout: BlockLayout, dtype: torch.dtype | None = None
+) -> None:
+    """The state of a parameter at its first step: factors in :func:`state_dtype`, roots in
+    ``dtype`` (None: the same; see :func:`stored_dtype`)."""
+    dtype = dtype or state_dtype(p)
     sizes = _factor_sizes(layout)
     state["step"] = torch.tensor(0.0)
     # One zero factor and identity root per size, shared by the blocks until the bucket plan
     # copies them into its stacks: the first step's peak holds no per-block matrices twice.
-    zeros = {d: torch.zeros(d, d, dtype=dtype, device=p.device) for d in set(sizes)}
+    zeros = {d: torch.zeros(d, d, dtype=state_dtype(p), device=p.device) for d in set(sizes)}
     eyes = {d: torch.eye(d, dtype=dtype, device=p.device) for d in set(sizes)}
     state["factors"] = [zeros[d] for d in sizes]
     state["roots"] = [eyes[d] for d in sizes]
@@ -164,12 +178,28 @@ def migrate(state: dict[str, Any]) -> None:
         state["has_root"] = torch.tensor([not e for e in eye], dtype=torch.bool).reshape(-1)
 
 
-def recast(state: dict[str, Any], param: torch.Tensor) -> None:
-    """Cast the floating-point entries of ``state`` to ``param``'s state dtype where they differ
-    (the model's dtype changed during training: ``model.double()``), as loading would."""
+def recast(state: dict[str, Any], param: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    """Cast the floating-point entries of ``state`` to ``dtype`` (None: ``param``'s state dtype;
+    factors: always that) where they differ (the model's dtype or ``state_dtype`` changed, or a
+    checkpoint of another ``state_dtype`` was loaded): to bfloat16 by :func:`.rounding.narrow`
+    (seeded by the step)."""
+    seed = rounding.seed_of(int(state.get("step", 0)), "load")
     for key, value in state.items():
-        if key not in HOST_KEYS and isinstance(value, (torch.Tensor, list)):
+        if key in HOST_KEYS or not isinstance(value, (torch.Tensor, list)):
+            continue
+        if dtype is None or dtype not in rounding.LOW or key == "factors":
             state[key] = restore(key, value, param, copy=False)
+        else:
+            state[key] = _narrowed(value, param, dtype, seed)
+
+
+def _narrowed(value: Any, param: torch.Tensor, dtype: torch.dtype, seed: int) -> Any:
+    if isinstance(value, list):
+        return [_narrowed(v, param, dtype, seed + i) for i, v in enumerate(value)]
+    value = value.to(param.device)
+    if not value.is_floating_point() or value.dtype == dtype:
+        return value
+    return rounding.narrow(value, dtype, seed)
 
 
 def restore(key: str, value: Any, param: torch.Tensor, copy: bool = True) -> Any:

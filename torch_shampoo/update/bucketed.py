@@ -85,15 +85,16 @@ class Share:
             for m, u in zip(self.members, self.parts)
         ])  # fmt: skip
 
-    def stored_roots(self) -> list[torch.Tensor]:
+    def stored_roots(self, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
         """The root (or basis) stacks of these rows per factored dim, as stored (compact state:
-        the views whose upper triangles they are)."""
+        the views whose upper triangles they are), or copies in ``dtype`` (bfloat16 state)."""
         rows = self.bucket.rows(self.members)
-        return self.bucket.roots if rows is None else [r[rows] for r in self.bucket.roots]
+        roots = self.bucket.roots if rows is None else [r[rows] for r in self.bucket.roots]
+        return roots if dtype is None else [r.to(dtype) for r in roots]
 
-    def roots(self) -> list[torch.Tensor]:
+    def roots(self, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
         """The root (or basis) stacks of these rows per factored dim, as full matrices."""
-        roots = self.stored_roots()
+        roots = self.stored_roots(dtype)
         if self.bucket.triangles is None:
             return roots
         return [compact.full(r, m.upper, upper=True) for r, m in zip(roots, self.bucket.triangles)]
@@ -102,9 +103,10 @@ class Share:
         """m̂ ×₁ X_1 ×₂ X_2 … per row (compact roots: chunk by chunk, no full stack made)."""
         factored, triangles = self.bucket.factored, self.bucket.triangles
         if triangles is None:
-            return kernels.mode_products_stack(m_hat, self.roots(), factored)
+            return kernels.mode_products_stack(m_hat, self.roots(m_hat.dtype), factored)
         upper = [m.upper for m in triangles]
-        return kernels.mode_products_compact(m_hat, self.stored_roots(), upper, factored)
+        roots = self.stored_roots(m_hat.dtype)
+        return kernels.mode_products_compact(m_hat, roots, upper, factored)
 
     def select(self, result: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
         """``result`` in the rows whose blocks have their roots, ``fallback`` in the others."""

@@ -54,7 +54,9 @@ def change_basis(
     (count, d, d) along block dim ``dim``: ``exp_avg`` exactly; ``graft_v`` (Adam's second
     moment) as a diagonal where ``first`` (count,) flags a block's first basis, else kept
     (docs/design.md, "SOAP"). A row whose basis did not change (a failed solve) is left alone."""
-    eye = torch.eye(old.shape[-1], dtype=old.dtype, device=old.device)
+    work = torch.promote_types(old.dtype, torch.float32)  # (bfloat16 bases: float32 math)
+    old, new = old.to(work), new.to(work)
+    eye = torch.eye(old.shape[-1], dtype=work, device=old.device)
     kept = (old == new).flatten(1).all(1).view(-1, 1, 1)  # a failed basis: exactly no change
     overlap = torch.where(kept, eye, torch.matmul(old.mT, new))
     pairs = [("exp_avg", overlap)]
@@ -67,16 +69,18 @@ def change_basis(
             continue
         view = member.view(moment, block_shape)
         blocks = view.reshape(len(member.blocks), *block_shape)
-        view.copy_(_along(blocks, dim, matrix.to(moment.dtype)).reshape(view.shape))
+        moved = _along(blocks.to(work), dim, matrix.to(work))  # (rounded to nearest on write)
+        view.copy_(moved.reshape(view.shape))
 
 
 def refresh(bases: torch.Tensor, factors: torch.Tensor) -> None:
     """One power iteration from the installed ``bases`` with the current ``factors`` (n, d, d):
     Q ← orth(F Q), from the largest eigenvalue's column down, each column keeping its direction.
     On the device, in the state dtype; a row that turns non-finite keeps its basis."""
+    work = torch.promote_types(bases.dtype, torch.float32)  # (bfloat16 state: float32 math)
     q = kernels.power_step(bases, factors)
     finite = torch.isfinite(q).flatten(1).all(1).view(-1, 1, 1)
-    bases.copy_(torch.where(finite, q, bases))
+    bases.copy_(torch.where(finite, q, bases.to(work)))
 
 
 def rotate(
@@ -93,7 +97,7 @@ def rotate(
             if share.unit is None:  # a single unit's other buckets may rotate theirs
                 shares.put(share, x)
             continue
-        result = rotate_stack(x, share.roots(), share.bucket.factored, back)
+        result = rotate_stack(x, share.roots(x.dtype), share.bucket.factored, back)
         shares.put(share, share.select(result, x))
     for unit, result in shares.results():  # after every bucket has read the units' tensors
         setattr(unit, attr, result)
@@ -111,6 +115,7 @@ def step_units(
     bucketed.statistics(units, buckets, stacked, keep_gradients=True)
     roots_of_this_step()  # a first basis is installed (the moments moved into it) now
     rotate(units, buckets, stacked, "g", back=False)
+    per_unit.widen(units)  # (bfloat16 state: float32 copies of the moments, after any moved)
     for u in units:
         per_unit.update_moments(u)
         u.g = None
@@ -118,3 +123,4 @@ def step_units(
     rotate(units, buckets, stacked, "direction", back=True)
     for u in units:
         per_unit.update_parameters(u, None)
+    per_unit.narrow(units)

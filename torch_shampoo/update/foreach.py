@@ -55,8 +55,10 @@ def gradients(units: list[Unit]) -> Plan:
 
 def moments(units: list[Unit], plan: Plan) -> None:
     """The first moment and the graft's second moment from the gradients, per unit or per
-    batch of ``plan`` (:func:`.per_unit.update_moments`); the gradients are dropped."""
+    batch of ``plan`` (:func:`.per_unit.update_moments`); the gradients are dropped. Moments
+    stored in bfloat16 are float32 (:func:`.per_unit.widen`) until :func:`update_parameters`."""
     batches, alone = plan
+    per_unit.widen(units)  # (bfloat16 state: float32 copies)
     for i in alone:
         per_unit.update_moments(units[i])
     for indices in batches:
@@ -139,3 +141,4 @@ def update_parameters(
             params += rows
             steps += [update] if u.bucket is None else per_unit.rows_of(update, rows)
         torch._foreach_add_(params, steps, alpha=-lr)
+    per_unit.narrow(units)  # (bfloat16 state: rounded back)

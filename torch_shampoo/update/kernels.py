@@ -223,11 +223,16 @@ def curvature_statistics(
             torch.where(flags[b], new, factor, out=factor)
 
 
+def _work(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
 def power_step(bases: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """One step of orthogonal (power) iteration from ``bases`` (n, d, d), columns ordered by
     ascending eigenvalue: Q = orth(F Q), the QR taken from the largest eigenvalue's column down,
     each column keeping its direction; in ``bases``' dtype. SOAP's basis refresh and Shampoo's
-    warm-started roots (:func:`eigen_roots`) both take it."""
+    warm-started roots (:func:`eigen_roots`) both take it; bfloat16 bases in float32."""
+    bases = bases.to(_work(bases.dtype))
     q, r = torch.linalg.qr(torch.matmul(factors.to(bases.dtype), bases.flip(-1)))  # descending
     signs = torch.where(torch.diagonal(r, dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(q.dtype)
     return (q * signs.unsqueeze(-2)).flip(-1)
@@ -246,6 +251,7 @@ def _rayleigh(bases: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch
 def basis_drift(bases: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """Per row, how far ``bases`` are from diagonalizing ``factors``: ‖offdiag(QᵀFQ)‖_F / ‖F‖_F
     (Purifying Shampoo's criterion; 0 for an exact eigenbasis, to rounding)."""
+    bases = bases.to(_work(bases.dtype))
     return _rayleigh(bases, factors.to(bases.dtype))[1]
 
 
@@ -263,6 +269,7 @@ def eigen_roots(
     τ = tr(A)/d (τ ≤ 0 or not finite: 1); λ − λ_min + ε where λ_min + ε < ε. In ``bases``'
     dtype, on their device, no host sync. Returns the roots, per row whether it is usable (its
     root finite, the shifted λ_min > 0) and the basis's drift ‖offdiag(QᵀAQ)‖_F / ‖A‖_F."""
+    bases = bases.to(_work(bases.dtype))  # (bfloat16 state: float32 math)
     a = factors.to(bases.dtype) / scale
     level = None
     if relative:

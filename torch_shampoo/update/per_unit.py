@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .. import device
+from .. import device, rounding
 from ..config import EngineConfig
 from ..layout.blocking import BlockLayout, expand_grid
 from ..layout.buckets import Bucket
@@ -24,17 +24,20 @@ from .grafting import graft_direction, update_graft_state
 
 __all__ = [
     "Unit",
+    "Widened",
     "Work",
     "curvature",
     "directions",
     "gradient",
     "learning_rate",
     "mark_finite",
+    "narrow",
     "rows_of",
     "step_scalars",
     "units_of",
     "update_moments",
     "update_parameters",
+    "widen",
 ]
 
 
@@ -79,6 +82,9 @@ class Unit:
     m_hat: torch.Tensor | None = None
     direction: torch.Tensor | None = None
     """The graft's direction (None without a graft)."""
+    stored: dict[str, torch.Tensor] | None = None
+    """bfloat16 state (:func:`widen`): ``state`` as stored, while ``state`` holds float32 copies."""
+    widened: Widened | None = None
 
     @property
     def config(self) -> EngineConfig:
@@ -182,6 +188,69 @@ def curvature(u: Unit) -> None:
         kernels.curvature_statistics(
             w.state["factors"], w.curvature, w.layout, u.config.beta2, u.cells
         )
+
+
+_MOMENTS = ("exp_avg", "graft_v", "momentum_buffer")
+
+
+@dataclass
+class Widened:
+    """Moments stored in bfloat16, as float32 views of one flat buffer until :func:`narrow`."""
+
+    flat: torch.Tensor
+    stored: list[torch.Tensor]
+    seed: int
+
+
+def widen(units: Sequence[Unit]) -> None:
+    """Where a unit's group keeps bfloat16 state, :func:`_widen` (eager: its seed and buffers
+    change at every step, which a compiled step would recompile for); else nothing."""
+    if any(u.config.state_dtype is not None for u in units):
+        _widen(units)
+
+
+def narrow(units: Sequence[Unit]) -> None:
+    """:func:`_narrow` where :func:`widen` widened (eager)."""
+    if any(u.config.state_dtype is not None for u in units):
+        _narrow(units)
+
+
+@torch.compiler.disable
+def _widen(units: Sequence[Unit]) -> None:
+    """The units' moments stored in bfloat16 as copies in their state dtype (float32; float64 for
+    float64 parameters) in their ``state`` (views of one buffer per device and dtype: one cast
+    in, one rounding out) until :func:`narrow`."""
+    found: dict[tuple[torch.device, torch.dtype], list[tuple[Unit, str]]] = {}
+    for u in units:
+        dtype = state_dtype(u.works[0].p)
+        low = [k for k in _MOMENTS if k in u.state and u.state[k].dtype != dtype]
+        if u.stored is None and low:
+            u.stored, u.state = u.state, dict(u.state)
+            found.setdefault((u.works[0].p.device, dtype), []).extend((u, k) for k in low)
+    for (_, dtype), pairs in found.items():
+        stored = [u.state[k] for u, k in pairs]
+        flat = torch.cat([x.reshape(-1) for x in stored]).to(dtype)
+        seed = rounding.seed_of(pairs[0][0].works[0].t, "moments")
+        widened = Widened(flat, stored, seed)
+        for (u, key), x, part in zip(pairs, stored, flat.split([x.numel() for x in stored])):
+            u.state[key], u.widened = part.view(x.shape), widened
+
+
+@torch.compiler.disable
+def _narrow(units: Sequence[Unit]) -> None:
+    """The float32 moments of :func:`widen` written back, stochastically rounded (seeded by the
+    first unit's step: :mod:`torch_shampoo.rounding`)."""
+    done: set[int] = set()
+    for u in units:
+        widened = u.widened
+        if widened is not None and id(widened) not in done:
+            done.add(id(widened))
+            rounded = rounding.narrow(widened.flat, widened.stored[0].dtype, widened.seed)
+            parts = rounded.split([x.numel() for x in widened.stored])
+            shaped = [r.view(x.shape) for r, x in zip(parts, widened.stored)]
+            torch._foreach_copy_(widened.stored, shaped)
+        if u.stored is not None:
+            u.state, u.stored, u.widened = u.stored, None, None
 
 
 def update_moments(u: Unit) -> None:
