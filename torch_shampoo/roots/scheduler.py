@@ -17,7 +17,7 @@ from ..config import world_size
 from ..distributed.partition_roots import Partition, assign
 from .jobs import RootCancelled, RootJob, RootOutcome, Ticket, outcomes_of
 from .pending import Batch, Pending
-from .pool import RootPool, batches, default_threads, run_here
+from .pool import RootPool, batches, default_threads, helpers, run_here
 from .staging import Slot, Staging
 from .staleness import FITTED, StalenessFit, Stats
 
@@ -51,7 +51,8 @@ class RootScheduler:
 
     def _pool(self) -> RootPool:
         if self.pool is None:
-            self.pool = RootPool(self.workers, default_threads(self.workers))
+            threads = default_threads(self.workers)
+            self.pool = RootPool(self.workers, threads, helpers(self.workers, threads))
         return self.pool
 
     def threads(self) -> int:
@@ -152,10 +153,11 @@ class RootScheduler:
             self.due_now = []
 
     def _hand_over(
-        self, pendings: list[Pending], start: Callable[[list[RootJob]], list[Ticket]]
+        self, pendings: list[Pending], start: Callable[[list[list[RootJob]]], list[list[Ticket]]]
     ) -> None:
         """Form the batches of these pendings' jobs and start those this process solves with
-        ``start``; another rank's (``partition_roots``) get tickets that ``exchange`` fills."""
+        ``start`` (all at once); another rank's (``partition_roots``) get tickets that
+        ``exchange`` fills."""
         now = time.perf_counter()
         for pending in pendings:
             pending.sent_at = now
@@ -165,10 +167,11 @@ class RootScheduler:
         owners = [0] * len(formed)
         if self.partition is not None:
             owners = assign([batch.work() for batch in formed], self.partition.size)
+        mine = [self.partition is None or self.partition.mine(owner) for owner in owners]
+        solving = iter(start([batch.jobs() for batch, m in zip(formed, mine) if m]))
         started: dict[tuple[int, int], tuple[Ticket, Batch, int]] = {}
-        for batch, owner in zip(formed, owners):
-            mine = self.partition is None or self.partition.mine(owner)
-            tickets = start(batch.jobs()) if mine else [Ticket() for _ in batch.members]
+        for batch, owner, m in zip(formed, owners, mine):
+            tickets = next(solving) if m else [Ticket() for _ in batch.members]
             for (pending, i), ticket in zip(batch.members, tickets):
                 started[id(pending), i] = (ticket, batch, owner)
         for pending in pendings:
@@ -185,12 +188,14 @@ class RootScheduler:
         mine = self.partition.mine
         return [ticket for ticket, o in zip(pending.tickets, pending.owners) if mine(o)]
 
-    def _now(self, jobs: list[RootJob]) -> list[Ticket]:
-        """A batch the step waits for at once: on this thread for synchronous roots when it runs
-        at the workers' thread count (its warm OpenMP team is faster), else on the pool."""
-        if not self.async_roots and torch.get_num_threads() == self.threads():
-            return run_here(jobs, self.threads())
-        return self._pool().submit(jobs)
+    def _now(self, jobs: list[list[RootJob]]) -> list[list[Ticket]]:
+        """Batches the step waits for at once: solved by this thread and the pool's threads
+        together, each at the workers' thread count (docs/design.md, "Threads")."""
+        return self._pool().solve_now(jobs) if jobs else []
+
+    def _later(self, jobs: list[list[RootJob]]) -> list[list[Ticket]]:
+        pool = self._pool()
+        return [pool.submit(batch) for batch in jobs]
 
     def send(self) -> None:
         """Hand the jobs due in later steps to the pool (at the end of a step, so that workers
@@ -204,7 +209,7 @@ class RootScheduler:
                 for ticket in self._own(pending):
                     ticket.wait()
         else:
-            self._hand_over(self.unsent, self._pool().submit)
+            self._hand_over(self.unsent, self._later)
         self.unsent = []
 
     def take_due(
