@@ -97,19 +97,31 @@ class RootScheduler:
             return setting
         if not self.async_roots:
             return 0
-        fitted = group.get(FITTED)
-        if fitted is None and self.fit.cycle_seconds is not None:
+        fitted, fit = group.get(FITTED), self.fit
+        if world_size() > 1 or torch.are_deterministic_algorithms_enabled():
             # Ranks fitting their own timings would drift apart, and deterministic runs must not
             # depend on timings: both take the frequency.
-            fixed = world_size() > 1 or torch.are_deterministic_algorithms_enabled()
-            steps = frequency if fixed else self.fit.steps_for(self.fit.cycle_seconds)
+            if fitted is None and fit.cycle_seconds is not None:
+                fitted = group[FITTED] = frequency
+                log.info("root_staleness='auto' set to the frequency, %d steps", frequency)
+            return frequency if fitted is None else int(fitted)
+        drift = fit.drift(id(group)) if fitted is not None else None
+        if fitted is not None and id(group) not in fit.basis:
+            fit.fit(id(group))  # (loaded with the state: kept, measured from now on)
+        elif fitted is None or drift is not None:
+            steps = fit.fit(id(group))
             if steps is not None:
-                fitted = group[FITTED] = min(frequency, steps)
-                log.info(
-                    "root_staleness='auto' fitted to %d steps (a root cycle %.3g s, a step "
-                    "%.3g s); root_staleness=%d reproduces this run", fitted,
-                    self.fit.cycle_seconds, self.fit.step_seconds() or math.nan, fitted,
-                )  # fmt: skip
+                steps = min(frequency, steps)
+                if drift is not None and drift > 1:  # roots got slower: never below a growth
+                    steps = max(steps, int(fitted or 0))
+                if steps != fitted:
+                    cycle, step = fit.basis[id(group)]
+                    log.info(
+                        "root_staleness='auto' %s to %d steps (a root cycle %.3g s, a "
+                        "preconditioned step %.3g s); root_staleness=%d reproduces this run",
+                        "re-fitted" if fitted is not None else "fitted", steps, cycle, step, steps,
+                    )  # fmt: skip
+                fitted = group[FITTED] = steps
         return frequency if fitted is None else int(fitted)
 
     def submit(
@@ -232,6 +244,9 @@ class RootScheduler:
         began = time.perf_counter()
         for ticket in own:
             ticket.wait()
+        self.fit.rooted = True
+        if self.async_roots and age > 0 and pending.tickets:
+            self.fit.cycle_ended(pending.sent_at, max(t.finished_at for t in pending.tickets))
         if stalled:
             stats.stalls += 1
             stats.stall_seconds += time.perf_counter() - began
@@ -272,7 +287,7 @@ class RootScheduler:
     def waited_first_cycle(self, seconds: float) -> None:
         """A first root cycle took ``seconds`` of waiting inside the step (what fits auto)."""
         self.stats.first_root_seconds += seconds
-        self.fit.cycle_seconds = seconds
+        self.fit.cycle_seconds, self.fit.rooted = seconds, True
 
     def _staging_of(self, p: torch.Tensor, factors: list[torch.Tensor]) -> list[Staging]:
         """``p``'s host buffers, made anew if its factors' shapes or dtype changed."""
