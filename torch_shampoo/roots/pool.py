@@ -105,9 +105,9 @@ def default_threads(workers: int) -> int:
 
 
 def helpers(workers: int, threads: int) -> int:
-    """Threads beside the caller and the ``workers`` that :meth:`RootPool.solve_now` needs for
-    a root on every one of the caller's threads (``threads`` each): 0 when cores / 2 workers
-    share half of them (the default)."""
+    """Threads beside the caller and the ``workers`` that :meth:`RootPool.solve_now` needs to
+    fill the caller's ``torch.get_num_threads()`` with roots at ``threads`` threads each (at
+    the defaults: 0 on 2 cores, 7 on 16)."""
     return max(0, torch.get_num_threads() // threads - 1 - workers)
 
 
