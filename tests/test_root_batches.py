@@ -136,6 +136,9 @@ class _CountingPool:
         self.sizes.append(len(jobs))
         return root_pool.run_here(jobs, self.threads, tickets)
 
+    def solve_now(self, batches: list[list[root_pool.RootJob]]) -> list[list[root_pool.Ticket]]:
+        return [self.submit(jobs) for jobs in batches]
+
     def close(self) -> None:
         pass
 

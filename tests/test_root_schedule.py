@@ -138,14 +138,111 @@ def test_first_roots_are_installed_at_start_in_async_mode() -> None:
     assert_bitwise_equal(runs[True], runs[False])
 
 
+class _Clock:
+    """A fake ``perf_counter`` for ``StalenessFit``: each call is the next ``step()``'s start,
+    ``durations`` apart (a step's duration read at the next one's tick)."""
+
+    def __init__(self, durations: list[float]) -> None:
+        self.times = list(itertools.accumulate([0.0, *durations]))
+        self.calls = 0
+
+    def __call__(self) -> float:
+        self.calls += 1
+        return self.times[self.calls - 1]
+
+
+def _ticked(durations: list[float], rooted_from: int) -> scheduler.StalenessFit:
+    """A fit whose steps 1, 2, … last ``durations``; roots installed in step ``rooted_from``
+    (0: before)."""
+    fit = scheduler.StalenessFit(clock=_Clock(durations))
+    fit.rooted = rooted_from <= 0
+    for step in range(1, len(durations) + 2):
+        fit.tick()
+        fit.rooted = fit.rooted or step == rooted_from
+    return fit
+
+
 def test_the_fit_is_the_smallest_staleness_whose_steps_hold_the_work_with_the_margin() -> None:
-    fit = scheduler.StalenessFit()
+    fit = scheduler.StalenessFit(clock=_Clock([]))
     assert fit.steps_for(1.0) is None  # no step interval measured yet
-    fit._clock.extend([0.0, 0.1, 0.2, 0.3, 0.45])  # median interval 0.1 s
+    fit = _ticked([0.1, 0.1, 0.1, 0.15], rooted_from=0)  # median interval 0.1 s
     assert fit.step_seconds() == pytest.approx(0.1)
     assert fit.steps_for(0.01) == 1
     assert fit.steps_for(0.25) == math.ceil(fit.MARGIN * 0.25 / 0.1)
     assert fit.steps_for(0.14) == 3  # 2 x 0.14 s = 2.8 steps of 0.1 s
+
+
+def test_the_step_time_is_that_of_preconditioned_steps_not_graft_only_or_the_first_cycle() -> None:
+    """Steps 1-9 take the graft (1/64 s), step 10 waits for the first roots (0.5 s), later
+    steps precondition (0.125 s): the fit reads 0.125 s, where every step's median read 1/64."""
+    durations = [1 / 64] * 9 + [0.5] + [0.125] * 4
+    fit = _ticked(durations, rooted_from=10)
+    assert fit.step_seconds() == 0.125
+    assert fit.steps_for(0.25) == 4
+    graft_only = _ticked(durations[:10], rooted_from=10)  # at the first cycle: nothing to fit
+    assert graft_only.steps_for(0.25) is None
+    assert graft_only.step_seconds() == 1 / 64  # (what plan() reads meanwhile)
+
+
+def test_auto_staleness_is_fitted_from_preconditioned_steps_in_a_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """start 10, frequency 10, the first cycle measured at 0.25 s: fitted at the first later
+    cycle (step 20) to 2 x 0.25 / 0.125 = 4, not to the frequency the graft-only steps' 1/64 s
+    would give (fitted at step 10 before). (Binary fractions: no rounding in the fit.)"""
+    real = scheduler.RootScheduler.waited_first_cycle
+    monkeypatch.setattr(scheduler.RootScheduler, "waited_first_cycle",
+                        lambda self, seconds: real(self, 0.25))  # fmt: skip
+    monkeypatch.setattr(scheduler.RootScheduler, "_grow", lambda self, *args: None)
+    model = mixed_model()
+    seen = []
+    kwargs = dict(BASE, precondition_frequency=10, start_preconditioning_step=10)
+    with Shampoo(model.parameters(), **kwargs) as opt:
+        durations = [1 / 64] * 9 + [0.5] + [0.125] * 20
+        opt._roots.fit = scheduler.StalenessFit(clock=_Clock(durations))
+        for batch in make_batches(22):
+            train(model, opt, [batch])
+            seen.append(opt.root_stats()["root_staleness"])
+        assert opt.param_groups[0][scheduler.FITTED] == 4
+    assert seen[:19] == [None] * 19 and seen[19:] == [4] * 3
+
+
+def test_auto_staleness_is_fitted_again_when_root_work_or_step_time_changes_over_2x(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Fitted once (logged), re-fitted (logged with the new integer) when the cycle or the step
+    changed by more than 2x since the fit, not for a smaller change; slower roots never take it
+    below a value stalls had grown it to."""
+    roots = scheduler.RootScheduler(async_roots=True, workers=1)
+    roots.fit = fit = _ticked([0.125] * 6, rooted_from=0)  # (binary fractions: exact)
+    group: dict[str, Any] = {}
+    fit.cycle_seconds = 0.25
+    with caplog.at_level(logging.INFO, logger="torch_shampoo"):
+        assert roots.staleness(group, None, 100) == 4  # 2 x 0.25 / 0.125
+        fit.cycle_ended(1.0, 1.0 + 0.4375)  # 1.75x: kept
+        assert roots.staleness(group, None, 100) == 4
+        fit.cycle_ended(2.0, 2.0 + 0.3125)  # a cycle ends when its last root does
+        fit.cycle_ended(2.0, 2.0 + 0.625)  # 2.5x
+        assert roots.staleness(group, None, 100) == 10
+        assert roots.staleness(group, None, 100) == 10  # (measured against the new fit)
+        group[scheduler.FITTED] = 30  # grown after stalls
+        fit.cycle_ended(3.0, 3.0 + 1.5625)  # 2.5x slower: 25 steps, but never below 30
+        assert roots.staleness(group, None, 100) == 30
+        fit.cycle_ended(4.0, 4.0 + 1.25)  # 1.25x faster: kept
+        assert roots.staleness(group, None, 100) == 30
+        fit.cycle_ended(5.0, 5.0 + 0.390625)  # 4x faster than the fit: refit, and may shrink
+        assert roots.staleness(group, None, 100) == 7  # ceil(6.25)
+    messages = [r.getMessage() for r in caplog.records]
+    assert [m.split(" (")[0] for m in messages] == [
+        "root_staleness='auto' fitted to 4 steps",
+        "root_staleness='auto' re-fitted to 10 steps",
+        "root_staleness='auto' re-fitted to 7 steps",
+    ]  # (the refit to 30, the value it had, is not logged again)
+    assert "root_staleness=7 reproduces" in messages[-1]
+    # a step time 2.5x longer: the same roots need fewer steps
+    for _ in range(64):
+        fit._preconditioned.append(0.3125)
+    assert roots.staleness(group, None, 100) == 3  # ceil(2.5)
 
 
 @pytest.fixture

@@ -46,9 +46,10 @@ class Shampoo(PreconditionerEngine):
     takes the graft's direction D until its roots exist; a parameter's first roots are installed
     in the step that computes them. A later root from the statistics of step t is installed at
     the start of step t + s (at the latest the next root step), computed meanwhile on CPU threads
-    if ``async_roots``. s is ``root_staleness``: ``"auto"`` fits it after the first root cycle to
-    the measured root work (docs/design.md; the frequency with several processes or
-    deterministic algorithms); an integer makes async runs bitwise equal to synchronous ones.
+    if ``async_roots``. s is ``root_staleness``: ``"auto"`` fits it at the first later root
+    cycle to the measured root work per preconditioned step, again when either changes over 2×
+    (docs/design.md; the frequency with several processes or deterministic algorithms); an
+    integer makes async runs bitwise equal to synchronous ones.
 
     Args:
         params: parameters or parameter groups; every hyperparameter below except

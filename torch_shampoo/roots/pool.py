@@ -1,16 +1,18 @@
 """Inverse roots off the training thread: :func:`batches`, :func:`solve` (the only code that
-computes roots, always at the workers' thread count) and a pool of CPU worker threads."""
+computes roots, always at the workers' thread count) and a pool of CPU worker threads, which
+also solves the batches a step waits for together with the calling thread (:meth:`solve_now`)."""
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import os
 import queue
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -18,7 +20,8 @@ from .. import device
 from .jobs import RootJob, RootOutcome, Ticket
 from .matrix_roots import RootResult, eigenbases, finite_rows, inverse_roots
 
-__all__ = ["RootJob", "RootPool", "Ticket", "batches", "default_threads", "run_here", "solve"]
+__all__ = ["RootJob", "RootPool", "Ticket", "batches", "default_threads", "helpers", "run_here",
+           "solve"]  # fmt: skip
 
 
 def solve(jobs: Sequence[RootJob]) -> list[tuple[list[RootOutcome], torch.Tensor]]:
@@ -101,25 +104,56 @@ def default_threads(workers: int) -> int:
     return max(1, torch.get_num_threads() // (2 * workers))
 
 
+def helpers(workers: int, threads: int) -> int:
+    """Threads beside the caller and the ``workers`` that :meth:`RootPool.solve_now` needs to
+    fill the caller's ``torch.get_num_threads()`` with roots at ``threads`` threads each (at
+    the defaults: 0 on 2 cores, 7 on 16)."""
+    return max(0, torch.get_num_threads() // threads - 1 - workers)
+
+
 def run_here(
     jobs: Sequence[RootJob], threads: int, tickets: Sequence[Ticket] | None = None
 ) -> list[Ticket]:
     """Solve the batch ``jobs`` on this thread at ``threads`` intra-op threads, as a worker would
     (the same bits); returns their ended tickets (or ends the given ones, as ``submit`` does)."""
+    ended = list(tickets) if tickets is not None else [Ticket() for _ in jobs]
+    with _thread_count(threads):
+        _run(ended, list(jobs))
+    return ended
+
+
+@contextlib.contextmanager
+def _thread_count(threads: int) -> Iterator[None]:
     before = torch.get_num_threads()
     if before != threads:
         torch.set_num_threads(threads)
     try:
-        ended = list(tickets) if tickets is not None else [Ticket() for _ in jobs]
-        _run(ended, list(jobs))
+        yield
     finally:
         if before != threads:
             torch.set_num_threads(before)
-    return ended
 
 
-def _run(tickets: list[Ticket], jobs: list[RootJob]) -> None:
-    """Solve a batch and end each of its tickets (what the batch raised fails every one)."""
+class _Claim:
+    """A batch of :meth:`RootPool.solve_now`, queued for every solver: the first to take it
+    solves it, the others skip it."""
+
+    def __init__(self) -> None:
+        self._lock, self._taken = threading.Lock(), False
+
+    def take(self) -> bool:
+        with self._lock:
+            taken, self._taken = self._taken, True
+        return not taken
+
+
+def _run(
+    tickets: list[Ticket], jobs: list[RootJob], claim: _Claim | None = None, here: bool = False
+) -> None:
+    """Solve a batch and end each of its tickets (what the batch raised fails every one; on the
+    calling thread, ``here``, an interrupt, not an ``Exception``, is raised again after)."""
+    if claim is not None and not claim.take():  # another solver has it
+        return
     if all(ticket.done() for ticket in tickets):  # cancelled while queued
         return
     try:
@@ -129,9 +163,15 @@ def _run(tickets: list[Ticket], jobs: list[RootJob]) -> None:
     except BaseException as exc:  # handed to the main thread by outcome()
         for ticket in tickets:
             ticket.fail(exc)
+        if here and not isinstance(exc, Exception):
+            raise
 
 
-_Work = tuple[list[Ticket], list[RootJob]] | None
+def _work_of(jobs: Sequence[RootJob]) -> float:
+    return sum(job.snapshot.shape[0] * float(job.snapshot.shape[-1]) ** 3 for job in jobs)
+
+
+_Work = tuple[list[Ticket], list[RootJob], _Claim | None] | None
 _READY_SECONDS = 5.0
 _THREAD_NAME = "torch_shampoo-root-"
 _LIVE_POOLS: weakref.WeakSet[RootPool] = weakref.WeakSet()
@@ -141,12 +181,16 @@ _WORKERS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
 
 class RootPool:
     """Daemon worker threads at ``threads`` intra-op threads each, solving batches from a queue;
-    started by the first :meth:`submit` in a process. :meth:`close` never waits for a root."""
+    started by the first :meth:`submit` or :meth:`solve_now` in a process. ``helpers``: more
+    threads that only join :meth:`solve_now`. :meth:`close` never waits for a root."""
 
-    def __init__(self, num_workers: int, threads: int) -> None:
+    def __init__(self, num_workers: int, threads: int, helpers: int = 0) -> None:
         self.num_workers = num_workers
         self.threads = threads
+        self.helpers = helpers
         self._queue: queue.SimpleQueue[_Work] = queue.SimpleQueue()
+        self._now: queue.SimpleQueue[_Work] = queue.SimpleQueue()
+        """What only :meth:`solve_now` queues (for the helpers)."""
         self._threads: list[threading.Thread] = []
         self._outstanding: weakref.WeakSet[Ticket] = weakref.WeakSet()
         self._lock = threading.Lock()
@@ -156,15 +200,16 @@ class RootPool:
 
     def _start(self) -> None:
         if self._pid != os.getpid():  # forked: the parent's threads and queue are not ours
-            self._queue, self._threads, self._pid = queue.SimpleQueue(), [], os.getpid()
-            self._outstanding, self._lock = weakref.WeakSet(), threading.Lock()
+            self._fresh()
+            self._pid = os.getpid()
         if self._threads:
             return
-        borrowed = _BorrowedCount(self.num_workers, torch.get_num_threads())
-        for i in range(self.num_workers):
+        total = self.num_workers + self.helpers
+        borrowed = _BorrowedCount(total, torch.get_num_threads())
+        for i in range(total):
             thread = threading.Thread(
                 target=_work,
-                args=(self._queue, self.threads, borrowed),
+                args=(self._queue if i < self.num_workers else self._now, self.threads, borrowed),
                 name=f"{_THREAD_NAME}{i}",
                 daemon=True,
             )
@@ -172,9 +217,12 @@ class RootPool:
             self._threads.append(thread)
             _WORKERS.add(thread)
         borrowed.stop_waiting()
-        self._finalizer = weakref.finalize(
-            self, _stop, self._queue, len(self._threads), self._outstanding, self._lock
-        )
+        self._finalizer = weakref.finalize(self, _stop, [self._queue] * self.num_workers + [
+            self._now] * self.helpers, self._outstanding, self._lock)  # fmt: skip
+
+    def _fresh(self) -> None:
+        self._queue, self._now, self._threads = queue.SimpleQueue(), queue.SimpleQueue(), []
+        self._outstanding, self._lock = weakref.WeakSet(), threading.Lock()
 
     def submit(
         self, jobs: Sequence[RootJob], tickets: Sequence[Ticket] | None = None
@@ -186,16 +234,43 @@ class RootPool:
         with self._lock:
             for ticket in queued:
                 self._outstanding.add(ticket)
-        self._queue.put((queued, list(jobs)))
+        self._queue.put((queued, list(jobs), None))
         return queued
+
+    def solve_now(self, batches: Sequence[Sequence[RootJob]]) -> list[list[Ticket]]:
+        """Solve the batches ``batches`` now, on this thread and every worker and helper at once,
+        each batch whole by one of them at :attr:`threads` (the same bits as :meth:`submit`), the
+        largest first; returns their tickets, ended. An interrupt while this thread solves or
+        waits cancels the batches not yet solved (none is written later) and is raised."""
+        tickets = [[Ticket() for _ in jobs] for jobs in batches]
+        order = sorted(range(len(batches)), key=lambda i: -_work_of(batches[i]))
+        claims = [_Claim() for _ in batches]
+        try:
+            if len(batches) > 1:  # (one alone: this thread, whose count may need no change)
+                self._start()
+                with self._lock:
+                    self._outstanding.update(t for i in order for t in tickets[i])
+                queues = [self._queue] + [self._now] * bool(self.helpers)
+                for i in order[1:]:  # (this thread takes the first at once)
+                    for target in queues:
+                        target.put((tickets[i], list(batches[i]), claims[i]))
+            with _thread_count(self.threads):
+                for i in order:
+                    _run(tickets[i], list(batches[i]), claims[i], here=True)
+            for ticket in (t for group in tickets for t in group):
+                ticket.wait()
+        except BaseException:
+            for ticket in (t for group in tickets for t in group):
+                ticket.cancel("the step that waited for this root was interrupted")
+            raise
+        return tickets
 
     def close(self) -> None:
         """Cancel the jobs not yet solved and let the workers exit; returns at once."""
         if self._finalizer is not None and self._pid == os.getpid():
             self._finalizer()
-        # The old workers exit through the old queue; a later submit starts fresh ones.
-        self._queue, self._threads = queue.SimpleQueue(), []
-        self._outstanding, self._lock = weakref.WeakSet(), threading.Lock()
+        # The old workers exit through the old queues; a later submit starts fresh ones.
+        self._fresh()
 
 
 class _BorrowedCount:
@@ -247,21 +322,22 @@ def _work(jobs: queue.SimpleQueue[_Work], threads: int, borrowed: _BorrowedCount
 
 
 def _stop(
-    jobs: queue.SimpleQueue[_Work],
-    workers: int,
+    queues: list[queue.SimpleQueue[_Work]],
     outstanding: weakref.WeakSet[Ticket],
     lock: threading.Lock,
 ) -> None:
+    """(``queues``: one per worker.)"""
     with lock:
         tickets = list(outstanding)
     for ticket in tickets:
         ticket.cancel("the root pool was closed before this root was computed")
-    while True:  # drop what is queued; each worker then exits after its current job
-        try:
-            jobs.get_nowait()
-        except queue.Empty:
-            break
-    for _ in range(workers):
+    for jobs in queues:  # drop what is queued; each worker then exits after its current job
+        while True:
+            try:
+                jobs.get_nowait()
+            except queue.Empty:
+                break
+    for jobs in queues:
         jobs.put(None)
 
 

@@ -17,7 +17,7 @@ from ..config import world_size
 from ..distributed.partition_roots import Partition, assign
 from .jobs import RootCancelled, RootJob, RootOutcome, Ticket, outcomes_of
 from .pending import Batch, Pending
-from .pool import RootPool, batches, default_threads, run_here
+from .pool import RootPool, batches, default_threads, helpers, run_here
 from .staging import UNSET, HostBuffers, Slot, Staging
 from .staleness import FITTED, StalenessFit, Stats
 
@@ -55,7 +55,8 @@ class RootScheduler:
 
     def _pool(self) -> RootPool:
         if self.pool is None:
-            self.pool = RootPool(self.workers, default_threads(self.workers))
+            threads = default_threads(self.workers)
+            self.pool = RootPool(self.workers, threads, helpers(self.workers, threads))
         return self.pool
 
     def threads(self) -> int:
@@ -100,19 +101,31 @@ class RootScheduler:
             return setting
         if not self.async_roots:
             return 0
-        fitted = group.get(FITTED)
-        if fitted is None and self.fit.cycle_seconds is not None:
+        fitted, fit = group.get(FITTED), self.fit
+        if world_size() > 1 or torch.are_deterministic_algorithms_enabled():
             # Ranks fitting their own timings would drift apart, and deterministic runs must not
             # depend on timings: both take the frequency.
-            fixed = world_size() > 1 or torch.are_deterministic_algorithms_enabled()
-            steps = frequency if fixed else self.fit.steps_for(self.fit.cycle_seconds)
+            if fitted is None and fit.cycle_seconds is not None:
+                fitted = group[FITTED] = frequency
+                log.info("root_staleness='auto' set to the frequency, %d steps", frequency)
+            return frequency if fitted is None else int(fitted)
+        drift = fit.drift(id(group)) if fitted is not None else None
+        if fitted is not None and id(group) not in fit.basis:
+            fit.fit(id(group))  # (loaded with the state: kept, measured from now on)
+        elif fitted is None or drift is not None:
+            steps = fit.fit(id(group))
             if steps is not None:
-                fitted = group[FITTED] = min(frequency, steps)
-                log.info(
-                    "root_staleness='auto' fitted to %d steps (a root cycle %.3g s, a step "
-                    "%.3g s); root_staleness=%d reproduces this run", fitted,
-                    self.fit.cycle_seconds, self.fit.step_seconds() or math.nan, fitted,
-                )  # fmt: skip
+                steps = min(frequency, steps)
+                if drift is not None and drift > 1:  # roots got slower: never below a growth
+                    steps = max(steps, int(fitted or 0))
+                if steps != fitted:
+                    cycle, step = fit.basis[id(group)]
+                    log.info(
+                        "root_staleness='auto' %s to %d steps (a root cycle %.3g s, a "
+                        "preconditioned step %.3g s); root_staleness=%d reproduces this run",
+                        "re-fitted" if fitted is not None else "fitted", steps, cycle, step, steps,
+                    )  # fmt: skip
+                fitted = group[FITTED] = steps
         return frequency if fitted is None else int(fitted)
 
     def submit(
@@ -158,10 +171,11 @@ class RootScheduler:
             self.due_now = []
 
     def _hand_over(
-        self, pendings: list[Pending], start: Callable[[list[RootJob]], list[Ticket]]
+        self, pendings: list[Pending], start: Callable[[list[list[RootJob]]], list[list[Ticket]]]
     ) -> None:
         """Form the batches of these pendings' jobs and start those this process solves with
-        ``start``; another rank's (``partition_roots``) get tickets that ``exchange`` fills."""
+        ``start`` (all at once); another rank's (``partition_roots``) get tickets that
+        ``exchange`` fills."""
         now = time.perf_counter()
         for pending in pendings:
             pending.sent_at = now
@@ -175,10 +189,11 @@ class RootScheduler:
         owners = [0] * len(formed)
         if self.partition is not None:
             owners = assign([batch.work() for batch in formed], self.partition.size)
+        mine = [self.partition is None or self.partition.mine(owner) for owner in owners]
+        solving = iter(start([batch.jobs() for batch, m in zip(formed, mine) if m]))
         started: dict[tuple[int, int], tuple[Ticket, Batch, int]] = {}
-        for batch, owner in zip(formed, owners):
-            mine = self.partition is None or self.partition.mine(owner)
-            tickets = start(batch.jobs()) if mine else [Ticket() for _ in batch.members]
+        for batch, owner, m in zip(formed, owners, mine):
+            tickets = next(solving) if m else [Ticket() for _ in batch.members]
             for (pending, i), ticket in zip(batch.members, tickets):
                 started[id(pending), i] = (ticket, batch, owner)
         for pending in pendings:
@@ -195,12 +210,14 @@ class RootScheduler:
         mine = self.partition.mine
         return [ticket for ticket, o in zip(pending.tickets, pending.owners) if mine(o)]
 
-    def _now(self, jobs: list[RootJob]) -> list[Ticket]:
-        """A batch the step waits for at once: on this thread for synchronous roots when it runs
-        at the workers' thread count (its warm OpenMP team is faster), else on the pool."""
-        if not self.async_roots and torch.get_num_threads() == self.threads():
-            return run_here(jobs, self.threads())
-        return self._pool().submit(jobs)
+    def _now(self, jobs: list[list[RootJob]]) -> list[list[Ticket]]:
+        """Batches the step waits for at once: solved by this thread and the pool's threads
+        together, each at the workers' thread count (docs/design.md, "Threads")."""
+        return self._pool().solve_now(jobs) if jobs else []
+
+    def _later(self, jobs: list[list[RootJob]]) -> list[list[Ticket]]:
+        pool = self._pool()
+        return [pool.submit(batch) for batch in jobs]
 
     def send(self) -> None:
         """Hand the jobs due in later steps to the pool (at the end of a step, so that workers
@@ -219,7 +236,7 @@ class RootScheduler:
                 for ticket in self._own(pending):
                     ticket.wait()
         else:
-            self._hand_over(self.unsent, self._pool().submit)
+            self._hand_over(self.unsent, self._later)
         self.unsent = []
 
     def take_due(
@@ -242,6 +259,9 @@ class RootScheduler:
         began = time.perf_counter()
         for ticket in own:
             ticket.wait()
+        self.fit.rooted = True
+        if self.async_roots and age > 0 and pending.tickets:
+            self.fit.cycle_ended(pending.sent_at, max(t.finished_at for t in pending.tickets))
         if stalled:
             stats.stalls += 1
             stats.stall_seconds += time.perf_counter() - began
@@ -284,7 +304,7 @@ class RootScheduler:
     def waited_first_cycle(self, seconds: float) -> None:
         """A first root cycle took ``seconds`` of waiting inside the step (what fits auto)."""
         self.stats.first_root_seconds += seconds
-        self.fit.cycle_seconds = seconds
+        self.fit.cycle_seconds, self.fit.rooted = seconds, True
 
     def _snapshot_buffer(self, factors: torch.Tensor) -> Staging:
         """A job's host buffers at its snapshot (its result's is taken when it is handed over)."""

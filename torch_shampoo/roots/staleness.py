@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 import statistics
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 __all__ = ["FITTED", "StalenessFit", "Stats"]
@@ -17,33 +17,91 @@ FITTED = "fitted_staleness"
 
 class StalenessFit:
     """Fits ``"auto"`` staleness: the smallest s ≥ 1 such that ``MARGIN`` times a root cycle's
-    wall time fits into s training steps (the median interval between ``step()`` calls)."""
+    wall time fits into s training steps, a step being the median interval between the
+    ``step()`` calls that precondition (the graft-only steps before roots exist are cheaper);
+    fitted again when the cycle or the step changed by more than ``REFIT``× since."""
 
     MARGIN = 2.0
+    """Kept at 2: a later cycle's roots run beside training (the first cycle's are waited for
+    on every core), and a stall costs more than a step of staleness (docs/design.md)."""
+    REFIT = 2.0
 
-    def __init__(self) -> None:
-        self._clock: deque[float] = deque(maxlen=65)
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
+        self._every: deque[float] = deque(maxlen=64)
+        """The latest intervals between ``step()`` calls."""
+        self._preconditioned: deque[float] = deque(maxlen=64)
+        """Those of steps that began with roots installed (not the first cycle's own step)."""
+        self._last: float | None = None
+        self._counting = False
+        self.rooted = False
+        """Roots were installed: the steps from the next one on precondition."""
         self.first_tick: float | None = None
         self.cycle_seconds: float | None = None
-        """Wall time of the latest root cycle that was waited for (with the given workers)."""
+        """Wall time of the latest root cycle (the first's wait; a later one's send → last
+        root), with the given workers."""
+        self._cycle_sent = -1.0
+        self.basis: dict[int, tuple[float, float]] = {}
+        """Per group (``id``): the (cycle, step) seconds its staleness was fitted from."""
         self.grown_at = -1
 
     def tick(self) -> None:
-        now = time.perf_counter()
-        self._clock.append(now)
+        """At the start of every ``step()``."""
+        now = self.clock()
+        if self._last is not None:
+            self._every.append(now - self._last)
+            if self._counting:
+                self._preconditioned.append(now - self._last)
+        self._last, self._counting = now, self.rooted
         if self.first_tick is None:
             self.first_tick = now
 
     def step_seconds(self) -> float | None:
-        gaps = [b - a for a, b in itertools.pairwise(self._clock)]
+        """The median interval of preconditioned steps (of every step until there is one)."""
+        gaps = self._preconditioned or self._every
         return statistics.median(gaps) if gaps else None
 
     def steps_for(self, seconds: float) -> int | None:
-        """Training steps that ``seconds`` of root work needs, with the margin."""
-        period = self.step_seconds()
-        if period is None or period <= 0:
+        """Preconditioned training steps that ``seconds`` of root work needs, with the margin
+        (None until a preconditioned step was measured)."""
+        if not self._preconditioned:
+            return None
+        period = statistics.median(self._preconditioned)
+        if period <= 0:
             return None
         return max(1, math.ceil(self.MARGIN * seconds / period))
+
+    def cycle_ended(self, sent_at: float, finished_at: float) -> None:
+        """A later cycle's root (sent at ``sent_at``) ended at ``finished_at``: the cycle's wall
+        time is the latest of its roots'."""
+        if sent_at <= 0 or finished_at < sent_at:  # (loaded from a state dict: not measured)
+            return
+        seconds = finished_at - sent_at
+        if sent_at == self._cycle_sent and self.cycle_seconds is not None:
+            seconds = max(seconds, self.cycle_seconds)
+        self._cycle_sent, self.cycle_seconds = sent_at, seconds
+
+    def fit(self, key: int) -> int | None:
+        """The staleness the latest cycle needs (None: nothing to fit from yet); remembered as
+        group ``key``'s basis."""
+        step = self.step_seconds()
+        if self.cycle_seconds is None or step is None:
+            return None
+        steps = self.steps_for(self.cycle_seconds)
+        if steps is not None:
+            self.basis[key] = (self.cycle_seconds, step)
+        return steps
+
+    def drift(self, key: int) -> float | None:
+        """How much the cycle per step changed since group ``key`` was fitted (> 1: roots got
+        slower), when the cycle or the step changed by more than ``REFIT``×; else None."""
+        step, basis = self.step_seconds(), self.basis.get(key)
+        if basis is None or self.cycle_seconds is None or step is None or step <= 0:
+            return None
+        cycle_ratio, step_ratio = self.cycle_seconds / basis[0], step / basis[1]
+        if max(cycle_ratio, 1 / cycle_ratio, step_ratio, 1 / step_ratio) <= self.REFIT:
+            return None
+        return cycle_ratio / step_ratio
 
 
 @dataclass

@@ -1,0 +1,175 @@
+"""Batches a step waits for (synchronous roots, first cycles) are solved by the calling thread and
+the pool's threads at once (``RootPool.solve_now``), each at the workers' thread count: the same
+bits as async roots, no hang when a solver raises, an interrupt leaves no root written later."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+import torch
+from models import assert_bitwise_equal
+
+import torch_shampoo.roots.pool as root_pool
+from torch_shampoo import Shampoo
+from torch_shampoo.roots.jobs import RootJob
+
+
+def _job(d: int, seed: int) -> RootJob:
+    g = torch.randn(d, 2 * d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    x = (g @ g.T / d)[None]
+    return RootJob(x, torch.zeros_like(x), None, None, 1.0, 4.0, 1e-12, "eigh")
+
+
+def _solvers(monkeypatch: pytest.MonkeyPatch, together: int) -> list[str]:
+    """Make ``solve`` record its thread and wait (10 s at most) until ``together`` threads are
+    inside it: the batches are solved at once or the wait fails."""
+    real, names, barrier = root_pool.solve, [], threading.Barrier(together)
+
+    def solve(jobs: Any) -> Any:
+        names.append(threading.current_thread().name)
+        barrier.wait(10)
+        return real(jobs)
+
+    monkeypatch.setattr(root_pool, "solve", solve)
+    return names
+
+
+@pytest.mark.parametrize("helpers", [0, 2])
+def test_the_calling_thread_the_workers_and_the_helpers_solve_the_batches_at_once(
+    monkeypatch: pytest.MonkeyPatch, helpers: int
+) -> None:
+    """One worker (and ``helpers``): 2 (4) batches in flight together, each solved once, each
+    root bitwise the one its batch gets alone on this thread."""
+    names = _solvers(monkeypatch, 2 + helpers)
+    jobs = [[_job(8, seed)] for seed in range(2 + helpers)]
+    pool = root_pool.RootPool(1, 1, helpers)
+    try:
+        tickets = pool.solve_now(jobs)
+    finally:
+        pool.close()
+    assert len(names) == len(set(names)) == 2 + helpers  # one batch per thread, each once
+    assert threading.current_thread().name in names
+    assert all(t.done() and t.outcome()[0].ok for group in tickets for t in group)
+    monkeypatch.undo()
+    for seed, (job,) in enumerate(jobs):
+        alone = _job(8, seed)
+        root_pool.run_here([alone], 1)
+        assert torch.equal(job.result, alone.result)
+
+
+def test_a_batch_that_raises_on_a_worker_fails_its_tickets_and_the_wait_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real, barrier = root_pool.solve, threading.Barrier(2)
+
+    def solve(jobs: Any) -> Any:
+        barrier.wait(10)  # one batch each
+        if threading.current_thread().name.startswith(root_pool._THREAD_NAME):
+            raise ValueError("a worker's solve failed")
+        return real(jobs)
+
+    monkeypatch.setattr(root_pool, "solve", solve)
+    pool = root_pool.RootPool(1, 1)
+    try:
+        tickets = pool.solve_now([[_job(6, 0)], [_job(6, 1)]])
+    finally:
+        pool.close()
+    errors = []
+    for (ticket,) in tickets:
+        try:
+            ticket.outcome()
+        except ValueError as exc:
+            errors.append(str(exc))
+    assert errors == ["a worker's solve failed"]
+
+
+def test_an_interrupt_while_the_caller_solves_cancels_the_workers_batch_unwritten(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ctrl-C arrives while this thread solves its batch: solve_now raises it at once, and the
+    worker's batch, finished later, is discarded (its ticket cancelled, its buffer untouched)."""
+    real, entered, release = root_pool.solve, threading.Event(), threading.Event()
+
+    def solve(jobs: Any) -> Any:
+        if threading.current_thread().name.startswith(root_pool._THREAD_NAME):
+            entered.set()
+            release.wait(10)
+            return real(jobs)
+        assert entered.wait(10)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(root_pool, "solve", solve)
+    jobs = [[_job(6, 0)], [_job(6, 1)]]
+    pool = root_pool.RootPool(1, 1)
+    finished = threading.Event()
+    real_run = root_pool._run
+
+    def run(*args: Any, **kwargs: Any) -> None:
+        real_run(*args, **kwargs)
+        if threading.current_thread().name.startswith(root_pool._THREAD_NAME):
+            finished.set()
+
+    monkeypatch.setattr(root_pool, "_run", run)
+    torch.set_num_threads(2)  # the pool's is 1: this thread's count changes while it solves
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pool.solve_now(jobs)
+        assert torch.get_num_threads() == 2  # put back
+        release.set()
+        assert finished.wait(10)
+    finally:
+        pool.close()
+    for ((job,),) in zip(jobs):
+        assert torch.equal(job.result, torch.zeros_like(job.result)), "written after the interrupt"
+
+
+def test_solve_now_after_close_starts_fresh_workers_and_ends_every_ticket() -> None:
+    pool = root_pool.RootPool(1, 1)
+    pool.solve_now([[_job(4, 0)], [_job(4, 1)]])
+    pool.close()
+    tickets = pool.solve_now([[_job(4, 2)], [_job(4, 3)], [_job(4, 4)]])
+    pool.close()
+    assert all(t.outcome()[0].ok for group in tickets for t in group)
+
+
+def _mlp(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(96, 128), torch.nn.Tanh(), torch.nn.Linear(128, 128), torch.nn.Tanh(),
+        torch.nn.Linear(128, 96),
+    )  # fmt: skip
+
+
+def _run(steps: int, **kwargs: Any) -> list[torch.Tensor]:
+    model = _mlp(0)
+    batches = [(torch.randn(8, 96, generator=g), torch.randn(8, 96, generator=g))
+               for g in [torch.Generator().manual_seed(1)] for _ in range(steps)]  # fmt: skip
+    with Shampoo(model.parameters(), lr=0.01, block_size=128, root_workers=1, **kwargs) as opt:
+        for x, y in batches:
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_synchronous_roots_over_several_batches_equal_async_roots_bitwise(
+    monkeypatch: pytest.MonkeyPatch, threads: int
+) -> None:
+    """128 x 128 factors (two per batch): several batches per cycle, solved by this thread and
+    the worker in sync mode, by the worker alone in async mode (later cycles): the same bits."""
+    real, sizes = root_pool.RootPool.solve_now, []
+
+    def solve_now(self: Any, batches: Any) -> Any:
+        sizes.append(len(batches))
+        return real(self, batches)
+
+    monkeypatch.setattr(root_pool.RootPool, "solve_now", solve_now)
+    torch.set_num_threads(threads)
+    common = dict(precondition_frequency=3, root_staleness=3)
+    asynchronous = _run(10, async_roots=True, **common)
+    synchronous = _run(10, async_roots=False, **common)
+    assert sizes and max(sizes) >= 3
+    assert_bitwise_equal(asynchronous, synchronous)
