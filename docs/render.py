@@ -178,8 +178,8 @@ def where(name: str) -> str:
 
 def run_body(name: str, report: dict[str, Any], reports: dict[str, dict[str, Any]]) -> list[str]:
     """A run's environment line, then each section's table, note, load and targets."""
-    labels = ("command", "date", "machine", "torch", "load average", "wall time", "commit")
-    out = ["; ".join(f"{label}: {cell}" for label, cell in zip(labels, run_cells(report)))]
+    labels = ("command: ", "date: ", "machine: ", "", "", "wall time: ", "commit: ")
+    out = ["; ".join(label + cell for label, cell in zip(labels, run_cells(report)))]
     for s in report["sections"]:
         out += ["", f"### {s['title']}", "", table(s["headers"], s["rows"]), ""]
         out += [s["note"], ""] if s["note"] else []
