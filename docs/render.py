@@ -210,7 +210,7 @@ def benchmarks_page(reports: dict[str, dict[str, Any]]) -> str:
         "",
         "Every figure in docs/ is a benchmark's output, rendered from its JSON in `docs/results/`"
         " (this page, one page per run beside its JSON, docs/settings.md and the README's "
-        "table). To measure again (all of them: about 10 minutes on 2 idle cores), then commit "
+        "table). To measure again (each run's wall time: in the table below), then commit "
         "`docs/results/`, `docs/images/demos.png` and the pages:",
         "",
         "```bash",
