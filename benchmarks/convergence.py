@@ -8,7 +8,7 @@ example's warm-up and cosine schedule (examples/_common.py's ``train``). Section
           training losses; per method's best lr the steps and wall time to reach Adam's best
           final loss (the target), the steps to SGD-momentum's best loss and their ratio to
           SGD's own, the lrs that diverged, the median and mean step; curves in a PNG beside the
-          JSON (README's docs/images/convergence.png).
+          JSON (docs/render.py --run: docs/images/demos.png).
   ngplus  NG+: damping x lr (3 x 3), then one change at a time from the defaults, each run's
           final loss and steps to SGD-momentum's best loss.
 

@@ -1,5 +1,5 @@
 """The settings spec (:mod:`torch_shampoo.settings`) against what the front ends, their docstrings
-and the README say, the fuzz of every front end's constructor drawn from it, and the settings
+and docs/settings.md say, the fuzz of every front end's constructor drawn from it, and the settings
 bugs it fixed."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from torch_shampoo.update.grafting import GRAFTS
 CLASSES: dict[str, type] = {"Shampoo": Shampoo, "SOAP": SOAP, "NGPlus": NGPlus}
 FRONT = pytest.mark.parametrize("front", spec.FRONTS)
 ROWS = [(front, s) for front in spec.FRONTS for s in spec.rows(front)]
-README = Path(__file__).resolve().parent.parent / "README.md"
+SETTINGS_PAGE = Path(__file__).resolve().parent.parent / "docs" / "settings.md"
 
 
 def _signature(front: str) -> dict[str, inspect.Parameter]:
@@ -85,7 +85,7 @@ def test_the_docstring_documents_every_kwarg_and_nothing_else(front: str) -> Non
 
 
 def _literal(text: str) -> Any:
-    """A README default: a Python literal, or a dtype written ``torch.float64``."""
+    """A default on the settings page: a Python literal, or a dtype written ``torch.float64``."""
     if text.startswith("torch."):
         dtype = getattr(torch, text.removeprefix("torch."))
         assert isinstance(dtype, torch.dtype), text
@@ -93,9 +93,9 @@ def _literal(text: str) -> Any:
     return ast.literal_eval(text)
 
 
-def _readme_table(front: str) -> dict[str, Any]:
-    """The README's kwarg table of ``front``: name → default (``as Shampoo``: Shampoo's)."""
-    text = README.read_text(encoding="utf-8")
+def _page_table(front: str) -> dict[str, Any]:
+    """docs/settings.md's kwarg table of ``front``: name → default (``as Shampoo``: Shampoo's)."""
+    text = SETTINGS_PAGE.read_text(encoding="utf-8")
     section = text.split(f"### `{front}(params, **kwargs)`", 1)[1].split("\n#", 1)[0]
     table: dict[str, Any] = {}
     for row in section.splitlines():
@@ -117,8 +117,8 @@ def _all_defaults(front: str) -> dict[str, Any]:
 
 
 @FRONT
-def test_the_readme_table_lists_the_spec_with_its_defaults(front: str) -> None:
-    assert _readme_table(front) == _all_defaults(front)
+def test_the_settings_page_lists_the_spec_with_its_defaults(front: str) -> None:
+    assert _page_table(front) == _all_defaults(front)
 
 
 @FRONT

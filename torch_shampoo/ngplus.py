@@ -55,7 +55,7 @@ class NGPlus(PreconditionerEngine):
     The paper's rule is ``relative_damping=False, bias_correction=False, grafting="none"``; the
     defaults make a constant factor on the loss change nothing, with an lr about a tenth of
     Adam's (the default 1e-4; at Adam's lr NG+ diverged on a small MLP where a tenth of it beat
-    Adam; README). F is cut into diagonal blocks of ``block_size``. Vectors take the grafted
+    Adam; docs/tuning.md). F is cut into diagonal blocks of ``block_size``. Vectors take the grafted
     gradient, except a hooked layer's bias (per-sample statistics): it shares its layer's F
     (ã = [a; 1]) and the weight's inverse.
 
@@ -68,7 +68,7 @@ class NGPlus(PreconditionerEngine):
         damping: λ, a float or a function of the step (called at each inverse step); a function
             is not saved by ``state_dict()`` and is kept from the loading optimizer. Default 3
             (relative: three times each block's mean eigenvalue), chosen from a measured grid
-            (README, tuning guide).
+            (``python -m benchmarks.convergence --sections ngplus``; docs/tuning.md).
         curvature_beta: β of the moving average of F.
         inverse_frequency: T, the steps between inverses.
         statistics: ``"minibatch"`` or ``"per_sample"`` (needs ``model=`` or :meth:`attach`;

@@ -95,7 +95,7 @@ _S, _O, _N = "Shampoo", "SOAP", "NGPlus"
 
 SPEC: tuple[Setting, ...] = (
     Setting("lr", {_S: 1e-3, _O: 1e-3, _N: 1e-4}, Lr(), "learning rate (float or 0-d tensor)",
-            "lr"),  # NG+: a tenth of Adam's (its graft gives Adam's step size; README)
+            "lr"),  # NG+: a tenth of Adam's (its graft gives Adam's step size; docs/tuning.md)
     Setting("betas", {_S: (0.9, 0.999)}, Betas(), "β₁ of the first moment, β₂ of the statistics",
             lambda g: {"beta1": g["betas"][0], "beta2": g["betas"][1]}),
     Setting("betas", {_O: (0.9, 0.999)}, Betas(high_open=True), "Adam's (β₁, β₂)",
