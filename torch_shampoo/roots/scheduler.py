@@ -109,24 +109,7 @@ class RootScheduler:
                 fitted = group[FITTED] = frequency
                 log.info("root_staleness='auto' set to the frequency, %d steps", frequency)
             return frequency if fitted is None else int(fitted)
-        drift = fit.drift(id(group)) if fitted is not None else None
-        if fitted is not None and id(group) not in fit.basis:
-            fit.fit(id(group))  # (loaded with the state: kept, measured from now on)
-        elif fitted is None or drift is not None:
-            steps = fit.fit(id(group))
-            if steps is not None:
-                steps = min(frequency, steps)
-                if drift is not None and drift > 1:  # roots got slower: never below a growth
-                    steps = max(steps, int(fitted or 0))
-                if steps != fitted:
-                    cycle, step = fit.basis[id(group)]
-                    log.info(
-                        "root_staleness='auto' %s to %d steps (a root cycle %.3g s, a "
-                        "preconditioned step %.3g s); root_staleness=%d reproduces this run",
-                        "re-fitted" if fitted is not None else "fitted", steps, cycle, step, steps,
-                    )  # fmt: skip
-                fitted = group[FITTED] = steps
-        return frequency if fitted is None else int(fitted)
+        return fit.auto(group, frequency)
 
     def submit(
         self,

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = ["FITTED", "StalenessFit", "Stats"]
 
 FITTED = "fitted_staleness"
 """The param-group key of an ``"auto"`` staleness once it is fitted (absent before)."""
+
+log = logging.getLogger("torch_shampoo")
 
 
 class StalenessFit:
@@ -102,6 +106,30 @@ class StalenessFit:
         if max(cycle_ratio, 1 / cycle_ratio, step_ratio, 1 / step_ratio) <= self.REFIT:
             return None
         return cycle_ratio / step_ratio
+
+    def auto(self, group: dict[str, Any], frequency: int) -> int:
+        """``group``'s auto staleness of a later cycle: fitted once measured, fitted again on a
+        drift (never below a stall's growth when roots got slower), ≤ ``frequency``; logged
+        when it changes."""
+        fitted, key = group.get(FITTED), id(group)
+        drift = self.drift(key) if fitted is not None else None
+        if fitted is not None and key not in self.basis:
+            self.fit(key)  # (loaded with the state: kept, measured from now on)
+        elif fitted is None or drift is not None:
+            steps = self.fit(key)
+            if steps is not None:
+                steps = min(frequency, steps)
+                if drift is not None and drift > 1:  # roots got slower: never below a growth
+                    steps = max(steps, int(fitted or 0))
+                if steps != fitted:
+                    cycle, step = self.basis[key]
+                    log.info(
+                        "root_staleness='auto' %s to %d steps (a root cycle %.3g s, a "
+                        "preconditioned step %.3g s); root_staleness=%d reproduces this run",
+                        "re-fitted" if fitted is not None else "fitted", steps, cycle, step, steps,
+                    )  # fmt: skip
+                fitted = group[FITTED] = steps
+        return frequency if fitted is None else int(fitted)
 
 
 @dataclass
