@@ -38,11 +38,7 @@ ABLATIONS: list[tuple[str, str, dict[str, Any]]] = [
 
 
 def build(name: str, quick: bool) -> tuple[Any, Any, int]:
-    module = h.example(f"train_{name}")
-    small = {"digits": {"batch": 32}, "regression": {"train_size": 512},
-             "charlm": {"d_model": 32, "layers": 1, "seq_len": 32, "batch": 8,
-                        "val_batches": 2}}  # fmt: skip
-    task = module.build_task(**small[name]) if quick else module.build_task()
+    task, module = h.task(name, quick)
     return task, module, {"digits": 40, "charlm": 20, "regression": 30}[name] if quick else (
         module.DEFAULT_STEPS)  # fmt: skip
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import gc
 import importlib
 import importlib.util
@@ -59,15 +60,7 @@ def load_checkout(where: str) -> ModuleType:
             subprocess.run, ["git", "worktree", "remove", "--force", str(path)], cwd=ROOT,
             capture_output=True,
         )  # fmt: skip
-    init = path / "torch_shampoo" / "__init__.py"
-    name = "torch_shampoo_other"
-    spec = importlib.util.spec_from_file_location(
-        name, init, submodule_search_locations=[str(init.parent)]
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
+    module = _import("torch_shampoo_other", path / "torch_shampoo" / "__init__.py", package=True)
     module.__checkout__ = f"{where} ({git('rev-parse', 'HEAD', cwd=path)[:10]})"  # type: ignore[attr-defined]
     return module
 
@@ -81,6 +74,16 @@ def packages(args: argparse.Namespace) -> dict[str, ModuleType]:
     return out
 
 
+def _import(name: str, path: Path, package: bool = False) -> ModuleType:
+    """The module (or package) at ``path`` imported as ``name``."""
+    where = [str(path.parent)] if package else None
+    spec = importlib.util.spec_from_file_location(name, path, submodule_search_locations=where)
+    assert spec is not None and spec.loader is not None
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 # ---------------------------------------------------------------------------- examples, models
 
 
@@ -89,12 +92,26 @@ def example(name: str) -> ModuleType:
     under its own name (they import ``_common`` and ``_report`` by their plain names)."""
     for dep in ("_report", "_common", name):
         if dep not in sys.modules:
-            spec = importlib.util.spec_from_file_location(dep, EXAMPLES / f"{dep}.py")
-            assert spec is not None and spec.loader is not None
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[dep] = module
-            spec.loader.exec_module(module)
+            _import(dep, EXAMPLES / f"{dep}.py")
     return sys.modules[name]
+
+
+def task(demo: str, quick: bool) -> tuple[Any, ModuleType]:
+    """A demo's task (quick: smaller batches, data or model) and its example module."""
+    module = example(f"train_{demo}")
+    small = {"digits": {"batch": 32}, "regression": {"train_size": 512},
+             "charlm": {"d_model": 32, "layers": 1, "seq_len": 32, "batch": 8,
+                        "val_batches": 2}}  # fmt: skip
+    return module.build_task(**small[demo] if quick else {}), module
+
+
+def charlm() -> Model:
+    """The char-LM demo's model and its batches' shape, at its defaults."""
+    built = example("train_charlm").build_task()
+    shape = next(built.batches(0))[0].shape
+    vocab = built.build_model().head.out_features
+    return Model("char-LM (demo)", built.build_model,
+                 lambda g: torch.randint(vocab, shape, generator=g))  # fmt: skip
 
 
 @dataclass
@@ -169,16 +186,9 @@ def gradient_sets(
 # ------------------------------------------------------------------------------- contenders
 
 
-def _optional(module: str) -> Any:
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        return None
-
-
 def optimizer(key: str, params: Any, lr: float = 1e-3, block: int | None = None,
               pkg: ModuleType = torch_shampoo, **kwargs: Any) -> Any:  # fmt: skip
-    """One contender by key; None when its package is not installed. Shampoo keys:
+    """One contender by key; None (and a note) when its package is not installed. Keys:
     ``shampoo-{sync,async,noguard,compact,bf16,noroot}``; ``soap-{sync,async,bf16}``; ``ngplus``;
     ``adam``, ``adam-fused``; ``pto-soap`` (pytorch-optimizer), ``hb-soap`` (HeavyBall)."""
     blocks = {"block_size": block} if block else {}
@@ -201,12 +211,14 @@ def optimizer(key: str, params: Any, lr: float = 1e-3, block: int | None = None,
         return pkg.SOAP(params, lr=lr, **blocks, async_roots=key == "soap-async", **kwargs)
     if key == "ngplus":
         return pkg.NGPlus(params, lr=lr, **kwargs)
-    if key == "pto-soap":
-        module = _optional("pytorch_optimizer")
-        return module and module.SOAP(params, lr=lr, weight_decay=0.0)
-    if key == "hb-soap":
-        module = _optional("heavyball")
-        return module and module.SOAP(params, lr=lr)
+    if key in LABELS:
+        package = "heavyball" if key == "hb-soap" else "pytorch_optimizer"
+        try:
+            module = importlib.import_module(package)
+        except ImportError:
+            print(f"note: {LABELS[key]} is not installed: no row")
+            return None
+        return module.SOAP(params, lr=lr, **({"weight_decay": 0.0} if key == "pto-soap" else {}))
     raise ValueError(f"unknown optimizer {key!r}")
 
 
@@ -215,9 +227,8 @@ LABELS = {"pto-soap": "SOAP (pytorch-optimizer)", "hb-soap": "SOAP (HeavyBall)"}
 
 def heavyball_quick() -> None:
     """--quick: HeavyBall compiles with mode "default" instead of its max-autotune (minutes)."""
-    module = _optional("heavyball")
-    if module is not None:
-        module.utils.compile_mode = "default"
+    with contextlib.suppress(ImportError):
+        importlib.import_module("heavyball").utils.compile_mode = "default"
 
 
 def drain(opt: Any) -> None:
@@ -289,10 +300,9 @@ class Contender:
 
     def summary(self) -> dict[str, Any]:
         times = [r[2] for r in self.records]
-        roots = [r[2] for r in self.records if self.root_every and r[1] % self.root_every == 0]
-        nonroot = [
-            r[2] for r in self.records if not (self.root_every and r[1] % self.root_every == 0)
-        ]
+        is_root = [bool(self.root_every and r[1] % self.root_every == 0) for r in self.records]
+        roots = [s for s, root in zip(times, is_root) if root]
+        nonroot = [s for s, root in zip(times, is_root) if not root]
         inner = [r[3] for r in self.records if r[3] is not None]
         out = {"name": self.name, "steps": len(times), "median": statistics.median(times),
                "median_nonroot": statistics.median(nonroot or times),
@@ -321,26 +331,40 @@ def interleave(
 ) -> float:
     """Warm every contender up (``warmup`` untimed steps, then drained), then ``rounds`` rounds
     of one block per contender, the order rotating: ``refill`` untimed steps, ``steps`` timed
-    steps, the roots in flight drained (untimed), a garbage collection. Returns the wall time."""
+    steps, the roots in flight drained (untimed), a garbage collection. Closes every contender's
+    optimizer at the end (``summary`` still reads its ``root_stats``). Returns the wall time."""
     began = time.perf_counter()
-    for c in contenders:
-        log(f"{label} warm-up {c.name}")
-        for _ in range(warmup):
-            c.advance(-1, timed=False)
-        drain(c.opt)
-    for r in range(rounds):
-        shift = r % len(contenders)
-        for c in contenders[shift:] + contenders[:shift]:
-            log(f"{label} round {r + 1}/{rounds} {c.name}")
-            for _ in range(c.refill):
-                c.advance(r, timed=False)
-            for _ in range(steps):
-                c.advance(r, timed=True)
+    try:
+        for c in contenders:
+            log(f"{label} warm-up {c.name}")
+            for _ in range(warmup):
+                c.advance(-1, timed=False)
             drain(c.opt)
-            gc.collect()
+        for r in range(rounds):
+            shift = r % len(contenders)
+            for c in contenders[shift:] + contenders[:shift]:
+                log(f"{label} round {r + 1}/{rounds} {c.name}")
+                for _ in range(c.refill):
+                    c.advance(r, timed=False)
+                for _ in range(steps):
+                    c.advance(r, timed=True)
+                drain(c.opt)
+                gc.collect()
+    finally:
+        for c in contenders:
+            close(c.opt)
     return time.perf_counter() - began
 
 
-def close_all(contenders: Sequence[Contender]) -> None:
+def run(
+    contenders: list[Contender], rounds: int, steps: int, warmup: int, label: str
+) -> tuple[float, list[dict[str, Any]], dict[str, float]]:
+    """The first step of each contender timed apart (state creation, compilation), then
+    ``interleave``: the wall time, the summaries and the first steps' seconds."""
+    first: dict[str, float] = {}
     for c in contenders:
-        close(c.opt)
+        began = time.perf_counter()
+        c.advance(-1, timed=False)
+        first[c.name] = time.perf_counter() - began
+    wall = interleave(contenders, rounds, steps, warmup, label)
+    return wall, [c.summary() for c in contenders], first

@@ -42,22 +42,13 @@ def _takes_state_dtype(pkg: Any) -> bool:
     return "state_dtype" in pkg.Shampoo.__init__.__code__.co_varnames
 
 
-def charlm() -> h.Model:
-    """The char-LM demo's model (examples/train_charlm.py) at its defaults."""
-    task = h.example("train_charlm").build_task()
-    x, _ = next(task.batches(0))
-    vocab = task.build_model().head.out_features
-    return h.Model("char-LM (demo)", task.build_model,
-                   lambda g: torch.randint(vocab, x.shape, generator=g))  # fmt: skip
-
-
 def _mb(n: float | None) -> str:
     return "-" if n is None else f"{n / 2**20:.2f}"
 
 
 def state(report: h.Report, args: Any, pkgs: dict[str, Any]) -> None:
     blocks, cuda = (64, 128) if args.quick else (128, 1024), args.device == "cuda"
-    for model in [*h.models(args.quick), *([] if args.quick else [charlm()])]:
+    for model in [*h.models(args.quick), *([] if args.quick else [h.charlm()])]:
         net = model.build()
         sets = h.gradient_sets(net, model.make_input, 2, args.device)
         elements = sum(p.numel() for p in net.parameters())
@@ -75,7 +66,6 @@ def state(report: h.Report, args: Any, pkgs: dict[str, Any]) -> None:
                     kw: dict[str, Any] = {"block": block, "pkg": pkg, f: FREQUENCY} if tuned else {}
                     opt = h.optimizer(key, params, **kw)
                     if opt is None:
-                        print(f"note: {h.LABELS[key]} is not installed: no row")
                         continue
                     gc.collect()  # (the previous contender's memory freed, lazy state not made)
                     if cuda:

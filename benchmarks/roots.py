@@ -130,14 +130,12 @@ def staleness(report: h.Report, args: Any) -> None:
 
         sync = make("shampoo-sync", 0.0, precondition_frequency=FREQUENCY)
         h.interleave([sync], 1, 2 * FREQUENCY, FREQUENCY, f"staleness b{block} sync")
-        h.close_all([sync])
         s = sync.summary()
         compute = args.coverage * max(0.0, s["median_root"] - s["median_nonroot"]) / FREQUENCY
         cs = [make("shampoo-noroot", compute),
               make("shampoo-async", compute, precondition_frequency=FREQUENCY)]  # fmt: skip
         h.interleave(cs, args.rounds or 1, FREQUENCY * (1 if args.quick else 3), FREQUENCY,
                      f"staleness b{block}")  # fmt: skip
-        h.close_all(cs)
         base, asyn = (c.summary() for c in cs)
         for r in (base, asyn):
             st = r["root_stats"]
@@ -159,14 +157,6 @@ def staleness(report: h.Report, args: Any) -> None:
     )  # fmt: skip
 
 
-def _charlm() -> h.Model:
-    task = h.example("train_charlm").build_task()
-    vocab = task.build_model().tok.num_embeddings
-
-    return h.Model("char-LM (demo)", task.build_model,
-                   lambda g: torch.randint(vocab, (16, 64), generator=g))  # fmt: skip
-
-
 def warm(report: h.Report, args: Any) -> None:
     """Synchronous Shampoo at frequency 2 (every other step a root step), eigh_every 1 (every
     root the pool's exact root) against 5 (warm-started roots), interleaved blocks of 10 root
@@ -174,7 +164,7 @@ def warm(report: h.Report, args: Any) -> None:
     non-root step, also split by kind."""
     torch.set_num_threads(1)
     models = [h.mlp((64, 128, 128, 64)), h.models(True)[1]] if args.quick else [
-        _charlm(), h.mlp((512, 1024, 1024, 512))]  # fmt: skip
+        h.charlm(), h.mlp((512, 1024, 1024, 512))]  # fmt: skip
     rows, data = [], []
     for model in models:
         net = model.build()
@@ -190,7 +180,6 @@ def warm(report: h.Report, args: Any) -> None:
 
         cs = [make(1), make(5)]
         h.interleave(cs, args.rounds or (1 if args.quick else 3), 20, 2, f"warm {model.name}")
-        h.close_all(cs)
         found = []
         for c in cs:
             r = c.summary()

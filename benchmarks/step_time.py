@@ -100,7 +100,6 @@ def contenders(model: h.Model, args: Any, blocks: tuple[int, ...], pkgs: dict[st
                 key = "adam-fused" if key == "adam" and cuda else key
                 opt = h.optimizer(key, params, **kw)
                 if opt is None:
-                    print(f"note: {h.LABELS[key]} is not installed: no row")
                     continue
                 name = label + h.LABELS.get(key, key) + tag
                 async_ = key in ("shampoo-async", "soap-async")
@@ -112,18 +111,10 @@ def contenders(model: h.Model, args: Any, blocks: tuple[int, ...], pkgs: dict[st
 
 
 def run_models(report: h.Report, title: str, model: h.Model, args: Any, cs: list[h.Contender],
-               rounds: int, cycles: int) -> list[dict[str, Any]]:  # fmt: skip
+               cycles: int) -> None:  # fmt: skip
     """Warm-up (the first step timed apart), interleaved rounds, one table."""
-    first: dict[str, float] = {}
-    for c in cs:
-        began = time.perf_counter()
-        c.advance(-1, timed=False)
-        first[c.name] = time.perf_counter() - began
-    try:
-        wall = h.interleave(cs, rounds, cycles * FREQUENCY, FREQUENCY, title)
-        rows = [c.summary() for c in cs]
-    finally:
-        h.close_all(cs)
+    rounds = args.rounds or (1 if args.quick else 2)
+    wall, rows, first = h.run(cs, rounds, cycles * FREQUENCY, FREQUENCY, title)
     adam = next(r for r in rows if r["name"].startswith("adam"))
     floors = {r["name"].split()[-1]: r for r in rows if r["name"].startswith("floor")}
     table = []
@@ -144,7 +135,6 @@ def run_models(report: h.Report, title: str, model: h.Model, args: Any, cs: list
         f"{rounds} rounds x {cycles * FREQUENCY} timed steps each, {wall:.0f} s; med: non-root "
         f"steps; threads {torch.get_num_threads()}", {"rows": rows, "first_seconds": first},
     )  # fmt: skip
-    return rows
 
 
 def core(report: h.Report, args: Any, pkgs: dict[str, Any], blocks: tuple[int, ...]) -> None:
@@ -153,8 +143,7 @@ def core(report: h.Report, args: Any, pkgs: dict[str, Any], blocks: tuple[int, .
     for i, model in enumerate(h.models(args.quick)):
         ks = keys if i == 0 else [k for k in keys if k != "hb-soap" or not args.quick]
         cs = contenders(model, args, blocks, pkgs, ks)
-        run_models(report, "core", model, args, cs, args.rounds or (1 if args.quick else 2),
-                   1 if args.quick else 2)  # fmt: skip
+        run_models(report, "core", model, args, cs, 1 if args.quick else 2)
 
 
 def threads(report: h.Report, args: Any, pkgs: dict[str, Any], blocks: tuple[int, ...]) -> None:
@@ -163,8 +152,7 @@ def threads(report: h.Report, args: Any, pkgs: dict[str, Any], blocks: tuple[int
         torch.set_num_threads(n)
         cs = contenders(model, args, blocks, pkgs, ["adam", "shampoo-sync", "shampoo-async"],
                         workers=1 if n == 1 else None)  # fmt: skip
-        run_models(report, f"threads {n}", model, args, cs, args.rounds or (1 if args.quick else 2),
-                   1 if args.quick else 3)  # fmt: skip
+        run_models(report, f"threads {n}", model, args, cs, 1 if args.quick else 3)
 
 
 def scaling(report: h.Report, args: Any) -> None:
@@ -181,7 +169,6 @@ def scaling(report: h.Report, args: Any) -> None:
         for c in cs:
             c.root_every = None
         h.interleave(cs, args.rounds or 3, 3, 2, f"scaling {width}")
-        h.close_all(cs)
         s = [c.summary() for c in cs]
         data.append(s)
         rows.append(
@@ -212,7 +199,6 @@ def compile_section(report: h.Report, args: Any) -> None:
             compile_s = time.perf_counter() - began if compiled else compile_s
             cs.append(h.Contender("compiled" if compiled else "eager", step, opt=opt))
         h.interleave(cs, args.rounds or (1 if args.quick else 3), 3 if args.quick else 20, 0)
-        h.close_all(cs)
         e, c = (x.summary() for x in cs)
         data.append([e, c, compile_s])
         rows.append([f"{depth}x Linear({width})", h.ms(e["median"]), h.ms(c["median"]),

@@ -25,17 +25,6 @@ KEYS = ("adam", "shampoo-async", "shampoo-sync", "soap-async", "soap-sync", "ngp
         "pto-soap", "hb-soap")  # fmt: skip
 
 
-def task_of(demo: str, quick: bool) -> tuple[Any, dict[str, float]]:
-    module = h.example(f"train_{demo}")
-    if demo == "charlm" and quick:
-        return module.build_task(d_model=32, layers=1, seq_len=32, batch=8), module.DEFAULT_LRS
-    if demo == "digits" and quick:
-        return module.build_task(batch=32), module.DEFAULT_LRS
-    if demo == "regression" and quick:
-        return module.build_task(train_size=512), module.DEFAULT_LRS
-    return module.build_task(), module.DEFAULT_LRS
-
-
 def contender(task: Any, lrs: dict[str, float], key: str, label: str, pkg: Any) -> h.Contender:
     torch.manual_seed(0)
     model = task.build_model()
@@ -67,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     steps = args.steps or (10 if args.quick else 40)
     rounds = args.rounds or (1 if args.quick else 3)
     for demo in args.demos.split(","):
-        task, lrs = task_of(demo, args.quick)
+        task, module = h.task(demo, args.quick)
         h.example("_common").warm_up(task)
         cs = []
         for key in KEYS:
@@ -75,21 +64,10 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             ab = key.startswith(("shampoo", "soap"))
             for label, pkg in pkgs.items() if ab else [("", h.torch_shampoo)]:
-                c = contender(task, lrs, key, label, pkg)
-                if c is None:
-                    print(f"note: {h.LABELS[key]} is not installed: no row")
-                else:
+                c = contender(task, module.DEFAULT_LRS, key, label, pkg)
+                if c is not None:
                     cs.append(c)
-        first = {}
-        for c in cs:
-            began = time.perf_counter()
-            c.advance(-1, timed=False)
-            first[c.name] = time.perf_counter() - began
-        try:
-            wall = h.interleave(cs, rounds, steps, 5 if args.quick else 20, demo)
-            rows = [c.summary() for c in cs]
-        finally:
-            h.close_all(cs)
+        wall, rows, first = h.run(cs, rounds, steps, 5 if args.quick else 20, demo)
         adam = rows[0]
         base = next(r for r in rows if r["name"] == "shampoo-async")
         table = [[
