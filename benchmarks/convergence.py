@@ -74,7 +74,7 @@ def grid(report: h.Report, name: str, args: Any, curves: dict[str, Any]) -> None
     sgd = best.get("SGD-momentum")
     sgd_loss = sgd.final_train if sgd and not sgd.diverged else math.inf
     sgd_steps = sgd.steps_to(sgd_loss) if math.isfinite(sgd_loss) else None
-    rows, records = [], []
+    rows = []
     for r in best.values():
         to_sgd = r.steps_to(sgd_loss) if math.isfinite(sgd_loss) else None
         rows.append([
@@ -84,10 +84,9 @@ def grid(report: h.Report, name: str, args: Any, curves: dict[str, Any]) -> None
             ",".join(f"{x.lr:g}" for x in runs if x.method == r.method and x.diverged) or "none",
             f"{r.ms_per_step:.1f}", f"{r.mean_ms_per_step:.1f}",
         ])  # fmt: skip
-    for r in runs:
-        records.append({"method": r.method, "lr": r.lr, "diverged": r.diverged,
-                        "final_train": num(r.final_train), "train_losses": r.train_losses,
-                        "step_times": r.step_times, "root_stats": r.root_stats})  # fmt: skip
+    records = [{"method": r.method, "lr": r.lr, "diverged": r.diverged,
+                "final_train": num(r.final_train), "train_losses": r.train_losses,
+                "step_times": r.step_times, "root_stats": r.root_stats} for r in runs]  # fmt: skip
     curves[name] = (target, best)
     report.section(
         f"grid {name}: {steps} steps, lr scales {scales}; target = Adam's best {num(target)}",
@@ -152,15 +151,14 @@ def plot(curves: dict[str, Any], path: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = h.parser(__doc__, compare=False, rounds=False)
-    p.add_argument("--sections", default="grid,ngplus", help="subset of grid,ngplus")
+    p = h.parser(__doc__, compare=False, rounds=False, sections="grid,ngplus")
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--lr-scales", default=None, help="multiples of the default lr (0.3,1,3)")
     args = p.parse_args(argv)
     if args.quick and not args.threads:
         args.threads = 1
-    report = h.start("convergence", args)
+    report = h.Report("convergence", args)
     curves: dict[str, Any] = {}
     for name in args.tasks.split(","):
         if "grid" in args.sections:

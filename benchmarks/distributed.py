@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     steps = args.steps or (11 if args.quick else 21)
     width = args.width or (64 if args.quick else 256)
     depth = args.depth or (3 if args.quick else 6)
-    report = h.start("distributed", args)
+    report = h.Report("distributed", args)
     for world in [int(w) for w in (args.worlds or ("2" if args.quick else "2,4")).split(",")]:
         folder = tempfile.mkdtemp(prefix="bench_ddp_")
         h.log(f"{world} processes")

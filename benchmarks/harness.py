@@ -33,7 +33,7 @@ from torch import nn
 
 import torch_shampoo
 
-from .report import ROOT, Report, git, log, ms, parser, ratio, start  # noqa: F401 (as h.*)
+from .report import ROOT, Report, git, log, ms, parser, ratio  # noqa: F401 (as h.*)
 
 EXAMPLES = ROOT / "examples"
 BATCH = 64
@@ -251,11 +251,8 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
         if isinstance(v, torch.Tensor):
             s = v.untyped_storage()
             seen[(s.data_ptr(), str(v.device))] = s.nbytes()
-        elif isinstance(v, dict):
-            for x in v.values():
-                visit(x)
-        elif isinstance(v, (list, tuple)):
-            for x in v:
+        elif isinstance(v, (dict, list, tuple)):
+            for x in v.values() if isinstance(v, dict) else v:
                 visit(x)
 
     visit(list(opt.state.values()))

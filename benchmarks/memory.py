@@ -146,11 +146,9 @@ def peak(report: h.Report, args: Any) -> None:
 def main(argv: list[str] | None = None) -> None:
     if argv is None and sys.argv[1:2] == ["--child"]:
         return child(sys.argv[2], int(sys.argv[3]), sys.argv[4])
-    p = h.parser(__doc__, rounds=False)
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where it runs")
-    p.add_argument("--sections", default="state,peak", help="subset of state,peak")
+    p = h.parser(__doc__, rounds=False, sections="state,peak", device=True)
     args = p.parse_args(argv)
-    report = h.start("memory", args)
+    report = h.Report("memory", args)
     if "state" in args.sections:
         state(report, args, h.packages(args))
     if "peak" in args.sections:

@@ -27,9 +27,6 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-# ------------------------------------------------------------------------ environment, report
-
-
 def _cpu() -> dict[str, Any]:
     model, flags = platform.processor() or platform.machine(), set()
     try:
@@ -89,9 +86,14 @@ def ratio(a: float | None, b: float | None) -> str:
 
 
 class Report:
-    """Sections printed as markdown as they finish; JSON with the environment at the end."""
+    """Threads and the device check first; then sections printed as markdown as they finish,
+    JSON with the environment at the end."""
 
     def __init__(self, name: str, args: argparse.Namespace) -> None:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if getattr(args, "device", "cpu") == "cuda" and not torch.cuda.is_available():
+            raise SystemExit(f"--device cuda: no usable GPU here (torch {torch.__version__})")
         self.name, self.args, self.began = name, args, time.perf_counter()
         self.env = environment(getattr(args, "device", "cpu"))
         self.sections: list[dict[str, Any]] = []
@@ -127,7 +129,9 @@ class Report:
         return out
 
 
-def parser(doc: str | None, compare: bool = True, rounds: bool = True) -> argparse.ArgumentParser:
+def parser(doc: str | None, compare: bool = True, rounds: bool = True, sections: str = "",
+           device: bool = False) -> argparse.ArgumentParser:  # fmt: skip
+    """The options every entry point shares; ``--sections`` and ``--device`` where asked for."""
     p = argparse.ArgumentParser(
         description=(doc or "").split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
@@ -143,13 +147,8 @@ def parser(doc: str | None, compare: bool = True, rounds: bool = True) -> argpar
             "--compare", default=None, metavar="PATH_OR_REV",
             help="A/B: another checkout's (or git rev's) torch_shampoo, interleaved with this one",
         )  # fmt: skip
+    if sections:
+        p.add_argument("--sections", default=sections, help=f"subset of {sections}")
+    if device:
+        p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where it runs")
     return p
-
-
-def start(name: str, args: argparse.Namespace) -> Report:
-    """Threads, the device check, then the report (the environment as the run starts)."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if getattr(args, "device", "cpu") == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device cuda: no usable GPU here (torch {torch.__version__})")
-    return Report(name, args)

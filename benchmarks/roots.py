@@ -204,9 +204,7 @@ def warm(report: h.Report, args: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = h.parser(__doc__, compare=False)
-    p.add_argument("--sections", default="solve,staleness,warm",
-                   help="subset of solve,staleness,warm")  # fmt: skip
+    p = h.parser(__doc__, compare=False, sections="solve,staleness,warm")
     p.add_argument("--thread-counts", default=None, help="solve: torch threads (1,CORES)")
     p.add_argument("--sizes", default=None, help="solve: matrix sizes (64,...,2048)")
     p.add_argument("--solve-methods", default="eigh,newton,cholesky", help="solve: methods")
@@ -215,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     cores = torch.get_num_threads()
     if not args.thread_counts:  # quick: 1 (2 threads of a loaded 2-core machine: seconds)
         args.thread_counts = "1" if cores == 1 or args.quick else f"1,{cores}"
-    report = h.start("roots", args)
+    report = h.Report("roots", args)
     if "solve" in args.sections:
         solve(report, args)
     if "staleness" in args.sections:

@@ -37,7 +37,6 @@ from torch import nn
 from . import harness as h
 
 FREQUENCY = 10
-SECTIONS = ("core", "threads", "scaling", "compile")
 
 
 class Floor:
@@ -210,16 +209,14 @@ def compile_section(report: h.Report, args: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = h.parser(__doc__)
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--sections", default=",".join(SECTIONS), help=f"subset of {SECTIONS}")
+    p = h.parser(__doc__, sections="core,threads,scaling,compile", device=True)
     args = p.parse_args(argv)
     if args.quick and not args.threads:
         args.threads = 1  # tiny ops on 2 threads of a loaded 2-core machine: milliseconds each
     sections = args.sections.split(",")
     if args.quick:
         h.heavyball_quick()
-    report = h.start("step_time", args)
+    report = h.Report("step_time", args)
     pkgs = h.packages(args)
     blocks = (64, 128) if args.quick else (128, 1024)
     if "core" in sections:

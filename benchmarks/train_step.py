@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.quick:
         h.heavyball_quick()
-    report = h.start("train_step", args)
+    report = h.Report("train_step", args)
     pkgs = h.packages(args)
     steps = args.steps or (10 if args.quick else 40)
     rounds = args.rounds or (1 if args.quick else 3)
