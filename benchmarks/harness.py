@@ -43,10 +43,9 @@ BATCH = 64
 
 
 def load_checkout(where: str) -> ModuleType:
-    """The torch_shampoo of another checkout (a path) or git rev (checked out with ``git
-    worktree add`` into a temporary directory, removed at exit), imported as the module
-    ``torch_shampoo_other`` (the package imports itself relatively, so its modules load from
-    that tree alongside this checkout's)."""
+    """The torch_shampoo of another checkout (a path) or git rev (``git worktree add`` into a
+    temporary directory, removed at exit), imported as ``torch_shampoo_other`` (the package
+    imports itself relatively, so its modules load from that tree alongside this checkout's)."""
     path = Path(where)
     if not (path / "torch_shampoo" / "__init__.py").is_file():
         path = Path(tempfile.mkdtemp(prefix="bench_ab_")) / "tree"

@@ -1,7 +1,6 @@
 """Optimizer memory: state bytes by method and their ratio to Adam; the peak of the first steps.
 
-The state is measured ONE way for every optimizer (``harness.state_bytes``): the bytes of the
-storages the tensors in ``optimizer.state`` hold, each storage once. Sections:
+The state is measured ONE way for every optimizer: ``harness.state_bytes``. Sections:
 
   state  per model (and the char-LM demo's), after 2 precondition cycles of fixed gradients
          (roots computed): state MB, ratio to Adam, bytes per element (Adam's float32 moments:

@@ -40,10 +40,8 @@ FREQUENCY = 10
 
 
 class Floor:
-    """The bare tensor ops of a Shampoo step: each parameter as a matrix (dim 0 x the rest; a
-    vector as one row) cut into tiles of at most ``block`` per side, stacked; per step the two
-    statistics products F += G Gᵀ, the preconditioning X_L G X_R, and the Adam graft's moments
-    and direction with ``_foreach_`` calls (roots fixed, nothing else)."""
+    """The floor (module docstring) on each parameter as a matrix (dim 0 x the rest; a vector as
+    one row) cut into tiles of at most ``block`` per side, stacked."""
 
     def __init__(self, params: list[torch.Tensor], block: int) -> None:
         self.params, self.stacks = params, []

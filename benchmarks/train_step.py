@@ -2,11 +2,10 @@
 
 Each contender trains its own copy of the demo's model (same initialization) on its own stream of
 the demo's batches at the demo's default lr (Adam's for SOAP), with the library's defaults
-(async roots, "auto" staleness); the contenders run interleaved (benchmarks/harness.py). Printed
-per demo: the median and mean full step, the median and mean ``optimizer.step()`` inside it, the
-mean as a ratio to Adam's and to Shampoo async's, root stalls, and the first step apart (state
-creation; HeavyBall's compilation). ``--compare PATH_OR_REV`` adds the other checkout's Shampoo
-and SOAP (what train_step_ab.py measured).
+(async roots, "auto" staleness); the contenders run interleaved (benchmarks/harness.py). Per
+demo: the full step and the ``optimizer.step()`` inside it, ratios to Adam and Shampoo async,
+and the first step apart (state creation; HeavyBall's compilation). ``--compare PATH_OR_REV``
+adds the other checkout's Shampoo and SOAP.
 
     python -m benchmarks.train_step --quick
     python -m benchmarks.train_step --demos charlm --compare ../baseline
