@@ -166,20 +166,33 @@ def models(quick: bool) -> list[Model]:
 
 
 def gradient_sets(
-    model: nn.Module, make_input: Callable[[torch.Generator], torch.Tensor], count: int,
-    device: str = "cpu",
-) -> list[list[torch.Tensor]]:  # fmt: skip
-    """``count`` gradient sets from real batches (MSE to random targets), on ``device``."""
-    model.to(device)
+    model: Model, count: int, device: str = "cpu"
+) -> tuple[nn.Module, list[list[torch.Tensor]]]:
+    """The model built on ``device`` and ``count`` gradient sets from real batches (MSE to random
+    targets)."""
+    net = model.build().to(device)
     gen = torch.Generator().manual_seed(0)
     sets = []
     for _ in range(count):
-        model.zero_grad(set_to_none=True)
-        out = model(make_input(gen).to(device))
+        net.zero_grad(set_to_none=True)
+        out = net(model.make_input(gen).to(device))
         nn.functional.mse_loss(out, torch.randn(out.shape, generator=gen).to(device)).backward()
-        sets.append([p.grad.detach().clone() for p in model.parameters()])  # type: ignore[union-attr]
-    model.zero_grad(set_to_none=True)
-    return sets
+        sets.append([p.grad.detach().clone() for p in net.parameters()])  # type: ignore[union-attr]
+    net.zero_grad(set_to_none=True)
+    return net, sets
+
+
+def replica(
+    net: nn.Module, sets: list[list[torch.Tensor]]
+) -> tuple[list[torch.Tensor], Callable[[int], None]]:
+    """A fresh copy of ``net``'s parameters and the ``before`` giving them set t's gradients."""
+    params = [p.detach().clone().requires_grad_(True) for p in net.parameters()]
+
+    def before(t: int) -> None:
+        for p, g in zip(params, sets[t % len(sets)]):
+            p.grad = g
+
+    return params, before
 
 
 # ------------------------------------------------------------------------------- contenders
@@ -310,16 +323,6 @@ class Contender:
             stats = self.opt.root_stats()
             out["root_stats"] = {k: v for k, v in stats.items() if k != "last_error"}
         return out
-
-
-def fixed_grads(
-    params: list[torch.Tensor], sets: list[list[torch.Tensor]]
-) -> Callable[[int], None]:
-    def before(t: int) -> None:
-        for p, g in zip(params, sets[t % len(sets)]):
-            p.grad = g
-
-    return before
 
 
 def interleave(

@@ -48,8 +48,7 @@ def _mb(n: float | None) -> str:
 def state(report: h.Report, args: Any, pkgs: dict[str, Any]) -> None:
     blocks, cuda = (64, 128) if args.quick else (128, 1024), args.device == "cuda"
     for model in [*h.models(args.quick), *([] if args.quick else [h.charlm()])]:
-        net = model.build()
-        sets = h.gradient_sets(net, model.make_input, 2, args.device)
+        net, sets = h.gradient_sets(model, 2, args.device)
         elements = sum(p.numel() for p in net.parameters())
         rows, data, adam = [], [], 0
         for key in KEYS:
@@ -60,7 +59,7 @@ def state(report: h.Report, args: Any, pkgs: dict[str, Any]) -> None:
                 if label and key in LOW and not _takes_state_dtype(pkg):
                     continue
                 for block in blocks if key.startswith(("shampoo", "soap")) else [None]:
-                    params = [p.detach().clone().requires_grad_(True) for p in net.parameters()]
+                    params, before = h.replica(net, sets)
                     f = "inverse_frequency" if key == "ngplus" else "precondition_frequency"
                     kw: dict[str, Any] = {"block": block, "pkg": pkg, f: FREQUENCY} if tuned else {}
                     opt = h.optimizer(key, params, **kw)
@@ -70,7 +69,7 @@ def state(report: h.Report, args: Any, pkgs: dict[str, Any]) -> None:
                     if cuda:
                         torch.cuda.reset_peak_memory_stats()
                     base = torch.cuda.memory_allocated() if cuda else 0
-                    before, host = h.fixed_grads(params, sets), []
+                    host = []
                     for t in range(2 * FREQUENCY + 1):
                         before(t)
                         opt.step()

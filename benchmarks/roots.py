@@ -110,15 +110,13 @@ def solve(report: h.Report, args: Any) -> None:
 def staleness(report: h.Report, args: Any) -> None:
     torch.set_num_threads(1)
     model = h.models(args.quick)[0]
-    net = model.build()
-    sets = h.gradient_sets(net, model.make_input, 4)
+    net, sets = h.gradient_sets(model, 4)
     blocks = (64, 128) if args.quick else (128, 1024)
     rows, data = [], []
     for block in blocks:
 
         def make(key: str, sleep: float, block: int = block, **kw: Any) -> h.Contender:
-            params = [p.detach().clone().requires_grad_(True) for p in net.parameters()]
-            grads = h.fixed_grads(params, sets)
+            params, grads = h.replica(net, sets)
             opt = h.optimizer(key, params, block=block, root_workers=1, **kw)
 
             def before(t: int) -> None:
@@ -167,16 +165,14 @@ def warm(report: h.Report, args: Any) -> None:
         h.charlm(), h.mlp((512, 1024, 1024, 512))]  # fmt: skip
     rows, data = [], []
     for model in models:
-        net = model.build()
-        sets = h.gradient_sets(net, model.make_input, 4)
+        net, sets = h.gradient_sets(model, 4)
 
         def make(every: int, net: Any = net, sets: Any = sets) -> h.Contender:
-            params = [p.detach().clone().requires_grad_(True) for p in net.parameters()]
+            params, before = h.replica(net, sets)
             opt = h.optimizer("shampoo-sync", params, block=1024, root_workers=1,
                               precondition_frequency=2, start_preconditioning_step=2,
                               eigh_every=every)  # fmt: skip
-            return h.Contender(f"eigh_every={every}", opt.step, h.fixed_grads(params, sets),
-                               opt, 2)  # fmt: skip
+            return h.Contender(f"eigh_every={every}", opt.step, before, opt, 2)
 
         cs = [make(1), make(5)]
         h.interleave(cs, args.rounds or (1 if args.quick else 3), 20, 2, f"warm {model.name}")

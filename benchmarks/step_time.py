@@ -75,15 +75,13 @@ def contenders(model: h.Model, args: Any, blocks: tuple[int, ...], pkgs: dict[st
                keys: list[str], workers: int | None = None) -> list[h.Contender]:  # fmt: skip
     """One contender per (package, key, block): its own copy of the parameters and the fixed
     gradient sets. Keys as harness.optimizer, plus "floor"."""
-    net = model.build()
-    sets = h.gradient_sets(net, model.make_input, 3 if args.quick else 8, args.device)
+    net, sets = h.gradient_sets(model, 3 if args.quick else 8, args.device)
     out: list[h.Contender] = []
     cuda = args.device == "cuda"
     for key in keys:
         for label, pkg in pkgs.items() if key.startswith(("shampoo", "soap")) else [("", None)]:
             for block in blocks if key.startswith(("shampoo", "soap", "floor")) else [None]:
-                params = [p.detach().clone().requires_grad_(True) for p in net.parameters()]
-                before = h.fixed_grads(params, sets)
+                params, before = h.replica(net, sets)
                 tag = f" b{block}" if block else ""
                 if key == "floor":
                     floor = Floor(params, block)  # type: ignore[arg-type]
