@@ -79,28 +79,27 @@ def contenders(model: h.Model, args: Any, blocks: tuple[int, ...], pkgs: dict[st
     out: list[h.Contender] = []
     cuda = args.device == "cuda"
     for key in keys:
-        for label, pkg in pkgs.items() if key.startswith(("shampoo", "soap")) else [("", None)]:
-            for block in blocks if key.startswith(("shampoo", "soap", "floor")) else [None]:
+        tuned = key.startswith(("shampoo", "soap"))
+        periodic = tuned and key != "shampoo-noroot"  # (noroot: roots only at step 1)
+        for label, pkg in pkgs.items() if tuned else [("", None)]:
+            for block in blocks if tuned or key == "floor" else [None]:
                 params, before = h.replica(net, sets)
                 tag = f" b{block}" if block else ""
                 if key == "floor":
                     floor = Floor(params, block)  # type: ignore[arg-type]
                     out.append(h.Contender(f"floor{tag}", floor.step, before, cuda=cuda))
                     continue
-                kw: dict[str, Any] = {}
-                if key.startswith(("shampoo", "soap")):
-                    kw = {"block": block, "pkg": pkg or h.torch_shampoo}
-                    if key != "shampoo-noroot":
-                        kw.update(precondition_frequency=FREQUENCY, root_workers=workers)
+                kw: dict[str, Any] = {"block": block, "pkg": pkg} if tuned else {}
+                if periodic:
+                    kw.update(precondition_frequency=FREQUENCY, root_workers=workers)
                 key = "adam-fused" if key == "adam" and cuda else key
                 opt = h.optimizer(key, params, **kw)
                 if opt is None:
                     continue
-                name = label + h.LABELS.get(key, key) + tag
-                async_ = key in ("shampoo-async", "soap-async")
                 out.append(h.Contender(
-                    name, opt.step, before, opt, FREQUENCY if key[:4] in ("sham", "soap") else None,
-                    refill=FREQUENCY if async_ else 0, cuda=cuda,
+                    label + h.LABELS.get(key, key) + tag, opt.step, before, opt,
+                    FREQUENCY if periodic else None, cuda=cuda,
+                    refill=FREQUENCY if key.endswith("async") else 0,
                 ))  # fmt: skip
     return out
 
@@ -160,9 +159,7 @@ def scaling(report: h.Report, args: Any) -> None:
             lambda w=width: nn.Sequential(nn.Linear(w, w), nn.Linear(w, w)),
             lambda g, w=width: torch.randn(h.BATCH, w, generator=g),
         )
-        cs = contenders(model, args, blocks, {"": None}, ["adam", "shampoo-noroot"])
-        for c in cs:
-            c.root_every = None
+        cs = contenders(model, args, blocks, {"": h.torch_shampoo}, ["adam", "shampoo-noroot"])
         h.interleave(cs, args.rounds or 3, 3, 2, f"scaling {width}")
         s = [c.summary() for c in cs]
         data.append(s)
