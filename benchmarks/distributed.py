@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append([
                     r, mode, f"{m['root_seconds']:.3f}",
                     h.ratio(m["root_seconds"], repl["root_seconds"]),
-                    f"{m['solved']} / {repl['solved']}", f"{m['state_bytes'] / 2**20:.2f}",
+                    f"{m['solved']} / {repl['solved']}", h.mb(m["state_bytes"]),
                     h.ratio(m["state_bytes"], repl["state_bytes"]),
                     h.ratio(m["median"], adam["median"]), h.ratio(m["mean"], adam["mean"]),
                 ])  # fmt: skip

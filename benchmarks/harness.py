@@ -33,7 +33,7 @@ from torch import nn
 
 import torch_shampoo
 
-from .report import ROOT, Report, git, log, ms, parser, ratio  # noqa: F401 (as h.*)
+from .report import ROOT, Report, git, log, mb, ms, parser, ratio  # noqa: F401 (as h.*)
 
 EXAMPLES = ROOT / "examples"
 BATCH = 64

@@ -32,17 +32,11 @@ KEYS = ("adam", "shampoo-sync", "shampoo-compact", "shampoo-bf16", "shampoo-asyn
         "soap-bf16", "ngplus", "pto-soap", "hb-soap")  # fmt: skip
 PEAK = ("adam", "shampoo-sync", "shampoo-compact", "shampoo-bf16", "soap-sync", "soap-bf16",
         "ngplus")  # fmt: skip
-LOW = ("shampoo-bf16", "soap-bf16")
-"""``state_dtype=torch.bfloat16``: not in a ``--compare`` checkout from before it existed."""
 FREQUENCY = 10
 
 
 def _takes_state_dtype(pkg: Any) -> bool:
     return "state_dtype" in pkg.Shampoo.__init__.__code__.co_varnames
-
-
-def _mb(n: float | None) -> str:
-    return "-" if n is None else f"{n / 2**20:.2f}"
 
 
 def state(report: h.Report, args: Any, pkgs: dict[str, Any]) -> None:
@@ -56,7 +50,8 @@ def state(report: h.Report, args: Any, pkgs: dict[str, Any]) -> None:
                 continue
             tuned = key.startswith(("shampoo", "soap", "ngplus"))
             for label, pkg in pkgs.items() if tuned else [("", None)]:
-                if label and key in LOW and not _takes_state_dtype(pkg):
+                # bf16 (state_dtype): not in a --compare checkout from before it existed
+                if label and key.endswith("bf16") and not _takes_state_dtype(pkg):
                     continue
                 for block in blocks if key.startswith(("shampoo", "soap")) else [None]:
                     params, before = h.replica(net, sets)
@@ -81,8 +76,8 @@ def state(report: h.Report, args: Any, pkgs: dict[str, Any]) -> None:
                     adam = adam or held
                     name = label + h.LABELS.get(key, key) + (f" b{block}" if block else "")
                     most, mean = (max(host), statistics.fmean(host)) if host else (None, None)
-                    rows.append([name, _mb(held), h.ratio(held, adam), f"{held / elements:.1f}",
-                                 f"{_mb(most)} / {_mb(mean)}", _mb(peak)])  # fmt: skip
+                    rows.append([name, h.mb(held), h.ratio(held, adam), f"{held / elements:.1f}",
+                                 f"{h.mb(most)} / {h.mb(mean)}", h.mb(peak)])  # fmt: skip
                     data.append({"name": name, "state_bytes": held, "host_buffer_bytes": most,
                                  "host_buffer_mean": mean, "cuda_peak": peak})  # fmt: skip
         report.section(
@@ -131,7 +126,7 @@ def peak(report: h.Report, args: Any) -> None:
         if run.returncode:
             raise SystemExit(f"peak {key}: {run.stderr}")
         r = data[key] = json.loads(run.stdout.splitlines()[-1])
-        rows.append([h.LABELS.get(key, key), _mb(r["peak_rise"]), _mb(r["state_bytes"]),
+        rows.append([h.LABELS.get(key, key), h.mb(r["peak_rise"]), h.mb(r["state_bytes"]),
                      h.ratio(r["peak_rise"], r["state_bytes"])])  # fmt: skip
     report.section(
         f"peak: 3 x Linear({width}, {width}), block 128, first two steps ({args.device})",

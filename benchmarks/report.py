@@ -81,6 +81,10 @@ def ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{1e3 * seconds:.3g}" if seconds < 1 else f"{seconds:.1f} s"
 
 
+def mb(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.2f}"
+
+
 def ratio(a: float | None, b: float | None) -> str:
     return "-" if a is None or not b else f"{a / b:.2f}"
 

@@ -1,12 +1,11 @@
-"""Inverse roots: the solve per method, size, conditioning and thread count; async roots' staleness.
-
-Sections:
+"""Inverse roots: the solve per method, size, conditioning and thread count; async roots' staleness;
+warm-started roots. Sections:
 
   solve      X = (A + εI)^(-1/p) by ``torch_shampoo.roots.matrix_roots.inverse_root`` (eigh, newton;
              cholesky for p = 1; "f64" / "f32": ``inverse_roots`` of the matrix in float64 / in
              float32, "(retried)" when it fell back to float64; --sizes to choose the sizes)
-             against a raw float64 ``torch.linalg.eigh`` of the same matrix
-             (interleaved medians), at each of --thread-counts (1 and all; quick: 1). Accuracy:
+             against a raw float64 ``torch.linalg.eigh`` of the same matrix (interleaved
+             medians), at each of --thread-counts (1 and all; quick: 1). Accuracy:
              the relative backward error ‖X^(-p) - B‖_F / ‖B‖_F (B = A + εI); "floor"
              u(1 + p κ^(1/p)) is the best any float64 root can reach.
   staleness  async Shampoo with a fixed "model compute" (time.sleep S before every step, standing
@@ -14,6 +13,8 @@ Sections:
              whose only roots are at step 1, same sleep; S = --coverage x the root work per
              cycle (a sync root step's median minus a non-root one's) / frequency. Per block
              size: step medians/means/max, stalls, the staleness "auto" fitted, the root window.
+  warm       sync Shampoo at frequency 2, eigh_every 1 (every root the pool's exact root) against
+             5 (warm-started roots): root seconds per cycle, also split by kind.
 
     python -m benchmarks.roots --quick
 """
@@ -156,10 +157,6 @@ def staleness(report: h.Report, args: Any) -> None:
 
 
 def warm(report: h.Report, args: Any) -> None:
-    """Synchronous Shampoo at frequency 2 (every other step a root step), eigh_every 1 (every
-    root the pool's exact root) against 5 (warm-started roots), interleaved blocks of 10 root
-    steps (2 exact and 8 warm ones for 5); root seconds per cycle = mean root step − median
-    non-root step, also split by kind."""
     torch.set_num_threads(1)
     models = [h.mlp((64, 128, 128, 64)), h.models(True)[1]] if args.quick else [
         h.charlm(), h.mlp((512, 1024, 1024, 512))]  # fmt: skip
