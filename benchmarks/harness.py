@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import contextlib
 import gc
 import importlib
 import importlib.util
@@ -235,12 +234,6 @@ def optimizer(key: str, params: Any, lr: float = 1e-3, block: int | None = None,
 
 
 LABELS = {"pto-soap": "SOAP (pytorch-optimizer)", "hb-soap": "SOAP (HeavyBall)"}
-
-
-def heavyball_quick() -> None:
-    """--quick: HeavyBall compiles with mode "default" instead of its max-autotune (minutes)."""
-    with contextlib.suppress(ImportError):
-        importlib.import_module("heavyball").utils.compile_mode = "default"
 
 
 def drain(opt: Any) -> None:

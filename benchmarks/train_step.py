@@ -48,8 +48,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--demos", default="digits,charlm,regression")
     p.add_argument("--steps", type=int, default=None, help="timed steps per block (40; quick 10)")
     args = p.parse_args(argv)
-    if args.quick:
-        h.heavyball_quick()
     report = h.Report("train_step", args)
     pkgs = h.packages(args)
     steps = args.steps or (10 if args.quick else 40)
