@@ -61,7 +61,6 @@ def grid(report: h.Report, name: str, args: Any, curves: dict[str, Any]) -> None
         common.make_method(k, {g: lr * s for g, lr in module.DEFAULT_LRS.items()},
                            ngplus_damping=module.NGPLUS_DAMPING)
         for k in keys for s in scales])  # fmt: skip
-    common.warm_up(task)
     runs = []
     for method in methods:
         h.log(f"{name}: {method.label} lr {method.lr:g}")
@@ -100,7 +99,6 @@ def grid(report: h.Report, name: str, args: Any, curves: dict[str, Any]) -> None
 def ngplus(report: h.Report, name: str, args: Any) -> None:
     common = h.example("_common")
     task, module, steps = build(name, args.quick)
-    common.warm_up(task)
     scales = (1.0,) if args.quick else (0.3, 1.0, 3.0)
     sgd = [train(task, common.Method("sgd", module.DEFAULT_LRS["sgd"] * s), steps) for s in scales]
     best = min(sgd, key=lambda r: r.final_train if not r.diverged else math.inf)
@@ -156,9 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--lr-scales", default=None, help="multiples of the default lr (0.3,1,3)")
     args = p.parse_args(argv)
-    if args.quick and not args.threads:
-        args.threads = 1
-    report = h.Report("convergence", args)
+    report = h.Report("convergence", args, quick_threads=True)
     curves: dict[str, Any] = {}
     for name in args.tasks.split(","):
         if "grid" in args.sections:

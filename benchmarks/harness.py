@@ -95,12 +95,15 @@ def example(name: str) -> ModuleType:
 
 
 def task(demo: str, quick: bool) -> tuple[Any, ModuleType]:
-    """A demo's task (quick: smaller batches, data or model) and its example module."""
+    """A demo's task (quick: smaller batches, data or model), warmed up (``_common.warm_up``:
+    untimed forward/backward passes), and its example module."""
     module = example(f"train_{demo}")
     small = {"digits": {"batch": 32}, "regression": {"train_size": 512},
              "charlm": {"d_model": 32, "layers": 1, "seq_len": 32, "batch": 8,
                         "val_batches": 2}}  # fmt: skip
-    return module.build_task(**small[demo] if quick else {}), module
+    built = module.build_task(**small[demo] if quick else {})
+    example("_common").warm_up(built)
+    return built, module
 
 
 def charlm() -> Model:
@@ -323,8 +326,8 @@ def interleave(
 ) -> float:
     """Warm every contender up (``warmup`` untimed steps, then drained), then ``rounds`` rounds
     of one block per contender, the order rotating: ``refill`` untimed steps, ``steps`` timed
-    steps, the roots in flight drained (untimed), a garbage collection. Closes every contender's
-    optimizer at the end (``summary`` still reads its ``root_stats``). Returns the wall time."""
+    steps, the roots in flight drained (untimed), a garbage collection. Closes the optimizers at
+    the end (``summary`` still reads ``root_stats``). Returns the wall time."""
     began = time.perf_counter()
     try:
         for c in contenders:

@@ -93,7 +93,9 @@ class Report:
     """Threads and the device check first; then sections printed as markdown as they finish,
     JSON with the environment at the end."""
 
-    def __init__(self, name: str, args: argparse.Namespace) -> None:
+    def __init__(self, name: str, args: argparse.Namespace, quick_threads: bool = False) -> None:
+        if args.quick and quick_threads and not args.threads:
+            args.threads = 1  # tiny ops on 2 threads of a loaded 2-core machine: milliseconds each
         if args.threads:
             torch.set_num_threads(args.threads)
         if getattr(args, "device", "cpu") == "cuda" and not torch.cuda.is_available():
@@ -126,8 +128,7 @@ class Report:
         wall = time.perf_counter() - self.began
         out = self.args.out or ROOT / "outputs" / "benchmarks" / f"{self.name}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(self.args).items()}
-        report = {"environment": self.env, "args": args, "wall_seconds": wall}
+        report = {"environment": self.env, "args": vars(self.args), "wall_seconds": wall}
         out.write_text(json.dumps({**report, "sections": self.sections}, indent=1, default=str))
         print(f"\n{wall:.0f} s in all, {load()}; wrote {out}")
         return out

@@ -206,13 +206,11 @@ def compile_section(report: h.Report, args: Any) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = h.parser(__doc__, sections="core,threads,scaling,compile", device=True)
     args = p.parse_args(argv)
-    if args.quick and not args.threads:
-        args.threads = 1  # tiny ops on 2 threads of a loaded 2-core machine: milliseconds each
     sections = args.sections.split(",")
     if args.quick:  # HeavyBall compiles with mode "default", not max-autotune (minutes)
         with contextlib.suppress(ImportError):
             importlib.import_module("heavyball").utils.compile_mode = "default"
-    report = h.Report("step_time", args)
+    report = h.Report("step_time", args, quick_threads=True)
     pkgs = h.packages(args)
     blocks = (64, 128) if args.quick else (128, 1024)
     if "core" in sections:

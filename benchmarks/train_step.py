@@ -54,7 +54,6 @@ def main(argv: list[str] | None = None) -> None:
     rounds = args.rounds or (1 if args.quick else 3)
     for demo in args.demos.split(","):
         task, module = h.task(demo, args.quick)
-        h.example("_common").warm_up(task)
         cs = []
         for key in KEYS:
             if args.quick and key == "hb-soap":  # compiles for minutes: step_time's quick has it
