@@ -41,10 +41,7 @@ def _worker(rank: int, world: int, folder: str, steps: int, width: int, depth: i
     results: dict[str, Any] = {}
     for name in ("adam", *MODES):
         torch.manual_seed(0)
-        layers: list[nn.Module] = []
-        for _ in range(depth):
-            layers += [nn.Linear(width, width), nn.Tanh()]
-        model = DistributedDataParallel(nn.Sequential(*layers, nn.Linear(width, 16)))
+        model = DistributedDataParallel(h.tanh_stack(depth, width, out=16))
         opt = h.optimizer(
             "adam" if name == "adam" else "shampoo-sync", model.parameters(),
             **({} if name == "adam" else {"block": 128, "precondition_frequency": 5,

@@ -34,7 +34,6 @@ import torch_shampoo
 
 from .report import ROOT, Report, git, log, mb, ms, parser, ratio  # noqa: F401 (as h.*)
 
-EXAMPLES = ROOT / "examples"
 BATCH = 64
 
 
@@ -90,7 +89,7 @@ def example(name: str) -> ModuleType:
     under its own name (they import ``_common`` and ``_report`` by their plain names)."""
     for dep in ("_report", "_common", name):
         if dep not in sys.modules:
-            _import(dep, EXAMPLES / f"{dep}.py")
+            _import(dep, ROOT / "examples" / f"{dep}.py")
     return sys.modules[name]
 
 
@@ -136,6 +135,12 @@ def mlp(sizes: Sequence[int]) -> Model:
     )
 
 
+def tanh_stack(depth: int, width: int, out: int | None = None) -> nn.Sequential:
+    """``depth`` x (Linear(width, width), Tanh), then Linear(width, out) if ``out``."""
+    layers = [m for _ in range(depth) for m in (nn.Linear(width, width), nn.Tanh())]
+    return nn.Sequential(*layers, *([nn.Linear(width, out)] if out else []))
+
+
 def models(quick: bool) -> list[Model]:
     """The step-time and memory models: an MLP, a conv net, many small layers, the digits CNN."""
     channels, side = ((3, 8, 16), 8) if quick else ((3, 32, 64, 128, 256), 32)
@@ -149,11 +154,6 @@ def models(quick: bool) -> list[Model]:
             *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels[-1], 10)
         )
 
-    def small() -> nn.Module:
-        return nn.Sequential(
-            *[m for _ in range(depth) for m in (nn.Linear(width, width), nn.Tanh())]
-        )
-
     def digits() -> nn.Module:
         return example("train_digits").build_task().build_model()
 
@@ -161,7 +161,7 @@ def models(quick: bool) -> list[Model]:
         mlp((64, 128, 128, 64) if quick else (512, 1024, 1024, 512)),
         Model(f"ConvNet {'-'.join(map(str, channels[1:]))} ({side}x{side})", conv,
               lambda g: torch.randn(BATCH, 3, side, side, generator=g)),
-        Model(f"{depth}x Linear({width},{width})", small,
+        Model(f"{depth}x Linear({width},{width})", lambda: tanh_stack(depth, width),
               lambda g: torch.randn(BATCH, width, generator=g)),
         Model("digits CNN (demo)", digits, lambda g: torch.randn(BATCH, 1, 8, 8, generator=g)),
     ][: 2 if quick else 4]  # fmt: skip
