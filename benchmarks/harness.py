@@ -323,12 +323,11 @@ class Contender:
 
 def interleave(
     contenders: list[Contender], rounds: int, steps: int, warmup: int, label: str = ""
-) -> float:
+) -> list[dict[str, Any]]:
     """Warm every contender up (``warmup`` untimed steps, then drained), then ``rounds`` rounds
     of one block per contender, the order rotating: ``refill`` untimed steps, ``steps`` timed
     steps, the roots in flight drained (untimed), a garbage collection. Closes the optimizers at
-    the end (``summary`` still reads ``root_stats``). Returns the wall time."""
-    began = time.perf_counter()
+    the end. Returns the contenders' summaries."""
     try:
         for c in contenders:
             log(f"{label} warm-up {c.name}")
@@ -348,7 +347,7 @@ def interleave(
     finally:
         for c in contenders:
             close(c.opt)
-    return time.perf_counter() - began
+    return [c.summary() for c in contenders]
 
 
 def run(
@@ -361,5 +360,6 @@ def run(
         began = time.perf_counter()
         c.advance(-1, timed=False)
         first[c.name] = time.perf_counter() - began
-    wall = interleave(contenders, rounds, steps, warmup, label)
-    return wall, [c.summary() for c in contenders], first
+    began = time.perf_counter()
+    rows = interleave(contenders, rounds, steps, warmup, label)
+    return time.perf_counter() - began, rows, first

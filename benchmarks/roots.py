@@ -77,8 +77,8 @@ def solve(report: h.Report, args: Any) -> None:
                     f64 = functools.partial(inverse_roots, a[None], p, EPSILON)  # (the pool's)
                     cs += [h.Contender("f32", f32), h.Contender("f64", f64)]
                     repeats = 3 if args.quick or n >= 512 else 5
-                    h.interleave(cs, repeats, 1, 1, f"solve {threads} threads n={n}")
-                    med = {c.name: c.summary()["median"] for c in cs}
+                    rs = h.interleave(cs, repeats, 1, 1, f"solve {threads} threads n={n}")
+                    med = {r["name"]: r["median"] for r in rs}
                     row = [n, f"{cond:.0e}", p, f"{2.0**-53 * (1 + p * cond ** (1 / p)):.1e}",
                            h.ms(med["raw eigh"])]  # fmt: skip
                     for m in ("eigh", "newton", "cholesky"):
@@ -127,14 +127,12 @@ def staleness(report: h.Report, args: Any) -> None:
                                refill=FREQUENCY if key.endswith("async") else 0)  # fmt: skip
 
         sync = make("shampoo-sync", 0.0, precondition_frequency=FREQUENCY)
-        h.interleave([sync], 1, 2 * FREQUENCY, FREQUENCY, f"staleness b{block} sync")
-        s = sync.summary()
+        (s,) = h.interleave([sync], 1, 2 * FREQUENCY, FREQUENCY, f"staleness b{block} sync")
         compute = args.coverage * max(0.0, s["median_root"] - s["median_nonroot"]) / FREQUENCY
         cs = [make("shampoo-noroot", compute),
               make("shampoo-async", compute, precondition_frequency=FREQUENCY)]  # fmt: skip
-        h.interleave(cs, args.rounds or 1, FREQUENCY * (1 if args.quick else 3), FREQUENCY,
-                     f"staleness b{block}")  # fmt: skip
-        base, asyn = (c.summary() for c in cs)
+        base, asyn = h.interleave(cs, args.rounds or 1, FREQUENCY * (1 if args.quick else 3),
+                                  FREQUENCY, f"staleness b{block}")  # fmt: skip
         for r in (base, asyn):
             st = r["root_stats"]
             stale = st["root_staleness"] if isinstance(st["root_staleness"], int) else FREQUENCY

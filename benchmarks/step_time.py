@@ -162,8 +162,7 @@ def scaling(report: h.Report, args: Any) -> None:
             lambda g, w=width: torch.randn(h.BATCH, w, generator=g),
         )
         cs = contenders(model, args, blocks, {"": h.torch_shampoo}, ["adam", "shampoo-noroot"])
-        h.interleave(cs, args.rounds or 3, 3, 2, f"scaling {width}")
-        s = [c.summary() for c in cs]
+        s = h.interleave(cs, args.rounds or 3, 3, 2, f"scaling {width}")
         data.append(s)
         rows.append(
             [width, h.ms(s[0]["median"])]
@@ -192,8 +191,7 @@ def compile_section(report: h.Report, args: Any) -> None:
                 step()
             compile_s = time.perf_counter() - began if compiled else compile_s
             cs.append(h.Contender("compiled" if compiled else "eager", step, opt=opt))
-        h.interleave(cs, args.rounds or (1 if args.quick else 3), 3 if args.quick else 20, 0)
-        e, c = (x.summary() for x in cs)
+        e, c = h.interleave(cs, args.rounds or (1 if args.quick else 3), 3 if args.quick else 20, 0)
         data.append([e, c, compile_s])
         rows.append([f"{depth}x Linear({width})", h.ms(e["median"]), h.ms(c["median"]),
                      h.ratio(e["median"], c["median"]), f"{compile_s:.1f}"])  # fmt: skip
