@@ -3,9 +3,8 @@ checkout (A/B), interleaved timing rounds and their summaries; the reports come 
 
 Every figure a benchmark prints is compared *within one run*: the contenders run in interleaved
 blocks (the order rotating per round), so a burst of load from elsewhere hits them alike. Only
-the public torch_shampoo API is used: the optimizers' constructors, ``step``, ``state_dict``
-(which waits for the roots in flight: the harness drains async roots with it, untimed, at the
-end of every block), ``root_stats`` and ``close``.
+the public torch_shampoo API is used: the constructors, ``step``, ``state_dict`` (to drain the
+roots in flight, untimed), ``root_stats`` and ``close``.
 """
 
 from __future__ import annotations

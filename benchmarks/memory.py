@@ -45,9 +45,8 @@ def state(report: h.Report, args: Any, pkgs: dict[str, Any]) -> None:
         net, sets = h.gradient_sets(model, 2, args.device)
         elements = sum(p.numel() for p in net.parameters())
         rows, data, adam = [], [], 0
-        for key in KEYS:
-            if key == "hb-soap" and args.quick:  # compiles for minutes: step_time's quick has it
-                continue
+        # --quick: no HeavyBall (it compiles for minutes; step_time's --quick has it)
+        for key in [k for k in KEYS if not (args.quick and k == "hb-soap")]:
             tuned = key.startswith(("shampoo", "soap", "ngplus"))
             for label, pkg in pkgs.items() if tuned else [("", None)]:
                 # bf16 (state_dtype): not in a --compare checkout from before it existed

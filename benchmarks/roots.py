@@ -169,10 +169,9 @@ def warm(report: h.Report, args: Any) -> None:
             return h.Contender(f"eigh_every={every}", opt.step, before, opt, 2)
 
         cs = [make(1), make(5)]
-        h.interleave(cs, args.rounds or (1 if args.quick else 3), 20, 2, f"warm {model.name}")
+        rs = h.interleave(cs, args.rounds or (1 if args.quick else 3), 20, 2, f"warm {model.name}")
         found = []
-        for c in cs:
-            r = c.summary()
+        for c, r in zip(cs, rs):
             roots = [(t, s) for _, t, s, _ in c.records if t % 2 == 0]
             exact = [s for t, s in roots if (t // 2) % 5 == 0 or c is cs[0]]
             warm_steps = [s for t, s in roots if (t // 2) % 5 and c is cs[1]]

@@ -55,9 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     for demo in args.demos.split(","):
         task, module = h.task(demo, args.quick)
         cs = []
-        for key in KEYS:
-            if args.quick and key == "hb-soap":  # compiles for minutes: step_time's quick has it
-                continue
+        # --quick: no HeavyBall (it compiles for minutes; step_time's --quick has it)
+        for key in [k for k in KEYS if not (args.quick and k == "hb-soap")]:
             ab = key.startswith(("shampoo", "soap"))
             for label, pkg in pkgs.items() if ab else [("", h.torch_shampoo)]:
                 c = contender(task, module.DEFAULT_LRS, key, label, pkg)
