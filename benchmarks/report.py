@@ -101,9 +101,8 @@ class Report:
         if getattr(args, "device", "cpu") == "cuda" and not torch.cuda.is_available():
             raise SystemExit(f"--device cuda: no usable GPU here (torch {torch.__version__})")
         self.name, self.args, self.began = name, args, time.perf_counter()
-        self.env = environment(getattr(args, "device", "cpu"))
+        e = self.env = environment(getattr(args, "device", "cpu"))
         self.sections: list[dict[str, Any]] = []
-        e = self.env
         print(
             f"# {name}\n\n{e['date']} | commit {e['git_commit'][:10]}"
             f"{' (package modified)' if e['package_dirty'] else ''} | torch {e['torch']} | "
