@@ -52,10 +52,7 @@ def load_checkout(where: str) -> ModuleType:
         )  # fmt: skip
         if run.returncode:
             raise SystemExit(f"--compare {where}: neither a checkout nor a git rev: {run.stderr}")
-        atexit.register(
-            subprocess.run, ["git", "worktree", "remove", "--force", str(path)], cwd=ROOT,
-            capture_output=True,
-        )  # fmt: skip
+        atexit.register(git, "worktree", "remove", "--force", str(path))
     module = _import("torch_shampoo_other", path / "torch_shampoo" / "__init__.py", package=True)
     module.__checkout__ = f"{where} ({git('rev-parse', 'HEAD', cwd=path)[:10]})"  # type: ignore[attr-defined]
     return module
