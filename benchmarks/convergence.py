@@ -38,11 +38,7 @@ ABLATIONS: list[tuple[str, str, dict[str, Any]]] = [
 
 
 def build(name: str, quick: bool) -> tuple[Any, Any, int]:
-    module = h.example(f"train_{name}")
-    small = {"digits": {"batch": 32}, "regression": {"train_size": 512},
-             "charlm": {"d_model": 32, "layers": 1, "seq_len": 32, "batch": 8,
-                        "val_batches": 2}}  # fmt: skip
-    task = module.build_task(**small[name]) if quick else module.build_task()
+    task, module = h.task(name, quick)
     return task, module, {"digits": 40, "charlm": 20, "regression": 30}[name] if quick else (
         module.DEFAULT_STEPS)  # fmt: skip
 
@@ -65,7 +61,6 @@ def grid(report: h.Report, name: str, args: Any, curves: dict[str, Any]) -> None
         common.make_method(k, {g: lr * s for g, lr in module.DEFAULT_LRS.items()},
                            ngplus_damping=module.NGPLUS_DAMPING)
         for k in keys for s in scales])  # fmt: skip
-    common.warm_up(task)
     runs = []
     for method in methods:
         h.log(f"{name}: {method.label} lr {method.lr:g}")
@@ -78,7 +73,7 @@ def grid(report: h.Report, name: str, args: Any, curves: dict[str, Any]) -> None
     sgd = best.get("SGD-momentum")
     sgd_loss = sgd.final_train if sgd and not sgd.diverged else math.inf
     sgd_steps = sgd.steps_to(sgd_loss) if math.isfinite(sgd_loss) else None
-    rows, records = [], []
+    rows = []
     for r in best.values():
         to_sgd = r.steps_to(sgd_loss) if math.isfinite(sgd_loss) else None
         rows.append([
@@ -88,10 +83,9 @@ def grid(report: h.Report, name: str, args: Any, curves: dict[str, Any]) -> None
             ",".join(f"{x.lr:g}" for x in runs if x.method == r.method and x.diverged) or "none",
             f"{r.ms_per_step:.1f}", f"{r.mean_ms_per_step:.1f}",
         ])  # fmt: skip
-    for r in runs:
-        records.append({"method": r.method, "lr": r.lr, "diverged": r.diverged,
-                        "final_train": num(r.final_train), "train_losses": r.train_losses,
-                        "step_times": r.step_times, "root_stats": r.root_stats})  # fmt: skip
+    records = [{"method": r.method, "lr": r.lr, "diverged": r.diverged,
+                "final_train": num(r.final_train), "train_losses": r.train_losses,
+                "step_times": r.step_times, "root_stats": r.root_stats} for r in runs]  # fmt: skip
     curves[name] = (target, best)
     report.section(
         f"grid {name}: {steps} steps, lr scales {scales}; target = Adam's best {num(target)}",
@@ -105,7 +99,6 @@ def grid(report: h.Report, name: str, args: Any, curves: dict[str, Any]) -> None
 def ngplus(report: h.Report, name: str, args: Any) -> None:
     common = h.example("_common")
     task, module, steps = build(name, args.quick)
-    common.warm_up(task)
     scales = (1.0,) if args.quick else (0.3, 1.0, 3.0)
     sgd = [train(task, common.Method("sgd", module.DEFAULT_LRS["sgd"] * s), steps) for s in scales]
     best = min(sgd, key=lambda r: r.final_train if not r.diverged else math.inf)
@@ -156,15 +149,12 @@ def plot(curves: dict[str, Any], path: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = h.parser(__doc__, compare=False, rounds=False)
-    p.add_argument("--sections", default="grid,ngplus", help="subset of grid,ngplus")
+    p = h.parser(__doc__, compare=False, rounds=False, sections="grid,ngplus")
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--lr-scales", default=None, help="multiples of the default lr (0.3,1,3)")
     args = p.parse_args(argv)
-    if args.quick and not args.threads:
-        args.threads = 1
-    report = h.start("convergence", args)
+    report = h.Report("convergence", args, quick_threads=True)
     curves: dict[str, Any] = {}
     for name in args.tasks.split(","):
         if "grid" in args.sections:

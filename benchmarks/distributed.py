@@ -41,10 +41,7 @@ def _worker(rank: int, world: int, folder: str, steps: int, width: int, depth: i
     results: dict[str, Any] = {}
     for name in ("adam", *MODES):
         torch.manual_seed(0)
-        layers: list[nn.Module] = []
-        for _ in range(depth):
-            layers += [nn.Linear(width, width), nn.Tanh()]
-        model = DistributedDataParallel(nn.Sequential(*layers, nn.Linear(width, 16)))
+        model = DistributedDataParallel(h.tanh_stack(depth, width, out=16))
         opt = h.optimizer(
             "adam" if name == "adam" else "shampoo-sync", model.parameters(),
             **({} if name == "adam" else {"block": 128, "precondition_frequency": 5,
@@ -81,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     steps = args.steps or (11 if args.quick else 21)
     width = args.width or (64 if args.quick else 256)
     depth = args.depth or (3 if args.quick else 6)
-    report = h.start("distributed", args)
+    report = h.Report("distributed", args)
     for world in [int(w) for w in (args.worlds or ("2" if args.quick else "2,4")).split(",")]:
         folder = tempfile.mkdtemp(prefix="bench_ddp_")
         h.log(f"{world} processes")
@@ -95,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append([
                     r, mode, f"{m['root_seconds']:.3f}",
                     h.ratio(m["root_seconds"], repl["root_seconds"]),
-                    f"{m['solved']} / {repl['solved']}", f"{m['state_bytes'] / 2**20:.2f}",
+                    f"{m['solved']} / {repl['solved']}", h.mb(m["state_bytes"]),
                     h.ratio(m["state_bytes"], repl["state_bytes"]),
                     h.ratio(m["median"], adam["median"]), h.ratio(m["mean"], adam["mean"]),
                 ])  # fmt: skip

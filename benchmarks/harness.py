@@ -1,26 +1,20 @@
-"""The one harness of the benchmark suite: interleaved timing rounds, summaries, environment and
-load capture, markdown/JSON reports, the contenders, the example tasks and a second checkout.
+"""The one harness of the benchmark suite: the contenders, the example tasks and models, a second
+checkout (A/B), interleaved timing rounds and their summaries; the reports come from report.py.
 
 Every figure a benchmark prints is compared *within one run*: the contenders run in interleaved
 blocks (the order rotating per round), so a burst of load from elsewhere hits them alike. Only
-the public torch_shampoo API is used: the optimizers' constructors, ``step``, ``state_dict``
-(which waits for the roots in flight: the harness drains async roots with it, untimed, at the
-end of every block), ``root_stats`` and ``close``.
+the public torch_shampoo API is used: the constructors, ``step``, ``state_dict`` (to drain the
+roots in flight, untimed), ``root_stats`` and ``close``.
 """
 
 from __future__ import annotations
 
 import argparse
 import atexit
-import datetime
 import gc
 import importlib
 import importlib.util
 import itertools
-import json
-import os
-import platform
-import shlex
 import statistics
 import subprocess
 import sys
@@ -37,152 +31,18 @@ from torch import nn
 
 import torch_shampoo
 
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = ROOT / "examples"
+from .report import ROOT, Report, git, log, mb, ms, parser, ratio  # noqa: F401 (as h.*)
+
 BATCH = 64
-
-
-def log(message: str) -> None:
-    """Progress on stderr, so stdout holds only the report."""
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-# ------------------------------------------------------------------------ environment, report
-
-
-def _cpu() -> dict[str, Any]:
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:
-        pass
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
-    return {"cpu_model": model, "cpu_flags": [f for f in wanted if f in flags]}
-
-
-def _git(*args: str, cwd: Path = ROOT) -> str:
-    out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
-
-
-def environment(device: str = "cpu") -> dict[str, Any]:
-    env: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git("rev-parse", "HEAD"),
-        "package_dirty": bool(_git("status", "--porcelain", "torch_shampoo")),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "interop_threads": torch.get_num_interop_threads(),
-        "cores": os.cpu_count(),
-        **_cpu(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "loadavg_before": os.getloadavg(),
-    }
-    if device == "cuda":
-        env.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
-    return env
-
-
-def load() -> str:
-    return "load " + " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def markdown(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(map(str, headers)) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{1e3 * seconds:.3g}" if seconds < 1 else f"{seconds:.1f} s"
-
-
-def ratio(a: float | None, b: float | None) -> str:
-    return "-" if a is None or not b else f"{a / b:.2f}"
-
-
-class Report:
-    """Sections printed as markdown as they finish; JSON with the environment at the end."""
-
-    def __init__(self, name: str, args: argparse.Namespace) -> None:
-        self.name, self.args, self.began = name, args, time.perf_counter()
-        self.env = environment(getattr(args, "device", "cpu"))
-        self.sections: list[dict[str, Any]] = []
-        e = self.env
-        print(
-            f"# {name}\n\n{e['date']} | commit {e['git_commit'][:10]}"
-            f"{' (package modified)' if e['package_dirty'] else ''} | torch {e['torch']} | "
-            f"threads {e['threads']} | cores {e['cores']} | {e['cpu_model']} "
-            f"({' '.join(e['cpu_flags'])}) | {load()}" + (f" | {e['gpu']}" if "gpu" in e else ""),
-            flush=True,
-        )
-
-    def section(
-        self, title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]], note: str = "",
-        data: Any = None,
-    ) -> None:  # fmt: skip
-        print(f"\n## {title}\n\n{markdown(headers, rows)}" + (f"\n\n{note}" if note else ""))
-        print(f"\n({load()})", flush=True)
-        self.sections.append(
-            {"title": title, "headers": list(headers), "rows": [list(map(str, r)) for r in rows],
-             "note": note, "data": data, "loadavg": os.getloadavg()}
-        )  # fmt: skip
-
-    def finish(self) -> Path:
-        self.env["loadavg_after"] = os.getloadavg()
-        wall = time.perf_counter() - self.began
-        out = self.args.out or ROOT / "outputs" / "benchmarks" / f"{self.name}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(self.args).items()}
-        report = {"environment": self.env, "args": args, "wall_seconds": wall}
-        out.write_text(json.dumps({**report, "sections": self.sections}, indent=1, default=str))
-        print(f"\n{wall:.0f} s in all, {load()}; wrote {out}")
-        return out
-
-
-def parser(doc: str | None, compare: bool = True, rounds: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=(doc or "").split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
-    )
-    p.add_argument("--quick", action="store_true", help="tiny sizes, few steps (smoke run)")
-    p.add_argument(
-        "--out", type=Path, default=None, help="JSON path (outputs/benchmarks/NAME.json)"
-    )
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N) first")
-    if rounds:
-        p.add_argument("--rounds", type=int, default=None, help="interleaved rounds")
-    if compare:
-        p.add_argument(
-            "--compare", default=None, metavar="PATH_OR_REV",
-            help="A/B: another checkout's (or git rev's) torch_shampoo, interleaved with this one",
-        )  # fmt: skip
-    return p
-
-
-def start(name: str, args: argparse.Namespace) -> Report:
-    """Threads, the device check, then the report (the environment as the run starts)."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if getattr(args, "device", "cpu") == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device cuda: no usable GPU here (torch {torch.__version__})")
-    return Report(name, args)
 
 
 # ------------------------------------------------------------------------------------ A/B
 
 
 def load_checkout(where: str) -> ModuleType:
-    """The torch_shampoo of another checkout (a path) or git rev (checked out with ``git
-    worktree add`` into a temporary directory, removed at exit), imported as the module
-    ``torch_shampoo_other`` (the package imports itself relatively, so its modules load from
-    that tree alongside this checkout's)."""
+    """The torch_shampoo of another checkout (a path) or git rev (``git worktree add`` into a
+    temporary directory, removed at exit), imported as ``torch_shampoo_other`` (the package
+    imports itself relatively, so its modules load from that tree alongside this checkout's)."""
     path = Path(where)
     if not (path / "torch_shampoo" / "__init__.py").is_file():
         path = Path(tempfile.mkdtemp(prefix="bench_ab_")) / "tree"
@@ -192,20 +52,9 @@ def load_checkout(where: str) -> ModuleType:
         )  # fmt: skip
         if run.returncode:
             raise SystemExit(f"--compare {where}: neither a checkout nor a git rev: {run.stderr}")
-        atexit.register(
-            subprocess.run, ["git", "worktree", "remove", "--force", str(path)], cwd=ROOT,
-            capture_output=True,
-        )  # fmt: skip
-    init = path / "torch_shampoo" / "__init__.py"
-    name = "torch_shampoo_other"
-    spec = importlib.util.spec_from_file_location(
-        name, init, submodule_search_locations=[str(init.parent)]
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    module.__checkout__ = f"{where} ({_git('rev-parse', 'HEAD', cwd=path)[:10]})"  # type: ignore[attr-defined]
+        atexit.register(git, "worktree", "remove", "--force", str(path))
+    module = _import("torch_shampoo_other", path / "torch_shampoo" / "__init__.py", package=True)
+    module.__checkout__ = f"{where} ({git('rev-parse', 'HEAD', cwd=path)[:10]})"  # type: ignore[attr-defined]
     return module
 
 
@@ -218,6 +67,16 @@ def packages(args: argparse.Namespace) -> dict[str, ModuleType]:
     return out
 
 
+def _import(name: str, path: Path, package: bool = False) -> ModuleType:
+    """The module (or package) at ``path`` imported as ``name``."""
+    where = [str(path.parent)] if package else None
+    spec = importlib.util.spec_from_file_location(name, path, submodule_search_locations=where)
+    assert spec is not None and spec.loader is not None
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 # ---------------------------------------------------------------------------- examples, models
 
 
@@ -226,12 +85,29 @@ def example(name: str) -> ModuleType:
     under its own name (they import ``_common`` and ``_report`` by their plain names)."""
     for dep in ("_report", "_common", name):
         if dep not in sys.modules:
-            spec = importlib.util.spec_from_file_location(dep, EXAMPLES / f"{dep}.py")
-            assert spec is not None and spec.loader is not None
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[dep] = module
-            spec.loader.exec_module(module)
+            _import(dep, ROOT / "examples" / f"{dep}.py")
     return sys.modules[name]
+
+
+def task(demo: str, quick: bool) -> tuple[Any, ModuleType]:
+    """A demo's task (quick: smaller batches, data or model), warmed up (``_common.warm_up``:
+    untimed forward/backward passes), and its example module."""
+    module = example(f"train_{demo}")
+    small = {"digits": {"batch": 32}, "regression": {"train_size": 512},
+             "charlm": {"d_model": 32, "layers": 1, "seq_len": 32, "batch": 8,
+                        "val_batches": 2}}  # fmt: skip
+    built = module.build_task(**small[demo] if quick else {})
+    example("_common").warm_up(built)
+    return built, module
+
+
+def charlm() -> Model:
+    """The char-LM demo's model and its batches' shape, at its defaults."""
+    built = example("train_charlm").build_task()
+    shape = next(built.batches(0))[0].shape
+    vocab = built.build_model().head.out_features
+    return Model("char-LM (demo)", built.build_model,
+                 lambda g: torch.randint(vocab, shape, generator=g))  # fmt: skip
 
 
 @dataclass
@@ -255,6 +131,12 @@ def mlp(sizes: Sequence[int]) -> Model:
     )
 
 
+def tanh_stack(depth: int, width: int, out: int | None = None) -> nn.Sequential:
+    """``depth`` x (Linear(width, width), Tanh), then Linear(width, out) if ``out``."""
+    layers = [m for _ in range(depth) for m in (nn.Linear(width, width), nn.Tanh())]
+    return nn.Sequential(*layers, *([nn.Linear(width, out)] if out else []))
+
+
 def models(quick: bool) -> list[Model]:
     """The step-time and memory models: an MLP, a conv net, many small layers, the digits CNN."""
     channels, side = ((3, 8, 16), 8) if quick else ((3, 32, 64, 128, 256), 32)
@@ -268,11 +150,6 @@ def models(quick: bool) -> list[Model]:
             *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels[-1], 10)
         )
 
-    def small() -> nn.Module:
-        return nn.Sequential(
-            *[m for _ in range(depth) for m in (nn.Linear(width, width), nn.Tanh())]
-        )
-
     def digits() -> nn.Module:
         return example("train_digits").build_task().build_model()
 
@@ -280,42 +157,48 @@ def models(quick: bool) -> list[Model]:
         mlp((64, 128, 128, 64) if quick else (512, 1024, 1024, 512)),
         Model(f"ConvNet {'-'.join(map(str, channels[1:]))} ({side}x{side})", conv,
               lambda g: torch.randn(BATCH, 3, side, side, generator=g)),
-        Model(f"{depth}x Linear({width},{width})", small,
+        Model(f"{depth}x Linear({width},{width})", lambda: tanh_stack(depth, width),
               lambda g: torch.randn(BATCH, width, generator=g)),
         Model("digits CNN (demo)", digits, lambda g: torch.randn(BATCH, 1, 8, 8, generator=g)),
     ][: 2 if quick else 4]  # fmt: skip
 
 
 def gradient_sets(
-    model: nn.Module, make_input: Callable[[torch.Generator], torch.Tensor], count: int,
-    device: str = "cpu",
-) -> list[list[torch.Tensor]]:  # fmt: skip
-    """``count`` gradient sets from real batches (MSE to random targets), on ``device``."""
-    model.to(device)
+    model: Model, count: int, device: str = "cpu"
+) -> tuple[nn.Module, list[list[torch.Tensor]]]:
+    """The model built on ``device`` and ``count`` gradient sets from real batches (MSE to random
+    targets)."""
+    net = model.build().to(device)
     gen = torch.Generator().manual_seed(0)
     sets = []
     for _ in range(count):
-        model.zero_grad(set_to_none=True)
-        out = model(make_input(gen).to(device))
+        net.zero_grad(set_to_none=True)
+        out = net(model.make_input(gen).to(device))
         nn.functional.mse_loss(out, torch.randn(out.shape, generator=gen).to(device)).backward()
-        sets.append([p.grad.detach().clone() for p in model.parameters()])  # type: ignore[union-attr]
-    model.zero_grad(set_to_none=True)
-    return sets
+        sets.append([p.grad.detach().clone() for p in net.parameters()])  # type: ignore[union-attr]
+    net.zero_grad(set_to_none=True)
+    return net, sets
+
+
+def replica(
+    net: nn.Module, sets: list[list[torch.Tensor]]
+) -> tuple[list[torch.Tensor], Callable[[int], None]]:
+    """A fresh copy of ``net``'s parameters and the ``before`` giving them set t's gradients."""
+    params = [p.detach().clone().requires_grad_(True) for p in net.parameters()]
+
+    def before(t: int) -> None:
+        for p, g in zip(params, sets[t % len(sets)]):
+            p.grad = g
+
+    return params, before
 
 
 # ------------------------------------------------------------------------------- contenders
 
 
-def _optional(module: str) -> Any:
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        return None
-
-
 def optimizer(key: str, params: Any, lr: float = 1e-3, block: int | None = None,
               pkg: ModuleType = torch_shampoo, **kwargs: Any) -> Any:  # fmt: skip
-    """One contender by key; None when its package is not installed. Shampoo keys:
+    """One contender by key; None (and a note) when its package is not installed. Keys:
     ``shampoo-{sync,async,noguard,compact,bf16,noroot}``; ``soap-{sync,async,bf16}``; ``ngplus``;
     ``adam``, ``adam-fused``; ``pto-soap`` (pytorch-optimizer), ``hb-soap`` (HeavyBall)."""
     blocks = {"block_size": block} if block else {}
@@ -338,23 +221,18 @@ def optimizer(key: str, params: Any, lr: float = 1e-3, block: int | None = None,
         return pkg.SOAP(params, lr=lr, **blocks, async_roots=key == "soap-async", **kwargs)
     if key == "ngplus":
         return pkg.NGPlus(params, lr=lr, **kwargs)
-    if key == "pto-soap":
-        module = _optional("pytorch_optimizer")
-        return module and module.SOAP(params, lr=lr, weight_decay=0.0)
-    if key == "hb-soap":
-        module = _optional("heavyball")
-        return module and module.SOAP(params, lr=lr)
+    if key in LABELS:
+        package = "heavyball" if key == "hb-soap" else "pytorch_optimizer"
+        try:
+            module = importlib.import_module(package)
+        except ImportError:
+            print(f"note: {LABELS[key]} is not installed: no row")
+            return None
+        return module.SOAP(params, lr=lr, **({"weight_decay": 0.0} if key == "pto-soap" else {}))
     raise ValueError(f"unknown optimizer {key!r}")
 
 
 LABELS = {"pto-soap": "SOAP (pytorch-optimizer)", "hb-soap": "SOAP (HeavyBall)"}
-
-
-def heavyball_quick() -> None:
-    """--quick: HeavyBall compiles with mode "default" instead of its max-autotune (minutes)."""
-    module = _optional("heavyball")
-    if module is not None:
-        module.utils.compile_mode = "default"
 
 
 def drain(opt: Any) -> None:
@@ -377,11 +255,8 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
         if isinstance(v, torch.Tensor):
             s = v.untyped_storage()
             seen[(s.data_ptr(), str(v.device))] = s.nbytes()
-        elif isinstance(v, dict):
-            for x in v.values():
-                visit(x)
-        elif isinstance(v, (list, tuple)):
-            for x in v:
+        elif isinstance(v, (dict, list, tuple)):
+            for x in v.values() if isinstance(v, dict) else v:
                 visit(x)
 
     visit(list(opt.state.values()))
@@ -426,10 +301,9 @@ class Contender:
 
     def summary(self) -> dict[str, Any]:
         times = [r[2] for r in self.records]
-        roots = [r[2] for r in self.records if self.root_every and r[1] % self.root_every == 0]
-        nonroot = [
-            r[2] for r in self.records if not (self.root_every and r[1] % self.root_every == 0)
-        ]
+        is_root = [bool(self.root_every and r[1] % self.root_every == 0) for r in self.records]
+        roots = [s for s, root in zip(times, is_root) if root]
+        nonroot = [s for s, root in zip(times, is_root) if not root]
         inner = [r[3] for r in self.records if r[3] is not None]
         out = {"name": self.name, "steps": len(times), "median": statistics.median(times),
                "median_nonroot": statistics.median(nonroot or times),
@@ -443,41 +317,45 @@ class Contender:
         return out
 
 
-def fixed_grads(
-    params: list[torch.Tensor], sets: list[list[torch.Tensor]]
-) -> Callable[[int], None]:
-    def before(t: int) -> None:
-        for p, g in zip(params, sets[t % len(sets)]):
-            p.grad = g
-
-    return before
-
-
 def interleave(
     contenders: list[Contender], rounds: int, steps: int, warmup: int, label: str = ""
-) -> float:
+) -> list[dict[str, Any]]:
     """Warm every contender up (``warmup`` untimed steps, then drained), then ``rounds`` rounds
     of one block per contender, the order rotating: ``refill`` untimed steps, ``steps`` timed
-    steps, the roots in flight drained (untimed), a garbage collection. Returns the wall time."""
-    began = time.perf_counter()
-    for c in contenders:
-        log(f"{label} warm-up {c.name}")
-        for _ in range(warmup):
-            c.advance(-1, timed=False)
-        drain(c.opt)
-    for r in range(rounds):
-        shift = r % len(contenders)
-        for c in contenders[shift:] + contenders[:shift]:
-            log(f"{label} round {r + 1}/{rounds} {c.name}")
-            for _ in range(c.refill):
-                c.advance(r, timed=False)
-            for _ in range(steps):
-                c.advance(r, timed=True)
+    steps, the roots in flight drained (untimed), a garbage collection. Closes the optimizers at
+    the end. Returns the contenders' summaries."""
+    try:
+        for c in contenders:
+            log(f"{label} warm-up {c.name}")
+            for _ in range(warmup):
+                c.advance(-1, timed=False)
             drain(c.opt)
-            gc.collect()
-    return time.perf_counter() - began
+        for r in range(rounds):
+            shift = r % len(contenders)
+            for c in contenders[shift:] + contenders[:shift]:
+                log(f"{label} round {r + 1}/{rounds} {c.name}")
+                for _ in range(c.refill):
+                    c.advance(r, timed=False)
+                for _ in range(steps):
+                    c.advance(r, timed=True)
+                drain(c.opt)
+                gc.collect()
+    finally:
+        for c in contenders:
+            close(c.opt)
+    return [c.summary() for c in contenders]
 
 
-def close_all(contenders: Sequence[Contender]) -> None:
+def run(
+    contenders: list[Contender], rounds: int, steps: int, warmup: int, label: str
+) -> tuple[float, list[dict[str, Any]], dict[str, float]]:
+    """The first step of each contender timed apart (state creation, compilation), then
+    ``interleave``: the wall time, the summaries and the first steps' seconds."""
+    first: dict[str, float] = {}
     for c in contenders:
-        close(c.opt)
+        began = time.perf_counter()
+        c.advance(-1, timed=False)
+        first[c.name] = time.perf_counter() - began
+    began = time.perf_counter()
+    rows = interleave(contenders, rounds, steps, warmup, label)
+    return time.perf_counter() - began, rows, first

@@ -1,7 +1,6 @@
 """Optimizer memory: state bytes by method and their ratio to Adam; the peak of the first steps.
 
-The state is measured ONE way for every optimizer (``harness.state_bytes``): the bytes of the
-storages the tensors in ``optimizer.state`` hold, each storage once. Sections:
+The state is measured ONE way for every optimizer: ``harness.state_bytes``. Sections:
 
   state  per model (and the char-LM demo's), after 2 precondition cycles of fixed gradients
          (roots computed): state MB, ratio to Adam, bytes per element (Adam's float32 moments:
@@ -33,8 +32,6 @@ KEYS = ("adam", "shampoo-sync", "shampoo-compact", "shampoo-bf16", "shampoo-asyn
         "soap-bf16", "ngplus", "pto-soap", "hb-soap")  # fmt: skip
 PEAK = ("adam", "shampoo-sync", "shampoo-compact", "shampoo-bf16", "soap-sync", "soap-bf16",
         "ngplus")  # fmt: skip
-LOW = ("shampoo-bf16", "soap-bf16")
-"""``state_dtype=torch.bfloat16``: not in a ``--compare`` checkout from before it existed."""
 FREQUENCY = 10
 
 
@@ -42,46 +39,31 @@ def _takes_state_dtype(pkg: Any) -> bool:
     return "state_dtype" in pkg.Shampoo.__init__.__code__.co_varnames
 
 
-def charlm() -> h.Model:
-    """The char-LM demo's model (examples/train_charlm.py) at its defaults."""
-    task = h.example("train_charlm").build_task()
-    x, _ = next(task.batches(0))
-    vocab = task.build_model().head.out_features
-    return h.Model("char-LM (demo)", task.build_model,
-                   lambda g: torch.randint(vocab, x.shape, generator=g))  # fmt: skip
-
-
-def _mb(n: float | None) -> str:
-    return "-" if n is None else f"{n / 2**20:.2f}"
-
-
 def state(report: h.Report, args: Any, pkgs: dict[str, Any]) -> None:
     blocks, cuda = (64, 128) if args.quick else (128, 1024), args.device == "cuda"
-    for model in [*h.models(args.quick), *([] if args.quick else [charlm()])]:
-        net = model.build()
-        sets = h.gradient_sets(net, model.make_input, 2, args.device)
+    for model in [*h.models(args.quick), *([] if args.quick else [h.charlm()])]:
+        net, sets = h.gradient_sets(model, 2, args.device)
         elements = sum(p.numel() for p in net.parameters())
         rows, data, adam = [], [], 0
-        for key in KEYS:
-            if key == "hb-soap" and args.quick:  # compiles for minutes: step_time's quick has it
-                continue
+        # --quick: no HeavyBall (it compiles for minutes; step_time's --quick has it)
+        for key in [k for k in KEYS if not (args.quick and k == "hb-soap")]:
             tuned = key.startswith(("shampoo", "soap", "ngplus"))
             for label, pkg in pkgs.items() if tuned else [("", None)]:
-                if label and key in LOW and not _takes_state_dtype(pkg):
+                # bf16 (state_dtype): not in a --compare checkout from before it existed
+                if label and key.endswith("bf16") and not _takes_state_dtype(pkg):
                     continue
                 for block in blocks if key.startswith(("shampoo", "soap")) else [None]:
-                    params = [p.detach().clone().requires_grad_(True) for p in net.parameters()]
+                    params, before = h.replica(net, sets)
                     f = "inverse_frequency" if key == "ngplus" else "precondition_frequency"
                     kw: dict[str, Any] = {"block": block, "pkg": pkg, f: FREQUENCY} if tuned else {}
                     opt = h.optimizer(key, params, **kw)
                     if opt is None:
-                        print(f"note: {h.LABELS[key]} is not installed: no row")
                         continue
                     gc.collect()  # (the previous contender's memory freed, lazy state not made)
                     if cuda:
                         torch.cuda.reset_peak_memory_stats()
                     base = torch.cuda.memory_allocated() if cuda else 0
-                    before, host = h.fixed_grads(params, sets), []
+                    host = []
                     for t in range(2 * FREQUENCY + 1):
                         before(t)
                         opt.step()
@@ -93,8 +75,8 @@ def state(report: h.Report, args: Any, pkgs: dict[str, Any]) -> None:
                     adam = adam or held
                     name = label + h.LABELS.get(key, key) + (f" b{block}" if block else "")
                     most, mean = (max(host), statistics.fmean(host)) if host else (None, None)
-                    rows.append([name, _mb(held), h.ratio(held, adam), f"{held / elements:.1f}",
-                                 f"{_mb(most)} / {_mb(mean)}", _mb(peak)])  # fmt: skip
+                    rows.append([name, h.mb(held), h.ratio(held, adam), f"{held / elements:.1f}",
+                                 f"{h.mb(most)} / {h.mb(mean)}", h.mb(peak)])  # fmt: skip
                     data.append({"name": name, "state_bytes": held, "host_buffer_bytes": most,
                                  "host_buffer_mean": mean, "cuda_peak": peak})  # fmt: skip
         report.section(
@@ -143,7 +125,7 @@ def peak(report: h.Report, args: Any) -> None:
         if run.returncode:
             raise SystemExit(f"peak {key}: {run.stderr}")
         r = data[key] = json.loads(run.stdout.splitlines()[-1])
-        rows.append([h.LABELS.get(key, key), _mb(r["peak_rise"]), _mb(r["state_bytes"]),
+        rows.append([h.LABELS.get(key, key), h.mb(r["peak_rise"]), h.mb(r["state_bytes"]),
                      h.ratio(r["peak_rise"], r["state_bytes"])])  # fmt: skip
     report.section(
         f"peak: 3 x Linear({width}, {width}), block 128, first two steps ({args.device})",
@@ -156,11 +138,9 @@ def peak(report: h.Report, args: Any) -> None:
 def main(argv: list[str] | None = None) -> None:
     if argv is None and sys.argv[1:2] == ["--child"]:
         return child(sys.argv[2], int(sys.argv[3]), sys.argv[4])
-    p = h.parser(__doc__, rounds=False)
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where it runs")
-    p.add_argument("--sections", default="state,peak", help="subset of state,peak")
+    p = h.parser(__doc__, rounds=False, sections="state,peak", device=True)
     args = p.parse_args(argv)
-    report = h.start("memory", args)
+    report = h.Report("memory", args)
     if "state" in args.sections:
         state(report, args, h.packages(args))
     if "peak" in args.sections:

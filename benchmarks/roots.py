@@ -1,12 +1,11 @@
-"""Inverse roots: the solve per method, size, conditioning and thread count; async roots' staleness.
-
-Sections:
+"""Inverse roots: the solve per method, size, conditioning and thread count; async roots' staleness;
+warm-started roots. Sections:
 
   solve      X = (A + εI)^(-1/p) by ``torch_shampoo.roots.matrix_roots.inverse_root`` (eigh, newton;
              cholesky for p = 1; "f64" / "f32": ``inverse_roots`` of the matrix in float64 / in
              float32, "(retried)" when it fell back to float64; --sizes to choose the sizes)
-             against a raw float64 ``torch.linalg.eigh`` of the same matrix
-             (interleaved medians), at each of --thread-counts (1 and all; quick: 1). Accuracy:
+             against a raw float64 ``torch.linalg.eigh`` of the same matrix (interleaved
+             medians), at each of --thread-counts (1 and all; quick: 1). Accuracy:
              the relative backward error ‖X^(-p) - B‖_F / ‖B‖_F (B = A + εI); "floor"
              u(1 + p κ^(1/p)) is the best any float64 root can reach.
   staleness  async Shampoo with a fixed "model compute" (time.sleep S before every step, standing
@@ -14,6 +13,8 @@ Sections:
              whose only roots are at step 1, same sleep; S = --coverage x the root work per
              cycle (a sync root step's median minus a non-root one's) / frequency. Per block
              size: step medians/means/max, stalls, the staleness "auto" fitted, the root window.
+  warm       sync Shampoo at frequency 2, eigh_every 1 (every root the pool's exact root) against
+             5 (warm-started roots): root seconds per cycle, also split by kind.
 
     python -m benchmarks.roots --quick
 """
@@ -66,8 +67,7 @@ def solve(report: h.Report, args: Any) -> None:
             for cond in conditions:
                 for p in (1, 4):
                     a = test_matrix(n, cond, seed=n)
-                    b = a.clone()
-                    b.diagonal().add_(EPSILON)
+                    b = a + EPSILON * torch.eye(n, dtype=a.dtype)
                     methods = ["eigh", "newton"] + (["cholesky"] if p == 1 else [])
                     methods = [m for m in methods if m in args.solve_methods.split(",")]
                     cs = [h.Contender("raw eigh", functools.partial(torch.linalg.eigh, a))]
@@ -77,8 +77,8 @@ def solve(report: h.Report, args: Any) -> None:
                     f64 = functools.partial(inverse_roots, a[None], p, EPSILON)  # (the pool's)
                     cs += [h.Contender("f32", f32), h.Contender("f64", f64)]
                     repeats = 3 if args.quick or n >= 512 else 5
-                    h.interleave(cs, repeats, 1, 1, f"solve {threads} threads n={n}")
-                    med = {c.name: c.summary()["median"] for c in cs}
+                    rs = h.interleave(cs, repeats, 1, 1, f"solve {threads} threads n={n}")
+                    med = {r["name"]: r["median"] for r in rs}
                     row = [n, f"{cond:.0e}", p, f"{2.0**-53 * (1 + p * cond ** (1 / p)):.1e}",
                            h.ms(med["raw eigh"])]  # fmt: skip
                     for m in ("eigh", "newton", "cholesky"):
@@ -110,15 +110,13 @@ def solve(report: h.Report, args: Any) -> None:
 def staleness(report: h.Report, args: Any) -> None:
     torch.set_num_threads(1)
     model = h.models(args.quick)[0]
-    net = model.build()
-    sets = h.gradient_sets(net, model.make_input, 4)
+    net, sets = h.gradient_sets(model, 4)
     blocks = (64, 128) if args.quick else (128, 1024)
     rows, data = [], []
     for block in blocks:
 
         def make(key: str, sleep: float, block: int = block, **kw: Any) -> h.Contender:
-            params = [p.detach().clone().requires_grad_(True) for p in net.parameters()]
-            grads = h.fixed_grads(params, sets)
+            params, grads = h.replica(net, sets)
             opt = h.optimizer(key, params, block=block, root_workers=1, **kw)
 
             def before(t: int) -> None:
@@ -129,16 +127,12 @@ def staleness(report: h.Report, args: Any) -> None:
                                refill=FREQUENCY if key.endswith("async") else 0)  # fmt: skip
 
         sync = make("shampoo-sync", 0.0, precondition_frequency=FREQUENCY)
-        h.interleave([sync], 1, 2 * FREQUENCY, FREQUENCY, f"staleness b{block} sync")
-        h.close_all([sync])
-        s = sync.summary()
+        (s,) = h.interleave([sync], 1, 2 * FREQUENCY, FREQUENCY, f"staleness b{block} sync")
         compute = args.coverage * max(0.0, s["median_root"] - s["median_nonroot"]) / FREQUENCY
         cs = [make("shampoo-noroot", compute),
               make("shampoo-async", compute, precondition_frequency=FREQUENCY)]  # fmt: skip
-        h.interleave(cs, args.rounds or 1, FREQUENCY * (1 if args.quick else 3), FREQUENCY,
-                     f"staleness b{block}")  # fmt: skip
-        h.close_all(cs)
-        base, asyn = (c.summary() for c in cs)
+        base, asyn = h.interleave(cs, args.rounds or 1, FREQUENCY * (1 if args.quick else 3),
+                                  FREQUENCY, f"staleness b{block}")  # fmt: skip
         for r in (base, asyn):
             st = r["root_stats"]
             stale = st["root_staleness"] if isinstance(st["root_staleness"], int) else FREQUENCY
@@ -159,41 +153,25 @@ def staleness(report: h.Report, args: Any) -> None:
     )  # fmt: skip
 
 
-def _charlm() -> h.Model:
-    task = h.example("train_charlm").build_task()
-    vocab = task.build_model().tok.num_embeddings
-
-    return h.Model("char-LM (demo)", task.build_model,
-                   lambda g: torch.randint(vocab, (16, 64), generator=g))  # fmt: skip
-
-
 def warm(report: h.Report, args: Any) -> None:
-    """Synchronous Shampoo at frequency 2 (every other step a root step), eigh_every 1 (every
-    root the pool's exact root) against 5 (warm-started roots), interleaved blocks of 10 root
-    steps (2 exact and 8 warm ones for 5); root seconds per cycle = mean root step − median
-    non-root step, also split by kind."""
     torch.set_num_threads(1)
     models = [h.mlp((64, 128, 128, 64)), h.models(True)[1]] if args.quick else [
-        _charlm(), h.mlp((512, 1024, 1024, 512))]  # fmt: skip
+        h.charlm(), h.mlp((512, 1024, 1024, 512))]  # fmt: skip
     rows, data = [], []
     for model in models:
-        net = model.build()
-        sets = h.gradient_sets(net, model.make_input, 4)
+        net, sets = h.gradient_sets(model, 4)
 
         def make(every: int, net: Any = net, sets: Any = sets) -> h.Contender:
-            params = [p.detach().clone().requires_grad_(True) for p in net.parameters()]
+            params, before = h.replica(net, sets)
             opt = h.optimizer("shampoo-sync", params, block=1024, root_workers=1,
                               precondition_frequency=2, start_preconditioning_step=2,
                               eigh_every=every)  # fmt: skip
-            return h.Contender(f"eigh_every={every}", opt.step, h.fixed_grads(params, sets),
-                               opt, 2)  # fmt: skip
+            return h.Contender(f"eigh_every={every}", opt.step, before, opt, 2)
 
         cs = [make(1), make(5)]
-        h.interleave(cs, args.rounds or (1 if args.quick else 3), 20, 2, f"warm {model.name}")
-        h.close_all(cs)
+        rs = h.interleave(cs, args.rounds or (1 if args.quick else 3), 20, 2, f"warm {model.name}")
         found = []
-        for c in cs:
-            r = c.summary()
+        for c, r in zip(cs, rs):
             roots = [(t, s) for _, t, s, _ in c.records if t % 2 == 0]
             exact = [s for t, s in roots if (t // 2) % 5 == 0 or c is cs[0]]
             warm_steps = [s for t, s in roots if (t // 2) % 5 and c is cs[1]]
@@ -215,9 +193,7 @@ def warm(report: h.Report, args: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = h.parser(__doc__, compare=False)
-    p.add_argument("--sections", default="solve,staleness,warm",
-                   help="subset of solve,staleness,warm")  # fmt: skip
+    p = h.parser(__doc__, compare=False, sections="solve,staleness,warm")
     p.add_argument("--thread-counts", default=None, help="solve: torch threads (1,CORES)")
     p.add_argument("--sizes", default=None, help="solve: matrix sizes (64,...,2048)")
     p.add_argument("--solve-methods", default="eigh,newton,cholesky", help="solve: methods")
@@ -226,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     cores = torch.get_num_threads()
     if not args.thread_counts:  # quick: 1 (2 threads of a loaded 2-core machine: seconds)
         args.thread_counts = "1" if cores == 1 or args.quick else f"1,{cores}"
-    report = h.start("roots", args)
+    report = h.Report("roots", args)
     if "solve" in args.sections:
         solve(report, args)
     if "staleness" in args.sections:

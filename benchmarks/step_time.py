@@ -25,6 +25,8 @@ step() between two synchronizations; roots stay on the CPU.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import math
 import os
 import time
@@ -37,14 +39,11 @@ from torch import nn
 from . import harness as h
 
 FREQUENCY = 10
-SECTIONS = ("core", "threads", "scaling", "compile")
 
 
 class Floor:
-    """The bare tensor ops of a Shampoo step: each parameter as a matrix (dim 0 x the rest; a
-    vector as one row) cut into tiles of at most ``block`` per side, stacked; per step the two
-    statistics products F += G Gᵀ, the preconditioning X_L G X_R, and the Adam graft's moments
-    and direction with ``_foreach_`` calls (roots fixed, nothing else)."""
+    """The floor (module docstring) on each parameter as a matrix (dim 0 x the rest; a vector as
+    one row) cut into tiles of at most ``block`` per side, stacked."""
 
     def __init__(self, params: list[torch.Tensor], block: int) -> None:
         self.params, self.stacks = params, []
@@ -78,52 +77,40 @@ def contenders(model: h.Model, args: Any, blocks: tuple[int, ...], pkgs: dict[st
                keys: list[str], workers: int | None = None) -> list[h.Contender]:  # fmt: skip
     """One contender per (package, key, block): its own copy of the parameters and the fixed
     gradient sets. Keys as harness.optimizer, plus "floor"."""
-    net = model.build()
-    sets = h.gradient_sets(net, model.make_input, 3 if args.quick else 8, args.device)
+    net, sets = h.gradient_sets(model, 3 if args.quick else 8, args.device)
     out: list[h.Contender] = []
     cuda = args.device == "cuda"
     for key in keys:
-        for label, pkg in pkgs.items() if key.startswith(("shampoo", "soap")) else [("", None)]:
-            for block in blocks if key.startswith(("shampoo", "soap", "floor")) else [None]:
-                params = [p.detach().clone().requires_grad_(True) for p in net.parameters()]
-                before = h.fixed_grads(params, sets)
+        tuned = key.startswith(("shampoo", "soap"))
+        periodic = tuned and key != "shampoo-noroot"  # (noroot: roots only at step 1)
+        for label, pkg in pkgs.items() if tuned else [("", None)]:
+            for block in blocks if tuned or key == "floor" else [None]:
+                params, before = h.replica(net, sets)
                 tag = f" b{block}" if block else ""
                 if key == "floor":
                     floor = Floor(params, block)  # type: ignore[arg-type]
                     out.append(h.Contender(f"floor{tag}", floor.step, before, cuda=cuda))
                     continue
-                kw: dict[str, Any] = {}
-                if key.startswith(("shampoo", "soap")):
-                    kw = {"block": block, "pkg": pkg or h.torch_shampoo}
-                    if key != "shampoo-noroot":
-                        kw.update(precondition_frequency=FREQUENCY, root_workers=workers)
+                kw: dict[str, Any] = {"block": block, "pkg": pkg} if tuned else {}
+                if periodic:
+                    kw.update(precondition_frequency=FREQUENCY, root_workers=workers)
                 key = "adam-fused" if key == "adam" and cuda else key
                 opt = h.optimizer(key, params, **kw)
                 if opt is None:
-                    print(f"note: {h.LABELS[key]} is not installed: no row")
                     continue
-                name = label + h.LABELS.get(key, key) + tag
-                async_ = key in ("shampoo-async", "soap-async")
                 out.append(h.Contender(
-                    name, opt.step, before, opt, FREQUENCY if key[:4] in ("sham", "soap") else None,
-                    refill=FREQUENCY if async_ else 0, cuda=cuda,
+                    label + h.LABELS.get(key, key) + tag, opt.step, before, opt,
+                    FREQUENCY if periodic else None, cuda=cuda,
+                    refill=FREQUENCY if key.endswith("async") else 0,
                 ))  # fmt: skip
     return out
 
 
 def run_models(report: h.Report, title: str, model: h.Model, args: Any, cs: list[h.Contender],
-               rounds: int, cycles: int) -> list[dict[str, Any]]:  # fmt: skip
+               cycles: int) -> None:  # fmt: skip
     """Warm-up (the first step timed apart), interleaved rounds, one table."""
-    first: dict[str, float] = {}
-    for c in cs:
-        began = time.perf_counter()
-        c.advance(-1, timed=False)
-        first[c.name] = time.perf_counter() - began
-    try:
-        wall = h.interleave(cs, rounds, cycles * FREQUENCY, FREQUENCY, title)
-        rows = [c.summary() for c in cs]
-    finally:
-        h.close_all(cs)
+    rounds = args.rounds or (1 if args.quick else 2)
+    wall, rows, first = h.run(cs, rounds, cycles * FREQUENCY, FREQUENCY, title)
     adam = next(r for r in rows if r["name"].startswith("adam"))
     floors = {r["name"].split()[-1]: r for r in rows if r["name"].startswith("floor")}
     table = []
@@ -144,7 +131,6 @@ def run_models(report: h.Report, title: str, model: h.Model, args: Any, cs: list
         f"{rounds} rounds x {cycles * FREQUENCY} timed steps each, {wall:.0f} s; med: non-root "
         f"steps; threads {torch.get_num_threads()}", {"rows": rows, "first_seconds": first},
     )  # fmt: skip
-    return rows
 
 
 def core(report: h.Report, args: Any, pkgs: dict[str, Any], blocks: tuple[int, ...]) -> None:
@@ -153,8 +139,7 @@ def core(report: h.Report, args: Any, pkgs: dict[str, Any], blocks: tuple[int, .
     for i, model in enumerate(h.models(args.quick)):
         ks = keys if i == 0 else [k for k in keys if k != "hb-soap" or not args.quick]
         cs = contenders(model, args, blocks, pkgs, ks)
-        run_models(report, "core", model, args, cs, args.rounds or (1 if args.quick else 2),
-                   1 if args.quick else 2)  # fmt: skip
+        run_models(report, "core", model, args, cs, 1 if args.quick else 2)
 
 
 def threads(report: h.Report, args: Any, pkgs: dict[str, Any], blocks: tuple[int, ...]) -> None:
@@ -163,8 +148,7 @@ def threads(report: h.Report, args: Any, pkgs: dict[str, Any], blocks: tuple[int
         torch.set_num_threads(n)
         cs = contenders(model, args, blocks, pkgs, ["adam", "shampoo-sync", "shampoo-async"],
                         workers=1 if n == 1 else None)  # fmt: skip
-        run_models(report, f"threads {n}", model, args, cs, args.rounds or (1 if args.quick else 2),
-                   1 if args.quick else 3)  # fmt: skip
+        run_models(report, f"threads {n}", model, args, cs, 1 if args.quick else 3)
 
 
 def scaling(report: h.Report, args: Any) -> None:
@@ -177,12 +161,8 @@ def scaling(report: h.Report, args: Any) -> None:
             lambda w=width: nn.Sequential(nn.Linear(w, w), nn.Linear(w, w)),
             lambda g, w=width: torch.randn(h.BATCH, w, generator=g),
         )
-        cs = contenders(model, args, blocks, {"": None}, ["adam", "shampoo-noroot"])
-        for c in cs:
-            c.root_every = None
-        h.interleave(cs, args.rounds or 3, 3, 2, f"scaling {width}")
-        h.close_all(cs)
-        s = [c.summary() for c in cs]
+        cs = contenders(model, args, blocks, {"": h.torch_shampoo}, ["adam", "shampoo-noroot"])
+        s = h.interleave(cs, args.rounds or 3, 3, 2, f"scaling {width}")
         data.append(s)
         rows.append(
             [width, h.ms(s[0]["median"])]
@@ -211,9 +191,7 @@ def compile_section(report: h.Report, args: Any) -> None:
                 step()
             compile_s = time.perf_counter() - began if compiled else compile_s
             cs.append(h.Contender("compiled" if compiled else "eager", step, opt=opt))
-        h.interleave(cs, args.rounds or (1 if args.quick else 3), 3 if args.quick else 20, 0)
-        h.close_all(cs)
-        e, c = (x.summary() for x in cs)
+        e, c = h.interleave(cs, args.rounds or (1 if args.quick else 3), 3 if args.quick else 20, 0)
         data.append([e, c, compile_s])
         rows.append([f"{depth}x Linear({width})", h.ms(e["median"]), h.ms(c["median"]),
                      h.ratio(e["median"], c["median"]), f"{compile_s:.1f}"])  # fmt: skip
@@ -224,16 +202,13 @@ def compile_section(report: h.Report, args: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = h.parser(__doc__)
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--sections", default=",".join(SECTIONS), help=f"subset of {SECTIONS}")
+    p = h.parser(__doc__, sections="core,threads,scaling,compile", device=True)
     args = p.parse_args(argv)
-    if args.quick and not args.threads:
-        args.threads = 1  # tiny ops on 2 threads of a loaded 2-core machine: milliseconds each
     sections = args.sections.split(",")
-    if args.quick:
-        h.heavyball_quick()
-    report = h.start("step_time", args)
+    if args.quick:  # HeavyBall compiles with mode "default", not max-autotune (minutes)
+        with contextlib.suppress(ImportError):
+            importlib.import_module("heavyball").utils.compile_mode = "default"
+    report = h.Report("step_time", args, quick_threads=True)
     pkgs = h.packages(args)
     blocks = (64, 128) if args.quick else (128, 1024)
     if "core" in sections:

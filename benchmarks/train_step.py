@@ -2,11 +2,10 @@
 
 Each contender trains its own copy of the demo's model (same initialization) on its own stream of
 the demo's batches at the demo's default lr (Adam's for SOAP), with the library's defaults
-(async roots, "auto" staleness); the contenders run interleaved (benchmarks/harness.py). Printed
-per demo: the median and mean full step, the median and mean ``optimizer.step()`` inside it, the
-mean as a ratio to Adam's and to Shampoo async's, root stalls, and the first step apart (state
-creation; HeavyBall's compilation). ``--compare PATH_OR_REV`` adds the other checkout's Shampoo
-and SOAP (what train_step_ab.py measured).
+(async roots, "auto" staleness); the contenders run interleaved (benchmarks/harness.py). Per
+demo: the full step and the ``optimizer.step()`` inside it, ratios to Adam and Shampoo async,
+and the first step apart (state creation; HeavyBall's compilation). ``--compare PATH_OR_REV``
+adds the other checkout's Shampoo and SOAP.
 
     python -m benchmarks.train_step --quick
     python -m benchmarks.train_step --demos charlm --compare ../baseline
@@ -23,17 +22,6 @@ from . import harness as h
 
 KEYS = ("adam", "shampoo-async", "shampoo-sync", "soap-async", "soap-sync", "ngplus",
         "pto-soap", "hb-soap")  # fmt: skip
-
-
-def task_of(demo: str, quick: bool) -> tuple[Any, dict[str, float]]:
-    module = h.example(f"train_{demo}")
-    if demo == "charlm" and quick:
-        return module.build_task(d_model=32, layers=1, seq_len=32, batch=8), module.DEFAULT_LRS
-    if demo == "digits" and quick:
-        return module.build_task(batch=32), module.DEFAULT_LRS
-    if demo == "regression" and quick:
-        return module.build_task(train_size=512), module.DEFAULT_LRS
-    return module.build_task(), module.DEFAULT_LRS
 
 
 def contender(task: Any, lrs: dict[str, float], key: str, label: str, pkg: Any) -> h.Contender:
@@ -60,36 +48,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--demos", default="digits,charlm,regression")
     p.add_argument("--steps", type=int, default=None, help="timed steps per block (40; quick 10)")
     args = p.parse_args(argv)
-    if args.quick:
-        h.heavyball_quick()
-    report = h.start("train_step", args)
+    report = h.Report("train_step", args)
     pkgs = h.packages(args)
     steps = args.steps or (10 if args.quick else 40)
     rounds = args.rounds or (1 if args.quick else 3)
     for demo in args.demos.split(","):
-        task, lrs = task_of(demo, args.quick)
-        h.example("_common").warm_up(task)
+        task, module = h.task(demo, args.quick)
         cs = []
-        for key in KEYS:
-            if args.quick and key == "hb-soap":  # compiles for minutes: step_time's quick has it
-                continue
+        # --quick: no HeavyBall (it compiles for minutes; step_time's --quick has it)
+        for key in [k for k in KEYS if not (args.quick and k == "hb-soap")]:
             ab = key.startswith(("shampoo", "soap"))
             for label, pkg in pkgs.items() if ab else [("", h.torch_shampoo)]:
-                c = contender(task, lrs, key, label, pkg)
-                if c is None:
-                    print(f"note: {h.LABELS[key]} is not installed: no row")
-                else:
+                c = contender(task, module.DEFAULT_LRS, key, label, pkg)
+                if c is not None:
                     cs.append(c)
-        first = {}
-        for c in cs:
-            began = time.perf_counter()
-            c.advance(-1, timed=False)
-            first[c.name] = time.perf_counter() - began
-        try:
-            wall = h.interleave(cs, rounds, steps, 5 if args.quick else 20, demo)
-            rows = [c.summary() for c in cs]
-        finally:
-            h.close_all(cs)
+        wall, rows, first = h.run(cs, rounds, steps, 5 if args.quick else 20, demo)
         adam = rows[0]
         base = next(r for r in rows if r["name"] == "shampoo-async")
         table = [[
