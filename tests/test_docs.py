@@ -85,11 +85,11 @@ def test_a_target_is_judged_against_its_figure_on_the_default(render: ModuleType
 
 
 def test_the_warm_roots_target_takes_the_worst_model(render: ModuleType) -> None:
-    (target,) = [t for t in render.TARGETS if t.result == "roots"]
+    (target,) = [t for t in render.TARGETS if t.result == "roots_warm"]
     headers = ["model", "contender", "per cycle ms", "/ eigh_every=1"]
     rows = [["MLP", "eigh_every=1", "10", "1.00"], ["MLP", "eigh_every=5", "3", "0.30"],
             ["char-LM", "eigh_every=5", "5", "0.50"]]  # fmt: skip
-    reports = {"roots": {"sections": [{"title": target.section + ": x", "headers": headers,
+    reports = {"roots_warm": {"sections": [{"title": target.section + ": x", "headers": headers,
                                        "rows": rows}]}}  # fmt: skip
     figure, verdict = render.judged(target, reports)
     assert verdict == "NOT met" and "MLP: 0.30×" in figure and "char-LM: 0.50×" in figure
