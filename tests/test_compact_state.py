@@ -194,7 +194,7 @@ def test_a_nonfinite_step_leaves_the_triangles_and_the_weights_as_they_were() ->
 
 @pytest.mark.parametrize("front", [SOAP, NGPlus])
 def test_fronts_without_symmetric_roots_refuse_it(front: type) -> None:
-    with pytest.raises(TypeError, match="'compact_state': did you mean nothing"):
+    with pytest.raises(TypeError, match=r"'compact_state': .* has no such setting"):
         front(mixed_model().parameters(), compact_state=True)
 
 

@@ -175,7 +175,10 @@ def test_a_hint_never_names_a_valid_kwarg_and_each_one_is_given(front: str) -> N
     assert not set(spec.HINTS[front]) & {"params", *spec.kwargs(front)}
     p = nn.Parameter(torch.zeros(3, 2))
     for name, hint in spec.HINTS[front].items():
-        with pytest.raises(TypeError, match=re.escape(f"'{name}': did you mean {hint}?")):
+        said = f"did you mean {hint}?"
+        if hint.startswith(spec.NOTHING):
+            said = f"{front} has no such setting ({hint.removeprefix(spec.NOTHING)})"
+        with pytest.raises(TypeError, match=re.escape(f"'{name}': {said}")):
             CLASSES[front]([p], **{name: 1})
 
 

@@ -37,8 +37,8 @@ from .roots.matrix_roots import ROOT_DTYPES, ROOT_METHODS
 from .update.grafting import GRAFTS
 
 __all__ = [
-    "ENGINE_FLAGS", "FIXED", "FRONTS", "HINTS", "RULES", "SPEC", "STATISTICS", "Rule", "Setting",
-    "declared", "engine_fields", "group_defaults", "kwargs", "parse", "reject", "rows", "validate",
+    "ENGINE_FLAGS", "FIXED", "FRONTS", "HINTS", "NOTHING", "RULES", "SPEC", "STATISTICS", "Rule",
+    "Setting", "declared", "engine_fields", "group_defaults", "kwargs", "parse", "reject", "rows", "validate",
 ]  # fmt: skip
 
 FRONTS: tuple[str, ...] = ("Shampoo", "SOAP", "NGPlus")
@@ -270,7 +270,9 @@ HINTS: Mapping[str, Mapping[str, str]] = {
         "state_dtype": "nothing: low-precision state is Shampoo's and SOAP's",
     },
 }
-"""Per front end: what a caller probably meant by a name that front end does not take."""
+"""Per front end: what a caller probably meant by a name that front end does not take
+(``NOTHING`` and why: a name of another optimizer's that has no counterpart here)."""
+NOTHING = "nothing: "
 
 
 # ------------------------------------------------------------------------------- derived
@@ -332,6 +334,8 @@ def reject(front: str, unknown: Mapping[str, Any]) -> None:
         close = difflib.get_close_matches(name, ["params", *kwargs(front)], n=2, cutoff=0.6)
         hint = " or ".join(f"'{c}'" for c in close)
     meant = f": did you mean {hint}?" if hint else ""
+    if hint and hint.startswith(NOTHING):  # a name other optimizers take, with the reason
+        meant = f": {front} has no such setting ({hint.removeprefix(NOTHING)})"
     raise TypeError(f"{front} got an unexpected keyword argument '{name}'{meant}")
 
 
