@@ -38,7 +38,8 @@ from .update.grafting import GRAFTS
 
 __all__ = [
     "ENGINE_FLAGS", "FIXED", "FRONTS", "HINTS", "NOTHING", "RULES", "SPEC", "STATISTICS", "Rule",
-    "Setting", "declared", "engine_fields", "group_defaults", "kwargs", "parse", "reject", "rows", "validate",
+    "Setting", "declared", "engine_fields", "group_defaults", "kwargs", "parse", "reject", "rows",
+    "validate",
 ]  # fmt: skip
 
 FRONTS: tuple[str, ...] = ("Shampoo", "SOAP", "NGPlus")
