@@ -14,7 +14,8 @@ The rule, per block, at step t = 1, 2, ...:
 0. g = grad (-grad if maximize); with coupled weight decay, g <- g + wd * W.
 1. For each factored dim i: F_i <- beta2 * F_i + w * G_(i) G_(i)^T, w = 1 if beta2 == 1 else
    1 - beta2, where G_(i) is the block unfolded along dim i (dim i as rows, all else as columns).
-2. At t == start, and at t > start with t % frequency == 0:
+2. At t == start, and at t > start with t % frequency == phase (the parameter's phase: 0 unless
+   ``phases`` gives one, as a staggered optimizer's ``stagger_roots`` does):
    X_i = (F_i / bc2 + eps I)^(-1/r), bc2 = 1 - beta2^t (1 if no bias correction or beta2 == 1),
    r = 2 * (number of factored dims) unless root_exponent is given. Before that, X_i = I.
 3. m <- beta1 * m + (1 - beta1) * g; m_hat = m / (1 - beta1^t) (m_hat = m if no bias correction).
@@ -138,6 +139,7 @@ class ReferenceShampoo:
         maximize: bool = False,
         merge_dims: bool | str = True,
         precondition_1d: bool = True,
+        phases: Sequence[int] | None = None,
     ) -> None:
         if grafting not in GRAFTINGS:
             raise ValueError(f"unknown grafting {grafting!r}")
@@ -160,6 +162,7 @@ class ReferenceShampoo:
         self.root_exponent = root_exponent
         self.maximize = maximize
         self.t = 0
+        self.phases = list(phases) if phases is not None else [0] * len(self.params)
 
         self.states = []
         for param in self.params:
@@ -191,7 +194,10 @@ class ReferenceShampoo:
     @torch.no_grad()
     def step(self, grads: Sequence[torch.Tensor]) -> None:
         self.t += 1
-        for param, grad, state in zip(self.params, grads, self.states, strict=True):
+        for param, grad, state, phase in zip(
+            self.params, grads, self.states, self.phases, strict=True
+        ):
+            root_step = self.is_root_step(phase)
             weights = param.double()
             g = grad.double()
             if self.maximize:
@@ -201,7 +207,7 @@ class ReferenceShampoo:
             g_blocks = split_blocks(g.contiguous(), state.layout)
             w_blocks = split_blocks(weights.contiguous(), state.layout)
             updates = [
-                self.block_update(block_state, g_block, w_block)
+                self.block_update(block_state, g_block, w_block, root_step)
                 for block_state, g_block, w_block in zip(
                     state.blocks, g_blocks, w_blocks, strict=True
                 )
@@ -209,11 +215,13 @@ class ReferenceShampoo:
             update = merge_blocks(updates, state.layout)
             param.copy_(weights - self.lr * update)
 
-    def is_root_step(self) -> bool:
+    def is_root_step(self, phase: int = 0) -> bool:
         t, start = self.t, self.start
-        return t == start or (t > start and t % self.precondition_frequency == 0)
+        return t == start or (t > start and t % self.precondition_frequency == phase)
 
-    def block_update(self, s: BlockState, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def block_update(
+        self, s: BlockState, g: torch.Tensor, w: torch.Tensor, root_step: bool
+    ) -> torch.Tensor:
         """Steps 1-7 of the rule for one block: returns P (the caller does W <- W - lr P)."""
         t = self.t
         beta1, beta2 = self.beta1, self.beta2
@@ -224,7 +232,7 @@ class ReferenceShampoo:
             s.factors[k] = beta2 * s.factors[k] + weight * factor_statistic(g, dim)
 
         # 2. Inverse roots.
-        if self.is_root_step() and s.factored_dims:
+        if root_step and s.factored_dims:
             bc2 = 1.0 - beta2**t if self.bias_correction and beta2 < 1 else 1.0
             r = 2 * len(s.factored_dims) if self.root_exponent is None else self.root_exponent
             s.roots = [inverse_root(f / bc2, self.epsilon, r) for f in s.factors]

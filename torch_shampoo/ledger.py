@@ -14,6 +14,7 @@ import torch
 from .config import EngineConfig
 from .layout.blocking import BlockLayout, block_layout, output_side_layout
 from .layout.buckets import Bucket, plan_buckets, slots_of
+from .roots import phases as root_phases
 from .roots.staging import Slot
 from .state import MOMENTS, check_state, init_state, keep_bases, moments_used, recast, stored_dtype
 
@@ -109,17 +110,27 @@ class Ledger:
         config_of: Callable[[dict[str, Any]], EngineConfig],
         packed: bool,
     ) -> dict[int, list[Slot]]:
-        """Plan the buckets of every parameter with state; returns the root slots per ``id(p)``."""
-        entries = []
+        """Plan the buckets of every parameter with state; returns the root slots per ``id(p)``,
+        with its root phase (:mod:`.roots.phases`; 0 but in a staggered group)."""
+        entries, phases = [], dict[int, int]()
         for index, group in enumerate(param_groups):
             config = config_of(group)
-            for p in group["params"]:
+            layouts = [self.layout_of(p, config) for p in group["params"]]
+            if config.stagger_roots:  # (of the group's shapes alone: the same on a resume)
+                costs = [root_phases.cost(layout) for layout in layouts]
+                found = root_phases.balance(costs, config.frequency)
+                phases.update((id(p), phase) for p, phase in zip(group["params"], found))
+            for p, layout in zip(group["params"], layouts):
                 state = states.get(p)
                 if state and "factors" in state:
                     keep_bases(state, config)  # (a group that turned warm roots on)
-                    entries.append((index, p, self.layout_of(p, config), state))
+                    entries.append((index, p, layout, state))
         self.buckets, placements = plan_buckets(entries, packed=packed)
-        return {i: slots_of(places) for i, places in placements.items()}
+        slots = {i: slots_of(places) for i, places in placements.items()}
+        for i, phase in phases.items():
+            for slot in slots.get(i, []):
+                slot.phase = phase
+        return slots
 
     def drop(self, states: States, created: list[torch.Tensor]) -> None:
         """Forget the states a step made (it raised)."""

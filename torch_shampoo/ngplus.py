@@ -83,6 +83,8 @@ class NGPlus(PreconditionerEngine):
         root_staleness: steps between a later inverse's snapshot and its use: an integer, or
             ``"auto"`` (as for :class:`~torch_shampoo.Shampoo`). The first inverse is always
             used from the step that computes it.
+        stagger_roots: each parameter's later inverses at its own phase of the frequency (as
+            for :class:`~torch_shampoo.Shampoo`).
         max_root_failures: consecutive failed inverses of one factor that raise an error.
         skip_nonfinite: leave a block's state and weights unchanged at a step whose gradient
             holds NaN/Inf in that block (decided on the device; counted in ``root_stats()``).
@@ -97,7 +99,9 @@ class NGPlus(PreconditionerEngine):
         model: with ``statistics="per_sample"``, the model whose layers are hooked.
     """
 
-    _ADDED_GROUP_KEYS: ClassVar[Mapping[str, Any]] = MappingProxyType({"root_dtype": torch.float64})
+    _ADDED_GROUP_KEYS: ClassVar[Mapping[str, Any]] = MappingProxyType(
+        {"root_dtype": torch.float64, "stagger_roots": False}
+    )
 
     def __init__(
         self,
@@ -123,6 +127,7 @@ class NGPlus(PreconditionerEngine):
         grafting_epsilon: float = 1e-8,
         bias_correction: bool = True,
         root_dtype: torch.dtype = torch.float64,
+        stagger_roots: bool = False,
         *,
         async_roots: bool = True,
         root_workers: int | None = None,

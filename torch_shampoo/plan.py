@@ -21,7 +21,7 @@ from .config import EngineConfig, world_size
 from .layout.blocking import BlockLayout
 from .layout.buckets import bucket_key
 from .plan_report import KINDS, BucketRow, Plan, Row
-from .roots import costs
+from .roots import costs, phases
 from .roots.costs import EIGH_FLOPS, NEWTON_ITERATIONS
 from .roots.staleness import StalenessFit
 from .state import init_state, keep_bases, moments_used, state_dtype, stored_dtype
@@ -116,9 +116,27 @@ def make(
     frequencies = [c.frequency for c in configs]
     plan = Plan(owner, rows, buckets, workers, threads, async_roots, compact, frequencies, [],
                 float(step) if step else None, source if step else "none", methods)  # fmt: skip
-    plan.staleness = [_staleness(c, async_roots, plan.cycle_seconds, plan.step_seconds)
-                      for c in configs]  # fmt: skip
+    plan.busiest = _busiest(rooted, configs)
+    plan.staleness = [_staleness(c, async_roots, plan.cycle_seconds * plan.busiest,
+                                 plan.step_seconds) for c in configs]  # fmt: skip
     return plan
+
+
+def _busiest(rooted: list[Entry], configs: list[EngineConfig]) -> float:
+    """The busiest root step's share of a cycle's root work: each staggered group's busiest
+    phase (:func:`.roots.phases.balance`), every other group's whole work, over the total."""
+    busiest = total = 0.0
+    for g, config in enumerate(configs):
+        work = [phases.cost(e.layout) for e in rooted if e.group == g]
+        total += sum(work)
+        if not config.stagger_roots:
+            busiest += sum(work)
+            continue
+        load = [0.0] * config.frequency
+        for cost, phase in zip(work, phases.balance(work, config.frequency)):
+            load[phase] += cost
+        busiest += max(load)
+    return busiest / total if total else 1.0
 
 
 def of_engine(

@@ -71,6 +71,8 @@ class Plan:
     step_source: str
     """``"given"``, ``"measured"`` (the median step of this optimizer) or ``"none"``."""
     methods: list[str] = field(default_factory=list)
+    busiest: float = 1.0
+    """The busiest root step's share of a cycle's root work (< 1: staggered roots)."""
 
     @property
     def bytes(self) -> dict[str, int]:
@@ -101,8 +103,10 @@ class Plan:
 
     @property
     def cycle_steps(self) -> float | None:
-        """Training steps a root cycle lasts at the step time (None: none known)."""
-        return None if not self.step_seconds else self.cycle_seconds / self.step_seconds
+        """Training steps the busiest root step's roots last at the step time (None: none
+        known); unstaggered, a whole cycle's."""
+        seconds = self.cycle_seconds * self.busiest
+        return None if not self.step_seconds else seconds / self.step_seconds
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values (``json.dumps`` takes them): the fields, rows, buckets and totals."""
@@ -186,10 +190,10 @@ def _render(plan: Plan) -> list[str]:
 
 
 def _staleness_line(plan: Plan) -> str:
-    cycle, steps = _seconds(plan.cycle_seconds), plan.cycle_steps
+    cycle, steps = _seconds(plan.cycle_seconds * plan.busiest), plan.cycle_steps
+    what = "a cycle lasts" if plan.busiest == 1 else "the busiest staggered root step's roots last"
     pace = "" if plan.step_seconds is None else (
-        f"at {_seconds(plan.step_seconds)} a step ({plan.step_source}) a cycle lasts "
-        f"{steps:.3g} steps")  # fmt: skip
+        f"at {_seconds(plan.step_seconds)} a step ({plan.step_source}) {what} {steps:.3g} steps")
     if not plan.async_roots:
         return f"sync roots: a root step waits {cycle}" + (f"; {pace}" if pace else "")
     if plan.step_seconds is None:

@@ -18,6 +18,7 @@ import torch
 from . import device
 from .config import EngineConfig
 from .layout.blocking import BlockLayout
+from .roots import phases
 from .roots.jobs import RootJob, outcomes_of
 from .roots.pending import Pending
 from .roots.scheduler import RootScheduler
@@ -207,7 +208,7 @@ class RootCycles:
             for row in (r for r, fine in enumerate(ok) if fine):
                 buffers.uploaded = target.install(buffers.result[row], row)
         if bases is not None:
-            scalars = _scalars(config, int(state["step"]), slot.place[0].factored)
+            scalars = warm.Scalars.of(config, int(state["step"]), slot.place[0].factored)
             return warm.roots_from_bases(slot, scalars, ok, power=False).tolist()  # (a sync)
         if previous is not None:
             bucket, member, dim = slot.place
@@ -232,9 +233,10 @@ class RootCycles:
 
     def _root_step(self, p: torch.Tensor, config: EngineConfig, t: int) -> bool:
         """Does ``p`` start a root cycle at its step ``t``?"""
-        if self.front.leader_of(p) is not None or not self.slots.get(id(p)):
+        slots = self.slots.get(id(p))
+        if self.front.leader_of(p) is not None or not slots:
             return False  # a follower's roots are its leader's; no factor: nothing to compute
-        return t == config.start or (t > config.start and t % config.frequency == 0)
+        return phases.is_root_step(t, config.start, config.frequency, slots[0].phase)
 
     def may_solve_now(
         self, p: torch.Tensor, state: dict[str, Any], config: EngineConfig, group: Any, t: int
@@ -244,7 +246,8 @@ class RootCycles:
             return False
         if not all(state["has_root"].tolist()):
             return True  # a first cycle, maybe
-        if (t // config.frequency) % config.eigh_every and not config.basis_tolerance:
+        cycle = phases.cycle_of(t, config.frequency, self.slots[id(p)][0].phase)
+        if cycle % config.eigh_every and not config.basis_tolerance:
             return False  # (eigenbases or warm roots: a power iteration on the device)
         if config.staleness is None:  # auto: 0 for synchronous roots, never 0 for async ones
             return not self.scheduler.async_roots
@@ -302,7 +305,8 @@ class RootCycles:
         slots = self.slots.get(id(w.p), [])
         bases = config.eigenbasis or config.warm_roots
         tolerance = config.basis_tolerance if config.warm_roots else 0.0
-        between = bases and not first and (t // frequency) % config.eigh_every
+        cycle = phases.cycle_of(t, frequency, slots[0].phase if slots else 0)
+        between = bases and not first and cycle % config.eigh_every
         if between and not warm.drifted(slots, tolerance):  # (drifted: the exact eigh)
             refresh.append((w, slots))  # this root step's update, on the device
             return False
@@ -310,11 +314,11 @@ class RootCycles:
             due = t
         else:
             staleness = self.scheduler.staleness(w.group, config.staleness, frequency)
-            due = min(t + staleness, (t // frequency + 1) * frequency)
+            due = min(t + staleness, phases.next_root_step(t, frequency, slots[0].phase))
         if config.eigenbasis and config.basis_refresh and due > t:
             refresh.append((w, slots))
         try:
-            scale, exponent, epsilon, _ = _scalars(config, t, w.layout.factored)
+            scale, exponent, epsilon, _ = warm.Scalars.of(config, t, w.layout.factored)
         except (TypeError, ValueError) as exc:  # a broken damping schedule: failed roots
             return self.scheduler.submit(w.p, slots, exc, t, due)
 
@@ -349,7 +353,7 @@ class RootCycles:
             if not any(installed):
                 continue
             if w.config.warm_roots and slot.bases is not None:
-                scalars = _scalars(w.config, w.t, w.layout.factored)
+                scalars = warm.Scalars.of(w.config, w.t, w.layout.factored)
                 warm.roots_from_bases(slot, scalars, installed, power=True)
                 continue
             previous = slot.roots.clone()
@@ -359,13 +363,6 @@ class RootCycles:
                 slot.roots.copy_(torch.where(keep, slot.roots, previous))
             bucket, member, dim = slot.place
             eigenbasis.change_basis(state, member, bucket.block_shape, dim, previous, slot.roots)
-
-
-def _scalars(config: EngineConfig, t: int, factored: tuple[bool, ...]) -> warm.Scalars:
-    """The root settings of a factor of ``factored`` dims whose statistics have ``t`` steps."""
-    scale = 1.0 - config.beta2**t if config.bias_correction and config.beta2 < 1.0 else 1.0
-    exponent = config.root_exponent or 2.0 * sum(factored)
-    return warm.Scalars(scale, exponent, config.epsilon_at(t), config.relative_epsilon)
 
 
 def _cause(ticket: Any) -> BaseException | None:

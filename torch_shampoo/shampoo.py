@@ -94,6 +94,12 @@ class Shampoo(PreconditionerEngine):
         maximize: maximize the objective.
         root_staleness: steps between a later root's snapshot and its use: ``"auto"`` (``None``
             is the same) or an integer ≥ 0; see above.
+        stagger_roots: after the first root step, each parameter's roots at its own phase of
+            the frequency, the phases spreading the root work evenly over a cycle's steps
+            (:mod:`torch_shampoo.roots.phases`): an async root is ready after about 1/f of a
+            cycle's work, so "auto" staleness fits a few steps instead of most of the cycle,
+            and a sync root step waits for its share only. Default: every parameter at every
+            f-th step, as the paper.
         max_root_failures: consecutive failed roots of one factor that raise an error.
         skip_nonfinite: leave a block's statistics, moments, momentum and weights unchanged at a
             step whose gradient holds NaN/Inf in that block (decided on the device, no host
@@ -130,7 +136,7 @@ class Shampoo(PreconditionerEngine):
 
     # (2026-12-06; before, a tensor of ≤ block_size elements merged into one dim and every
     # vector had a factor; root_dtype: roots were float64 before it existed; eigh_every: 1 and
-    # basis_tolerance: 0, exact roots)
+    # basis_tolerance: 0, exact roots; stagger_roots: every parameter's roots at one step)
     _ADDED_GROUP_KEYS: ClassVar[Mapping[str, Any]] = MappingProxyType(
         {
             "merge_dims": "all",
@@ -139,6 +145,7 @@ class Shampoo(PreconditionerEngine):
             "eigh_every": 1,
             "basis_tolerance": 0.0,
             "state_dtype": None,
+            "stagger_roots": False,
         }
     )
 
@@ -172,6 +179,7 @@ class Shampoo(PreconditionerEngine):
         eigh_every: int = 1,
         basis_tolerance: float = 0.0,
         state_dtype: torch.dtype | None = None,
+        stagger_roots: bool = False,
         *,
         async_roots: bool = True,
         root_workers: int | None = None,

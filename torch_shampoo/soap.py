@@ -75,13 +75,14 @@ class SOAP(PreconditionerEngine):
             ``eigh``; a basis that is not finite in float32 is solved again in float64.
         state_dtype: ``None`` (default) or ``torch.bfloat16``: factors, bases and both moments
             stored in bfloat16, rounded stochastically on write, as in :class:`Shampoo`.
-        momentum, nesterov, maximize, root_staleness, max_root_failures, skip_nonfinite,
-        async_roots, root_workers, partition_roots, partition_state: as in :class:`Shampoo`.
+        momentum, nesterov, maximize, root_staleness, stagger_roots, max_root_failures,
+        skip_nonfinite, async_roots, root_workers, partition_roots,
+        partition_state: as in :class:`Shampoo`.
     """
 
     # (2026-12-01; before, an eigh at every root step)
     _ADDED_GROUP_KEYS: ClassVar[Mapping[str, Any]] = MappingProxyType(
-        {"eigh_every": 1, "root_dtype": torch.float64, "state_dtype": None}
+        {"eigh_every": 1, "root_dtype": torch.float64, "state_dtype": None, "stagger_roots": False}
     )
 
     def __init__(
@@ -110,6 +111,7 @@ class SOAP(PreconditionerEngine):
         eigh_every: int = 5,
         root_dtype: torch.dtype = torch.float64,
         state_dtype: torch.dtype | None = None,
+        stagger_roots: bool = False,
         *,
         async_roots: bool = True,
         root_workers: int | None = None,

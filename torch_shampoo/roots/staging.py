@@ -73,6 +73,8 @@ class Slot:
     """Compact state: factors and roots are two triangles of one stack; None: full matrices."""
     bases: torch.Tensor | None = None
     """Warm-started roots (``EngineConfig.warm_roots``): the factors' eigenbases, full matrices."""
+    phase: int = 0
+    """The parameter's root phase (:mod:`.phases`; 0 unless its group staggers its roots)."""
 
     def snapshot(self) -> torch.Tensor:
         """The factors as full matrices (a new tensor for compact state)."""

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 
 from .. import device
+from ..config import EngineConfig
 from ..roots.jobs import RootOutcome
 from ..roots.staging import Slot
 from . import kernels
@@ -31,6 +32,13 @@ class Scalars(NamedTuple):
     exponent: float
     epsilon: float
     relative: bool
+
+    @classmethod
+    def of(cls, config: EngineConfig, t: int, factored: tuple[bool, ...]) -> Scalars:
+        """The settings of a factor of ``factored`` dims whose statistics have ``t`` steps."""
+        scale = 1.0 - config.beta2**t if config.bias_correction and config.beta2 < 1.0 else 1.0
+        exponent = config.root_exponent or 2.0 * sum(factored)
+        return cls(scale, exponent, config.epsilon_at(t), config.relative_epsilon)
 
 
 def roots_from_bases(

@@ -1,0 +1,60 @@
+"""Root steps, and their phases when staggered (``stagger_roots``).
+
+A parameter with phase φ in [0, f) (f: the frequency) starts a root cycle at ``start`` and then
+at every t > start with t ≡ φ (mod f); φ = 0 for every parameter is the plain schedule (every
+f-th step). Staggered, the parameters of a group get phases that spread their root work evenly
+over the f steps of a cycle (:func:`balance`), so each step sends about 1/f of it to the pool:
+an asynchronous root is ready a few steps after its snapshot instead of about a whole cycle's
+root work later, and a synchronous root step waits for its share only. Phases depend on the
+group's parameters' shapes and settings alone: a resumed run (or another rank) gets the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..layout.blocking import BlockLayout
+
+__all__ = ["balance", "cost", "cycle_of", "is_root_step", "next_root_step"]
+
+
+def is_root_step(t: int, start: int, frequency: int, phase: int = 0) -> bool:
+    """Does a parameter of this ``phase`` start a root cycle at its step ``t``?"""
+    return t == start or (t > start and (t - phase) % frequency == 0)
+
+
+def next_root_step(t: int, frequency: int, phase: int = 0) -> int:
+    """The first step after ``t`` at which a parameter of this ``phase`` starts a root cycle."""
+    return t + (phase - t - 1) % frequency + 1
+
+
+def cycle_of(t: int, frequency: int, phase: int = 0) -> int:
+    """The index of the root cycle that step ``t`` belongs to (for ``eigh_every``)."""
+    return (t - phase) // frequency
+
+
+def cost(layout: BlockLayout) -> float:
+    """A parameter's root work per cycle in units of d³ (a root costs about d³ by any method)."""
+    return float(
+        sum(
+            side**3
+            for shape in layout.block_shapes
+            for side, factored in zip(shape, layout.factored)
+            if factored
+        )
+    )
+
+
+def balance(costs: Sequence[float], frequency: int) -> list[int]:
+    """Phases in [0, ``frequency``) for items of these ``costs``: the largest first, each to the
+    phase with the least work so far (ties: the lowest phase; equal costs keep their order).
+    The busiest phase then holds at most the mean plus the largest single cost."""
+    load = [0.0] * frequency
+    phases = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        if costs[i] <= 0:
+            continue  # (no root work: phase 0)
+        phase = min(range(frequency), key=lambda k: (load[k], k))
+        phases[i] = phase
+        load[phase] += costs[i]
+    return phases
