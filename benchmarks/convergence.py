@@ -11,6 +11,9 @@ example's warm-up and cosine schedule (examples/_common.py's ``train``). Section
           JSON (docs/render.py --run: docs/images/demos.png).
   ngplus  NG+: damping x lr (3 x 3), then one change at a time from the defaults, each run's
           final loss and steps to SGD-momentum's best loss.
+  seeds   per task, Adam and --methods at their default lr over --seeds: the steps to Adam's
+          final loss of the same seed, their mean and its ratio to the first method's (the
+          baseline, e.g. shampoo-sync), the mean final loss and its ratio, the mean wall time.
 
     python -m benchmarks.convergence --quick
     python -m benchmarks.convergence --sections ngplus --tasks digits
@@ -19,6 +22,7 @@ example's warm-up and cosine schedule (examples/_common.py's ``train``). Section
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Any
 
 import torch
@@ -43,8 +47,8 @@ def build(name: str, quick: bool) -> tuple[Any, Any, int]:
         module.DEFAULT_STEPS)  # fmt: skip
 
 
-def train(task: Any, method: Any, steps: int) -> Any:
-    return h.example("_common").train(task, method, steps, 0, max(steps // 10, 1),
+def train(task: Any, method: Any, steps: int, seed: int = 0) -> Any:
+    return h.example("_common").train(task, method, steps, seed, max(steps // 10, 1),
                                       max(steps // 20, 1), False)  # fmt: skip
 
 
@@ -122,6 +126,39 @@ def ngplus(report: h.Report, name: str, args: Any) -> None:
     )  # fmt: skip
 
 
+def seeds(report: h.Report, name: str, args: Any) -> None:
+    common = h.example("_common")
+    task, module, steps = build(name, args.quick)
+    keys = [k for k in common.parse_keys(args.methods, common.METHOD_KEYS) if k != "adam"]
+    methods = common.available([common.make_method(k, module.DEFAULT_LRS, ngplus_damping=module.
+                                                   NGPLUS_DAMPING) for k in ["adam", *keys]])
+    runs: dict[str, list[Any]] = {m.label: [] for m in methods}
+    targets = []
+    for seed in [int(x) for x in args.seeds.split(",")]:
+        for method in methods:
+            h.log(f"seeds {name}: {method.label} seed {seed}")
+            runs[method.label].append(train(task, method, steps, seed))
+        targets.append(runs["Adam"][-1].final_train)
+    rows, mean = [], {}
+    for label, rs in runs.items():
+        reached = [r.steps_to(t) for r, t in zip(rs, targets)]
+        loss = statistics.mean(r.final_train for r in rs)
+        steps_mean = statistics.mean(x or steps + 1 for x in reached)  # (not reached: steps + 1)
+        mean[label] = (steps_mean, loss)
+        base = mean[methods[1].label] if len(methods) > 1 and label != "Adam" else None
+        rows.append([label, "/".join(str(x or "-") for x in reached), f"{steps_mean:.1f}",
+                     f"{steps_mean / base[0]:.3f}" if base else "-", num(loss),
+                     f"{loss / base[1]:.4f}" if base else "-",
+                     f"{statistics.mean(sum(r.step_times) for r in rs):.1f}"])  # fmt: skip
+    report.section(
+        f"seeds {name}: {steps} steps, seeds {args.seeds}, default lrs",
+        ["contender", "steps to Adam's (per seed)", "mean steps", "steps / base", "mean loss",
+         "loss / base", "mean wall s"], rows,
+        f"base: {methods[1].label if len(methods) > 1 else '-'}; Adam's final loss per seed "
+        f"{', '.join(num(t) for t in targets)}; not reached counts as {steps + 1} steps",
+    )  # fmt: skip
+
+
 def plot(curves: dict[str, Any], path: Any) -> None:
     """Best-lr smoothed training curves per task, against steps (top) and wall time (bottom)."""
     import matplotlib
@@ -149,10 +186,11 @@ def plot(curves: dict[str, Any], path: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = h.parser(__doc__, compare=False, rounds=False, sections="grid,ngplus")
+    p = h.parser(__doc__, compare=False, rounds=False, sections="grid,ngplus")  # (or seeds)
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--lr-scales", default=None, help="multiples of the default lr (0.3,1,3)")
+    p.add_argument("--seeds", default="0,1,2", help="seeds of the seeds section")
     args = p.parse_args(argv)
     report = h.Report("convergence", args, quick_threads=True)
     curves: dict[str, Any] = {}
@@ -161,6 +199,8 @@ def main(argv: list[str] | None = None) -> None:
             grid(report, name, args, curves)
         if "ngplus" in args.sections and (not args.quick or name == "digits"):
             ngplus(report, name, args)
+        if "seeds" in args.sections.split(","):
+            seeds(report, name, args)
     out = report.finish()
     if curves:
         plot(curves, out.with_suffix(".png"))

@@ -34,6 +34,7 @@ README = ROOT / "README.md"
 DEMOS_PNG = ROOT / "docs" / "images" / "demos.png"
 BEGIN, END = "<!-- results: rendered by docs/render.py -->", "<!-- /results -->"
 
+SEEDED = "shampoo-sync,shampoo-async,shampoo-async-unstaggered,shampoo-sync-stagger"
 QUICK = ("step_time", "train_step", "convergence", "roots", "memory", "distributed")
 RUNS: dict[str, list[str]] = {
     **{name: [f"benchmarks.{name}", "--quick"] for name in QUICK},
@@ -43,6 +44,8 @@ RUNS: dict[str, list[str]] = {
               "--methods", "adam,shampoo-async,soap,ngplus", "--threads", "1"],
     "memory_state": ["benchmarks.memory", "--sections", "state", "--threads", "1"],
     "roots_warm": ["benchmarks.roots", "--sections", "warm", "--threads", "1"],
+    **{f"async_{n}t": ["benchmarks.convergence", "--sections", "seeds", "--tasks", "charlm",
+                       "--methods", SEEDED, "--threads", str(n)] for n in (1, 2)},
 }  # fmt: skip
 """docs/results/NAME.json ← ``python -m`` these arguments (``--out`` added)."""
 
@@ -104,6 +107,12 @@ TARGETS: tuple[Target, ...] = (
            _least_ratio("shampoo-bf16", "b128")),
     Target("warm-started roots: root seconds per cycle ≤ 0.4× those of exact roots",
            "roots_warm", "warm", 0.4, _worst_ratio("eigh_every=5", "/ eigh_every=1")),
+    *(Target(f"default async Shampoo: {what} (char-LM demo, mean of 3 seeds, {n} thread"
+             f"{'s' * (n > 1)})", f"async_{n}t", "seeds charlm", limit,
+             _worst_ratio("Shampoo async", header))
+      for n in (1, 2) for what, limit, header in (
+          ("steps to Adam's loss ≤ 1.03× sync's", 1.03, "steps / base"),
+          ("final loss ≤ 1.01× sync's", 1.01, "loss / base"))),
 )  # fmt: skip
 
 

@@ -81,13 +81,13 @@ _REGISTRY = {
     "shampoo-async-warm": _Entry(
         "Shampoo async eigh/5", torch_shampoo, "Shampoo", "shampoo", {"eigh_every": 5}
     ),
-    # staggered roots: each parameter's later root steps at its own phase of the frequency
+    # roots at every f-th step for every parameter (async's default staggers them by parameter)
+    "shampoo-async-unstaggered": _Entry(
+        "Shampoo async unstaggered", torch_shampoo, "Shampoo", "shampoo", {"stagger_roots": False}
+    ),
     "shampoo-sync-stagger": _Entry(
         "Shampoo sync stagger", torch_shampoo, "Shampoo", "shampoo",
         {"async_roots": False, "stagger_roots": True},
-    ),
-    "shampoo-async-stagger": _Entry(
-        "Shampoo async stagger", torch_shampoo, "Shampoo", "shampoo", {"stagger_roots": True}
     ),
     # bfloat16 state (factors, roots, moments), rounded stochastically; sync: bitwise repeatable
     "shampoo-sync-bf16": _Entry(

@@ -80,15 +80,15 @@ def train_share(
 
 
 DISTRIBUTED_KWARGS: dict[str, dict[str, Any]] = {
-    # short cycles, fixed staleness (roots in flight at most steps); ε = 1e-4 keeps rounding
+    # short cycles, fixed staleness (roots in flight at most steps) and schedule (stagger
+    # "auto" is off under several processes, on in one); ε = 1e-4 keeps rounding
     # differences of the mean gradient at rounding size
-    "shampoo": dict(
-        lr=0.01, block_size=16, precondition_frequency=4, root_staleness=3, epsilon=1e-4
-    ),
-    "ngplus": dict(lr=0.01, block_size=16, inverse_frequency=4, root_staleness=3),
-    "soap": dict(
-        lr=0.01, block_size=16, precondition_frequency=4, root_staleness=3, eps=1e-4, eigh_every=2
-    ),
+    "shampoo": dict(lr=0.01, block_size=16, precondition_frequency=4, root_staleness=3,
+                    stagger_roots=False, epsilon=1e-4),
+    "ngplus": dict(lr=0.01, block_size=16, inverse_frequency=4, root_staleness=3,
+                   stagger_roots=False),
+    "soap": dict(lr=0.01, block_size=16, precondition_frequency=4, root_staleness=3,
+                 stagger_roots=False, eps=1e-4, eigh_every=2),
 }
 """Each front end's kwargs in the multi-process tests."""
 

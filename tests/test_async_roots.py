@@ -31,7 +31,8 @@ import torch_shampoo.update.foreach
 from torch_shampoo import Shampoo
 from torch_shampoo.roots.matrix_roots import RootResult
 
-BASE: dict[str, Any] = dict(lr=0.01, block_size=16, betas=(0.9, 0.99), momentum=0.5)
+BASE: dict[str, Any] = dict(lr=0.01, block_size=16, betas=(0.9, 0.99), momentum=0.5,
+                            stagger_roots=False)  # (every root at every f-th step: test_stagger)
 
 
 def run(steps: int, seed: int = 0, **kwargs: Any) -> list[torch.Tensor]:

@@ -202,7 +202,7 @@ def test_a_param_group_without_a_setting_is_refused_naming_it(kind: type) -> Non
     groups and fail at a later step with a KeyError: it is refused on loading, naming what is
     missing, and the optimizer goes on as it was."""
     batches = make_batches(4)
-    kwargs = dict(lr=0.01, block_size=16)
+    kwargs = dict(lr=0.01, block_size=16, root_staleness=1)  # (not "auto": timed)
     model, twin = mixed_model(), mixed_model()
     with kind(model.parameters(), **kwargs) as opt, kind(twin.parameters(), **kwargs) as other:
         train(model, opt, batches[:2])

@@ -16,7 +16,8 @@ from torch_shampoo.layout import compact as storage
 from torch_shampoo.telemetry import held_bytes
 
 BASE: dict[str, Any] = dict(
-    lr=0.01, block_size=4, momentum=0.5, precondition_frequency=3, epsilon=1e-4
+    lr=0.01, block_size=4, momentum=0.5, precondition_frequency=3, epsilon=1e-4,
+    stagger_roots=False,
 )
 
 

@@ -17,6 +17,8 @@ from models import make_batches, mixed_model
 from torch_shampoo import Shampoo
 
 FREQUENCY = 8
+PIN = {"stagger_roots": False}
+"""("auto" staggers in one process, not in several: one schedule for every world size.)"""
 
 
 def _ddp_shampoo(rank: int, store: str, out: str) -> None:
@@ -84,9 +86,9 @@ def _partitioned(rank: int, world: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     fronts = {
-        "shampoo": lambda ps, **kw: Shampoo(ps, lr=0.01, block_size=16, **kw),
-        "soap": lambda ps, **kw: SOAP(ps, lr=0.01, block_size=16, eigh_every=2, **kw),
-        "ngplus": lambda ps, **kw: NGPlus(ps, lr=0.01, block_size=16, **kw),
+        "shampoo": lambda ps, **kw: Shampoo(ps, lr=0.01, block_size=16, **PIN, **kw),
+        "soap": lambda ps, **kw: SOAP(ps, lr=0.01, block_size=16, eigh_every=2, **PIN, **kw),
+        "ngplus": lambda ps, **kw: NGPlus(ps, lr=0.01, block_size=16, **PIN, **kw),
     }
     batches = make_batches(12)
 
@@ -188,7 +190,7 @@ def test_partition_roots_is_a_bool_and_a_no_op_in_one_process() -> None:
     runs = []
     for partition in (False, True):
         model = mixed_model()
-        kwargs = dict(lr=0.01, block_size=16, root_staleness=3, partition_roots=partition)
+        kwargs = dict(lr=0.01, block_size=16, root_staleness=3, partition_roots=partition, **PIN)
         with Shampoo(model.parameters(), **kwargs) as opt:
             for x, y in make_batches(25):
                 opt.zero_grad()
@@ -221,7 +223,7 @@ def _dcp_phase(rank: int, world: int, store: str, folder: str, phase: str) -> No
     torch.set_num_threads(1)
     batches = make_batches(12)
     model = DistributedDataParallel(mixed_model() if phase == "save" else mixed_model(seed=1))
-    kwargs = dict(lr=0.01, block_size=16, precondition_frequency=4, root_staleness=3)
+    kwargs = dict(lr=0.01, block_size=16, precondition_frequency=4, root_staleness=3, **PIN)
     opt = Shampoo(model.parameters(), epsilon=1e-4, partition_roots=True, **kwargs)
 
     def run(part):  # type: ignore[no-untyped-def]

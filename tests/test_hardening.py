@@ -651,14 +651,15 @@ def test_float32_float64_bfloat16_in_one_group_step_each_in_its_own_dtype(
     front: str, async_roots: bool
 ) -> None:
     """Sharing a group changes nothing: each parameter ends bitwise where it ends alone, in its
-    own dtype, with float32 state for bf16/fp32 and float64 state for fp64."""
+    own dtype, with float32 state for bf16/fp32 and float64 state for fp64. (Unstaggered:
+    staggered, a parameter's phase depends on the others of its group, tests/test_stagger.py.)"""
     gen = torch.Generator().manual_seed(4)
     dtypes = (torch.float32, torch.float64, torch.bfloat16)
     values = [torch.randn(6, 20, generator=gen).to(d) for d in dtypes]
     grads = [[torch.randn(6, 20, generator=gen).to(d) for d in dtypes] for _ in range(6)]
 
     def run(params: list[nn.Parameter], index: list[int]) -> Any:
-        opt = make_optimizer(front, params, async_roots=async_roots)
+        opt = make_optimizer(front, params, async_roots=async_roots, stagger_roots=False)
         for step_grads in grads:
             for p, i in zip(params, index):
                 p.grad = step_grads[i]

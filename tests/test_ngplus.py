@@ -577,7 +577,8 @@ def test_a_damping_schedule_is_called_at_inverse_steps_and_used() -> None:
 
 def test_a_damping_function_is_saved_as_none_and_kept_by_the_loading_optimizer() -> None:
     batches = make_batches(12)
-    kwargs: dict[str, Any] = dict(lr=0.02, block_size=16, inverse_frequency=2, root_staleness=1)
+    kwargs: dict[str, Any] = dict(lr=0.02, block_size=16, inverse_frequency=2, root_staleness=1,
+                                  stagger_roots=False)  # fmt: skip
 
     def damping(t: int) -> float:
         return 0.1 / (1 + t)
@@ -717,7 +718,8 @@ def test_a_bias_shares_its_layers_inverse_instead_of_computing_it_again(
     takes W's installed inverse: no job of its own, and the same steps as an optimizer that
     computes b's inverse separately."""
     kwargs: dict[str, Any] = dict(
-        lr=0.05, inverse_frequency=2, root_staleness=1, async_roots=async_roots
+        lr=0.05, inverse_frequency=2, root_staleness=1, async_roots=async_roots,
+        stagger_roots=False,  # (a bias of its own would get a phase of its own)
     )
 
     def run(share: bool) -> tuple[list[Tensor], NGPlus, nn.Module]:
@@ -928,7 +930,8 @@ def test_async_roots_equal_sync_roots_with_the_same_staleness(
     frequency: int, staleness: int, statistics: str
 ) -> None:
     make = cnn32 if statistics == "per_sample" else None
-    common = dict(inverse_frequency=frequency, root_staleness=staleness, statistics=statistics)
+    common = dict(inverse_frequency=frequency, root_staleness=staleness, statistics=statistics,
+                  stagger_roots=True)  # (async's default; sync then repeats it)
     asynchronous = ngplus_run(30, make, async_roots=True, **common)
     synchronous = ngplus_run(30, make, async_roots=False, **common)
     assert_bitwise_equal(asynchronous, synchronous)
@@ -1212,7 +1215,8 @@ def _ddp_run(rank: int, store: str, out: str, statistics: str) -> None:
     torch.set_num_threads(1)
     model = DistributedDataParallel(mlp())
     hooked = model if statistics == "per_sample" else None
-    kwargs: dict[str, Any] = dict(lr=0.05, inverse_frequency=2, root_staleness=1)
+    kwargs: dict[str, Any] = dict(lr=0.05, inverse_frequency=2, root_staleness=1,
+                                  stagger_roots=False)  # (auto: off under several processes)
     with NGPlus(model.parameters(), statistics=statistics, model=hooked, **kwargs) as opt:
         half = DDP_BATCH // 2
         for x, y in _ddp_batches():
@@ -1240,7 +1244,8 @@ def test_under_ddp_ranks_agree_and_equal_one_process_on_the_combined_batch(
     assert_bitwise_equal(ranks[0], ranks[1])
     model = mlp()
     hooked = {"model": model} if statistics == "per_sample" else {}
-    kwargs: dict[str, Any] = dict(lr=0.05, inverse_frequency=2, root_staleness=1)
+    kwargs: dict[str, Any] = dict(lr=0.05, inverse_frequency=2, root_staleness=1,
+                                  stagger_roots=False)  # (auto: off under several processes)
     with NGPlus(model.parameters(), statistics=statistics, **hooked, **kwargs) as opt:
         for x, y in _ddp_batches():
             mean_loss_step(model, opt, x, y)

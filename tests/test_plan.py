@@ -131,7 +131,7 @@ def test_the_planned_bytes_buckets_and_factors_are_those_of_the_first_step(
 
 STAGED: dict[str, tuple[Make, bool]] = {
     "shampoo async": (lambda m: Shampoo(m.parameters(), block_size=16, precondition_frequency=2,
-                                        start_preconditioning_step=1), True),
+                                        start_preconditioning_step=1, stagger_roots=False), True),
     "shampoo sync, staleness 1": (lambda m: Shampoo(
         m.parameters(), block_size=16, precondition_frequency=2, start_preconditioning_step=1,
         async_roots=False, root_staleness=1), True),
@@ -140,13 +140,15 @@ STAGED: dict[str, tuple[Make, bool]] = {
         async_roots=False), False),
     "shampoo async, compact": (lambda m: Shampoo(
         m.parameters(), block_size=16, precondition_frequency=2, start_preconditioning_step=1,
-        compact_state=True), True),
+        compact_state=True, stagger_roots=False), True),
     "shampoo async, bfloat16 state": (lambda m: Shampoo(
         m.parameters(), block_size=16, precondition_frequency=2, start_preconditioning_step=1,
-        state_dtype=torch.bfloat16), True),
+        state_dtype=torch.bfloat16, stagger_roots=False), True),
     "soap async, eigh every root step": (lambda m: SOAP(
-        m.parameters(), block_size=16, precondition_frequency=2, eigh_every=1), True),
-    "ngplus per-sample async": (lambda m: per_sample(m, inverse_frequency=2), True),
+        m.parameters(), block_size=16, precondition_frequency=2, eigh_every=1,
+        stagger_roots=False), True),
+    "ngplus per-sample async": (lambda m: per_sample(m, inverse_frequency=2,
+                                                     stagger_roots=False), True),
 }  # fmt: skip
 
 
@@ -260,7 +262,8 @@ def test_root_work_and_the_staleness_it_implies(fake_eigh: dict[str, Any]) -> No
     """eigh roots of 3², 4², 3² factors: 11d³ flops each; seconds: the fake's d µs times 11/9;
     two workers share a cycle; auto staleness: ⌈2 × cycle / step⌉, at most the frequency."""
     model = nn.Linear(4, 3)
-    with Shampoo(model.parameters(), root_workers=2, precondition_frequency=10) as opt:
+    with Shampoo(model.parameters(), root_workers=2, precondition_frequency=10,
+                 stagger_roots=False) as opt:  # fmt: skip
         plan = opt.plan(show=False)
         assert fake_eigh["threads"] == [opt._roots.threads()]  # type: ignore[attr-defined]
         assert plan.root_flops == 11 * (27 + 64 + 27)

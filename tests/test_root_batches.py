@@ -25,7 +25,8 @@ from torch_shampoo import Shampoo
 from torch_shampoo.roots.pool import MERGED_WORK, RootJob, batches
 
 KWARGS: dict[str, Any] = dict(
-    lr=0.01, block_size=16, precondition_frequency=3, root_staleness=2, root_workers=1
+    lr=0.01, block_size=16, precondition_frequency=3, root_staleness=2, root_workers=1,
+    stagger_roots=False,
 )
 
 

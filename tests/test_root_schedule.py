@@ -36,7 +36,7 @@ from torch_shampoo import NGPlus, Shampoo
 from torch_shampoo.root_cycles import _as_index
 from torch_shampoo.roots.matrix_roots import RootResult, inverse_root
 
-BASE: dict[str, Any] = dict(lr=0.01, block_size=16, betas=(0.9, 0.99))
+BASE: dict[str, Any] = dict(lr=0.01, block_size=16, betas=(0.9, 0.99), stagger_roots=False)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

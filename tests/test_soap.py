@@ -244,7 +244,8 @@ def _train_mixed(steps: int, **kwargs: Any) -> list[torch.Tensor]:
 @pytest.mark.parametrize("frequency", [1, 4])
 def test_async_bases_equal_sync_bases_delayed_by_the_same_staleness(frequency: int) -> None:
     common = dict(
-        precondition_frequency=frequency, root_staleness=frequency, momentum=0.5, eigh_every=2
+        precondition_frequency=frequency, root_staleness=frequency, momentum=0.5, eigh_every=2,
+        stagger_roots=False,  # (staggered: tests/test_stagger.py)
     )
     asynchronous = _train_mixed(24, async_roots=True, **common)
     synchronous = _train_mixed(24, async_roots=False, **common)
@@ -263,6 +264,7 @@ def test_resume_with_bases_in_flight_is_bitwise_identical(async_roots: bool) -> 
         root_staleness=4,
         eigh_every=2,
         async_roots=async_roots,
+        stagger_roots=False,
     )
     uninterrupted = _train_mixed(
         24, **{k: v for k, v in kwargs.items() if k not in ("lr", "block_size")}

@@ -168,7 +168,7 @@ def test_synchronous_roots_over_several_batches_equal_async_roots_bitwise(
 
     monkeypatch.setattr(root_pool.RootPool, "solve_now", solve_now)
     torch.set_num_threads(threads)
-    common = dict(precondition_frequency=3, root_staleness=3)
+    common = dict(precondition_frequency=3, root_staleness=3, stagger_roots=False)
     asynchronous = _run(10, async_roots=True, **common)
     synchronous = _run(10, async_roots=False, **common)
     assert sizes and max(sizes) >= 3

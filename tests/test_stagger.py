@@ -19,10 +19,9 @@ from torch_shampoo.roots import phases
 BASE: dict[str, Any] = dict(lr=0.01, block_size=16, betas=(0.9, 0.99), momentum=0.5)
 
 
-def phases_of(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[int]:
-    """The root phase the optimizer gave each parameter (planned at its first step)."""
-    slots = opt._cycles.slots  # type: ignore[attr-defined]
-    return [slots[id(p)][0].phase if slots.get(id(p)) else 0 for p in params]
+def phases_of(opt: Any, params: list[torch.Tensor]) -> list[int]:
+    """The root phase each parameter has in the optimizer (planned at its first step)."""
+    return [opt._cycles._phase(p, opt._config(opt._group_of(p))) for p in params]
 
 
 @given(
@@ -40,6 +39,14 @@ def test_phases_spread_the_work_within_one_largest_cost_of_the_mean(
     largest = max(costs, default=0)
     assert max(load) <= sum(costs) / frequency + largest
     assert found == phases.balance([float(c) for c in costs], frequency)  # deterministic
+    given_loads = phases.loads([float(c) for c in costs], frequency)
+    assert given_loads == load[: len(given_loads)] and not any(load[len(given_loads) :])
+
+
+def test_a_huge_frequency_takes_no_memory_per_phase() -> None:
+    """(A "no roots" run sets the frequency to 10⁹: phases beyond the items are never made.)"""
+    assert phases.balance([3.0, 1.0, 2.0], 10**9) == [0, 2, 1]
+    assert phases.loads([3.0, 1.0, 2.0], 10**9) == [3.0, 2.0, 1.0]
 
 
 @given(st.integers(1, 200), st.integers(1, 30), st.data())
@@ -57,11 +64,17 @@ def test_the_next_root_step_is_the_first_later_step_of_the_phase(
     )
 
 
-def test_without_staggering_every_phase_is_zero() -> None:
+@pytest.mark.parametrize(
+    ("stagger", "async_roots", "staggered"),
+    [(False, True, False), ("auto", False, False), ("auto", True, True), (True, False, True)],
+)
+def test_auto_staggers_async_roots_only(stagger: Any, async_roots: bool, staggered: bool) -> None:
     model = mixed_model()
-    opt = Shampoo(model.parameters(), **BASE, async_roots=False)
-    train(model, opt, make_batches(2))
-    assert set(phases_of(opt, list(model.parameters()))) == {0}
+    with Shampoo(model.parameters(), **BASE, stagger_roots=stagger,
+                 async_roots=async_roots) as opt:  # fmt: skip
+        train(model, opt, make_batches(2))
+        found = phases_of(opt, list(model.parameters()))
+    assert (set(found) != {0}) == staggered, found
 
 
 @pytest.mark.parametrize("async_roots", [False, True])
@@ -158,3 +171,19 @@ def test_save_mid_flight_then_resume_staggered_is_bitwise_identical(async_roots:
         resumed.load_state_dict(checkpoint["opt"])
         train(resumed_model, resumed, batches[13:])
     assert_bitwise_equal([p.detach().clone() for p in resumed_model.parameters()], uninterrupted)
+
+
+def test_staggered_roots_hold_fewer_host_buffers_at_once() -> None:
+    """Each step snapshots only the factors of one phase, so at most a couple of phases' host
+    buffers are held at once (from a snapshot to its install), not every factor's."""
+    most = {}
+    for stagger in (False, True):
+        model = mixed_model()
+        with Shampoo(model.parameters(), **BASE, precondition_frequency=4, root_staleness=1,
+                     stagger_roots=stagger) as opt:  # fmt: skip
+            held = []
+            for batch in make_batches(14):
+                train(model, opt, [batch])
+                held.append(opt.root_stats()["host_buffer_bytes"])
+            most[stagger] = max(held)
+    assert 0 < most[True] < most[False]

@@ -143,7 +143,8 @@ def test_bfloat16_runs_repeat_bitwise_read_no_global_rng_and_async_equals_sync(
     for async_roots in (False, False, True):
         torch.manual_seed(0)
         model = mixed_model()
-        opt = make(model.parameters(), state_dtype=BF16, root_staleness=1, async_roots=async_roots)
+        opt = make(model.parameters(), state_dtype=BF16, root_staleness=1, async_roots=async_roots,
+                   stagger_roots=True)  # (async's default; sync then repeats it)
         rng = torch.get_rng_state()
         train(model, opt, make_batches(12))
         assert torch.equal(torch.get_rng_state(), rng)

@@ -160,7 +160,7 @@ def test_the_roots_after_a_warm_step_are_close_to_the_exact_roots_of_the_factors
 @pytest.mark.parametrize("frequency", [1, 3])
 def test_async_warm_roots_equal_sync_ones_delayed_by_the_same_staleness(frequency: int) -> None:
     common = dict(precondition_frequency=frequency, root_staleness=frequency, eigh_every=2,
-                  momentum=0.5, start_preconditioning_step=1)  # fmt: skip
+                  momentum=0.5, start_preconditioning_step=1, stagger_roots=False)  # fmt: skip
     asynchronous, _ = _train(20, async_roots=True, **common)
     synchronous, _ = _train(20, async_roots=False, **common)
     for a, b in zip(asynchronous, synchronous):
@@ -170,7 +170,7 @@ def test_async_warm_roots_equal_sync_ones_delayed_by_the_same_staleness(frequenc
 @pytest.mark.parametrize("async_roots", [True, False])
 def test_resume_with_bases_in_flight_is_bitwise_identical(async_roots: bool) -> None:
     kwargs: dict[str, Any] = dict(lr=0.01, block_size=16, precondition_frequency=5,
-                                  root_staleness=4, eigh_every=2,
+                                  root_staleness=4, eigh_every=2, stagger_roots=False,
                                   async_roots=async_roots)  # fmt: skip
     batches = make_batches(24)
     whole = mixed_model()

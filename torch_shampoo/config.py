@@ -53,9 +53,10 @@ class EngineConfig:
     basis_tolerance: float = 0.0
     """Warm roots: a root step between exact ones runs the exact eigh instead where a basis
     drifted, ‖offdiag(QᵀFQ)‖_F > τ‖F‖_F (0: off)."""
-    stagger_roots: bool = False
+    stagger_roots: bool | None = False
     """Later root cycles at each parameter's own phase of the frequency
-    (:mod:`torch_shampoo.roots.phases`); else every parameter's at every f-th step."""
+    (:mod:`torch_shampoo.roots.phases`); else every parameter's at every f-th step; None
+    ("auto"): staggered with async roots."""
     merge_dims: bool | str = True
     """How neighbouring dims merge before blocking (:mod:`torch_shampoo.layout.blocking`)."""
     precondition_1d: bool = True

@@ -84,7 +84,7 @@ class NGPlus(PreconditionerEngine):
             ``"auto"`` (as for :class:`~torch_shampoo.Shampoo`). The first inverse is always
             used from the step that computes it.
         stagger_roots: each parameter's later inverses at its own phase of the frequency (as
-            for :class:`~torch_shampoo.Shampoo`).
+            for :class:`~torch_shampoo.Shampoo`; ``"auto"``: with async roots).
         max_root_failures: consecutive failed inverses of one factor that raise an error.
         skip_nonfinite: leave a block's state and weights unchanged at a step whose gradient
             holds NaN/Inf in that block (decided on the device; counted in ``root_stats()``).
@@ -127,7 +127,7 @@ class NGPlus(PreconditionerEngine):
         grafting_epsilon: float = 1e-8,
         bias_correction: bool = True,
         root_dtype: torch.dtype = torch.float64,
-        stagger_roots: bool = False,
+        stagger_roots: bool | str = "auto",
         *,
         async_roots: bool = True,
         root_workers: int | None = None,

@@ -116,26 +116,24 @@ def make(
     frequencies = [c.frequency for c in configs]
     plan = Plan(owner, rows, buckets, workers, threads, async_roots, compact, frequencies, [],
                 float(step) if step else None, source if step else "none", methods)  # fmt: skip
-    plan.busiest = _busiest(rooted, configs)
+    plan.busiest = _busiest(rooted, configs, async_roots)
     plan.staleness = [_staleness(c, async_roots, plan.cycle_seconds * plan.busiest,
                                  plan.step_seconds) for c in configs]  # fmt: skip
     return plan
 
 
-def _busiest(rooted: list[Entry], configs: list[EngineConfig]) -> float:
+def _busiest(rooted: list[Entry], configs: list[EngineConfig], async_roots: bool) -> float:
     """The busiest root step's share of a cycle's root work: each staggered group's busiest
     phase (:func:`.roots.phases.balance`), every other group's whole work, over the total."""
     busiest = total = 0.0
     for g, config in enumerate(configs):
         work = [phases.cost(e.layout) for e in rooted if e.group == g]
         total += sum(work)
-        if not config.stagger_roots:
+        stagger = config.stagger_roots
+        if not (stagger or (stagger is None and async_roots and world_size() == 1)):
             busiest += sum(work)
             continue
-        load = [0.0] * config.frequency
-        for cost, phase in zip(work, phases.balance(work, config.frequency)):
-            load[phase] += cost
-        busiest += max(load)
+        busiest += max(phases.loads(work, config.frequency))
     return busiest / total if total else 1.0
 
 

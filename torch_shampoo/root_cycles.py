@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from . import device
-from .config import EngineConfig
+from .config import EngineConfig, world_size
 from .layout.blocking import BlockLayout
 from .roots import phases
 from .roots.jobs import RootJob, outcomes_of
@@ -236,7 +236,13 @@ class RootCycles:
         slots = self.slots.get(id(p))
         if self.front.leader_of(p) is not None or not slots:
             return False  # a follower's roots are its leader's; no factor: nothing to compute
-        return phases.is_root_step(t, config.start, config.frequency, slots[0].phase)
+        return phases.is_root_step(t, config.start, config.frequency, self._phase(p, config))
+
+    def _phase(self, p: torch.Tensor, config: EngineConfig) -> int:
+        """The root phase of ``p`` if its group staggers (auto: async roots in one process)."""
+        slots, stagger, solo = self.slots.get(id(p)), config.stagger_roots, world_size() == 1
+        on = stagger or (stagger is None and self.scheduler.async_roots and solo)
+        return slots[0].phase if slots and on else 0
 
     def may_solve_now(
         self, p: torch.Tensor, state: dict[str, Any], config: EngineConfig, group: Any, t: int
@@ -246,7 +252,7 @@ class RootCycles:
             return False
         if not all(state["has_root"].tolist()):
             return True  # a first cycle, maybe
-        cycle = phases.cycle_of(t, config.frequency, self.slots[id(p)][0].phase)
+        cycle = phases.cycle_of(t, config.frequency, self._phase(p, config))
         if cycle % config.eigh_every and not config.basis_tolerance:
             return False  # (eigenbases or warm roots: a power iteration on the device)
         if config.staleness is None:  # auto: 0 for synchronous roots, never 0 for async ones
@@ -305,7 +311,7 @@ class RootCycles:
         slots = self.slots.get(id(w.p), [])
         bases = config.eigenbasis or config.warm_roots
         tolerance = config.basis_tolerance if config.warm_roots else 0.0
-        cycle = phases.cycle_of(t, frequency, slots[0].phase if slots else 0)
+        cycle = phases.cycle_of(t, frequency, self._phase(w.p, config))
         between = bases and not first and cycle % config.eigh_every
         if between and not warm.drifted(slots, tolerance):  # (drifted: the exact eigh)
             refresh.append((w, slots))  # this root step's update, on the device
@@ -314,7 +320,7 @@ class RootCycles:
             due = t
         else:
             staleness = self.scheduler.staleness(w.group, config.staleness, frequency)
-            due = min(t + staleness, phases.next_root_step(t, frequency, slots[0].phase))
+            due = min(t + staleness, phases.next_root_step(t, frequency, self._phase(w.p, config)))
         if config.eigenbasis and config.basis_refresh and due > t:
             refresh.append((w, slots))
         try:

@@ -86,6 +86,11 @@ def _staleness(group: Mapping[str, Any]) -> dict[str, Any]:
     return {"staleness": None if value is None or isinstance(value, str) else int(value)}
 
 
+def _stagger(group: Mapping[str, Any]) -> dict[str, Any]:
+    value = group["stagger_roots"]
+    return {"stagger_roots": None if value == "auto" else value}
+
+
 def _soap_beta2(group: Mapping[str, Any]) -> dict[str, Any]:
     beta = group["shampoo_beta"]
     return {"beta2": group["betas"][1] if beta is None else beta}
@@ -149,9 +154,9 @@ SPEC: tuple[Setting, ...] = (
     Setting("maximize", _all(False), Flag(), "maximize the objective", "maximize"),
     Setting("root_staleness", _all("auto"), Staleness(),
             "steps between a later root's snapshot and its use", _staleness),
-    Setting("stagger_roots", _all(False), Flag(),
-            "later root cycles spread over the frequency's steps, parameter by parameter",
-            "stagger_roots"),
+    Setting("stagger_roots", _all("auto"), Choice((True, False, "auto")),
+            "later root cycles spread over the frequency's steps, parameter by parameter "
+            "(auto: with async roots)", _stagger),
     Setting("max_root_failures", _all(3), Integer(1),
             "consecutive failed roots of one factor that raise", "max_root_failures"),
     Setting("skip_nonfinite", _all(True), Flag(), "skip a block's update at a NaN/Inf gradient",

@@ -94,12 +94,15 @@ class Shampoo(PreconditionerEngine):
         maximize: maximize the objective.
         root_staleness: steps between a later root's snapshot and its use: ``"auto"`` (``None``
             is the same) or an integer ≥ 0; see above.
-        stagger_roots: after the first root step, each parameter's roots at its own phase of
-            the frequency, the phases spreading the root work evenly over a cycle's steps
-            (:mod:`torch_shampoo.roots.phases`): an async root is ready after about 1/f of a
-            cycle's work, so "auto" staleness fits a few steps instead of most of the cycle,
-            and a sync root step waits for its share only. Default: every parameter at every
-            f-th step, as the paper.
+        stagger_roots: ``True``: after the first root step, each parameter's roots at its own
+            phase of the frequency, the phases spreading the root work evenly over a cycle's
+            steps (:mod:`torch_shampoo.roots.phases`): an async root is ready after about 1/f
+            of a cycle's work, so "auto" staleness fits a step or two instead of most of the
+            cycle; a sync root step waits for its share only. ``False``: every parameter's at
+            every f-th step, as the paper. ``"auto"`` (default): ``True`` with async roots,
+            ``False`` with sync ones (there staggering only moved the same work: per step 1/f
+            of it, on fewer cores). A sync run reproduces an async one with the same
+            ``root_staleness`` and ``stagger_roots=True``.
         max_root_failures: consecutive failed roots of one factor that raise an error.
         skip_nonfinite: leave a block's statistics, moments, momentum and weights unchanged at a
             step whose gradient holds NaN/Inf in that block (decided on the device, no host
@@ -179,7 +182,7 @@ class Shampoo(PreconditionerEngine):
         eigh_every: int = 1,
         basis_tolerance: float = 0.0,
         state_dtype: torch.dtype | None = None,
-        stagger_roots: bool = False,
+        stagger_roots: bool | str = "auto",
         *,
         async_roots: bool = True,
         root_workers: int | None = None,

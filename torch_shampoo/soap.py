@@ -111,7 +111,7 @@ class SOAP(PreconditionerEngine):
         eigh_every: int = 5,
         root_dtype: torch.dtype = torch.float64,
         state_dtype: torch.dtype | None = None,
-        stagger_roots: bool = False,
+        stagger_roots: bool | str = "auto",
         *,
         async_roots: bool = True,
         root_workers: int | None = None,

@@ -11,11 +11,12 @@ group's parameters' shapes and settings alone: a resumed run (or another rank) g
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 
 from ..layout.blocking import BlockLayout
 
-__all__ = ["balance", "cost", "cycle_of", "is_root_step", "next_root_step"]
+__all__ = ["balance", "cost", "cycle_of", "is_root_step", "loads", "next_root_step"]
 
 
 def is_root_step(t: int, start: int, frequency: int, phase: int = 0) -> bool:
@@ -49,12 +50,21 @@ def balance(costs: Sequence[float], frequency: int) -> list[int]:
     """Phases in [0, ``frequency``) for items of these ``costs``: the largest first, each to the
     phase with the least work so far (ties: the lowest phase; equal costs keep their order).
     The busiest phase then holds at most the mean plus the largest single cost."""
-    load = [0.0] * frequency
     phases = [0] * len(costs)
+    used = min(frequency, len(costs))  # (more phases than items: each its own, the lowest)
+    heap = [(0.0, phase) for phase in range(used)]  # (load, phase): the least, lowest first
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
         if costs[i] <= 0:
             continue  # (no root work: phase 0)
-        phase = min(range(frequency), key=lambda k: (load[k], k))
-        phases[i] = phase
-        load[phase] += costs[i]
+        load, phases[i] = heapq.heappop(heap)
+        heapq.heappush(heap, (load + costs[i], phases[i]))
     return phases
+
+
+def loads(costs: Sequence[float], frequency: int) -> list[float]:
+    """The work of each phase that :func:`balance` gives (only the phases it uses)."""
+    found = balance(costs, frequency)
+    out = [0.0] * (max(found, default=0) + 1)
+    for cost, phase in zip(costs, found):
+        out[phase] += cost
+    return out
