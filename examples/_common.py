@@ -98,6 +98,14 @@ _REGISTRY = {
         {"async_roots": False, "state_dtype": torch.bfloat16},
     ),
     "ngplus": _Entry("NG+", torch_shampoo, "NGPlus", "ngplus", {"statistics": "minibatch"}),
+    "ngplus-unstaggered": _Entry(
+        "NG+ unstaggered", torch_shampoo, "NGPlus", "ngplus",
+        {"statistics": "minibatch", "stagger_roots": False},
+    ),
+    "ngplus-sync": _Entry(
+        "NG+ sync", torch_shampoo, "NGPlus", "ngplus",
+        {"statistics": "minibatch", "async_roots": False},
+    ),
     "ngplus-f32": _Entry(
         "NG+ f32",
         torch_shampoo,
@@ -114,6 +122,9 @@ _REGISTRY = {
     "soap-sync-bf16": _Entry(
         "SOAP sync bf16", torch_shampoo, "SOAP", "adam",
         {"async_roots": False, "state_dtype": torch.bfloat16},
+    ),
+    "soap-unstaggered": _Entry(
+        "SOAP async unstaggered", torch_shampoo, "SOAP", "adam", {"stagger_roots": False}
     ),
     "soap-stale": _Entry("SOAP stale=f", torch_shampoo, "SOAP", "adam", {"root_staleness": 10}),
     # pytorch-optimizer's SOAP (pip install pytorch-optimizer), as a published reference
