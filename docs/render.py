@@ -35,6 +35,7 @@ DEMOS_PNG = ROOT / "docs" / "images" / "demos.png"
 BEGIN, END = "<!-- results: rendered by docs/render.py -->", "<!-- /results -->"
 
 SEEDED = "shampoo-sync,shampoo-async,shampoo-async-unstaggered,shampoo-sync-stagger"
+STAGGERED = "ngplus-sync,ngplus,ngplus-unstaggered,soap-sync,soap,soap-unstaggered"
 QUICK = ("step_time", "train_step", "convergence", "roots", "memory", "distributed")
 RUNS: dict[str, list[str]] = {
     **{name: [f"benchmarks.{name}", "--quick"] for name in QUICK},
@@ -46,6 +47,9 @@ RUNS: dict[str, list[str]] = {
     "roots_warm": ["benchmarks.roots", "--sections", "warm", "--threads", "1"],
     **{f"async_{n}t": ["benchmarks.convergence", "--sections", "seeds", "--tasks", "charlm",
                        "--methods", SEEDED, "--threads", str(n)] for n in (1, 2)},
+    **{f"stagger_{name}": ["benchmarks.convergence", "--sections", "seeds", "--tasks", tasks,
+                           "--methods", STAGGERED, "--threads", "1"]
+       for name, tasks in (("small", "regression,digits"), ("charlm", "charlm"))},
 }  # fmt: skip
 """docs/results/NAME.json ← ``python -m`` these arguments (``--out`` added)."""
 
