@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from torch_shampoo.roots.matrix_roots import inverse_root, inverse_roots
+from torch_shampoo.update import kernels
 
 from . import harness as h
 
@@ -56,6 +57,11 @@ def backward_error(root: torch.Tensor, b: torch.Tensor, p: int) -> float:
     return float(torch.linalg.matrix_norm(power - b) / torch.linalg.matrix_norm(b))
 
 
+def warm_step(bases: torch.Tensor, factors: torch.Tensor, p: int) -> Any:
+    """What a warm root step computes per factor (``eigh_every`` > 1): update.warm's kernels."""
+    return kernels.eigen_roots(kernels.power_step(bases, factors), factors, 1.0, p, EPSILON, False)
+
+
 def solve(report: h.Report, args: Any) -> None:
     sizes = (64, 128, 256) if args.quick else (64, 128, 256, 512, 1024, 2048)
     sizes = tuple(int(n) for n in args.sizes.split(",")) if args.sizes else sizes
@@ -76,6 +82,10 @@ def solve(report: h.Report, args: Any) -> None:
                     f32 = functools.partial(inverse_roots, a[None], p, EPSILON, dtype=torch.float32)
                     f64 = functools.partial(inverse_roots, a[None], p, EPSILON)  # (the pool's)
                     cs += [h.Contender("f32", f32), h.Contender("f64", f64)]
+                    for dt in (torch.float64, torch.float32):  # a warm root step (eigh_every)
+                        q, f = torch.linalg.eigh(a)[1][None].to(dt), a[None].to(dt)
+                        cs.append(h.Contender(f"warm {dt}", functools.partial(
+                            warm_step, q, f, p)))  # fmt: skip
                     repeats = 3 if args.quick or n >= 512 else 5
                     rs = h.interleave(cs, repeats, 1, 1, f"solve {threads} threads n={n}")
                     med = {r["name"]: r["median"] for r in rs}
@@ -92,17 +102,20 @@ def solve(report: h.Report, args: Any) -> None:
                     (result,) = f32()
                     err = backward_error(result.root, b, p)
                     row += [h.ms(med["f64"]), h.ms(med["f32"]), h.ratio(med["f32"], med["f64"]),
-                            f"{err:.1e}"
-                            + (" (retried)" if result.retried else "")]  # fmt: skip
+                            f"{err:.1e}" + (" (retried)" if result.retried else ""),
+                            h.ratio(med["warm torch.float64"], med["f64"]),
+                            h.ratio(med["warm torch.float32"], med["f64"])]  # fmt: skip
                     rows.append(row)
                     data.append({"n": n, "condition": cond, "p": p, "medians": med,
                                  "f32_retried": result.retried})  # fmt: skip
         report.section(
             f"solve: {threads} threads", ["n", "cond", "p", "floor", "raw eigh ms", "eigh ms",
             "/raw", "err", "newton ms", "/raw", "err", "cholesky ms", "/raw", "err", "f64 ms",
-            "f32 ms", "f32/f64", "err"], rows,
+            "f32 ms", "f32/f64", "err", "warm/f64", "warm f32/f64"], rows,
             f"ε = {EPSILON:g}; medians of interleaved repeats; f64 / f32: inverse_roots of the one "
-            "matrix in float64 / float32 (κ > 0.1/u32 or not finite: solved again in float64)",
+            "matrix in float64 / float32 (κ > 0.1/u32 or not finite: solved again in float64); "
+            "warm: a warm root step from its eigenbasis (power step, Rayleigh quotients, root) "
+            "in float64 / float32, on the calling thread",
             data,
         )  # fmt: skip
 

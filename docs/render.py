@@ -45,6 +45,8 @@ RUNS: dict[str, list[str]] = {
               "--methods", "adam,shampoo-async,soap,ngplus", "--threads", "1"],
     "memory_state": ["benchmarks.memory", "--sections", "state", "--threads", "1"],
     "roots_warm": ["benchmarks.roots", "--sections", "warm", "--threads", "1"],
+    "roots_solve": ["benchmarks.roots", "--sections", "solve", "--thread-counts", "1", "--sizes",
+                    "128,512,1024", "--solve-methods", "eigh", "--threads", "1"],
     **{f"async_{n}t": ["benchmarks.convergence", "--sections", "seeds", "--tasks", "charlm",
                        "--methods", SEEDED, "--threads", str(n)] for n in (1, 2)},
     **{f"stagger_{name}": ["benchmarks.convergence", "--sections", "seeds", "--tasks", tasks,
