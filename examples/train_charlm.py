@@ -5,7 +5,7 @@ installation, so it needs no download and is identical on machines with the same
 Adam, AdamW and Shampoo (synchronous and asynchronous inverse roots) train the same model from
 the same initialization on the same batches; NG+ joins automatically when torch_shampoo has it.
 
-    python examples/train_charlm.py            # ~1.5 minutes on an idle 2-core CPU (93 s)
+    python examples/train_charlm.py            # ~1 minute on an idle 2-core CPU (66 s)
     python examples/train_charlm.py --steps 2000 --d-model 256 --layers 4 --seq-len 256 --batch 32
 """
 

@@ -14,6 +14,7 @@ from reference_shampoo import ReferenceShampoo
 from test_reference import MODEL_SHAPES, assert_same_steps, make_grads, make_params
 
 from torch_shampoo import SOAP, Shampoo
+from torch_shampoo.ledger import layout
 from torch_shampoo.roots import phases
 
 BASE: dict[str, Any] = dict(lr=0.01, block_size=16, betas=(0.9, 0.99), momentum=0.5)
@@ -187,3 +188,21 @@ def test_staggered_roots_hold_fewer_host_buffers_at_once() -> None:
                 held.append(opt.root_stats()["host_buffer_bytes"])
             most[stagger] = max(held)
     assert 0 < most[True] < most[False]
+
+
+def test_the_plan_prices_the_busiest_staggered_step() -> None:
+    """plan(): a staggered group's busiest root step holds its busiest phase's work (d³ per
+    factor, from the shapes), a share of the cycle; unstaggered, the whole cycle."""
+    model = mixed_model()
+    params = list(model.parameters())
+    cubes = []  # (the layouts are shapes only, tested in test_blocking.py)
+    for p in params:
+        grid = layout(tuple(p.shape), BASE["block_size"], 8192, True, True)
+        cubes.append(float(sum(d**3 for b in range(grid.num_blocks) for d in grid.factor_dims(b))))
+    for stagger, expected in ((False, 1.0), (True, None)):
+        with Shampoo(params, **BASE, stagger_roots=stagger) as opt:
+            plan = opt.plan(show=False)
+            if expected is None:
+                expected = max(phases.loads(cubes, 20)) / sum(cubes)
+                assert expected < 1
+            assert plan.busiest == pytest.approx(expected)
