@@ -43,7 +43,7 @@ class StalenessFit:
         self.first_tick: float | None = None
         self.cycle_seconds: float | None = None
         """Wall time of the latest root cycle (the first's wait; a later one's send → last
-        root), with the given workers."""
+        root; staggered roots: one step's share of a cycle), with the given workers."""
         self._cycle_sent = -1.0
         self.basis: dict[int, tuple[float, float]] = {}
         """Per group (``id``): the (cycle, step) seconds its staleness was fitted from."""
