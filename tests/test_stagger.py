@@ -206,3 +206,19 @@ def test_the_plan_prices_the_busiest_staggered_step() -> None:
                 expected = max(phases.loads(cubes, 20)) / sum(cubes)
                 assert expected < 1
             assert plan.busiest == pytest.approx(expected)
+
+
+def test_turning_staggering_on_between_steps_takes_effect() -> None:
+    model = mixed_model()
+    params = list(model.parameters())
+    with Shampoo(params, **BASE, stagger_roots=False, async_roots=False) as opt:
+        train(model, opt, make_batches(2))
+        assert set(phases_of(opt, params)) == {0}
+        for group in opt.param_groups:
+            group["stagger_roots"] = True
+        train(model, opt, make_batches(1))
+        assert len(set(phases_of(opt, params))) > 1
+        for group in opt.param_groups:
+            group["stagger_roots"] = "later"
+        with pytest.raises(ValueError, match=r"stagger_roots: 'later'"):
+            train(model, opt, make_batches(1))

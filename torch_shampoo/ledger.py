@@ -111,15 +111,16 @@ class Ledger:
         packed: bool,
     ) -> dict[int, list[Slot]]:
         """Plan the buckets of every parameter with state; returns the root slots per ``id(p)``,
-        with its root phase (:mod:`.roots.phases`; 0 unless its group may stagger)."""
+        with its root phase (:mod:`.roots.phases`), from the group's shapes alone (the same
+        on a resume or another rank); used where the group staggers."""
         entries, phases = [], dict[int, int]()
         for index, group in enumerate(param_groups):
             config = config_of(group)
             layouts = [self.layout_of(p, config) for p in group["params"]]
-            if config.stagger_roots is not False:  # (of the shapes alone: the same on resume)
-                costs = [root_phases.cost(layout) for layout in layouts]
-                found = root_phases.balance(costs, config.frequency)
-                phases.update((id(p), phase) for p, phase in zip(group["params"], found))
+            # (every group's phases, staggered or not: turning stagger_roots on takes effect)
+            costs = [root_phases.cost(layout) for layout in layouts]
+            found = root_phases.balance(costs, config.frequency)
+            phases.update((id(p), phase) for p, phase in zip(group["params"], found))
             for p, layout in zip(group["params"], layouts):
                 state = states.get(p)
                 if state and "factors" in state:
