@@ -67,6 +67,15 @@ def test_the_next_root_step_is_the_first_later_step_of_the_phase(
     )
 
 
+def test_auto_staggers_async_roots_in_one_process_only() -> None:
+    """(Several processes take the frequency as "auto" staleness: staggering gains nothing.)"""
+    for setting, async_roots, processes, expected in [
+        (None, True, 1, True), (None, True, 2, False), (None, False, 1, False),
+        (True, False, 4, True), (False, True, 1, False),
+    ]:  # fmt: skip
+        assert phases.staggered(setting, async_roots, processes) == expected
+
+
 @pytest.mark.parametrize(
     ("stagger", "async_roots", "staggered"),
     [(False, True, False), ("auto", False, False), ("auto", True, True), (True, False, True)],

@@ -129,8 +129,7 @@ def _busiest(rooted: list[Entry], configs: list[EngineConfig], async_roots: bool
     for g, config in enumerate(configs):
         work = [phases.cost(e.layout) for e in rooted if e.group == g]
         total += sum(work)
-        stagger = config.stagger_roots
-        if not (stagger or (stagger is None and async_roots and world_size() == 1)):
+        if not phases.staggered(config.stagger_roots, async_roots, world_size()):
             busiest += sum(work)
             continue
         busiest += max(phases.loads(work, config.frequency))

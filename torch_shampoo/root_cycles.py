@@ -240,8 +240,8 @@ class RootCycles:
 
     def _phase(self, p: torch.Tensor, config: EngineConfig) -> int:
         """The root phase of ``p`` if its group staggers (auto: async roots in one process)."""
-        slots, stagger, solo = self.slots.get(id(p)), config.stagger_roots, world_size() == 1
-        on = stagger or (stagger is None and self.scheduler.async_roots and solo)
+        slots, setting = self.slots.get(id(p)), config.stagger_roots
+        on = phases.staggered(setting, self.scheduler.async_roots, world_size())
         return slots[0].phase if slots and on else 0
 
     def may_solve_now(

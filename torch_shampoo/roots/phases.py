@@ -16,7 +16,14 @@ from collections.abc import Sequence
 
 from ..layout.blocking import BlockLayout
 
-__all__ = ["balance", "cost", "cycle_of", "is_root_step", "loads", "next_root_step"]
+__all__ = ["balance", "cost", "cycle_of", "is_root_step", "loads", "next_root_step",
+           "staggered"]
+
+
+def staggered(setting: bool | None, async_roots: bool, processes: int) -> bool:
+    """Does a group of this ``stagger_roots`` setting stagger (None, "auto": with async roots in
+    one process; several take the frequency as their staleness, so there is nothing to gain)?"""
+    return setting or (setting is None and async_roots and processes == 1)
 
 
 def is_root_step(t: int, start: int, frequency: int, phase: int = 0) -> bool:
