@@ -17,6 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from torch_shampoo.layout.compact import Triangles
 from torch_shampoo.update.kernels import OUTER_PRODUCT_MIN, accumulate_statistics
 
 
@@ -55,9 +56,12 @@ def test_flags_and_triangles_keep_the_other_entries_bitwise(d: int, beta2: float
     accumulate_statistics([flagged], blocks, (True,), beta2, flags)
     assert torch.equal(flagged[1], factor[1])
     assert torch.equal(flagged[[0, 2]], plain[[0, 2]])
-    lower = torch.ones(d, d, dtype=torch.bool).tril()
-    masked = factor.clone()
-    accumulate_statistics([masked], blocks, (True,), beta2, flags, [lower])
-    assert torch.equal(masked[1], factor[1])
-    assert torch.equal(masked[[0, 2]][:, lower], plain[[0, 2]][:, lower])
-    assert torch.equal(masked[[0, 2]][:, ~lower], factor[[0, 2]][:, ~lower])
+    for upper in (False, True):  # (a paired dim keeps its upper triangle)
+        triangles = Triangles(d, factor.device, factor_upper=upper)
+        kept, ones = triangles.factor_mask, torch.ones(d, d, dtype=torch.bool)
+        assert torch.equal(kept, ones.triu() if upper else ones.tril())
+        masked = factor.clone()
+        accumulate_statistics([masked], blocks, (True,), beta2, flags, [triangles])
+        assert torch.equal(masked[1], factor[1])
+        assert torch.equal(masked[[0, 2]][:, kept], plain[[0, 2]][:, kept])
+        assert torch.equal(masked[[0, 2]][:, ~kept], factor[[0, 2]][:, ~kept])

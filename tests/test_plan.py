@@ -181,11 +181,11 @@ def weights_and_state(model: nn.Module, opt: torch.optim.Optimizer) -> list[torc
     return found
 
 
-@pytest.mark.parametrize("make", [
+@pytest.mark.parametrize("make", [  # (staleness fixed: "auto" fits it from timings, not bitwise)
     lambda m: Shampoo(m.parameters(), block_size=16, precondition_frequency=2,
                       start_preconditioning_step=1, root_staleness=1),
-    lambda m: SOAP(m.parameters(), block_size=16, precondition_frequency=2),
-    per_sample,
+    lambda m: SOAP(m.parameters(), block_size=16, precondition_frequency=2, root_staleness=1),
+    lambda m: per_sample(m, root_staleness=1),
 ], ids=["shampoo", "soap", "ngplus"])  # fmt: skip
 def test_a_plan_before_training_leaves_the_run_bitwise_unchanged(
     make: Make, monkeypatch: pytest.MonkeyPatch

@@ -69,11 +69,11 @@ def to_saved(
 def _full_matrices(state: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """A compact state's factors and roots as full symmetric matrices (new tensors)."""
 
-    def full(t: torch.Tensor, upper: bool) -> torch.Tensor:
-        mask = torch.ones_like(t, dtype=torch.bool)
+    def full(t: torch.Tensor) -> torch.Tensor:
+        mask, upper = torch.ones_like(t, dtype=torch.bool), compact.keeps_upper(t)
         return compact.full(t, mask.triu() if upper else mask.tril(), upper=upper)
 
-    return [full(f, False) for f in state["factors"]], [full(r, True) for r in state["roots"]]
+    return [full(f) for f in state["factors"]], [full(r) for r in state["roots"]]
 
 
 def _owned(value: Any) -> Any:

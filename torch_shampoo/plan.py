@@ -20,6 +20,7 @@ import torch
 from .config import EngineConfig, world_size
 from .layout.blocking import BlockLayout
 from .layout.buckets import bucket_key
+from .layout.compact import pairs
 from .plan_report import KINDS, BucketRow, Plan, Row
 from .roots import costs, phases
 from .roots.costs import EIGH_FLOPS, NEWTON_ITERATIONS
@@ -200,9 +201,14 @@ def _state_bytes(
     amounts = dict.fromkeys(KINDS, 0)
     for key, value in state.items():
         amounts[_KIND_OF.get(key, "other")] += _nbytes(value)
-    if compact:  # one (d + 1, d) tensor per block and dim: a triangle each
-        half = sum(d * (d + 1) // 2 for d in _sizes(layout)) * state_dtype(p).itemsize
-        amounts["factors"] = amounts["roots"] = half
+    if compact:  # a triangle each of (d + 1, d) tensors, roots in theirs when paired
+        factor_dtype, amounts["factors"], amounts["roots"] = state_dtype(p), 0, 0
+        for b in range(layout.num_blocks):
+            sizes = layout.factor_dims(b)
+            half = sum(d * (d + 1) // 2 for d in sizes)
+            paired = pairs(sizes, factor_dtype, dtype)
+            amounts["factors"] += half * factor_dtype.itemsize
+            amounts["roots"] += half * (dtype if paired else factor_dtype).itemsize
     return amounts
 
 

@@ -134,7 +134,9 @@ class Shampoo(PreconditionerEngine):
             memory (state 2.1x Adam's instead of 3.2x on an MLP at block 128), for a select per
             root and factor at every step. The same results (the same lower triangles; the matrices
             symmetric to the last bit); ``state_dict()`` saves full matrices, so checkpoints
-            load either way.
+            load either way. With ``state_dtype=torch.bfloat16`` a square block's two factors
+            share one float32 tensor and its two roots one bfloat16 tensor: state 1.3x Adam's
+            on that MLP (the second factor keeps its upper triangle: the same up to last bits).
     """
 
     # (2026-12-06; before, a tensor of ≤ block_size elements merged into one dim and every

@@ -231,7 +231,8 @@ MOMENTS = ("exp_avg", "graft_v", "momentum_buffer", "skipped_blocks")
 def _stack_state(bucket: Bucket, states: list[dict[str, Any]], packed: bool) -> None:
     """Copy the members' factors and roots (and a bucket of single-block parameters' moments)
     into stacks and bind the states to their rows. ``packed``: a factor is read from its lower
-    triangle, a root from its upper one, and both are stored in one stack."""
+    triangle, a root from its upper one, and both are stored in one stack; with bfloat16 roots a
+    square block's two dims are paired instead (:func:`.compact.pairs`)."""
     keys = [key for key in MOMENTS if key in states[0]]
     if all(m.whole for m in bucket.members) and all(
         [key for key in MOMENTS if key in s] == keys for s in states
@@ -250,6 +251,8 @@ def _stack_state(bucket: Bucket, states: list[dict[str, Any]], packed: bool) -> 
                 s["step"] = count
     k = bucket.per_block
     bucket.triangles = [] if packed else None
+    if packed and _pack_pairs(bucket, states):
+        return
     for dim in range(k):
         rows = [(s, b * k + dim) for m, s in zip(bucket.members, states) for b in m.blocks]
         factors = [s["factors"][j] for s, j in rows]
@@ -269,3 +272,26 @@ def _stack_state(bucket: Bucket, states: list[dict[str, Any]], packed: bool) -> 
             bucket.bases.append(torch.stack([s["bases"][j] for s, j in rows]))
             for row, (s, j) in enumerate(rows):
                 s["bases"][j] = bucket.bases[-1][row]
+
+
+def _pack_pairs(bucket: Bucket, states: list[dict[str, Any]]) -> bool:
+    """Stack a bucket of square blocks with bfloat16 roots as paired dims (:func:`.compact.pairs`),
+    when it is one (warm roots' bases: not kept in such a bucket); returns whether it was."""
+    k = bucket.per_block
+    if k != 2 or "bases" in states[0]:
+        return False
+    rows = [[(s, b * k + dim) for m, s in zip(bucket.members, states) for b in m.blocks]
+            for dim in range(k)]  # fmt: skip
+    factors = [[s["factors"][j] for s, j in dim_rows] for dim_rows in rows]
+    roots = [[s["roots"][j] for s, j in dim_rows] for dim_rows in rows]
+    sizes = [f[0].shape[-1] for f in factors]
+    if not compact.pairs(sizes, factors[0][0].dtype, roots[0][0].dtype):
+        return False
+    bucket.factors, bucket.roots = compact.pack_pairs(factors, roots, sizes[0])
+    bucket.triangles = [compact.Triangles(sizes[0], bucket.factors[0].device, upper, upper)
+                        for upper in (False, True)]  # fmt: skip
+    for dim, dim_rows in enumerate(rows):
+        for row, (s, j) in enumerate(dim_rows):
+            s["factors"][j] = bucket.factors[dim][row]
+            s["roots"][j] = bucket.roots[dim][row]
+    return True

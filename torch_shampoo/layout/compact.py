@@ -1,10 +1,15 @@
-"""Compact state: a block's factor and root, both symmetric, in one (d + 1, d) tensor.
+"""Compact state: symmetric matrices as the two triangles of one (d + 1, d) tensor.
 
 With ``compact_state=True`` a bucket keeps, per factored dim, one ``(n, d + 1, d)`` stack ``S``
 and two overlapping ``(n, d, d)`` views of it, whose triangles are disjoint and fill ``S``::
 
     factors = S[:, 1:, :]    valid on and below the diagonal (F[i, j] = S[i + 1, j], j <= i)
     roots   = S[:, :d, :]    valid on and above the diagonal (X[i, j] = S[i, j],     j >= i)
+
+Low-precision roots (bfloat16) cannot share a float32 factor's tensor: a square block's two dims
+are then paired instead (:func:`pairs`, :func:`pack_pairs`), one stack for both factors (dim 0's
+lower triangle, dim 1's upper) and one in the roots' dtype for both roots, the same way. Which
+triangle a view keeps is :class:`Triangles`' (per dim), or :func:`keeps_upper` (from the view).
 
 Readers take full matrices (:func:`full`), writers write their own triangle (:func:`write`). The
 step does both by chunks of rows (:func:`chunk_rows`): a chunk's new matrices are made in a
@@ -17,7 +22,10 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["CHUNK_BYTES", "TILE", "TILED", "Triangles", "chunk_rows", "full", "pack", "write"]
+__all__ = [
+    "CHUNK_BYTES", "TILE", "TILED", "Triangles", "chunk_rows", "full", "keeps_upper", "pack",
+    "pack_pairs", "pairs", "write",
+]
 
 TILED = 1024
 """Matrices of this many rows or more go by ``TILE``² tiles, the same numbers: a mirrored read
@@ -43,12 +51,37 @@ def chunk_rows(view: torch.Tensor) -> int:
 
 
 class Triangles:
-    """The masks of one size and device: ``lower`` (j <= i) for factors, ``upper`` for roots."""
+    """The masks of one size and device, ``lower`` (j <= i) and ``upper``, and which of them a
+    dim's factors (``factor_upper``; lower by default) and roots (``root_upper``) keep."""
 
-    def __init__(self, d: int, device: torch.device):
+    def __init__(
+        self, d: int, device: torch.device, factor_upper: bool = False, root_upper: bool = True
+    ):
         ones = torch.ones(d, d, dtype=torch.bool, device=device)
         self.lower = ones.tril()
         self.upper = ones.triu()
+        self.factor_upper, self.root_upper = factor_upper, root_upper
+
+    @property
+    def factor_mask(self) -> torch.Tensor:
+        return self.upper if self.factor_upper else self.lower
+
+    @property
+    def root_mask(self) -> torch.Tensor:
+        return self.upper if self.root_upper else self.lower
+
+
+def pairs(sizes: Sequence[int], factor_dtype: torch.dtype, root_dtype: torch.dtype) -> bool:
+    """Are a block's dims paired (two factored dims of one size ``sizes``, roots narrower than
+    factors), not each factor with its root?"""
+    return len(sizes) == 2 and sizes[0] == sizes[1] and root_dtype != factor_dtype
+
+
+def keeps_upper(view: torch.Tensor) -> bool:
+    """Does a compact (d, d) view keep its upper triangle? (It starts its stack's row, which
+    starts at a multiple of (d + 1)·d; a lower view starts d later.)"""
+    d = view.shape[-1]
+    return view.storage_offset() % ((d + 1) * d) == 0
 
 
 def pack(
@@ -63,6 +96,22 @@ def pack(
         write(lower[row], factor, triangles.lower, upper=False)
         write(upper[row], root, triangles.upper, upper=True)
     return lower, upper
+
+
+def pack_pairs(
+    factors: Sequence[Sequence[torch.Tensor]], roots: Sequence[Sequence[torch.Tensor]], d: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The views per dim (0: lower triangles, 1: upper) of a new ``(n, d + 1, d)`` stack of
+    ``factors`` (per dim, n matrices) and of one of ``roots`` in the roots' dtype."""
+    masks = Triangles(d, factors[0][0].device)
+    views: list[list[torch.Tensor]] = []
+    for matrices in (factors, roots):
+        stack = matrices[0][0].new_zeros((len(matrices[0]), d + 1, d))
+        views.append([stack[:, 1:, :], stack[:, :d, :]])
+        for dim, (view, mask) in enumerate(zip(views[-1], (masks.lower, masks.upper))):
+            for row, matrix in enumerate(matrices[dim]):
+                write(view[row], matrix, mask, upper=dim == 1)
+    return views[0], views[1]
 
 
 def _tiles(d: int) -> list[tuple[slice, slice, int]]:

@@ -80,21 +80,23 @@ class Slot:
         """The factors as full matrices (a new tensor for compact state)."""
         if self.triangles is None:
             return self.factors
-        return compact.full(self.factors, self.triangles.lower, upper=False)
+        t = self.triangles
+        return compact.full(self.factors, t.factor_mask, t.factor_upper)
 
     def stage(self, buffer: torch.Tensor) -> device.CopyDone:
         """Enqueue ``buffer`` ← the factors as full matrices (compact state on the buffer's
         device: made there, with no copy of its own)."""
         if self.triangles is None or buffer.device != self.factors.device:
             return device.to_host(buffer, self.snapshot())
-        compact.full(self.factors, self.triangles.lower, upper=False, out=buffer)
+        t = self.triangles
+        compact.full(self.factors, t.factor_mask, t.factor_upper, out=buffer)
         return None
 
     def full_roots(self) -> torch.Tensor:
         """The roots as full matrices (a new tensor for compact state)."""
         if self.triangles is None:
             return self.roots
-        return compact.full(self.roots, self.triangles.upper, upper=True)
+        return compact.full(self.roots, self.triangles.root_mask, self.triangles.root_upper)
 
     def install(self, result: torch.Tensor, row: int | None = None) -> device.CopyDone:
         """Enqueue roots ← ``result`` (host), all rows or one (compact: the roots' triangle)."""
@@ -105,5 +107,5 @@ class Slot:
         if result.device != roots.device:
             uploaded = torch.empty_like(roots)
             done = device.to_device(uploaded, result)
-        compact.write(roots, uploaded, self.triangles.upper, upper=True)
+        compact.write(roots, uploaded, self.triangles.root_mask, self.triangles.root_upper)
         return done

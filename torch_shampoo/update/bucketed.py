@@ -36,10 +36,13 @@ def statistics(
         flags = share.guard_flags()
         factors = bucket.factors if rows is None else [f[rows] for f in bucket.factors]
         beta2 = parts[0].config.beta2
-        lower = None if bucket.triangles is None else [m.lower for m in bucket.triangles]
-        kernels.accumulate_statistics(factors, blocks, bucket.factored, beta2, flags, lower)
+        kernels.accumulate_statistics(
+            factors, blocks, bucket.factored, beta2, flags, bucket.triangles
+        )
         if rows is not None:
-            for whole, part in zip(bucket.factors, factors):
+            for dim, (whole, part) in enumerate(zip(bucket.factors, factors)):
+                if bucket.triangles is not None:  # (only its triangle: paired dims share a stack)
+                    part = torch.where(bucket.triangles[dim].factor_mask, part, whole[rows])
                 whole.index_copy_(0, rows, part)
     if not keep_gradients:
         for u in units:
@@ -87,7 +90,7 @@ class Share:
 
     def stored_roots(self, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
         """The root (or basis) stacks of these rows per factored dim, as stored (compact state:
-        the views whose upper triangles they are), or copies in ``dtype`` (bfloat16 state)."""
+        the views whose triangles they are), or copies in ``dtype`` (bfloat16 state)."""
         rows = self.bucket.rows(self.members)
         roots = self.bucket.roots if rows is None else [r[rows] for r in self.bucket.roots]
         return roots if dtype is None else [r.to(dtype) for r in roots]
@@ -97,16 +100,18 @@ class Share:
         roots = self.stored_roots(dtype)
         if self.bucket.triangles is None:
             return roots
-        return [compact.full(r, m.upper, upper=True) for r, m in zip(roots, self.bucket.triangles)]
+        return [
+            compact.full(r, t.root_mask, t.root_upper)
+            for r, t in zip(roots, self.bucket.triangles)
+        ]
 
     def products(self, m_hat: torch.Tensor) -> torch.Tensor:
         """m̂ ×₁ X_1 ×₂ X_2 … per row (compact roots: chunk by chunk, no full stack made)."""
         factored, triangles = self.bucket.factored, self.bucket.triangles
         if triangles is None:
             return kernels.mode_products_stack(m_hat, self.roots(m_hat.dtype), factored)
-        upper = [m.upper for m in triangles]
         roots = self.stored_roots(m_hat.dtype)
-        return kernels.mode_products_compact(m_hat, roots, upper, factored)
+        return kernels.mode_products_compact(m_hat, roots, triangles, factored)
 
     def select(self, result: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
         """``result`` in the rows whose blocks have their roots, ``fallback`` in the others."""

@@ -60,17 +60,17 @@ def accumulate_statistics(
     factored: tuple[bool, ...],
     beta2: float,
     flags: torch.Tensor | None,
-    lower: Sequence[torch.Tensor] | None = None,
+    triangles: Sequence[compact.Triangles] | None = None,
 ) -> None:
     """F_k ← β₂F_k + w·G_(k)G_(k)ᵀ per factored dim k of a stack (n, *block), one batched matmul
     each (w = 1 − β₂, or 1 for β₂ = 1). A block whose ``flags`` entry is False keeps its factors;
-    ``lower`` (compact state): per dim, the (d, d) mask of the triangle that is written."""
+    ``triangles`` (compact state): per dim, whose ``factor_mask`` is the triangle written."""
     weight = 1.0 if beta2 == 1.0 else 1.0 - beta2
     outer = blocks.dim() == 2 and blocks.shape[1] >= OUTER_PRODUCT_MIN
     dims = [dim for dim, is_factored in enumerate(factored) if is_factored]
     for k, (dim, factor) in enumerate(zip(dims, factors)):
         unfolded = _unfold(blocks, dim)
-        mask = None if lower is None else lower[k]
+        mask = None if triangles is None else triangles[k]
         if flags is None and mask is None:
             if outer:
                 if beta2 != 1.0:  # (β₂ = 1: nothing to scale)
@@ -96,10 +96,10 @@ def _compact_statistics(
     outer: bool,
     beta2: float,
     weight: float,
-    lower: torch.Tensor,
+    triangles: compact.Triangles,
     flags: torch.Tensor | None,
 ) -> None:
-    """The statistics of a compact stack's factors (their triangle ``lower``), chunk by chunk of
+    """The statistics of a compact stack's factors (``triangles.factor_mask``), chunk by chunk of
     rows (:func:`.compact.chunk_rows`): the new matrices in one scratch, their triangle written
     (the same products as full matrices', row by row: the same bits)."""
     n, rows = factor.shape[0], compact.chunk_rows(factor)
@@ -111,10 +111,11 @@ def _compact_statistics(
             torch.mul(f, beta2, out=new).addcmul_(u, u.mT, value=weight)
         else:
             torch.baddbmm(f, u, u.mT, beta=beta2, alpha=weight, out=new)
+        mask = triangles.factor_mask
         if flags is None:
-            compact.write(f, new, lower, upper=False)
+            compact.write(f, new, mask, upper=triangles.factor_upper)
         else:  # (a compact stack's view: in place too)
-            torch.where(lower & flags[start : start + rows].view(-1, 1, 1), new, f, out=f)
+            torch.where(mask & flags[start : start + rows].view(-1, 1, 1), new, f, out=f)
 
 
 def mode_products_stack(
@@ -137,16 +138,16 @@ def mode_products_stack(
 def mode_products_compact(
     blocks: torch.Tensor,
     views: Sequence[torch.Tensor],
-    upper: Sequence[torch.Tensor],
+    triangles: Sequence[compact.Triangles],
     factored: tuple[bool, ...],
 ) -> torch.Tensor:
-    """:func:`mode_products_stack` with compact roots (``views``: their triangles ``upper``),
+    """:func:`mode_products_stack` with compact roots (``views``: their ``root_mask`` triangles),
     chunk by chunk of rows (:func:`.compact.chunk_rows`): each chunk's full roots in scratch
     reused by the next chunk, used while in cache (the same products row by row: the same bits)."""
     n = blocks.shape[0]
     rows = min((compact.chunk_rows(v) for v in views), default=n)
     if rows >= n:
-        roots = [compact.full(v, mask, upper=True) for v, mask in zip(views, upper)]
+        roots = [compact.full(v, t.root_mask, t.root_upper) for v, t in zip(views, triangles)]
         return mode_products_stack(blocks, roots, factored)
     out = blocks.new_empty(blocks.shape)
     scratch = [v.new_empty((2, rows, *v.shape[1:])) for v in views]
@@ -154,8 +155,8 @@ def mode_products_compact(
         chunk = slice(start, start + rows)
         size = min(rows, n - start)
         roots = [
-            compact.full(v[chunk], mask, upper=True, out=s[0, :size], through=s[1, :size])
-            for v, mask, s in zip(views, upper, scratch)
+            compact.full(v[chunk], t.root_mask, t.root_upper, s[0, :size], through=s[1, :size])
+            for v, t, s in zip(views, triangles, scratch)
         ]
         mode_products_stack(blocks[chunk], roots, factored, out=out[chunk])
     return out
