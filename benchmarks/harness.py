@@ -199,8 +199,9 @@ def replica(
 def optimizer(key: str, params: Any, lr: float = 1e-3, block: int | None = None,
               pkg: ModuleType = torch_shampoo, **kwargs: Any) -> Any:  # fmt: skip
     """One contender by key; None (and a note) when its package is not installed. Keys:
-    ``shampoo-{sync,async,noguard,compact,bf16,noroot}``; ``soap-{sync,async,bf16}``; ``ngplus``;
-    ``adam``, ``adam-fused``; ``pto-soap`` (pytorch-optimizer), ``hb-soap`` (HeavyBall)."""
+    ``shampoo-{sync,async,noguard,compact,bf16,bf16compact,noroot}``;
+    ``soap-{sync,async,bf16}``; ``ngplus``; ``adam``, ``adam-fused``; ``pto-soap``
+    (pytorch-optimizer), ``hb-soap`` (HeavyBall)."""
     blocks = {"block_size": block} if block else {}
     if key == "adam":
         return torch.optim.Adam(params, lr=lr)
@@ -212,6 +213,8 @@ def optimizer(key: str, params: Any, lr: float = 1e-3, block: int | None = None,
                  "noguard": {"async_roots": False, "skip_nonfinite": False},
                  "compact": {"async_roots": False, "compact_state": True},
                  "bf16": {"async_roots": False, "state_dtype": torch.bfloat16},
+                 "bf16compact": {"async_roots": False, "state_dtype": torch.bfloat16,
+                                 "compact_state": True},
                  "noroot": {"async_roots": False, "precondition_frequency": 10**9,
                             "start_preconditioning_step": 1}}[mode]  # fmt: skip
         return pkg.Shampoo(params, lr=lr, **blocks, **{**extra, **kwargs})

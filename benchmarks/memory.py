@@ -4,8 +4,9 @@ The state is measured ONE way for every optimizer: ``harness.state_bytes``. Sect
 
   state  per model (and the char-LM demo's), after 2 precondition cycles of fixed gradients
          (roots computed): state MB, ratio to Adam, bytes per element (Adam's float32 moments:
-         8); ``bf16``: ``state_dtype=torch.bfloat16``; torch_shampoo's host buffers of roots
-         (most and mean of ``root_stats()``); on --device cuda the steps' peak allocated.
+         8); ``bf16``: ``state_dtype=torch.bfloat16`` (``bf16compact``: and ``compact_state``);
+         torch_shampoo's host buffers of roots (most and mean of ``root_stats()``); on --device
+         cuda the steps' peak allocated.
          ``--compare PATH_OR_REV`` adds the other checkout's rows.
   peak   each configuration in a fresh process: the rise of the peak (RSS, VmHWM, reset just
          before; on --device cuda ``torch.cuda.max_memory_allocated``) over the first two steps
@@ -28,10 +29,10 @@ import torch
 
 from . import harness as h
 
-KEYS = ("adam", "shampoo-sync", "shampoo-compact", "shampoo-bf16", "shampoo-async", "soap-sync",
-        "soap-bf16", "ngplus", "pto-soap", "hb-soap")  # fmt: skip
-PEAK = ("adam", "shampoo-sync", "shampoo-compact", "shampoo-bf16", "soap-sync", "soap-bf16",
-        "ngplus")  # fmt: skip
+KEYS = ("adam", "shampoo-sync", "shampoo-compact", "shampoo-bf16", "shampoo-bf16compact",
+        "shampoo-async", "soap-sync", "soap-bf16", "ngplus", "pto-soap", "hb-soap")  # fmt: skip
+PEAK = ("adam", "shampoo-sync", "shampoo-compact", "shampoo-bf16", "shampoo-bf16compact",
+        "soap-sync", "soap-bf16", "ngplus")  # fmt: skip
 FREQUENCY = 10
 
 

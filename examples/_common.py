@@ -97,6 +97,11 @@ _REGISTRY = {
         "shampoo",
         {"async_roots": False, "state_dtype": torch.bfloat16},
     ),
+    # and compact: a square block's factors in one float32 tensor, its roots in one bfloat16 one
+    "shampoo-sync-bf16c": _Entry(
+        "Shampoo sync bf16 compact", torch_shampoo, "Shampoo", "shampoo",
+        {"async_roots": False, "state_dtype": torch.bfloat16, "compact_state": True},
+    ),
     "ngplus": _Entry("NG+", torch_shampoo, "NGPlus", "ngplus", {"statistics": "minibatch"}),
     "ngplus-unstaggered": _Entry(
         "NG+ unstaggered", torch_shampoo, "NGPlus", "ngplus",
