@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from models import assert_bitwise_equal, make_batches, mixed_model, saved_and_loaded, train
 
 from torch_shampoo import SOAP, NGPlus, Shampoo
@@ -70,6 +72,49 @@ def test_wide_matrices_by_tiles_give_the_same_full_matrices_and_writes(
     written = view.clone()
     storage.write(written, new, mask, upper=upper)
     assert torch.equal(written, torch.where(mask, new, view))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    d=st.integers(1, 12), rows=st.integers(1, 3), upper=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+    stacked=st.booleans(), chunk_bytes=st.sampled_from([None, 1]),
+)  # fmt: skip
+def test_narrow_matrices_are_gathered_and_written_by_their_bits_exactly(
+    d: int, rows: int, upper: bool, dtype: torch.dtype, stacked: bool, chunk_bytes: int | None
+) -> None:
+    """Below TILED rows a full matrix is gathered (``index_select``) and a write goes by the
+    bits: both equal ``where`` with the mirror, also on a stack's (d + 1, d) views, chunk by
+    chunk, and with non-finite values on either side of the diagonal."""
+    gen = torch.Generator().manual_seed(d * 7 + rows)
+    stack = torch.randn(rows, d + 1, d, generator=gen).to(dtype)
+    stack.view(-1)[:: max(1, d)] = float("nan")  # (NaNs and infinities in both triangles)
+    stack.view(-1)[1 :: max(2, d + 1)] = float("inf")
+    view = (stack[:, :d, :] if upper else stack[:, 1:, :]) if stacked else stack[:, :d, :].clone()
+    new = torch.randn(rows, d, d, generator=gen).to(dtype)
+    new.view(-1)[:: max(3, d)] = -float("inf")
+    ones = torch.ones(d, d, dtype=torch.bool)
+    mask = ones.triu() if upper else ones.tril()
+    expected = torch.where(mask, view, view.mT)
+    with pytest.MonkeyPatch.context() as patch:
+        if chunk_bytes is not None:
+            patch.setattr(storage, "CHUNK_BYTES", chunk_bytes)
+        assert same_bits(storage.full(view, mask, upper=upper), expected)
+        assert same_bits(storage.full(view[0], mask, upper=upper), expected[0])
+    before = stack.clone()
+    expected_write = torch.where(mask, new, view)
+    storage.write(view, new, mask, upper=upper)
+    assert same_bits(view, expected_write)
+    if stacked:  # (the other view's triangle, which shares the stack: untouched)
+        other, was = ((s[:, 1:, :] if upper else s[:, :d, :]) for s in (stack, before))
+        assert same_bits(other[:, mask.mT], was[:, mask.mT])
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equal, NaNs included (``torch.equal`` finds a NaN equal to nothing)."""
+    as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    bits = [x.contiguous().view(as_int) for x in (a, b)]
+    return a.dtype == b.dtype and torch.equal(*bits)
 
 
 def test_tiled_compact_state_trains_bitwise_as_untiled(monkeypatch: pytest.MonkeyPatch) -> None:

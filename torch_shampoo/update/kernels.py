@@ -150,12 +150,12 @@ def mode_products_compact(
         roots = [compact.full(v, t.root_mask, t.root_upper) for v, t in zip(views, triangles)]
         return mode_products_stack(blocks, roots, factored)
     out = blocks.new_empty(blocks.shape)
-    scratch = [v.new_empty((2, rows, *v.shape[1:])) for v in views]
+    scratch = [v.new_empty((rows, *v.shape[1:])) for v in views]
     for start in range(0, n, rows):
         chunk = slice(start, start + rows)
         size = min(rows, n - start)
         roots = [
-            compact.full(v[chunk], t.root_mask, t.root_upper, s[0, :size], through=s[1, :size])
+            compact.full(v[chunk], t.root_mask, t.root_upper, s[:size])
             for v, t, s in zip(views, triangles, scratch)
         ]
         mode_products_stack(blocks[chunk], roots, factored, out=out[chunk])
