@@ -4,7 +4,8 @@ checkout (A/B), interleaved timing rounds and their summaries; the reports come 
 Every figure a benchmark prints is compared *within one run*: the contenders run in interleaved
 blocks (the order rotating per round), so a burst of load from elsewhere hits them alike. Only
 the public torch_shampoo API is used: the constructors, ``step``, ``state_dict`` (to drain the
-roots in flight, untimed), ``root_stats`` and ``close``.
+roots in flight, untimed), ``root_stats`` and ``close`` (one exception: the ``shampoo-synchere``
+baseline in :func:`optimizer`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 import torch_shampoo
+from torch_shampoo.roots.pool import run_here
 
 from .report import ROOT, Report, git, log, mb, ms, parser, ratio  # noqa: F401 (as h.*)
 
@@ -199,7 +201,7 @@ def replica(
 def optimizer(key: str, params: Any, lr: float = 1e-3, block: int | None = None,
               pkg: ModuleType = torch_shampoo, **kwargs: Any) -> Any:  # fmt: skip
     """One contender by key; None (and a note) when its package is not installed. Keys:
-    ``shampoo-{sync,async,noguard,compact,bf16,bf16compact,noroot}``;
+    ``shampoo-{sync,synchere,async,noguard,compact,bf16,bf16compact,noroot}``;
     ``soap-{sync,async,bf16}``; ``ngplus``; ``adam``, ``adam-fused``; ``pto-soap``
     (pytorch-optimizer), ``hb-soap`` (HeavyBall)."""
     blocks = {"block_size": block} if block else {}
@@ -211,13 +213,21 @@ def optimizer(key: str, params: Any, lr: float = 1e-3, block: int | None = None,
         mode = key.split("-")[1]
         extra = {"sync": {"async_roots": False}, "async": {},
                  "noguard": {"async_roots": False, "skip_nonfinite": False},
+                 "synchere": {"async_roots": False},
                  "compact": {"async_roots": False, "compact_state": True},
                  "bf16": {"async_roots": False, "state_dtype": torch.bfloat16},
                  "bf16compact": {"async_roots": False, "state_dtype": torch.bfloat16,
                                  "compact_state": True},
                  "noroot": {"async_roots": False, "precondition_frequency": 10**9,
                             "start_preconditioning_step": 1}}[mode]  # fmt: skip
-        return pkg.Shampoo(params, lr=lr, **blocks, **{**extra, **kwargs})
+        if mode == "synchere" and pkg is not torch_shampoo:
+            print("note: shampoo-synchere is this checkout's alone: no row")
+            return None
+        opt = pkg.Shampoo(params, lr=lr, **blocks, **{**extra, **kwargs})
+        if mode == "synchere":  # (the one private hook: sync roots as before RootPool.solve_now,
+            sched = opt._cycles.scheduler  # on the calling thread alone, at the workers' count)
+            sched._now = lambda jobs: [run_here(j, sched.threads()) for j in jobs]
+        return opt
     if key.startswith("soap"):
         if key == "soap-bf16":
             kwargs = {"state_dtype": torch.bfloat16, **kwargs}

@@ -10,7 +10,9 @@ after each block. Sections (``--sections``):
            moments; no checks, no roots); the non-finite guard's cost (sync, guard off) and
            compact state; SOAP sync/async; pytorch-optimizer's and HeavyBall's SOAP if installed
            ("first s": the first step, state creation and, for HeavyBall, its compilation).
-  threads  the MLP's Shampoo sync/async/Adam at 1 thread (root_workers=1) and at every core.
+  threads  the MLP's Shampoo sync/async/Adam at 1 thread (root_workers=1) and at every core;
+           synchere: sync with the step's roots on the calling thread alone (as before the pool
+           helped: issue 32's baseline for sync roots on every core).
   scaling  an MLP of two width x width layers, widths 256..4096: Adam vs Shampoo at blocks
            128/1024, roots only at step 1 (every timed step preconditions).
   compile  Shampoo's step eager vs torch.compile (inductor), compile time apart (CPU only).
@@ -147,8 +149,8 @@ def threads(report: h.Report, args: Any, pkgs: dict[str, Any], blocks: tuple[int
     model = h.models(args.quick)[0]
     for n in sorted({1, os.cpu_count() or 1}):
         torch.set_num_threads(n)
-        cs = contenders(model, args, blocks, pkgs, ["adam", "shampoo-sync", "shampoo-async"],
-                        workers=1 if n == 1 else None)  # fmt: skip
+        keys = ["adam", "shampoo-sync", "shampoo-synchere", "shampoo-async"]
+        cs = contenders(model, args, blocks, pkgs, keys, workers=1 if n == 1 else None)
         run_models(report, f"threads {n}", model, args, cs, 1 if args.quick else 3)
 
 
