@@ -53,6 +53,7 @@ RUNS: dict[str, list[str]] = {
     **{f"stagger_{name}": ["benchmarks.convergence", "--sections", "seeds", "--tasks", tasks,
                            "--methods", STAGGERED, "--threads", "1"]
        for name, tasks in (("small", "regression,digits"), ("charlm", "charlm"))},
+    "threads": ["benchmarks.step_time", "--sections", "threads"],
     "bf16": ["benchmarks.convergence", "--sections", "seeds", "--tasks", ",".join(DEMOS),
              "--methods", "shampoo-sync,shampoo-sync-bf16,shampoo-sync-bf16c", "--threads", "1"],
 }  # fmt: skip
@@ -84,6 +85,20 @@ def _least_ratio(prefix: str, suffix: str = "") -> Callable[[dict[str, Any]], An
             return None
         best = min(rows, key=lambda r: float(r[col]))
         return float(best[col]), f"{best[0]}: {best[col]}× Adam's"
+
+    return measure
+
+
+def _row_ratio(row: str, base: str, header: str) -> Callable[[dict[str, Any]], Any]:
+    """``header`` of the row named ``row`` over that of ``base`` (step_time's tables)."""
+
+    def measure(section: dict[str, Any]) -> tuple[float, str] | None:
+        col = section["headers"].index(header)
+        found = {r[0]: float(r[col]) for r in section["rows"] if r[0] in (row, base)}
+        if len(found) < 2:
+            return None
+        value = found[row] / found[base]
+        return value, f"{row} {header} / {base}'s: {found[row]:g} / {found[base]:g} = {value:.2f}×"
 
     return measure
 
@@ -122,6 +137,9 @@ TARGETS: tuple[Target, ...] = (
       for n in (1, 2) for what, limit, header in (
           ("steps to Adam's loss ≤ 1.03× sync's", 1.03, "steps / base"),
           ("final loss ≤ 1.01× sync's", 1.01, "loss / base"))),
+    Target("sync roots on every core: the sync amortized step (mean ms) at block 1024 ≤ 0.6× "
+           "that with the step's roots on the calling thread alone (MLP, 2 threads)", "threads",
+           "threads 2", 0.6, _row_ratio("shampoo-sync b1024", "shampoo-synchere b1024", "mean ms")),
     *(Target(f"`state_dtype=torch.bfloat16, compact_state=True`: Shampoo's steps to Adam's loss "
              f"≤ 1.05× float32's ({task} demo, mean of 3 seeds, 1 thread)", "bf16",
              f"seeds {task}", 1.05, _worst_ratio("Shampoo sync bf16 compact", "steps / base"))
