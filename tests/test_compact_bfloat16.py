@@ -172,3 +172,22 @@ def test_checkpoints_load_across_the_two_layouts() -> None:
                     else:  # (a float32 root into bfloat16: rounded)
                         assert key == "roots" and y.dtype == torch.bfloat16
                         torch.testing.assert_close(y.float(), x, rtol=2**-7, atol=0)
+
+
+def test_a_state_dtype_changed_between_steps_repacks_the_full_matrices() -> None:
+    """float32 → bfloat16 → float32 between steps: the state leaves its stacks as full matrices
+    (each from the triangle it kept) and is packed again the other way (unpaired ↔ paired), so
+    the weights follow full matrices' run with the same changes closely (not bitwise: dim 1 of a
+    paired block keeps the upper triangle); before, a repacked square block took a root from the
+    triangle that held its factor."""
+    results = []
+    for packed in (False, True):
+        model = square_model()
+        kwargs = {**BASE, "state_dtype": None, "async_roots": False, "compact_state": packed}
+        with Shampoo(model.parameters(), **kwargs) as opt:
+            for dtype in (None, torch.bfloat16, None):
+                opt.param_groups[0]["state_dtype"] = dtype
+                _train_sometimes_without_one(model, opt, 5)
+        results.append(params_of(model))
+    for full, packed_params in zip(*results):
+        torch.testing.assert_close(packed_params, full, rtol=2e-2, atol=1e-3)

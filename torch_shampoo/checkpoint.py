@@ -68,12 +68,7 @@ def to_saved(
 
 def _full_matrices(state: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """A compact state's factors and roots as full symmetric matrices (new tensors)."""
-
-    def full(t: torch.Tensor) -> torch.Tensor:
-        mask, upper = torch.ones_like(t, dtype=torch.bool), compact.keeps_upper(t)
-        return compact.full(t, mask.triu() if upper else mask.tril(), upper=upper)
-
-    return [full(f) for f in state["factors"]], [full(r) for r in state["roots"]]
+    return compact.unpacked(state["factors"]), compact.unpacked(state["roots"])
 
 
 def _owned(value: Any) -> Any:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .config import EngineConfig
+from .layout import compact
 from .layout.blocking import BlockLayout, block_layout, output_side_layout
 from .layout.buckets import Bucket, plan_buckets, slots_of
 from .roots import phases as root_phases
@@ -47,6 +48,8 @@ class Ledger:
         self.checked: dict[torch.Tensor, tuple[BlockLayout, dict[str, Any], tuple]] = {}
         self.index: dict[int, tuple[int, dict[str, Any], torch.Tensor]] = {}
         self.buckets: list[Bucket] | None = None
+        self.packed: set[int] = set()
+        """``id`` of each parameter whose factors and roots view compact stacks (last plan)."""
 
     def locate(
         self, p: torch.Tensor, param_groups: list[dict[str, Any]]
@@ -69,6 +72,7 @@ class Ledger:
     def forget_all(self) -> None:
         """The state was loaded: check, index and plan again."""
         self.checked.clear()
+        self.packed.clear()  # (loaded states are full matrices)
         self.forget_groups()
 
     def state_of(
@@ -88,6 +92,10 @@ class Ledger:
         same = checked[0] is layout or checked[0] == layout  # (an equal layout made anew)
         if not same or checked[1] is not state or checked[2] != (p.dtype, dtype):
             # again after a load, a block-size change or a new dtype (model.double(), state_dtype)
+            if id(p) in self.packed:  # (full matrices first: packed again, maybe otherwise)
+                self.packed.discard(id(p))
+                state["factors"] = compact.unpacked(state["factors"])
+                state["roots"] = compact.unpacked(state["roots"])
             check_state(self.owner, self.describe(p), p, state, layout)
             recast(state, p, dtype)
             self.checked[p] = (layout, state, (p.dtype, dtype))
@@ -127,6 +135,8 @@ class Ledger:
                     keep_bases(state, config)  # (a group that turned warm roots on)
                     entries.append((index, p, layout, state))
         self.buckets, placements = plan_buckets(entries, packed=packed)
+        self.packed = {i for i, places in placements.items()
+                       if any(b.triangles is not None for b, _ in places)}  # fmt: skip
         slots = {i: slots_of(places) for i, places in placements.items()}
         for i, phase in phases.items():
             for slot in slots.get(i, []):

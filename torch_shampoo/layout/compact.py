@@ -25,7 +25,7 @@ import torch
 
 __all__ = [
     "CHUNK_BYTES", "TILE", "TILED", "Triangles", "chunk_rows", "full", "keeps_upper", "pack",
-    "pack_pairs", "pairs", "write",
+    "pack_pairs", "pairs", "unpacked", "write",
 ]
 
 TILED = 1024
@@ -83,6 +83,17 @@ def keeps_upper(view: torch.Tensor) -> bool:
     starts at a multiple of (d + 1)·d; a lower view starts d later.)"""
     d = view.shape[-1]
     return view.storage_offset() % ((d + 1) * d) == 0
+
+
+def unpacked(matrices: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Compact views as full symmetric matrices (new tensors), each from the triangle it keeps
+    (:func:`keeps_upper`): what a checkpoint holds, and what a state leaving its stacks (a new
+    ``state_dtype``) must become before it is packed again, maybe the other way."""
+    out = []
+    for t in matrices:
+        mask, upper = torch.ones_like(t, dtype=torch.bool), keeps_upper(t)
+        out.append(full(t, mask.triu() if upper else mask.tril(), upper=upper))
+    return out
 
 
 def pack(
