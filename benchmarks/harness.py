@@ -201,7 +201,7 @@ def replica(
 def optimizer(key: str, params: Any, lr: float = 1e-3, block: int | None = None,
               pkg: ModuleType = torch_shampoo, **kwargs: Any) -> Any:  # fmt: skip
     """One contender by key; None (and a note) when its package is not installed. Keys:
-    ``shampoo-{sync,synchere,async,noguard,compact,bf16,bf16compact,noroot}``;
+    ``shampoo-{sync,synchere,async,noguard,compact,bf16,bf16full,bf16compact,noroot}``;
     ``soap-{sync,async,bf16}``; ``ngplus``; ``adam``, ``adam-fused``; ``pto-soap``
     (pytorch-optimizer), ``hb-soap`` (HeavyBall)."""
     blocks = {"block_size": block} if block else {}
@@ -216,6 +216,8 @@ def optimizer(key: str, params: Any, lr: float = 1e-3, block: int | None = None,
                  "synchere": {"async_roots": False},
                  "compact": {"async_roots": False, "compact_state": True},
                  "bf16": {"async_roots": False, "state_dtype": torch.bfloat16},
+                 "bf16full": {"async_roots": False, "state_dtype": torch.bfloat16,
+                              "compact_state": False},
                  "bf16compact": {"async_roots": False, "state_dtype": torch.bfloat16,
                                  "compact_state": True},
                  "noroot": {"async_roots": False, "precondition_frequency": 10**9,

@@ -4,7 +4,8 @@ The state is measured ONE way for every optimizer: ``harness.state_bytes``. Sect
 
   state  per model (and the char-LM demo's), after 2 precondition cycles of fixed gradients
          (roots computed): state MB, ratio to Adam, bytes per element (Adam's float32 moments:
-         8); ``bf16``: ``state_dtype=torch.bfloat16`` (``bf16compact``: and ``compact_state``);
+         8); ``bf16``: ``state_dtype=torch.bfloat16`` (``bf16full``: ``compact_state=False``,
+         ``bf16compact``: ``True``);
          torch_shampoo's host buffers of roots (most and mean of ``root_stats()``); on --device
          cuda the steps' peak allocated.
          ``--compare PATH_OR_REV`` adds the other checkout's rows.
@@ -29,10 +30,11 @@ import torch
 
 from . import harness as h
 
-KEYS = ("adam", "shampoo-sync", "shampoo-compact", "shampoo-bf16", "shampoo-bf16compact",
-        "shampoo-async", "soap-sync", "soap-bf16", "ngplus", "pto-soap", "hb-soap")  # fmt: skip
-PEAK = ("adam", "shampoo-sync", "shampoo-compact", "shampoo-bf16", "shampoo-bf16compact",
-        "soap-sync", "soap-bf16", "ngplus")  # fmt: skip
+KEYS = ("adam", "shampoo-sync", "shampoo-compact", "shampoo-bf16", "shampoo-bf16full",
+        "shampoo-bf16compact", "shampoo-async", "soap-sync", "soap-bf16", "ngplus", "pto-soap",
+        "hb-soap")  # fmt: skip
+PEAK = ("adam", "shampoo-sync", "shampoo-compact", "shampoo-bf16", "shampoo-bf16full",
+        "shampoo-bf16compact", "soap-sync", "soap-bf16", "ngplus")  # fmt: skip
 FREQUENCY = 10
 
 

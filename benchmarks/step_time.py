@@ -137,8 +137,8 @@ def run_models(report: h.Report, title: str, model: h.Model, args: Any, cs: list
 
 def core(report: h.Report, args: Any, pkgs: dict[str, Any], blocks: tuple[int, ...]) -> None:
     keys = ["adam", "floor", "shampoo-sync", "shampoo-noguard", "shampoo-compact", "shampoo-bf16",
-            "shampoo-bf16compact", "shampoo-async", "soap-sync", "soap-async", "pto-soap",
-            "hb-soap"]  # fmt: skip
+            "shampoo-bf16full", "shampoo-bf16compact", "shampoo-async", "soap-sync", "soap-async",
+            "pto-soap", "hb-soap"]  # fmt: skip
     for i, model in enumerate(h.models(args.quick)):
         ks = keys if i == 0 else [k for k in keys if k != "hb-soap" or not args.quick]
         cs = contenders(model, args, blocks, pkgs, ks)

@@ -89,7 +89,8 @@ _REGISTRY = {
         "Shampoo sync stagger", torch_shampoo, "Shampoo", "shampoo",
         {"async_roots": False, "stagger_roots": True},
     ),
-    # bfloat16 state (factors, roots, moments), rounded stochastically; sync: bitwise repeatable
+    # bfloat16 state (roots, moments; factors float32), rounded stochastically; sync: bitwise
+    # repeatable; square blocks paired (compact_state "auto")
     "shampoo-sync-bf16": _Entry(
         "Shampoo sync bf16",
         torch_shampoo,
@@ -97,7 +98,11 @@ _REGISTRY = {
         "shampoo",
         {"async_roots": False, "state_dtype": torch.bfloat16},
     ),
-    # and compact: a square block's factors in one float32 tensor, its roots in one bfloat16 one
+    "shampoo-sync-bf16full": _Entry(
+        "Shampoo sync bf16 full", torch_shampoo, "Shampoo", "shampoo",
+        {"async_roots": False, "state_dtype": torch.bfloat16, "compact_state": False},
+    ),
+    # and compact_state=True: every block packed (unpaired ones' roots then float32)
     "shampoo-sync-bf16c": _Entry(
         "Shampoo sync bf16 compact", torch_shampoo, "Shampoo", "shampoo",
         {"async_roots": False, "state_dtype": torch.bfloat16, "compact_state": True},

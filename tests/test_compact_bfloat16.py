@@ -55,15 +55,17 @@ def square_model() -> torch.nn.Sequential:
     )
 
 
-def _train_sometimes_without_one(model: torch.nn.Sequential, opt: Shampoo, steps: int) -> None:
-    """Train; every third step the second (8, 8) weight has no gradient, and the step takes the
-    first one's rows of their bucket alone (``Bucket.rows``)."""
+def _train_sometimes_without_one(
+    model: torch.nn.Sequential, opt: Shampoo, steps: int, skips: bool = True
+) -> None:
+    """Train; every third step (``skips``) the second (8, 8) weight has no gradient, and the step
+    takes the first one's rows of their bucket alone (``Bucket.rows``)."""
     generator = torch.Generator().manual_seed(1)
     for step in range(steps):
         x, y = torch.randn(16, 6, generator=generator), torch.randint(3, (16,), generator=generator)
         opt.zero_grad(set_to_none=True)
         torch.nn.functional.cross_entropy(model(x), y).backward()
-        if step % 3 == 1:
+        if skips and step % 3 == 1:
             model[4].weight.grad = None
         opt.step()
 
@@ -191,3 +193,57 @@ def test_a_state_dtype_changed_between_steps_repacks_the_full_matrices() -> None
         results.append(params_of(model))
     for full, packed_params in zip(*results):
         torch.testing.assert_close(packed_params, full, rtol=2e-2, atol=1e-3)
+
+
+def test_auto_pairs_square_bfloat16_blocks_alone_and_leaves_float32_state_full() -> None:
+    """``compact_state="auto"`` (the default): with bfloat16 state the square blocks' dims are
+    paired and every other block keeps full matrices with bfloat16 roots; with float32 state
+    nothing is packed, the steps bitwise those of ``compact_state=False``."""
+    model = square_model()
+    params = list(model.parameters())
+    with Shampoo(params, **{**BASE, "async_roots": False}) as opt:
+        _train_sometimes_without_one(model, opt, 4)
+        for p in params:
+            assert all(r.dtype == torch.bfloat16 for r in opt.state[p]["roots"])
+        buckets = opt._buckets  # type: ignore[attr-defined]
+        for bucket in buckets:  # (the 4×4 blocks of the (8, 6) and (8, 8) weights: paired)
+            square = bucket.block_shape == (4, 4)
+            assert (bucket.triangles is not None) == square, bucket.block_shape
+            if square:
+                assert [t.factor_upper for t in bucket.triangles] == [False, True]
+                assert [r.dtype for r in bucket.roots] == [torch.bfloat16] * 2
+        packed = {id(m.p) for b in buckets if b.triangles is not None for m in b.members}
+        assert packed == {id(model[i].weight) for i in (0, 2, 4)}
+        assert opt._ledger.packed == packed  # type: ignore[attr-defined]
+    results = []
+    for packing in ("auto", False):
+        model = square_model()
+        kwargs = {**BASE, "state_dtype": None, "async_roots": False, "compact_state": packing}
+        with Shampoo(model.parameters(), **kwargs) as opt:
+            _train_sometimes_without_one(model, opt, 7)
+            assert not opt._ledger.packed  # type: ignore[attr-defined]
+        results.append(params_of(model))
+    assert_bitwise_equal(*results)
+
+
+def test_auto_checkpoints_load_into_full_bfloat16_state_and_back() -> None:
+    """An "auto" checkpoint holds full matrices: full bfloat16 state loads it and saves the same
+    tensors, and "auto" state loads that back and saves them again (each matrix the mirror of
+    the triangle it keeps, which these symmetric matrices already are)."""
+    kwargs = {**BASE, "betas": (0.9, 1.0), "async_roots": False, "precondition_frequency": 5}
+    model = square_model()
+    with Shampoo(model.parameters(), **kwargs) as opt:
+        _train_sometimes_without_one(model, opt, 6, skips=False)  # (roots at step 5)
+        saved = opt.state_dict()
+    for packing in (False, "auto"):
+        model = square_model()
+        with Shampoo(model.parameters(), **kwargs, compact_state=packing) as opt:
+            opt.load_state_dict(saved)
+            for p in model.parameters():
+                p.grad = torch.zeros_like(p)
+            opt.step()  # (β₂ = 1 and zero gradients: the factors add exact zeros; steps 7, 8)
+            again = opt.state_dict()
+        for before, after in zip(saved["state"].values(), again["state"].values()):
+            for key in ("factors", "roots"):
+                assert_bitwise_equal(list(after[key].values()), list(before[key].values()))
+        saved = again

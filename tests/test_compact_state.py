@@ -244,6 +244,7 @@ def test_fronts_without_symmetric_roots_refuse_it(front: type) -> None:
         front(mixed_model().parameters(), compact_state=True)
 
 
-def test_a_flag_that_is_not_a_bool_is_refused_naming_it() -> None:
-    with pytest.raises(TypeError, match="Invalid compact_state: 'yes'"):
-        Shampoo(mixed_model().parameters(), compact_state="yes")  # type: ignore[arg-type]
+@pytest.mark.parametrize("bad", ["yes", 1, None])
+def test_a_value_other_than_true_false_or_auto_is_refused_naming_it(bad: object) -> None:
+    with pytest.raises(ValueError, match=rf"Invalid compact_state: {bad!r} \(valid choices"):
+        Shampoo(mixed_model().parameters(), compact_state=bad)  # type: ignore[arg-type]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import inspect
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -216,12 +216,13 @@ def restore_loaded(states: dict[Any, Any], loading: dict[str, Any]) -> None:
 
 
 def pickled(
-    states: Mapping[Any, Any], pending: dict[torch.Tensor, dict[str, Any]], compact: bool
+    states: Mapping[Any, Any], pending: dict[torch.Tensor, dict[str, Any]], packed: Container[int]
 ) -> dict[Any, Any]:
-    """The states as pickled: roots in flight as entries, full matrices, no shared storage."""
+    """The states as pickled: roots in flight as entries, full matrices (``packed``: ``id`` of
+    each parameter whose state views compact stacks), no shared storage."""
     out = {}
     for p, s in states.items():
-        if isinstance(s, dict) and compact and "factors" in s:
+        if isinstance(s, dict) and id(p) in packed and "factors" in s:
             factors, roots = _full_matrices(s)
             s = {**s, "factors": factors, "roots": roots}
         out[p] = _owned({**s, **pending.get(p, {})}) if isinstance(s, dict) else s

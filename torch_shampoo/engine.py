@@ -55,10 +55,10 @@ class PreconditionerEngine(torch.optim.Optimizer):
         root_workers: int | None,
         partition_roots: bool = False,
         partition_state: bool = False,
-        compact_state: bool = False,
+        compact_state: bool | str = False,
     ) -> None:
         flags = dict(async_roots=async_roots, partition_roots=partition_roots,
-                     partition_state=partition_state, compact_state=compact_state)  # fmt: skip
+                     partition_state=partition_state)  # (compact_state: True, False or "auto")
         for name, flag in flags.items():
             if not isinstance(flag, bool):
                 raise TypeError(f"Invalid {name}: {flag!r} (must be a bool)")
@@ -331,7 +331,8 @@ class PreconditionerEngine(torch.optim.Optimizer):
         for i, p in enumerate(self._all_params()):
             state = self.state.get(p)
             if isinstance(state, dict) and "factors" in state:
-                packed["state"][i] = checkpoint.to_saved(state, pending.get(p), self._compact_state)
+                compact = id(p) in self._ledger.packed
+                packed["state"][i] = checkpoint.to_saved(state, pending.get(p), compact)
         return packed
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -355,7 +356,8 @@ class PreconditionerEngine(torch.optim.Optimizer):
         state = super().__getstate__()
         pending = self._cycles.scheduler.export()
         compact = getattr(self, "_compact_state", False)
-        state["state"] = type(self.state)(dict, checkpoint.pickled(self.state, pending, compact))
+        packed = self._ledger.packed if hasattr(self, "_ledger") else set()
+        state["state"] = type(self.state)(dict, checkpoint.pickled(self.state, pending, packed))
         flags = ("_async_roots", "_root_workers", "_partition_roots", "_partition_state")
         state.update({key: getattr(self, key, False) for key in flags}, _compact_state=compact)
         return state

@@ -116,7 +116,7 @@ class Ledger:
         param_groups: list[dict[str, Any]],
         states: States,
         config_of: Callable[[dict[str, Any]], EngineConfig],
-        packed: bool,
+        packed: bool | str,
     ) -> dict[int, list[Slot]]:
         """Plan the buckets of every parameter with state; returns the root slots per ``id(p)``,
         with its root phase (:mod:`.roots.phases`), from the group's shapes alone (the same

@@ -80,7 +80,7 @@ def make(
     entries: list[Entry],
     configs: list[EngineConfig],
     *,
-    compact: bool,
+    compact: bool | str,
     async_roots: bool,
     workers: int,
     threads: int,
@@ -115,7 +115,8 @@ def make(
     step, source = (step_seconds, "given") if step_seconds is not None else (measured, "measured")
     methods = list(dict.fromkeys(_method(e.config) for e in rooted if _sizes(e.layout)))
     frequencies = [c.frequency for c in configs]
-    plan = Plan(owner, rows, buckets, workers, threads, async_roots, compact, frequencies, [],
+    packs = compact is True or (bool(compact) and any(_paired(e) for e in entries))
+    plan = Plan(owner, rows, buckets, workers, threads, async_roots, packs, frequencies, [],
                 float(step) if step else None, source if step else "none", methods)  # fmt: skip
     plan.busiest = _busiest(rooted, configs, async_roots)
     plan.staleness = [_staleness(c, async_roots, plan.cycle_seconds * plan.busiest,
@@ -144,7 +145,7 @@ def of_engine(
     layout_of: Callable[[torch.Tensor, EngineConfig], BlockLayout],
     leader_of: Callable[[torch.Tensor], torch.Tensor | None],
     roots: RootScheduler,
-    compact: bool,
+    compact: bool | str,
     step_seconds: float | None,
     model: torch.nn.Module | None,
 ) -> Plan:
@@ -158,12 +159,20 @@ def of_engine(
                 step_seconds=step_seconds, measured=roots.fit.step_seconds())  # fmt: skip
 
 
+def _paired(e: Entry) -> bool:
+    """Does compact state pair the dims of any block of ``e`` (:func:`.layout.compact.pairs`)?"""
+    dtype = stored_dtype(e.p, e.config)
+    blocks = range(e.layout.num_blocks) if e.p.numel() and not e.config.warm_roots else ()
+    return any(pairs(e.layout.factor_dims(b), state_dtype(e.p), dtype) for b in blocks)
+
+
 def _sizes(layout: BlockLayout) -> list[int]:
     return [d for b in range(layout.num_blocks) for d in layout.factor_dims(b)]
 
 
 def _row(
-    e: Entry, buckets: list[int], timed: Mapping[int, float], compact: bool, async_roots: bool
+    e: Entry, buckets: list[int], timed: Mapping[int, float], compact: bool | str,
+    async_roots: bool,
 ) -> Row:
     layout, config, p = e.layout, e.config, e.p
     sizes = _sizes(layout)
@@ -187,7 +196,7 @@ def _row(
 
 
 def _state_bytes(
-    p: torch.Tensor, layout: BlockLayout, config: EngineConfig, compact: bool
+    p: torch.Tensor, layout: BlockLayout, config: EngineConfig, compact: bool | str
 ) -> dict[str, int]:
     """Bytes by kind of the state the first step makes: ``init_state`` on a meta tensor (no
     memory) and the moments the group uses, as ``Ledger.state_of`` adds them."""
@@ -205,10 +214,14 @@ def _state_bytes(
         factor_dtype, amounts["factors"], amounts["roots"] = state_dtype(p), 0, 0
         for b in range(layout.num_blocks):
             sizes = layout.factor_dims(b)
-            half = sum(d * (d + 1) // 2 for d in sizes)
-            paired = pairs(sizes, factor_dtype, dtype)
-            amounts["factors"] += half * factor_dtype.itemsize
-            amounts["roots"] += half * (dtype if paired else factor_dtype).itemsize
+            paired = pairs(sizes, factor_dtype, dtype) and not config.warm_roots  # (as buckets)
+            if compact is True or paired:  # ("auto": the paired alone)
+                half = sum(d * (d + 1) // 2 for d in sizes)
+                amounts["factors"] += half * factor_dtype.itemsize
+                amounts["roots"] += half * (dtype if paired else factor_dtype).itemsize
+            else:
+                amounts["factors"] += sum(d * d for d in sizes) * factor_dtype.itemsize
+                amounts["roots"] += sum(d * d for d in sizes) * dtype.itemsize
     return amounts
 
 

@@ -184,7 +184,9 @@ SPEC: tuple[Setting, ...] = (
             per_group=False),
     Setting("partition_state", _all(False), Flag(), "under DDP, each parameter on one rank",
             per_group=False),
-    Setting("compact_state", {_S: False}, Flag(), "factor and root as two triangles of one tensor",
+    Setting("compact_state", {_S: "auto"}, Choice((True, False, "auto")),
+            "symmetric matrices as triangles: True every block's factor and root, \"auto\" a "
+            "square block's with bfloat16 state (factors in one tensor, roots in another)",
             per_group=False),
     Setting("model", {_N: None}, Model(), "the model hooked for per-sample statistics",
             per_group=False),

@@ -129,15 +129,18 @@ class Shampoo(PreconditionerEngine):
             by one rank, then broadcast from it (:mod:`torch_shampoo.distributed.partition_state`;
             bitwise the replicated result, about 1/world of its memory and work per rank);
             checkpoint with :meth:`consolidate_state_dict` on every rank, then ``state_dict()``.
-        compact_state: keep each block's factor and root, both symmetric, as the two triangles
-            of one (d + 1) × d tensor (:mod:`torch_shampoo.layout.compact`): about half their
-            memory (state 2.1x Adam's instead of 3.2x on an MLP at block 128), for a gather per
-            root and a masked write per factor at every step (that MLP's step 1.04-1.11x on a
-            CPU core). The same results (the same lower triangles; the matrices
+        compact_state: ``True``: keep each block's factor and root, both symmetric, as the two
+            triangles of one (d + 1) × d tensor (:mod:`torch_shampoo.layout.compact`): about
+            half their memory (state 2.1x Adam's instead of 3.2x on an MLP at block 128), for a
+            gather per root and a masked write per factor at every step (that MLP's step
+            1.04-1.11x on a CPU core). The same results (the same lower triangles; the matrices
             symmetric to the last bit); ``state_dict()`` saves full matrices, so checkpoints
-            load either way. With ``state_dtype=torch.bfloat16`` a square block's two factors
-            share one float32 tensor and its two roots one bfloat16 tensor: state 1.3x Adam's
-            on that MLP (the second factor keeps its upper triangle: the same up to last bits).
+            load either way. With bfloat16 state a square block's two factors share one
+            float32 tensor and its two roots one bfloat16 tensor (the second factor keeps its
+            upper triangle: the same up to last bits). ``"auto"`` (default): only those square
+            blocks, so ``state_dtype=torch.bfloat16`` alone gives 1.3x Adam's state on that MLP
+            (and a faster step than full bfloat16 matrices); float32 state stays full.
+            ``False``: full matrices.
     """
 
     # (2026-12-06; before, a tensor of ≤ block_size elements merged into one dim and every
@@ -191,7 +194,7 @@ class Shampoo(PreconditionerEngine):
         root_workers: int | None = None,
         partition_roots: bool = False,
         partition_state: bool = False,
-        compact_state: bool = False,
+        compact_state: bool | str = "auto",
         **unknown: Any,
     ) -> None:
         defaults, flags = settings.parse("Shampoo", dict(locals()), unknown)

@@ -179,11 +179,13 @@ def bucket_key(
 
 
 def plan_buckets(
-    entries: Iterable[tuple[int, torch.Tensor, BlockLayout, dict[str, Any]]], packed: bool = False
+    entries: Iterable[tuple[int, torch.Tensor, BlockLayout, dict[str, Any]]],
+    packed: bool | str = False,
 ) -> tuple[list[Bucket], dict[int, list[tuple[Bucket, Member]]]]:
     """Stack the blocks of every ``(group index, parameter, layout, state)`` with elements; each
     state's ``factors`` and ``roots`` become views of the new stacks (``packed``: compact
-    state). Also returns, per parameter (``id``), its buckets and members, in sub-grid order."""
+    state, True or "auto": where it pairs dims, :func:`.compact.pairs`). Also returns, per
+    parameter (``id``), its buckets and members, in sub-grid order."""
     entries = list(entries)
     buckets: dict[tuple[Any, ...], Bucket] = {}
     placements: dict[int, list[tuple[Bucket, Member]]] = {}
@@ -228,11 +230,12 @@ def _host_scalar(x: object, first: torch.Tensor) -> bool:
 MOMENTS = ("exp_avg", "graft_v", "momentum_buffer", "skipped_blocks")
 
 
-def _stack_state(bucket: Bucket, states: list[dict[str, Any]], packed: bool) -> None:
+def _stack_state(bucket: Bucket, states: list[dict[str, Any]], packed: bool | str) -> None:
     """Copy the members' factors and roots (and a bucket of single-block parameters' moments)
     into stacks and bind the states to their rows. ``packed``: a factor is read from its lower
     triangle, a root from its upper one, and both are stored in one stack; with bfloat16 roots a
-    square block's two dims are paired instead (:func:`.compact.pairs`)."""
+    square block's two dims are paired instead (:func:`.compact.pairs`), and only those with
+    ``packed="auto"``."""
     keys = [key for key in MOMENTS if key in states[0]]
     if all(m.whole for m in bucket.members) and all(
         [key for key in MOMENTS if key in s] == keys for s in states
@@ -250,9 +253,9 @@ def _stack_state(bucket: Bucket, states: list[dict[str, Any]], packed: bool) -> 
             for count, s in zip(bucket.step_rows, states):
                 s["step"] = count
     k = bucket.per_block
-    bucket.triangles = [] if packed else None
-    if packed and _pack_pairs(bucket, states):
+    if packed and _pack_pairs(bucket, states):  # (True or "auto")
         return
+    bucket.triangles = [] if packed is True else None
     for dim in range(k):
         rows = [(s, b * k + dim) for m, s in zip(bucket.members, states) for b in m.blocks]
         factors = [s["factors"][j] for s, j in rows]
