@@ -22,7 +22,7 @@ from models import (
     without_recompiles,
 )
 
-from torch_shampoo import SOAP, NGPlus, Shampoo
+from torch_shampoo import SOAP, NGPlus, Shampoo, rounding
 from torch_shampoo.rounding import narrow
 
 BF16 = torch.bfloat16
@@ -276,3 +276,13 @@ def test_a_compiled_step_with_bfloat16_state_does_not_recompile_and_matches_eage
     compiled = without_recompiles(run)
     for a, b in zip(compiled, run(None)):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("n", [1, 4095, 4096, 4097, 3 * 4096 + 5])
+def test_the_noise_positions_are_those_of_a_plain_weyl_sequence(n: int) -> None:
+    """narrow's noise, (i × A + hash) mod 2³² made by one broadcast add, equals the plain
+    sequence from ``arange`` (int64, then cut to 32 bits): the same roundings."""
+    start = rounding._signed(rounding._mix(99))
+    plain = (torch.arange(n, dtype=torch.int64) * 0x9E3779B1 + start) & 0xFFFFFFFF
+    plain = torch.where(plain >= 2**31, plain - 2**32, plain).to(torch.int32)
+    assert torch.equal(rounding._weyl(n, start, torch.device("cpu")), plain)
