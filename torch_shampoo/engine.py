@@ -329,9 +329,8 @@ class PreconditionerEngine(torch.optim.Optimizer):
         packed = super().state_dict()
         pending = self._cycles.scheduler.export()  # roots in flight, waited for
         for i, p in enumerate(self._all_params()):
-            state = self.state.get(p)
+            state, compact = self.state.get(p), id(p) in self._ledger.packed
             if isinstance(state, dict) and "factors" in state:
-                compact = id(p) in self._ledger.packed
                 packed["state"][i] = checkpoint.to_saved(state, pending.get(p), compact)
         return packed
 
