@@ -1119,8 +1119,8 @@ def test_dropping_optimizers_with_roots_in_flight_returns_to_the_baseline_thread
             opt.step()
         assert opt.root_stats()["pending_parameters"] == 1
         del opt
-    gc.collect()
-    assert threads_settle_at(baseline, threading.active_count)
+    gc.collect()  # (every thread counted: inductor's, from the tests before, may exit meanwhile)
+    assert threads_settle_at(baseline, threading.active_count, at_most=True)
 
 
 def test_thousands_of_tiny_steps_do_not_grow_resident_memory() -> None:
