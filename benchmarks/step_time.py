@@ -13,6 +13,8 @@ after each block. Sections (``--sections``):
   threads  the MLP's Shampoo sync/async/Adam at 1 thread (root_workers=1) and at every core;
            synchere: sync with the step's roots on the calling thread alone (as before the pool
            helped: issue 32's baseline for sync roots on every core).
+  storage  the MLP at block 128: full matrices, compact (True), bfloat16 full, "auto" and
+           compact: what packing and bfloat16 cost the step.
   scaling  an MLP of two width x width layers, widths 256..4096: Adam vs Shampoo at blocks
            128/1024, roots only at step 1 (every timed step preconditions).
   compile  Shampoo's step eager vs torch.compile (inductor), compile time apart (CPU only).
@@ -154,6 +156,15 @@ def threads(report: h.Report, args: Any, pkgs: dict[str, Any], blocks: tuple[int
         run_models(report, f"threads {n}", model, args, cs, 1 if args.quick else 3)
 
 
+def storage(report: h.Report, args: Any, pkgs: dict[str, Any]) -> None:
+    """The MLP at block 128 (--quick: 64) with each way of storing factors and roots."""
+    keys = ["adam", "shampoo-sync", "shampoo-compact", "shampoo-bf16full", "shampoo-bf16",
+            "shampoo-bf16compact"]  # fmt: skip
+    block = (64,) if args.quick else (128,)
+    cs = contenders(h.models(args.quick)[0], args, block, pkgs, keys)
+    run_models(report, "storage", h.models(args.quick)[0], args, cs, 1 if args.quick else 3)
+
+
 def scaling(report: h.Report, args: Any) -> None:
     widths = (64, 128) if args.quick else (256, 512, 1024, 2048, 4096)
     blocks = (32, 64) if args.quick else (128, 1024)
@@ -205,7 +216,7 @@ def compile_section(report: h.Report, args: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = h.parser(__doc__, sections="core,threads,scaling,compile", device=True)
+    p = h.parser(__doc__, sections="core,threads,storage,scaling,compile", device=True)
     args = p.parse_args(argv)
     sections = args.sections.split(",")
     if args.quick:  # HeavyBall compiles with mode "default", not max-autotune (minutes)
@@ -216,6 +227,8 @@ def main(argv: list[str] | None = None) -> None:
     blocks = (64, 128) if args.quick else (128, 1024)
     if "core" in sections:
         core(report, args, pkgs, blocks)
+    if "storage" in sections:
+        storage(report, args, pkgs)
     if "scaling" in sections:
         scaling(report, args)
     if "compile" in sections and args.device == "cpu":

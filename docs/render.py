@@ -54,6 +54,7 @@ RUNS: dict[str, list[str]] = {
                            "--methods", STAGGERED, "--threads", "1"]
        for name, tasks in (("small", "regression,digits"), ("charlm", "charlm"))},
     "threads": ["benchmarks.step_time", "--sections", "threads"],
+    "storage": ["benchmarks.step_time", "--sections", "storage", "--threads", "1"],
     "bf16": ["benchmarks.convergence", "--sections", "seeds", "--tasks", ",".join(DEMOS),
              "--methods", "shampoo-sync,shampoo-sync-bf16,shampoo-sync-bf16full,shampoo-sync-bf16c",
              "--threads", "1"],
@@ -138,6 +139,11 @@ TARGETS: tuple[Target, ...] = (
       for n in (1, 2) for what, limit, header in (
           ("steps to Adam's loss ≤ 1.03× sync's", 1.03, "steps / base"),
           ("final loss ≤ 1.01× sync's", 1.01, "loss / base"))),
+    *(Target(f"`compact_state=True`: {what} ≤ {limit}× full matrices' (MLP, block 128, 1 thread)",
+             "storage", "storage", limit, _row_ratio("shampoo-compact b128", "shampoo-sync b128",
+                                                     header))
+      for what, limit, header in (("the non-root step", 1.05, "med ms"),
+                                  ("the amortized step", 1.0, "mean ms"))),
     Target("sync roots on every core: the sync amortized step (mean ms) at block 1024 ≤ 0.6× "
            "that with the step's roots on the calling thread alone (MLP, 2 threads)", "threads",
            "threads 2", 0.6, _row_ratio("shampoo-sync b1024", "shampoo-synchere b1024", "mean ms")),
