@@ -135,6 +135,40 @@ def saved_and_loaded(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, 
     return torch.load(buffer, weights_only=True)
 
 
+def params_of(model: nn.Module) -> list[torch.Tensor]:
+    """Copies of ``model``'s parameters, detached."""
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def checkpoints_across(
+    make: Callable[[bool], tuple[nn.Module, torch.optim.Optimizer]],
+    train_it: Callable[[nn.Module, torch.optim.Optimizer], None],
+) -> list[tuple[bool, dict[str, Any], dict[str, Any], list[dict[str, Any]]]]:
+    """Per layout ``packed`` (``make(packed)``: a model and its optimizer): the state dict after
+    ``train_it``, and that state dict loaded by the other layout and saved again after one step
+    of zero gradients (β₂ = 1 and not a root step: the factors add exact zeros), so that the
+    loaded matrices are stacked and packed; with the loading optimizer's states (its views).
+    Returns (packed, saved, saved again, views) per layout."""
+    saved = {}
+    for packed in (False, True):
+        model, opt = make(packed)
+        with opt:  # type: ignore[attr-defined]
+            train_it(model, opt)
+            saved[packed] = opt.state_dict()
+    out = []
+    for packed in (False, True):
+        model, opt = make(not packed)
+        with opt:  # type: ignore[attr-defined]
+            opt.load_state_dict(saved[packed])
+            for p in model.parameters():
+                p.grad = torch.zeros_like(p)
+            opt.step()
+            again = opt.state_dict()["state"]
+            views = [opt.state[p] for p in model.parameters()]
+        out.append((packed, saved[packed]["state"], again, views))
+    return out
+
+
 def per_matrix(fake: Any) -> Any:
     """A stand-in for ``root_pool.inverse_roots`` (which solves a job's (k, d, d) stack) that
     calls ``fake`` the way ``matrix_roots.inverse_root`` is called, once per matrix (in float64:

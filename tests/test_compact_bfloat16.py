@@ -11,7 +11,15 @@ from typing import Any
 
 import pytest
 import torch
-from models import assert_bitwise_equal, make_batches, mixed_model, saved_and_loaded, train
+from models import (
+    assert_bitwise_equal,
+    checkpoints_across,
+    make_batches,
+    mixed_model,
+    params_of,
+    saved_and_loaded,
+    train,
+)
 
 from torch_shampoo import Shampoo
 from torch_shampoo.layout import compact
@@ -20,10 +28,6 @@ BASE: dict[str, Any] = dict(
     lr=0.01, block_size=4, momentum=0.5, precondition_frequency=3, epsilon=1e-4,
     stagger_roots=False, state_dtype=torch.bfloat16,
 )
-
-
-def params_of(model: torch.nn.Module) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in model.parameters()]
 
 
 def test_a_square_blocks_factors_and_roots_take_two_stacks_one_of_them_bfloat16() -> None:
@@ -142,26 +146,17 @@ def test_a_state_dict_with_roots_in_flight_resumes_bitwise() -> None:
 def test_checkpoints_load_across_the_two_layouts() -> None:
     """A compact checkpoint holds full symmetric matrices (each the mirror of its kept triangle):
     full bfloat16 state loads it and saves the same tensors; a full checkpoint loads into compact
-    state, which keeps each matrix's triangle as its view says. One step with zero gradients in
-    between (β₂ = 1, not a root step), so that the loaded matrices are packed. (Unpaired blocks
-    keep float32 roots beside their float32 factors: loaded into bfloat16, they are rounded.)"""
+    state, which keeps each matrix's triangle as its view says. (Unpaired blocks keep float32
+    roots beside their float32 factors: loaded into bfloat16, they are rounded.)"""
     kwargs = {**BASE, "betas": (0.9, 1.0), "async_roots": False}
-    saved = {}
-    for packed in (False, True):
+
+    def make(packed: bool) -> tuple[torch.nn.Module, Shampoo]:
         model = mixed_model()
-        with Shampoo(model.parameters(), **kwargs, compact_state=packed) as opt:
-            train(model, opt, make_batches(7))
-            saved[packed] = opt.state_dict()
-    for packed in (False, True):
-        model = mixed_model()
-        with Shampoo(model.parameters(), **kwargs, compact_state=not packed) as opt:
-            opt.load_state_dict(saved[packed])
-            for p in model.parameters():
-                p.grad = torch.zeros_like(p)
-            opt.step()
-            again = opt.state_dict()["state"]
-            views = [opt.state[p] for p in model.parameters()]
-        for before, after, view in zip(saved[packed]["state"].values(), again.values(), views):
+        return model, Shampoo(model.parameters(), **kwargs, compact_state=packed)
+
+    across = checkpoints_across(make, lambda model, opt: train(model, opt, make_batches(7)))
+    for packed, before_states, after_states, views in across:
+        for before, after, view in zip(before_states.values(), after_states.values(), views):
             for key in ("factors", "roots"):
                 for j, x in before[key].items():
                     y = after[key][j]

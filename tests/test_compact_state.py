@@ -11,7 +11,15 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from models import assert_bitwise_equal, make_batches, mixed_model, saved_and_loaded, train
+from models import (
+    assert_bitwise_equal,
+    checkpoints_across,
+    make_batches,
+    mixed_model,
+    params_of,
+    saved_and_loaded,
+    train,
+)
 
 from torch_shampoo import SOAP, NGPlus, Shampoo
 from torch_shampoo.layout import compact as storage
@@ -21,10 +29,6 @@ BASE: dict[str, Any] = dict(
     lr=0.01, block_size=4, momentum=0.5, precondition_frequency=3, epsilon=1e-4,
     stagger_roots=False,
 )
-
-
-def params_of(model: torch.nn.Module) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in model.parameters()]
 
 
 def run(steps: int, **kwargs: Any) -> list[torch.Tensor]:
@@ -195,26 +199,16 @@ def test_a_state_dict_with_roots_in_flight_resumes_bitwise(async_roots: bool) ->
 def test_checkpoints_load_across_the_two_layouts() -> None:
     """A compact checkpoint holds full symmetric matrices: an optimizer with full matrices loads
     it and saves the same tensors; a full-matrix checkpoint loads into a compact optimizer,
-    which keeps each factor's lower and each root's upper triangle (mirrored when saved). In
-    between, one step with zero gradients (β₂ = 1: the factors add exact zeros; not a root
-    step), so that the loaded matrices are stacked and packed."""
+    which keeps each factor's lower and each root's upper triangle (mirrored when saved)."""
     kwargs = {**BASE, "betas": (0.9, 1.0), "async_roots": False}
-    batches = make_batches(7)
-    saved = {}
-    for compact in (False, True):
+
+    def make(compact: bool) -> tuple[torch.nn.Module, Shampoo]:
         model = mixed_model()
-        with Shampoo(model.parameters(), **kwargs, compact_state=compact) as opt:
-            train(model, opt, batches)
-            saved[compact] = opt.state_dict()
-    for compact in (False, True):
-        model = mixed_model()
-        with Shampoo(model.parameters(), **kwargs, compact_state=not compact) as opt:
-            opt.load_state_dict(saved[compact])
-            for p in model.parameters():
-                p.grad = torch.zeros_like(p)
-            opt.step()
-            again = opt.state_dict()["state"]
-        for before, after in zip(saved[compact]["state"].values(), again.values()):
+        return model, Shampoo(model.parameters(), **kwargs, compact_state=compact)
+
+    across = checkpoints_across(make, lambda model, opt: train(model, opt, make_batches(7)))
+    for compact, before_states, after_states, _ in across:
+        for before, after in zip(before_states.values(), after_states.values()):
             for key, keep in (("factors", torch.tril), ("roots", torch.triu)):
                 for j, x in before[key].items():
                     mask = keep(torch.ones_like(x, dtype=torch.bool))

@@ -17,6 +17,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from models import params_of
 from torch import nn
 
 import torch_shampoo.roots.pool as root_pool
@@ -42,10 +43,6 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, steps: range) -> None:
         opt.zero_grad()
         model(x).square().mean().backward()
         opt.step()
-
-
-def params_of(model: nn.Module) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in model.parameters()]
 
 
 def job(k: int, d: int, epsilon: float = 1e-12, dtype: torch.dtype = torch.float32) -> RootJob:
