@@ -162,8 +162,9 @@ def of_engine(
 def _paired(e: Entry) -> bool:
     """Does compact state pair the dims of any block of ``e`` (:func:`.layout.compact.pairs`)?"""
     dtype = stored_dtype(e.p, e.config)
-    blocks = range(e.layout.num_blocks) if e.p.numel() and not e.config.warm_roots else ()
-    return any(pairs(e.layout.factor_dims(b), state_dtype(e.p), dtype) for b in blocks)
+    blocks = range(e.layout.num_blocks) if e.p.numel() else ()
+    warm = e.config.warm_roots
+    return any(pairs(e.layout.factor_dims(b), state_dtype(e.p), dtype, warm) for b in blocks)
 
 
 def _sizes(layout: BlockLayout) -> list[int]:
@@ -214,7 +215,7 @@ def _state_bytes(
         factor_dtype, amounts["factors"], amounts["roots"] = state_dtype(p), 0, 0
         for b in range(layout.num_blocks):
             sizes = layout.factor_dims(b)
-            paired = pairs(sizes, factor_dtype, dtype) and not config.warm_roots  # (as buckets)
+            paired = pairs(sizes, factor_dtype, dtype, config.warm_roots)
             if compact is True or paired:  # ("auto": the paired alone)
                 half = sum(d * (d + 1) // 2 for d in sizes)
                 amounts["factors"] += half * factor_dtype.itemsize

@@ -279,16 +279,16 @@ def _stack_state(bucket: Bucket, states: list[dict[str, Any]], packed: bool | st
 
 def _pack_pairs(bucket: Bucket, states: list[dict[str, Any]]) -> bool:
     """Stack a bucket of square blocks with bfloat16 roots as paired dims (:func:`.compact.pairs`),
-    when it is one (warm roots' bases: not kept in such a bucket); returns whether it was."""
+    when it is one; returns whether it was."""
     k = bucket.per_block
-    if k != 2 or "bases" in states[0]:
+    if k != 2:  # (a vector's or a one-sided block's: nothing to pair)
         return False
     rows = [[(s, b * k + dim) for m, s in zip(bucket.members, states) for b in m.blocks]
             for dim in range(k)]  # fmt: skip
     factors = [[s["factors"][j] for s, j in dim_rows] for dim_rows in rows]
     roots = [[s["roots"][j] for s, j in dim_rows] for dim_rows in rows]
     sizes = [f[0].shape[-1] for f in factors]
-    if not compact.pairs(sizes, factors[0][0].dtype, roots[0][0].dtype):
+    if not compact.pairs(sizes, factors[0][0].dtype, roots[0][0].dtype, "bases" in states[0]):
         return False
     bucket.factors, bucket.roots = compact.pack_pairs(factors, roots, sizes[0])
     bucket.triangles = [compact.Triangles(sizes[0], bucket.factors[0].device, upper, upper)

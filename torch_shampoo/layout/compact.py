@@ -72,10 +72,12 @@ class Triangles:
         return self.upper if self.root_upper else self.lower
 
 
-def pairs(sizes: Sequence[int], factor_dtype: torch.dtype, root_dtype: torch.dtype) -> bool:
+def pairs(
+    sizes: Sequence[int], factor_dtype: torch.dtype, root_dtype: torch.dtype, bases: bool = False
+) -> bool:
     """Are a block's dims paired (two factored dims of one size ``sizes``, roots narrower than
-    factors), not each factor with its root?"""
-    return len(sizes) == 2 and sizes[0] == sizes[1] and root_dtype != factor_dtype
+    factors, no eigenbases kept: warm roots), not each factor with its root?"""
+    return len(sizes) == 2 and sizes[0] == sizes[1] and root_dtype != factor_dtype and not bases
 
 
 def keeps_upper(view: torch.Tensor) -> bool:
