@@ -278,11 +278,36 @@ def test_a_compiled_step_with_bfloat16_state_does_not_recompile_and_matches_eage
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
 
 
+def _plain_rounding(x: torch.Tensor, seed: int, offset: int = 0) -> torch.Tensor:
+    """bfloat16 stochastic rounding written plainly: int64 bits, noise = top 16 bits of the
+    Weyl sequence ((offset + i) × A + hash(seed)) mod 2³², added, the low 16 bits cut."""
+    start = rounding._mix(seed)
+    i = torch.arange(offset, offset + x.numel(), dtype=torch.int64)
+    noise = ((i * 0x9E3779B1 + start) & 0xFFFFFFFF) >> 16
+    bits = x.reshape(-1).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    rounded = ((bits + noise) & 0xFFFF0000).to(torch.int64)
+    rounded = torch.where(rounded >= 2**31, rounded - 2**32, rounded).to(torch.int32)
+    return rounded.view(torch.float32).view(x.shape).to(BF16)
+
+
 @pytest.mark.parametrize("n", [1, 4095, 4096, 4097, 3 * 4096 + 5])
-def test_the_noise_positions_are_those_of_a_plain_weyl_sequence(n: int) -> None:
-    """narrow's noise, (i × A + hash) mod 2³² made by one broadcast add, equals the plain
-    sequence from ``arange`` (int64, then cut to 32 bits): the same roundings."""
-    start = rounding._signed(rounding._mix(99))
-    plain = (torch.arange(n, dtype=torch.int64) * 0x9E3779B1 + start) & 0xFFFFFFFF
-    plain = torch.where(plain >= 2**31, plain - 2**32, plain).to(torch.int32)
-    assert torch.equal(rounding._weyl(n, start, torch.device("cpu")), plain)
+def test_the_noise_positions_are_those_of_a_plain_weyl_sequence(
+    n: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """narrow's roundings, made chunk by chunk in place (chunks of 4096 here, across their
+    boundaries), equal the plain sequence's (int64 arithmetic, cut to 32 bits), whole and in
+    parts rounded at their offsets."""
+    monkeypatch.setattr(rounding, "CHUNK", 4096)
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 3
+    assert torch.equal(narrow(x, BF16, seed=99), _plain_rounding(x, 99))
+    cut = n // 3
+    parts = [rounding.round_(x[:cut].clone(), 99), rounding.round_(x[cut:].clone(), 99, cut)]
+    assert torch.equal(torch.cat(parts).to(BF16), _plain_rounding(x, 99))
+
+
+def test_round_refuses_what_it_cannot_round_in_place() -> None:
+    """round_ names the dtype, or the layout, it cannot round in place."""
+    with pytest.raises(ValueError, match="float64"):
+        rounding.round_(torch.zeros(3, dtype=torch.float64), 0)
+    with pytest.raises(ValueError, match="not contiguous"):
+        rounding.round_(torch.zeros(3, 3).mT, 0)

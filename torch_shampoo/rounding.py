@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["LOW", "narrow", "seed_of"]
+__all__ = ["CHUNK", "DEVICE_CHUNK", "LOW", "narrow", "round_", "seed_of"]
 
 LOW: tuple[torch.dtype, ...] = (torch.bfloat16,)
 """The storage dtypes that are computed in float32 and rounded on write."""
@@ -41,32 +41,60 @@ def _signed(x: int) -> int:
 
 
 _A = 0x9E3779B1
-_ROW = 1 << 12
+
+CHUNK = 1 << 17
+"""On the CPU :func:`round_` rounds by chunks of this many elements (512 KiB of noise): made,
+used and overwritten in a core's cache. No tensor the size of the whole is made: an int32 noise
+tensor and a bfloat16 result of every moment had raised the first steps' peak (3 × Linear(d, d),
+``benchmarks.memory --sections peak``: 510 → 349 MB for bfloat16 "auto"; the step time the
+same within noise)."""
+DEVICE_CHUNK = 1 << 24
+"""The same on a GPU (a few launches per 16 M elements; no int32 tensor of a whole model)."""
+
+_STEPS: dict[torch.device, torch.Tensor] = {}
 
 
-def _weyl(n: int, start: int, device: torch.device) -> torch.Tensor:
-    """(i × A + start) mod 2³² for i < n, as int32 that wraps: with i = r·2¹² + c, one add of a
-    row's r·(2¹²·A) and a column's c·A + start, broadcast (0.1 ms against 0.67 ms for arange,
-    multiply and add over 2.1 M elements, one thread); the same integers."""
-    rows = -(-n // _ROW)
-    r = torch.arange(rows, dtype=torch.int32, device=device).mul_(_signed(_ROW * _A & _M32))
-    c = torch.arange(min(n, _ROW), dtype=torch.int32, device=device).mul_(_signed(_A)).add_(start)
-    out = torch.empty((rows, c.numel()), dtype=torch.int32, device=device)
-    return torch.add(r.view(-1, 1), c.view(1, -1), out=out).view(-1)[:n]
+def _steps(n: int, device: torch.device) -> torch.Tensor:
+    """i × A mod 2³² for i < n, as int32 that wraps (kept per device, grown when too short)."""
+    have = _STEPS.get(device)
+    if have is None or have.numel() < n:
+        i = torch.arange(n, dtype=torch.int64, device=device)
+        have = _STEPS[device] = ((i * _A + 2**31) % 2**32 - 2**31).to(torch.int32)
+    return have[:n]
 
 
 def narrow(value: torch.Tensor, dtype: torch.dtype, seed: int) -> torch.Tensor:
-    """``value`` (float32, float64) in ``dtype``: stochastically rounded for bfloat16, as
-    ``.to(dtype)`` otherwise. 16 noise bits are added below the kept ones, then cut: unbiased;
-    a value already in bfloat16 is kept exactly, and so are ±inf and the NaNs arithmetic makes.
-    The noise is the top 16 bits of (position × A + hash(seed)) mod 2³² (A odd, near 2³²/φ: a
-    Weyl sequence, equidistributed over positions, and over seeds), in int32 arithmetic that
-    wraps, in place: six operations on the device."""
+    """``value`` (float32, float64) in ``dtype``: stochastically rounded for bfloat16 (a float32
+    copy :func:`round_`, then cast exactly), as ``.to(dtype)`` otherwise."""
     if dtype not in LOW or not value.is_floating_point() or value.dtype.itemsize < 4:
         return value.to(dtype)
-    value = value.detach().to(torch.float32).contiguous()  # (float64: to nearest first)
-    x = _weyl(value.numel(), _signed(_mix(seed)), value.device).view(value.shape)
-    x.bitwise_right_shift_(16).bitwise_and_(0xFFFF)
-    x.add_(value.view(torch.int32)).bitwise_and_(-65536)  # 0xFFFF0000: bfloat16's bits
-    return x.view(torch.float32).to(dtype)  # exact: the low 16 bits are zero
+    copy = value.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    return round_(copy, seed).to(dtype)  # exact: the low 16 bits are zero
 
+
+def round_(value: torch.Tensor, seed: int, offset: int = 0) -> torch.Tensor:
+    """``value`` (float32, contiguous) rounded stochastically to bfloat16's values, in place, and
+    returned. 16 noise bits are added below the kept ones, then cut: unbiased; a value already in
+    bfloat16 is kept exactly, and so are ±inf and the NaNs arithmetic makes. The noise of the
+    element at flat position i is the top 16 bits of ((``offset`` + i) × A + hash(seed)) mod
+    2³² (A odd, near 2³²/φ: a Weyl sequence, equidistributed over positions, and over seeds), so
+    parts rounded at their offsets get the bits of the whole. int32 arithmetic that wraps, by
+    chunks of :data:`CHUNK` elements on the CPU (:data:`DEVICE_CHUNK` on a GPU)."""
+    if value.dtype != torch.float32 or not value.is_contiguous():
+        raise ValueError(
+            f"round_ takes a contiguous float32 tensor, got {value.dtype}"
+            f"{'' if value.is_contiguous() else ' (not contiguous)'}"
+        )
+    bits, n, start = value.view(-1).view(torch.int32), value.numel(), _signed(_mix(seed))
+    if n == 0:
+        return value
+    size = min(n, CHUNK if value.device.type == "cpu" else DEVICE_CHUNK)
+    steps = _steps(size, value.device)
+    noise = torch.empty(size, dtype=torch.int32, device=value.device)
+    for a in range(0, n, size):
+        b = min(a + size, n)
+        x = noise[: b - a]
+        torch.add(steps[: b - a], _signed((offset + a) * _A + start & _M32), out=x)
+        x.bitwise_right_shift_(16).bitwise_and_(0xFFFF)
+        bits[a:b].add_(x).bitwise_and_(-65536)  # 0xFFFF0000: bfloat16's bits
+    return value

@@ -229,11 +229,13 @@ def _widen(units: Sequence[Unit]) -> None:
             found.setdefault((u.works[0].p.device, dtype), []).extend((u, k) for k in low)
     for (_, dtype), pairs in found.items():
         stored = [u.state[k] for u, k in pairs]
-        flat = torch.cat([x.reshape(-1) for x in stored]).to(dtype)
+        flat = torch.empty(sum(x.numel() for x in stored), dtype=dtype, device=stored[0].device)
+        parts = [p.view(x.shape) for p, x in zip(flat.split([x.numel() for x in stored]), stored)]
+        torch._foreach_copy_(parts, stored)  # (no bfloat16 concatenation on the way)
         seed = rounding.seed_of(pairs[0][0].works[0].t, "moments")
         widened = Widened(flat, stored, seed)
-        for (u, key), x, part in zip(pairs, stored, flat.split([x.numel() for x in stored])):
-            u.state[key], u.widened = part.view(x.shape), widened
+        for (u, key), part in zip(pairs, parts):
+            u.state[key], u.widened = part, widened
 
 
 @torch.compiler.disable
@@ -245,10 +247,11 @@ def _narrow(units: Sequence[Unit]) -> None:
         widened = u.widened
         if widened is not None and id(widened) not in done:
             done.add(id(widened))
-            rounded = rounding.narrow(widened.flat, widened.stored[0].dtype, widened.seed)
-            parts = rounded.split([x.numel() for x in widened.stored])
-            shaped = [r.view(x.shape) for r, x in zip(parts, widened.stored)]
-            torch._foreach_copy_(widened.stored, shaped)
+            flat = widened.flat.float()  # (float64 parameters' moments: to nearest first)
+            rounding.round_(flat, widened.seed)  # (in place: bfloat16's values)
+            parts = flat.split([x.numel() for x in widened.stored])
+            shaped = [p.view(x.shape) for p, x in zip(parts, widened.stored)]
+            torch._foreach_copy_(widened.stored, shaped)  # (exact casts)
         if u.stored is not None:
             u.state, u.stored, u.widened = u.stored, None, None
 
