@@ -2,7 +2,8 @@
 # The GPU check: torch_shampoo's CUDA tests (Shampoo and SOAP), then the benchmark suite's
 # step-time entry point on the GPU (quick, then the core section at full size: Shampoo, SOAP,
 # Adam, the floor) and the memory benchmark on the GPU (quick: per method the state, its ratio
-# to Adam and the peak allocated, reset per contender; the first-step peak).
+# to Adam and the peak allocated, reset per contender; the first-step peak); if time is left,
+# the storage section and warm-started roots on the GPU.
 #
 #   bash benchmarks/gpu_check.sh          # from anywhere; it runs from the repository root
 #
@@ -109,6 +110,12 @@ part memory 90 "$PY" -m benchmarks.memory --device cuda --quick --sections state
     --out "$LOGS/memory.json"
 part step_time_core 300 "$PY" -m benchmarks.step_time --device cuda --sections core \
     --out "$LOGS/step_time_core.json"
+# Issue 30's and 32's step targets where they are meant: compact and bfloat16 storage against
+# full matrices, and warm-started roots (power step on the GPU) against exact ones (CPU pool).
+part storage 60 --optional "$PY" -m benchmarks.step_time --device cuda --sections storage \
+    --out "$LOGS/storage.json"
+part roots_warm 90 --optional "$PY" -m benchmarks.roots --device cuda --sections warm --threads 1 \
+    --out "$LOGS/roots_warm.json"
 part cpu_root_tests 90 --optional "$PY" -m pytest -q -p no:cacheprovider \
     tests/test_async_roots.py tests/test_root_schedule.py
 

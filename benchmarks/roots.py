@@ -14,7 +14,9 @@ warm-started roots. Sections:
              cycle (a sync root step's median minus a non-root one's) / frequency. Per block
              size: step medians/means/max, stalls, the staleness "auto" fitted, the root window.
   warm       sync Shampoo at frequency 2, eigh_every 1 (every root the pool's exact root) against
-             5 (warm-started roots): root seconds per cycle, also split by kind.
+             5 (warm-started roots): root seconds per cycle, also split by kind. --device cuda:
+             the models and warm roots on the GPU (exact roots on the CPU pool as ever; the
+             other sections stay on the CPU).
 
     python -m benchmarks.roots --quick
 """
@@ -172,14 +174,15 @@ def warm(report: h.Report, args: Any) -> None:
         h.charlm(), h.mlp((512, 1024, 1024, 512))]  # fmt: skip
     rows, data = [], []
     for model in models:
-        net, sets = h.gradient_sets(model, 4)
+        net, sets = h.gradient_sets(model, 4, args.device)
+        cuda = args.device == "cuda"
 
         def make(every: int, net: Any = net, sets: Any = sets) -> h.Contender:
             params, before = h.replica(net, sets)
             opt = h.optimizer("shampoo-sync", params, block=1024, root_workers=1,
                               precondition_frequency=2, start_preconditioning_step=2,
                               eigh_every=every)  # fmt: skip
-            return h.Contender(f"eigh_every={every}", opt.step, before, opt, 2)
+            return h.Contender(f"eigh_every={every}", opt.step, before, opt, 2, cuda=cuda)
 
         cs = [make(1), make(5)]
         rs = h.interleave(cs, args.rounds or (1 if args.quick else 3), 20, 2, f"warm {model.name}")
@@ -197,7 +200,8 @@ def warm(report: h.Report, args: Any) -> None:
                          h.ratio(cycle, found[0])])  # fmt: skip
             data.append({"model": model.name, **r})
     report.section(
-        "warm: root seconds per cycle, sync Shampoo, 1 thread, root_workers=1, frequency 2",
+        f"warm: root seconds per cycle, sync Shampoo on {args.device}, 1 thread, root_workers=1, "
+        "frequency 2",
         ["model", "contender", "non-root ms", "exact root ms", "warm root ms", "per cycle ms",
          "/ eigh_every=1"], rows,
         "root ms = a root step's time − the median non-root step's; per cycle: the mean over "
@@ -206,7 +210,7 @@ def warm(report: h.Report, args: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = h.parser(__doc__, compare=False, sections="solve,staleness,warm")
+    p = h.parser(__doc__, compare=False, sections="solve,staleness,warm", device=True)
     p.add_argument("--thread-counts", default=None, help="solve: torch threads (1,CORES)")
     p.add_argument("--sizes", default=None, help="solve: matrix sizes (64,...,2048)")
     p.add_argument("--solve-methods", default="eigh,newton,cholesky", help="solve: methods")
