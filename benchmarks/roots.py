@@ -172,10 +172,9 @@ def warm(report: h.Report, args: Any) -> None:
     torch.set_num_threads(1)
     models = [h.mlp((64, 128, 128, 64)), h.models(True)[1]] if args.quick else [
         h.charlm(), h.mlp((512, 1024, 1024, 512))]  # fmt: skip
-    rows, data = [], []
+    rows, data, cuda = [], [], args.device == "cuda"
     for model in models:
         net, sets = h.gradient_sets(model, 4, args.device)
-        cuda = args.device == "cuda"
 
         def make(every: int, net: Any = net, sets: Any = sets) -> h.Contender:
             params, before = h.replica(net, sets)
