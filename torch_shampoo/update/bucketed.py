@@ -106,12 +106,13 @@ class Share:
         ]
 
     def products(self, m_hat: torch.Tensor) -> torch.Tensor:
-        """m̂ ×₁ X_1 ×₂ X_2 … per row (compact roots: chunk by chunk, no full stack made)."""
+        """m̂ ×₁ X_1 ×₂ X_2 … per row (compact or bfloat16 roots: chunk by chunk)."""
         factored, triangles = self.bucket.factored, self.bucket.triangles
-        if triangles is None:
-            return kernels.mode_products_stack(m_hat, self.roots(m_hat.dtype), factored)
-        roots = self.stored_roots(m_hat.dtype)
-        return kernels.mode_products_compact(m_hat, roots, triangles, factored)
+        roots = self.stored_roots()
+        if triangles is None and all(r.dtype == m_hat.dtype for r in roots):
+            return kernels.mode_products_stack(m_hat, roots, factored)
+        # (compact or bfloat16 roots: made full and wide chunk by chunk, never a whole stack)
+        return kernels.mode_products_chunked(m_hat, roots, triangles, factored)
 
     def select(self, result: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
         """``result`` in the rows whose blocks have their roots, ``fallback`` in the others."""

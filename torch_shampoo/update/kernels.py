@@ -19,7 +19,7 @@ __all__ = [
     "finite_blocks",
     "graft_stacks",
     "mode_products",
-    "mode_products_compact",
+    "mode_products_chunked",
     "mode_products_stack",
     "power_step",
 ]
@@ -135,29 +135,38 @@ def mode_products_stack(
     return products if out is None else out.copy_(products)
 
 
-def mode_products_compact(
+def mode_products_chunked(
     blocks: torch.Tensor,
     views: Sequence[torch.Tensor],
-    triangles: Sequence[compact.Triangles],
+    triangles: Sequence[compact.Triangles] | None,
     factored: tuple[bool, ...],
 ) -> torch.Tensor:
-    """:func:`mode_products_stack` with compact roots (``views``: their ``root_mask`` triangles),
-    chunk by chunk of rows (:func:`.compact.chunk_rows`): each chunk's full roots in scratch
-    reused by the next chunk, used while in cache (the same products row by row: the same bits)."""
-    n = blocks.shape[0]
+    """:func:`mode_products_stack` with roots as stored: compact ones (``views``: the
+    ``root_mask`` triangles of ``triangles``) or full (``triangles`` None), maybe narrower than
+    ``blocks`` (bfloat16), chunk by chunk of rows (:func:`.compact.chunk_rows`): each chunk's
+    roots made wide, then full, in scratch reused by the next chunk, used while in cache (the same
+    products row by row: the same bits). Widened first: the gather (``index_select``) ran 6×
+    faster in float32 than in bfloat16 (102 µs with the widening against 598 µs, 16 × 128²)."""
+    n, dtype = blocks.shape[0], blocks.dtype
+
+    def made(view: torch.Tensor, k: int, into: torch.Tensor | None = None) -> torch.Tensor:
+        if triangles is None:
+            return view
+        return compact.full(view, triangles[k].root_mask, triangles[k].root_upper, into)
+
     rows = min((compact.chunk_rows(v) for v in views), default=n)
     if rows >= n:
-        roots = [compact.full(v, t.root_mask, t.root_upper) for v, t in zip(views, triangles)]
+        roots = [made(v.to(dtype), k) for k, v in enumerate(views)]
         return mode_products_stack(blocks, roots, factored)
     out = blocks.new_empty(blocks.shape)
-    scratch = [v.new_empty((rows, *v.shape[1:])) for v in views]
+    wide = [None if v.dtype == dtype else blocks.new_empty((rows, *v.shape[1:])) for v in views]
+    scratch = [None if triangles is None else blocks.new_empty((rows, *v.shape[1:])) for v in views]
     for start in range(0, n, rows):
         chunk = slice(start, start + rows)
         size = min(rows, n - start)
-        roots = [
-            compact.full(v[chunk], t.root_mask, t.root_upper, s[:size])
-            for v, t, s in zip(views, triangles, scratch)
-        ]
+        roots = [v[chunk] if w is None else w[:size].copy_(v[chunk]) for v, w in zip(views, wide)]
+        roots = [made(r, k, None if s is None else s[:size])
+                 for k, (r, s) in enumerate(zip(roots, scratch))]  # fmt: skip
         mode_products_stack(blocks[chunk], roots, factored, out=out[chunk])
     return out
 
