@@ -24,6 +24,7 @@ from models import (
 from torch_shampoo import SOAP, NGPlus, Shampoo
 from torch_shampoo.layout import compact as storage
 from torch_shampoo.telemetry import held_bytes
+from torch_shampoo.update import kernels
 
 BASE: dict[str, Any] = dict(
     lr=0.01, block_size=4, momentum=0.5, precondition_frequency=3, epsilon=1e-4,
@@ -242,3 +243,33 @@ def test_fronts_without_symmetric_roots_refuse_it(front: type) -> None:
 def test_a_value_other_than_true_false_or_auto_is_refused_naming_it(bad: object) -> None:
     with pytest.raises(ValueError, match=rf"Invalid compact_state: {bad!r} \(valid choices"):
         Shampoo(mixed_model().parameters(), compact_state=bad)  # type: ignore[arg-type]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    d=st.integers(1, 9), rows=st.integers(1, 5), packed=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]), chunk_bytes=st.sampled_from([None, 1]),
+)  # fmt: skip
+def test_chunked_products_are_those_of_the_full_wide_roots(
+    d: int, rows: int, packed: bool, dtype: torch.dtype, chunk_bytes: int | None
+) -> None:
+    """m̂ ×₁ X₁ ×₂ X₂ with roots as stored (compact triangles or full; float32 or bfloat16, made
+    wide and full chunk by chunk, one row per chunk or all at once) equals, bitwise, the plain
+    product of the mirrored roots cast to float32 (``where``, ``to``, ``bmm``), row by row."""
+    gen = torch.Generator().manual_seed(d * 11 + rows)
+    blocks = torch.randn(rows, d, d, generator=gen)
+    stacks = [torch.randn(rows, d + 1, d, generator=gen).to(dtype) for _ in range(2)]
+    views = [stacks[0][:, :d, :], stacks[1][:, 1:, :]] if packed else [
+        s[:, :d, :].clone() for s in stacks]  # fmt: skip
+    triangles = [storage.Triangles(d, blocks.device, root_upper=u) for u in (True, False)]
+    ones = torch.ones(d, d, dtype=torch.bool)
+    full = [torch.where(m, v, v.mT) for v, m in zip(views, (ones.triu(), ones.tril()))]
+    wide = [x.to(torch.float32) if packed else v.to(torch.float32) for x, v in zip(full, views)]
+    expected = torch.stack([wide[0][i] @ blocks[i] @ wide[1][i] for i in range(rows)])
+    with pytest.MonkeyPatch.context() as patch:
+        if chunk_bytes is not None:
+            patch.setattr(storage, "CHUNK_BYTES", chunk_bytes)
+        got = kernels.mode_products_chunked(
+            blocks, views, triangles if packed else None, (True, True)
+        )
+    assert same_bits(got, expected)
