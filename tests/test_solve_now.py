@@ -5,6 +5,7 @@ bits as async roots, no hang when a solver raises, an interrupt leaves no root w
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -173,3 +174,85 @@ def test_synchronous_roots_over_several_batches_equal_async_roots_bitwise(
     synchronous = _run(10, async_roots=False, **common)
     assert sizes and max(sizes) >= 3
     assert_bitwise_equal(asynchronous, synchronous)
+
+
+@pytest.mark.parametrize("helpers", [0, 2])
+def test_run_now_runs_tasks_on_the_caller_and_the_workers_at_once_heaviest_first(
+    helpers: int,
+) -> None:
+    """Tasks the step waits for (warm roots, power steps): 2 + helpers of them in flight
+    together (each waits, 10 s at most, for the others), each run once, at the workers' thread
+    count; the heaviest is the caller's."""
+    together = 2 + helpers
+    barrier, ran, lock = threading.Barrier(together), [], threading.Lock()
+
+    def task(i: int) -> Any:
+        def run() -> None:
+            with lock:
+                ran.append((i, threading.current_thread().name, torch.get_num_threads()))
+            barrier.wait(10)
+
+        return run
+
+    pool = root_pool.RootPool(1, 1, helpers)
+    try:
+        pool.run_now([task(i) for i in range(together)], [float(i) for i in range(together)])
+    finally:
+        pool.close()
+    assert sorted(i for i, _, _ in ran) == list(range(together))  # each once
+    assert len({name for _, name, _ in ran}) == together
+    assert (together - 1, threading.current_thread().name, 1) in ran
+    assert {threads for _, _, threads in ran} == {1}
+
+
+def test_run_now_raises_a_tasks_error_after_every_task_ended() -> None:
+    """A task that raises (on a worker or here) does not stop the others; its error is raised
+    once all have ended; the pool runs later tasks as before."""
+    ended: list[int] = []
+
+    def task(i: int) -> Any:
+        def run() -> None:
+            time.sleep(0.05)
+            if i == 1:
+                raise ValueError("task 1 broke")
+            ended.append(i)
+
+        return run
+
+    pool = root_pool.RootPool(1, 1, 0)
+    try:
+        with pytest.raises(ValueError, match="task 1 broke"):
+            pool.run_now([task(i) for i in range(4)], [1.0] * 4)
+        assert sorted(ended) == [0, 2, 3]
+        pool.run_now([task(5)], [1.0])
+        assert ended[-1] == 5
+    finally:
+        pool.close()
+
+
+def test_an_interrupt_in_run_now_starts_no_further_task() -> None:
+    """An interrupt while the caller runs its task: the tasks not yet taken never run, the
+    worker's (if it took one) ends before the interrupt is raised: nothing writes later."""
+    started: list[int] = []
+    worker_may_end = threading.Event()
+
+    def task(i: int) -> Any:
+        def run() -> None:
+            started.append(i)
+            if threading.current_thread() is threading.main_thread():
+                raise KeyboardInterrupt
+            worker_may_end.wait(10)
+
+        return run
+
+    pool = root_pool.RootPool(1, 1, 0)
+    try:
+        threading.Timer(0.2, worker_may_end.set).start()
+        with pytest.raises(KeyboardInterrupt):
+            pool.run_now([task(i) for i in range(6)], [6.0 - i for i in range(6)])
+        after = list(started)
+        time.sleep(0.3)
+        assert started == after  # nothing started after run_now returned
+        assert len(started) <= 2  # the caller's and at most one worker's
+    finally:
+        pool.close()

@@ -5,6 +5,7 @@ warned about, or raised before any root of the step is installed).
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -286,8 +287,12 @@ class RootCycles:
         found = [(w, self._due(w.p, w.state, w.config, w.group, w.t)) for w in due_now]
         due = [(w, d) for w, d in found if d is not None]
         self.check([d for _, d in due])
-        for w, slots in refresh:  # (after the check: it changes roots and moments)
-            self._refresh(w, slots)
+        # (after the check: it changes roots and moments; a task per warm root, per SOAP parameter)
+        parts = [(w, p) for w, ss in refresh for p in ([[s] for s in ss] if w.config.warm_roots
+                                                       else [ss])]  # fmt: skip
+        roots.run_now([functools.partial(self._refresh, w, p) for w, p in parts],
+                      [sum(s.work for s in p) for _, p in parts],
+                      all(w.p.device.type == "cpu" for w, _ in parts))  # fmt: skip
         by_param = {w.p: w for w in work} if due_now else {}
         for w, d in due:
             self.install(d, states)

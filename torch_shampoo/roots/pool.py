@@ -12,7 +12,7 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -167,11 +167,33 @@ def _run(
             raise
 
 
+class _Call:
+    """A task of :meth:`RootPool.run_now`, queued for every solver: the first to take it runs
+    it (subnormals flushed, as in the step), the others skip it."""
+
+    def __init__(self, task: Callable[[], None]) -> None:
+        self.task, self.claim, self.done = task, _Claim(), threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self, here: bool = False) -> None:
+        if not self.claim.take():
+            return
+        try:
+            with device.subnormals_flushed():
+                self.task()
+        except BaseException as exc:  # raised again by run_now (on its thread, an interrupt now)
+            self.error = exc
+            if here and not isinstance(exc, Exception):
+                raise
+        finally:
+            self.done.set()
+
+
 def _work_of(jobs: Sequence[RootJob]) -> float:
     return sum(job.snapshot.shape[0] * float(job.snapshot.shape[-1]) ** 3 for job in jobs)
 
 
-_Work = tuple[list[Ticket], list[RootJob], _Claim | None] | None
+_Work = tuple[list[Ticket], list[RootJob], _Claim | None] | _Call | None
 _READY_SECONDS = 5.0
 _THREAD_NAME = "torch_shampoo-root-"
 _LIVE_POOLS: weakref.WeakSet[RootPool] = weakref.WeakSet()
@@ -265,6 +287,34 @@ class RootPool:
             raise
         return tickets
 
+    def run_now(self, tasks: Sequence[Callable[[], None]], weights: Sequence[float]) -> None:
+        """Run ``tasks`` now, on this thread and every worker and helper at once, each at
+        :attr:`threads` intra-op threads (the same bits whoever runs it), the heaviest first
+        (``weights``); they must touch disjoint state. Returns once all have ended; raises the
+        first one's error (an interrupt here: the tasks not yet started never start)."""
+        order = [tasks[i] for i in sorted(range(len(tasks)), key=lambda i: -weights[i])]
+        calls = [_Call(task) for task in order]
+        if len(calls) > 1:  # (one alone: this thread, whose count may need no change)
+            self._start()
+            for call in calls[1:]:
+                for target in [self._queue] + [self._now] * bool(self.helpers):
+                    target.put(call)
+        try:
+            with _thread_count(self.threads):
+                for call in calls:
+                    call.run(here=True)
+        except BaseException:
+            for call in calls:
+                if call.claim.take():  # (none starts now)
+                    call.done.set()
+            raise
+        finally:
+            for call in calls:
+                call.done.wait()
+        failed = next((c.error for c in calls if c.error is not None), None)
+        if failed is not None:
+            raise failed
+
     def close(self) -> None:
         """Cancel the jobs not yet solved and let the workers exit; returns at once."""
         if self._finalizer is not None and self._pid == os.getpid():
@@ -318,7 +368,10 @@ def _work(jobs: queue.SimpleQueue[_Work], threads: int, borrowed: _BorrowedCount
     finally:
         borrowed.worker_set()
     while (item := jobs.get()) is not None:
-        _run(*item)
+        if isinstance(item, _Call):
+            item.run()
+        else:
+            _run(*item)
 
 
 def _stop(

@@ -59,6 +59,15 @@ class RootScheduler:
             self.pool = RootPool(self.workers, threads, helpers(self.workers, threads))
         return self.pool
 
+    def run_now(self, tasks: list[Callable[[], None]], weights: list[float], cpu: bool) -> None:
+        """Tasks the step waits for (warm roots, power steps): on the CPU on this thread and the
+        pool's at once (:meth:`RootPool.run_now`); on a GPU in order, on this thread."""
+        if cpu and tasks:
+            self._pool().run_now(tasks, weights)
+            return
+        for task in tasks:
+            task()
+
     def threads(self) -> int:
         return self.pool.threads if self.pool is not None else default_threads(self.workers)
 

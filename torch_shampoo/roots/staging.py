@@ -76,6 +76,11 @@ class Slot:
     phase: int = 0
     """The parameter's root phase (:mod:`.phases`; 0 unless its group staggers its roots)."""
 
+    @property
+    def work(self) -> float:
+        """Rows × d³: what a root (or power step) of these rows costs, for balancing."""
+        return self.factors.shape[0] * float(self.factors.shape[-1]) ** 3
+
     def snapshot(self) -> torch.Tensor:
         """The factors as full matrices (a new tensor for compact state)."""
         if self.triangles is None:
