@@ -256,3 +256,52 @@ def test_an_interrupt_in_run_now_starts_no_further_task() -> None:
         assert len(started) <= 2  # the caller's and at most one worker's
     finally:
         pool.close()
+
+
+@pytest.mark.parametrize("method", ["warm", "soap"])
+def test_a_steps_tasks_on_the_pools_threads_train_as_in_order_here_bitwise(
+    monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    """At one torch thread (the workers' count) a sync step's warm roots and SOAP power steps
+    run on the caller and the pool's threads at once: the run is bitwise the one with every task
+    run in order on the calling thread, and the async run with the same staleness (whose tasks
+    run here, its workers being busy with roots); the pool's threads did run some."""
+    from models import make_batches, mixed_model, train
+
+    from torch_shampoo import SOAP
+    from torch_shampoo.roots.scheduler import RootScheduler
+
+    def run(async_roots: bool) -> list[torch.Tensor]:
+        model = mixed_model()
+        kwargs: dict[str, Any] = dict(lr=0.01, block_size=16, precondition_frequency=2,
+                                      async_roots=async_roots, root_staleness=1,
+                                      stagger_roots=True)  # fmt: skip
+        opt = (Shampoo(model.parameters(), eigh_every=3, **kwargs) if method == "warm"
+               else SOAP(model.parameters(), **kwargs))  # fmt: skip
+        train(model, opt, make_batches(12))
+        opt.close()
+        return [p.detach().clone() for p in model.parameters()]
+
+    names: list[str] = []
+    real = root_pool._Call.run
+
+    def run_call(self: Any, here: bool = False) -> None:
+        if not self.claim._taken:
+            names.append(threading.current_thread().name)
+        real(self, here)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        monkeypatch.setattr(root_pool._Call, "run", run_call)
+        pooled = run(async_roots=False)
+        assert any(n != threading.current_thread().name for n in names)  # (not vacuous)
+        names.clear()
+        asynchronous = run(async_roots=True)
+        monkeypatch.setattr(RootScheduler, "threads", lambda self: -1)  # never the pool's
+        here = run(async_roots=False)
+        assert names == []
+    finally:
+        torch.set_num_threads(before)
+    assert_bitwise_equal(pooled, here)
+    assert_bitwise_equal(pooled, asynchronous)
