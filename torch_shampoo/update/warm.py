@@ -51,7 +51,7 @@ def roots_from_bases(
     assert slot.bases is not None
     factors = slot.snapshot()
     bases = kernels.power_step(slot.bases, factors) if power else slot.bases
-    roots, ok, _ = kernels.eigen_roots(bases, factors, *scalars)
+    roots, ok, _ = kernels.eigen_roots(bases, factors, *scalars, drift=False)
     if not all(rows):
         ok = ok & device.small_tensor(list(rows), ok.device)
     keep = ok.view(-1, 1, 1)
