@@ -61,7 +61,9 @@ def backward_error(root: torch.Tensor, b: torch.Tensor, p: int) -> float:
 
 def warm_step(bases: torch.Tensor, factors: torch.Tensor, p: int) -> Any:
     """What a warm root step computes per factor (``eigh_every`` > 1): update.warm's kernels."""
-    return kernels.eigen_roots(kernels.power_step(bases, factors), factors, 1.0, p, EPSILON, False)
+    return kernels.eigen_roots(
+        kernels.power_step(bases, factors), factors, 1.0, p, EPSILON, False, drift=False
+    )
 
 
 def solve(report: h.Report, args: Any) -> None:
