@@ -290,9 +290,8 @@ class RootCycles:
         # (after the check: it changes roots and moments; a task per warm root, per SOAP parameter)
         parts = [(w, p) for w, ss in refresh for p in ([[s] for s in ss] if w.config.warm_roots
                                                        else [ss])]  # fmt: skip
-        roots.run_now([functools.partial(self._refresh, w, p) for w, p in parts],
-                      [sum(s.work for s in p) for _, p in parts],
-                      all(w.p.device.type == "cpu" for w, _ in parts))  # fmt: skip
+        roots.run_now([functools.partial(self._refresh, w, p) for w, p in parts], [sum(
+            s.work for s in p) for _, p in parts], all(w.p.device.type == "cpu" for w, _ in parts))
         by_param = {w.p: w for w in work} if due_now else {}
         for w, d in due:
             self.install(d, states)

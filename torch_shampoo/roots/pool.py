@@ -168,8 +168,7 @@ def _run(
 
 
 class _Call:
-    """A task of :meth:`RootPool.run_now`, queued for every solver: the first to take it runs
-    it (subnormals flushed, as in the step), the others skip it."""
+    """A task of :meth:`RootPool.run_now` for every solver: the first to take it runs it."""
 
     def __init__(self, task: Callable[[], None]) -> None:
         self.task, self.claim, self.done = task, _Claim(), threading.Event()
@@ -179,7 +178,7 @@ class _Call:
         if not self.claim.take():
             return
         try:
-            with device.subnormals_flushed():
+            with device.subnormals_flushed():  # (as in the step)
                 self.task()
         except BaseException as exc:  # raised again by run_now (on its thread, an interrupt now)
             self.error = exc
@@ -288,12 +287,10 @@ class RootPool:
         return tickets
 
     def run_now(self, tasks: Sequence[Callable[[], None]], weights: Sequence[float]) -> None:
-        """Run ``tasks`` now, on this thread and every worker and helper at once, each at
-        :attr:`threads` intra-op threads (the same bits whoever runs it), the heaviest first
-        (``weights``); they must touch disjoint state. Returns once all have ended; raises the
-        first one's error (an interrupt here: the tasks not yet started never start)."""
-        order = [tasks[i] for i in sorted(range(len(tasks)), key=lambda i: -weights[i])]
-        calls = [_Call(task) for task in order]
+        """Run ``tasks`` (touching disjoint state) on this thread and every worker and helper at
+        once, each at :attr:`threads` threads (the same bits whoever runs it), the heaviest
+        (``weights``) first; then raise the first error (an interrupt: no task starts after)."""
+        calls = [_Call(tasks[i]) for i in sorted(range(len(tasks)), key=lambda i: -weights[i])]
         if len(calls) > 1:  # (one alone: this thread, whose count may need no change)
             self._start()
             for call in calls[1:]:
@@ -311,8 +308,7 @@ class RootPool:
         finally:
             for call in calls:
                 call.done.wait()
-        failed = next((c.error for c in calls if c.error is not None), None)
-        if failed is not None:
+        for failed in (c.error for c in calls if c.error is not None):
             raise failed
 
     def close(self) -> None:

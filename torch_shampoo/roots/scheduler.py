@@ -60,14 +60,11 @@ class RootScheduler:
         return self.pool
 
     def run_now(self, tasks: list[Callable[[], None]], weights: list[float], cpu: bool) -> None:
-        """Tasks the step waits for (warm roots, power steps): with sync roots on the CPU, where
-        this thread runs at the workers' thread count, on it and the pool's threads at once
-        (:meth:`RootPool.run_now`); else in order, on this thread at its count. (A task's bits
-        depend on its thread count, which sync and async share; async workers have their roots
-        to solve: the tasks they took, the step waited for, 8% slower on the char-LM demo.)"""
+        """Tasks the step waits for (warm roots, power steps): with sync roots on the CPU at the
+        workers' thread count, on this thread and the pool's at once (:meth:`RootPool.run_now`),
+        else in order here (docs/design.md, "Warm-started roots")."""
         if cpu and tasks and not self.async_roots and torch.get_num_threads() == self.threads():
-            self._pool().run_now(tasks, weights)
-            return
+            return self._pool().run_now(tasks, weights)
         for task in tasks:
             task()
 
