@@ -154,12 +154,20 @@ class RootCycles:
         slots = self.slots.get(id(p), [])
         failed: list[tuple[int, Any]] = []
         installed: list[int] = []
-        for i, (ticket, indices) in enumerate(zip(pending.tickets, pending.factors)):
-            outcomes = outcomes_of(ticket, indices)
-            ok = [o.ok for o in outcomes]
-            if pending.buffers and not pending.buffers[i].in_place and any(ok):
-                usable = self._upload(state, config, slots[i], pending.buffers[i], indices, ok)
-                outcomes = [o if fine else warm.unusable(o) for o, fine in zip(outcomes, usable)]
+        found = [outcomes_of(t, indices) for t, indices in zip(pending.tickets, pending.factors)]
+        usable: dict[int, list[bool]] = {}  # (warm roots: a task per slot, see run_now)
+        ups = [i for i, o in enumerate(found) if pending.buffers and not pending.buffers[i].in_place
+               and any(x.ok for x in o)]  # fmt: skip
+
+        def upload(i: int) -> None:
+            ok, buffers = [o.ok for o in found[i]], pending.buffers[i]
+            usable[i] = self._upload(state, config, slots[i], buffers, pending.factors[i], ok)
+
+        roots.run_now([functools.partial(upload, i) for i in ups], [slots[i].work for i in ups],
+                      config.warm_roots and p.device.type == "cpu")  # fmt: skip
+        for i, (outcomes, indices) in enumerate(zip(found, pending.factors)):
+            if i in usable:
+                outcomes = [o if fine else warm.unusable(o) for o, fine in zip(outcomes, usable[i])]
             for j, outcome in zip(indices, outcomes):
                 stats.root_seconds += outcome.seconds
                 stats.roots_solved += outcome.seconds > 0  # (another rank's, or loaded: 0)
