@@ -563,3 +563,24 @@ def test_a_state_saved_before_eigh_every_resumes_with_eigh_at_every_root_step(ho
     resumed.close()
     for a, b in zip(model.parameters(), whole.parameters()):
         assert torch.equal(a, b), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 4), (5, 4), (5, 2, 3, 2)])
+@pytest.mark.parametrize("back", [False, True])
+def test_rotations_by_bfloat16_bases_chunk_by_chunk_equal_those_by_their_widened_bases(
+    monkeypatch: pytest.MonkeyPatch, shape: tuple[int, ...], back: bool
+) -> None:
+    """rotate_chunked (bfloat16 bases widened one row per chunk here) is bitwise rotate_stack
+    with the bases cast to float32 whole (plain ``to``), for matrices, vectors and 3-D blocks."""
+    from torch_shampoo.layout import compact
+    from torch_shampoo.update.eigenbasis import rotate_chunked
+
+    gen = torch.Generator().manual_seed(sum(shape))
+    blocks = torch.randn(shape, generator=gen)
+    factored = tuple(d > 2 for d in shape[1:]) if len(shape) > 3 else (True,) * (len(shape) - 1)
+    bases = [torch.randn(shape[0], d, d, generator=gen).to(torch.bfloat16)
+             for d, f in zip(shape[1:], factored) if f]  # fmt: skip
+    expected = rotate_stack(blocks, [b.float() for b in bases], factored, back)
+    monkeypatch.setattr(compact, "CHUNK_BYTES", 1)
+    got = rotate_chunked(blocks, bases, factored, back)
+    assert torch.equal(got, expected)

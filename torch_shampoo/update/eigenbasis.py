@@ -12,11 +12,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..layout import compact
 from ..layout.buckets import Bucket, Member
 from . import bucketed, kernels, per_unit
 from .per_unit import Unit
 
-__all__ = ["change_basis", "refresh", "rotate", "rotate_stack", "step_units"]
+__all__ = ["change_basis", "refresh", "rotate", "rotate_chunked", "rotate_stack", "step_units"]
 
 
 def rotate_stack(
@@ -30,6 +31,25 @@ def rotate_stack(
             return torch.matmul(torch.matmul(left, blocks), right.mT)
         return torch.matmul(torch.matmul(left.mT, blocks), right)
     return kernels.mode_products(blocks, [q.mT if back else q for q in bases], factored)
+
+
+def rotate_chunked(
+    blocks: torch.Tensor, bases: Sequence[torch.Tensor], factored: tuple[bool, ...], back: bool
+) -> torch.Tensor:
+    """:func:`rotate_stack` with ``bases`` as stored, maybe narrower than ``blocks`` (bfloat16):
+    on the CPU widened chunk by chunk of rows (:func:`.compact.chunk_rows`) into scratch used
+    while in cache, no float32 copy of a whole stack (the same products row by row)."""
+    n, dtype = blocks.shape[0], blocks.dtype
+    rows = min((compact.chunk_rows(b) for b in bases), default=n)
+    if rows >= n or all(b.dtype == dtype for b in bases):
+        return rotate_stack(blocks, [b.to(dtype) for b in bases], factored, back)
+    out = blocks.new_empty(blocks.shape)
+    wide = [blocks.new_empty((rows, *b.shape[1:])) for b in bases]
+    for start in range(0, n, rows):
+        chunk, size = slice(start, start + rows), min(rows, n - start)
+        made = [w[:size].copy_(b[chunk]) for w, b in zip(wide, bases)]
+        out[chunk] = rotate_stack(blocks[chunk], made, factored, back)
+    return out
 
 
 def _along(blocks: torch.Tensor, dim: int, matrix: torch.Tensor) -> torch.Tensor:
@@ -97,7 +117,7 @@ def rotate(
             if share.unit is None:  # a single unit's other buckets may rotate theirs
                 shares.put(share, x)
             continue
-        result = rotate_stack(x, share.roots(x.dtype), share.bucket.factored, back)
+        result = rotate_chunked(x, share.roots(), share.bucket.factored, back)
         shares.put(share, share.select(result, x))
     for unit, result in shares.results():  # after every bucket has read the units' tensors
         setattr(unit, attr, result)
