@@ -14,7 +14,7 @@ after each block. Sections (``--sections``):
            synchere: sync with the step's roots on the calling thread alone (as before the pool
            helped: issue 32's baseline for sync roots on every core).
   storage  the MLP at block 128: full matrices, compact (True), bfloat16 full, "auto" and
-           compact: what packing and bfloat16 cost the step.
+           compact; SOAP in float32 and bfloat16: what packing and bfloat16 cost the step.
   scaling  an MLP of two width x width layers, widths 256..4096: Adam vs Shampoo at blocks
            128/1024, roots only at step 1 (every timed step preconditions).
   compile  Shampoo's step eager vs torch.compile (inductor), compile time apart (CPU only).
@@ -157,9 +157,10 @@ def threads(report: h.Report, args: Any, pkgs: dict[str, Any], blocks: tuple[int
 
 
 def storage(report: h.Report, args: Any, pkgs: dict[str, Any]) -> None:
-    """The MLP at block 128 (--quick: 64) with each way of storing factors and roots."""
+    """The MLP at block 128 (--quick: 64) with each way of storing factors and roots (and
+    SOAP's bases)."""
     keys = ["adam", "shampoo-sync", "shampoo-compact", "shampoo-bf16full", "shampoo-bf16",
-            "shampoo-bf16compact"]  # fmt: skip
+            "shampoo-bf16compact", "soap-sync", "soap-bf16"]  # fmt: skip
     block = (64,) if args.quick else (128,)
     cs = contenders(h.models(args.quick)[0], args, block, pkgs, keys)
     run_models(report, "storage", h.models(args.quick)[0], args, cs, 1 if args.quick else 3)
