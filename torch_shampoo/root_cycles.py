@@ -6,8 +6,6 @@ warned about, or raised before any root of the step is installed).
 from __future__ import annotations
 
 import functools
-import os
-import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -27,8 +25,9 @@ from .roots.staging import Slot, Staging
 from .roots.staleness import FITTED
 from .update import eigenbasis, warm
 from .update.per_unit import Work
+from .warn import user_stacklevel
 
-__all__ = ["Front", "RootCycles", "RootFailure", "user_stacklevel"]
+__all__ = ["Front", "RootCycles", "RootFailure"]
 
 States = Mapping[torch.Tensor, Any]
 
@@ -389,18 +388,6 @@ def _cause(ticket: Any) -> BaseException | None:
     except Exception as exc:
         return exc
     return None
-
-
-_LIBRARY_DIRS = (os.path.dirname(__file__) + os.sep, os.path.dirname(torch.__file__) + os.sep)
-
-
-def user_stacklevel() -> int:
-    """The ``stacklevel`` that makes a warning issued by our caller point at the user's line
-    (the first frame outside this package and torch: the call of ``optimizer.step()``)."""
-    level, frame = 2, sys._getframe(2)
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
-        level, frame = level + 1, frame.f_back
-    return level
 
 
 def _as_index(indices: list[int]) -> slice | list[int]:
