@@ -206,8 +206,7 @@ class RootPool:
     threads that only join :meth:`solve_now`. :meth:`close` never waits for a root."""
 
     def __init__(self, num_workers: int, threads: int, helpers: int = 0) -> None:
-        self.num_workers = num_workers
-        self.threads = threads
+        self.num_workers, self.threads = num_workers, threads
         self.helpers = helpers
         self._queue: queue.SimpleQueue[_Work] = queue.SimpleQueue()
         self._now: queue.SimpleQueue[_Work] = queue.SimpleQueue()

@@ -30,8 +30,7 @@ class RootScheduler:
     """Pending roots, host staging, the worker pool and the statistics of one optimizer."""
 
     def __init__(self, async_roots: bool, workers: int) -> None:
-        self.async_roots = async_roots
-        self.workers = workers
+        self.async_roots, self.workers = async_roots, workers
         self.pool: RootPool | None = None
         self.host = HostBuffers()
         self.taken: list[tuple[torch.Tensor, Pending]] = []
@@ -42,8 +41,7 @@ class RootScheduler:
         self.unsent: list[Pending] = []
         self.due_now: list[Pending] = []
         """Pendings due in this step, handed over together by :meth:`start_due`."""
-        self.stats = Stats()
-        self.fit = StalenessFit()
+        self.stats, self.fit = Stats(), StalenessFit()
         self.pid = os.getpid()
         self.cancelled = False
         """Whether a ticket may have been cancelled since the last :meth:`revive`."""
@@ -60,9 +58,8 @@ class RootScheduler:
         return self.pool
 
     def run_now(self, tasks: list[Callable[[], None]], weights: list[float], cpu: bool) -> None:
-        """Tasks the step waits for (warm roots, power steps): with sync roots on the CPU at the
-        workers' thread count, on this thread and the pool's at once (:meth:`RootPool.run_now`),
-        else in order here (docs/design.md, "Warm-started roots")."""
+        """Tasks a step waits for (warm roots, power steps): on every core (`RootPool.run_now`)
+        with sync roots on the CPU at the workers' count, else in order (docs/design.md)."""
         if cpu and tasks and not self.async_roots and torch.get_num_threads() == self.threads():
             return self._pool().run_now(tasks, weights)
         for task in tasks:
