@@ -394,3 +394,16 @@ def test_soap_on_cuda_matches_the_same_run_on_cpu() -> None:
     assert on_cuda.stats["roots_computed"] == on_cpu.stats["roots_computed"] > 0
     for a, b in zip(on_cuda.params, on_cpu.params):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-7, atol=1e-9)
+
+
+def test_stochastic_rounding_on_cuda_is_bitwise_the_cpus() -> None:
+    """bfloat16 state's rounding (``rounding.round_``: integer arithmetic on the device, in
+    chunks of ``DEVICE_CHUNK`` on a GPU and ``CHUNK`` on the CPU) gives the same bits on both,
+    across several chunks and at an offset."""
+    from torch_shampoo import rounding
+
+    x = torch.randn(3 * rounding.CHUNK + 77, generator=torch.Generator().manual_seed(5)) * 7
+    for offset in (0, 12345):
+        on_cpu = rounding.round_(x.clone(), seed=11, offset=offset)
+        on_cuda = rounding.round_(x.to(CUDA), seed=11, offset=offset).cpu()
+        assert torch.equal(on_cpu.view(torch.int32), on_cuda.view(torch.int32))
