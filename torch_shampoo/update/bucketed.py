@@ -88,16 +88,16 @@ class Share:
             for m, u in zip(self.members, self.parts)
         ])  # fmt: skip
 
-    def stored_roots(self, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    def stored_roots(self) -> list[torch.Tensor]:
         """The root (or basis) stacks of these rows per factored dim, as stored (compact state:
-        the views whose triangles they are), or copies in ``dtype`` (bfloat16 state)."""
+        the views whose triangles they are; bfloat16 state: in bfloat16)."""
         rows = self.bucket.rows(self.members)
-        roots = self.bucket.roots if rows is None else [r[rows] for r in self.bucket.roots]
-        return roots if dtype is None else [r.to(dtype) for r in roots]
+        return self.bucket.roots if rows is None else [r[rows] for r in self.bucket.roots]
 
-    def roots(self, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
-        """The root (or basis) stacks of these rows per factored dim, as full matrices."""
-        roots = self.stored_roots(dtype)
+    def roots(self) -> list[torch.Tensor]:
+        """The root (or basis) stacks of these rows per factored dim, as full matrices in their
+        stored dtype."""
+        roots = self.stored_roots()
         if self.bucket.triangles is None:
             return roots
         return [
