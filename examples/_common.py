@@ -62,6 +62,8 @@ _REGISTRY = {
     "shampoo-async": _Entry(
         "Shampoo async", torch_shampoo, "Shampoo", "shampoo", {"async_roots": True}
     ),
+    # the default: async_roots="auto" (sync where the step's threads fill a CPU-only machine)
+    "shampoo": _Entry("Shampoo", torch_shampoo, "Shampoo", "shampoo", {}),
     # float32 roots, a failed one solved again in float64 (benchmarks: root_dtype's default)
     "shampoo-sync-f32": _Entry(
         "Shampoo sync f32",
@@ -108,6 +110,10 @@ _REGISTRY = {
         {"async_roots": False, "state_dtype": torch.bfloat16, "compact_state": True},
     ),
     "ngplus": _Entry("NG+", torch_shampoo, "NGPlus", "ngplus", {"statistics": "minibatch"}),
+    "ngplus-async": _Entry(
+        "NG+ async", torch_shampoo, "NGPlus", "ngplus",
+        {"statistics": "minibatch", "async_roots": True},
+    ),
     "ngplus-unstaggered": _Entry(
         "NG+ unstaggered", torch_shampoo, "NGPlus", "ngplus",
         {"statistics": "minibatch", "stagger_roots": False},
@@ -127,7 +133,8 @@ _REGISTRY = {
         "NG+ per-sample", torch_shampoo, "NGPlus", "ngplus", {"statistics": "per_sample"}
     ),
     # SOAP takes Adam's lr (its step is Adam's, in a rotated basis)
-    "soap": _Entry("SOAP async", torch_shampoo, "SOAP", "adam", {}),
+    "soap": _Entry("SOAP", torch_shampoo, "SOAP", "adam", {}),
+    "soap-async": _Entry("SOAP async", torch_shampoo, "SOAP", "adam", {"async_roots": True}),
     "soap-sync": _Entry("SOAP sync", torch_shampoo, "SOAP", "adam", {"async_roots": False}),
     "soap-sync-bf16": _Entry(
         "SOAP sync bf16", torch_shampoo, "SOAP", "adam",

@@ -24,6 +24,7 @@ from .layout.blocking import BlockLayout
 from .layout.buckets import Bucket, advance_steps
 from .ledger import Ledger, Undo, layout
 from .root_cycles import Front, RootCycles, RootFailure
+from .roots import threads
 from .roots.scheduler import RootScheduler
 from .update import bucketed, eigenbasis, foreach, per_unit
 from .update.per_unit import Work
@@ -51,27 +52,24 @@ class PreconditionerEngine(torch.optim.Optimizer):
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
         defaults: dict[str, Any],
         *,
-        async_roots: bool,
+        async_roots: bool | str,
         root_workers: int | None,
         partition_roots: bool = False,
         partition_state: bool = False,
         compact_state: bool | str = False,
     ) -> None:
-        flags = dict(async_roots=async_roots, partition_roots=partition_roots,
-                     partition_state=partition_state)  # (compact_state: True, False or "auto")
-        for name, flag in flags.items():
-            if not isinstance(flag, bool):
-                raise TypeError(f"Invalid {name}: {flag!r} (must be a bool)")
-        if root_workers is None:
-            root_workers = max(1, (os.cpu_count() or 2) // 2)
-        if isinstance(root_workers, bool) or not isinstance(root_workers, int) or root_workers < 1:
-            raise ValueError(f"Invalid root_workers: {root_workers!r} (must be a positive integer)")
-        self._async_roots, self._root_workers = async_roots, root_workers
+        # (the flags are checked by the front ends: settings.parse)
+        root_workers = root_workers or max(1, (os.cpu_count() or 2) // 2)
+        self._async_roots, self._root_workers = async_roots is not False, root_workers
         self._partition_roots, self._partition_state = partition_roots, partition_state
         self._compact_state = compact_state
         self._init_runtime()
         self._validate(defaults)
         super().__init__(params, defaults)
+        if async_roots == "auto":  # (the parameters' devices known now; pickled as decided)
+            devices = (p.device for g in self.param_groups for p in g["params"])
+            self._async_roots = threads.spare_cores(devices, root_workers)
+            self._cycles.scheduler.async_roots = self._async_roots
 
     def _config(self, group: dict[str, Any]) -> EngineConfig:
         """The engine settings of a parameter group."""

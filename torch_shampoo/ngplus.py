@@ -129,7 +129,7 @@ class NGPlus(PreconditionerEngine):
         root_dtype: torch.dtype = torch.float64,
         stagger_roots: bool | str = "auto",
         *,
-        async_roots: bool = True,
+        async_roots: bool | str = "auto",
         root_workers: int | None = None,
         partition_roots: bool = False,
         partition_state: bool = False,

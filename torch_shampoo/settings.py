@@ -177,7 +177,9 @@ SPEC: tuple[Setting, ...] = (
             "relative_epsilon"),
     Setting("statistics", {_N: "minibatch"}, Choice(STATISTICS), "how F is estimated",
             per_group=False),
-    Setting("async_roots", _all(True), Flag(), "roots on CPU worker threads", per_group=False),
+    Setting("async_roots", _all("auto"), Choice((True, False, "auto")),
+            "roots on CPU worker threads (\"auto\": unless the step's threads fill a CPU-only "
+            "machine)", per_group=False),
     Setting("root_workers", _all(None), Workers(), "worker threads (None: cores / 2)",
             per_group=False),
     Setting("partition_roots", _all(False), Flag(), "under DDP, each root solved by one rank",

@@ -115,7 +115,11 @@ class Shampoo(PreconditionerEngine):
         precondition_1d: give 1-D parameters (biases, norm scales) a factor, a d × d block of
             full-matrix AdaGrad each (the paper's rule); ``False``: the graft alone steps them,
             which saves their roots (on a transformer, about half of all root work).
-        async_roots: compute roots on CPU worker threads (``False``: inside ``step()``).
+        async_roots: compute roots on CPU worker threads (``False``: inside ``step()``, on
+            every core at once). ``"auto"``: ``True`` unless every parameter is on the CPU and
+            the step's threads (``torch.get_num_threads()``) and the workers' would be more than
+            the cores: there workers only slow the step down (decided at construction;
+            ``plan()`` says which).
         root_workers: worker threads (``None``: half the CPU cores, at least 1). Each worker
             computes with ``torch.get_num_threads() // (2 * root_workers)`` intra-op threads (at
             least 1; fixed when the workers start): the workers take at most half of torch's
@@ -190,7 +194,7 @@ class Shampoo(PreconditionerEngine):
         state_dtype: torch.dtype | None = None,
         stagger_roots: bool | str = "auto",
         *,
-        async_roots: bool = True,
+        async_roots: bool | str = "auto",
         root_workers: int | None = None,
         partition_roots: bool = False,
         partition_state: bool = False,

@@ -113,7 +113,7 @@ class SOAP(PreconditionerEngine):
         state_dtype: torch.dtype | None = None,
         stagger_roots: bool | str = "auto",
         *,
-        async_roots: bool = True,
+        async_roots: bool | str = "auto",
         root_workers: int | None = None,
         partition_roots: bool = False,
         partition_state: bool = False,

@@ -20,8 +20,7 @@ from .. import device
 from .jobs import RootJob, RootOutcome, Ticket
 from .matrix_roots import RootResult, eigenbases, finite_rows, inverse_roots
 
-__all__ = ["RootJob", "RootPool", "Ticket", "batches", "default_threads", "helpers", "run_here",
-           "solve"]  # fmt: skip
+__all__ = ["RootJob", "RootPool", "Ticket", "batches", "run_here", "solve"]
 
 
 def solve(jobs: Sequence[RootJob]) -> list[tuple[list[RootOutcome], torch.Tensor]]:
@@ -96,19 +95,6 @@ def _outcomes(
         RootOutcome(ok, f.error, f.reason or ("" if ok else "non-finite root"), seconds, f.retried)
         for f, ok in zip(found, oks)
     ]
-
-
-def default_threads(workers: int) -> int:
-    """Intra-op threads per root worker: half of the caller's thread count shared among the
-    workers (at least 1); the other half is left to the training thread (docs/design.md)."""
-    return max(1, torch.get_num_threads() // (2 * workers))
-
-
-def helpers(workers: int, threads: int) -> int:
-    """Threads beside the caller and the ``workers`` that :meth:`RootPool.solve_now` needs to
-    fill the caller's ``torch.get_num_threads()`` with roots at ``threads`` threads each (at
-    the defaults: 0 on 2 cores, 7 on 16)."""
-    return max(0, torch.get_num_threads() // threads - 1 - workers)
 
 
 def run_here(

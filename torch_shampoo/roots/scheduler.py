@@ -17,9 +17,10 @@ from ..config import world_size
 from ..distributed.partition_roots import Partition, assign
 from .jobs import RootCancelled, RootJob, RootOutcome, Ticket, outcomes_of
 from .pending import Batch, Pending
-from .pool import RootPool, batches, default_threads, helpers, run_here
+from .pool import RootPool, batches, run_here
 from .staging import UNSET, HostBuffers, Slot, Staging
 from .staleness import FITTED, StalenessFit, Stats
+from .threads import default_threads, team
 
 log = logging.getLogger("torch_shampoo")
 
@@ -53,8 +54,7 @@ class RootScheduler:
 
     def _pool(self) -> RootPool:
         if self.pool is None:
-            threads = default_threads(self.workers)
-            self.pool = RootPool(self.workers, threads, helpers(self.workers, threads))
+            self.pool = RootPool(self.workers, *team(self.workers))
         return self.pool
 
     def run_now(self, tasks: list[Callable[[], None]], weights: list[float], cpu: bool) -> None:
