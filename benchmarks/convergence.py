@@ -29,7 +29,7 @@ import torch
 
 from . import harness as h
 
-METHODS = ("sgd", "adam", "shampoo-async", "soap", "soap-sync", "soap-stale", "soap-ref",
+METHODS = ("sgd", "adam", "shampoo-async", "soap-async", "soap-sync", "soap-stale", "soap-ref",
            "ngplus", "ngplus-ps")  # fmt: skip
 TASKS = ("digits", "charlm", "regression")
 ABLATIONS: list[tuple[str, str, dict[str, Any]]] = [

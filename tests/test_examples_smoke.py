@@ -243,7 +243,7 @@ def test_train_charlm_under_torchrun_matches_one_process(tmp_path: Path) -> None
         outs[name] = json.loads(out.with_suffix(".json").read_text())
     assert outs["ddp"]["config"]["processes"] == 2
     runs = {name: {r["method"]: r for r in report["runs"]} for name, report in outs.items()}
-    held = {name: run["SOAP async"]["root_stats"]["state_bytes"] for name, run in runs.items()}
+    held = {name: run["SOAP"]["root_stats"]["state_bytes"] for name, run in runs.items()}
     assert 0 < held["ddp"] < held["one"]  # rank 0 keeps its share of SOAP's state
     torch.testing.assert_close(
         runs["ddp"]["Adam"]["train_losses"],

@@ -263,7 +263,7 @@ def test_root_work_and_the_staleness_it_implies(fake_eigh: dict[str, Any]) -> No
     two workers share a cycle; auto staleness: ⌈2 × cycle / step⌉, at most the frequency."""
     model = nn.Linear(4, 3)
     with Shampoo(model.parameters(), root_workers=2, precondition_frequency=10,
-                 stagger_roots=False) as opt:  # fmt: skip
+                 stagger_roots=False, async_roots=True) as opt:  # fmt: skip
         plan = opt.plan(show=False)
         assert fake_eigh["threads"] == [opt._roots.threads()]  # type: ignore[attr-defined]
         assert plan.root_flops == 11 * (27 + 64 + 27)
