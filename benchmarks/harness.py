@@ -211,7 +211,7 @@ def optimizer(key: str, params: Any, lr: float = 1e-3, block: int | None = None,
         return torch.optim.AdamW(params, lr=lr, fused=True)
     if key.startswith("shampoo"):
         mode = key.split("-")[1]
-        extra = {"sync": {"async_roots": False}, "async": {},
+        extra = {"sync": {"async_roots": False}, "async": {"async_roots": True},
                  "noguard": {"async_roots": False, "skip_nonfinite": False},
                  "synchere": {"async_roots": False},
                  "compact": {"async_roots": False, "compact_state": True},

@@ -81,11 +81,13 @@ _REGISTRY = {
         {"async_roots": False, "eigh_every": 5},
     ),
     "shampoo-async-warm": _Entry(
-        "Shampoo async eigh/5", torch_shampoo, "Shampoo", "shampoo", {"eigh_every": 5}
+        "Shampoo async eigh/5", torch_shampoo, "Shampoo", "shampoo",
+        {"async_roots": True, "eigh_every": 5},
     ),
     # roots at every f-th step for every parameter (async's default staggers them by parameter)
     "shampoo-async-unstaggered": _Entry(
-        "Shampoo async unstaggered", torch_shampoo, "Shampoo", "shampoo", {"stagger_roots": False}
+        "Shampoo async unstaggered", torch_shampoo, "Shampoo", "shampoo",
+        {"async_roots": True, "stagger_roots": False},
     ),
     "shampoo-sync-stagger": _Entry(
         "Shampoo sync stagger", torch_shampoo, "Shampoo", "shampoo",
@@ -116,7 +118,7 @@ _REGISTRY = {
     ),
     "ngplus-unstaggered": _Entry(
         "NG+ unstaggered", torch_shampoo, "NGPlus", "ngplus",
-        {"statistics": "minibatch", "stagger_roots": False},
+        {"statistics": "minibatch", "async_roots": True, "stagger_roots": False},
     ),
     "ngplus-sync": _Entry(
         "NG+ sync", torch_shampoo, "NGPlus", "ngplus",
@@ -141,9 +143,12 @@ _REGISTRY = {
         {"async_roots": False, "state_dtype": torch.bfloat16},
     ),
     "soap-unstaggered": _Entry(
-        "SOAP async unstaggered", torch_shampoo, "SOAP", "adam", {"stagger_roots": False}
+        "SOAP async unstaggered", torch_shampoo, "SOAP", "adam",
+        {"async_roots": True, "stagger_roots": False},
     ),
-    "soap-stale": _Entry("SOAP stale=f", torch_shampoo, "SOAP", "adam", {"root_staleness": 10}),
+    "soap-stale": _Entry(
+        "SOAP stale=f", torch_shampoo, "SOAP", "adam", {"async_roots": True, "root_staleness": 10}
+    ),
     # pytorch-optimizer's SOAP (pip install pytorch-optimizer), as a published reference
     "soap-ref": _Entry(
         "SOAP (pytorch-optimizer)", "pytorch_optimizer", "SOAP", "adam", {"weight_decay": 0.0}
