@@ -34,6 +34,15 @@ def test_cpu_parameters_get_workers_only_where_their_cores_are_spare(
     assert threads.spare_cores([torch.device("cpu")], max(1, cores // 2)) is spare
 
 
+@pytest.mark.parametrize("local", ["", "two", "-1", "0"])
+def test_a_local_world_size_that_is_not_a_count_counts_one_process(
+    monkeypatch: pytest.MonkeyPatch, local: str
+) -> None:
+    monkeypatch.setattr(threads, "cores", lambda: 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+    assert threads.spare_cores([torch.device("cpu")], 1)
+
+
 def test_a_parameter_on_an_accelerator_always_gets_async_roots(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

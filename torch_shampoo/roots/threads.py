@@ -44,6 +44,7 @@ def spare_cores(devices: Iterable[torch.device], workers: int) -> bool:
     (docs/design.md, "Sync or async roots"), and a sync step solves its roots on every core."""
     if any(d.type != "cpu" for d in devices):
         return True
-    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    processes = max(1, int(local)) if local.isdigit() else 1
     step = torch.get_num_threads() * processes
     return step + workers * default_threads(workers) * processes <= cores()
