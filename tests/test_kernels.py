@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from torch_shampoo.layout.compact import Triangles
-from torch_shampoo.update.kernels import OUTER_PRODUCT_MIN, accumulate_statistics
+from torch_shampoo.update.kernels import GRAM_SPLIT_MIN, OUTER_PRODUCT_MIN, accumulate_statistics
 
 
 def _stack(n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,3 +65,37 @@ def test_flags_and_triangles_keep_the_other_entries_bitwise(d: int, beta2: float
         assert torch.equal(masked[1], factor[1])
         assert torch.equal(masked[[0, 2]][:, kept], plain[[0, 2]][:, kept])
         assert torch.equal(masked[[0, 2]][:, ~kept], factor[[0, 2]][:, ~kept])
+
+
+@pytest.mark.parametrize("d", [GRAM_SPLIT_MIN - 1, GRAM_SPLIT_MIN, GRAM_SPLIT_MIN + 3])
+@pytest.mark.parametrize("beta2", [0.999, 1.0])
+def test_matrix_statistics_by_halves_are_beta_f_plus_w_g_gt_and_agree_bitwise(
+    d: int, beta2: float
+) -> None:
+    """From GRAM_SPLIT_MIN, U Uᵀ is added by halves (the lower off-diagonal block the upper's
+    transpose): β₂F + w·UUᵀ to float32 rounding (float64 reference), and flagged rows and
+    compact triangles bitwise the plain stack's."""
+    gen = torch.Generator().manual_seed(d)
+    blocks = torch.randn(2, d, -(-d // 4), generator=gen)  # (U ≥ d/4 wide: by halves)
+    a = torch.randn(2, d, d, generator=gen)
+    factor = a @ a.mT / d
+    factor = (factor + factor.mT) / 2  # (exactly symmetric, as the stored factors are)
+    weight = 1.0 if beta2 == 1.0 else 1.0 - beta2
+    g = blocks.double()
+    expected = beta2 * factor.double() + weight * g @ g.mT
+    plain = factor.clone()
+    accumulate_statistics([plain], blocks, (True, False), beta2, None)
+    torch.testing.assert_close(plain.double(), expected, rtol=1e-5, atol=1e-5)
+    if d >= GRAM_SPLIT_MIN:  # (the lower off-diagonal block: the upper's transpose)
+        h = d // 2
+        assert torch.equal(plain[:, h:, :h], plain[:, :h, h:].mT)
+    flags = torch.tensor([False, True])
+    flagged = factor.clone()
+    accumulate_statistics([flagged], blocks, (True, False), beta2, flags)
+    assert torch.equal(flagged[0], factor[0]) and torch.equal(flagged[1], plain[1])
+    triangles = Triangles(d, factor.device)
+    kept = triangles.factor_mask
+    masked = factor.clone()
+    accumulate_statistics([masked], blocks, (True, False), beta2, None, [triangles])
+    assert torch.equal(masked[:, kept], plain[:, kept])
+    assert torch.equal(masked[:, ~kept], factor[:, ~kept])
