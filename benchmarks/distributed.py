@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -65,7 +66,12 @@ def _worker(rank: int, world: int, folder: str, steps: int, width: int, depth: i
         h.close(opt)
     torch.save(results, f"{folder}/rank.{rank}")
     dist.barrier()
-    dist.destroy_process_group()
+    # Exit without tearing down: a DDP Reducer dropping the last reference to gloo's process
+    # group joins its run loop while holding the GIL, and that loop may wait for the GIL to free
+    # a tensor (a hang seen twice on 2026-12-08, in torch's destructors, not in this package).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main(argv: list[str] | None = None) -> None:
