@@ -25,7 +25,7 @@ def helpers(workers: int, threads: int) -> int:
 
 
 def team(workers: int) -> tuple[int, int]:
-    """A pool of ``workers``' thread count each and its :func:`helpers`, at torch's count now."""
+    """(threads per worker, :func:`helpers`) of a pool of ``workers``, at torch's count now."""
     threads = default_threads(workers)
     return threads, helpers(workers, threads)
 
