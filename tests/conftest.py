@@ -36,3 +36,13 @@ def _one_intra_op_thread(_restore_thread_count: None) -> None:
 # random cases hypothesis draws nor on how loaded the machine is.
 settings.register_profile("deterministic", derandomize=True, database=None, deadline=None)
 settings.load_profile("deterministic")
+
+
+@pytest.fixture(autouse=True)
+def _cores_to_spare(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``async_roots="auto"`` decides by the machine's cores (``roots.threads.spare_cores``):
+    the suite pins them so that the default is async roots on any machine, a 1-core one too.
+    tests/test_async_auto.py sets them itself to test the rule."""
+    from torch_shampoo.roots import threads
+
+    monkeypatch.setattr(threads, "cores", lambda: 64)
