@@ -76,7 +76,7 @@ def grid(report: h.Report, name: str, args: Any, curves: dict[str, Any]) -> None
     target = best["Adam"].final_train if "Adam" in best else math.inf
     sgd = best.get("SGD-momentum")
     sgd_loss = sgd.final_train if sgd and not sgd.diverged else math.inf
-    sgd_steps = sgd.steps_to(sgd_loss) if math.isfinite(sgd_loss) else None
+    sgd_steps = sgd.steps_to(sgd_loss) if sgd and math.isfinite(sgd_loss) else None
     rows = []
     for r in best.values():
         to_sgd = r.steps_to(sgd_loss) if math.isfinite(sgd_loss) else None

@@ -43,11 +43,11 @@ def _worker(rank: int, world: int, folder: str, steps: int, width: int, depth: i
     for name in ("adam", *MODES):
         torch.manual_seed(0)
         model = DistributedDataParallel(h.tanh_stack(depth, width, out=16))
-        opt = h.optimizer(
-            "adam" if name == "adam" else "shampoo-sync", model.parameters(),
-            **({} if name == "adam" else {"block": 128, "precondition_frequency": 5,
-                "partition_roots": name == "roots", "partition_state": name == "state"}),
-        )  # fmt: skip
+        extra: dict[str, Any] = {} if name == "adam" else {
+            "block": 128, "precondition_frequency": 5, "partition_roots": name == "roots",
+            "partition_state": name == "state"}
+        opt = h.optimizer("adam" if name == "adam" else "shampoo-sync", model.parameters(),
+                          **extra)  # fmt: skip
         times = []
         for step in range(steps):
             x, y = data[step % len(data)]

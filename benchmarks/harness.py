@@ -65,7 +65,7 @@ def packages(args: argparse.Namespace) -> dict[str, ModuleType]:
     out = {"": torch_shampoo}
     if getattr(args, "compare", None):
         out["other "] = load_checkout(args.compare)
-        print(f"--compare: 'other' = {out['other '].__checkout__}")  # type: ignore[attr-defined]
+        print(f"--compare: 'other' = {out['other '].__checkout__}")
     return out
 
 
@@ -211,7 +211,8 @@ def optimizer(key: str, params: Any, lr: float = 1e-3, block: int | None = None,
         return torch.optim.AdamW(params, lr=lr, fused=True)
     if key.startswith("shampoo"):
         mode = key.split("-")[1]
-        extra = {"sync": {"async_roots": False}, "async": {"async_roots": True},
+        modes: dict[str, dict[str, Any]] = {
+                 "sync": {"async_roots": False}, "async": {"async_roots": True},
                  "noguard": {"async_roots": False, "skip_nonfinite": False},
                  "synchere": {"async_roots": False},
                  "compact": {"async_roots": False, "compact_state": True},
@@ -221,7 +222,8 @@ def optimizer(key: str, params: Any, lr: float = 1e-3, block: int | None = None,
                  "bf16compact": {"async_roots": False, "state_dtype": torch.bfloat16,
                                  "compact_state": True},
                  "noroot": {"async_roots": False, "precondition_frequency": 10**9,
-                            "start_preconditioning_step": 1}}[mode]  # fmt: skip
+                            "start_preconditioning_step": 1}}  # fmt: skip
+        extra = modes[mode]
         if mode == "synchere" and pkg is not torch_shampoo:
             print("note: shampoo-synchere is this checkout's alone: no row")
             return None

@@ -67,7 +67,7 @@ def warm_step(bases: torch.Tensor, factors: torch.Tensor, p: int) -> Any:
 
 
 def solve(report: h.Report, args: Any) -> None:
-    sizes = (64, 128, 256) if args.quick else (64, 128, 256, 512, 1024, 2048)
+    sizes: tuple[int, ...] = (64, 128, 256) if args.quick else (64, 128, 256, 512, 1024, 2048)
     sizes = tuple(int(n) for n in args.sizes.split(",")) if args.sizes else sizes
     conditions = (1e2, 1e10) if args.quick else (1e2, 1e6, 1e10)
     for threads in [int(t) for t in args.thread_counts.split(",")]:

@@ -30,6 +30,7 @@ step() between two synchronizations; roots stay on the CPU.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import math
 import os
@@ -166,6 +167,14 @@ def storage(report: h.Report, args: Any, pkgs: dict[str, Any]) -> None:
     run_models(report, "storage", h.models(args.quick)[0], args, cs, 1 if args.quick else 3)
 
 
+def _two_linear(width: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(width, width), nn.Linear(width, width))
+
+
+def _inputs(width: int, g: torch.Generator) -> torch.Tensor:
+    return torch.randn(h.BATCH, width, generator=g)
+
+
 def scaling(report: h.Report, args: Any) -> None:
     widths = (64, 128) if args.quick else (256, 512, 1024, 2048, 4096)
     blocks = (32, 64) if args.quick else (128, 1024)
@@ -173,8 +182,8 @@ def scaling(report: h.Report, args: Any) -> None:
     for width in widths:
         model = h.Model(
             f"2x Linear({width})",
-            lambda w=width: nn.Sequential(nn.Linear(w, w), nn.Linear(w, w)),
-            lambda g, w=width: torch.randn(h.BATCH, w, generator=g),
+            functools.partial(_two_linear, width),
+            functools.partial(_inputs, width),
         )
         cs = contenders(model, args, blocks, {"": h.torch_shampoo}, ["adam", "shampoo-noroot"])
         s = h.interleave(cs, args.rounds or 3, 3, 2, f"scaling {width}")
@@ -200,7 +209,7 @@ def compile_section(report: h.Report, args: Any) -> None:
             for p in params:
                 p.grad = torch.randn_like(p)
             opt = h.optimizer("shampoo-noroot", params, block=128)
-            step: Callable[[], Any] = torch.compile(opt.step) if compiled else opt.step  # type: ignore[union-attr]
+            step: Callable[[], Any] = torch.compile(opt.step) if compiled else opt.step
             began = time.perf_counter()
             for _ in range(3):
                 step()
