@@ -3,7 +3,7 @@
 # step-time entry point on the GPU (quick, then the core section at full size: Shampoo, SOAP,
 # Adam, the floor) and the memory benchmark on the GPU (quick: per method the state, its ratio
 # to Adam and the peak allocated, reset per contender; the first-step peak); if time is left,
-# the storage section and warm-started roots on the GPU.
+# the storage section, warm-started roots on the GPU and sync roots on every CPU core.
 #
 #   bash benchmarks/gpu_check.sh          # from anywhere; it runs from the repository root
 #
@@ -116,6 +116,10 @@ part storage 60 --optional "$PY" -m benchmarks.step_time --device cuda --section
     --out "$LOGS/storage.json"
 part roots_warm 90 --optional "$PY" -m benchmarks.roots --device cuda --sections warm --threads 1 \
     --out "$LOGS/roots_warm.json"
+# Issue 32's sync target on the machine's own cores (CPU, full size: 1 and all threads): on 2
+# cores sync roots on every core are bound at ~0.68x the calling thread alone.
+part threads_cpu 100 --optional "$PY" -m benchmarks.step_time --sections threads \
+    --out "$LOGS/threads_cpu.json"
 part cpu_root_tests 90 --optional "$PY" -m pytest -q -p no:cacheprovider \
     tests/test_async_roots.py tests/test_root_schedule.py
 
