@@ -275,7 +275,7 @@ JUNK = st.one_of(
     st.sampled_from([1 + 1j, b"adam", {}, _Opaque(), {"lr": 0.1}, nn.Linear(2, 2)]),
 )  # fmt: skip
 
-# ``model`` is fuzzed on its own (tests/test_hardening.py: it needs per-sample statistics).
+# ``model`` is fuzzed on its own (tests/test_hardening_input.py: it needs per-sample statistics).
 FUZZED = {f: sorted({s.name for s in spec.rows(f)} - {"model"}) for f in spec.FRONTS}
 # Roots at the first step, so one step exercises the whole pipeline (inline unless the draw
 # asks for async roots: starting a thread per example would dominate the run time).
