@@ -121,7 +121,8 @@ part roots_warm 90 --optional "$PY" -m benchmarks.roots --device cuda --sections
 part threads_cpu 100 --optional "$PY" -m benchmarks.step_time --sections threads \
     --out "$LOGS/threads_cpu.json"
 part cpu_root_tests 90 --optional "$PY" -m pytest -q -p no:cacheprovider \
-    tests/test_async_roots.py tests/test_root_schedule.py
+    tests/test_async_roots.py tests/test_root_schedule.py tests/test_root_pool.py \
+    tests/test_root_host_buffers.py
 
 echo
 echo "== ratios (step() time, within each run)"
