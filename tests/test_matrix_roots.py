@@ -1,4 +1,6 @@
-"""Property tests for torch_shampoo.roots.matrix_roots.inverse_root.
+"""Property tests for torch_shampoo.roots.matrix_roots.inverse_root: accuracy on well-posed inputs
+and bad values (never raised, never a silently wrong root); arguments, dtypes, symmetry and
+determinism: test_matrix_roots_arguments.py.
 
 Accuracy is judged against the regularized matrix B = (A + Aᵀ)/2 + εI through the backward
 error ‖X^(-p) - B‖_F / ‖B‖_F, with X^(-p) evaluated from the eigendecomposition of X. A root X
@@ -10,157 +12,24 @@ u·(1 + p·κ(X)); the tolerances below are that bound times a small size-depend
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from matrix_roots_helpers import (
+    EXPONENTS,
+    Case,
+    assert_accurate_or_failed,
+    cases,
+    methods_for,
+    random_orthogonal,
+    relative_backward_error,
+    relative_difference,
+    rounding_floor,
+)
 
-from torch_shampoo.roots.matrix_roots import ROOT_METHODS, RootResult, finite_rows, inverse_root
-
-UNIT_ROUNDOFF = 2.0**-53
-EXPONENTS = (1, 2, 4, 6, 8)
-SPECTRUM_KINDS = ("geometric", "random", "duplicated", "rank_deficient")
-
-
-@dataclass(frozen=True)
-class Case:
-    """A = Q diag(eigenvalues) Qᵀ with Q random orthogonal; condition is κ(A + εI) by design."""
-
-    matrix: torch.Tensor
-    epsilon: float
-    condition: float
-
-    @property
-    def size(self) -> int:
-        return self.matrix.shape[0]
-
-    def regularized(self) -> torch.Tensor:
-        """B = (A + Aᵀ)/2 + εI, the matrix whose inverse root is requested."""
-        b = 0.5 * self.matrix + 0.5 * self.matrix.mT
-        b.diagonal().add_(self.epsilon)
-        return b
-
-
-def random_orthogonal(n: int, seed: int) -> torch.Tensor:
-    """Haar-distributed orthogonal Q from the QR factorization of a Gaussian matrix."""
-    generator = torch.Generator().manual_seed(seed)
-    q, r = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=generator))
-    return q * torch.sign(torch.diagonal(r))
-
-
-def spectrum(kind: str, n: int, log_condition: float, seed: int) -> torch.Tensor:
-    """n eigenvalues in [10^-log_condition, 1] with max 1; rank_deficient has exact zeros too."""
-    generator = torch.Generator().manual_seed(seed)
-    smallest = 10.0**-log_condition
-    if kind == "geometric" or kind == "rank_deficient":
-        values = torch.logspace(0.0, -log_condition, n, dtype=torch.float64)
-    elif kind == "random":
-        exponents = torch.rand(n, dtype=torch.float64, generator=generator) * -log_condition
-        values = 10.0**exponents
-    else:  # duplicated: every eigenvalue is one of three exactly repeated values
-        levels = torch.tensor([1.0, math.sqrt(smallest), smallest], dtype=torch.float64)
-        values = levels[torch.randint(0, 3, (n,), generator=generator)]
-    values[0] = 1.0
-    if n > 1 and kind != "rank_deficient":
-        values[-1] = smallest
-    if kind == "rank_deficient":
-        zeros = int(torch.randint(1, n + 1, (1,), generator=generator)) if n > 1 else 1
-        values[n - zeros :] = 0.0
-    return values
-
-
-@st.composite
-def cases(
-    draw: st.DrawFn,
-    max_size: int = 64,
-    max_log_condition: float = 10.0,
-    scales: tuple[float, ...] = (1.0,),
-    zero_epsilon: bool = True,
-    kinds: tuple[str, ...] = SPECTRUM_KINDS,
-) -> Case:
-    """SPD (or rank-deficient PSD with ε > 0) test matrices with known κ(A + εI)."""
-    n = draw(st.integers(1, max_size))
-    kind = draw(st.sampled_from(kinds))
-    log_condition = draw(st.floats(0.0, max_log_condition))
-    seed = draw(st.integers(0, 2**31 - 1))
-    scale = draw(st.sampled_from(scales))
-    eigenvalues = spectrum(kind, n, log_condition, seed)
-    smallest = 10.0**-log_condition
-    if kind == "rank_deficient" or not zero_epsilon:
-        relative_epsilon = smallest
-    else:
-        relative_epsilon = draw(st.sampled_from([0.0, 1e-3 * smallest]))
-    q = random_orthogonal(n, seed)
-    matrix = (q * (scale * eigenvalues)) @ q.mT
-    epsilon = scale * relative_epsilon
-    condition = float(eigenvalues.max() + relative_epsilon) / float(
-        eigenvalues.min() + relative_epsilon
-    )
-    return Case(matrix=matrix, epsilon=epsilon, condition=condition)
-
-
-def rounding_floor(n: int) -> float:
-    """Observed rounding level of an n x n float64 eigendecomposition and product, with margin."""
-    return 4.0 * (4.0 + math.sqrt(n)) * UNIT_ROUNDOFF
-
-
-def relative_backward_error(root: torch.Tensor, regularized: torch.Tensor, p: int) -> float:
-    """‖X^(-p) - B‖_F / ‖B‖_F with X^(-p) = V diag(μ^(-p)) Vᵀ from X = V diag(μ) Vᵀ.
-
-    μ^(-p) is real for negative μ too (integer p), so an indefinite X is judged, not rejected.
-    """
-    mu, v = torch.linalg.eigh(root)
-    if not bool((mu != 0).all()):
-        return math.inf
-    power = (v * mu.pow(-float(p))) @ v.mT
-    return float(
-        torch.linalg.matrix_norm(power - regularized) / torch.linalg.matrix_norm(regularized)
-    )
-
-
-def relative_difference(x: torch.Tensor, y: torch.Tensor) -> float:
-    """‖X - Y‖_F / ‖Y‖_F."""
-    return float(torch.linalg.matrix_norm(x - y) / torch.linalg.matrix_norm(y))
-
-
-def methods_for(p: int) -> list[str]:
-    """Methods that accept exponent p."""
-    return [m for m in ROOT_METHODS if m != "cholesky" or p == 1]
-
-
-def assert_accurate_or_failed(result: RootResult, case: Case, p: int) -> None:
-    """ok=True only if X is the p-th inverse root of B up to the achievable accuracy.
-
-    Backward error: ‖X^(-p) - B‖_F/‖B‖_F <= floor·(1 + p·κ(X)) + 2n·error, where error is the
-    method's own estimate (newton's residual max|X^p B - I| bounds the backward error by about
-    n·error). Not checkable once p·κ(X)·floor >= 1: X^(-p) is then not computable in float64.
-    If B is numerically positive definite (ε > allowance·‖B‖_F), X must also be positive
-    semi-definite with λ_max(X) <= (ε - allowance·‖B‖_F)^(-1/p), since B ⪰ εI.
-    """
-    if not result.ok:
-        assert result.reason
-        return
-    x, n = result.root, case.size
-    assert result.reason == ""
-    assert bool(torch.isfinite(x).all())
-    assert torch.equal(x, x.mT)
-    floor = rounding_floor(n)
-    mu = torch.linalg.eigvalsh(x)
-    b = case.regularized()
-    allowance = (floor * (1 + p) + 2 * n * result.error) * float(torch.linalg.matrix_norm(b))
-    if case.epsilon > allowance:
-        assert float(mu[0]) >= -floor * float(mu[-1]), f"indefinite root: {mu[0]}, {mu[-1]}"
-        bound = (case.epsilon - allowance) ** (-1.0 / p) * (1 + floor)
-        assert float(mu[-1]) <= bound, f"root {float(mu[-1]):.3g} exceeds ε^(-1/p) ({bound:.3g})"
-    condition = float(mu.abs().max() / mu.abs().min())
-    if p * floor * condition < 1:
-        tolerance = floor * (1 + p * condition) + 2 * n * result.error
-        error = relative_backward_error(x, b, p)
-        assert error <= tolerance, f"backward error {error:.3g} > {tolerance:.3g} ({result})"
-
+from torch_shampoo.roots.matrix_roots import ROOT_METHODS, inverse_root
 
 # ---------------------------------------------------------------------------------------------
 # Accuracy on well-posed inputs
@@ -423,134 +292,3 @@ def test_eigh_failure_falls_back_to_newton_for_integer_exponents(
         assert relative_difference(result.root, expected) <= 2 * 8 * result.error + 1e-14
     else:
         assert "eigh failed" in result.reason
-
-
-# ---------------------------------------------------------------------------------------------
-# Arguments, dtypes, symmetry, determinism
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "argument"),
-    [
-        ({"exponent": 0.0}, "exponent"),
-        ({"exponent": -2.0}, "exponent"),
-        ({"exponent": math.nan}, "exponent"),
-        ({"exponent": math.inf}, "exponent"),
-        ({"epsilon": -1e-12}, "epsilon"),
-        ({"epsilon": math.nan}, "epsilon"),
-        ({"epsilon": math.inf}, "epsilon"),
-        ({"method": "svd"}, "method"),
-        ({"method": "newton", "exponent": 2.5}, "exponent"),
-        ({"method": "cholesky", "exponent": 2.0}, "exponent"),
-        ({"matrix": torch.ones(2, 3)}, "matrix"),
-        ({"matrix": torch.ones(3)}, "matrix"),
-        ({"matrix": torch.ones(2, 2, 2)}, "matrix"),
-        ({"failure_threshold": 0.0}, "failure_threshold"),
-        ({"failure_threshold": math.nan}, "failure_threshold"),
-    ],
-)
-def test_bad_arguments_raise_value_error_naming_the_argument(
-    kwargs: dict[str, object], argument: str
-) -> None:
-    """Invalid arguments (not values) raise ValueError whose message names the argument."""
-    arguments: dict[str, object] = {"matrix": torch.eye(3), "exponent": 2.0, "epsilon": 1e-6}
-    arguments.update(kwargs)
-    with pytest.raises(ValueError, match=argument):
-        inverse_root(**arguments)  # type: ignore[arg-type]
-
-
-def test_unknown_method_message_lists_valid_choices() -> None:
-    with pytest.raises(ValueError) as info:
-        inverse_root(torch.eye(2), 2, 0.0, "svd")
-    assert all(name in str(info.value) for name in ROOT_METHODS)
-
-
-def test_empty_matrix_has_empty_root() -> None:
-    result = inverse_root(torch.zeros(0, 0), 2, 1e-6)
-    assert result.ok and result.root.shape == (0, 0)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_input_is_converted_to_float64_cpu(dtype: torch.dtype) -> None:
-    """Any float dtype gives a float64 CPU root bitwise equal to passing the float64 matrix."""
-    matrix = (random_orthogonal(6, seed=1) * torch.linspace(1, 2, 6, dtype=torch.float64)).to(dtype)
-    matrix = matrix @ matrix.mT
-    result = inverse_root(matrix, 4, 1e-3)
-    assert result.root.dtype == torch.float64 and result.root.device.type == "cpu"
-    assert torch.equal(result.root, inverse_root(matrix.double(), 4, 1e-3).root)
-
-
-@settings(max_examples=20, deadline=None)
-@given(case=cases(max_size=24, max_log_condition=6.0), method=st.sampled_from(ROOT_METHODS))
-def test_root_depends_only_on_symmetric_part(case: Case, method: str) -> None:
-    """inverse_root(A) and inverse_root(Aᵀ) are bitwise equal and exactly symmetric."""
-    generator = torch.Generator().manual_seed(case.size)
-    noise = torch.randn(case.size, case.size, dtype=torch.float64, generator=generator)
-    matrix = case.matrix + 1e-3 * noise
-    p = 1 if method == "cholesky" else 2
-    result = inverse_root(matrix, p, case.epsilon + 0.1, method)
-    transposed = inverse_root(matrix.mT, p, case.epsilon + 0.1, method)
-    assert torch.equal(result.root, transposed.root)
-    assert torch.equal(result.root, result.root.mT)
-
-
-def assert_bitwise_reproducible(
-    matrix: torch.Tensor, p: int, epsilon: float, methods: list[str]
-) -> None:
-    """Each method gives the same bits twice in a row and from two worker threads at once."""
-    for method in methods:
-        first = inverse_root(matrix, p, epsilon, method).root
-        assert torch.equal(first, inverse_root(matrix, p, epsilon, method).root)
-        threads = torch.get_num_threads()  # workers do not inherit it: set it explicitly
-        with ThreadPoolExecutor(2, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
-            futures = [pool.submit(inverse_root, matrix, p, epsilon, method) for _ in range(4)]
-            roots = [future.result().root for future in futures]
-        assert all(torch.equal(first, root) for root in roots), method
-
-
-@settings(max_examples=8, deadline=None)
-@given(case=cases(max_size=48, max_log_condition=8.0), p=st.sampled_from(EXPONENTS))
-def test_repeated_and_concurrent_calls_are_bitwise_identical(case: Case, p: int) -> None:
-    """Same bits serially and from two worker threads at once, for every method.
-
-    Bits are reproducible for one intra-op thread configuration (MKL's blocking depends on it),
-    and a worker thread does not inherit torch.set_num_threads from the thread that created it.
-    """
-    assert_bitwise_reproducible(case.matrix, p, case.epsilon, methods_for(p))
-
-
-@pytest.mark.parametrize("p", [1, 4])
-def test_concurrent_calls_are_bitwise_identical_on_a_larger_matrix(
-    default_thread_count: int, p: int
-) -> None:
-    """The same for eigh past the blocked W Wᵀ threshold, where MKL uses several threads."""
-    torch.set_num_threads(default_thread_count)
-    generator = torch.Generator().manual_seed(p)
-    gaussian = torch.randn(300, 300, dtype=torch.float64, generator=generator)
-    assert_bitwise_reproducible(gaussian @ gaussian.mT / 300, p, 1e-6, ["eigh"])
-
-
-@settings(max_examples=60, deadline=None)
-@given(
-    k=st.integers(1, 5),
-    n=st.integers(1, 6),
-    entries=st.lists(
-        st.sampled_from([0.0, 1.0, -2.5, 1e308, -1e308, math.nan, math.inf, -math.inf]),
-        min_size=1,
-        max_size=8,
-    ),
-    seed=st.integers(0, 2**16),
-)
-def test_finite_rows_is_the_entrywise_check_even_when_a_sum_overflows(
-    k: int, n: int, entries: list[float], seed: int
-) -> None:
-    """The one-sum-per-matrix check answers as torch.isfinite on every entry would, also for
-    finite entries whose sum overflows (±1e308 twice) and for +inf beside -inf."""
-    gen = torch.Generator().manual_seed(seed)
-    stack = torch.randn(k, n, n, generator=gen, dtype=torch.float64)
-    flat = stack.view(-1)
-    where = torch.randint(0, flat.numel(), (len(entries),), generator=gen)
-    for i, value in zip(where.tolist(), entries):
-        flat[i] = value
-    expected = [bool(torch.isfinite(matrix).all()) for matrix in stack]
-    assert finite_rows(stack) == expected
