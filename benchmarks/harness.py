@@ -84,8 +84,9 @@ def _import(name: str, path: Path, package: bool = False) -> ModuleType:
 
 def example(name: str) -> ModuleType:
     """An example script's module (examples/NAME.py), imported once from the examples folder
-    under its own name (they import ``_common`` and ``_report`` by their plain names)."""
-    for dep in ("_report", "_common", name):
+    under its own name (they import ``_common``, ``_methods`` and ``_report`` by their plain
+    names)."""
+    for dep in ("_report", "_methods", "_common", name):
         if dep not in sys.modules:
             _import(dep, ROOT / "examples" / f"{dep}.py")
     return sys.modules[name]

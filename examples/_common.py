@@ -1,24 +1,33 @@
-"""Shared optimizer registry, training loop and comparison driver for the example scripts.
+"""The training loop and comparison driver the example scripts share.
 
-The reporting half (run record, results table, plots, JSON, environment) lives in `_report`;
-its names are re-exported here, so scripts keep importing everything from `_common`."""
+The optimizer registry lives in `_methods`, the reporting half (run record, results table,
+plots, JSON, environment) in `_report`; their names are re-exported here, so scripts keep
+importing everything from `_common`."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
 import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
-from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from _methods import (
+    LR_GROUPS,
+    METHOD_KEYS,
+    REGISTRY,
+    Method,
+    available,
+    make_method,
+    parse_keys,
+    rank_of,
+    world,
+)
 from _report import (  # noqa: F401  (re-exported for the scripts, benchmarks and tests)
     RunResult,
     adam_target,
@@ -42,196 +51,6 @@ import torch_shampoo
 
 Batch = tuple[Tensor, Tensor]
 
-
-class _Entry(NamedTuple):
-    label: str
-    module: ModuleType | str
-    """The module, or the name of an optional one (a published reference, imported if there)."""
-    class_name: str
-    lr_group: str
-    kwargs: dict[str, Any]
-
-
-_REGISTRY = {
-    "sgd": _Entry("SGD-momentum", torch.optim, "SGD", "sgd", {"momentum": 0.9}),
-    "adam": _Entry("Adam", torch.optim, "Adam", "adam", {}),
-    "adamw": _Entry("AdamW", torch.optim, "AdamW", "adamw", {}),
-    "shampoo-sync": _Entry(
-        "Shampoo sync", torch_shampoo, "Shampoo", "shampoo", {"async_roots": False}
-    ),
-    "shampoo-async": _Entry(
-        "Shampoo async", torch_shampoo, "Shampoo", "shampoo", {"async_roots": True}
-    ),
-    # the default: async_roots="auto" (sync where the step's threads fill a CPU-only machine)
-    "shampoo": _Entry("Shampoo", torch_shampoo, "Shampoo", "shampoo", {}),
-    # float32 roots, a failed one solved again in float64 (benchmarks: root_dtype's default)
-    "shampoo-sync-f32": _Entry(
-        "Shampoo sync f32",
-        torch_shampoo,
-        "Shampoo",
-        "shampoo",
-        {"async_roots": False, "root_dtype": torch.float32},
-    ),
-    # warm-started roots: an exact eigh every 5th root step, a power iteration between
-    "shampoo-sync-warm": _Entry(
-        "Shampoo sync eigh/5",
-        torch_shampoo,
-        "Shampoo",
-        "shampoo",
-        {"async_roots": False, "eigh_every": 5},
-    ),
-    "shampoo-async-warm": _Entry(
-        "Shampoo async eigh/5", torch_shampoo, "Shampoo", "shampoo",
-        {"async_roots": True, "eigh_every": 5},
-    ),
-    # roots at every f-th step for every parameter (async's default staggers them by parameter)
-    "shampoo-async-unstaggered": _Entry(
-        "Shampoo async unstaggered", torch_shampoo, "Shampoo", "shampoo",
-        {"async_roots": True, "stagger_roots": False},
-    ),
-    "shampoo-sync-stagger": _Entry(
-        "Shampoo sync stagger", torch_shampoo, "Shampoo", "shampoo",
-        {"async_roots": False, "stagger_roots": True},
-    ),
-    # bfloat16 state (roots, moments; factors float32), rounded stochastically; sync: bitwise
-    # repeatable; square blocks paired (compact_state "auto")
-    "shampoo-sync-bf16": _Entry(
-        "Shampoo sync bf16",
-        torch_shampoo,
-        "Shampoo",
-        "shampoo",
-        {"async_roots": False, "state_dtype": torch.bfloat16},
-    ),
-    "shampoo-sync-bf16full": _Entry(
-        "Shampoo sync bf16 full", torch_shampoo, "Shampoo", "shampoo",
-        {"async_roots": False, "state_dtype": torch.bfloat16, "compact_state": False},
-    ),
-    # and compact_state=True: every block packed (unpaired ones' roots then float32)
-    "shampoo-sync-bf16c": _Entry(
-        "Shampoo sync bf16 compact", torch_shampoo, "Shampoo", "shampoo",
-        {"async_roots": False, "state_dtype": torch.bfloat16, "compact_state": True},
-    ),
-    "ngplus": _Entry("NG+", torch_shampoo, "NGPlus", "ngplus", {"statistics": "minibatch"}),
-    "ngplus-async": _Entry(
-        "NG+ async", torch_shampoo, "NGPlus", "ngplus",
-        {"statistics": "minibatch", "async_roots": True},
-    ),
-    "ngplus-unstaggered": _Entry(
-        "NG+ unstaggered", torch_shampoo, "NGPlus", "ngplus",
-        {"statistics": "minibatch", "async_roots": True, "stagger_roots": False},
-    ),
-    "ngplus-sync": _Entry(
-        "NG+ sync", torch_shampoo, "NGPlus", "ngplus",
-        {"statistics": "minibatch", "async_roots": False},
-    ),
-    "ngplus-f32": _Entry(
-        "NG+ f32",
-        torch_shampoo,
-        "NGPlus",
-        "ngplus",
-        {"statistics": "minibatch", "root_dtype": torch.float32},
-    ),
-    "ngplus-ps": _Entry(
-        "NG+ per-sample", torch_shampoo, "NGPlus", "ngplus", {"statistics": "per_sample"}
-    ),
-    # SOAP takes Adam's lr (its step is Adam's, in a rotated basis)
-    "soap": _Entry("SOAP", torch_shampoo, "SOAP", "adam", {}),
-    "soap-async": _Entry("SOAP async", torch_shampoo, "SOAP", "adam", {"async_roots": True}),
-    "soap-sync": _Entry("SOAP sync", torch_shampoo, "SOAP", "adam", {"async_roots": False}),
-    "soap-sync-bf16": _Entry(
-        "SOAP sync bf16", torch_shampoo, "SOAP", "adam",
-        {"async_roots": False, "state_dtype": torch.bfloat16},
-    ),
-    "soap-unstaggered": _Entry(
-        "SOAP async unstaggered", torch_shampoo, "SOAP", "adam",
-        {"async_roots": True, "stagger_roots": False},
-    ),
-    "soap-stale": _Entry(
-        "SOAP stale=f", torch_shampoo, "SOAP", "adam", {"async_roots": True, "root_staleness": 10}
-    ),
-    # pytorch-optimizer's SOAP (pip install pytorch-optimizer), as a published reference
-    "soap-ref": _Entry(
-        "SOAP (pytorch-optimizer)", "pytorch_optimizer", "SOAP", "adam", {"weight_decay": 0.0}
-    ),
-}
-METHOD_KEYS = tuple(_REGISTRY)
-LR_GROUPS = ("sgd", "adam", "adamw", "shampoo", "ngplus")
-
-
-@dataclass(frozen=True)
-class Method:
-    """One optimizer configuration: registry key, learning rate and extra keyword arguments."""
-
-    key: str
-    lr: float
-    kwargs: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        """Human-readable name used in tables and plots."""
-        return _REGISTRY[self.key].label
-
-    def optimizer_class(self) -> Callable[..., torch.optim.Optimizer] | None:
-        """The optimizer class, or None if this version of the library does not provide it."""
-        entry = _REGISTRY[self.key]
-        module = entry.module
-        if isinstance(module, str):
-            try:
-                module = importlib.import_module(module)
-            except ImportError:
-                return None
-        return getattr(module, entry.class_name, None)
-
-    def build(self, model: nn.Module) -> torch.optim.Optimizer:
-        """Construct the optimizer for `model` (attaching hooks for per-sample statistics)."""
-        cls = self.optimizer_class()
-        if cls is None:
-            raise RuntimeError(f"{self.label} is not available in this torch_shampoo version")
-        kwargs = {**_REGISTRY[self.key].kwargs, **self.kwargs}
-        if world() > 1 and _REGISTRY[self.key].module is torch_shampoo:
-            kwargs["partition_state"] = True  # DDP: each parameter kept by one process
-        opt = cls(model.parameters(), lr=self.lr, **kwargs)
-        if kwargs.get("statistics") == "per_sample":
-            opt.attach(model)  # type: ignore[attr-defined]
-        return opt
-
-
-def make_method(
-    key: str,
-    lrs: Mapping[str, float],
-    weight_decay: float = 0.01,
-    ngplus_damping: float | None = None,
-) -> Method:
-    """Build a Method for registry `key`, taking its lr from `lrs` (indexed by lr group)."""
-    group = _REGISTRY[key].lr_group
-    kwargs: dict[str, Any] = {}
-    if group == "adamw":
-        kwargs["weight_decay"] = weight_decay
-    if group == "ngplus" and ngplus_damping is not None:
-        kwargs["damping"] = ngplus_damping
-    return Method(key, lrs[group], kwargs)
-
-
-def parse_keys(text: str, choices: Sequence[str]) -> list[str]:
-    """Split a comma-separated list of names and check each is one of `choices`."""
-    keys = [k.strip() for k in text.split(",") if k.strip()]
-    unknown = [k for k in keys if k not in choices]
-    if unknown:
-        raise SystemExit(f"unknown names {unknown}; choose from {', '.join(choices)}")
-    return keys
-
-
-def available(methods: Sequence[Method]) -> list[Method]:
-    """Keep the methods whose optimizer class is importable; print a note for the others."""
-    kept = []
-    for method in methods:
-        if method.optimizer_class() is None:
-            entry = _REGISTRY[method.key]
-            where = entry.module if isinstance(entry.module, str) else entry.module.__name__
-            print(f"note: skipping {method.label}: {where} has no {entry.class_name} here")
-        else:
-            kept.append(method)
-    return kept
 
 
 def classification_loss(logits: Tensor, targets: Tensor) -> Tensor:
@@ -379,7 +198,7 @@ def print_plan(task: Task, methods: Sequence[Method]) -> None:
     (on a model of its own, before any training): per parameter its blocks, state and root
     work, in total the ratio to Adam's state and a root cycle's time on this machine."""
     for method in methods:
-        if _REGISTRY[method.key].module is torch_shampoo:
+        if REGISTRY[method.key].module is torch_shampoo:
             model = task.build_model()
             with method.build(model) as opt:  # type: ignore[attr-defined]
                 opt.plan(model=model)
@@ -476,15 +295,6 @@ def comparison_parser(
     return parser
 
 
-def world() -> int:
-    """Processes in torch.distributed's default group (1 without one)."""
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def rank_of() -> int:
-    dist = torch.distributed
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def run_comparison(
