@@ -3,7 +3,6 @@ quadratic to descend, snapshots and a recursive bitwise comparison."""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -63,14 +62,6 @@ def descend(
         opt.step()
         losses.append(loss.item())
     return losses
-
-
-def roundtrip(obj: Any) -> Any:
-    """``obj`` through ``torch.save`` and ``torch.load(weights_only=True)``."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
 
 
 def snapshot(params: Iterator[torch.Tensor] | list[torch.Tensor]) -> list[torch.Tensor]:

@@ -3,7 +3,6 @@ frequent roots, state clones and comparisons, the blockwise state keys."""
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import pytest
@@ -51,13 +50,6 @@ def assert_same_state(a: dict[str, Any], b: dict[str, Any]) -> None:
         for x, y in zip(xs, ys):
             assert x.dtype == y.dtype and x.shape == y.shape, key
             assert torch.equal(x, y), key
-
-
-def roundtrip(obj: Any) -> Any:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
 
 
 def all_finite(tensors: list[torch.Tensor]) -> bool:

@@ -127,6 +127,14 @@ def settled(count: Callable[[], int] = root_threads) -> int:
     return now
 
 
+def roundtrip(obj: Any) -> Any:
+    """``obj`` through ``torch.save`` and ``torch.load(weights_only=True)``."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
 def saved_and_loaded(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
     """Model and optimizer state through ``torch.save`` and ``torch.load(weights_only=True)``."""
     buffer = io.BytesIO()

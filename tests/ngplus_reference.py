@@ -3,7 +3,6 @@ directly (``PlainNGPlus``), block helpers, and the small models and data the tes
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -197,13 +196,6 @@ def gradients(params: list[Tensor]) -> list[Tensor]:
     assert all(g is not None for g in grads)
     return [g.clone() for g in grads if g is not None]
 
-
-def roundtrip(obj: Any) -> Any:
-    """``obj`` through ``torch.save`` and ``torch.load(weights_only=True)``."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
 
 def mlp() -> nn.Module:
     torch.manual_seed(0)

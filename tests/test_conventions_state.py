@@ -17,10 +17,9 @@ from conventions_helpers import (
     assert_same_structure,
     descend,
     fixed,
-    roundtrip,
     snapshot,
 )
-from models import assert_bitwise_equal, make_batches, mixed_model, train
+from models import assert_bitwise_equal, make_batches, mixed_model, roundtrip, train
 from torch import nn
 
 from torch_shampoo import SOAP, NGPlus, Shampoo

@@ -17,12 +17,12 @@ from hardening_helpers import (
     assert_same_state,
     clone_state,
     make_optimizer,
-    roundtrip,
 )
 from models import (
     assert_bitwise_equal,
     make_batches,
     mixed_model,
+    roundtrip,
     train,
 )
 from torch import nn

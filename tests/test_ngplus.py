@@ -17,7 +17,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from models import assert_bitwise_equal, make_batches, mixed_model, train
+from models import assert_bitwise_equal, make_batches, mixed_model, roundtrip, train
 from ngplus_reference import (
     F64,
     PAPER,
@@ -28,7 +28,6 @@ from ngplus_reference import (
     leaves,
     outer,
     random_grads,
-    roundtrip,
     scheduled_directions,
     snapshot,
     solve_blocks,

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from models import assert_bitwise_equal, make_batches, mixed_model, train
+from models import assert_bitwise_equal, make_batches, mixed_model, roundtrip, train
 from ngplus_reference import (
     F64,
     PAPER,
@@ -22,7 +22,6 @@ from ngplus_reference import (
     mean_loss_step,
     mlp,
     random_grads,
-    roundtrip,
     snapshot,
     step_with,
 )

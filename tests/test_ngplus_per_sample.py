@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from models import assert_bitwise_equal
+from models import assert_bitwise_equal, roundtrip
 from ngplus_reference import (
     F64,
     PAPER,
@@ -21,7 +21,6 @@ from ngplus_reference import (
     mean_loss_step,
     mlp,
     outer,
-    roundtrip,
     sample_loss,
     snapshot,
     solve_blocks,
