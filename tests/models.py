@@ -211,6 +211,28 @@ def without_recompiles(run: Callable[[Callable[[int], None]], T]) -> T:
         torch._dynamo.reset()
 
 
+def compiled_and_eager(
+    build: Callable[[], tuple[nn.Module, Any]], batches: list[tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The parameters after training ``build()``'s model and optimizer on ``batches`` (MSE) with
+    ``torch.compile(opt.step, backend="eager")``, failing on a recompile after the warm-up
+    (:func:`without_recompiles`), and then eagerly."""
+
+    def run(after: Callable[[int], None] | None) -> list[torch.Tensor]:
+        model, opt = build()
+        step = opt.step if after is None else torch.compile(opt.step, backend="eager")
+        for i, (x, y) in enumerate(batches):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            step()
+            if after is not None:
+                after(i)
+        opt.close()
+        return [p.detach().clone() for p in model.parameters()]
+
+    return without_recompiles(run), run(None)
+
+
 def assert_bitwise_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
     """The same number of tensors, pairwise of the same dtype, device and shape and bitwise
     equal (``torch.equal``: a NaN equals nothing); a failure names the pair and, for values,

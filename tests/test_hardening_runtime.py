@@ -13,6 +13,7 @@ import pytest
 import torch
 from hardening_helpers import FRONTS, make_optimizer
 from models import (
+    compiled_and_eager,
     settled,
     threads_settle_at,
     without_recompiles,
@@ -112,22 +113,13 @@ def test_a_compiled_ngplus_step_stops_recompiling_and_matches_eager() -> None:
     matched by parameter, not by ``id`` of a unit made anew at every step, which dynamo would
     guard on), and the result matches eager."""
 
-    def run(after: Callable[[int], None] | None) -> list[torch.Tensor]:
+    def build() -> tuple[nn.Module, Any]:
         model = _small_net()
-        opt = make_optimizer("ngplus", model.parameters())
-        step = opt.step if after is None else torch.compile(opt.step, backend="eager")
-        for i, (x, y) in enumerate(_compile_data(8)):
-            opt.zero_grad()
-            nn.functional.mse_loss(model(x), y).backward()
-            step()
-            if after is not None:
-                after(i)
-        opt.close()
-        return [p.detach().clone() for p in model.parameters()]
+        return model, make_optimizer("ngplus", model.parameters())
 
-    compiled = without_recompiles(run)
+    compiled, eager = compiled_and_eager(build, list(_compile_data(8)))
     # (the compiled update takes the float lr as a 0-d tensor: one rounding more per step)
-    for a, b in zip(compiled, run(None)):
+    for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 

@@ -7,14 +7,19 @@ from __future__ import annotations
 import math
 import pickle
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from models import make_batches, mixed_model, saved_and_loaded, train, without_recompiles
+from models import (
+    compiled_and_eager,
+    make_batches,
+    mixed_model,
+    saved_and_loaded,
+    train,
+)
 from torch import nn
 
 import torch_shampoo.roots.pool as root_pool
@@ -153,33 +158,20 @@ def test_a_compiled_step_matches_eager_and_stops_recompiling() -> None:
     rounding different) 0.007, one ulp on the weights 0.009; a compiled step with its lr off
     by 1e-4 1.07, with eps 10× off 4.6."""
 
-    def run(after: Callable[[int], None] | None) -> list[torch.Tensor]:
+    def build() -> tuple[nn.Module, SOAP]:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Tanh(), nn.Linear(8, 8, bias=False))
-        opt = SOAP(
-            model.parameters(),
-            lr=0.02,
-            precondition_frequency=2,
-            start_preconditioning_step=2,
-            eigh_every=1,
-            root_staleness=1,
-        )
-        step = opt.step if after is None else torch.compile(opt.step, backend="eager")
-        gen = torch.Generator().manual_seed(8)
-        for i in range(7):
-            x, y = torch.randn(16, 8, generator=gen), torch.randn(16, 8, generator=gen)
-            opt.zero_grad()
-            nn.functional.mse_loss(model(x), y).backward()
-            step()
-            if after is not None:
-                after(i)
-        opt.close()
-        return [p.detach().clone() for p in model.parameters()]
+        opt = SOAP(model.parameters(), lr=0.02, precondition_frequency=2,
+                   start_preconditioning_step=2, eigh_every=1, root_staleness=1)  # fmt: skip
+        return model, opt
 
-    compiled = without_recompiles(run)
+    gen = torch.Generator().manual_seed(8)
+    batches = [(torch.randn(16, 8, generator=gen), torch.randn(16, 8, generator=gen))
+               for _ in range(7)]  # fmt: skip
+    compiled, eager = compiled_and_eager(build, batches)
     # The compiled update takes the float lr as a 0-d tensor (no recompile when it changes):
     # one rounding more per step than eager's ``add_(alpha=-lr)``.
-    for a, b in zip(compiled, run(None)):
+    for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 

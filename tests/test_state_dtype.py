@@ -15,11 +15,11 @@ import pytest
 import torch
 from models import (
     assert_bitwise_equal,
+    compiled_and_eager,
     make_batches,
     mixed_model,
     saved_and_loaded,
     train,
-    without_recompiles,
 )
 
 from torch_shampoo import SOAP, NGPlus, Shampoo, rounding
@@ -255,26 +255,19 @@ def test_a_compiled_step_with_bfloat16_state_does_not_recompile_and_matches_eage
     warm-up; the compiled run within 1e-2 of the eager one after 7 steps (the compiled update
     rounds once more per step, and bfloat16 moments can take the other neighbour from there)."""
 
-    def run(after: Callable[[int], None] | None) -> list[torch.Tensor]:
+    def build() -> tuple[torch.nn.Module, Shampoo]:
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False), torch.nn.Tanh(),
                                     torch.nn.Linear(8, 8, bias=False))  # fmt: skip
         opt = Shampoo(model.parameters(), lr=0.02, precondition_frequency=2,
                       start_preconditioning_step=2, root_staleness=1, state_dtype=BF16)  # fmt: skip
-        step = opt.step if after is None else torch.compile(opt.step, backend="eager")
-        gen = torch.Generator().manual_seed(8)
-        for i in range(7):
-            x, y = torch.randn(16, 8, generator=gen), torch.randn(16, 8, generator=gen)
-            opt.zero_grad()
-            torch.nn.functional.mse_loss(model(x), y).backward()
-            step()
-            if after is not None:
-                after(i)
-        opt.close()
-        return [p.detach().clone() for p in model.parameters()]
+        return model, opt
 
-    compiled = without_recompiles(run)
-    for a, b in zip(compiled, run(None)):
+    gen = torch.Generator().manual_seed(8)
+    batches = [(torch.randn(16, 8, generator=gen), torch.randn(16, 8, generator=gen))
+               for _ in range(7)]  # fmt: skip
+    compiled, eager = compiled_and_eager(build, batches)
+    for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
 
 
