@@ -111,6 +111,10 @@ REGISTRY = {
     "soap": _Entry("SOAP", torch_shampoo, "SOAP", "adam", {}),
     "soap-async": _Entry("SOAP async", torch_shampoo, "SOAP", "adam", {"async_roots": True}),
     "soap-sync": _Entry("SOAP sync", torch_shampoo, "SOAP", "adam", {"async_roots": False}),
+    "soap-sync-f32": _Entry(
+        "SOAP sync f32", torch_shampoo, "SOAP", "adam",
+        {"async_roots": False, "root_dtype": torch.float32},
+    ),
     "soap-sync-bf16": _Entry(
         "SOAP sync bf16", torch_shampoo, "SOAP", "adam",
         {"async_roots": False, "state_dtype": torch.bfloat16},
