@@ -27,7 +27,8 @@ RUNS: dict[str, list[str]] = {
     **{f"stagger_{name}": ["benchmarks.convergence", "--sections", "seeds", "--tasks", tasks,
                            "--methods", STAGGERED, "--threads", "1"]
        for name, tasks in (("small", "regression,digits"), ("charlm", "charlm"))},
-    "threads": ["benchmarks.step_time", "--sections", "threads"],
+    # against 7dde2b4, main when issue 32 was filed ("other"): its sync target's "today's"
+    "threads": ["benchmarks.step_time", "--sections", "threads", "--compare", "7dde2b4"],
     "storage": ["benchmarks.step_time", "--sections", "storage", "--threads", "1"],
     "bf16": ["benchmarks.convergence", "--sections", "seeds", "--tasks", ",".join(DEMOS),
              "--methods", "shampoo-sync,shampoo-sync-bf16,shampoo-sync-bf16full,shampoo-sync-bf16c",
@@ -138,8 +139,9 @@ TARGETS: tuple[Target, ...] = (
       for what, limit, header in (("the non-root step", 1.05, "med ms"),
                                   ("the amortized step", 1.0, "mean ms"))),
     Target("sync roots on every core: the sync amortized step (mean ms) at block 1024 ≤ 0.6× "
-           "that with the step's roots on the calling thread alone (MLP, 2 threads)", "threads",
-           "threads 2", 0.6, _row_ratio("shampoo-sync b1024", "shampoo-synchere b1024", "mean ms")),
+           "that of main when issue 32 was filed (7dde2b4, side by side; MLP, 2 threads)",
+           "threads", "threads 2", 0.6,
+           _row_ratio("shampoo-sync b1024", "other shampoo-sync b1024", "mean ms")),
     *(Target(f"`state_dtype=torch.bfloat16`: Shampoo's steps to Adam's loss ≤ 1.05× float32's "
              f"({task} demo, mean of 3 seeds, 1 thread)", "bf16", f"seeds {task}", 1.05,
              _worst_ratio("Shampoo sync bf16", "steps / base"))
