@@ -24,6 +24,14 @@ def _restore_thread_count() -> Iterator[None]:
     torch.set_num_threads(_PROCESS_THREADS)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_intra_op_thread_for_the_module(_restore_thread_count: None) -> None:
+    """The same for a module's fixtures, made before its first test's own fixtures: a module
+    fixture that trains (test_hardening_state's ``trained``) must not run at the thread count
+    the previous module's last test left, or alone at the process's."""
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _one_intra_op_thread(_restore_thread_count: None) -> None:
     """Every test starts on one intra-op thread, whatever the one before it left: tiny

@@ -81,6 +81,17 @@ def _shorten(key: str) -> Callable[[dict[str, Any]], None]:
     return edit
 
 
+def _renumber(key: str) -> Callable[[dict[str, Any]], None]:
+    """A per-factor dict keyed 1, 2, … instead of 0, 1, … (as many entries, 0 missing)."""
+
+    def edit(s: dict[str, Any]) -> None:
+        value = s[key]
+        assert isinstance(value, dict), type(value)
+        s[key] = {str(int(k) + 1): v for k, v in value.items()}
+
+    return edit
+
+
 def _reshape_first(key: str) -> Callable[[dict[str, Any]], None]:
     """Replace the first tensor of ``key`` by one of another shape (same number of dims)."""
 
@@ -102,6 +113,7 @@ TAMPERING: dict[str, Callable[[dict[str, Any]], None]] = {
     "fewer-roots": _shorten("roots"),
     "fewer-root_failures": _shorten("root_failures"),
     "fewer-pending_roots": _shorten("pending_roots"),
+    **{f"renumbered-{k}": _renumber(k) for k in ("factors", "roots", "pending_roots")},
     **{f"reshaped-{k}": _reshape_first(k) for k in ("factors", "roots", "exp_avg")},
     **{f"reshaped-{k}": _reshape_first(k) for k in ("graft_v", "momentum_buffer")},
     "reshaped-pending_roots": _reshape_first("pending_roots"),
