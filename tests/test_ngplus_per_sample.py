@@ -272,6 +272,23 @@ def test_detach_removes_the_hooks() -> None:
     assert _hooks(model) == 0
 
 
+def test_attach_after_a_step_is_refused_and_changes_no_hooks() -> None:
+    """The per-sample layout (a bias folded into its layer's factor) must be known before the
+    first step made the state: a later attach() raises, leaves the hooks as they were, and
+    training goes on."""
+    model = mlp()
+    x, y = data((4,), 8)
+    with NGPlus(model.parameters(), statistics="per_sample", model=model, **SYNC) as opt:
+        mean_loss_step(model, opt, x, y)
+        hooks = _hooks(model)
+        with pytest.raises(RuntimeError, match=r"attach\(model\) before the first step"):
+            opt.attach(model)
+        assert _hooks(model) == hooks > 0
+        before = snapshot(model.parameters())
+        mean_loss_step(model, opt, x, y)
+        assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 def test_per_sample_without_a_model_raises_a_clear_error() -> None:
     model = mlp()
     x, y = data((4,), 5)
