@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 import torch
@@ -12,7 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from matrix_roots_helpers import EXPONENTS, Case, cases, methods_for, random_orthogonal
 
-from torch_shampoo.roots.matrix_roots import ROOT_METHODS, finite_rows, inverse_root
+from torch_shampoo.roots.matrix_roots import (
+    ROOT_METHODS,
+    eigenbases,
+    finite_rows,
+    inverse_root,
+    inverse_roots,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Arguments, dtypes, symmetry, determinism
@@ -36,6 +43,7 @@ from torch_shampoo.roots.matrix_roots import ROOT_METHODS, finite_rows, inverse_
         ({"matrix": torch.ones(2, 2, 2)}, "matrix"),
         ({"failure_threshold": 0.0}, "failure_threshold"),
         ({"failure_threshold": math.nan}, "failure_threshold"),
+        ({"matrix": torch.eye(2, dtype=torch.complex128)}, "matrix"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_the_argument(
@@ -52,6 +60,36 @@ def test_unknown_method_message_lists_valid_choices() -> None:
     with pytest.raises(ValueError) as info:
         inverse_root(torch.eye(2), 2, 0.0, "svd")
     assert all(name in str(info.value) for name in ROOT_METHODS)
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: inverse_roots(torch.eye(3), 2.0, 1e-6), r"\(k, n, n\) stack, got shape \(3, 3\)"),
+        (lambda: eigenbases(torch.eye(3)), r"\(k, n, n\) stack, got shape \(3, 3\)"),
+        (lambda: inverse_roots(torch.eye(3)[None], 2.0, 1e-6, dtype=torch.float16),
+         r"dtype must be one of .*, got torch.float16"),
+        (lambda: eigenbases(torch.eye(3)[None], torch.bfloat16),
+         r"dtype must be one of .*, got torch.bfloat16"),
+        (lambda: inverse_roots(torch.eye(3)[None], 2.0, 1e-6, "newton", dtype=torch.float32),
+         r"float32 roots are solved by eigh only, got method 'newton'"),
+    ],
+    ids=["roots-of-a-matrix", "bases-of-a-matrix", "float16-roots", "bfloat16-bases",
+         "float32-newton"],
+)  # fmt: skip
+def test_the_batched_functions_refuse_a_bad_stack_or_dtype_naming_it(call: Any, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_an_empty_stack_has_no_bases() -> None:
+    assert eigenbases(torch.zeros(0, 3, 3)) == []
+
+
+def test_a_root_beyond_float64s_range_is_a_failure_not_an_inf() -> None:
+    """λ_min = 1e-320 with ε = 0 and p = 1: its root entry 1e320 would overflow float64."""
+    result = inverse_root(torch.diag(torch.tensor([1.0, 1e-320], dtype=torch.float64)), 1, 0.0)
+    assert not result.ok and "overflows float64" in result.reason
 
 
 def test_empty_matrix_has_empty_root() -> None:
