@@ -211,6 +211,19 @@ def without_recompiles(run: Callable[[Callable[[int], None]], T]) -> T:
         torch._dynamo.reset()
 
 
+def square_net() -> nn.Module:
+    """Linear(8, 8) → tanh → Linear(8, 8), no biases, from seed 0 (the compile tests' model)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 8, bias=False), nn.Tanh(), nn.Linear(8, 8, bias=False))
+
+
+def square_batches(n: int = 7) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` (16 × 8 inputs, 16 × 8 targets) batches from seed 8, for :func:`square_net`."""
+    gen = torch.Generator().manual_seed(8)
+    return [(torch.randn(16, 8, generator=gen), torch.randn(16, 8, generator=gen))
+            for _ in range(n)]  # fmt: skip
+
+
 def compiled_and_eager(
     build: Callable[[], tuple[nn.Module, Any]], batches: list[tuple[torch.Tensor, torch.Tensor]]
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

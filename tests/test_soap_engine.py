@@ -18,6 +18,8 @@ from models import (
     make_batches,
     mixed_model,
     saved_and_loaded,
+    square_batches,
+    square_net,
     train,
 )
 from torch import nn
@@ -159,16 +161,12 @@ def test_a_compiled_step_matches_eager_and_stops_recompiling() -> None:
     by 1e-4 1.07, with eps 10× off 4.6."""
 
     def build() -> tuple[nn.Module, SOAP]:
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Tanh(), nn.Linear(8, 8, bias=False))
+        model = square_net()
         opt = SOAP(model.parameters(), lr=0.02, precondition_frequency=2,
                    start_preconditioning_step=2, eigh_every=1, root_staleness=1)  # fmt: skip
         return model, opt
 
-    gen = torch.Generator().manual_seed(8)
-    batches = [(torch.randn(16, 8, generator=gen), torch.randn(16, 8, generator=gen))
-               for _ in range(7)]  # fmt: skip
-    compiled, eager = compiled_and_eager(build, batches)
+    compiled, eager = compiled_and_eager(build, square_batches())
     # The compiled update takes the float lr as a 0-d tensor (no recompile when it changes):
     # one rounding more per step than eager's ``add_(alpha=-lr)``.
     for a, b in zip(compiled, eager):

@@ -19,6 +19,8 @@ from models import (
     make_batches,
     mixed_model,
     saved_and_loaded,
+    square_batches,
+    square_net,
     train,
 )
 
@@ -256,17 +258,12 @@ def test_a_compiled_step_with_bfloat16_state_does_not_recompile_and_matches_eage
     rounds once more per step, and bfloat16 moments can take the other neighbour from there)."""
 
     def build() -> tuple[torch.nn.Module, Shampoo]:
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False), torch.nn.Tanh(),
-                                    torch.nn.Linear(8, 8, bias=False))  # fmt: skip
+        model = square_net()
         opt = Shampoo(model.parameters(), lr=0.02, precondition_frequency=2,
                       start_preconditioning_step=2, root_staleness=1, state_dtype=BF16)  # fmt: skip
         return model, opt
 
-    gen = torch.Generator().manual_seed(8)
-    batches = [(torch.randn(16, 8, generator=gen), torch.randn(16, 8, generator=gen))
-               for _ in range(7)]  # fmt: skip
-    compiled, eager = compiled_and_eager(build, batches)
+    compiled, eager = compiled_and_eager(build, square_batches())
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
 
